@@ -1,0 +1,35 @@
+"""linfusion: ultra-high-resolution Stable Diffusion on one GPU with LinFusion linear attention.
+
+The library works without the CLI::
+
+    from linfusion_cli import apply_linfusion, TiledVAE
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["LinFusionAttention", "LinFusionPatch", "TiledVAE", "__version__", "apply_linfusion"]
+
+if TYPE_CHECKING:
+    from .attention import LinFusionAttention
+    from .patching import LinFusionPatch, apply_linfusion
+    from .vae import TiledVAE
+
+_LAZY = {
+    "LinFusionAttention": "attention",
+    "LinFusionPatch": "patching",
+    "apply_linfusion": "patching",
+    "TiledVAE": "vae",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import linfusion_cli` (and the CLI's --help) must not pay for importing torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,350 @@
+"""The `linfusion` command: parse, resolve settings, call one core function, render. No torch at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .config import DEFAULT_MODEL, DEFAULT_SIZE, FORMATS, SCHEDULERS
+from .errors import EXIT_SIGINT, LinFusionError
+
+app = typer.Typer(
+    name="linfusion",
+    help="Ultra-high-resolution Stable Diffusion (4K-16K+) on one GPU with LinFusion linear attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+presets_app = typer.Typer(help="List and show presets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+app.add_typer(bench_app, name="bench")
+
+# Farm logs are not terminals; rich would wrap them at 80 columns.
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+# --- options shared by generate / plan / batch / upscale ----------------------------------------------------
+SizeOpt = Annotated[
+    int | None, typer.Option("--size", "-s", help=f"Long side of the output, px \\[default: {DEFAULT_SIZE}].")
+]
+AspectOpt = Annotated[str | None, typer.Option(help="Shape W:H, e.g. 16:9 \\[default: 1:1].")]
+WidthOpt = Annotated[int | None, typer.Option(help="Exact output width, px (instead of --size).")]
+HeightOpt = Annotated[int | None, typer.Option(help="Exact output height, px (instead of --size).")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random weights) \\[default: {DEFAULT_MODEL}].",
+    ),
+]
+LinOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="LinFusion weights: auto (official for the model's family), none (ordinary attention), or a checkpoint folder / hub id \\[default: auto]."
+    ),
+]
+VaeOpt = Annotated[
+    str | None, typer.Option(help="Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.")
+]
+StepsOpt = Annotated[
+    int | None, typer.Option(help="Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].")
+]
+GuidanceOpt = Annotated[
+    float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale \\[default: 7.5].")
+]
+NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed \\[default: random, always reported].")]
+SchedulerOpt = Annotated[str | None, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)} \\[default: ddim].")]
+StrengthsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1]."
+    ),
+]
+BaseSizeOpt = Annotated[
+    int | None, typer.Option(help="Long side of the base stage, px \\[default: the model's native size].")
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Preset name (see `linfusion presets list`) or YAML file.")
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", "-f", help=f"Output format: {', '.join(FORMATS)} \\[default: png].")
+]
+NameOpt = Annotated[
+    str | None, typer.Option(help="Output file name without extension \\[default: prompt slug, seed and size].")
+]
+VaeTileOpt = Annotated[int | None, typer.Option(help="VAE tile side, px \\[default: automatic from free memory].")]
+LowVramOpt = Annotated[
+    bool | None,
+    typer.Option("--low-vram", help="Most frugal memory settings (24 GB cards at 16K).", show_default=False),
+]
+MaxVramOpt = Annotated[float | None, typer.Option(help="Plan memory for at most this many GiB.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
+SaveStagesOpt = Annotated[bool, typer.Option(help="Also save each stage's image.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (and nothing else there).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors.")]
+AllowPickleOpt = Annotated[bool, typer.Option(help="Allow .ckpt/.bin pickle weights (loaded weights-only).")]
+
+
+def _job_flags(**values: Any) -> dict[str, Any]:
+    from .jobs import flags_layer
+
+    return flags_layer(values)
+
+
+def _output_mode(quiet: bool) -> str:
+    if quiet:
+        return "quiet"
+    return "rich" if stderr.is_terminal else "plain"
+
+
+def _setup_logging(mode: str) -> None:
+    """Our logs to stderr; the libraries' chatter (progress bars, deprecations) off."""
+    level = logging.ERROR if mode == "quiet" else logging.WARNING
+    if mode == "rich":
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=stderr, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # diffusers/transformers log through their own handlers; these variables are read when they import.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@contextlib.contextmanager
+def boundary() -> Iterator[None]:
+    """The one error boundary: typed errors become one line on stderr and their exit code."""
+    try:
+        yield
+    except LinFusionError as exc:
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
+        raise typer.Exit(EXIT_SIGINT) from None
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"linfusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Ultra-high-resolution Stable Diffusion (4K-16K+) on one GPU with LinFusion linear attention."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    size: SizeOpt = None,
+    aspect: AspectOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    model: ModelOpt = None,
+    linfusion: LinOpt = None,
+    vae: VaeOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    negative: NegativeOpt = None,
+    seed: SeedOpt = None,
+    scheduler: SchedulerOpt = None,
+    strengths: StrengthsOpt = None,
+    base_size: BaseSizeOpt = None,
+    preset: PresetOpt = None,
+    format: FormatOpt = None,
+    name: NameOpt = None,
+    vae_tile: VaeTileOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    out: OutOpt = Path("outputs"),
+    overwrite: OverwriteOpt = False,
+    save_stages: SaveStagesOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    dry_run: Annotated[bool, typer.Option(help="Print the stage plan and exit; loads no model.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
+    from .jobs import resolve_job
+    from .report import Reporter, stage_table
+    from .runner import RunOptions
+    from .runner import generate as run_generate
+
+    mode = _output_mode(quiet)
+    _setup_logging(mode)
+    with boundary():
+        flags = _job_flags(
+            prompt=prompt,
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            name=name,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        job = resolve_job(flags)
+        _check_device_flags(device, dtype)
+        options = RunOptions(
+            out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
+        )
+        with Reporter(stderr, mode) as reporter:
+            report = run_generate(job, options, events=reporter, dry_run=dry_run)
+        if dry_run:
+            _render_plan(report["plan"], json_out, mode)
+            return
+        if mode != "quiet":
+            stderr.print(stage_table(report, title=f"{report['width']}x{report['height']} -> {report['path']}"))
+        if json_out:
+            _emit_json(report)
+
+
+@app.command()
+def plan(
+    prompt: Annotated[str, typer.Argument(help="The prompt (only used for the output name).")] = "plan",
+    size: SizeOpt = None,
+    aspect: AspectOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    scheduler: SchedulerOpt = None,
+    strengths: StrengthsOpt = None,
+    base_size: BaseSizeOpt = None,
+    preset: PresetOpt = None,
+    format: FormatOpt = None,
+    vae_tile: VaeTileOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    out: OutOpt = Path("outputs"),
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model."""
+    from .jobs import resolve_job
+    from .runner import RunOptions, pick_seed, plan_for, plan_summary
+
+    with boundary():
+        flags = _job_flags(
+            prompt=prompt,
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        job = resolve_job(flags)
+        _check_device_flags(device, dtype)
+        prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
+        _render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
+
+
+def _check_device_flags(device: str, dtype: str) -> None:
+    from .errors import UsageError
+
+    if dtype not in ("auto", "fp16", "bf16", "fp32"):
+        raise UsageError(f"--dtype {dtype!r}: must be auto, fp16, bf16 or fp32")
+    if device != "auto" and device.split(":")[0] not in ("cuda", "cpu", "mps"):
+        raise UsageError(f"--device {device!r}: must be auto, cpu, mps, cuda or cuda:N")
+
+
+def _render_plan(summary: dict[str, Any], json_out: bool, mode: str) -> None:
+    from rich.table import Table
+
+    if json_out:
+        _emit_json(summary)
+        return
+    table = Table(
+        title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
+        f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
+        title_justify="left",
+    )
+    for col in ("stage", "kind", "size", "strength", "steps", "memory", "est. peak GiB", "VAE"):
+        table.add_column(col)
+    for s in summary["stages"]:
+        table.add_row(
+            str(s["index"] + 1),
+            s["kind"],
+            s["size"],
+            "-" if s["strength"] is None else f"{s['strength']:g}",
+            str(s["steps"]),
+            s["memory"],
+            f"{s['estimated_peak_gib']:.1f}",
+            s["vae"],
+        )
+    stderr.print(table)
+    for note in summary["notes"]:
+        stderr.print(f"note: {note}", highlight=False)
+    stderr.print(f"output: {summary['output']}  (memory budget {summary['memory_budget_gib']} GiB)", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_SIGINT)

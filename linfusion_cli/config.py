@@ -1,0 +1,315 @@
+"""Typed job settings, their schema, and the precedence that merges them.
+
+Precedence (lowest first): built-in defaults < preset < prompt-file defaults < job row < flags the user set.
+Every layer is a plain dict of the keys it sets; `resolve_job` validates the merged result against FIELDS and
+rejects unknown keys, wrong types and impossible values with a message naming where the value came from.
+No torch here: the CLI validates everything before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import UsageError
+
+MAX_SIDE = 65536
+MIN_SIDE = 64
+SIZE_MULTIPLE = 8  # the VAE's downscale: latents must have whole pixels
+DEFAULT_SIZE = 2048
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc")
+FORMATS = ("png", "jpeg", "tiff", "webp")
+FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65535}
+FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp"}
+MAX_PROMPT_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    kind: str  # "str" | "int" | "float" | "bool" | "floats"
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns a problem description, or None
+    nullable: bool = True
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _strengths_ok(values: list[float]) -> str | None:
+    if not values:
+        return "needs at least one value"
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    return f"values must be between 0 and 1 (got {bad[0]:g})" if bad else None
+
+
+def _prompt_ok(text: str) -> str | None:
+    if len(text) > MAX_PROMPT_CHARS:
+        return f"is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
+    return None
+
+
+def _aspect_ok(text: str) -> str | None:
+    try:
+        parse_aspect(text)
+    except UsageError:
+        return "needs two positive numbers W:H, at most 64:1 (for example 16:9)"
+    return None
+
+
+FIELDS: dict[str, FieldSpec] = {
+    "prompt": FieldSpec("str", "what to draw", _prompt_ok),
+    "negative": FieldSpec("str", "what to avoid", _prompt_ok),
+    "seed": FieldSpec("int", "random seed (random when absent)", _range(0, 2**63 - 1)),
+    "size": FieldSpec("int", "long side of the output, px", _range(MIN_SIDE, MAX_SIDE)),
+    "aspect": FieldSpec("str", "shape W:H, e.g. 16:9", _aspect_ok),
+    "width": FieldSpec("int", "exact output width, px", _range(MIN_SIDE, MAX_SIDE)),
+    "height": FieldSpec("int", "exact output height, px", _range(MIN_SIDE, MAX_SIDE)),
+    "steps": FieldSpec("int", "full scheduler steps; a stage at strength s runs about s*steps", _range(1, 1000)),
+    "guidance": FieldSpec("float", "classifier-free guidance scale", _range(0.0, 50.0)),
+    "strengths": FieldSpec("floats", "refine-stage strengths, first to last", _strengths_ok),
+    "scheduler": FieldSpec("str", "sampler", _choice(SCHEDULERS)),
+    "format": FieldSpec("str", "output file format", _choice(FORMATS)),
+    "name": FieldSpec("str", "output file name (without extension)"),
+    "base_size": FieldSpec(
+        "int", "long side of the base stage, px (default: the model's native size)", _range(MIN_SIDE, MAX_SIDE)
+    ),
+    "model": FieldSpec("str", "hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl"),
+    "linfusion": FieldSpec("str", "auto, none, or a LinFusion checkpoint folder / hub id"),
+    "vae": FieldSpec("str", "replacement VAE (diffusers folder or hub id)"),
+    "vae_tile": FieldSpec("int", "VAE tile side, px (default: automatic)", _range(64, MAX_SIDE)),
+    "low_vram": FieldSpec("bool", "force the most frugal memory settings"),
+    "max_vram": FieldSpec("float", "plan memory for at most this many GiB", _range(0.5, 4096)),
+    "image": FieldSpec("str", "input image to upscale instead of generating a base image"),
+    "strength": FieldSpec("float", "first refine stage's strength (upscale)", _range(0.0, 1.0)),
+    "preset": FieldSpec("str", "preset name or YAML file"),
+}
+# Keys a preset may not set: they belong to one image, not to a recipe.
+NOT_IN_PRESETS = ("prompt", "name", "image", "preset", "seed")
+
+
+@dataclass
+class JobSpec:
+    """One image's fully resolved settings."""
+
+    prompt: str = ""
+    negative: str = ""
+    seed: int | None = None
+    size: int | None = None
+    aspect: str = "1:1"
+    width: int | None = None
+    height: int | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    strengths: list[float] | None = None
+    scheduler: str = "ddim"
+    format: str = "png"
+    name: str | None = None
+    base_size: int | None = None
+    model: str = DEFAULT_MODEL
+    linfusion: str = "auto"
+    vae: str | None = None
+    vae_tile: int | None = None
+    low_vram: bool = False
+    max_vram: float | None = None
+    image: str | None = None
+    strength: float | None = None
+    preset: str | None = None
+    sources: dict[str, str] = field(default_factory=dict, repr=False)  # key -> which layer set it
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings as plain data (for reports, sidecars, replay)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+
+
+JOB_KEYS = tuple(FIELDS)
+
+
+FLAGS = "command line"  # the `where` of the flags layer: errors then name the flag itself
+
+
+def _problem(where: str, key: str, message: str) -> UsageError:
+    if where == FLAGS:
+        return UsageError(f"--{key.replace('_', '-')}: {message}")
+    return UsageError(f"{where}: field '{key}' {message}")
+
+
+def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
+    """Check (and, for text sources like CSV/TXT, parse) one value; raise a UsageError naming `where`."""
+    spec = FIELDS.get(key)
+    if spec is None:
+        raise UsageError(f"{where}: unknown field '{key}' (known: {', '.join(JOB_KEYS)})")
+    if value is None or (from_text and isinstance(value, str) and value.strip() == ""):
+        return None
+    try:
+        out = _convert(spec.kind, value, from_text)
+    except (TypeError, ValueError) as exc:
+        raise _problem(where, key, str(exc)) from None
+    if spec.check is not None:
+        problem = spec.check(out)
+        if problem:
+            raise _problem(where, key, f"{problem} (got {value!r})")
+    return out
+
+
+def _convert(kind: str, value: Any, from_text: bool) -> Any:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"must be text, got {type(value).__name__} {value!r}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.strip().lower() in ("1", "true", "yes")
+        raise TypeError(f"must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_text):
+            raise TypeError(f"must be a whole number, got {type(value).__name__} {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise TypeError(f"must be a whole number, got {value!r}") from None
+    if kind == "float":
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, str))
+            or (isinstance(value, str) and not from_text)
+        ):
+            raise TypeError(f"must be a number, got {type(value).__name__} {value!r}")
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return out
+    if kind == "floats":
+        return parse_floats(value)
+    raise AssertionError(kind)
+
+
+def parse_floats(value: Any) -> list[float]:
+    """`0.4,0.3` or a list of numbers -> [0.4, 0.3]."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})")
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})")
+        try:
+            number = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})") from None
+        if not math.isfinite(number):
+            raise TypeError(f"must be finite numbers (got {value!r})")
+        out.append(number)
+    return out
+
+
+def validate_layer(
+    data: Mapping[str, Any], *, where: str, from_text: bool = False, forbidden: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Validate one layer (preset, file defaults, a row, flags): known keys, right types, sane values."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UsageError(f"{where}: field names must be text, got {key!r}")
+        if key in forbidden:
+            raise UsageError(f"{where}: '{key}' cannot be set here")
+        converted = coerce(key, value, where=where, from_text=from_text)
+        if converted is not None:
+            out[key] = converted
+    return out
+
+
+def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bool = True) -> JobSpec:
+    """Merge validated layers, lowest precedence first, into a JobSpec that remembers who set what."""
+    job = JobSpec()
+    for label, layer in layers:
+        for key, value in layer.items():
+            setattr(job, key, list(value) if isinstance(value, list) else value)
+            job.sources[key] = label
+    if require_prompt and not job.prompt.strip() and not job.image:
+        where = job.sources.get("prompt", "the job")
+        raise UsageError(f"{where}: the prompt is empty; give a prompt (or an image to upscale)")
+    return job
+
+
+def parse_aspect(text: str) -> tuple[float, float]:
+    """'16:9' (or '16x9', or one number like '1.5') -> (16.0, 9.0); both parts positive and finite."""
+    raw = text.strip().lower().replace("x", ":")
+    parts = raw.split(":") if ":" in raw else [raw, "1"]
+    try:
+        w, h = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"aspect '{text}' is not W:H (for example 16:9)") from None
+    if len(parts) != 2 or not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+        raise UsageError(f"aspect '{text}' needs two positive numbers W:H (for example 16:9)")
+    if max(w / h, h / w) > 64:
+        raise UsageError(f"aspect '{text}' is more extreme than 64:1")
+    return w, h
+
+
+def round_side(value: float) -> int:
+    return max(SIZE_MULTIPLE, math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class Target:
+    width: int
+    height: int
+    note: str | None = None  # set when the request was rounded
+
+    @property
+    def long_side(self) -> int:
+        return max(self.width, self.height)
+
+
+def resolve_target(
+    size: int | None,
+    aspect: str = "1:1",
+    width: int | None = None,
+    height: int | None = None,
+    default_size: int = DEFAULT_SIZE,
+) -> Target:
+    """Output dimensions (multiples of 8) from --size/--aspect or --width/--height, refusing impossible ones."""
+    for label, value in (("size", size), ("width", width), ("height", height)):
+        if value is not None and not MIN_SIDE <= value <= MAX_SIDE:
+            raise UsageError(f"--{label} {value} is impossible: it must be between {MIN_SIDE} and {MAX_SIDE} px")
+    if size is not None and (width is not None or height is not None):
+        raise UsageError("give either --size (with --aspect) or --width/--height, not both")
+    aw, ah = parse_aspect(aspect)
+    if width is not None and height is not None:
+        want_w, want_h = float(width), float(height)
+    elif width is not None:
+        want_w, want_h = float(width), width * ah / aw
+    elif height is not None:
+        want_w, want_h = height * aw / ah, float(height)
+    else:
+        long_side = float(size if size is not None else default_size)
+        want_w, want_h = (long_side, long_side * ah / aw) if aw >= ah else (long_side * aw / ah, long_side)
+    w, h = round_side(want_w), round_side(want_h)
+    if min(w, h) < MIN_SIDE:
+        raise UsageError(f"{w}x{h} is too small: each side must be at least {MIN_SIDE} px")
+    if max(w, h) > MAX_SIDE:
+        raise UsageError(f"{w}x{h} is too large: each side must be at most {MAX_SIDE} px")
+    note = None
+    if abs(w - want_w) > 1e-6 or abs(h - want_h) > 1e-6:
+        note = f"requested {want_w:.0f}x{want_h:.0f} rounded to {w}x{h} (sides must be multiples of {SIZE_MULTIPLE})"
+    return Target(w, h, note)
+
+
+def check_format_fits(fmt: str, target: Target) -> None:
+    limit = FORMAT_MAX_SIDE.get(fmt)
+    if limit is not None and target.long_side > limit:
+        raise UsageError(
+            f"{fmt} cannot store {target.width}x{target.height}: at most {limit} px a side; use --format png or tiff"
+        )

@@ -1,0 +1,329 @@
+"""Device memory: what is free, what a stage or a VAE tile will need, and what each stage actually peaked at."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+GIB = 1024**3
+VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
+VAE_SAFETY = 1.25  # allocator slack over the activation estimate
+CPU_BUDGET_SHARE = 0.4  # of available RAM, for VAE tiles on the CPU
+MIN_TILE = 256
+TILE_STEP = 64
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: fp16 on cuda/mps, fp32 on cpu."""
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return table[name]
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on the device (for the CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def vae_bytes_per_pixel(vae_config: Mapping[str, Any], dtype: torch.dtype) -> float:
+    """Peak activation bytes per output pixel of one VAE window.
+
+    The peak is in the last up block: the upsampled input (second-to-last width, full resolution) with its
+    normalised copy, plus about three tensors of the last width.
+    """
+    widths = list(vae_config.get("block_out_channels", [128, 256, 512, 512]))
+    wide = widths[1] if len(widths) > 1 else widths[0]
+    itemsize = torch.finfo(dtype).bits // 8
+    return (2 * wide + 3 * widths[0]) * itemsize * VAE_SAFETY
+
+
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The VAE runs in fp32 where its config asks (SDXL's overflows in fp16)."""
+    return torch.float32 if vae_config.get("force_upcast", False) else dtype
+
+
+def vae_budget(device: torch.device, budget: int | None) -> int:
+    """Bytes the VAE may use: given, else a share of free RAM (CPU) or min(cap, half the free VRAM)."""
+    if budget is not None:
+        return budget
+    if device.type == "cpu":
+        return int(available_bytes(device) * CPU_BUDGET_SHARE)
+    return min(VAE_BUDGET_CAP, int(available_bytes(device) * 0.5))
+
+
+def auto_vae_tile(
+    vae_config: Mapping[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    height: int,
+    width: int,
+    budget: int | None,
+    halo: int = 64,
+) -> int | None:
+    """Tile core side (px) that fits the budget, or None when the whole image fits untiled."""
+    per_px = vae_bytes_per_pixel(vae_config, dtype)
+    limit = vae_budget(device, budget)
+    if height * width * per_px <= limit:
+        return None
+    side = int((limit / per_px) ** 0.5) - 2 * halo
+    return max(MIN_TILE, side // TILE_STEP * TILE_STEP)
+
+
+def vae_windows_per_batch(
+    vae_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device, window_px: int, budget: int | None
+) -> int:
+    return int(vae_budget(device, budget) // max(1.0, window_px * vae_bytes_per_pixel(vae_config, dtype)))
+
+
+# --- measurement ------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    """Peak RSS since the last reset (VmHWM), falling back to the process lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_rss_peak() -> None:
+    try:  # Linux: writing 5 resets the peak RSS counter
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class Usage:
+    seconds: float
+    peak_allocated: int | None  # device bytes, None off-GPU
+    peak_reserved: int | None
+    peak_rss: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 4),
+            "peak_vram_allocated_gib": None if self.peak_allocated is None else round(self.peak_allocated / GIB, 3),
+            "peak_vram_reserved_gib": None if self.peak_reserved is None else round(self.peak_reserved / GIB, 3),
+            "peak_rss_gib": round(self.peak_rss / GIB, 3),
+        }
+
+
+class Meter:
+    """Time and peak memory of one block of work: `with Meter(device) as m: ...; m.usage`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.usage = Usage(0.0, None, None, 0)
+
+    def __enter__(self) -> Meter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_rss_peak()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            alloc: int | None = torch.cuda.max_memory_allocated(self.device)
+            reserved: int | None = torch.cuda.max_memory_reserved(self.device)
+        else:
+            alloc = reserved = None
+        self.usage = Usage(time.perf_counter() - self._start, alloc, reserved, _rss_bytes())
+
+
+def free_cached(device: torch.device) -> None:
+    """Return cached blocks to the driver (between jobs, after an OOM)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+# --- memory settings per stage ----------------------------------------------------------------------------
+
+FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders handled)
+ATTN_CHUNK_TOKENS = 65536  # LinFusion query/key rows per chunk when chunking
+FRUGAL_VAE_BUDGET = 1 * GIB
+# Activation bytes per top-level latent token and batch element, fp16, SD-1.5 widths (320 channels at the
+# top level), from this project's H200 runs (REFERENCE.md section 5): 4096^2 batch 2 unchunked peaked at
+# 9.9 GiB, 8192^2 and 16384x8192 with the feed-forward chunked at ~10 KB per token and element.
+BYTES_PER_TOKEN_UNCHUNKED = 15_600
+BYTES_PER_TOKEN_FF_CHUNKED = 10_000
+ATTN_CHUNK_SAVING = 0.85
+REFERENCE_WIDTH = 320
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How one stage trades speed for memory; ordered from fastest to most frugal in `settings_ladder`."""
+
+    name: str
+    cfg_split: bool = False  # guidance as two batch-1 UNet calls
+    ff_chunk: int | None = None  # feed-forward token rows per chunk
+    attn_chunk: int | None = None  # LinFusion token rows per chunk
+    vae_tile: int | None = None  # None: automatic
+    vae_budget: int | None = None  # bytes the VAE may use (None: automatic)
+
+    def describe(self) -> str:
+        parts = ["guidance as 2 x batch 1" if self.cfg_split else "guidance as batch 2"]
+        if self.ff_chunk:
+            parts.append(f"feed-forward chunks of {self.ff_chunk}")
+        if self.attn_chunk:
+            parts.append(f"attention chunks of {self.attn_chunk}")
+        if self.vae_budget:
+            parts.append(f"VAE within {self.vae_budget / GIB:.1f} GiB")
+        return f"{self.name} ({', '.join(parts)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cfg_split": self.cfg_split,
+            "ff_chunk": self.ff_chunk,
+            "attn_chunk": self.attn_chunk,
+            "vae_tile": self.vae_tile,
+            "vae_budget_gib": None if self.vae_budget is None else round(self.vae_budget / GIB, 2),
+        }
+
+
+def settings_ladder(low_vram: bool = False, max_vram: float | None = None) -> list[MemorySettings]:
+    """Memory settings from fastest to most frugal; --low-vram keeps only the most frugal."""
+    vae_budget = None if max_vram is None else int(min(max_vram * GIB / 4, VAE_BUDGET_CAP))
+    ladder = [
+        MemorySettings("fast", vae_budget=vae_budget),
+        MemorySettings("chunked", ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
+        MemorySettings("split", cfg_split=True, ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
+        MemorySettings(
+            "frugal",
+            cfg_split=True,
+            ff_chunk=FF_CHUNK_TOKENS // 4,
+            attn_chunk=ATTN_CHUNK_TOKENS,
+            vae_budget=min(vae_budget or FRUGAL_VAE_BUDGET, FRUGAL_VAE_BUDGET),
+        ),
+    ]
+    return ladder[-1:] if low_vram else ladder
+
+
+def estimate_unet_peak(
+    settings: MemorySettings,
+    width: int,
+    height: int,
+    top_width: int,
+    dtype_bytes: int,
+    weights: int,
+    guidance: bool = True,
+) -> int:
+    """Expected peak device bytes of one UNet step at (width, height) px under `settings`."""
+    tokens = (width // 8) * (height // 8)
+    per_token: float = BYTES_PER_TOKEN_FF_CHUNKED if settings.ff_chunk else BYTES_PER_TOKEN_UNCHUNKED
+    if settings.attn_chunk:
+        per_token *= ATTN_CHUNK_SAVING
+    batch = 1 if (settings.cfg_split or not guidance) else 2
+    scale = (top_width / REFERENCE_WIDTH) * (dtype_bytes / 2)
+    return int(weights + tokens * per_token * batch * scale)
+
+
+def choose_settings(ladder: list[MemorySettings], budget: int, **estimate: Any) -> tuple[MemorySettings, int]:
+    """The fastest settings whose estimate fits `budget` (else the most frugal), with that estimate."""
+    for settings in ladder:
+        need = estimate_unet_peak(settings, **estimate)
+        if need <= budget:
+            return settings, need
+    return ladder[-1], estimate_unet_peak(ladder[-1], **estimate)
+
+
+def apply_settings(unet: nn.Module, settings: MemorySettings) -> None:
+    """Switch feed-forward and LinFusion chunking on the UNet to `settings` (undoable: None restores)."""
+    from .attention import LinFusionAttention
+
+    for module in unet.modules():
+        if isinstance(module, LinFusionAttention):
+            module.token_chunk = settings.attn_chunk
+        elif type(module).__name__ == "FeedForward":
+            set_ff_chunk(module, settings.ff_chunk)
+
+
+def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
+    """Run a feed-forward module over token chunks of `chunk` rows (any remainder included)."""
+    if "forward" in ff.__dict__:
+        del ff.forward  # back to the class's forward
+    if chunk is None:
+        return
+    plain = type(ff).forward
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = hidden_states.shape[1]
+        if tokens <= chunk:
+            return plain(ff, hidden_states, *args, **kwargs)
+        pieces = [plain(ff, part, *args, **kwargs) for part in hidden_states.split(chunk, dim=1)[:1]]
+        out = hidden_states.new_empty(hidden_states.shape[:2] + pieces[0].shape[2:])
+        out[:, :chunk] = pieces[0]
+        del pieces
+        for start in range(chunk, tokens, chunk):
+            out[:, start : start + chunk] = plain(ff, hidden_states[:, start : start + chunk], *args, **kwargs)
+        return out
+
+    ff.forward = forward  # type: ignore[method-assign]
+
+
+def device_budget(device: torch.device, max_vram: float | None) -> int:
+    """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds."""
+    if max_vram is not None:
+        return int(max_vram * GIB)
+    held = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    return available_bytes(device) + held
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+INJECT_OOM_ENV = "LINFUSION_INJECT_OOM"
+"""Test hook: comma-separated stage indices (0-based) whose first attempt fails with an out-of-memory error;
+a trailing '!' makes every attempt of that stage fail."""
+
+
+def maybe_inject_oom(stage_index: int, first_attempt: bool) -> None:
+    wanted = {s.strip() for s in os.environ.get(INJECT_OOM_ENV, "").split(",") if s.strip()}
+    always = f"{stage_index}!" in wanted
+    if always or (first_attempt and (str(stage_index) in wanted or "all" in wanted)):
+        raise torch.OutOfMemoryError(f"injected out-of-memory in stage {stage_index} ({INJECT_OOM_ENV})")

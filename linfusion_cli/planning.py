@@ -1,0 +1,138 @@
+"""Target size -> stage plan: a base image at the model's native size, then img2img refine stages at 2x steps.
+
+The published 16K recipe (REFERENCE.md section 4): 512x1024 txt2img, then 2x upscale + img2img at strengths
+0.4, 0.3, 0.2, 0.1. A stage at strength s denoises about s * steps of the full schedule (diffusers' img2img
+semantics: int(steps * s)). No torch here: plans are made (and printed) before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import Target, round_side
+from .errors import UsageError
+
+FIRST_STRENGTH = 0.4
+LAST_STRENGTH = 0.1
+# A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
+# 2.15x stage rather than 512 -> 1024 -> 1100), so every refine step is between 1.25x and 2.5x.
+MIN_LAST_STEP = 1.25
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    width: int
+    height: int
+    strength: float | None  # None: the base stage (text to image from pure noise)
+    steps: int  # denoising steps this stage runs
+
+    @property
+    def kind(self) -> str:
+        return "base" if self.strength is None else "refine"
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Target
+    stages: tuple[StagePlan, ...]
+    schedule_steps: int
+    native: int
+    from_image: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def refine_stages(self) -> list[StagePlan]:
+        return [s for s in self.stages if s.strength is not None]
+
+
+def default_strengths(count: int, first: float = FIRST_STRENGTH, last: float = LAST_STRENGTH) -> list[float]:
+    """Linear from `first` (first refine stage) to `last` (last one); one stage gets `first`."""
+    if count <= 0:
+        return []
+    if count == 1:
+        return [first]
+    last = min(last, first)
+    return [round(first + (last - first) * i / (count - 1), 4) for i in range(count)]
+
+
+def refine_steps(schedule_steps: int, strength: float) -> int:
+    """How many steps an img2img stage at `strength` runs: int(steps * s), at least 1 unless s is 0."""
+    if strength <= 0:
+        return 0
+    return max(1, min(schedule_steps, int(schedule_steps * strength)))
+
+
+def _scaled(target: Target, long_side: int) -> tuple[int, int]:
+    """The target's aspect at a given long side, sides rounded to multiples of 8."""
+    ratio = long_side / target.long_side
+    return round_side(target.width * ratio), round_side(target.height * ratio)
+
+
+def stage_sizes(target: Target, start_long: int) -> list[tuple[int, int]]:
+    """Sizes from a start long side up to the target: x2 each step, the last exactly the target."""
+    ratio = target.long_side / start_long
+    count = max(0, math.ceil(math.log2(ratio / MIN_LAST_STEP) - 1e-9)) if ratio > MIN_LAST_STEP else 0
+    sizes = [_scaled(target, start_long * 2**k) for k in range(count)]
+    return [*sizes, (target.width, target.height)]
+
+
+def make_plan(
+    target: Target,
+    *,
+    native: int,
+    schedule_steps: int = 50,
+    strengths: list[float] | None = None,
+    base_size: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    first_strength: float | None = None,
+) -> Plan:
+    """Plan the stages for `target`.
+
+    native: the family's native long side; base_size overrides it (the published 16K recipe starts at 1024).
+    input_size: (w, h) of an image to upscale: no base stage, refine stages start from it.
+    """
+    notes: list[str] = []
+    if input_size is not None:
+        in_long = max(input_size)
+        if target.long_side < in_long:
+            raise UsageError(
+                f"target {target.width}x{target.height} is smaller than the input image "
+                f"{input_size[0]}x{input_size[1]}; upscale needs a larger --size"
+            )
+        sizes = stage_sizes(target, in_long)
+        refine_sizes = sizes[1:] if len(sizes) > 1 else sizes  # the first size is the input itself
+        base: list[tuple[int, int]] = []
+    else:
+        start = min(base_size or native, target.long_side)
+        sizes = stage_sizes(target, start)
+        base, refine_sizes = sizes[:1], sizes[1:]
+        if (base_size or native) > target.long_side:
+            notes.append(f"target is below the model's native {native} px: one stage, no refinement")
+
+    count = len(refine_sizes)
+    if strengths is None:
+        chosen = default_strengths(count, first_strength if first_strength is not None else FIRST_STRENGTH)
+    else:
+        chosen = list(strengths)
+        if len(chosen) != count:
+            route = " -> ".join(f"{w}x{h}" for w, h in base + refine_sizes)
+            raise UsageError(
+                f"--strengths has {len(chosen)} value(s) but this plan has {count} refine stage(s) ({route}); "
+                f"give exactly {count}"
+            )
+    stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
+    for (w, h), s in zip(refine_sizes, chosen, strict=True):
+        stages.append(StagePlan(len(stages), w, h, s, refine_steps(schedule_steps, s)))
+    if target.note:
+        notes.insert(0, target.note)
+    return Plan(target, tuple(stages), schedule_steps, native, input_size is not None, tuple(notes))

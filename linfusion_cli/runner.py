@@ -1,0 +1,327 @@
+"""One job from resolved settings to files on disk: plan, generate, metadata, atomic save.
+
+Shared by `generate`, `batch`, `upscale` and `replay`; the CLI only parses and renders.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import JobSpec, Target, check_format_fits, resolve_target
+from .errors import OutputError
+from .events import CancelToken, EventSink, Note, ignore
+from .output import OutputPaths, a1111_parameters, atomic_file, encode_image, output_stem, write_bytes_atomic
+from .planning import Plan, make_plan
+
+SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-level settings: the same for every job of a run."""
+
+    out: Path = Path("outputs")
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+    save_stages: bool = False
+    allow_pickle: bool = False
+    max_input_pixels: int = 1_000_000_000
+
+
+@dataclass
+class Prepared:
+    """A job checked and planned, before any model is loaded."""
+
+    job: JobSpec
+    target: Target
+    plan: Plan
+    seed: int
+    paths: OutputPaths
+    index: int | None = None
+    input_size: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = None) -> int:
+    """The job's own seed, else base + index, else random."""
+    if job.seed is not None:
+        return job.seed
+    if base_seed is not None:
+        return base_seed + (index or 0)
+    return random.SystemRandom().randint(0, SEED_LIMIT)
+
+
+def prepare(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    native: int,
+    seed: int,
+    index: int | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> Prepared:
+    """Validate sizes and formats, plan the stages and name the outputs: everything that can fail early."""
+    if input_size is not None and job.size is None and job.width is None and job.height is None:
+        from .errors import UsageError
+
+        raise UsageError("upscaling needs a target: give --size (long side) or --width/--height")
+    aspect = job.aspect
+    if input_size is not None and "aspect" not in job.sources:
+        aspect = f"{input_size[0]}:{input_size[1]}"  # keep the input's shape
+    target = resolve_target(job.size, aspect, job.width, job.height)
+    check_format_fits(job.format, target)
+    plan = make_plan(
+        target,
+        native=native,
+        schedule_steps=job.steps,
+        strengths=job.strengths,
+        base_size=job.base_size,
+        input_size=input_size,
+        first_strength=job.strength,
+    )
+    stem = output_stem(job.prompt, seed, target.width, target.height, name=job.name, index=index)
+    paths = OutputPaths.for_stem(options.out, stem, job.format)
+    return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes))
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "linfusion": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_metadata(prep: Prepared, engine: Any, result: Any, device_name: str) -> dict[str, Any]:
+    """Everything needed to understand and replay the image (the sidecar and the PNG's JSON chunk)."""
+    job = prep.job
+    settings = job.settings()
+    settings["seed"] = prep.seed
+    return {
+        "seed": prep.seed,
+        "width": prep.target.width,
+        "height": prep.target.height,
+        "model": job.model,
+        "family": engine.comps.family_label,
+        "linfusion": engine.linfusion_source,
+        "linfusion_layers": len(engine.patch.layers) if engine.patch else 0,
+        "settings": settings,
+        "stages": [r.as_dict() for r in result.stages],
+        "seconds": {"generate": round(result.seconds, 3), "model_load": round(engine.load_seconds, 3)},
+        "device": device_name,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "versions": versions(),
+        "warnings": list(prep.notes) + list(result.warnings),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def save_outputs(
+    prep: Prepared, image: np.ndarray, meta: dict[str, Any], stage_images: list[tuple[Any, np.ndarray]] | None = None
+) -> dict[str, Any]:
+    """Write the image (atomically, with metadata), stage images if any, then the sidecar, last."""
+    paths = prep.paths
+    parameters = a1111_parameters(meta)
+    start = time.perf_counter()
+    with atomic_file(paths.image) as handle:
+        encode_image(image, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
+    stage_files = []
+    for stage, pixels in stage_images or []:
+        stage_path = paths.image.with_name(f"{paths.image.stem}.stage{stage.index}{paths.image.suffix}")
+        with atomic_file(stage_path) as handle:
+            encode_image(pixels, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
+        stage_files.append(stage_path.name)
+    sidecar = dict(meta)
+    sidecar["seconds"] = {**meta.get("seconds", {}), "write": round(time.perf_counter() - start, 3)}
+    sidecar["file"] = {"name": paths.image.name, "bytes": paths.image.stat().st_size, "format": prep.job.format}
+    sidecar["stage_files"] = stage_files
+    sidecar["complete"] = True
+    write_bytes_atomic(paths.sidecar, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    return sidecar
+
+
+def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
+    if prep.paths.image.exists() and not overwrite:
+        raise OutputError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
+
+
+def run_one(
+    engine: Any,
+    prep: Prepared,
+    options: RunOptions,
+    *,
+    events: EventSink = ignore,
+    cancel: CancelToken | None = None,
+    init_image: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Generate and save one prepared job; returns the sidecar dict."""
+    result = engine.generate(
+        prep.job,
+        prep.plan,
+        prep.seed,
+        events=events,
+        cancel=cancel,
+        init_image=init_image,
+        keep_stages=options.save_stages,
+    )
+    meta = build_metadata(prep, engine, result, describe_device(engine.device))
+    events(Note("info", f"writing {prep.paths.image}"))
+    return save_outputs(prep, result.image, meta, result.stage_images)
+
+
+def describe_device(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+# --- the generate command's core ------------------------------------------------------------------------
+
+
+def plan_for(
+    job: JobSpec, options: RunOptions, *, seed: int, index: int | None = None, input_size: tuple[int, int] | None = None
+) -> tuple[Prepared, Any]:
+    """Plan a job from the model's config alone (no weights loaded). Returns (prepared, family or None)."""
+    from .families import peek_family
+
+    prepare(job, options, native=512, seed=seed, index=index, input_size=input_size)  # size/format checks first
+    family, note = peek_family(job.model)
+    native = family.native_size if family else 512
+    prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size)
+    if note:
+        prep.notes.append(note)
+    return prep, family
+
+
+def plan_summary(prep: Prepared, family: Any, device_name: str = "auto", dtype_name: str = "auto") -> dict[str, Any]:
+    """The plan as data: stages with expected peak memory and VAE tiling on the chosen device."""
+    from . import memory
+    from .archs import ARCHS
+
+    device = memory.resolve_device(device_name)
+    dtype = memory.resolve_dtype(dtype_name, device)
+    job = prep.job
+    arch = ARCHS[family.arch if family else "sd15"]
+    weights = int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2))
+    budget = memory.device_budget(device, job.max_vram)
+    ladder = memory.settings_ladder(job.low_vram, job.max_vram)
+    vae_dtype = memory.vae_dtype(arch.vae, dtype)
+    stages = []
+    for stage in prep.plan.stages:
+        settings, need = memory.choose_settings(
+            ladder,
+            budget,
+            width=stage.width,
+            height=stage.height,
+            top_width=arch.unet["block_out_channels"][0],
+            dtype_bytes=torch_bytes(dtype),
+            weights=weights,
+            guidance=job.guidance > 1.0,
+        )
+        tile = job.vae_tile or memory.auto_vae_tile(
+            arch.vae, vae_dtype, device, stage.height, stage.width, settings.vae_budget
+        )
+        stages.append(
+            {
+                "index": stage.index,
+                "kind": stage.kind,
+                "size": stage.size_text,
+                "strength": stage.strength,
+                "steps": stage.steps,
+                "memory": settings.name,
+                "memory_settings": settings.as_dict(),
+                "estimated_peak_gib": round(need / memory.GIB, 2),
+                "vae": "untiled" if tile is None else f"tiles of {tile} px",
+            }
+        )
+    return {
+        "prompt": job.prompt,
+        "model": job.model,
+        "family": family.label if family else "not downloaded yet: assuming SD-1.x",
+        "native": prep.plan.native,
+        "width": prep.target.width,
+        "height": prep.target.height,
+        "seed": prep.seed,
+        "scheduler": job.scheduler,
+        "schedule_steps": job.steps,
+        "guidance": job.guidance,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "memory_budget_gib": round(budget / memory.GIB, 1),
+        "stages": stages,
+        "output": str(prep.paths.image),
+        "notes": prep.notes,
+    }
+
+
+def torch_bytes(dtype: Any) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits // 8
+
+
+def generate(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    events: EventSink = ignore,
+    cancel: CancelToken | None = None,
+    dry_run: bool = False,
+    init_image: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The whole `generate` (or `upscale`) path for one job: plan, load, run, save. Returns the report."""
+    seed = pick_seed(job)
+    input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
+    prep, family = plan_for(job, options, seed=seed, input_size=input_size)
+    if dry_run:
+        return {"dry_run": True, "plan": plan_summary(prep, family, options.device, options.dtype)}
+
+    from .memory import resolve_device, resolve_dtype
+    from .output import clean_stale_temps, prepare_folder
+    from .pipeline import Engine
+
+    for note in prep.notes:
+        events(Note("warning" if "rounded" in note else "info", note))
+    prepare_folder(options.out)
+    clean_stale_temps(options.out)
+    ensure_writable_target(prep, options.overwrite)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    events(
+        Note(
+            "info",
+            f"seed {seed}; {len(prep.plan.stages)} stages to {prep.target.width}x{prep.target.height}"
+            f" on {device} ({str(dtype).replace('torch.', '')})",
+        )
+    )
+    engine = Engine.load(
+        job.model,
+        linfusion=job.linfusion,
+        vae=job.vae,
+        device=device,
+        dtype=dtype,
+        allow_pickle=options.allow_pickle,
+        events=events,
+    )
+    if family is None or family.native_size != engine.comps.native_size:  # the config was not local: replan
+        prep = prepare(job, options, native=engine.comps.native_size, seed=seed, input_size=input_size)
+    sidecar = run_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
+    return {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}

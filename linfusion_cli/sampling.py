@@ -1,0 +1,122 @@
+"""Schedulers by name and the denoising loop of one stage (text-to-image or SDEdit img2img)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .text import Conditioning
+
+# name -> (diffusers class, config overrides). Data, not an if-chain.
+SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    """A fresh scheduler (they hold per-run state) from the model's scheduler config."""
+    import diffusers
+
+    class_name, overrides = SCHEDULER_TABLE[name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+@dataclass
+class StageInputs:
+    """What one stage's denoising loop needs besides the UNet."""
+
+    cond: Conditioning
+    guidance: float
+    size: tuple[int, int]  # (width, height) px, for SDXL's size conditioning
+    cfg_split: bool = False  # guidance as two batch-1 UNet calls instead of one batch of 2
+
+
+def _added_cond(inputs: StageInputs, rows: slice, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    if inputs.cond.pooled is None:
+        return None
+    width, height = inputs.size
+    # SDXL micro-conditioning: original_size = target_size = this stage's size, crop (0, 0). This is what
+    # diffusers' SDXL pipelines pass for a generation of that size, and what LinFusion-XL's high-resolution
+    # results were made with; claiming a smaller "original" size at 8K-16K makes SDXL paint blur.
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+    pooled = inputs.cond.pooled[rows]
+    return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+
+
+def _predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+    """The guided noise (or v) prediction for latents x (1, 4, h, w)."""
+    dtype = next(unet.parameters()).dtype
+    embeds = inputs.cond.embeds.to(x.device, dtype)
+    rows = embeds.shape[0]
+
+    def call(sample: torch.Tensor, sl: slice) -> torch.Tensor:
+        return unet(
+            sample.to(dtype),
+            t,
+            encoder_hidden_states=embeds[sl],
+            added_cond_kwargs=_added_cond(inputs, sl, x.device, dtype),
+            return_dict=False,
+        )[0].float()
+
+    if rows == 1:
+        return call(x, slice(0, 1))
+    if inputs.cfg_split:
+        uncond, text = call(x, slice(0, 1)), call(x, slice(1, 2))
+    else:
+        uncond, text = call(torch.cat([x, x]), slice(0, 2)).chunk(2)
+    return uncond + inputs.guidance * (text - uncond)
+
+
+def stage_timesteps(
+    scheduler: Any, schedule_steps: int, run_steps: int, device: torch.device, img2img: bool
+) -> torch.Tensor:
+    """The timesteps this stage runs: all of them, or the last `run_steps` (img2img) of the full schedule."""
+    scheduler.set_timesteps(schedule_steps, device=device)
+    if not img2img:
+        return scheduler.timesteps
+    start = max(schedule_steps - run_steps, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+@torch.no_grad()
+def denoise(
+    unet: nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    inputs: StageInputs,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None],
+) -> torch.Tensor:
+    """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype."""
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(latents, t)
+        prediction = _predict(unet, model_in, t, inputs)
+        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+        on_step(i + 1, total)
+    return latents
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from the seed, so a seed gives the same image on every device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

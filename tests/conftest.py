@@ -1,0 +1,55 @@
+"""Shared fixtures: no network, isolated user state, fixed widths, tiny models written to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub / rich: no network, fixed-width output, quiet libraries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("COLUMNS", "120")
+os.environ["DIFFUSERS_VERBOSITY"] = "error"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LINFUSION_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.delenv("LINFUSION_INJECT_OOM", raising=False)
+    for var in (
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_MIN",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny model saved as a diffusers folder: tests load it through the real folder path."""
+    from linfusion_cli.models import build_random, save_components
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_components(build_random("tiny"), folder)
+    return folder
+
+
+@pytest.fixture
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()

@@ -1,0 +1,174 @@
+"""The CLI as a user meets it: end-to-end runs on the tiny model, error exits, --dry-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from linfusion_cli.cli import app
+
+
+def run(runner, *args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
+    result = run(
+        runner,
+        "generate",
+        "a red fox",
+        "--model",
+        "tiny",
+        "--size",
+        "1024",
+        "--aspect",
+        "16:9",
+        "--json",
+        "--out",
+        str(tmp_path),
+        "--seed",
+        "7",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout is exactly one JSON object
+    path = Path(report["path"])
+    assert path.parent == tmp_path and path.name == "a-red-fox_7_1024x576.png"
+    with Image.open(path) as image:
+        assert image.size == (1024, 576)
+        assert "Seed: 7" in image.text["parameters"]
+    assert [s["size"] for s in report["stages"]] == ["128x72", "256x144", "512x288", "1024x576"]
+    assert [s["steps"] for s in report["stages"]] == [50, 20, 12, 5]
+    assert report["seed"] == 7 and report["linfusion_layers"] == 7
+    assert report["settings"]["scheduler"] == "ddim" and report["versions"]["linfusion"]
+    sidecar = json.loads(Path(report["sidecar"]).read_text())
+    assert sidecar["complete"] and sidecar["file"]["bytes"] == path.stat().st_size
+
+
+def test_folder_model_through_real_loader(runner, tmp_path: Path, tiny_model_dir: Path) -> None:
+    result = run(
+        runner,
+        "generate",
+        "a lighthouse",
+        "--model",
+        str(tiny_model_dir),
+        "--size",
+        "256",
+        "--steps",
+        "4",
+        "--json",
+        "--out",
+        str(tmp_path),
+        "--seed",
+        "3",
+        "--scheduler",
+        "euler-a",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["family"] == "tiny SD-1.x-shaped" and len(report["stages"]) == 2
+    with Image.open(report["path"]) as image:
+        assert image.size == (256, 256)
+
+
+def test_same_seed_same_image(runner, tmp_path: Path) -> None:
+    paths = []
+    for out in ("a", "b"):
+        result = run(
+            runner,
+            "generate",
+            "same",
+            "--model",
+            "tiny",
+            "--size",
+            "256",
+            "--steps",
+            "6",
+            "--seed",
+            "11",
+            "--json",
+            "--out",
+            str(tmp_path / out),
+        )
+        paths.append(json.loads(result.stdout)["path"])
+    with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
+    args = ["generate", "x", "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "1", "--out", str(tmp_path)]
+    assert run(runner, *args).exit_code == 0
+    again = run(runner, *args)
+    assert again.exit_code != 0 and "already exists; pass --overwrite" in again.stderr
+    assert run(runner, *args, "--overwrite").exit_code == 0
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.pipeline as pipeline
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline.Engine, "load", classmethod(boom))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "0"], "--size: must be between 64 and 65536"),
+        (["--size", "-3"], "--size: must be between 64 and 65536"),
+        (["--size", "20000", "--format", "webp"], "webp cannot store 20000x20000"),
+        (["--aspect", "0:1"], "--aspect"),
+        (["--size", "70000"], "65536"),
+        (["--size", "1024", "--strengths", "0.3"], "give exactly 3"),
+        (["--scheduler", "plms"], "must be one of ddim"),
+        (["--model", "./no/such/folder"], "does not exist"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--dtype", "fp8"], "--dtype"),
+    ],
+)
+def test_usage_errors_exit_2_without_loading(runner, tmp_path: Path, no_model_loads, args, message) -> None:
+    result = run(runner, "generate", "x", "--model", "tiny", "--out", str(tmp_path), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_prompt_exits_2(runner, tmp_path: Path, no_model_loads) -> None:
+    result = run(runner, "generate", "  ", "--model", "tiny", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "prompt is empty" in result.stderr
+
+
+def test_dry_run_loads_no_model(runner, tmp_path: Path, no_model_loads) -> None:
+    result = run(
+        runner, "generate", "x", "--model", "tiny", "--size", "1024", "--dry-run", "--json", "--out", str(tmp_path)
+    )
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [s["size"] for s in plan["stages"]] == ["128x128", "256x256", "512x512", "1024x1024"]
+    assert all("estimated_peak_gib" in s and s["vae"] for s in plan["stages"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_command(runner, no_model_loads) -> None:
+    result = run(runner, "plan", "--preset", "sd15-16k", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [s["size"] for s in plan["stages"]] == ["1024x512", "2048x1024", "4096x2048", "8192x4096", "16384x8192"]
+    assert [s["strength"] for s in plan["stages"][1:]] == [0.4, 0.3, 0.2, 0.1]
+
+
+def test_unwritable_output_folder(runner, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run(runner, "generate", "x", "--model", "tiny", "--size", "128", "--out", str(blocker / "sub"))
+    assert result.exit_code == 1 and "cannot create output folder" in result.stderr
+
+
+def test_help_and_version(runner) -> None:
+    assert "generate" in run(runner, "--help").stdout
+    assert run(runner, "--version").stdout.startswith("linfusion ")

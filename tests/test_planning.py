@@ -1,0 +1,72 @@
+"""Stage plans: sizes, strengths and steps for a table of targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from linfusion_cli.config import resolve_target
+from linfusion_cli.errors import UsageError
+from linfusion_cli.planning import default_strengths, make_plan, refine_steps
+
+
+def sizes(plan) -> list[str]:
+    return [s.size_text for s in plan.stages]
+
+
+@pytest.mark.parametrize(
+    ("size", "aspect", "native", "base", "expected"),
+    [
+        (2048, "1:1", 512, None, ["512x512", "1024x1024", "2048x2048"]),
+        (16384, "2:1", 512, 1024, ["1024x512", "2048x1024", "4096x2048", "8192x4096", "16384x8192"]),  # published
+        (16384, "1:1", 512, None, ["512x512", "1024x1024", "2048x2048", "4096x4096", "8192x8192", "16384x16384"]),
+        (1024, "16:9", 128, None, ["128x72", "256x144", "512x288", "1024x576"]),
+        (3840, "16:9", 512, None, ["512x288", "1024x576", "2048x1152", "3840x2160"]),
+        (1104, "1:1", 512, None, ["512x512", "1104x1104"]),  # one 2.16x step, not 2x then 1.08x
+        (1400, "1:1", 512, None, ["512x512", "1024x1024", "1400x1400"]),
+        (600, "1:1", 512, None, ["600x600"]),  # within 1.25x of native: no refinement
+        (256, "1:1", 512, None, ["256x256"]),  # below native
+        (2000, "3:4", 768, None, ["576x768", "1152x1536", "1504x2000"]),  # SD-2 native, portrait
+        (8192, "9:16", 1024, None, ["576x1024", "1152x2048", "2304x4096", "4608x8192"]),  # SDXL portrait
+    ],
+)
+def test_stage_sizes(size: int, aspect: str, native: int, base: int | None, expected: list[str]) -> None:
+    plan = make_plan(resolve_target(size, aspect), native=native, base_size=base)
+    assert sizes(plan) == expected
+    assert plan.stages[0].strength is None and all(s.strength is not None for s in plan.stages[1:])
+    assert plan.stages[-1].width * plan.stages[-1].height == plan.target.width * plan.target.height
+
+
+def test_published_strengths_and_steps() -> None:
+    plan = make_plan(resolve_target(16384, "2:1"), native=512, base_size=1024, schedule_steps=50)
+    assert [s.strength for s in plan.refine_stages] == [0.4, 0.3, 0.2, 0.1]
+    assert [s.steps for s in plan.stages] == [50, 20, 15, 10, 5]
+
+
+def test_default_strengths_fall_linearly() -> None:
+    assert default_strengths(1) == [0.4]
+    assert default_strengths(2) == [0.4, 0.1]
+    assert default_strengths(5) == [0.4, 0.325, 0.25, 0.175, 0.1]
+    assert default_strengths(0) == []
+
+
+def test_refine_steps() -> None:
+    assert refine_steps(50, 0.325) == 16
+    assert refine_steps(5, 0.1) == 1  # never 0 for a positive strength
+    assert refine_steps(50, 0.0) == 0
+
+
+def test_strength_override_count_must_match() -> None:
+    target = resolve_target(2048, "1:1")
+    plan = make_plan(target, native=512, strengths=[0.5, 0.2])
+    assert [s.strength for s in plan.refine_stages] == [0.5, 0.2]
+    with pytest.raises(UsageError, match=r"has 3 value.*2 refine stage.*512x512 -> 1024x1024 -> 2048x2048"):
+        make_plan(target, native=512, strengths=[0.5, 0.2, 0.1])
+
+
+def test_upscale_plan_starts_from_the_input() -> None:
+    target = resolve_target(4096, "700:500")
+    plan = make_plan(target, native=512, input_size=(700, 500))
+    assert plan.from_image and all(s.strength is not None for s in plan.stages)
+    assert sizes(plan) == ["1400x1000", "2800x2000", "4096x2928"]
+    with pytest.raises(UsageError, match="smaller than the input"):
+        make_plan(resolve_target(512, "1:1"), native=512, input_size=(700, 700))
