@@ -121,14 +121,19 @@ class LinFusionAttention(nn.Module):
         block, onehot = _head_masks(channels, self.heads, x.device, torch.float32)
         weights = torch.cat([kv * block, k_mean.unsqueeze(-1) * onehot], dim=-1).to(x.dtype)  # (B, C, C+h)
 
+        if chunk >= tokens:
+            return self.to_out[1](self._attend(x, weights))
         out = torch.empty_like(x)  # (B, N, C)
-        d = channels // self.heads
         for start in range(0, tokens, chunk):
-            xs = x[:, start : start + chunk]
-            q = phi(self.to_q(xs + self.to_q_(xs)))  # (B, n, C)
-            r = torch.bmm(q, weights)  # (B, n, C+h)
-            del q
-            num = r[..., :channels].unflatten(-1, (self.heads, d))  # (B, n, h, d)
-            den = r[..., channels:].unsqueeze(-1).add_(LINEAR_ATTN_EPS)  # (B, n, h, 1)
-            out[:, start : start + chunk] = self.to_out[0]((num / den).flatten(2))
+            out[:, start : start + chunk] = self._attend(x[:, start : start + chunk], weights)
         return self.to_out[1](out)
+
+    def _attend(self, xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Queries of one chunk against the summaries: to_out(phi(q) kv / (phi(q) . k_mean + eps))."""
+        channels = xs.shape[-1]
+        q = phi(self.to_q(xs + self.to_q_(xs)))  # (B, n, C)
+        r = torch.bmm(q, weights)  # (B, n, C+h)
+        del q
+        num = r[..., :channels].unflatten(-1, (self.heads, channels // self.heads))  # (B, n, h, d)
+        den = r[..., channels:].unsqueeze(-1).add_(LINEAR_ATTN_EPS)  # (B, n, h, 1)
+        return self.to_out[0]((num / den).flatten(2))
