@@ -148,9 +148,8 @@ def bench_unet(
             memory.apply_settings(comps.unet, settings)
             try:
                 with torch.no_grad():
-                    seconds, usage, out = _timed(
-                        device, lambda kw=inputs: comps.unet(**kw, return_dict=False)[0], repeats
-                    )
+                    step = functools.partial(_unet_step, comps.unet, inputs)
+                    seconds, usage, out = _timed(device, step, repeats)
             except torch.OutOfMemoryError:
                 memory.free_cached(device)
                 row[mode] = {"skipped": "out of memory"}
