@@ -304,6 +304,188 @@ def plan(
         _render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
 
 
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.")],
+    size: SizeOpt = None,
+    aspect: AspectOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    model: ModelOpt = None,
+    linfusion: LinOpt = None,
+    vae: VaeOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    negative: NegativeOpt = None,
+    scheduler: SchedulerOpt = None,
+    strengths: StrengthsOpt = None,
+    base_size: BaseSizeOpt = None,
+    preset: PresetOpt = None,
+    format: FormatOpt = None,
+    vae_tile: VaeTileOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Base seed: a job without its own seed gets BASE + its index [default: random].")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Run jobs whose index mod N is K, as K/N [default: from SLURM_ARRAY_TASK_* or torchrun's RANK/WORLD_SIZE]."
+        ),
+    ] = None,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first failed job.")] = False,
+    out: OutOpt = Path("outputs"),
+    overwrite: Annotated[bool, typer.Option(help="Redo jobs whose outputs exist.")] = False,
+    save_stages: SaveStagesOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON line per finished or skipped job on stdout.")
+    ] = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
+    from .batch import run_batch
+    from .events import CancelToken
+    from .report import Reporter, batch_table
+    from .runner import RunOptions
+
+    mode = _output_mode(quiet)
+    _setup_logging(mode)
+    with boundary():
+        flags = _job_flags(
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        _check_device_flags(device, dtype)
+        options = RunOptions(
+            out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
+        )
+        cancel = CancelToken()
+        restore = cancel.install()
+        try:
+            with Reporter(stderr, mode) as reporter:
+                summary = run_batch(
+                    file,
+                    flags,
+                    options,
+                    base_seed=seed,
+                    shard_flag=shard,
+                    fail_fast=fail_fast,
+                    events=reporter,
+                    on_line=_emit_json if json_out else None,
+                    cancel=cancel,
+                )
+        finally:
+            restore()
+        if mode != "quiet":
+            stderr.print(batch_table(summary))
+        raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def replay(
+    sidecar: Annotated[Path, typer.Argument(help="A sidecar .json that linfusion wrote next to an image.")],
+    out: OutOpt = Path("outputs"),
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str | None, typer.Option(help="Precision [default: the one recorded in the sidecar].")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Regenerate an image from its sidecar: same settings, same seed."""
+    from .replay import job_from_sidecar
+    from .report import Reporter, stage_table
+    from .runner import RunOptions
+    from .runner import generate as run_generate
+
+    mode = _output_mode(quiet)
+    _setup_logging(mode)
+    with boundary():
+        job, recorded_dtype = job_from_sidecar(sidecar)
+        options = RunOptions(
+            out=out, device=device, dtype=dtype or recorded_dtype, overwrite=overwrite, allow_pickle=allow_pickle
+        )
+        _check_device_flags(device, options.dtype)
+        with Reporter(stderr, mode) as reporter:
+            report = run_generate(job, options, events=reporter)
+        if mode != "quiet":
+            stderr.print(stage_table(report, title=f"replayed -> {report['path']}"))
+        if json_out:
+            _emit_json(report)
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="An image linfusion (or AUTOMATIC1111) wrote.")],
+    json_out: JsonOpt = False,
+    max_input_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 1_000_000_000,
+) -> None:
+    """Print the generation parameters stored in an image."""
+    from .output import read_metadata
+
+    with boundary():
+        meta = read_metadata(image, max_input_pixels)
+        if json_out:
+            _emit_json(meta)
+            return
+        stderr.print(f"{image}: {meta['format']} {meta['size']}", highlight=False)
+        if meta["parameters"]:
+            typer.echo(meta["parameters"])
+        else:
+            stderr.print("no generation parameters found in this image", highlight=False)
+
+
+@presets_app.command("list")
+def presets_list() -> None:
+    """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
+    from rich.table import Table
+
+    from .presets import list_presets
+
+    with boundary():
+        table = Table(title="presets", title_justify="left")
+        table.add_column("name", no_wrap=True)
+        table.add_column("description")
+        for preset in list_presets():
+            table.add_row(preset.name, preset.description)
+        Console(width=120).print(table)
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file.")]) -> None:
+    """Print a preset's description and settings (as YAML)."""
+    import yaml
+
+    from .presets import load_preset
+
+    with boundary():
+        preset = load_preset(name)
+        typer.echo(f"# {preset.name} ({preset.path})")
+        for line in preset.description.splitlines():
+            typer.echo(f"# {line}")
+        typer.echo(yaml.safe_dump(preset.settings, sort_keys=False).rstrip())
+
+
 def _check_device_flags(device: str, dtype: str) -> None:
     from .errors import UsageError
 

@@ -3,10 +3,16 @@ built-in defaults < preset < file defaults < job row < flags the user set."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import FLAGS, JobSpec, merge_layers, validate_layer
+from .errors import JobFileError, UsageError
 from .presets import load_preset
 
 
@@ -34,3 +40,146 @@ def resolve_job(
 def flags_layer(values: Mapping[str, Any]) -> dict[str, Any]:
     """The flags the user actually set (None means 'not given'), validated."""
     return validate_layer({k: v for k, v in values.items() if v is not None}, where=FLAGS)
+
+
+# --- prompt files ---------------------------------------------------------------------------------------------
+
+MAX_FILE_BYTES = 64 << 20
+MAX_JOBS = 1_000_000
+TOP_LEVEL_KEYS = ("defaults", "jobs")
+FORMATS_BY_SUFFIX = {".txt": "txt", ".yaml": "yaml", ".yml": "yaml", ".jsonl": "jsonl", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as written in the file: where it is (for messages) and its validated fields."""
+
+    index: int
+    where: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobFile:
+    path: Path
+    defaults: dict[str, Any]
+    rows: list[JobRow]
+
+
+def read_job_file(path: str | Path) -> JobFile:
+    """Parse and validate a whole prompt file; any problem is a JobFileError naming file, line and field."""
+    file = Path(path)
+    kind = FORMATS_BY_SUFFIX.get(file.suffix.lower())
+    if kind is None:
+        raise JobFileError(f"{file}: unknown prompt file type '{file.suffix}'; use .txt, .yaml, .yml, .jsonl or .csv")
+    text = _read_text(file)
+    defaults: dict[str, Any] = {}
+    raw: list[tuple[str, Any, bool]]  # (where, row, from_text)
+    if kind == "txt":
+        raw = [
+            (f"{file.name} line {n}", {"prompt": line.strip()}, True)
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    elif kind == "jsonl":
+        raw = _jsonl_rows(file, text)
+    elif kind == "csv":
+        raw = _csv_rows(file, text)
+    else:
+        raw, defaults_raw = _yaml_rows(file, text)
+        defaults = _validate(defaults_raw, f"{file.name} defaults", from_text=False)
+    if len(raw) > MAX_JOBS:
+        raise JobFileError(f"{file}: {len(raw)} jobs; the limit is {MAX_JOBS} per file (split it)")
+    rows = [JobRow(i, where, _validate(values, where, from_text)) for i, (where, values, from_text) in enumerate(raw)]
+    for row in rows:
+        if not str(row.values.get("prompt", defaults.get("prompt", ""))).strip() and not row.values.get("image"):
+            raise JobFileError(f"{row.where}: the prompt is empty")
+    return JobFile(file, defaults, rows)
+
+
+def _validate(values: Any, where: str, from_text: bool) -> dict[str, Any]:
+    try:
+        return validate_layer(values, where=where, from_text=from_text)
+    except UsageError as exc:
+        raise JobFileError(str(exc)) from None
+
+
+def _read_text(file: Path) -> str:
+    try:
+        size = file.stat().st_size
+    except OSError as exc:
+        raise JobFileError(f"cannot read prompt file {file}: {exc.strerror or exc}") from None
+    if size > MAX_FILE_BYTES:
+        raise JobFileError(f"{file} is {size >> 20} MiB; prompt files are limited to {MAX_FILE_BYTES >> 20} MiB")
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a BOM is fine
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise JobFileError(
+            f"{file.name} line {line}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8"
+        ) from None
+
+
+def _jsonl_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{file.name} line {n}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise JobFileError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise JobFileError(f'{where}: each line must be a JSON object like {{"prompt": "..."}}')
+        rows.append((where, value, False))
+    return rows
+
+
+def _csv_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise JobFileError(f"{file.name}: empty CSV; the first row must name the fields (prompt, seed, ...)")
+    rows = []
+    for n, record in enumerate(reader, 2):
+        where = f"{file.name} row {n}"
+        if None in record:
+            raise JobFileError(f"{where}: more cells than header fields")
+        values = {key.strip(): value for key, value in record.items() if value is not None and value.strip() != ""}
+        if values:
+            rows.append((where, values, True))
+    return rows
+
+
+def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict[str, Any]]:
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes carry line numbers
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file.name} line {mark.line + 1}" if mark is not None else file.name
+        raise JobFileError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    defaults: Any = {}
+    jobs_node = root
+    if isinstance(data, dict):
+        unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise JobFileError(f"{file.name}: unknown top-level key(s) {unknown}; expected 'defaults' and 'jobs'")
+        defaults = data.get("defaults") or {}
+        jobs = data.get("jobs")
+        jobs_node = next((v for k, v in root.value if k.value == "jobs"), None)
+    else:
+        jobs = data
+    if jobs is None:
+        jobs = []
+    if not isinstance(jobs, list):
+        raise JobFileError(f"{file.name}: expected a list of jobs (or {{defaults: ..., jobs: [...]}})")
+    lines = [item.start_mark.line + 1 for item in jobs_node.value] if jobs_node is not None else []
+    rows = []
+    for i, item in enumerate(jobs):
+        where = f"{file.name} job {i + 1} (line {lines[i] if i < len(lines) else '?'})"
+        rows.append((where, {"prompt": item} if isinstance(item, str) else item, False))
+    return rows, defaults

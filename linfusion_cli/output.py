@@ -251,11 +251,11 @@ def encode_image(
     return None
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path, max_pixels: int = 1_000_000_000) -> dict[str, Any]:
     """The metadata we (or A1111) wrote into an image: {'parameters': str|None, 'linfusion': dict|None}."""
     from .images import open_image
 
-    with open_image(path) as image:
+    with open_image(path, max_pixels) as image:
         info: dict[str, Any] = {
             "format": image.format,
             "size": f"{image.width}x{image.height}",

@@ -163,3 +163,26 @@ def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
     ]
     table.add_row(*totals, style="bold")
     return table
+
+
+def batch_table(summary: Any) -> Table:
+    """Counts, then every failed job with its reason (a farm log should say what to rerun)."""
+    failed = [o for o in summary.outcomes if o.status == "failed"]
+    table = Table(title=f"batch: {summary.shard.describe()}", title_justify="left")
+    for name in ("jobs", "done", "skipped", "failed", "seconds"):
+        table.add_column(name, justify="right")
+    table.add_row(
+        str(summary.total_jobs),
+        str(summary.count("done")),
+        str(summary.count("skipped")),
+        str(len(failed)),
+        f"{sum(o.seconds for o in summary.outcomes):.1f}",
+    )
+    if failed:
+        table.caption = (
+            "failed: "
+            + "; ".join(f"#{o.index}: {o.error}" for o in failed[:20])
+            + (f" (+{len(failed) - 20} more)" if len(failed) > 20 else "")
+        )
+        table.caption_justify = "left"
+    return table

@@ -50,6 +50,7 @@ class Prepared:
     index: int | None = None
     input_size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    random_seed: bool = False  # picked at random this run (batch resume then matches by index, not name)
 
 
 def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = None) -> int:
