@@ -380,3 +380,61 @@ def vae_fidelity(
         **environment(device, dtype),
         "results": rows,
     }
+
+
+# --- bench png --------------------------------------------------------------------------------------------
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Any:
+    """A test image that compresses like a rendered photo (smooth structure plus fine grain), not like noise
+    (incompressible) or a gradient (trivial)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    small = torch.from_numpy(rng.random((1, 3, max(2, height // 64), max(2, width // 64)), dtype=np.float32))
+    smooth = F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    grain = rng.normal(0.0, 6.0, size=(height, width, 3)).astype(np.float32)
+    return np.clip(smooth.numpy() * 255.0 + grain, 0, 255).astype(np.uint8)
+
+
+def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) -> dict[str, Any]:
+    """Write a width x height RGB PNG with our encoder (and Pillow's fastest level) to a temp file, fsynced."""
+    import os
+    import platform
+    import tempfile
+
+    from PIL import Image
+
+    from .pngfast import _deflate_lib, write_png
+
+    image = photo_like(width, height)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench.png")
+        writers = {"linfusion": lambda f: write_png(image, {"parameters": "bench"}, f)}
+        if pillow:
+            writers["pillow_level1"] = lambda f: Image.fromarray(image).save(f, format="PNG", compress_level=1)
+        for name, writer in writers.items():
+            times = []
+            for _ in range(repeats if name == "linfusion" else 1):
+                start = time.perf_counter()
+                with open(path, "wb") as handle:
+                    writer(handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                times.append(time.perf_counter() - start)
+            results[name] = {
+                "seconds": round(statistics.median(times), 3),
+                "mib": round(os.path.getsize(path) / 2**20, 1),
+            }
+    if pillow:
+        results["speedup"] = round(results["pillow_level1"]["seconds"] / results["linfusion"]["seconds"], 1)
+    return {
+        "bench": "png",
+        "size": f"{width}x{height}",
+        "deflate": getattr(_deflate_lib, "__name__", "zlib"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **results,
+    }

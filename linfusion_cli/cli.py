@@ -670,3 +670,28 @@ def bench_vae_cmd(
                 highlight=False,
             )
         _emit_json(report)
+
+
+@bench_app.command("png")
+def bench_png_cmd(
+    size: Annotated[str, typer.Option(help="Image size, WxH.")] = "16384x8192",
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    pillow: Annotated[bool, typer.Option(help="Also time Pillow's fastest PNG level (slow).")] = True,
+) -> None:
+    """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
+    from .bench import bench_png, parse_size
+    from .errors import UsageError
+
+    with boundary():
+        try:
+            width, height = parse_size(size)
+        except ValueError as exc:
+            raise UsageError(f"--size: {exc}") from None
+        report = bench_png(width, height, repeats=repeats, pillow=pillow)
+        stderr.print(
+            f"{report['size']}: linfusion {report['linfusion']['seconds']} s "
+            f"({report['linfusion']['mib']} MiB, {report['deflate']})"
+            + (f", Pillow level 1 {report['pillow_level1']['seconds']} s ({report['speedup']}x)" if pillow else ""),
+            highlight=False,
+        )
+        _emit_json(report)
