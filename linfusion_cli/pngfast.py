@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import struct
+import types
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
 
+_deflate_lib: types.ModuleType
 try:  # ISA-L: ~4x faster than zlib at level 1, and smaller files
     from isal import isal_zlib as _deflate_lib
 except ImportError:  # pragma: no cover - a platform without isal wheels
@@ -73,11 +75,10 @@ def write_png(array: np.ndarray, texts: dict[str, str], handle: IO[bytes], threa
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {array.dtype} {array.shape}")
     height, width, _ = array.shape
     scanlines = filter_up(np.ascontiguousarray(array))
-    bounds = list(range(0, height, ROWS_PER_SLICE)) + [height]
-    slices = [scanlines[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    slices = [scanlines[start : start + ROWS_PER_SLICE] for start in range(0, height, ROWS_PER_SLICE)]
 
     def compress(index: int) -> tuple[bytes, int, int]:
-        data = memoryview(slices[index]).cast("B")
+        data = slices[index].data.cast("B")  # rows of a C-contiguous array: contiguous, no copy
         compressor: Any = _deflate_lib.compressobj(DEFLATE_LEVEL, _deflate_lib.DEFLATED, -15)
         last = index == len(slices) - 1
         body = compressor.compress(data) + compressor.flush(
