@@ -99,6 +99,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), c
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (and nothing else there).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors.")]
+MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse input images with more pixels than this (1 gigapixel).")]
 AllowPickleOpt = Annotated[bool, typer.Option(help="Allow .ckpt/.bin pickle weights (loaded weights-only).")]
 
 
@@ -204,9 +205,7 @@ def generate(
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
     from .jobs import resolve_job
-    from .report import Reporter, stage_table
     from .runner import RunOptions
-    from .runner import generate as run_generate
 
     mode = _output_mode(quiet)
     _setup_logging(mode)
@@ -239,15 +238,31 @@ def generate(
         options = RunOptions(
             out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
         )
+        _run_and_render(job, options, mode, json_out, dry_run=dry_run)
+
+
+def _run_and_render(
+    job: Any, options: Any, mode: str, json_out: bool, *, dry_run: bool = False, init_image: Any = None, title: str = ""
+) -> None:
+    """Run one job with progress on stderr (SIGINT/SIGTERM stop it at a safe point), then the table/JSON."""
+    from .events import CancelToken
+    from .report import Reporter, stage_table
+    from .runner import generate as run_generate
+
+    cancel = CancelToken()
+    restore = cancel.install()
+    try:
         with Reporter(stderr, mode) as reporter:
-            report = run_generate(job, options, events=reporter, dry_run=dry_run)
-        if dry_run:
-            _render_plan(report["plan"], json_out, mode)
-            return
-        if mode != "quiet":
-            stderr.print(stage_table(report, title=f"{report['width']}x{report['height']} -> {report['path']}"))
-        if json_out:
-            _emit_json(report)
+            report = run_generate(job, options, events=reporter, cancel=cancel, dry_run=dry_run, init_image=init_image)
+    finally:
+        restore()
+    if dry_run:
+        _render_plan(report["plan"], json_out, mode)
+        return
+    if mode != "quiet":
+        stderr.print(stage_table(report, title=f"{title}{report['width']}x{report['height']} -> {report['path']}"))
+    if json_out:
+        _emit_json(report)
 
 
 @app.command()
@@ -302,6 +317,96 @@ def plan(
         _check_device_flags(device, dtype)
         prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
         _render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
+
+
+@app.command()
+def upscale(
+    image: Annotated[
+        Path, typer.Argument(help="Your image: PNG, JPEG, WebP, TIFF, BMP... any mode (alpha over white).")
+    ],
+    size: SizeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    prompt: Annotated[
+        str,
+        typer.Option(
+            help="What the image shows. Optional: with one, the refine stages add detail that fits it; "
+            "without, generic texture."
+        ),
+    ] = "",
+    strength: Annotated[
+        float | None,
+        typer.Option(help="The first refine stage's strength; later stages fall to 0.1 \\[default: 0.4]."),
+    ] = None,
+    model: ModelOpt = None,
+    linfusion: LinOpt = None,
+    vae: VaeOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    negative: NegativeOpt = None,
+    seed: SeedOpt = None,
+    scheduler: SchedulerOpt = None,
+    strengths: StrengthsOpt = None,
+    preset: PresetOpt = None,
+    format: FormatOpt = None,
+    name: NameOpt = None,
+    vae_tile: VaeTileOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    out: OutOpt = Path("outputs"),
+    overwrite: OverwriteOpt = False,
+    save_stages: SaveStagesOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+) -> None:
+    """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
+    from .images import load_rgb
+    from .jobs import resolve_job
+    from .runner import RunOptions
+
+    mode = _output_mode(quiet)
+    _setup_logging(mode)
+    with boundary():
+        flags = _job_flags(
+            prompt=prompt,
+            image=str(image),
+            size=size,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            strength=strength,
+            preset=preset,
+            format=format,
+            name=name,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        job = resolve_job(flags, require_prompt=False)
+        _check_device_flags(device, dtype)
+        pixels = load_rgb(image, max_input_pixels)
+        options = RunOptions(
+            out=out,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            save_stages=save_stages,
+            allow_pickle=allow_pickle,
+            max_input_pixels=max_input_pixels,
+        )
+        _run_and_render(job, options, mode, json_out, init_image=pixels, title="upscaled: ")
 
 
 @app.command()
@@ -413,10 +518,9 @@ def replay(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Regenerate an image from its sidecar: same settings, same seed."""
+    from .images import load_rgb
     from .replay import job_from_sidecar
-    from .report import Reporter, stage_table
     from .runner import RunOptions
-    from .runner import generate as run_generate
 
     mode = _output_mode(quiet)
     _setup_logging(mode)
@@ -426,19 +530,15 @@ def replay(
             out=out, device=device, dtype=dtype or recorded_dtype, overwrite=overwrite, allow_pickle=allow_pickle
         )
         _check_device_flags(device, options.dtype)
-        with Reporter(stderr, mode) as reporter:
-            report = run_generate(job, options, events=reporter)
-        if mode != "quiet":
-            stderr.print(stage_table(report, title=f"replayed -> {report['path']}"))
-        if json_out:
-            _emit_json(report)
+        init_image = load_rgb(job.image) if job.image else None
+        _run_and_render(job, options, mode, json_out, init_image=init_image, title="replayed: ")
 
 
 @app.command()
 def info(
     image: Annotated[Path, typer.Argument(help="An image linfusion (or AUTOMATIC1111) wrote.")],
     json_out: JsonOpt = False,
-    max_input_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this.")] = 1_000_000_000,
+    max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
     """Print the generation parameters stored in an image."""
     from .output import read_metadata

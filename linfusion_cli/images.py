@@ -54,7 +54,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             rgb = _to_rgb(image)
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputImageError(f"'{path}' is damaged or cut short ({exc}); re-export it") from exc
-    array = np.asarray(rgb, dtype=np.uint8)
+    array = np.array(rgb, dtype=np.uint8)  # a writable copy (torch refuses read-only arrays)
     if array.ndim != 3 or array.shape[2] != 3:
         raise InputImageError(f"'{path}': could not convert mode {image.mode} to RGB")
     return array

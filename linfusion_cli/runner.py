@@ -90,7 +90,9 @@ def prepare(
         input_size=input_size,
         first_strength=job.strength,
     )
-    stem = output_stem(job.prompt, seed, target.width, target.height, name=job.name, index=index)
+    # An upscale without a prompt is named after its input image.
+    label = job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
+    stem = output_stem(label, seed, target.width, target.height, name=job.name, index=index)
     paths = OutputPaths.for_stem(options.out, stem, job.format)
     return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes))
 
