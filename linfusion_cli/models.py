@@ -212,10 +212,6 @@ def _family_or_none(config: Any) -> Family | None:
 
 
 def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: bool) -> Components:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .hub import hub_offline
-
     if not path.is_file():
         raise UsageError(f"model file '{model}' does not exist")
     suffix = path.suffix.lower()
@@ -229,11 +225,16 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
     if suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise UsageError(f"'{path.name}': unknown model file type; give a .safetensors file or a diffusers folder")
     if suffix in PICKLE_SUFFIXES:
-        log.warning("loading pickle checkpoint %s with weights_only=True (--allow-pickle)", path.name)
+        log.warning("loading pickle checkpoint %s with torch's weights-only loader (--allow-pickle)", path.name)
+        _check_weights_only(path)
     try:
         is_xl = suffix == ".safetensors" and is_sdxl_checkpoint(path)
     except Exception as exc:
         raise ModelLoadError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .hub import hub_offline
+
     pipe_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     extra: dict[str, Any] = (
         {} if is_xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -252,6 +253,29 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
     return Components(
         model, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), _family_or_none(pipe.unet.config)
     )
+
+
+def _check_weights_only(path: Path) -> None:
+    """Unpickle with torch's weights-only loader first: anything but tensors and plain containers is refused
+    before diffusers ever reads the file."""
+    import pickle
+
+    def refuse(exc: Exception) -> UnsafeFileError:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        return UnsafeFileError(
+            f"'{path.name}' holds objects other than tensors (or is damaged), which could run code when loaded; "
+            f"refused even with --allow-pickle. {detail}".strip()
+        )
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise refuse(exc) from None
+    except RuntimeError:  # the old (non-zip) format cannot be memory-mapped: load it plainly, still weights-only
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise refuse(exc) from None
 
 
 def save_components(comps: Components, folder: str | Path) -> Path:

@@ -143,11 +143,11 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     """Write to a temp file beside `path`, fsync, rename into place; on any failure remove the temp file."""
     temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
     try:
-        with open(temp, "wb") as handle:
+        with os.fdopen(_create_exclusive(temp), "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        os.replace(temp, path)  # replaces a link at `path` itself, never what it points to
     except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
@@ -155,6 +155,16 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
             raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _create_exclusive(temp: Path) -> int:
+    """Create the temp file anew: never follow a link planted at its name, never append to a stale one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(temp, flags, 0o644)
+    except FileExistsError:
+        temp.unlink()  # a leftover of ours (or a planted link): remove the entry itself, then create afresh
+        return os.open(temp, flags, 0o644)
 
 
 def _fsync_dir(folder: Path) -> None:
