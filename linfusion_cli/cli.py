@@ -795,3 +795,56 @@ def bench_png_cmd(
             highlight=False,
         )
         _emit_json(report)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_cmd(
+    arch: ArchOpt = "sd15",
+    size: SizeOpt = None,
+    aspect: AspectOpt = None,
+    preset: PresetOpt = None,
+    steps: StepsOpt = None,
+    scheduler: SchedulerOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    vae_tile: VaeTileOpt = None,
+    baseline: Annotated[bool, typer.Option(help="Also run the published recipe as its notebooks build it.")] = False,
+    keep: Annotated[Path | None, typer.Option(help="Keep the output image in this folder.")] = None,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+) -> None:
+    """The whole generate path with random weights: model load, each stage, file writing; JSON on stdout."""
+    from .bench_pipeline import bench_pipeline
+
+    with boundary():
+        dev, dt = _bench_setup(arch, device, dtype)
+        flags = _job_flags(
+            size=size,
+            aspect=aspect,
+            preset=preset,
+            steps=steps,
+            scheduler=scheduler,
+            low_vram=low_vram,
+            max_vram=max_vram,
+            vae_tile=vae_tile,
+        )
+        report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
+        stderr.print(
+            f"{report['size']} ({arch}, {report['device']}): load {report['model_load_seconds']} s, "
+            f"generate {report['generate_seconds']} s, write {report['write_seconds']} s, peak VRAM "
+            f"{report['peak_vram_allocated_gib']} GiB",
+            highlight=False,
+        )
+        for s in report["stages"]:
+            stderr.print(
+                f"  stage {s['index'] + 1} {s['size']}: {s['seconds']:.2f} s, "
+                f"{s['memory_settings']['name']}, VRAM {s['peak_vram_allocated_gib']} GiB",
+                highlight=False,
+            )
+        if "baseline" in report:
+            stderr.print(
+                f"published recipe: {report['baseline']['seconds']} s "
+                f"({report['speedup_over_baseline']}x slower than ours)",
+                highlight=False,
+            )
+        _emit_json(report)

@@ -101,6 +101,20 @@ class Engine:
     ) -> Engine:
         start = time.perf_counter()
         comps = load_components(model, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+        return cls.from_components(comps, linfusion, device, dtype, events, start)
+
+    @classmethod
+    def from_components(
+        cls,
+        comps: Components,
+        linfusion: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        events: EventSink = ignore,
+        start: float | None = None,
+    ) -> Engine:
+        """An engine around components already on the device (benchmarks build random ones)."""
+        start = time.perf_counter() if start is None else start
         patch = None
         if linfusion != "none":
             patch = apply_linfusion(comps.unet, linfusion)

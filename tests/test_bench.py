@@ -1,0 +1,77 @@
+"""The benchmark commands run end to end on the tiny architecture and print valid JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from linfusion_cli.bench import parse_size
+from linfusion_cli.cli import app
+
+
+def bench(runner, *args: str) -> dict:
+    result = runner.invoke(app, ["bench", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_bench_unet_shows_both_attentions(runner) -> None:
+    report = bench(runner, "unet", "--arch", "tiny", "--sizes", "128,256", "--repeats", "1")
+    assert [r["size"] for r in report["results"]] == ["128x128", "256x256"]
+    for row in report["results"]:
+        assert row["linfusion"]["finite"] and row["sdpa"]["finite"] and row["sdpa_over_linfusion"] > 0
+    assert report["device"].startswith("cpu") and report["versions"]["torch"]
+
+
+def test_bench_unet_skips_sdpa_with_a_reason(runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.bench as bench_mod
+
+    real = bench_mod.bench_unet
+    monkeypatch.setattr(bench_mod, "bench_unet", lambda *a, **k: real(*a, **{**k, "sdpa_limit": 0.0}))
+    report = bench(runner, "unet", "--arch", "tiny", "--sizes", "128,256", "--repeats", "1")
+    assert "quadratic" in report["results"][1]["sdpa"]["skipped"]
+
+
+def test_bench_attention_matches_the_straightforward_form(runner) -> None:
+    report = bench(runner, "attention", "--tokens", "512,2048", "--dim", "64", "--heads", "4", "--repeats", "1")
+    assert all(r["relative_difference"] < 1e-5 for r in report["results"])
+
+
+def test_bench_vae_and_fidelity(runner) -> None:
+    report = bench(runner, "vae", "--arch", "tiny", "--sizes", "512", "--tile", "128", "--no-diffusers")
+    row = report["results"][0]
+    assert row["tile"] == 128 and row["decode"]["over_floor"] > 0 and row["encode"]["floor_seconds"] > 0
+    fidelity = bench(
+        runner,
+        "vae",
+        "--arch",
+        "tiny",
+        "--fidelity",
+        "--fidelity-size",
+        "256",
+        "--fidelity-tile",
+        "64",
+        "--seeds",
+        "0,1",
+    )
+    assert [r["seed"] for r in fidelity["results"]] == [0, 1]
+    assert all(r["decode_psnr"] > r["diffusers_decode_psnr"] for r in fidelity["results"])
+
+
+def test_bench_png(runner) -> None:
+    report = bench(runner, "png", "--size", "512x256", "--repeats", "1")
+    assert report["linfusion"]["seconds"] > 0 and report["speedup"] > 0
+
+
+def test_bench_pipeline_with_baseline(runner) -> None:
+    report = bench(runner, "pipeline", "--arch", "tiny", "--size", "256", "--steps", "4", "--baseline")
+    assert [s["size"] for s in report["stages"]] == ["128x128", "256x256"]
+    assert report["model_load_seconds"] > 0 and report["write_seconds"] >= 0
+    assert len(report["baseline"]["stages"]) == 2
+
+
+@pytest.mark.parametrize("bad", ["0", "12x", "100x7", "abc"])
+def test_parse_size_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
