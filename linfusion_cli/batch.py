@@ -216,7 +216,7 @@ def run_batch(
 
     from .memory import free_cached, resolve_device, resolve_dtype
     from .pipeline import Engine
-    from .runner import build_metadata, describe_device, save_outputs
+    from .runner import generate_one, save_outputs
 
     cancel = cancel or CancelToken()
     shard = resolve_shard(shard_flag)
@@ -273,16 +273,7 @@ def run_batch(
                 engine = engines[key]
                 events(Note("info", f"job {prep.index}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
                 init_image = _load_input(job, options) if job.image else None
-                result = engine.generate(
-                    job,
-                    prep.plan,
-                    prep.seed,
-                    events=events,
-                    cancel=cancel,
-                    init_image=init_image,
-                    keep_stages=options.save_stages,
-                )
-                meta = build_metadata(prep, engine, result, describe_device(engine.device))
+                result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
                 peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
                 peak = peak if device.type == "cuda" else None
                 seconds = time.perf_counter() - start

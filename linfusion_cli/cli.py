@@ -103,10 +103,13 @@ MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse input images with more p
 AllowPickleOpt = Annotated[bool, typer.Option(help="Allow .ckpt/.bin pickle weights (loaded weights-only).")]
 
 
-def _job_flags(**values: Any) -> dict[str, Any]:
+def _job_flags(values: dict[str, Any], exclude: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """The job settings among a command's parameters (its `locals()`), validated; None means not given."""
+    from .config import JOB_KEYS
     from .jobs import flags_layer
 
-    return flags_layer(values)
+    chosen = {k: v for k, v in values.items() if k in JOB_KEYS and k not in exclude}
+    return flags_layer({**chosen, **extra})
 
 
 def _output_mode(quiet: bool) -> str:
@@ -210,29 +213,7 @@ def generate(
     mode = _output_mode(quiet)
     _setup_logging(mode)
     with boundary():
-        flags = _job_flags(
-            prompt=prompt,
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            name=name,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-        )
+        flags = _job_flags(locals())
         job = resolve_job(flags)
         _check_device_flags(device, dtype)
         options = RunOptions(
@@ -294,25 +275,7 @@ def plan(
     from .runner import RunOptions, pick_seed, plan_for, plan_summary
 
     with boundary():
-        flags = _job_flags(
-            prompt=prompt,
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-        )
+        flags = _job_flags(locals())
         job = resolve_job(flags)
         _check_device_flags(device, dtype)
         prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
@@ -371,29 +334,7 @@ def upscale(
     mode = _output_mode(quiet)
     _setup_logging(mode)
     with boundary():
-        flags = _job_flags(
-            prompt=prompt,
-            image=str(image),
-            size=size,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            strength=strength,
-            preset=preset,
-            format=format,
-            name=name,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-        )
+        flags = _job_flags(locals(), image=str(image))
         job = resolve_job(flags, require_prompt=False)
         _check_device_flags(device, dtype)
         pixels = load_rgb(image, max_input_pixels)
@@ -460,26 +401,7 @@ def batch(
     mode = _output_mode(quiet)
     _setup_logging(mode)
     with boundary():
-        flags = _job_flags(
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            scheduler=scheduler,
-            strengths=strengths,
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-        )
+        flags = _job_flags(locals(), exclude=("seed",))  # --seed is the base seed here
         _check_device_flags(device, dtype)
         options = RunOptions(
             out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
@@ -818,16 +740,7 @@ def bench_pipeline_cmd(
 
     with boundary():
         dev, dt = _bench_setup(arch, device, dtype)
-        flags = _job_flags(
-            size=size,
-            aspect=aspect,
-            preset=preset,
-            steps=steps,
-            scheduler=scheduler,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            vae_tile=vae_tile,
-        )
+        flags = _job_flags(locals())
         report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
         stderr.print(
             f"{report['size']} ({arch}, {report['device']}): load {report['model_load_seconds']} s, "

@@ -174,6 +174,21 @@ def run_one(
     init_image: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Generate and save one prepared job; returns the sidecar dict."""
+    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
+    events(Note("info", f"writing {prep.paths.image}"))
+    return save_outputs(prep, result.image, meta, result.stage_images)
+
+
+def generate_one(
+    engine: Any,
+    prep: Prepared,
+    options: RunOptions,
+    *,
+    events: EventSink = ignore,
+    cancel: CancelToken | None = None,
+    init_image: np.ndarray | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Generate one prepared job (nothing written yet): the result and its metadata."""
     result = engine.generate(
         prep.job,
         prep.plan,
@@ -183,9 +198,7 @@ def run_one(
         init_image=init_image,
         keep_stages=options.save_stages,
     )
-    meta = build_metadata(prep, engine, result, describe_device(engine.device))
-    events(Note("info", f"writing {prep.paths.image}"))
-    return save_outputs(prep, result.image, meta, result.stage_images)
+    return result, build_metadata(prep, engine, result, describe_device(engine.device))
 
 
 def describe_device(device: Any) -> str:
