@@ -305,6 +305,18 @@ def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
     ff.forward = forward  # type: ignore[method-assign]
 
 
+def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_device: bool) -> None:
+    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs)."""
+    if device.type == "cpu":
+        return
+    target = device if on_device else torch.device("cpu")
+    for encoder in encoders:
+        if next(encoder.parameters()).device != target:
+            encoder.to(target)
+    if not on_device:
+        free_cached(device)
+
+
 def device_budget(device: torch.device, max_vram: float | None) -> int:
     """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds."""
     if max_vram is not None:

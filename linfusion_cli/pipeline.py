@@ -152,8 +152,12 @@ class Engine:
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
 
-        # 1. Text conditioning, once for all stages.
+        # 1. Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory
+        #    while the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16).
+        memory.place_text_encoders(comps.text_encoders, device, on_device=True)
         cond = encode_prompt(comps, job.prompt, job.negative, job.guidance, device)
+        if job.low_vram:
+            memory.place_text_encoders(comps.text_encoders, device, on_device=False)
         for warning in cond.warnings:
             events(Note("warning", warning))
 

@@ -121,20 +121,22 @@ class Reporter:
 
 
 def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
-    """Per-stage size, steps, seconds and peak memory, then totals."""
+    """Per-stage size, steps, seconds and peak memory, then totals; load and write time in the caption."""
     stages = sidecar.get("stages", [])
     on_gpu = any(s.get("peak_vram_allocated_gib") is not None for s in stages)
-    caption = None if on_gpu else "VRAM: not applicable (CPU run); peak RSS is the process's resident memory"
+    secs = sidecar.get("seconds", {})
+    caption = f"model load {secs.get('model_load', 0):.1f} s, file write {secs.get('write', 0):.1f} s"
+    if not on_gpu:
+        caption += "; VRAM: not applicable (CPU run), RSS is the process's resident memory"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    columns = ["#", "kind", "size", "strength", "steps", "seconds"]
+    columns = ["stage", "size", "strength", "steps", "seconds"]
     columns += ["VRAM alloc GiB", "VRAM reserved GiB"] if on_gpu else []
     columns += ["peak RSS GiB", "memory"]
     for name in columns:
-        table.add_column(name, justify="left" if name in ("kind", "size", "memory") else "right", no_wrap=True)
+        table.add_column(name, justify="left" if name in ("stage", "size", "memory") else "right")
     for s in stages:
         row = [
-            str(s["index"] + 1),
-            s["kind"],
+            f"{s['index'] + 1} {s['kind']}",
             s["size"],
             "-" if s["strength"] is None else f"{s['strength']:g}",
             str(s["steps"]),
@@ -143,9 +145,7 @@ def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
         row += [_gib(s["peak_vram_allocated_gib"]), _gib(s["peak_vram_reserved_gib"])] if on_gpu else []
         row += [_gib(s["peak_rss_gib"]), s["memory_settings"]["name"] + (" (retried)" if s.get("retried") else "")]
         table.add_row(*row)
-    secs = sidecar.get("seconds", {})
     totals = [
-        "",
         "total",
         f"{sidecar.get('width')}x{sidecar.get('height')}",
         "",
@@ -157,10 +157,7 @@ def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
             _gib(max(s["peak_vram_allocated_gib"] or 0 for s in stages)),
             _gib(max(s["peak_vram_reserved_gib"] or 0 for s in stages)),
         ]
-    totals += [
-        _gib(max((s["peak_rss_gib"] or 0 for s in stages), default=0)),
-        f"load {secs.get('model_load', 0):.1f} s, write {secs.get('write', 0):.1f} s",
-    ]
+    totals += [_gib(max((s["peak_rss_gib"] or 0 for s in stages), default=0)), ""]
     table.add_row(*totals, style="bold")
     return table
 
