@@ -216,7 +216,7 @@ def run_batch(
 
     from .memory import free_cached, resolve_device, resolve_dtype
     from .pipeline import Engine
-    from .runner import generate_one, save_outputs
+    from .runner import generate_one, replan_for, save_outputs
 
     cancel = cancel or CancelToken()
     shard = resolve_shard(shard_flag)
@@ -261,16 +261,9 @@ def run_batch(
                     for old in list(engines):  # one model on the device at a time
                         del engines[old]
                     free_cached(device)
-                    engines[key] = Engine.load(
-                        job.model,
-                        linfusion=job.linfusion,
-                        vae=job.vae,
-                        device=device,
-                        dtype=dtype,
-                        allow_pickle=options.allow_pickle,
-                        events=events,
-                    )
+                    engines[key] = Engine.for_job(job, device, dtype, options.allow_pickle, events)
                 engine = engines[key]
+                prep = replan_for(engine, prep, options)
                 events(Note("info", f"job {prep.index}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
                 init_image = _load_input(job, options) if job.image else None
                 result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)

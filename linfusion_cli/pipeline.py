@@ -104,6 +104,21 @@ class Engine:
         return cls.from_components(comps, linfusion, device, dtype, events, start)
 
     @classmethod
+    def for_job(
+        cls, job: JobSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool, events: EventSink = ignore
+    ) -> Engine:
+        """The engine a job asks for: its model, LinFusion weights and VAE."""
+        return cls.load(
+            job.model,
+            linfusion=job.linfusion,
+            vae=job.vae,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            events=events,
+        )
+
+    @classmethod
     def from_components(
         cls,
         comps: Components,

@@ -97,6 +97,17 @@ def prepare(
     return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes))
 
 
+def replan_for(engine: Any, prep: Prepared, options: RunOptions) -> Prepared:
+    """Plans made before loading assume SD-1.x when the model's config was not local; once it is loaded,
+    plan again if its native size differs. Names, seed and index stay as they were."""
+    native = engine.comps.native_size
+    if prep.plan.native == native:
+        return prep
+    fresh = prepare(prep.job, options, native=native, seed=prep.seed, index=prep.index, input_size=prep.input_size)
+    fresh.paths, fresh.random_seed = prep.paths, prep.random_seed
+    return fresh
+
+
 def versions() -> dict[str, str]:
     import diffusers
     import torch
@@ -328,16 +339,7 @@ def generate(
             f" on {device} ({str(dtype).replace('torch.', '')})",
         )
     )
-    engine = Engine.load(
-        job.model,
-        linfusion=job.linfusion,
-        vae=job.vae,
-        device=device,
-        dtype=dtype,
-        allow_pickle=options.allow_pickle,
-        events=events,
-    )
-    if family is None or family.native_size != engine.comps.native_size:  # the config was not local: replan
-        prep = prepare(job, options, native=engine.comps.native_size, seed=seed, input_size=input_size)
+    engine = Engine.for_job(job, device, dtype, options.allow_pickle, events)
+    prep = replan_for(engine, prep, options)
     sidecar = run_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
     return {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}
