@@ -2,22 +2,55 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from . import __version__
-from .config import DEFAULT_MODEL, DEFAULT_SIZE, FORMATS, SCHEDULERS
-from .errors import EXIT_SIGINT, LinFusionError
+from .cli_bench import bench_app
+from .cli_common import (
+    AllowPickleOpt,
+    AspectOpt,
+    BaseSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    GuidanceOpt,
+    HeightOpt,
+    JsonOpt,
+    LinOpt,
+    LowVramOpt,
+    MaxPixelsOpt,
+    MaxVramOpt,
+    ModelOpt,
+    NameOpt,
+    NegativeOpt,
+    OutOpt,
+    OverwriteOpt,
+    PresetOpt,
+    QuietOpt,
+    SaveStagesOpt,
+    SchedulerOpt,
+    SeedOpt,
+    SizeOpt,
+    StepsOpt,
+    StrengthsOpt,
+    VaeOpt,
+    VaeTileOpt,
+    WidthOpt,
+    boundary,
+    check_device_flags,
+    emit_json,
+    job_flags,
+    output_mode,
+    render_plan,
+    setup_logging,
+    show_version,
+    stderr,
+)
+from .errors import EXIT_SIGINT
 
 app = typer.Typer(
     name="linfusion",
@@ -28,146 +61,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 presets_app = typer.Typer(help="List and show presets.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
-
-# Farm logs are not terminals; rich would wrap them at 80 columns.
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-
-# --- options shared by generate / plan / batch / upscale ----------------------------------------------------
-SizeOpt = Annotated[
-    int | None, typer.Option("--size", "-s", help=f"Long side of the output, px \\[default: {DEFAULT_SIZE}].")
-]
-AspectOpt = Annotated[str | None, typer.Option(help="Shape W:H, e.g. 16:9 \\[default: 1:1].")]
-WidthOpt = Annotated[int | None, typer.Option(help="Exact output width, px (instead of --size).")]
-HeightOpt = Annotated[int | None, typer.Option(help="Exact output height, px (instead of --size).")]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help=f"Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random weights) \\[default: {DEFAULT_MODEL}].",
-    ),
-]
-LinOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="LinFusion weights: auto (official for the model's family), none (ordinary attention), or a checkpoint folder / hub id \\[default: auto]."
-    ),
-]
-VaeOpt = Annotated[
-    str | None, typer.Option(help="Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.")
-]
-StepsOpt = Annotated[
-    int | None, typer.Option(help="Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].")
-]
-GuidanceOpt = Annotated[
-    float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale \\[default: 7.5].")
-]
-NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed \\[default: random, always reported].")]
-SchedulerOpt = Annotated[str | None, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)} \\[default: ddim].")]
-StrengthsOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1]."
-    ),
-]
-BaseSizeOpt = Annotated[
-    int | None, typer.Option(help="Long side of the base stage, px \\[default: the model's native size].")
-]
-PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help="Preset name (see `linfusion presets list`) or YAML file.")
-]
-FormatOpt = Annotated[
-    str | None, typer.Option("--format", "-f", help=f"Output format: {', '.join(FORMATS)} \\[default: png].")
-]
-NameOpt = Annotated[
-    str | None, typer.Option(help="Output file name without extension \\[default: prompt slug, seed and size].")
-]
-VaeTileOpt = Annotated[int | None, typer.Option(help="VAE tile side, px \\[default: automatic from free memory].")]
-LowVramOpt = Annotated[
-    bool | None,
-    typer.Option("--low-vram", help="Most frugal memory settings (24 GB cards at 16K).", show_default=False),
-]
-MaxVramOpt = Annotated[float | None, typer.Option(help="Plan memory for at most this many GiB.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
-SaveStagesOpt = Annotated[bool, typer.Option(help="Also save each stage's image.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (and nothing else there).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors.")]
-MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse input images with more pixels than this (1 gigapixel).")]
-AllowPickleOpt = Annotated[bool, typer.Option(help="Allow .ckpt/.bin pickle weights (loaded weights-only).")]
-
-
-def _job_flags(values: dict[str, Any], exclude: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
-    """The job settings among a command's parameters (its `locals()`), validated; None means not given."""
-    from .config import JOB_KEYS
-    from .jobs import flags_layer
-
-    chosen = {k: v for k, v in values.items() if k in JOB_KEYS and k not in exclude}
-    return flags_layer({**chosen, **extra})
-
-
-def _output_mode(quiet: bool) -> str:
-    if quiet:
-        return "quiet"
-    return "rich" if stderr.is_terminal else "plain"
-
-
-def _setup_logging(mode: str) -> None:
-    """Our logs to stderr; the libraries' chatter (progress bars, deprecations) off."""
-    level = logging.ERROR if mode == "quiet" else logging.WARNING
-    if mode == "rich":
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(console=stderr, show_path=False, show_time=False)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    # diffusers/transformers log through their own handlers; these variables are read when they import.
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-
-
-@contextlib.contextmanager
-def boundary() -> Iterator[None]:
-    """The one error boundary: typed errors become one line on stderr and their exit code."""
-    try:
-        yield
-    except LinFusionError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
-        raise typer.Exit(EXIT_SIGINT) from None
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
-    sys.stdout.flush()
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"linfusion {__version__}")
-        raise typer.Exit()
 
 
 @app.callback()
 def _main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
     """Ultra-high-resolution Stable Diffusion (4K-16K+) on one GPU with LinFusion linear attention."""
@@ -210,12 +111,12 @@ def generate(
     from .jobs import resolve_job
     from .runner import RunOptions
 
-    mode = _output_mode(quiet)
-    _setup_logging(mode)
+    mode = output_mode(quiet)
+    setup_logging(mode)
     with boundary():
-        flags = _job_flags(locals())
+        flags = job_flags(locals())
         job = resolve_job(flags)
-        _check_device_flags(device, dtype)
+        check_device_flags(device, dtype)
         options = RunOptions(
             out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
         )
@@ -238,12 +139,12 @@ def _run_and_render(
     finally:
         restore()
     if dry_run:
-        _render_plan(report["plan"], json_out, mode)
+        render_plan(report["plan"], json_out, mode)
         return
     if mode != "quiet":
         stderr.print(stage_table(report, title=f"{title}{report['width']}x{report['height']} -> {report['path']}"))
     if json_out:
-        _emit_json(report)
+        emit_json(report)
 
 
 @app.command()
@@ -275,11 +176,11 @@ def plan(
     from .runner import RunOptions, pick_seed, plan_for, plan_summary
 
     with boundary():
-        flags = _job_flags(locals())
+        flags = job_flags(locals())
         job = resolve_job(flags)
-        _check_device_flags(device, dtype)
+        check_device_flags(device, dtype)
         prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
-        _render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
+        render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
 
 
 @app.command()
@@ -331,12 +232,12 @@ def upscale(
     from .jobs import resolve_job
     from .runner import RunOptions
 
-    mode = _output_mode(quiet)
-    _setup_logging(mode)
+    mode = output_mode(quiet)
+    setup_logging(mode)
     with boundary():
-        flags = _job_flags(locals(), image=str(image))
+        flags = job_flags(locals(), image=str(image))
         job = resolve_job(flags, require_prompt=False)
-        _check_device_flags(device, dtype)
+        check_device_flags(device, dtype)
         pixels = load_rgb(image, max_input_pixels)
         options = RunOptions(
             out=out,
@@ -398,11 +299,11 @@ def batch(
     from .report import Reporter, batch_table
     from .runner import RunOptions
 
-    mode = _output_mode(quiet)
-    _setup_logging(mode)
+    mode = output_mode(quiet)
+    setup_logging(mode)
     with boundary():
-        flags = _job_flags(locals(), exclude=("seed",))  # --seed is the base seed here
-        _check_device_flags(device, dtype)
+        flags = job_flags(locals(), exclude=("seed",))  # --seed is the base seed here
+        check_device_flags(device, dtype)
         options = RunOptions(
             out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
         )
@@ -418,7 +319,7 @@ def batch(
                     shard_flag=shard,
                     fail_fast=fail_fast,
                     events=reporter,
-                    on_line=_emit_json if json_out else None,
+                    on_line=emit_json if json_out else None,
                     cancel=cancel,
                 )
         finally:
@@ -444,14 +345,14 @@ def replay(
     from .replay import job_from_sidecar
     from .runner import RunOptions
 
-    mode = _output_mode(quiet)
-    _setup_logging(mode)
+    mode = output_mode(quiet)
+    setup_logging(mode)
     with boundary():
         job, recorded_dtype = job_from_sidecar(sidecar)
         options = RunOptions(
             out=out, device=device, dtype=dtype or recorded_dtype, overwrite=overwrite, allow_pickle=allow_pickle
         )
-        _check_device_flags(device, options.dtype)
+        check_device_flags(device, options.dtype)
         init_image = load_rgb(job.image) if job.image else None
         _run_and_render(job, options, mode, json_out, init_image=init_image, title="replayed: ")
 
@@ -468,7 +369,7 @@ def info(
     with boundary():
         meta = read_metadata(image, max_input_pixels)
         if json_out:
-            _emit_json(meta)
+            emit_json(meta)
             return
         stderr.print(f"{image}: {meta['format']} {meta['size']}", highlight=False)
         if meta["parameters"]:
@@ -508,256 +409,8 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML f
         typer.echo(yaml.safe_dump(preset.settings, sort_keys=False).rstrip())
 
 
-def _check_device_flags(device: str, dtype: str) -> None:
-    from .errors import UsageError
-
-    if dtype not in ("auto", "fp16", "bf16", "fp32"):
-        raise UsageError(f"--dtype {dtype!r}: must be auto, fp16, bf16 or fp32")
-    if device != "auto" and device.split(":")[0] not in ("cuda", "cpu", "mps"):
-        raise UsageError(f"--device {device!r}: must be auto, cpu, mps, cuda or cuda:N")
-
-
-def _render_plan(summary: dict[str, Any], json_out: bool, mode: str) -> None:
-    from rich.table import Table
-
-    if json_out:
-        _emit_json(summary)
-        return
-    table = Table(
-        title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
-        f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
-        title_justify="left",
-    )
-    for col in ("stage", "kind", "size", "strength", "steps", "memory", "est. peak GiB", "VAE"):
-        table.add_column(col)
-    for s in summary["stages"]:
-        table.add_row(
-            str(s["index"] + 1),
-            s["kind"],
-            s["size"],
-            "-" if s["strength"] is None else f"{s['strength']:g}",
-            str(s["steps"]),
-            s["memory"],
-            f"{s['estimated_peak_gib']:.1f}",
-            s["vae"],
-        )
-    stderr.print(table)
-    for note in summary["notes"]:
-        stderr.print(f"note: {note}", highlight=False)
-    stderr.print(f"output: {summary['output']}  (memory budget {summary['memory_budget_gib']} GiB)", highlight=False)
-
-
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)
-
-
-# --- bench --------------------------------------------------------------------------------------------------
-ArchOpt = Annotated[
-    str, typer.Option(help="Architecture with random weights: tiny, tiny-sd2, tiny-sdxl, sd15, sd21, sdxl.")
-]
-BenchDeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
-BenchDtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16, fp32.")]
-
-
-def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
-    from .archs import ARCHS
-    from .errors import UsageError
-    from .memory import resolve_device, resolve_dtype
-
-    if arch is not None and arch not in ARCHS:
-        raise UsageError(f"--arch {arch!r}: must be one of {', '.join(ARCHS)}")
-    _check_device_flags(device, dtype)
-    _setup_logging("plain")
-    dev = resolve_device(device)
-    return dev, resolve_dtype(dtype, dev)
-
-
-@bench_app.command("unet")
-def bench_unet_cmd(
-    arch: ArchOpt = "tiny",
-    sizes: Annotated[
-        str | None, typer.Option(help="Comma-separated sizes, N or WxH [default: per architecture].")
-    ] = None,
-    device: BenchDeviceOpt = "auto",
-    dtype: BenchDtypeOpt = "auto",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (median).")] = 3,
-    sdpa: Annotated[bool, typer.Option(help="Also time ordinary attention (SDPA).")] = True,
-) -> None:
-    """Time one UNet step (batch 2, as with guidance) with LinFusion and with ordinary attention."""
-    from .bench import bench_unet, parse_size
-    from .errors import UsageError
-
-    with boundary():
-        dev, dt = _bench_setup(arch, device, dtype)
-        size_list = [s.strip() for s in sizes.split(",")] if sizes else None
-        try:
-            [parse_size(s) for s in size_list or []]
-        except ValueError as exc:
-            raise UsageError(f"--sizes: {exc}") from None
-        modes = ("linfusion", "sdpa") if sdpa else ("linfusion",)
-
-        def show(row: dict[str, Any]) -> None:
-            cells = [
-                f"{m}: "
-                + (f"{row[m]['seconds']:.4f} s" if "seconds" in row.get(m, {}) else row.get(m, {}).get("skipped", "-"))
-                for m in modes
-            ]
-            ratio = f", SDPA/LinFusion {row['sdpa_over_linfusion']}x" if "sdpa_over_linfusion" in row else ""
-            stderr.print(
-                f"{row['size']:>11} ({row['tokens']} tokens, {row['memory']}): {'; '.join(cells)}{ratio}",
-                highlight=False,
-            )
-
-        _emit_json(bench_unet(arch, size_list, dev, dt, repeats=repeats, modes=modes, on_result=show))
-
-
-@bench_app.command("attention")
-def bench_attention_cmd(
-    tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "4096,16384,65536",
-    dim: Annotated[int, typer.Option(help="Channels (SD-1.5's top level: 320).")] = 320,
-    heads: Annotated[int, typer.Option(help="Heads (SD-1.5: 8).")] = 8,
-    device: BenchDeviceOpt = "auto",
-    dtype: BenchDtypeOpt = "auto",
-    repeats: Annotated[int, typer.Option(min=1)] = 5,
-) -> None:
-    """Time the LinFusion layer against the straightforward batched-matmul form of the same formula."""
-    from .bench import bench_attention
-    from .errors import UsageError
-
-    with boundary():
-        dev, dt = _bench_setup(None, device, dtype)
-        try:
-            counts = [int(t) for t in tokens.split(",")]
-        except ValueError:
-            raise UsageError(f"--tokens {tokens!r}: comma-separated whole numbers") from None
-        report = bench_attention(counts, dim, heads, dev, dt, repeats=repeats)
-        for row in report["results"]:
-            stderr.print(
-                f"N={row['tokens']}: ours {row['ours_seconds']:.4f} s, straightforward "
-                f"{row['straightforward_seconds']:.4f} s ({row['speedup']}x)",
-                highlight=False,
-            )
-        _emit_json(report)
-
-
-@bench_app.command("vae")
-def bench_vae_cmd(
-    arch: Annotated[str, typer.Option(help="VAE shape: sd15 (SD-1.x/2.x VAE), sdxl, tiny.")] = "sd15",
-    sizes: Annotated[str, typer.Option(help="Comma-separated output sizes, N or WxH.")] = "2048,4096",
-    tile: Annotated[int | None, typer.Option(help="Tile side, px [default: automatic].")] = None,
-    fidelity: Annotated[bool, typer.Option(help="Instead: PSNR of tiled vs untiled at --fidelity-size.")] = False,
-    fidelity_size: Annotated[int, typer.Option(help="Output side for --fidelity (untiled must fit).")] = 768,
-    fidelity_tile: Annotated[int, typer.Option(help="Tile side for --fidelity.")] = 256,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds for --fidelity.")] = "0",
-    diffusers: Annotated[bool, typer.Option(help="Also time diffusers' built-in tiling (1024 px tiles).")] = True,
-    device: BenchDeviceOpt = "auto",
-    dtype: BenchDtypeOpt = "auto",
-    repeats: Annotated[int, typer.Option(min=1)] = 1,
-) -> None:
-    """Tiled VAE decode/encode against the untiled per-pixel floor and diffusers' tiling; or --fidelity."""
-    from .bench import bench_vae, parse_size, vae_fidelity
-    from .errors import UsageError
-
-    with boundary():
-        dev, dt = _bench_setup(arch, device, dtype)
-        if fidelity:
-            try:
-                seed_list = [int(s) for s in seeds.split(",")]
-            except ValueError:
-                raise UsageError(f"--seeds {seeds!r}: comma-separated whole numbers") from None
-            report = vae_fidelity(arch, fidelity_size, fidelity_tile, seed_list, dev, dt)
-            for row in report["results"]:
-                stderr.print(
-                    f"seed {row['seed']}: decode {row['decode_psnr']} dB (diffusers "
-                    f"{row['diffusers_decode_psnr']}), encode {row['encode_psnr']} dB (diffusers "
-                    f"{row['diffusers_encode_psnr']})",
-                    highlight=False,
-                )
-            _emit_json(report)
-            return
-        size_list = [s.strip() for s in sizes.split(",")]
-        try:
-            [parse_size(s) for s in size_list]
-        except ValueError as exc:
-            raise UsageError(f"--sizes: {exc}") from None
-        report = bench_vae(arch, size_list, dev, dt, tile=tile, repeats=repeats, diffusers=diffusers)
-        for row in report["results"]:
-            stderr.print(
-                f"{row['size']} (tile {row['tile']}): decode {row['decode']['seconds']} s "
-                f"({row['decode']['over_floor']}x floor), encode {row['encode']['seconds']} s "
-                f"({row['encode']['over_floor']}x floor)",
-                highlight=False,
-            )
-        _emit_json(report)
-
-
-@bench_app.command("png")
-def bench_png_cmd(
-    size: Annotated[str, typer.Option(help="Image size, WxH.")] = "16384x8192",
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
-    pillow: Annotated[bool, typer.Option(help="Also time Pillow's fastest PNG level (slow).")] = True,
-) -> None:
-    """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
-    from .bench import bench_png, parse_size
-    from .errors import UsageError
-
-    with boundary():
-        try:
-            width, height = parse_size(size)
-        except ValueError as exc:
-            raise UsageError(f"--size: {exc}") from None
-        report = bench_png(width, height, repeats=repeats, pillow=pillow)
-        stderr.print(
-            f"{report['size']}: linfusion {report['linfusion']['seconds']} s "
-            f"({report['linfusion']['mib']} MiB, {report['deflate']})"
-            + (f", Pillow level 1 {report['pillow_level1']['seconds']} s ({report['speedup']}x)" if pillow else ""),
-            highlight=False,
-        )
-        _emit_json(report)
-
-
-@bench_app.command("pipeline")
-def bench_pipeline_cmd(
-    arch: ArchOpt = "sd15",
-    size: SizeOpt = None,
-    aspect: AspectOpt = None,
-    preset: PresetOpt = None,
-    steps: StepsOpt = None,
-    scheduler: SchedulerOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
-    vae_tile: VaeTileOpt = None,
-    baseline: Annotated[bool, typer.Option(help="Also run the published recipe as its notebooks build it.")] = False,
-    keep: Annotated[Path | None, typer.Option(help="Keep the output image in this folder.")] = None,
-    device: BenchDeviceOpt = "auto",
-    dtype: BenchDtypeOpt = "auto",
-) -> None:
-    """The whole generate path with random weights: model load, each stage, file writing; JSON on stdout."""
-    from .bench_pipeline import bench_pipeline
-
-    with boundary():
-        dev, dt = _bench_setup(arch, device, dtype)
-        flags = _job_flags(locals())
-        report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
-        stderr.print(
-            f"{report['size']} ({arch}, {report['device']}): load {report['model_load_seconds']} s, "
-            f"generate {report['generate_seconds']} s, write {report['write_seconds']} s, peak VRAM "
-            f"{report['peak_vram_allocated_gib']} GiB",
-            highlight=False,
-        )
-        for s in report["stages"]:
-            stderr.print(
-                f"  stage {s['index'] + 1} {s['size']}: {s['seconds']:.2f} s, "
-                f"{s['memory_settings']['name']}, VRAM {s['peak_vram_allocated_gib']} GiB",
-                highlight=False,
-            )
-        if "baseline" in report:
-            stderr.print(
-                f"published recipe: {report['baseline']['seconds']} s "
-                f"({report['speedup_over_baseline']}x slower than ours)",
-                highlight=False,
-            )
-        _emit_json(report)
