@@ -159,3 +159,13 @@ def test_batch_upscales_a_folder(runner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     paths = [json.loads(line)["path"] for line in result.stdout.splitlines()]
     assert [Path(p).name.split("_")[1] for p in paths] == ["render0-upscaled", "render1-upscaled"]
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    from linfusion_cli.images import load_rgb
+
+    source = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored 100x60 image is shown as 60x100
+    Image.new("RGB", (100, 60), (200, 10, 10)).save(source, exif=exif.tobytes())
+    assert load_rgb(source).shape == (100, 60, 3)
