@@ -130,6 +130,19 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# Well-known hub ids, used only to plan before a model is downloaded; once loaded, the architecture decides
+# (and the plan is redone if this hint was wrong).
+PLANNING_HINTS: dict[str, str] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
+    "runwayml/stable-diffusion-v1-5": "sd1",
+    "CompVis/stable-diffusion-v1-4": "sd1",
+    "Lykon/dreamshaper-8": "sd1",
+    "stabilityai/stable-diffusion-2-1": "sd2",
+    "stabilityai/stable-diffusion-2-1-base": "sd2",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+}
+
+
 def known_families_text() -> str:
     return ", ".join(f.label for f in FAMILIES if f.linfusion_repo)
 
@@ -204,4 +217,7 @@ def peek_family(model: str) -> tuple[Family | None, str | None]:
             return detect_family(json.loads(config_path.read_text())), None
         except (ValueError, UnknownArchitectureError):
             return None, None
+    hint = PLANNING_HINTS.get(model)
+    if hint is not None:
+        return next(f for f in FAMILIES if f.key == hint), None
     return None, f"'{model}' is not downloaded yet; planning with SD-1.x's native 512 px until it is loaded"

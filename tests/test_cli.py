@@ -172,3 +172,34 @@ def test_unwritable_output_folder(runner, tmp_path: Path) -> None:
 def test_help_and_version(runner) -> None:
     assert "generate" in run(runner, "--help").stdout
     assert run(runner, "--version").stdout.startswith("linfusion ")
+
+
+def test_save_stages_keeps_every_stage(runner, tmp_path: Path) -> None:
+    result = run(
+        runner,
+        "generate",
+        "stages",
+        "--model",
+        "tiny",
+        "--size",
+        "512",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "--save-stages",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
+    report = json.loads(result.stdout)
+    assert report["stage_files"] == ["stages_2_512x512.stage0.png", "stages_2_512x512.stage1.png"]
+    for name, size in zip(report["stage_files"], [(128, 128), (256, 256)], strict=True):
+        with Image.open(tmp_path / name) as image:
+            assert image.size == size
+
+
+def test_plan_before_download_uses_the_known_family(runner, no_model_loads) -> None:
+    result = run(runner, "plan", "--preset", "sdxl-16k", "--json")
+    plan = json.loads(result.stdout)
+    assert plan["family"] == "SDXL" and plan["stages"][0]["size"] == "1024x1024"
