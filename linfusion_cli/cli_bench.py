@@ -35,6 +35,15 @@ BenchDeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.
 BenchDtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16, fp32.")]
 
 
+def _whole_numbers(text: str, flag: str) -> list[int]:
+    from .errors import UsageError
+
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: comma-separated whole numbers") from None
+
+
 def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
     from .archs import ARCHS
     from .errors import UsageError
@@ -98,15 +107,10 @@ def bench_attention_cmd(
 ) -> None:
     """Time the LinFusion layer against the straightforward batched-matmul form of the same formula."""
     from .bench import bench_attention
-    from .errors import UsageError
 
     with boundary():
         dev, dt = _bench_setup(None, device, dtype)
-        try:
-            counts = [int(t) for t in tokens.split(",")]
-        except ValueError:
-            raise UsageError(f"--tokens {tokens!r}: comma-separated whole numbers") from None
-        report = bench_attention(counts, dim, heads, dev, dt, repeats=repeats)
+        report = bench_attention(_whole_numbers(tokens, "--tokens"), dim, heads, dev, dt, repeats=repeats)
         for row in report["results"]:
             stderr.print(
                 f"N={row['tokens']}: ours {row['ours_seconds']:.4f} s, straightforward "
@@ -137,11 +141,7 @@ def bench_vae_cmd(
     with boundary():
         dev, dt = _bench_setup(arch, device, dtype)
         if fidelity:
-            try:
-                seed_list = [int(s) for s in seeds.split(",")]
-            except ValueError:
-                raise UsageError(f"--seeds {seeds!r}: comma-separated whole numbers") from None
-            report = vae_fidelity(arch, fidelity_size, fidelity_tile, seed_list, dev, dt)
+            report = vae_fidelity(arch, fidelity_size, fidelity_tile, _whole_numbers(seeds, "--seeds"), dev, dt)
             for row in report["results"]:
                 stderr.print(
                     f"seed {row['seed']}: decode {row['decode_psnr']} dB (diffusers "

@@ -62,6 +62,20 @@ def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = No
     return random.SystemRandom().randint(0, SEED_LIMIT)
 
 
+def job_target(job: JobSpec, input_size: tuple[int, int] | None = None) -> Target:
+    """The output size a job asks for, checked against its format (no model, no plan needed)."""
+    if input_size is not None and job.size is None and job.width is None and job.height is None:
+        from .errors import UsageError
+
+        raise UsageError("upscaling needs a target: give --size (long side) or --width/--height")
+    aspect = job.aspect
+    if input_size is not None and "aspect" not in job.sources:
+        aspect = f"{input_size[0]}:{input_size[1]}"  # keep the input's shape
+    target = resolve_target(job.size, aspect, job.width, job.height)
+    check_format_fits(job.format, target)
+    return target
+
+
 def prepare(
     job: JobSpec,
     options: RunOptions,
@@ -72,15 +86,7 @@ def prepare(
     input_size: tuple[int, int] | None = None,
 ) -> Prepared:
     """Validate sizes and formats, plan the stages and name the outputs: everything that can fail early."""
-    if input_size is not None and job.size is None and job.width is None and job.height is None:
-        from .errors import UsageError
-
-        raise UsageError("upscaling needs a target: give --size (long side) or --width/--height")
-    aspect = job.aspect
-    if input_size is not None and "aspect" not in job.sources:
-        aspect = f"{input_size[0]}:{input_size[1]}"  # keep the input's shape
-    target = resolve_target(job.size, aspect, job.width, job.height)
-    check_format_fits(job.format, target)
+    target = job_target(job, input_size)
     plan = make_plan(
         target,
         native=native,
@@ -229,7 +235,7 @@ def plan_for(
     """Plan a job from the model's config alone (no weights loaded). Returns (prepared, family or None)."""
     from .families import peek_family
 
-    prepare(job, options, native=512, seed=seed, index=index, input_size=input_size)  # size/format checks first
+    job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
     native = family.native_size if family else 512
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size)

@@ -203,3 +203,10 @@ def test_plan_before_download_uses_the_known_family(runner, no_model_loads) -> N
     result = run(runner, "plan", "--preset", "sdxl-16k", "--json")
     plan = json.loads(result.stdout)
     assert plan["family"] == "SDXL" and plan["stages"][0]["size"] == "1024x1024"
+
+
+def test_strengths_are_checked_against_the_models_own_plan(runner, no_model_loads) -> None:
+    """SDXL's plan (1024 px base) has 4 refine stages to 16K; 4 strengths must be accepted."""
+    result = run(runner, "plan", "--preset", "sdxl-16k", "--strengths", "0.4,0.3,0.2,0.1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [s["strength"] for s in json.loads(result.stdout)["stages"][1:]] == [0.4, 0.3, 0.2, 0.1]
