@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,6 @@ class Components:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     family: Family | None
-    builtin: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def is_sdxl(self) -> bool:
@@ -119,7 +117,6 @@ def build_random(
         tokenizers,
         dict(spec.scheduler),
         detect_family(unet.config),
-        builtin=spec.name in BUILTIN_MODELS,
     )
     return place(comps, device, dtype)
 
@@ -150,7 +147,6 @@ def load_components(
             comps = _load_folder(model, folder, dtype)
     if vae:
         comps.vae = _load_vae(vae, dtype)
-        comps.notes.append(f"VAE from {vae}")
     return place(comps, device, dtype)
 
 

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .memory import auto_vae_tile, vae_windows_per_batch
+
 log = logging.getLogger(__name__)
 
 LATENT_SCALE = 8  # SD VAEs: 3 downsamples
@@ -290,8 +292,6 @@ class TiledVAE:
         """Tile core side (image px) for an image, or None when it is decoded untiled."""
         tile = self.tile
         if tile is None:
-            from .memory import auto_vae_tile
-
             tile = auto_vae_tile(
                 self.vae.config, self._dtype(), self._device(), height, width, self.memory_budget, self.halo
             )
@@ -312,8 +312,6 @@ class TiledVAE:
         want_px = max(SAMPLE_MIN_PIXELS, core_px * SAMPLE_FRACTION)
         take = min(len(windows), max(1, math.ceil(want_px / (core_px / len(windows)))))
         chosen = [windows[i] for i in _spread(len(windows), take)]
-        from .memory import vae_windows_per_batch
-
         fit = vae_windows_per_batch(self.vae.config, self._dtype(), self._device(), win_px, self.memory_budget)
         per_batch = max(1, min(MAX_WINDOWS_PER_BATCH, fit))
         count = math.ceil(len(chosen) / per_batch)
