@@ -170,15 +170,14 @@ def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict
             raise JobFileError(f"{file.name}: unknown top-level key(s) {unknown}; expected 'defaults' and 'jobs'")
         defaults = data.get("defaults") or {}
         jobs = data.get("jobs")
-        jobs_node = next((v for k, v in root.value if getattr(k, "value", None) == "jobs"), None)
+        jobs_node = next((v for k, v in getattr(root, "value", []) if getattr(k, "value", None) == "jobs"), None)
     else:
         jobs = data
     if jobs is None:
         jobs = []
     if not isinstance(jobs, list):
         raise JobFileError(f"{file.name}: expected a list of jobs (or {{defaults: ..., jobs: [...]}})")
-    is_list = isinstance(jobs_node, yaml.SequenceNode)
-    lines = [item.start_mark.line + 1 for item in jobs_node.value] if is_list else []
+    lines = [item.start_mark.line + 1 for item in jobs_node.value] if isinstance(jobs_node, yaml.SequenceNode) else []
     rows = []
     for i, item in enumerate(jobs):
         where = f"{file.name} job {i + 1} (line {lines[i] if i < len(lines) else '?'})"
