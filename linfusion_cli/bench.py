@@ -9,6 +9,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -111,24 +112,23 @@ def bench_unet(
 ) -> dict[str, Any]:
     """One UNet step (batch 2) per size, LinFusion vs ordinary attention, time and peak memory."""
     comps = build_random(arch, device=device, dtype=dtype)
-    ladder = memory.settings_ladder()
-    budget = memory.device_budget(device, None)
-    weights = memory.module_bytes(comps.unet)
+    planner = memory.MemoryPlanner.for_job(
+        low_vram=False,
+        max_vram=None,
+        guidance=2.0,  # bench compares attention at batch 2: at most feed-forward chunking
+        device=device,
+        top_width=comps.unet.config["block_out_channels"][0],
+        dtype=dtype,
+        weights=memory.module_bytes(comps.unet),
+    )
+    planner = replace(planner, ladder=planner.ladder[:2])
     results = []
     last_sdpa: tuple[int, float] | None = None
     patch = None
     for text in sizes or DEFAULT_UNET_SIZES[arch]:
         width, height = parse_size(text)
         tokens = (width // 8) * (height // 8)
-        settings, _ = memory.choose_settings(
-            ladder[:2],  # bench compares attention at batch 2: at most feed-forward chunking
-            budget,
-            width=width,
-            height=height,
-            top_width=comps.unet.config["block_out_channels"][0],
-            dtype_bytes=torch.finfo(dtype).bits // 8,
-            weights=weights,
-        )
+        settings = planner.choose(width, height).settings
         row: dict[str, Any] = {"size": f"{width}x{height}", "tokens": tokens, "memory": settings.name}
         inputs = _unet_inputs(comps, width, height, device, dtype)
         for mode in modes:

@@ -20,7 +20,23 @@ MIN_SIDE = 64
 SIZE_MULTIPLE = 8  # the VAE's downscale: latents must have whole pixels
 DEFAULT_SIZE = 2048
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++2m", "dpm++2m-karras", "unipc")
+# Sampler name -> (diffusers scheduler class, config overrides). Data, not an if-chain; the names are what
+# --scheduler and job files accept.
+SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SCHEDULERS = tuple(SCHEDULER_TABLE)
 FORMATS = ("png", "jpeg", "tiff", "webp")
 FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65535}
 FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp"}

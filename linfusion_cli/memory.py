@@ -262,13 +262,65 @@ def estimate_unet_peak(
     return int(weights + tokens * per_token * batch * scale)
 
 
-def choose_settings(ladder: list[MemorySettings], budget: int, **estimate: Any) -> tuple[MemorySettings, int]:
-    """The fastest settings whose estimate fits `budget` (else the most frugal), with that estimate."""
-    for settings in ladder:
-        need = estimate_unet_peak(settings, **estimate)
-        if need <= budget:
-            return settings, need
-    return ladder[-1], estimate_unet_peak(ladder[-1], **estimate)
+@dataclass(frozen=True)
+class MemoryChoice:
+    """The settings picked for one stage: the fastest that fit, else the most frugal (`fits` then False)."""
+
+    settings: MemorySettings
+    level: int  # index in the ladder, for the out-of-memory fallback
+    estimate: int  # expected peak bytes
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate <= self.budget
+
+
+@dataclass(frozen=True)
+class MemoryPlanner:
+    """Picks each stage's memory settings for one job; the engine and `plan` both ask it, so they agree."""
+
+    ladder: list[MemorySettings]
+    budget: int
+    top_width: int  # channels at the UNet's top level
+    dtype_bytes: int
+    weights: int  # bytes of the model's weights on the device
+    guidance: bool
+
+    @classmethod
+    def for_job(
+        cls,
+        *,
+        low_vram: bool,
+        max_vram: float | None,
+        guidance: float,
+        device: torch.device,
+        top_width: int,
+        dtype: torch.dtype,
+        weights: int,
+    ) -> MemoryPlanner:
+        return cls(
+            settings_ladder(low_vram, max_vram),
+            device_budget(device, max_vram),
+            top_width,
+            torch.finfo(dtype).bits // 8,
+            weights,
+            guidance > 1.0,
+        )
+
+    def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
+        return estimate_unet_peak(
+            settings, width, height, self.top_width, self.dtype_bytes, self.weights, guidance=self.guidance
+        )
+
+    def choose(self, width: int, height: int) -> MemoryChoice:
+        """The fastest settings whose estimate fits the budget, else the most frugal."""
+        for level, settings in enumerate(self.ladder):
+            need = self.estimate(settings, width, height)
+            if need <= self.budget:
+                return MemoryChoice(settings, level, need, self.budget)
+        last = len(self.ladder) - 1
+        return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], width, height), self.budget)
 
 
 def apply_settings(unet: nn.Module, settings: MemorySettings) -> None:

@@ -7,6 +7,7 @@ comes back, as uint8, tile by tile. Progress goes out as events; nothing here pr
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .models import Components, load_components
 from .patching import LinFusionPatch, apply_linfusion
 from .planning import Plan, StagePlan
 from .sampling import StageInputs, denoise, initial_noise, make_scheduler, stage_timesteps
-from .text import encode_prompt
+from .text import Conditioning, encode_prompt
 from .vae import LATENT_SCALE, TiledVAE, to_uint8
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ class StageRecord:
 @dataclass
 class GenerateResult:
     image: np.ndarray  # (H, W, 3) uint8
-    seed: int
     stages: list[StageRecord]
     seconds: float
     stage_images: list[tuple[StagePlan, np.ndarray]] = field(default_factory=list)
@@ -77,15 +77,14 @@ class Engine:
         patch: LinFusionPatch | None,
         device: torch.device,
         dtype: torch.dtype,
-        linfusion: str,
         load_seconds: float,
     ) -> None:
         self.comps = comps
         self.patch = patch
         self.device = device
         self.dtype = dtype
-        self.linfusion = linfusion
         self.load_seconds = load_seconds
+        self._fp32_vae_copy: torch.nn.Module | None = None
 
     @classmethod
     def load(
@@ -142,7 +141,7 @@ class Engine:
             )
         else:
             events(Note("info", "LinFusion off: ordinary attention (quadratic in pixels)"))
-        return cls(comps, patch, device, dtype, linfusion, time.perf_counter() - start)
+        return cls(comps, patch, device, dtype, time.perf_counter() - start)
 
     @property
     def linfusion_source(self) -> str:
@@ -161,168 +160,195 @@ class Engine:
         keep_stages: bool = False,
     ) -> GenerateResult:
         """Run every stage of `plan` for one job and return the final image as uint8."""
-        cancel = cancel or CancelToken()
         start = time.perf_counter()
-        comps, device = self.comps, self.device
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
-
-        # 1. Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory
-        #    while the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16).
-        memory.place_text_encoders(comps.text_encoders, device, on_device=True)
-        cond = encode_prompt(comps, job.prompt, job.negative, job.guidance, device)
-        if job.low_vram:
-            memory.place_text_encoders(comps.text_encoders, device, on_device=False)
-        for warning in cond.warnings:
-            events(Note("warning", warning))
-
-        vae_tiler = TiledVAE(comps.vae, tile=job.vae_tile)
-        image: torch.Tensor | None = (
-            None if init_image is None else _to_device_image(init_image, device, self._vae_dtype())
-        )
+        cond = self._conditioning(job, events)
+        run = _JobRun(job, plan, seed, cond, self.memory_planner(job), events, cancel or CancelToken())
+        image = None if init_image is None else _to_device_image(init_image, self.device, self._vae_dtype())
         records: list[StageRecord] = []
         stage_images: list[tuple[StagePlan, np.ndarray]] = []
         final: np.ndarray | None = None
-        ladder = memory.settings_ladder(job.low_vram, job.max_vram)
-        budget = memory.device_budget(device, job.max_vram)
-        weights = memory.module_bytes(comps.unet, comps.vae, *comps.text_encoders)
         for stage in plan.stages:
-            cancel.check()
-            last = stage is plan.stages[-1]
-            chosen, _ = memory.choose_settings(
-                ladder,
-                budget,
-                width=stage.width,
-                height=stage.height,
-                top_width=int(comps.unet.config["block_out_channels"][0]),
-                dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                weights=weights,
-                guidance=job.guidance > 1.0,
-            )
-            level, retried = ladder.index(chosen), None
-            while True:
-                settings = ladder[level]
-                events(
-                    StageStarted(
-                        stage.index,
-                        len(plan.stages),
-                        stage.kind,
-                        stage.size_text,
-                        stage.steps,
-                        stage.strength,
-                        settings.as_dict(),
-                    )
-                )
-                try:
-                    with Meter(device) as meter:
-                        memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
-                        image, out = self._run_stage(
-                            stage, plan, job, seed, cond, image, vae_tiler, settings, last, events, cancel
-                        )
-                    break
-                except torch.OutOfMemoryError as exc:
-                    memory.free_cached(device)
-                    if retried is not None or level + 1 >= len(ladder):
-                        raise OutOfMemoryError(
-                            f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory even with the "
-                            f"most frugal settings ({settings.describe()}); try --low-vram, a smaller --size, or "
-                            "a GPU with more memory"
-                        ) from exc
-                    level = len(ladder) - 1 if job.low_vram else level + 1
-                    retried = f"out of memory with {settings.describe()}; retried with {ladder[level].describe()}"
-                    events(Note("warning", f"stage {stage.index + 1}: {retried}"))
+            run.cancel.check()
+            image, out, record = self._stage_with_fallback(run, stage, image)
+            records.append(record)
             if out is not None:
                 final = out
-            if keep_stages and not last and image is not None:
+            elif keep_stages and image is not None:
                 stage_images.append((stage, to_uint8(image)[0].permute(1, 2, 0).cpu().numpy()))
-            record = StageRecord(
-                stage.index,
-                stage.kind,
-                stage.size_text,
-                stage.strength,
-                stage.steps,
-                meter.usage.seconds,
-                meter.usage.as_dict(),
-                settings.as_dict(),
-                retried,
-            )
-            records.append(record)
-            events(StageFinished(stage.index, meter.usage.seconds, meter.usage.as_dict()))
-        assert final is not None
-        if vae_tiler.fp32_retries:
+        if final is None:  # the last stage always decodes to uint8; an empty plan is a planner bug
+            raise RuntimeError("the plan has no stages")
+        if run.fp32_retries:
             events(
                 Note(
                     "warning",
-                    f"VAE overflowed in {self._vae_dtype()} {vae_tiler.fp32_retries} time(s); "
+                    f"VAE overflowed in {self._vae_dtype()} {run.fp32_retries} time(s); "
                     "those tiles were redone in fp32",
                 )
             )
         _check_image(final)
-        return GenerateResult(final, seed, records, time.perf_counter() - start, stage_images, cond.warnings)
+        return GenerateResult(final, records, time.perf_counter() - start, stage_images, run.cond.warnings)
+
+    def memory_planner(self, job: JobSpec) -> memory.MemoryPlanner:
+        """The memory settings chooser for a job on this engine (`plan` builds the same from the family)."""
+        return memory.MemoryPlanner.for_job(
+            low_vram=job.low_vram,
+            max_vram=job.max_vram,
+            guidance=job.guidance,
+            device=self.device,
+            top_width=int(self.comps.unet.config["block_out_channels"][0]),
+            dtype=self.dtype,
+            weights=memory.module_bytes(self.comps.unet, self.comps.vae, *self.comps.text_encoders),
+        )
+
+    def _conditioning(self, job: JobSpec, events: EventSink) -> Conditioning:
+        """Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory while
+        the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16)."""
+        encoders = self.comps.text_encoders
+        memory.place_text_encoders(encoders, self.device, on_device=True)
+        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device)
+        if job.low_vram:
+            memory.place_text_encoders(encoders, self.device, on_device=False)
+        for warning in cond.warnings:
+            events(Note("warning", warning))
+        return cond
+
+    def _stage_with_fallback(
+        self, run: _JobRun, stage: StagePlan, image: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, np.ndarray | None, StageRecord]:
+        """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
+        with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage."""
+        ladder, level, retried = run.planner.ladder, run.planner.choose(stage.width, stage.height).level, None
+        while True:
+            settings = ladder[level]
+            run.events(
+                StageStarted(
+                    stage.index,
+                    len(run.plan.stages),
+                    stage.kind,
+                    stage.size_text,
+                    stage.steps,
+                    stage.strength,
+                    settings.as_dict(),
+                )
+            )
+            try:
+                with Meter(self.device) as meter:
+                    memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
+                    image, out = self._run_stage(run, stage, image, settings)
+                break
+            except torch.OutOfMemoryError as exc:
+                memory.free_cached(self.device)
+                if retried is not None or level + 1 >= len(ladder):
+                    raise OutOfMemoryError(
+                        f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory even with the "
+                        f"most frugal settings ({settings.describe()}); try --low-vram, a smaller --size, or "
+                        "a GPU with more memory"
+                    ) from exc
+                level += 1
+                retried = f"out of memory with {settings.describe()}; retried with {ladder[level].describe()}"
+                run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
+        usage = meter.usage
+        run.events(StageFinished(stage.index, usage.seconds, usage.as_dict()))
+        record = StageRecord(
+            stage.index,
+            stage.kind,
+            stage.size_text,
+            stage.strength,
+            stage.steps,
+            usage.seconds,
+            usage.as_dict(),
+            settings.as_dict(),
+            retried,
+        )
+        return image, out, record
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.comps.vae.parameters()).dtype
 
-    def _run_stage(
-        self,
-        stage: StagePlan,
-        plan: Plan,
-        job: JobSpec,
-        seed: int,
-        cond: Any,
-        image: torch.Tensor | None,
-        vae_tiler: TiledVAE,
-        settings: memory.MemorySettings,
-        last: bool,
-        events: EventSink,
-        cancel: CancelToken,
-    ) -> tuple[torch.Tensor | None, np.ndarray | None]:
-        comps, device = self.comps, self.device
-        memory.apply_settings(comps.unet, settings)
-        vae_tiler.tile = settings.vae_tile or job.vae_tile
-        vae_tiler.memory_budget = settings.vae_budget
+    def _fp32_vae(self) -> torch.nn.Module:
+        """One fp32 copy of the VAE for tiles that overflow in half precision, made on first need."""
+        if self._fp32_vae_copy is None:
+            self._fp32_vae_copy = copy.deepcopy(self.comps.vae).float()
+        return self._fp32_vae_copy
+
+    def _tiler(self, run: _JobRun, stage: StagePlan, settings: memory.MemorySettings) -> TiledVAE:
+        """This stage's tiled VAE: its tile size and memory budget, progress as TilesDone events."""
 
         def on_tile(kind: str, done: int, total: int) -> None:
-            cancel.check()
-            events(TilesDone(stage.index, kind, done, total))
+            run.cancel.check()
+            run.events(TilesDone(stage.index, kind, done, total))
 
-        vae_tiler.on_tile = on_tile
+        return TiledVAE(
+            self.comps.vae,
+            tile=settings.vae_tile or run.job.vae_tile,
+            on_tile=on_tile,
+            memory_budget=settings.vae_budget,
+            fp32_vae=self._fp32_vae,
+        )
+
+    def _run_stage(
+        self, run: _JobRun, stage: StagePlan, image: torch.Tensor | None, settings: memory.MemorySettings
+    ) -> tuple[torch.Tensor | None, np.ndarray | None]:
+        """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
+        for the next stage, or for the last stage the CPU uint8 image."""
+        comps, device, job, seed = self.comps, self.device, run.job, run.seed
+        memory.apply_settings(comps.unet, settings)
+        tiler = self._tiler(run, stage, settings)
         scheduler = make_scheduler(job.scheduler, comps.scheduler_config)
         latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
         generator = torch.Generator("cpu").manual_seed(seed + stage.index)
-
-        # 2. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
-        if stage.strength is None:
-            timesteps = stage_timesteps(scheduler, plan.schedule_steps, stage.steps, device, img2img=False)
-            latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
-        else:
-            assert image is not None
-            image = upscale(image, stage.width, stage.height)
-            latents = vae_tiler.encode(image).float()
-            del image
-            timesteps = stage_timesteps(scheduler, plan.schedule_steps, stage.steps, device, img2img=True)
-            if stage.steps > 0:
-                noise = initial_noise(latent_shape, seed + stage.index, device)
-                latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        try:
+            # 1. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
+            if stage.strength is None:
+                timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
+                latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
             else:
-                timesteps = timesteps[:0]
+                if image is None:
+                    raise RuntimeError(f"refine stage {stage.index} has no image to start from")
+                image = upscale(image, stage.width, stage.height)
+                latents = tiler.encode(image).float()
+                del image
+                timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=True)
+                if stage.steps > 0:
+                    noise = initial_noise(latent_shape, seed + stage.index, device)
+                    latents = scheduler.add_noise(latents, noise, timesteps[:1])
+                else:
+                    timesteps = timesteps[:0]
 
-        # 3. Denoise.
-        inputs = StageInputs(cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split)
+            # 2. Denoise.
+            inputs = StageInputs(run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split)
 
-        def on_step(step: int, total: int) -> None:
-            events(StepDone(stage.index, step, total))
-            cancel.check()
+            def on_step(step: int, total: int) -> None:
+                run.events(StepDone(stage.index, step, total))
+                run.cancel.check()
 
-        latents = denoise(comps.unet, scheduler, latents, timesteps, inputs, generator, on_step)
-        if not bool(torch.isfinite(latents).all()):
-            raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
+            latents = denoise(comps.unet, scheduler, latents, timesteps, inputs, generator, on_step)
+            if not bool(torch.isfinite(latents).all()):
+                raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
 
-        # 4. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last.
-        latents = latents.to(self._vae_dtype())
-        if last:
-            return None, vae_tiler.decode_to_uint8(latents).numpy()
-        return vae_tiler.decode(latents), None
+            # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last.
+            latents = latents.to(self._vae_dtype())
+            if stage is run.plan.stages[-1]:
+                return None, tiler.decode_to_uint8(latents).numpy()
+            return tiler.decode(latents), None
+        finally:
+            run.fp32_retries += tiler.fp32_retries
+
+
+@dataclass
+class _JobRun:
+    """What every stage of one job's run shares."""
+
+    job: JobSpec
+    plan: Plan
+    seed: int
+    cond: Conditioning
+    planner: memory.MemoryPlanner
+    events: EventSink
+    cancel: CancelToken
+    fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
 
 
 def upscale(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

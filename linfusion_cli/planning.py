@@ -33,10 +33,6 @@ class StagePlan:
         return "base" if self.strength is None else "refine"
 
     @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
-    @property
     def size_text(self) -> str:
         return f"{self.width}x{self.height}"
 

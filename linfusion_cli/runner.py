@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,13 @@ from .config import JobSpec, Target, check_format_fits, resolve_target
 from .errors import OutputError
 from .events import CancelToken, EventSink, Note, ignore
 from .output import OutputPaths, a1111_parameters, atomic_file, encode_image, output_stem, write_bytes_atomic
-from .planning import Plan, make_plan
+from .planning import Plan, StagePlan, make_plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from .families import Family
+    from .pipeline import Engine, GenerateResult
 
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
 
@@ -103,7 +109,7 @@ def prepare(
     return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes))
 
 
-def replan_for(engine: Any, prep: Prepared, options: RunOptions) -> Prepared:
+def replan_for(engine: Engine, prep: Prepared, options: RunOptions) -> Prepared:
     """Plans made before loading assume SD-1.x when the model's config was not local; once it is loaded,
     plan again if its native size differs. Names, seed and index stay as they were."""
     native = engine.comps.native_size
@@ -128,7 +134,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def build_metadata(prep: Prepared, engine: Any, result: Any, device_name: str) -> dict[str, Any]:
+def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, device_name: str) -> dict[str, Any]:
     """Everything needed to understand and replay the image (the sidecar and the PNG's JSON chunk)."""
     job = prep.job
     settings = job.settings()
@@ -153,7 +159,10 @@ def build_metadata(prep: Prepared, engine: Any, result: Any, device_name: str) -
 
 
 def save_outputs(
-    prep: Prepared, image: np.ndarray, meta: dict[str, Any], stage_images: list[tuple[Any, np.ndarray]] | None = None
+    prep: Prepared,
+    image: np.ndarray,
+    meta: dict[str, Any],
+    stage_images: list[tuple[StagePlan, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Write the image (atomically, with metadata), stage images if any, then the sidecar, last."""
     paths = prep.paths
@@ -182,7 +191,7 @@ def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
 
 
 def run_one(
-    engine: Any,
+    engine: Engine,
     prep: Prepared,
     options: RunOptions,
     *,
@@ -197,14 +206,14 @@ def run_one(
 
 
 def generate_one(
-    engine: Any,
+    engine: Engine,
     prep: Prepared,
     options: RunOptions,
     *,
     events: EventSink = ignore,
     cancel: CancelToken | None = None,
     init_image: np.ndarray | None = None,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[GenerateResult, dict[str, Any]]:
     """Generate one prepared job (nothing written yet): the result and its metadata."""
     result = engine.generate(
         prep.job,
@@ -218,7 +227,7 @@ def generate_one(
     return result, build_metadata(prep, engine, result, describe_device(engine.device))
 
 
-def describe_device(device: Any) -> str:
+def describe_device(device: torch.device) -> str:
     import torch
 
     if device.type == "cuda":
@@ -231,7 +240,7 @@ def describe_device(device: Any) -> str:
 
 def plan_for(
     job: JobSpec, options: RunOptions, *, seed: int, index: int | None = None, input_size: tuple[int, int] | None = None
-) -> tuple[Prepared, Any]:
+) -> tuple[Prepared, Family | None]:
     """Plan a job from the model's config alone (no weights loaded). Returns (prepared, family or None)."""
     from .families import peek_family
 
@@ -244,7 +253,9 @@ def plan_for(
     return prep, family
 
 
-def plan_summary(prep: Prepared, family: Any, device_name: str = "auto", dtype_name: str = "auto") -> dict[str, Any]:
+def plan_summary(
+    prep: Prepared, family: Family | None, device_name: str = "auto", dtype_name: str = "auto"
+) -> dict[str, Any]:
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device."""
     from . import memory
     from .archs import ARCHS
@@ -253,22 +264,21 @@ def plan_summary(prep: Prepared, family: Any, device_name: str = "auto", dtype_n
     dtype = memory.resolve_dtype(dtype_name, device)
     job = prep.job
     arch = ARCHS[family.arch if family else "sd15"]
-    weights = int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2))
-    budget = memory.device_budget(device, job.max_vram)
-    ladder = memory.settings_ladder(job.low_vram, job.max_vram)
+    planner = memory.MemoryPlanner.for_job(
+        low_vram=job.low_vram,
+        max_vram=job.max_vram,
+        guidance=job.guidance,
+        device=device,
+        top_width=arch.unet["block_out_channels"][0],
+        dtype=dtype,
+        weights=int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2)),
+    )
+    budget = planner.budget
     vae_dtype = memory.vae_dtype(arch.vae, dtype)
     stages = []
     for stage in prep.plan.stages:
-        settings, need = memory.choose_settings(
-            ladder,
-            budget,
-            width=stage.width,
-            height=stage.height,
-            top_width=arch.unet["block_out_channels"][0],
-            dtype_bytes=torch_bytes(dtype),
-            weights=weights,
-            guidance=job.guidance > 1.0,
-        )
+        choice = planner.choose(stage.width, stage.height)
+        settings, need = choice.settings, choice.estimate
         tile = job.vae_tile or memory.auto_vae_tile(
             arch.vae, vae_dtype, device, stage.height, stage.width, settings.vae_budget
         )
@@ -305,7 +315,7 @@ def plan_summary(prep: Prepared, family: Any, device_name: str = "auto", dtype_n
     }
 
 
-def torch_bytes(dtype: Any) -> int:
+def torch_bytes(dtype: torch.dtype) -> int:
     import torch
 
     return torch.finfo(dtype).bits // 8

@@ -9,23 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import SCHEDULER_TABLE
 from .text import Conditioning
-
-# name -> (diffusers class, config overrides). Data, not an if-chain.
-SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "dpm++2m-karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:

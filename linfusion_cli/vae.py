@@ -223,6 +223,9 @@ class TiledVAE:
 
     tile: tile core side in image px (None: automatic from free memory, untiled when the image fits).
     overlap: halo (context) on each side of a core, image px (default 64).
+    memory_budget: bytes the VAE may use when choosing automatic tiles and statistics batches.
+    fp32_vae: returns an fp32 copy of the VAE for tiles that overflow in half precision (default: a deep copy
+    made on first need); an engine that builds a tiler per stage passes one shared copy.
     `encode` takes images (B, 3, H, W) in [-1, 1] and returns scaled latents; `decode` is its inverse.
     """
 
@@ -233,6 +236,7 @@ class TiledVAE:
         overlap: int | None = None,
         on_tile: TileCallback | None = None,
         memory_budget: int | None = None,
+        fp32_vae: Callable[[], Any] | None = None,
     ) -> None:
         self.vae = vae
         self.tile = tile
@@ -244,6 +248,7 @@ class TiledVAE:
         self.on_tile = on_tile
         self.memory_budget = memory_budget
         self.fp32_retries = 0
+        self._fp32_source = fp32_vae
         self._fp32: Any = None
 
     # public API --------------------------------------------------------------------------------------------
@@ -330,7 +335,7 @@ class TiledVAE:
 
     def _fp32_vae(self) -> Any:
         if self._fp32 is None:
-            self._fp32 = copy.deepcopy(self.vae).float()
+            self._fp32 = self._fp32_source() if self._fp32_source else copy.deepcopy(self.vae).float()
         return self._fp32
 
     def _progress(self, kind: str, done: int, total: int) -> None:

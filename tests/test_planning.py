@@ -70,3 +70,23 @@ def test_upscale_plan_starts_from_the_input() -> None:
     assert sizes(plan) == ["1400x1000", "2800x2000", "4096x2928"]
     with pytest.raises(UsageError, match="smaller than the input"):
         make_plan(resolve_target(512, "1:1"), native=512, input_size=(700, 700))
+
+
+def test_plan_and_engine_choose_the_same_memory_settings() -> None:
+    """`plan` and the engine ask one MemoryPlanner: the settings a plan shows are the ones a run starts with."""
+    import torch
+
+    from linfusion_cli.jobs import resolve_job
+    from linfusion_cli.models import build_random
+    from linfusion_cli.pipeline import Engine
+    from linfusion_cli.runner import RunOptions, plan_for, plan_summary
+
+    job = resolve_job({"prompt": "p", "model": "tiny", "size": 4096, "max_vram": 0.75})
+    prep, family = plan_for(job, RunOptions(), seed=1)
+    shown = [s["memory"] for s in plan_summary(prep, family, "cpu", "fp32")["stages"]]
+    engine = Engine.from_components(build_random("tiny"), "none", torch.device("cpu"), torch.float32)
+    planner = engine.memory_planner(job)
+    used = [planner.choose(s.width, s.height).settings.name for s in prep.plan.stages]
+    assert shown == used
+    assert shown[0] == "fast" and shown[-1] == "split"  # the budget really binds at 4096 px
+    assert not planner.choose(16384, 16384).fits
