@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import JobSpec
+from .config import JobSpec, plural
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, JobFileError, LinFusionError, UsageError
 from .events import CancelToken, EventSink, Note, ignore
 from .jobs import read_job_file, resolve_job
@@ -223,7 +223,7 @@ def run_batch(
     options = replace(options, device=local_rank_device(options.device))
     prepared = plan_batch(path, flags, options, base_seed)
     mine = [p for p in prepared if shard.holds(p.index or 0)]
-    events(Note("info", f"{shard.describe()}: {len(mine)} of {len(prepared)} jobs"))
+    events(Note("info", f"{shard.describe()}: {len(mine)} of {plural(len(prepared), 'job')}"))
     summary = BatchSummary(shard, len(mine))
     prepare_folder(options.out)
     clean_stale_temps(options.out)
@@ -244,7 +244,9 @@ def run_batch(
         else:
             todo.append(prep)
     if len(todo) < len(mine):
-        events(Note("info", f"{len(mine) - len(todo)} job(s) already finished: skipped (--overwrite redoes them)"))
+        events(
+            Note("info", f"{plural(len(mine) - len(todo), 'job')} already finished: skipped (--overwrite redoes them)")
+        )
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)

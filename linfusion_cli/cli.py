@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from .cli_bench import bench_app
 from .cli_common import (
+    DEVICE_PANEL,
+    FLAG,
+    OUTPUT_PANEL,
+    PROMPT_PANEL,
+    SAMPLER_PANEL,
+    SIZE_PANEL,
     AllowPickleOpt,
     AspectOpt,
     BaseSizeOpt,
+    Command,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
+    Group,
     GuidanceOpt,
     HeightOpt,
     JsonOpt,
@@ -40,72 +48,123 @@ from .cli_common import (
     VaeOpt,
     VaeTileOpt,
     WidthOpt,
+    base_seed_flag,
     boundary,
     check_device_flags,
     emit_json,
     job_flags,
     output_mode,
     render_plan,
+    render_table,
     setup_logging,
     show_version,
     stderr,
 )
 from .errors import EXIT_SIGINT
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .config import JobSpec
+    from .runner import RunOptions
+
 app = typer.Typer(
     name="linfusion",
+    cls=Group,
     help="Ultra-high-resolution Stable Diffusion (4K-16K+) on one GPU with LinFusion linear attention.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-presets_app = typer.Typer(help="List and show presets.", no_args_is_help=True)
+presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
+
+GENERATE_EXAMPLES = """[bold]Examples[/]
+  linfusion generate "a lighthouse at dusk" --size 16k --aspect 2:1
+  linfusion generate "(castle:1.3) on a cliff, mist" --preset sd15-16k --seed 42
+  [dim]# on a 24 GB card:[/]
+  linfusion generate "a forest" --size 8k --low-vram --format jpg
+  [dim]# the plan only, no model loaded:[/]
+  linfusion generate "a city" --size 4096x2048 --dry-run
+  [dim]# offline smoke test (random weights, seconds on a CPU):[/]
+  linfusion generate "a red fox" --model tiny --size 1024"""
+PLAN_EXAMPLES = """[bold]Examples[/]
+  linfusion plan --size 16k --aspect 2:1
+  linfusion plan --preset sdxl-16k --max-vram 24
+  linfusion plan --size 8k --json | jq '.stages[].memory'"""
+UPSCALE_EXAMPLES = """[bold]Examples[/]
+  linfusion upscale photo.jpg --size 8k
+  linfusion upscale render.png --size 16k --prompt "a mountain village" --strength 0.3
+  linfusion upscale scan.tif --width 12000 --format tif"""
+BATCH_EXAMPLES = """[bold]Examples[/]
+  linfusion batch prompts.txt --size 4k --seed 1000
+  linfusion batch prompts.yaml --preset sd15-16k --out renders --json > renders.jsonl
+  [dim]# this machine takes jobs 0, 4, 8...:[/]
+  linfusion batch prompts.csv --shard 0/4"""
 
 
 @app.callback()
 def _main(
     version: Annotated[
-        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Show the version.")
+        bool,
+        typer.Option(
+            "--version",
+            callback=show_version,
+            is_eager=True,
+            help="Show the version, with torch, diffusers, CUDA and the device.",
+            **FLAG,
+        ),
     ] = False,
 ) -> None:
     """Ultra-high-resolution Stable Diffusion (4K-16K+) on one GPU with LinFusion linear attention."""
 
 
-@app.command()
+@app.command(cls=Command, epilog=GENERATE_EXAMPLES)
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    prompt: Annotated[
+        str,
+        typer.Argument(
+            metavar="PROMPT",
+            help="What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word.",
+            show_default=False,
+            rich_help_panel=PROMPT_PANEL,
+        ),
+    ],
+    negative: NegativeOpt = None,
+    preset: PresetOpt = None,
     size: SizeOpt = None,
     aspect: AspectOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
+    strengths: StrengthsOpt = None,
+    base_size: BaseSizeOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None,
+    seed: SeedOpt = None,
     model: ModelOpt = None,
     linfusion: LinOpt = None,
     vae: VaeOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    negative: NegativeOpt = None,
-    seed: SeedOpt = None,
-    scheduler: SchedulerOpt = None,
-    strengths: StrengthsOpt = None,
-    base_size: BaseSizeOpt = None,
-    preset: PresetOpt = None,
-    format: FormatOpt = None,
-    name: NameOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     vae_tile: VaeTileOpt = None,
     low_vram: LowVramOpt = None,
     max_vram: MaxVramOpt = None,
     out: OutOpt = Path("outputs"),
+    format: FormatOpt = None,
+    name: NameOpt = None,
     overwrite: OverwriteOpt = False,
     save_stages: SaveStagesOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    dry_run: Annotated[bool, typer.Option(help="Print the stage plan and exit; loads no model.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the stage plan and exit; loads no model.", rich_help_panel=OUTPUT_PANEL, **FLAG
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
     from .jobs import resolve_job
@@ -114,7 +173,29 @@ def generate(
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(locals())
+        flags = job_flags(
+            prompt=prompt,
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            name=name,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
         job = resolve_job(flags)
         check_device_flags(device, dtype)
         options = RunOptions(
@@ -124,7 +205,14 @@ def generate(
 
 
 def _run_and_render(
-    job: Any, options: Any, mode: str, json_out: bool, *, dry_run: bool = False, init_image: Any = None, title: str = ""
+    job: JobSpec,
+    options: RunOptions,
+    mode: str,
+    json_out: bool,
+    *,
+    dry_run: bool = False,
+    init_image: np.ndarray | None = None,
+    title: str = "",
 ) -> None:
     """Run one job with progress on stderr (SIGINT/SIGTERM stop it at a safe point), then the table/JSON."""
     from .events import CancelToken
@@ -139,17 +227,26 @@ def _run_and_render(
     finally:
         restore()
     if dry_run:
-        render_plan(report["plan"], json_out, mode)
+        render_plan(report["plan"], json_out)
         return
     if mode != "quiet":
-        stderr.print(stage_table(report, title=f"{title}{report['width']}x{report['height']} -> {report['path']}"))
+        render_table(
+            stage_table(report, title=f"{title}{report['width']}x{report['height']} -> {report['path']}"), mode
+        )
     if json_out:
         emit_json(report)
 
 
-@app.command()
+@app.command(cls=Command, epilog=PLAN_EXAMPLES)
 def plan(
-    prompt: Annotated[str, typer.Argument(help="The prompt (only used for the output name).")] = "plan",
+    prompt: Annotated[
+        str,
+        typer.Argument(
+            metavar="PROMPT",
+            help="The prompt, if you have one: with --seed the plan also shows the output file name.",
+            show_default=False,
+        ),
+    ] = "",
     size: SizeOpt = None,
     aspect: AspectOpt = None,
     width: WidthOpt = None,
@@ -163,6 +260,7 @@ def plan(
     base_size: BaseSizeOpt = None,
     preset: PresetOpt = None,
     format: FormatOpt = None,
+    name: NameOpt = None,
     vae_tile: VaeTileOpt = None,
     low_vram: LowVramOpt = None,
     max_vram: MaxVramOpt = None,
@@ -171,22 +269,47 @@ def plan(
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model."""
+    """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model. On stdout."""
     from .jobs import resolve_job
     from .runner import RunOptions, pick_seed, plan_for, plan_summary
 
+    setup_logging(output_mode(False))
     with boundary():
-        flags = job_flags(locals())
-        job = resolve_job(flags)
+        flags = job_flags(
+            prompt=prompt,
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            name=name,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        job = resolve_job(flags, require_prompt=False)
         check_device_flags(device, dtype)
         prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
-        render_plan(plan_summary(prep, family, device, dtype), json_out, "plain")
+        render_plan(plan_summary(prep, family, device, dtype), json_out)
 
 
-@app.command()
+@app.command(cls=Command, epilog=UPSCALE_EXAMPLES)
 def upscale(
     image: Annotated[
-        Path, typer.Argument(help="Your image: PNG, JPEG, WebP, TIFF, BMP... any mode (alpha over white).")
+        Path,
+        typer.Argument(
+            metavar="IMAGE",
+            help="Your image: PNG, JPEG, WebP, TIFF, BMP... any mode (alpha over white).",
+            show_default=False,
+        ),
     ],
     size: SizeOpt = None,
     width: WidthOpt = None,
@@ -195,12 +318,16 @@ def upscale(
         str,
         typer.Option(
             help="What the image shows. Optional: with one, the refine stages add detail that fits it; "
-            "without, generic texture."
+            "without, generic texture.",
+            rich_help_panel=PROMPT_PANEL,
         ),
     ] = "",
     strength: Annotated[
         float | None,
-        typer.Option(help="The first refine stage's strength; later stages fall to 0.1 \\[default: 0.4]."),
+        typer.Option(
+            help="The first refine stage's strength; later stages fall to 0.1 \\[default: 0.4].",
+            rich_help_panel=SIZE_PANEL,
+        ),
     ] = None,
     model: ModelOpt = None,
     linfusion: LinOpt = None,
@@ -235,7 +362,29 @@ def upscale(
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(locals(), image=str(image))
+        flags = job_flags(
+            image=str(image),
+            prompt=prompt,
+            strength=strength,
+            size=size,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            seed=seed,
+            scheduler=scheduler,
+            strengths=strengths,
+            preset=preset,
+            format=format,
+            name=name,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
         job = resolve_job(flags, require_prompt=False)
         check_device_flags(device, dtype)
         pixels = load_rgb(image, max_input_pixels)
@@ -251,9 +400,14 @@ def upscale(
         _run_and_render(job, options, mode, json_out, init_image=pixels, title="upscaled: ")
 
 
-@app.command()
+@app.command(cls=Command, epilog=BATCH_EXAMPLES)
 def batch(
-    file: Annotated[Path, typer.Argument(help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.", show_default=False
+        ),
+    ],
     size: SizeOpt = None,
     aspect: AspectOpt = None,
     width: WidthOpt = None,
@@ -273,22 +427,36 @@ def batch(
     low_vram: LowVramOpt = None,
     max_vram: MaxVramOpt = None,
     seed: Annotated[
-        int | None, typer.Option(help="Base seed: a job without its own seed gets BASE + its index [default: random].")
+        int | None,
+        typer.Option(
+            help="Base seed: a job without its own seed gets BASE + its index; -1 means random \\[default: random].",
+            rich_help_panel=SAMPLER_PANEL,
+        ),
     ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
-            help="Run jobs whose index mod N is K, as K/N [default: from SLURM_ARRAY_TASK_* or torchrun's RANK/WORLD_SIZE]."
+            metavar="K/N",
+            help="Run the jobs whose index mod N is K \\[default: from SLURM_ARRAY_TASK_* or torchrun's "
+            "RANK/WORLD_SIZE].",
+            rich_help_panel=DEVICE_PANEL,
         ),
     ] = None,
-    fail_fast: Annotated[bool, typer.Option(help="Stop at the first failed job.")] = False,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+    ] = False,
     out: OutOpt = Path("outputs"),
-    overwrite: Annotated[bool, typer.Option(help="Redo jobs whose outputs exist.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo jobs whose outputs exist.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+    ] = False,
     save_stages: SaveStagesOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON line per finished or skipped job on stdout.")
+        bool,
+        typer.Option(
+            "--json", help="One JSON line per finished or skipped job on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG
+        ),
     ] = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -302,7 +470,27 @@ def batch(
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(locals(), exclude=("seed",))  # --seed is the base seed here
+        flags = job_flags(  # no seed: --seed is the base seed here
+            size=size,
+            aspect=aspect,
+            width=width,
+            height=height,
+            model=model,
+            linfusion=linfusion,
+            vae=vae,
+            steps=steps,
+            guidance=guidance,
+            negative=negative,
+            scheduler=scheduler,
+            strengths=strengths,
+            base_size=base_size,
+            preset=preset,
+            format=format,
+            vae_tile=vae_tile,
+            low_vram=low_vram,
+            max_vram=max_vram,
+        )
+        base_seed = base_seed_flag(seed)
         check_device_flags(device, dtype)
         options = RunOptions(
             out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
@@ -315,7 +503,7 @@ def batch(
                     file,
                     flags,
                     options,
-                    base_seed=seed,
+                    base_seed=base_seed,
                     shard_flag=shard,
                     fail_fast=fail_fast,
                     events=reporter,
@@ -325,17 +513,25 @@ def batch(
         finally:
             restore()
         if mode != "quiet":
-            stderr.print(batch_table(summary))
+            render_table(batch_table(summary), mode)
         raise typer.Exit(summary.exit_code)
 
 
-@app.command()
+@app.command(cls=Command)
 def replay(
-    sidecar: Annotated[Path, typer.Argument(help="A sidecar .json that linfusion wrote next to an image.")],
+    sidecar: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SIDECAR", help="A sidecar .json that linfusion wrote next to an image.", show_default=False
+        ),
+    ],
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str | None, typer.Option(help="Precision [default: the one recorded in the sidecar].")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Precision \\[default: the one recorded in the sidecar].", rich_help_panel=DEVICE_PANEL),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -357,13 +553,16 @@ def replay(
         _run_and_render(job, options, mode, json_out, init_image=init_image, title="replayed: ")
 
 
-@app.command()
+@app.command(cls=Command)
 def info(
-    image: Annotated[Path, typer.Argument(help="An image linfusion (or AUTOMATIC1111) wrote.")],
+    image: Annotated[
+        Path,
+        typer.Argument(metavar="IMAGE", help="An image linfusion (or AUTOMATIC1111) wrote.", show_default=False),
+    ],
     json_out: JsonOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
-    """Print the generation parameters stored in an image."""
+    """Print the generation parameters stored in an image (on stdout)."""
     from .output import read_metadata
 
     with boundary():
@@ -371,14 +570,14 @@ def info(
         if json_out:
             emit_json(meta)
             return
-        stderr.print(f"{image}: {meta['format']} {meta['size']}", highlight=False)
+        typer.echo(f"{image}: {meta['format']} {meta['size']}")
         if meta["parameters"]:
             typer.echo(meta["parameters"])
         else:
-            stderr.print("no generation parameters found in this image", highlight=False)
+            typer.echo("no generation parameters found in this image")
 
 
-@presets_app.command("list")
+@presets_app.command("list", cls=Command)
 def presets_list() -> None:
     """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
     from rich.table import Table
@@ -394,8 +593,10 @@ def presets_list() -> None:
         Console(width=120).print(table)
 
 
-@presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML file.")]) -> None:
+@presets_app.command("show", cls=Command)
+def presets_show(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML file.", show_default=False)],
+) -> None:
     """Print a preset's description and settings (as YAML)."""
     import yaml
 

@@ -8,7 +8,10 @@ from typing import Annotated, Any
 import typer
 
 from .cli_common import (
+    FLAG,
     AspectOpt,
+    Command,
+    Group,
     LowVramOpt,
     MaxVramOpt,
     PresetOpt,
@@ -24,7 +27,9 @@ from .cli_common import (
     stderr,
 )
 
-bench_app = typer.Typer(help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True)
+bench_app = typer.Typer(
+    cls=Group, help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True
+)
 
 
 # --- bench --------------------------------------------------------------------------------------------------
@@ -57,16 +62,18 @@ def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
     return dev, resolve_dtype(dtype, dev)
 
 
-@bench_app.command("unet")
+@bench_app.command("unet", cls=Command)
 def bench_unet_cmd(
     arch: ArchOpt = "tiny",
     sizes: Annotated[
-        str | None, typer.Option(help="Comma-separated sizes, N or WxH [default: per architecture].")
+        str | None, typer.Option(help="Comma-separated sizes, N or WxH \\[default: per architecture].")
     ] = None,
     device: BenchDeviceOpt = "auto",
     dtype: BenchDtypeOpt = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (median).")] = 3,
-    sdpa: Annotated[bool, typer.Option(help="Also time ordinary attention (SDPA).")] = True,
+    sdpa: Annotated[
+        bool, typer.Option("--sdpa/--no-sdpa", help="Also time ordinary attention (SDPA).", metavar="")
+    ] = True,
 ) -> None:
     """Time one UNet step (batch 2, as with guidance) with LinFusion and with ordinary attention."""
     from .bench import bench_unet, parse_size
@@ -96,7 +103,7 @@ def bench_unet_cmd(
         emit_json(bench_unet(arch, size_list, dev, dt, repeats=repeats, modes=modes, on_result=show))
 
 
-@bench_app.command("attention")
+@bench_app.command("attention", cls=Command)
 def bench_attention_cmd(
     tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "4096,16384,65536",
     dim: Annotated[int, typer.Option(help="Channels (SD-1.5's top level: 320).")] = 320,
@@ -120,16 +127,23 @@ def bench_attention_cmd(
         emit_json(report)
 
 
-@bench_app.command("vae")
+@bench_app.command("vae", cls=Command)
 def bench_vae_cmd(
     arch: Annotated[str, typer.Option(help="VAE shape: sd15 (SD-1.x/2.x VAE), sdxl, tiny.")] = "sd15",
     sizes: Annotated[str, typer.Option(help="Comma-separated output sizes, N or WxH.")] = "2048,4096",
-    tile: Annotated[int | None, typer.Option(help="Tile side, px [default: automatic].")] = None,
-    fidelity: Annotated[bool, typer.Option(help="Instead: PSNR of tiled vs untiled at --fidelity-size.")] = False,
+    tile: Annotated[int | None, typer.Option(help="Tile side, px \\[default: automatic].")] = None,
+    fidelity: Annotated[
+        bool, typer.Option("--fidelity", help="Instead: PSNR of tiled vs untiled at --fidelity-size.", **FLAG)
+    ] = False,
     fidelity_size: Annotated[int, typer.Option(help="Output side for --fidelity (untiled must fit).")] = 768,
     fidelity_tile: Annotated[int, typer.Option(help="Tile side for --fidelity.")] = 256,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds for --fidelity.")] = "0",
-    diffusers: Annotated[bool, typer.Option(help="Also time diffusers' built-in tiling (1024 px tiles).")] = True,
+    diffusers: Annotated[
+        bool,
+        typer.Option(
+            "--diffusers/--no-diffusers", help="Also time diffusers' built-in tiling (1024 px tiles).", metavar=""
+        ),
+    ] = True,
     device: BenchDeviceOpt = "auto",
     dtype: BenchDtypeOpt = "auto",
     repeats: Annotated[int, typer.Option(min=1)] = 1,
@@ -167,11 +181,13 @@ def bench_vae_cmd(
         emit_json(report)
 
 
-@bench_app.command("png")
+@bench_app.command("png", cls=Command)
 def bench_png_cmd(
     size: Annotated[str, typer.Option(help="Image size, WxH.")] = "16384x8192",
     repeats: Annotated[int, typer.Option(min=1)] = 3,
-    pillow: Annotated[bool, typer.Option(help="Also time Pillow's fastest PNG level (slow).")] = True,
+    pillow: Annotated[
+        bool, typer.Option("--pillow/--no-pillow", help="Also time Pillow's fastest PNG level (slow).", metavar="")
+    ] = True,
 ) -> None:
     """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
     from .bench import bench_png, parse_size
@@ -192,7 +208,7 @@ def bench_png_cmd(
         emit_json(report)
 
 
-@bench_app.command("pipeline")
+@bench_app.command("pipeline", cls=Command)
 def bench_pipeline_cmd(
     arch: ArchOpt = "sd15",
     size: SizeOpt = None,
@@ -203,7 +219,9 @@ def bench_pipeline_cmd(
     low_vram: LowVramOpt = None,
     max_vram: MaxVramOpt = None,
     vae_tile: VaeTileOpt = None,
-    baseline: Annotated[bool, typer.Option(help="Also run the published recipe as its notebooks build it.")] = False,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="Also run the published recipe as its notebooks build it.", **FLAG)
+    ] = False,
     keep: Annotated[Path | None, typer.Option(help="Keep the output image in this folder.")] = None,
     device: BenchDeviceOpt = "auto",
     dtype: BenchDtypeOpt = "auto",
@@ -213,7 +231,16 @@ def bench_pipeline_cmd(
 
     with boundary():
         dev, dt = _bench_setup(arch, device, dtype)
-        flags = job_flags(locals())
+        flags = job_flags(
+            size=size,
+            aspect=aspect,
+            preset=preset,
+            steps=steps,
+            scheduler=scheduler,
+            low_vram=low_vram,
+            max_vram=max_vram,
+            vae_tile=vae_tile,
+        )
         report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
         stderr.print(
             f"{report['size']} ({arch}, {report['device']}): load {report['model_load_seconds']} s, "

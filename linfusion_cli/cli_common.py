@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -17,89 +18,263 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+# typer carries its own copy of click; its parse errors are these classes.
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .config import DEFAULT_MODEL, DEFAULT_SIZE, FORMATS, SCHEDULERS
-from .errors import EXIT_SIGINT, LinFusionError
+from .errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError
 
 # Farm logs are not terminals; rich would wrap them at 80 columns.
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
+# --- help panels: generate has ~30 options; a person looks for them by what they are about ----------------------
+PROMPT_PANEL = "Prompt"
+SIZE_PANEL = "Size and stages"
+SAMPLER_PANEL = "Sampler"
+MODEL_PANEL = "Model and adapters"
+MEMORY_PANEL = "Memory"
+OUTPUT_PANEL = "Output"
+DEVICE_PANEL = "Device"
+FLAG = {"metavar": "", "show_default": False}  # an on/off flag: no "<bool>" type, no "[default: False]"
+
 # --- options shared by generate / plan / batch / upscale ----------------------------------------------------
 SizeOpt = Annotated[
-    int | None, typer.Option("--size", "-s", help=f"Long side of the output, px \\[default: {DEFAULT_SIZE}].")
+    str | None,
+    typer.Option(
+        "--size",
+        "-s",
+        metavar="PX",
+        help=f"Long side of the output: 4096, 8k, 16K (x1024), or WxH like 4096x2048 \\[default: {DEFAULT_SIZE}].",
+        rich_help_panel=SIZE_PANEL,
+    ),
 ]
-AspectOpt = Annotated[str | None, typer.Option(help="Shape W:H, e.g. 16:9 \\[default: 1:1].")]
-WidthOpt = Annotated[int | None, typer.Option(help="Exact output width, px (instead of --size).")]
-HeightOpt = Annotated[int | None, typer.Option(help="Exact output height, px (instead of --size).")]
+AspectOpt = Annotated[
+    str | None, typer.Option(help="Shape W:H, e.g. 16:9 \\[default: 1:1].", rich_help_panel=SIZE_PANEL)
+]
+WidthOpt = Annotated[
+    int | None, typer.Option(help="Exact output width, px (instead of --size).", rich_help_panel=SIZE_PANEL)
+]
+HeightOpt = Annotated[
+    int | None, typer.Option(help="Exact output height, px (instead of --size).", rich_help_panel=SIZE_PANEL)
+]
+StrengthsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1].",
+        rich_help_panel=SIZE_PANEL,
+    ),
+]
+BaseSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PX",
+        help="Long side of the base stage, px \\[default: the model's native size].",
+        rich_help_panel=SIZE_PANEL,
+    ),
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
-        help=f"Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random weights) \\[default: {DEFAULT_MODEL}].",
+        help="Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random "
+        f"weights) \\[default: {DEFAULT_MODEL}].",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 LinOpt = Annotated[
     str | None,
     typer.Option(
-        help="LinFusion weights: auto (official for the model's family), none (ordinary attention), or a checkpoint folder / hub id \\[default: auto]."
+        help="LinFusion weights: auto (official for the model's family), none (ordinary attention), or a "
+        "checkpoint folder / hub id \\[default: auto].",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 VaeOpt = Annotated[
-    str | None, typer.Option(help="Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.")
-]
-StepsOpt = Annotated[
-    int | None, typer.Option(help="Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].")
-]
-GuidanceOpt = Annotated[
-    float | None, typer.Option("--guidance", "-g", help="Classifier-free guidance scale \\[default: 7.5].")
-]
-NegativeOpt = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed \\[default: random, always reported].")]
-SchedulerOpt = Annotated[str | None, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)} \\[default: ddim].")]
-StrengthsOpt = Annotated[
     str | None,
     typer.Option(
-        help="Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1]."
+        help="Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.", rich_help_panel=MODEL_PANEL
     ),
 ]
-BaseSizeOpt = Annotated[
-    int | None, typer.Option(help="Long side of the base stage, px \\[default: the model's native size].")
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Allow .ckpt/.bin pickle weights (loaded weights-only).",
+        rich_help_panel=MODEL_PANEL,
+        **FLAG,
+    ),
 ]
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help="Preset name (see `linfusion presets list`) or YAML file.")
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="A recipe of settings: a preset name (see `linfusion presets list`) or a YAML file.",
+        rich_help_panel=PROMPT_PANEL,
+    ),
 ]
-FormatOpt = Annotated[
-    str | None, typer.Option("--format", "-f", help=f"Output format: {', '.join(FORMATS)} \\[default: png].")
+NegativeOpt = Annotated[
+    str | None, typer.Option("--negative", "-n", help="Negative prompt: what to avoid.", rich_help_panel=PROMPT_PANEL)
 ]
-NameOpt = Annotated[
-    str | None, typer.Option(help="Output file name without extension \\[default: prompt slug, seed and size].")
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].",
+        rich_help_panel=SAMPLER_PANEL,
+    ),
 ]
-VaeTileOpt = Annotated[int | None, typer.Option(help="VAE tile side, px \\[default: automatic from free memory].")]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance", "-g", help="Classifier-free guidance scale \\[default: 7.5].", rich_help_panel=SAMPLER_PANEL
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Random seed; -1 means random \\[default: random, always reported].", rich_help_panel=SAMPLER_PANEL
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help=f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
+        "\\[default: ddim].",
+        rich_help_panel=SAMPLER_PANEL,
+    ),
+]
+VaeTileOpt = Annotated[
+    int | None,
+    typer.Option(help="VAE tile side, px \\[default: automatic from free memory].", rich_help_panel=MEMORY_PANEL),
+]
 LowVramOpt = Annotated[
     bool | None,
-    typer.Option("--low-vram", help="Most frugal memory settings (24 GB cards at 16K).", show_default=False),
+    typer.Option(
+        "--low-vram", help="Most frugal memory settings (24 GB cards at 16K).", rich_help_panel=MEMORY_PANEL, **FLAG
+    ),
 ]
-MaxVramOpt = Annotated[float | None, typer.Option(help="Plan memory for at most this many GiB.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
-SaveStagesOpt = Annotated[bool, typer.Option(help="Also save each stage's image.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (and nothing else there).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Show only errors.")]
-MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse input images with more pixels than this (1 gigapixel).")]
-AllowPickleOpt = Annotated[bool, typer.Option(help="Allow .ckpt/.bin pickle weights (loaded weights-only).")]
+MaxVramOpt = Annotated[
+    float | None,
+    typer.Option(metavar="GIB", help="Plan memory for at most this many GiB.", rich_help_panel=MEMORY_PANEL),
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help=f"Output format: {', '.join(FORMATS)} (also jpg, tif) \\[default: png].",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Output file name without extension \\[default: prompt slug, seed and size].",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=OUTPUT_PANEL)]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace existing outputs.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+SaveStagesOpt = Annotated[
+    bool, typer.Option("--save-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON report on stdout (and nothing else there).", rich_help_panel=OUTPUT_PANEL, **FLAG
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Show only errors.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.", rich_help_panel=DEVICE_PANEL),
+]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.", rich_help_panel=DEVICE_PANEL)
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        metavar="PIXELS",
+        help="Refuse input images with more pixels than this (1 gigapixel).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
 
 
-def job_flags(values: dict[str, Any], exclude: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
-    """The job settings among a command's parameters (its `locals()`), validated; None means not given."""
+# --- commands whose mistakes read as one line ---------------------------------------------------------------
+class _OneLineErrors:
+    """Parse errors as one `error:` line; `--help` without a "<bool>" type."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except ClickUsageError as exc:
+            raise _one_line(exc) from None
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_OneLineErrors, TyperCommand):
+    """A command whose usage line says PROMPT, not {prompt}."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class Group(_OneLineErrors, TyperGroup):
+    """`linfusion ...` itself: an unknown command is one line too."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except ClickUsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: ClickUsageError) -> BaseException:
+    """Print a parse error as one line (with advice for the usual mistake); the exception that exits 2."""
+    if isinstance(exc, NoArgsIsHelpError):
+        return exc  # help was printed; the caller only needs the exit
+    ctx = exc.ctx
+    message = exc.format_message().rstrip(".")
+    extra = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
+    if extra and ctx is not None and "prompt" in ctx.params:
+        words = f"{ctx.params.get('prompt') or ''} {extra.group(1)}".strip()
+        message = (
+            f"unexpected extra words '{extra.group(1)}'; a prompt with spaces goes in quotes: "
+            f'{ctx.command_path} "{words}"'
+        )
+    elif ctx is not None:
+        message = f"{message[:1].lower()}{message[1:]} (see {ctx.command_path} --help)"
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def job_flags(**values: Any) -> dict[str, Any]:
+    """The job settings given as flags, by job key (None: not given), validated. Each command names its
+    mapping explicitly: a key that is not a job setting is a programming error, not a silent drop."""
     from .config import JOB_KEYS
     from .jobs import flags_layer
 
-    chosen = {k: v for k, v in values.items() if k in JOB_KEYS and k not in exclude}
-    return flags_layer({**chosen, **extra})
+    unknown = sorted(set(values) - set(JOB_KEYS))
+    if unknown:
+        raise TypeError(f"not job settings: {', '.join(unknown)}")
+    return flags_layer(values)
 
 
 def output_mode(quiet: bool) -> str:
@@ -149,9 +324,35 @@ def emit_json(data: Any) -> None:
 
 
 def show_version(value: bool) -> None:
-    if value:
-        typer.echo(f"linfusion {__version__}")
-        raise typer.Exit()
+    """`--version`: ours, then what a bug report needs (torch, diffusers, CUDA, the device `auto` picks)."""
+    if not value:
+        return
+    typer.echo(f"linfusion {__version__}")
+    import torch
+
+    from .config import plural
+    from .memory import resolve_device
+    from .runner import describe_device, versions
+
+    found = versions()
+    cuda = torch.version.cuda
+    if cuda is None:
+        cuda_line = "CUDA: none (this torch is built for the CPU)"
+    elif torch.cuda.is_available():
+        cuda_line = f"CUDA: {cuda}, {plural(torch.cuda.device_count(), 'GPU')}"
+    else:
+        cuda_line = f"CUDA: {cuda}, but no GPU is visible"
+    typer.echo(f"torch {found['torch']}, diffusers {found['diffusers']}, transformers {found['transformers']}")
+    typer.echo(f"python {found['python']}; {cuda_line}")
+    typer.echo(f"device: {describe_device(resolve_device('auto'))}")
+    raise typer.Exit()
+
+
+def base_seed_flag(seed: int | None) -> int | None:
+    """batch's --seed BASE: checked like a job's seed (-1: random, i.e. none)."""
+    from .config import FLAGS, coerce
+
+    return coerce("seed", seed, where=FLAGS)
 
 
 def check_device_flags(device: str, dtype: str) -> None:
@@ -163,12 +364,23 @@ def check_device_flags(device: str, dtype: str) -> None:
         raise UsageError(f"--device {device!r}: must be auto, cpu, mps, cuda or cuda:N")
 
 
-def render_plan(summary: dict[str, Any], json_out: bool, mode: str) -> None:
+def render_table(table: Any, mode: str, console: Console | None = None) -> None:
+    """A table on stderr (or `console`); plain ASCII in logs, where box drawing turns to mojibake."""
+    from rich import box
+
+    if mode == "plain":
+        table.box = box.ASCII
+    (console or stderr).print(table)
+
+
+def render_plan(summary: dict[str, Any], json_out: bool) -> None:
+    """The plan is the command's result: on stdout, as JSON or a table."""
     from rich.table import Table
 
     if json_out:
         emit_json(summary)
         return
+    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
     table = Table(
         title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
@@ -187,7 +399,9 @@ def render_plan(summary: dict[str, Any], json_out: bool, mode: str) -> None:
             f"{s['estimated_peak_gib']:.1f}",
             s["vae"],
         )
-    stderr.print(table)
+    table.title = escape(str(table.title))
+    render_table(table, "rich" if out.is_terminal else "plain", out)
     for note in summary["notes"]:
-        stderr.print(f"note: {note}", highlight=False)
-    stderr.print(f"output: {summary['output']}  (memory budget {summary['memory_budget_gib']} GiB)", highlight=False)
+        stderr.print(f"note: {note}", markup=False, highlight=False)
+    output = f"output: {summary['output']}; " if summary.get("output") else ""
+    out.print(f"{output}memory budget {summary['memory_budget_gib']} GiB", markup=False)

@@ -37,7 +37,19 @@ SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 SCHEDULERS = tuple(SCHEDULER_TABLE)
+# Our sampler -> AUTOMATIC1111's name: written into image metadata, and accepted as input (any case).
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler-a": "Euler a",
+    "dpm++2m": "DPM++ 2M",
+    "dpm++2m-karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+}
 FORMATS = ("png", "jpeg", "tiff", "webp")
+FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
+PX_SUFFIX = {"k": 1024}  # 16k = 16384 px, as in "a 16K image"
 FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65535}
 FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp"}
 MAX_PROMPT_CHARS = 10_000
@@ -45,10 +57,11 @@ MAX_PROMPT_CHARS = 10_000
 
 @dataclass(frozen=True)
 class FieldSpec:
-    kind: str  # "str" | "int" | "float" | "bool" | "floats"
-    help: str
+    """How one job setting is read and checked. What it means is told once, in the CLI option's help."""
+
+    kind: str  # "str" | "int" | "px" | "float" | "bool" | "floats"
     check: Callable[[Any], str | None] | None = None  # returns a problem description, or None
-    nullable: bool = True
+    normalize: Callable[[Any], Any] | None = None  # spelling a person types -> our value (None: not set)
 
 
 def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
@@ -62,8 +75,52 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
 def _strengths_ok(values: list[float]) -> str | None:
     if not values:
         return "needs at least one value"
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    return f"values must be between 0 and 1 (got {bad[0]:g})" if bad else None
+    return None if all(0.0 <= v <= 1.0 for v in values) else "values must be between 0 and 1"
+
+
+def _random_seed(value: int) -> int | None:
+    return None if value == RANDOM_SEED else value
+
+
+def _scheduler_name(value: str) -> str:
+    wanted = " ".join(value.lower().split())
+    by_a1111 = {a1111.lower(): ours for ours, a1111 in A1111_SAMPLERS.items()}
+    return by_a1111.get(wanted, wanted)
+
+
+def _format_name(value: str) -> str:
+    wanted = value.strip().lower().lstrip(".")
+    return FORMAT_ALIASES.get(wanted, wanted)
+
+
+def parse_px(value: Any) -> int:
+    """A side in px: 4096, "4096", "4k" / "16K" (x1024) or "1.5k"; whole pixels only."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {type(value).__name__} {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    factor = PX_SUFFIX.get(text[-1:], 1)
+    number = text[:-1] if factor != 1 else text
+    try:
+        px = float(number) * factor
+    except ValueError:
+        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {value!r}") from None
+    if not math.isfinite(px) or px != int(px):
+        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {value!r}")
+    return int(px)
+
+
+def _is_two_sides(value: Any) -> bool:
+    return isinstance(value, str) and "x" in value.lower()
+
+
+def split_size(value: str) -> tuple[int, int]:
+    """ "4096x2048" (or "8kx4k") -> (4096, 2048)."""
+    parts = value.lower().split("x")
+    if len(parts) != 2:
+        raise TypeError(f"must be one side like 4096 or 16k, or WxH like 4096x2048, got {value!r}")
+    return parse_px(parts[0]), parse_px(parts[1])
 
 
 def _prompt_ok(text: str) -> str | None:
@@ -81,31 +138,29 @@ def _aspect_ok(text: str) -> str | None:
 
 
 FIELDS: dict[str, FieldSpec] = {
-    "prompt": FieldSpec("str", "what to draw", _prompt_ok),
-    "negative": FieldSpec("str", "what to avoid", _prompt_ok),
-    "seed": FieldSpec("int", "random seed (random when absent)", _range(0, 2**63 - 1)),
-    "size": FieldSpec("int", "long side of the output, px", _range(MIN_SIDE, MAX_SIDE)),
-    "aspect": FieldSpec("str", "shape W:H, e.g. 16:9", _aspect_ok),
-    "width": FieldSpec("int", "exact output width, px", _range(MIN_SIDE, MAX_SIDE)),
-    "height": FieldSpec("int", "exact output height, px", _range(MIN_SIDE, MAX_SIDE)),
-    "steps": FieldSpec("int", "full scheduler steps; a stage at strength s runs about s*steps", _range(1, 1000)),
-    "guidance": FieldSpec("float", "classifier-free guidance scale", _range(0.0, 50.0)),
-    "strengths": FieldSpec("floats", "refine-stage strengths, first to last", _strengths_ok),
-    "scheduler": FieldSpec("str", "sampler", _choice(SCHEDULERS)),
-    "format": FieldSpec("str", "output file format", _choice(FORMATS)),
-    "name": FieldSpec("str", "output file name (without extension)"),
-    "base_size": FieldSpec(
-        "int", "long side of the base stage, px (default: the model's native size)", _range(MIN_SIDE, MAX_SIDE)
-    ),
-    "model": FieldSpec("str", "hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl"),
-    "linfusion": FieldSpec("str", "auto, none, or a LinFusion checkpoint folder / hub id"),
-    "vae": FieldSpec("str", "replacement VAE (diffusers folder or hub id)"),
-    "vae_tile": FieldSpec("int", "VAE tile side, px (default: automatic)", _range(64, MAX_SIDE)),
-    "low_vram": FieldSpec("bool", "force the most frugal memory settings"),
-    "max_vram": FieldSpec("float", "plan memory for at most this many GiB", _range(0.5, 4096)),
-    "image": FieldSpec("str", "input image to upscale instead of generating a base image"),
-    "strength": FieldSpec("float", "first refine stage's strength (upscale)", _range(0.0, 1.0)),
-    "preset": FieldSpec("str", "preset name or YAML file"),
+    "prompt": FieldSpec("str", _prompt_ok),
+    "negative": FieldSpec("str", _prompt_ok),
+    "seed": FieldSpec("int", _range(0, 2**63 - 1), normalize=_random_seed),
+    "size": FieldSpec("px", _range(MIN_SIDE, MAX_SIDE)),
+    "aspect": FieldSpec("str", _aspect_ok),
+    "width": FieldSpec("px", _range(MIN_SIDE, MAX_SIDE)),
+    "height": FieldSpec("px", _range(MIN_SIDE, MAX_SIDE)),
+    "steps": FieldSpec("int", _range(1, 1000)),
+    "guidance": FieldSpec("float", _range(0.0, 50.0)),
+    "strengths": FieldSpec("floats", _strengths_ok),
+    "scheduler": FieldSpec("str", _choice(SCHEDULERS), normalize=_scheduler_name),
+    "format": FieldSpec("str", _choice(FORMATS), normalize=_format_name),
+    "name": FieldSpec("str"),
+    "base_size": FieldSpec("px", _range(MIN_SIDE, MAX_SIDE)),
+    "model": FieldSpec("str"),
+    "linfusion": FieldSpec("str"),
+    "vae": FieldSpec("str"),
+    "vae_tile": FieldSpec("int", _range(64, MAX_SIDE)),
+    "low_vram": FieldSpec("bool"),
+    "max_vram": FieldSpec("float", _range(0.5, 4096)),
+    "image": FieldSpec("str"),
+    "strength": FieldSpec("float", _range(0.0, 1.0)),
+    "preset": FieldSpec("str"),
 }
 # Keys a preset may not set: they belong to one image, not to a recipe.
 NOT_IN_PRESETS = ("prompt", "name", "image", "preset", "seed")
@@ -168,11 +223,21 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
         out = _convert(spec.kind, value, from_text)
     except (TypeError, ValueError) as exc:
         raise _problem(where, key, str(exc)) from None
-    if spec.check is not None:
+    if spec.normalize is not None:
+        out = spec.normalize(out)
+    if out is not None and spec.check is not None:
         problem = spec.check(out)
         if problem:
-            raise _problem(where, key, f"{problem} (got {value!r})")
+            raise _problem(where, key, f"{problem} (got {_shown(out)})")
     return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _convert(kind: str, value: Any, from_text: bool) -> Any:
@@ -206,6 +271,8 @@ def _convert(kind: str, value: Any, from_text: bool) -> Any:
         return out
     if kind == "floats":
         return parse_floats(value)
+    if kind == "px":
+        return parse_px(value)
     raise AssertionError(kind)
 
 
@@ -240,6 +307,16 @@ def validate_layer(
             raise UsageError(f"{where}: field names must be text, got {key!r}")
         if key in forbidden:
             raise UsageError(f"{where}: '{key}' cannot be set here")
+        if key == "size" and _is_two_sides(value):
+            if "width" in data or "height" in data:
+                raise _problem(where, key, "is WxH already; leave out width and height")
+            try:
+                sides = split_size(value)
+            except TypeError as exc:
+                raise _problem(where, key, str(exc)) from None
+            for side_key, side in zip(("width", "height"), sides, strict=True):
+                out[side_key] = coerce(key, side, where=where)
+            continue
         converted = coerce(key, value, where=where, from_text=from_text)
         if converted is not None:
             out[key] = converted
@@ -272,6 +349,11 @@ def parse_aspect(text: str) -> tuple[float, float]:
     if max(w / h, h / w) > 64:
         raise UsageError(f"aspect '{text}' is more extreme than 64:1")
     return w, h
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """ "1 stage", "3 stages" (`many` for irregular nouns)."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def round_side(value: float) -> int:

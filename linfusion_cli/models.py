@@ -20,7 +20,6 @@ from .hub import looks_like_hub_id, resolve_local_or_hub
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTIN_SEED = 0  # built-in models are the same on every run and every machine
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # What a diffusers repo needs for our pipeline: configs, tokenizers and safetensors weights only.

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .config import FORMAT_SUFFIX
+from .config import A1111_SAMPLERS, FORMAT_SUFFIX
 from .errors import OutputError
 
 MAX_NAME_LENGTH = 120
@@ -28,14 +28,6 @@ SLUG_LENGTH = 40
 SIDECAR_SUFFIX = ".json"
 TEMP_MARKER = ".part-"
 # A1111's sampler names, so viewers that parse the `parameters` chunk recognise ours.
-A1111_SAMPLERS = {
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler-a": "Euler a",
-    "dpm++2m": "DPM++ 2M",
-    "dpm++2m-karras": "DPM++ 2M Karras",
-    "unipc": "UniPC",
-}
 PNG_TEXT_KEY = "parameters"
 PNG_JSON_KEY = "linfusion"
 EXIF_IFD = 0x8769

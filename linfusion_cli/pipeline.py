@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import memory
-from .config import JobSpec
+from .config import JobSpec, plural
 from .errors import NumericalError, OutOfMemoryError, UsageError
 from .events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone, ignore
 from .memory import Meter
@@ -183,7 +183,7 @@ class Engine:
             events(
                 Note(
                     "warning",
-                    f"VAE overflowed in {self._vae_dtype()} {run.fp32_retries} time(s); "
+                    f"VAE overflowed in {self._vae_dtype()} {plural(run.fp32_retries, 'time')}; "
                     "those tiles were redone in fp32",
                 )
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import Target, round_side
+from .config import Target, plural, round_side
 from .errors import UsageError
 
 FIRST_STRENGTH = 0.4
@@ -91,11 +91,13 @@ def make_plan(
     base_size: int | None = None,
     input_size: tuple[int, int] | None = None,
     first_strength: float | None = None,
+    strengths_from: str | None = None,
 ) -> Plan:
     """Plan the stages for `target`.
 
     native: the family's native long side; base_size overrides it (the published 16K recipe starts at 1024).
     input_size: (w, h) of an image to upscale: no base stage, refine stages start from it.
+    strengths_from: who gave `strengths` when not the --strengths flag (a preset, a prompt file's row).
     """
     notes: list[str] = []
     if input_size is not None:
@@ -122,9 +124,15 @@ def make_plan(
         chosen = list(strengths)
         if len(chosen) != count:
             route = " -> ".join(f"{w}x{h}" for w, h in base + refine_sizes)
+            stages_text = f"{plural(count, 'refine stage')} ({route})"
+            if strengths_from is None:
+                raise UsageError(
+                    f"--strengths has {plural(len(chosen), 'value')} but this plan has {stages_text}; "
+                    f"give exactly {count}"
+                )
             raise UsageError(
-                f"--strengths has {len(chosen)} value(s) but this plan has {count} refine stage(s) ({route}); "
-                f"give exactly {count}"
+                f"{strengths_from} gives {plural(len(chosen), 'strength')}, but a {target.width}x{target.height} "
+                f"target has {stages_text}; pass --strengths with {plural(count, 'value')}, or a size that fits"
             )
     stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
     for (w, h), s in zip(refine_sizes, chosen, strict=True):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
-from .config import JobSpec, Target, check_format_fits, resolve_target
+from .config import FLAGS, JobSpec, Target, check_format_fits, plural, resolve_target
 from .errors import OutputError
 from .events import CancelToken, EventSink, Note, ignore
 from .output import OutputPaths, a1111_parameters, atomic_file, encode_image, output_stem, write_bytes_atomic
@@ -101,6 +101,7 @@ def prepare(
         base_size=job.base_size,
         input_size=input_size,
         first_strength=job.strength,
+        strengths_from=None if job.sources.get("strengths", FLAGS) == FLAGS else job.sources["strengths"],
     )
     # An upscale without a prompt is named after its input image.
     label = job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
@@ -302,7 +303,8 @@ def plan_summary(
         "native": prep.plan.native,
         "width": prep.target.width,
         "height": prep.target.height,
-        "seed": prep.seed,
+        # A seed picked at random for the plan is not the one a run will pick: no made-up seed or file name.
+        "seed": job.seed,
         "scheduler": job.scheduler,
         "schedule_steps": job.steps,
         "guidance": job.guidance,
@@ -310,7 +312,7 @@ def plan_summary(
         "dtype": str(dtype).replace("torch.", ""),
         "memory_budget_gib": round(budget / memory.GIB, 1),
         "stages": stages,
-        "output": str(prep.paths.image),
+        "output": None if job.seed is None else str(prep.paths.image),
         "notes": prep.notes,
     }
 
@@ -351,7 +353,7 @@ def generate(
     events(
         Note(
             "info",
-            f"seed {seed}; {len(prep.plan.stages)} stages to {prep.target.width}x{prep.target.height}"
+            f"seed {seed}; {plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
             f" on {device} ({str(dtype).replace('torch.', '')})",
         )
     )

@@ -3,15 +3,12 @@ per image and reused by every stage."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .models import Components
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +68,4 @@ def encode_prompt(comps: Components, prompt: str, negative: str, guidance: float
         neg, neg_pooled, neg_warnings = _encode_one(comps, negative, device)
         warnings += [w.replace("prompt is", "negative prompt is", 1) for w in neg_warnings]
     both_pooled = torch.cat([neg_pooled, pooled]) if pooled is not None and neg_pooled is not None else None
-    for w in warnings:
-        log.warning(w)
     return Conditioning(torch.cat([neg, positive]), both_pooled, warnings)

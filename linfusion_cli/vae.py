@@ -31,7 +31,6 @@ import contextlib
 import copy
 import functools
 import itertools
-import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ import torch
 from torch import nn
 
 from .memory import auto_vae_tile, vae_windows_per_batch
-
-log = logging.getLogger(__name__)
 
 LATENT_SCALE = 8  # SD VAEs: 3 downsamples
 DEFAULT_HALO_PX = 64  # context around each tile core, image px (8 latent px)
@@ -391,7 +388,6 @@ class TiledVAE:
         out = run(self.vae, x)
         if x.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
             self.fp32_retries += 1
-            log.warning("VAE %s overflowed in %s; redone in fp32", kind, x.dtype)
             out = run(self._fp32_vae(), x.float()).to(x.dtype)
         return out
 
@@ -460,7 +456,6 @@ class TiledVAE:
                 if self._dtype() == torch.float32:
                     break
                 self.fp32_retries += 1
-                log.warning("VAE %s statistics overflowed in %s; recomputed in fp32", kind, self._dtype())
                 vae, emit = self._fp32_vae(), None
             control = _NormControl(window_hw=(batches[0][0].height, batches[0][0].width))
             wrote_all = emit is not None
@@ -493,7 +488,6 @@ class TiledVAE:
         out = run(self.vae, crop)
         if crop.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
             self.fp32_retries += 1
-            log.warning("a VAE %s tile overflowed in %s; redone in fp32", kind, crop.dtype)
             fp32 = self._fp32_vae()
             with control.installed(fp32):
                 out = run(fp32, crop.float()).to(crop.dtype)

@@ -1,0 +1,218 @@
+"""Each flag -> the exact job the core receives (fastapi-cli's style: the core is mocked, no model loads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from linfusion_cli.cli import app
+from linfusion_cli.config import JOB_KEYS
+
+# flag arguments -> the job fields they must set (anything not listed keeps its default)
+GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
+    (["--size", "3000"], {"size": 3000}),
+    (["--size", "16k"], {"size": 16384}),
+    (["--size", "8K"], {"size": 8192}),
+    (["--size", "4096x2048"], {"size": None, "width": 4096, "height": 2048}),
+    (["--aspect", "16:9"], {"aspect": "16:9"}),
+    (["--width", "1000"], {"width": 1000}),
+    (["--height", "800"], {"height": 800}),
+    (["--model", "tiny-sd2"], {"model": "tiny-sd2"}),
+    (["-m", "tiny"], {"model": "tiny"}),
+    (["--linfusion", "none"], {"linfusion": "none"}),
+    (["--vae", "some/vae"], {"vae": "some/vae"}),
+    (["--steps", "30"], {"steps": 30}),
+    (["--guidance", "5"], {"guidance": 5.0}),
+    (["-g", "3.5"], {"guidance": 3.5}),
+    (["--negative", "blurry"], {"negative": "blurry"}),
+    (["--seed", "42"], {"seed": 42}),
+    (["--seed", "-1"], {"seed": None}),
+    (["--scheduler", "euler"], {"scheduler": "euler"}),
+    (["--scheduler", "DPM++ 2M Karras"], {"scheduler": "dpm++2m-karras"}),
+    (["--scheduler", "Euler a"], {"scheduler": "euler-a"}),
+    (["--strengths", "0.3,0.2"], {"strengths": [0.3, 0.2]}),
+    (["--base-size", "1k"], {"base_size": 1024}),
+    (["--preset", "low-vram"], {"preset": "low-vram", "low_vram": True, "vae_tile": 512}),
+    (["--format", "jpg"], {"format": "jpeg"}),
+    (["--format", "TIF"], {"format": "tiff"}),
+    (["--format", "webp"], {"format": "webp"}),
+    (["--name", "fox"], {"name": "fox"}),
+    (["--vae-tile", "512"], {"vae_tile": 512}),
+    (["--low-vram"], {"low_vram": True}),
+    (["--max-vram", "12"], {"max_vram": 12.0}),
+]
+
+
+@pytest.fixture
+def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """runner.generate replaced by a recorder: what the CLI hands the core, and nothing run."""
+    import linfusion_cli.runner as runner
+
+    calls: dict[str, Any] = {}
+
+    def fake_generate(job: Any, options: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.update(job=job, options=options, **kwargs)
+        return {"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}
+
+    monkeypatch.setattr(runner, "generate", fake_generate)
+    return calls
+
+
+def _invoke(runner: Any, *args: str) -> Any:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def _assert_job(job: Any, expected: dict[str, Any]) -> None:
+    from linfusion_cli.config import JobSpec
+
+    default = JobSpec()
+    for key in JOB_KEYS:
+        want = expected.get(key, getattr(default, key))
+        if key == "prompt":
+            continue
+        assert getattr(job, key) == want, key
+
+
+@pytest.mark.parametrize(("flags", "expected"), GENERATE_FLAGS, ids=[" ".join(f) for f, _ in GENERATE_FLAGS])
+def test_generate_flag_reaches_the_job(runner, core, flags, expected) -> None:
+    _invoke(runner, "generate", "a fox", "--quiet", *flags)
+    assert core["job"].prompt == "a fox"
+    _assert_job(core["job"], expected)
+
+
+def test_every_generate_job_flag_is_covered() -> None:
+    """A new job flag on `generate` must come with a row above (so its mapping is tested)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["generate"]  # type: ignore[attr-defined]
+    job_params = {p.name for p in command.params if p.name in JOB_KEYS} - {"prompt"}
+    tested = {key for _, expected in GENERATE_FLAGS for key in expected}
+    assert job_params <= tested, job_params - tested
+
+
+def test_generate_run_options(runner, core, tmp_path: Path) -> None:
+    _invoke(
+        runner,
+        "generate",
+        "x",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+        "--overwrite",
+        "--save-stages",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--allow-pickle",
+    )
+    options = core["options"]
+    assert (options.out, options.overwrite, options.save_stages) == (tmp_path, True, True)
+    assert (options.device, options.dtype, options.allow_pickle) == ("cpu", "fp32", True)
+    assert core["dry_run"] is False and core["init_image"] is None
+
+
+def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import linfusion_cli.images as images
+
+    pixels = np.zeros((64, 96, 3), np.uint8)
+    monkeypatch.setattr(images, "load_rgb", lambda path, limit=None: pixels)
+    image = tmp_path / "in.png"
+    _invoke(
+        runner, "upscale", str(image), "--quiet", "--size", "2k", "--prompt", "a hill", "--strength", "0.3",
+        "--seed", "5", "--scheduler", "UniPC", "--max-input-pixels", "1000",
+    )  # fmt: skip
+    _assert_job(
+        core["job"],
+        {"image": str(image), "size": 2048, "strength": 0.3, "seed": 5, "scheduler": "unipc"},
+    )
+    assert core["job"].prompt == "a hill" and core["init_image"] is pixels
+    assert core["options"].max_input_pixels == 1000
+
+
+def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.runner as runner_module
+
+    seen: dict[str, Any] = {}
+
+    def fake_plan_for(job: Any, options: Any, *, seed: int) -> tuple[Any, Any]:
+        seen["job"] = job
+        return None, None
+
+    summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
+    summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0}
+    monkeypatch.setattr(runner_module, "plan_for", fake_plan_for)
+    monkeypatch.setattr(runner_module, "plan_summary", lambda prep, family, device, dtype: summary)
+    _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")
+    _assert_job(seen["job"], {"size": 8192, "aspect": "2:1", "low_vram": True, "max_vram": 20.0, "format": "tiff"})
+
+
+def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import linfusion_cli.batch as batch
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_batch(path: Path, flags: dict[str, Any], options: Any, **kwargs: Any) -> Any:
+        seen.update(path=path, flags=flags, options=options, **kwargs)
+        return SimpleNamespace(exit_code=0)
+
+    monkeypatch.setattr(batch, "run_batch", fake_run_batch)
+    prompts = tmp_path / "p.txt"
+    _invoke(
+        runner, "batch", str(prompts), "--quiet", "--size", "4k", "--steps", "20", "--seed", "1000",
+        "--shard", "1/4", "--fail-fast", "--format", "jpg", "--low-vram",
+    )  # fmt: skip
+    # --seed is the base seed here, not a job setting
+    assert seen["flags"] == {"size": 4096, "steps": 20, "format": "jpeg", "low_vram": True}
+    assert (seen["base_seed"], seen["shard_flag"], seen["fail_fast"]) == (1000, "1/4", True)
+
+
+def test_batch_random_base_seed(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import linfusion_cli.batch as batch
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(
+        batch, "run_batch", lambda path, flags, options, **kw: seen.update(kw) or SimpleNamespace(exit_code=0)
+    )
+    _invoke(runner, "batch", str(tmp_path / "p.txt"), "--quiet", "--seed", "-1")
+    assert seen["base_seed"] is None
+
+
+def test_bench_pipeline_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.bench_pipeline as bench_pipeline
+
+    seen: dict[str, Any] = {}
+
+    def fake_bench(arch: str, flags: dict[str, Any], device: Any, dtype: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.update(arch=arch, flags=flags)
+        return {
+            "size": "8x8",
+            "device": "cpu",
+            "model_load_seconds": 0,
+            "generate_seconds": 0,
+            "write_seconds": 0,
+            "peak_vram_allocated_gib": None,
+            "stages": [],
+        }
+
+    monkeypatch.setattr(bench_pipeline, "bench_pipeline", fake_bench)
+    _invoke(
+        runner, "bench", "pipeline", "--arch", "tiny", "--size", "1k", "--aspect", "2:1", "--steps", "4",
+        "--scheduler", "Euler", "--low-vram", "--max-vram", "8", "--vae-tile", "256", "--device", "cpu",
+    )  # fmt: skip
+    assert seen["arch"] == "tiny"
+    assert seen["flags"] == {
+        "size": 1024,
+        "aspect": "2:1",
+        "steps": 4,
+        "scheduler": "euler",
+        "low_vram": True,
+        "max_vram": 8.0,
+        "vae_tile": 256,
+    }

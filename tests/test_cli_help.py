@@ -1,0 +1,113 @@
+"""What a person reads: help, parse errors, --version; and the cold start that keeps them instant."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from linfusion_cli.cli import app
+
+COMMANDS = [
+    ["generate"],
+    ["plan"],
+    ["upscale"],
+    ["batch"],
+    ["replay"],
+    ["info"],
+    ["presets", "list"],
+    ["presets", "show"],
+    ["bench", "unet"],
+    ["bench", "attention"],
+    ["bench", "vae"],
+    ["bench", "png"],
+    ["bench", "pipeline"],
+]
+
+
+def run(runner, *args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_reads_cleanly(runner, command) -> None:
+    import typer.main
+
+    result = runner.invoke(app, [*command, "--help"])
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "<bool>" not in text  # flags take no value: `--low-vram true` must not look right
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert "{" not in usage  # PROMPT, not {prompt}
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    for param in cmd.params:
+        helptext = getattr(param, "help", None) or ""
+        if "default:" in helptext:
+            # a "[default: ...]" written in a help string must survive rich's markup
+            shown = " ".join(helptext.replace("\\[", "[").split())
+            assert shown in text, param.name
+
+
+@pytest.mark.parametrize("command", ["generate", "batch", "upscale", "plan"])
+def test_long_commands_have_panels_and_examples(runner, command) -> None:
+    text = run(runner, command, "--help").stdout
+    for panel in ("Size and stages", "Sampler", "Memory", "Output", "Device", "Examples"):
+        assert panel in text
+    assert f"linfusion {command} " in text.split("Examples", 1)[1]
+
+
+def test_usage_line_names_the_prompt(runner) -> None:
+    assert "generate [OPTIONS] PROMPT" in run(runner, "generate", "--help").stdout
+
+
+def test_root_help_offers_completion_and_version(runner) -> None:
+    text = run(runner, "--help").stdout
+    assert "--install-completion" in text and "--version" in text
+
+
+def test_version_names_the_stack(runner) -> None:
+    lines = run(runner, "--version").stdout.splitlines()
+    assert lines[0].startswith("linfusion ")
+    assert lines[1].startswith("torch ") and "diffusers " in lines[1]
+    assert "CUDA" in lines[2] and lines[3].startswith("device: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["generate", "a", "red", "fox"], 'quotes: linfusion generate "a red fox"'),
+        (["generate", "x", "--sizee", "3"], "no such option: --sizee"),
+        (["generat"], "no such command 'generat'"),
+        (["generate", "x", "--steps", "many"], "'--steps'"),
+        (["generate"], "missing argument 'PROMPT'"),
+        (["plan", "--low-vram", "true", "extra"], "unexpected extra"),
+    ],
+)
+def test_parse_errors_are_one_line(runner, args, expected) -> None:
+    result = runner.invoke(app, args, prog_name="linfusion")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+
+
+def test_a_preset_that_does_not_fit_is_blamed(runner) -> None:
+    result = run(runner, "plan", "--preset", "sd15-16k", "--size", "2048", "--json")
+    assert result.exit_code == 2
+    assert "preset sd15-16k gives 4 strengths, but a 2048x1024 target has 1 refine stage " in result.stderr
+    assert "--strengths has" not in result.stderr
+
+
+def test_no_doubled_got(runner) -> None:
+    result = run(runner, "generate", "x", "--strengths", "1.5", "--model", "tiny")
+    assert result.exit_code == 2
+    assert result.stderr.count("got") == 1 and "(got 1.5)" in result.stderr
+
+
+def test_cli_import_does_not_import_torch() -> None:
+    """`linfusion --help` stays instant only while nothing imports torch at import time."""
+    code = "import sys, linfusion_cli.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
