@@ -60,6 +60,7 @@ from .cli_common import (
     show_version,
     stderr,
 )
+from .cli_distill import distill as distill_command
 from .errors import EXIT_SIGINT
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ app = typer.Typer(
 presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
+app.command("distill")(distill_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
   linfusion generate "a lighthouse at dusk" --size 16k --aspect 2:1

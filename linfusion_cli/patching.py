@@ -10,8 +10,10 @@ Entries are matched to layers by `module_name`, never by position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,24 @@ class LinFusionPatch:
     @property
     def modules(self) -> list[LinFusionAttention]:
         return [_get(self.unet, name) for name in self.layers]  # type: ignore[misc]
+
+    @property
+    def originals(self) -> list[nn.Module]:
+        """The UNet's own attention modules that LinFusion replaced, in `layers` order."""
+        return [self._originals[name] for name in self.layers]
+
+    @contextlib.contextmanager
+    def original_attention(self) -> Iterator[None]:
+        """The UNet with its own attention back for a while (a distillation teacher pass), then LinFusion again:
+        one UNet in memory plays both teacher and student."""
+        linfusion = {name: _get(self.unet, name) for name in self._originals}
+        for name, original in self._originals.items():
+            _set(self.unet, name, original)
+        try:
+            yield
+        finally:
+            for name, module in linfusion.items():
+                _set(self.unet, name, module)
 
     def remove(self) -> None:
         """Put the original attention modules back; the UNet's state_dict is then what it was before."""
