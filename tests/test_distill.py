@@ -334,3 +334,32 @@ def test_gradient_checkpointing_gives_the_same_update(images: Path, tmp_path: Pa
     checkpointed = distill(config(images, tmp_path / "b", steps=2, gradient_checkpointing=True))
     for key, value in weights(plain.patch).items():
         assert torch.allclose(value, weights(checkpointed.patch)[key], atol=1e-6), key
+
+
+# --- data parallel --------------------------------------------------------------------------------------------
+def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(images: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from linfusion_cli.models import build_random
+    from linfusion_cli.patching import apply_linfusion
+
+    worker = Path(__file__).with_name("distill_ddp_worker.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([*launch, str(images), str(tmp_path / "out"), str(tmp_path)], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same(rank0, rank1)
+    start = weights(apply_linfusion(build_random("tiny").unet, "random"))
+    assert any(not torch.equal(rank0[k], start[k]) for k in start)  # it trained
+    assert_same(weights(apply_linfusion(build_random("tiny").unet, str(tmp_path / "out"))), rank0)
+    state = json.loads((tmp_path / "out" / "step-00000003" / STATE_JSON).read_text())
+    assert state["position"] == 6  # 3 steps x batch 1 x 2 ranks: the ranks read different samples
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "step-00000002",
+        "step-00000003",
+    ]
