@@ -362,6 +362,10 @@ def check_device_flags(device: str, dtype: str) -> None:
         raise UsageError(f"--dtype {dtype!r}: must be auto, fp16, bf16 or fp32")
     if device != "auto" and device.split(":")[0] not in ("cuda", "cpu", "mps"):
         raise UsageError(f"--device {device!r}: must be auto, cpu, mps, cuda or cuda:N")
+    if device != "auto":
+        from .memory import resolve_device
+
+        resolve_device(device)  # a device this machine lacks: one line, exit 2, before any model loads
 
 
 def render_table(table: Any, mode: str, console: Console | None = None) -> None:
@@ -404,4 +408,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     for note in summary["notes"]:
         stderr.print(f"note: {note}", markup=False, highlight=False)
     output = f"output: {summary['output']}; " if summary.get("output") else ""
-    out.print(f"{output}memory budget {summary['memory_budget_gib']} GiB", markup=False)
+    budget = summary["memory_budget_gib"]
+    budget_text = "unknown (free memory cannot be measured here)" if budget is None else f"{budget} GiB"
+    dtypes = ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in summary["dtypes"].items())
+    out.print(f"{output}memory budget {budget_text}; {dtypes}", markup=False)

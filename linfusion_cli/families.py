@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError, UnknownArchitectureError
+from .errors import ModelLoadError, UnknownArchitectureError
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,12 @@ class Family:
     mid_dim_divisor: int | None  # projection_mid_dim = dim // divisor; None: = dim (the official `null`)
     attn1_layers: int
     first_attn: tuple[int, int]  # (dim, heads) of the first attn1: tells checkpoints of look-alike families apart
-    prediction_type: str = "epsilon"  # the usual one; a model's scheduler config has the final word
     weights_gib_fp16: float = 2.1  # UNet + VAE + text encoders, for memory estimates before loading
     arch: str = "sd15"  # the archs.py shapes this family has (benchmarks, estimates)
+    configs: str = "sd1"  # the shipped component configs (linfusion_cli/configs/NAME) a single file is loaded with
+    # SDXL's VAE overflows in fp16 and runs in fp32 (unless its config says force_upcast: false, as the fp16-fix
+    # VAE's does); diffusers' own SD-1.x/2.x pipelines never upcast, whatever their (older) VAE configs imply.
+    vae_upcast: bool = False
 
     def mid_dim(self, dim: int) -> int | None:
         return None if self.mid_dim_divisor is None else dim // self.mid_dim_divisor
@@ -66,9 +69,9 @@ FAMILIES: tuple[Family, ...] = (
         mid_dim_divisor=None,
         attn1_layers=16,
         first_attn=(320, 5),
-        prediction_type="v_prediction",
         weights_gib_fp16=2.6,
         arch="sd21",
+        configs="sd2",
     ),
     Family(
         "sdxl",
@@ -83,6 +86,8 @@ FAMILIES: tuple[Family, ...] = (
         first_attn=(640, 10),
         weights_gib_fp16=6.9,
         arch="sdxl",
+        configs="sdxl",
+        vae_upcast=True,
     ),
     Family(
         "tiny",
@@ -109,9 +114,9 @@ FAMILIES: tuple[Family, ...] = (
         mid_dim_divisor=None,
         attn1_layers=7,
         first_attn=(32, 2),
-        prediction_type="v_prediction",
         weights_gib_fp16=0.01,
         arch="tiny-sd2",
+        configs="sd2",
     ),
     Family(
         "tiny-sdxl",
@@ -126,6 +131,8 @@ FAMILIES: tuple[Family, ...] = (
         first_attn=(64, 4),
         weights_gib_fp16=0.01,
         arch="tiny-sdxl",
+        configs="sdxl",
+        vae_upcast=True,
     ),
 )
 
@@ -173,45 +180,89 @@ def guess_family_of_checkpoint(entries: list[Mapping[str, Any]]) -> str:
     return f"an unknown model ({shape})"
 
 
-def is_sdxl_checkpoint(path: Path) -> bool:
-    """Whether a single-file checkpoint holds SDXL's second text encoder (keys only, nothing loaded)."""
-    from safetensors import safe_open
+def family_or_none(unet_config: Mapping[str, Any]) -> Family | None:
+    """The family of a UNet config, or None for an architecture outside the table (fine when the user brings
+    LinFusion weights made for it, or runs with --linfusion none)."""
+    try:
+        return detect_family(unet_config)
+    except UnknownArchitectureError:
+        return None
 
-    with safe_open(str(path), framework="numpy") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())  # noqa: SIM118 (not a dict)
+
+# Original (LDM) key names of a single-file checkpoint, as A1111/Civitai files and diffusers' converters use them.
+LDM_UNET = "model.diffusion_model."
+LDM_CONV_IN = LDM_UNET + "input_blocks.0.0.weight"  # (block_out_channels[0], 4, 3, 3)
+LDM_SDXL_ADD_EMBED = LDM_UNET + "label_emb.0.0.weight"  # SDXL's size/crop + pooled-text embedding
+LDM_CROSS_ATTN_K = ".attn2.to_k.weight"  # (inner dim, cross_attention_dim)
+
+
+def single_file_family(shapes: Mapping[str, tuple[int, ...]], name: str) -> Family:
+    """The family of a single-file checkpoint from its tensor names and shapes (nothing loaded): the width of
+    conv_in, the text width its cross-attention reads, and whether it has SDXL's added embedding."""
+    if LDM_CONV_IN not in shapes:
+        raise UnknownArchitectureError(
+            f"'{name}' is not a Stable Diffusion single-file checkpoint (no {LDM_CONV_IN}); give a diffusers "
+            "folder, a hub id, or an A1111/Civitai-style .safetensors file"
+        )
+    first_width = shapes[LDM_CONV_IN][0]
+    cross = next(
+        (shape[1] for key, shape in shapes.items() if key.startswith(LDM_UNET) and key.endswith(LDM_CROSS_ATTN_K)),
+        None,
+    )
+    addition = "text_time" if LDM_SDXL_ADD_EMBED in shapes else None
+    for family in FAMILIES:
+        if (family.cross_attention_dim, family.addition_embed_type, family.block_out_channels[0]) == (
+            cross,
+            addition,
+            first_width,
+        ):
+            return family
+    raise UnknownArchitectureError(
+        f"'{name}': unknown single-file architecture (first UNet width {first_width}, cross-attention width "
+        f"{cross}, addition embedding {addition}); known families: {known_families_text()}. Convert it to a "
+        "diffusers folder and pass the folder"
+    )
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a .safetensors file, read from its header (no weights loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"'{path}' is not a readable safetensors file: {exc}") from exc
 
 
 def peek_family(model: str) -> tuple[Family | None, str | None]:
-    """The model's family from its config alone (no weights, no torch), for planning before loading.
+    """The model's family from its config (or a single file's header) alone, for planning before loading.
 
     Returns (family, note); the family is None, with a note, when the config is not available locally.
     Raises ModelNotFoundError for a local path that does not exist.
     """
-    from .archs import ARCHS, BUILTIN_MODELS
-    from .hub import looks_like_hub_id
+    from .archs import ARCHS
+    from .hub import model_source
 
-    if model in BUILTIN_MODELS:
+    kind = model_source(model)
+    if kind == "builtin":
         return detect_family(ARCHS[model].unet), None
     path = Path(model).expanduser()
     config_path: Path | None = None
-    if path.is_dir():
+    if kind == "folder":
         config_path = path / "unet" / "config.json"
-    elif path.is_file():
+    elif kind == "file":
+        if path.suffix.lower() != ".safetensors":
+            return None, f"'{path.name}' is a pickle checkpoint: its family is known once it is loaded"
         try:
-            key = "sdxl" if path.suffix.lower() == ".safetensors" and is_sdxl_checkpoint(path) else "sd1"
-        except Exception:
-            key = "sd1"
-        return next(f for f in FAMILIES if f.key == key), None
-    elif looks_like_hub_id(model):
+            return single_file_family(safetensors_shapes(path), path.name), None
+        except UnknownArchitectureError as exc:
+            return None, str(exc)
+    else:  # a hub id
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(model, "unet/config.json")
         config_path = Path(cached) if isinstance(cached, str) else None
-    else:
-        raise ModelNotFoundError(
-            f"model '{model}' does not exist: give an existing diffusers folder or .safetensors file, a hub id "
-            "(owner/name), or tiny / tiny-sd2 / tiny-sdxl"
-        )
     if config_path is not None and config_path.is_file():
         try:
             return detect_family(json.loads(config_path.read_text())), None

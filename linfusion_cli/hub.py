@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from .errors import ModelLoadError, ModelNotFoundError
 
@@ -22,6 +23,31 @@ def looks_like_hub_id(text: str) -> bool:
     if text.startswith((".", "/", "~")) or text.endswith((".safetensors", ".ckpt", ".pt", ".bin", ".pth")):
         return False
     return bool(_HUB_ID.match(text)) and not Path(text).exists()
+
+
+ModelSource = Literal["builtin", "folder", "file", "hub"]
+
+
+def model_source(model: str) -> ModelSource:
+    """What kind of source a --model string names: the one place this is decided.
+
+    Raises ModelNotFoundError for a local path that does not exist (and does not look like a hub id).
+    """
+    from .archs import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        return "builtin"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    if looks_like_hub_id(model):
+        return "hub"
+    raise ModelNotFoundError(
+        f"model '{model}' does not exist: give an existing diffusers folder or .safetensors file, a hub id "
+        f"(owner/name), or {' / '.join(BUILTIN_MODELS)}"
+    )
 
 
 def resolve_local_or_hub(source: str, *, what: str, allow_patterns: list[str]) -> Path:
@@ -66,3 +92,25 @@ def fetch_snapshot(repo_id: str, *, what: str, allow_patterns: list[str]) -> Pat
         ) from exc
     except (HfHubHTTPError, OSError) as exc:
         raise ModelLoadError(f"could not fetch {what} '{repo_id}' from the Hugging Face Hub: {exc}") from exc
+
+
+def download_command(repo_id: str) -> str:
+    return f"hf download {repo_id}"
+
+
+def missing_from_cache(wanted: list[tuple[str, str, str]]) -> list[str]:
+    """Of (what, source, file) triples, one line for each hub repo whose `file` is not in the local cache, with
+    the command that fetches it; local paths, and strings that are no hub id, are not looked up."""
+    from huggingface_hub import try_to_load_from_cache
+
+    lines = []
+    for what, source, filename in wanted:
+        if not looks_like_hub_id(source):
+            continue
+        if not isinstance(try_to_load_from_cache(source, filename), str):
+            lines.append(
+                f"{what} '{source}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
+                f"`{download_command(source)}` on a machine with network and copy the cache here (HF_HOME), or point "
+                "at a local copy"
+            )
+    return lines

@@ -7,10 +7,15 @@ import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .families import Family
 
 GIB = 1024**3
 VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
@@ -20,15 +25,42 @@ MIN_TILE = 256
 TILE_STEP = 64
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """auto: cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu."""
+    """auto: cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu. A device this machine does not have is a
+    usage error, raised before anything loads."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank or 0)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available here (no NVIDIA GPU, driver or CUDA build of torch "
+                f"{torch.__version__}); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not _mps_available():
+        raise UsageError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def device_warnings(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Settings that work but that a user would not want without knowing."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return ["--dtype fp16 on the CPU is many times slower than fp32 there (the CPU default); use --dtype fp32"]
+    return []
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -39,11 +71,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def available_bytes(device: torch.device) -> int:
-    """Free memory on the device (for the CPU: MemAvailable)."""
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device, measured; None where it cannot be (then the caller says it does not know).
+
+    cuda: the driver's free memory; mps: Metal's recommended working set less what the driver holds; cpu:
+    MemAvailable on Linux, else the free physical pages where the OS reports them.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    if device.type == "mps":
+        try:
+            return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory()))
+        except (AttributeError, RuntimeError):
+            return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -51,7 +92,10 @@ def available_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * GIB
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def vae_bytes_per_pixel(vae_config: Mapping[str, Any], dtype: torch.dtype) -> float:
@@ -66,18 +110,30 @@ def vae_bytes_per_pixel(vae_config: Mapping[str, Any], dtype: torch.dtype) -> fl
     return (2 * wide + 3 * widths[0]) * itemsize * VAE_SAFETY
 
 
-def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
-    """The VAE runs in fp32 where its config asks (SDXL's overflows in fp16)."""
-    return torch.float32 if vae_config.get("force_upcast", False) else dtype
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype, family: Family | None) -> torch.dtype:
+    """The VAE's dtype for a run in `dtype`.
+
+    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
+    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
+    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
+    memory and time. A tile that overflows anyway is redone in fp32 (vae.py). An unknown family follows its config.
+    """
+    if dtype != torch.float16:
+        return dtype
+    wants = family.vae_upcast if family is not None else True
+    return torch.float32 if wants and vae_config.get("force_upcast", True) else dtype
 
 
 def vae_budget(device: torch.device, budget: int | None) -> int:
     """Bytes the VAE may use: given, else a share of free RAM (CPU) or min(cap, half the free VRAM)."""
     if budget is not None:
         return budget
+    free = available_bytes(device)
+    if free is None:  # unknown: the cap, which a 16K decode is sized for
+        return VAE_BUDGET_CAP
     if device.type == "cpu":
-        return int(available_bytes(device) * CPU_BUDGET_SHARE)
-    return min(VAE_BUDGET_CAP, int(available_bytes(device) * 0.5))
+        return int(free * CPU_BUDGET_SHARE)
+    return min(VAE_BUDGET_CAP, int(free * 0.5))
 
 
 def auto_vae_tile(
@@ -269,11 +325,11 @@ class MemoryChoice:
     settings: MemorySettings
     level: int  # index in the ladder, for the out-of-memory fallback
     estimate: int  # expected peak bytes
-    budget: int
+    budget: int | None  # None: free memory cannot be measured here
 
     @property
     def fits(self) -> bool:
-        return self.estimate <= self.budget
+        return self.budget is None or self.estimate <= self.budget
 
 
 @dataclass(frozen=True)
@@ -281,7 +337,7 @@ class MemoryPlanner:
     """Picks each stage's memory settings for one job; the engine and `plan` both ask it, so they agree."""
 
     ladder: list[MemorySettings]
-    budget: int
+    budget: int | None  # None: unknown, and the fastest settings are taken (the out-of-memory retry steps down)
     top_width: int  # channels at the UNet's top level
     dtype_bytes: int
     weights: int  # bytes of the model's weights on the device
@@ -317,10 +373,18 @@ class MemoryPlanner:
         """The fastest settings whose estimate fits the budget, else the most frugal."""
         for level, settings in enumerate(self.ladder):
             need = self.estimate(settings, width, height)
-            if need <= self.budget:
+            if self.budget is None or need <= self.budget:
                 return MemoryChoice(settings, level, need, self.budget)
         last = len(self.ladder) - 1
         return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], width, height), self.budget)
+
+    def largest_fitting_pixels(self, settings: MemorySettings) -> int:
+        """The most output pixels whose estimate under `settings` fits the budget (0: not even the weights)."""
+        if self.budget is None:
+            return 0
+        probe = 1024 * 1024
+        per_px = (self.estimate(settings, 1024, 1024) - self.estimate(settings, 0, 0)) / probe
+        return max(0, int((self.budget - self.estimate(settings, 0, 0)) / per_px)) if per_px > 0 else 0
 
 
 def apply_settings(unet: nn.Module, settings: MemorySettings) -> None:
@@ -369,12 +433,16 @@ def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_devi
         free_cached(device)
 
 
-def device_budget(device: torch.device, max_vram: float | None) -> int:
-    """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds."""
+def device_budget(device: torch.device, max_vram: float | None) -> int | None:
+    """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds; None
+    where free memory cannot be measured."""
     if max_vram is not None:
         return int(max_vram * GIB)
+    free = available_bytes(device)
+    if free is None:
+        return None
     held = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
-    return available_bytes(device) + held
+    return free + held
 
 
 def module_bytes(*modules: nn.Module) -> int:

@@ -3,9 +3,12 @@ model built from the configs in `archs.py` (random weights, no files, no network
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,30 +17,45 @@ import torch
 from torch import nn
 
 from .archs import ARCHS, BUILTIN_MODELS, ArchSpec
-from .errors import ModelLoadError, UnsafeFileError, UsageError
-from .families import Family, detect_family, is_sdxl_checkpoint
-from .hub import looks_like_hub_id, resolve_local_or_hub
+from .errors import ModelLoadError, UnknownArchitectureError, UnsafeFileError, UsageError
+from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
+from .hub import fetch_snapshot, model_source, resolve_local_or_hub
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SEED = 0  # built-in models are the same on every run and every machine
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# What a diffusers repo needs for our pipeline: configs, tokenizers and safetensors weights only.
-HUB_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer*/*",
-    "text_encoder*/config.json",
-    "text_encoder*/model.safetensors",
-    "text_encoder*/model.safetensors.index.json",
-    "text_encoder*/model-*.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.safetensors.index.json",
-    "unet/diffusion_pytorch_model-*.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
+# What a diffusers repo needs for our pipeline: configs, tokenizers and safetensors weights only, and of the
+# weights only one precision (the fp16 variant files for an fp16 run, where the repo has them).
+CONFIG_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer*/*", "*/config.json"]
+WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+FP16_VARIANT = "fp16"
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}  # as --dtype spells them
+
+
+def weight_patterns(component: str, variant: str | None) -> list[str]:
+    """A component's safetensors weights (single or sharded, with their index), in one precision."""
+    name, v = WEIGHT_NAMES[component], f".{variant}" if variant else ""
+    return [
+        f"{component}/{name}{v}.safetensors",
+        f"{component}/{name}{v}-*.safetensors",
+        f"{component}/{name}.safetensors.index{v}.json",
+    ]
+
+
+def has_weights(folder: Path, component: str, variant: str | None) -> bool:
+    name, v = WEIGHT_NAMES[component], f".{variant}" if variant else ""
+    sub = folder / component
+    return (sub / f"{name}{v}.safetensors").is_file() or any(sub.glob(f"{name}{v}-*.safetensors"))
+
+
+def hub_patterns(variant: str | None, components: tuple[str, ...] = tuple(WEIGHT_NAMES)) -> list[str]:
+    return CONFIG_PATTERNS + [p for c in components for p in weight_patterns(c, variant)]
 
 
 @dataclass
@@ -56,9 +74,14 @@ class Components:
     def is_sdxl(self) -> bool:
         return self.unet.config.get("addition_embed_type") == "text_time"
 
-    @property
-    def prediction_type(self) -> str:
-        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+    def dtypes(self) -> dict[str, str]:
+        """Each component's dtype as it runs, spelled as --dtype spells it."""
+
+        def name(module: nn.Module) -> str:
+            dtype = next(module.parameters()).dtype
+            return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+        return {"unet": name(self.unet), "vae": name(self.vae), "text_encoder": name(self.text_encoders[0])}
 
     @property
     def native_size(self) -> int:
@@ -121,32 +144,70 @@ def build_random(
 
 
 def place(comps: Components, device: str | torch.device, dtype: torch.dtype) -> Components:
-    """Move to the device; the VAE stays fp32 where its config asks (SDXL's overflows in fp16)."""
+    """Move to the device; the VAE runs in fp32 where its family needs it (SDXL's overflows in fp16)."""
     comps.unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     from .memory import vae_dtype
 
-    comps.vae.to(device=device, dtype=vae_dtype(comps.vae.config, dtype)).eval().requires_grad_(False)
+    comps.vae.to(device=device, dtype=vae_dtype(comps.vae.config, dtype, comps.family)).eval().requires_grad_(False)
     for enc in comps.text_encoders:
         enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return comps
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers' and transformers' own progress bars, info logs and warnings off while we load: the caller's
+    progress (our events) is the only one shown. Restored afterwards, for library users."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, (bars, level) in zip(libraries, saved, strict=True):
+            if bars:
+                lib.enable_progress_bar()
+            lib.set_verbosity(level)
 
 
 def load_components(
     model: str, *, device: str | torch.device, dtype: torch.dtype, allow_pickle: bool = False, vae: str | None = None
 ) -> Components:
     """Load `model` (built-in name, local folder, single file or hub id) onto `device`."""
-    if model in BUILTIN_MODELS:
-        comps = build_random(model, device=device, dtype=dtype)
-    else:
-        path = Path(model).expanduser()
-        if path.is_file() or (not path.exists() and not looks_like_hub_id(model)):
-            comps = _load_single_file(model, path, dtype, allow_pickle)
+    with quiet_libraries():
+        kind = model_source(model)
+        if kind == "builtin":
+            comps = build_random(model, device=device, dtype=dtype)
+        elif kind == "file":
+            comps = _load_single_file(model, Path(model).expanduser(), dtype, allow_pickle)
         else:
-            folder = resolve_local_or_hub(model, what="model", allow_patterns=HUB_PATTERNS)
+            folder = Path(model).expanduser() if kind == "folder" else _fetch_repo(model, dtype)
             comps = _load_folder(model, folder, dtype)
-    if vae:
-        comps.vae = _load_vae(vae, dtype)
-    return place(comps, device, dtype)
+        if vae:
+            comps.vae = _load_vae(vae, dtype)
+        return place(comps, device, dtype)
+
+
+def _fetch_repo(repo_id: str, dtype: torch.dtype) -> Path:
+    """A hub repo's snapshot with the weights in one precision: the fp16 variant files for an fp16 run (half the
+    download), the plain files for the components that have no variant (or for any other dtype)."""
+    variant = FP16_VARIANT if dtype == torch.float16 else None
+    folder = fetch_snapshot(repo_id, what="model", allow_patterns=hub_patterns(variant))
+    if variant is None:
+        return folder
+    lacking = tuple(
+        c for c in WEIGHT_NAMES if (folder / c / "config.json").is_file() and not has_weights(folder, c, variant)
+    )
+    if lacking:
+        folder = fetch_snapshot(repo_id, what="model", allow_patterns=hub_patterns(None, lacking))
+    return folder
 
 
 def _load_vae(source: str, dtype: torch.dtype) -> nn.Module:
@@ -173,42 +234,46 @@ def _load_folder(model: str, folder: Path, dtype: torch.dtype) -> Components:
             "diffusers folder, a hub id, or a single .safetensors checkpoint file"
         )
     two_encoders = (folder / "text_encoder_2").is_dir()
+
+    def variant(component: str) -> str | None:
+        """fp16 files for an fp16 run where the folder has them; otherwise the plain files, converted."""
+        return FP16_VARIANT if dtype == torch.float16 and has_weights(folder, component, FP16_VARIANT) else None
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            unet = UNet2DConditionModel.from_pretrained(
-                folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True, variant=variant("unet")
+        )
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True, variant=variant("vae")
+        )
+        encoders: list[nn.Module] = [
+            CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True, variant=variant("text_encoder")
             )
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
-            encoders: list[nn.Module] = [
-                CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
-            ]
-            tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
-            if two_encoders:
-                encoders.append(
-                    CLIPTextModelWithProjection.from_pretrained(
-                        folder, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True
-                    )
+        ]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+        if two_encoders:
+            encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(
+                    folder,
+                    subfolder="text_encoder_2",
+                    dtype=dtype,
+                    use_safetensors=True,
+                    variant=variant("text_encoder_2"),
                 )
-                tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
+            )
+            tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load '{model}' from {folder}: {exc}. Weights must be safetensors (convert .bin/.ckpt first)"
         ) from exc
-    return Components(model, unet, vae, encoders, tokenizers, scheduler_config, _family_or_none(unet.config))
-
-
-def _family_or_none(config: Any) -> Family | None:
-    try:
-        return detect_family(config)
-    except Exception:
-        return None
+    return Components(model, unet, vae, encoders, tokenizers, scheduler_config, family_or_none(unet.config))
 
 
 def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: bool) -> Components:
-    if not path.is_file():
-        raise UsageError(f"model file '{model}' does not exist")
+    """An A1111/Civitai-style checkpoint (original LDM key names) with the configs and tokenizer shipped in the
+    package for its family, told from its tensor names and shapes: no Hugging Face cache, no network."""
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise UnsafeFileError(
@@ -221,36 +286,72 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
         raise UsageError(f"'{path.name}': unknown model file type; give a .safetensors file or a diffusers folder")
     if suffix in PICKLE_SUFFIXES:
         log.warning("loading pickle checkpoint %s with torch's weights-only loader (--allow-pickle)", path.name)
-        _check_weights_only(path)
+        shapes = _pickle_shapes(path)
+    else:
+        shapes = safetensors_shapes(path)
     try:
-        is_xl = suffix == ".safetensors" and is_sdxl_checkpoint(path)
-    except Exception as exc:
-        raise ModelLoadError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+        family = single_file_family(shapes, path.name)
+    except UnknownArchitectureError as exc:
+        raise ModelLoadError(str(exc)) from None
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .hub import hub_offline
+    from .shipped import write_pipeline_folder
 
+    is_xl = family.addition_embed_type == "text_time"
     pipe_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     extra: dict[str, Any] = (
         {} if is_xl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe = pipe_cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=hub_offline(), **extra)
-    except Exception as exc:  # diffusers raises many kinds here; all mean the same to the user
-        raise ModelLoadError(
-            f"could not load single-file checkpoint '{path}': {exc}. Single files need their model's configs and "
-            "tokenizer from the Hugging Face cache; offline, convert it to a diffusers folder once with network"
-        ) from exc
+    with tempfile.TemporaryDirectory(prefix="linfusion-configs-") as tmp:
+        configs = write_pipeline_folder(family, Path(tmp), prediction_type=single_file_prediction(path, shapes, family))
+        try:
+            pipe = pipe_cls.from_single_file(
+                str(path), config=str(configs), torch_dtype=dtype, local_files_only=True, **extra
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # diffusers' ways of saying "does not fit"
+            raise ModelLoadError(
+                f"could not load single-file checkpoint '{path}' as {family.label}: {exc}. If it is not a plain "
+                f"{family.label} checkpoint, convert it to a diffusers folder and pass the folder"
+            ) from exc
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
-    return Components(
-        model, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), _family_or_none(pipe.unet.config)
-    )
+    return Components(model, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), family)
 
 
-def _check_weights_only(path: Path) -> None:
+V_PRED_KEY = "v_pred"  # an empty tensor some tools write into v-prediction single files
+
+
+def single_file_prediction(path: Path, shapes: Mapping[str, Any], family: Family) -> str | None:
+    """SD-2.x single files of both kinds have the same keys: 2.x-base predicts the noise, 2.x-768 predicts v.
+    A `v_pred` key, or the A1111-style config beside the file (NAME.yaml, `parameterization: "v"` or not) says
+    which; without either, v-prediction (the 768 px model, diffusers' own guess). None: the family's own."""
+    if family.configs != "sd2":
+        return None
+    if V_PRED_KEY in shapes:
+        return "v_prediction"
+    beside = path.with_suffix(".yaml")
+    if beside.is_file():
+        import yaml
+
+        try:
+            params = (yaml.safe_load(beside.read_text()) or {}).get("model", {}).get("params", {})
+        except (yaml.YAMLError, AttributeError) as exc:
+            raise ModelLoadError(f"{beside}: not a readable Stable Diffusion config ({exc})") from exc
+        return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    return "v_prediction"
+
+
+def _pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a pickle checkpoint, loaded weights-only (refused if it holds anything else)."""
+    state = _check_weights_only(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"'{path.name}' does not hold a state dict")
+    return {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _check_weights_only(path: Path) -> Any:
     """Unpickle with torch's weights-only loader first: anything but tensors and plain containers is refused
     before diffusers ever reads the file."""
     import pickle
@@ -263,12 +364,12 @@ def _check_weights_only(path: Path) -> None:
         )
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise refuse(exc) from None
     except RuntimeError:  # the old (non-zip) format cannot be memory-mapped: load it plainly, still weights-only
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
             raise refuse(exc) from None
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import LinFusionAttention
 from .errors import CheckpointError, UsageError
-from .families import Family, detect_family, guess_family_of_checkpoint
+from .families import Family, detect_family, family_or_none, guess_family_of_checkpoint
 from .hub import resolve_local_or_hub
 
 log = logging.getLogger(__name__)
@@ -184,11 +184,11 @@ def apply_linfusion(unet: nn.Module, source: str = "auto") -> LinFusionPatch:
         family = detect_family(config)
         source = family.linfusion_repo or "random"
     elif source in ("init", "random"):
-        family = _try_family(config)
+        family = family_or_none(config)
     if source in ("init", "random"):
         specs = _layer_specs(unet, family)
     else:
-        family = _try_family(config)
+        family = family_or_none(config)
         specs, weights = load_checkpoint(source, unet)
     if not specs:
         raise CheckpointError("this UNet has no self-attention (attn1) layers to patch")
@@ -208,13 +208,6 @@ def apply_linfusion(unet: nn.Module, source: str = "auto") -> LinFusionPatch:
         _set(unet, spec.module_name, module)
     log.info("LinFusion: patched %d self-attention layers (%s)", len(specs), source)
     return patch
-
-
-def _try_family(config: Any) -> Family | None:
-    try:
-        return detect_family(config)
-    except Exception:  # an unknown architecture is fine when the user brings the weights
-        return None
 
 
 def load_checkpoint(source: str, unet: nn.Module) -> tuple[list[LayerSpec], dict[str, dict[str, torch.Tensor]]]:
@@ -250,7 +243,7 @@ def load_checkpoint(source: str, unet: nn.Module) -> tuple[list[LayerSpec], dict
 
     guess = guess_family_of_checkpoint(entries)
     unet_layers = dict(self_attention_layers(unet))
-    unet_family = _try_family(getattr(unet, "config", {}))
+    unet_family = family_or_none(getattr(unet, "config", {}))
     unet_label = unet_family.label if unet_family else "an unknown architecture"
     mismatch = f"the checkpoint seems to be for {guess}; this UNet is {unet_label} ({len(unet_layers)} attn1 layers)"
 

@@ -126,6 +126,8 @@ def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
     on_gpu = any(s.get("peak_vram_allocated_gib") is not None for s in stages)
     secs = sidecar.get("seconds", {})
     caption = f"model load {secs.get('model_load', 0):.1f} s, file write {secs.get('write', 0):.1f} s"
+    if sidecar.get("dtypes"):
+        caption += "; " + ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in sidecar["dtypes"].items())
     if not on_gpu:
         caption += "; VRAM: not applicable (CPU run), RSS is the process's resident memory"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from .families import Family
+    from .memory import MemoryChoice, MemoryPlanner
     from .pipeline import Engine, GenerateResult
 
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
@@ -153,6 +154,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, devic
         "seconds": {"generate": round(result.seconds, 3), "model_load": round(engine.load_seconds, 3)},
         "device": device_name,
         "dtype": str(engine.dtype).replace("torch.", ""),
+        "dtypes": engine.comps.dtypes(),
         "versions": versions(),
         "warnings": list(prep.notes) + list(result.warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -257,9 +259,11 @@ def plan_for(
 def plan_summary(
     prep: Prepared, family: Family | None, device_name: str = "auto", dtype_name: str = "auto"
 ) -> dict[str, Any]:
-    """The plan as data: stages with expected peak memory and VAE tiling on the chosen device."""
+    """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
+    dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline)."""
     from . import memory
     from .archs import ARCHS
+    from .models import DTYPE_NAMES
 
     device = memory.resolve_device(device_name)
     dtype = memory.resolve_dtype(dtype_name, device)
@@ -275,11 +279,14 @@ def plan_summary(
         weights=int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2)),
     )
     budget = planner.budget
-    vae_dtype = memory.vae_dtype(arch.vae, dtype)
-    stages = []
+    vae_dtype = memory.vae_dtype(arch.vae, dtype, family)
+    stages: list[dict[str, Any]] = []
+    warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family)
     for stage in prep.plan.stages:
         choice = planner.choose(stage.width, stage.height)
         settings, need = choice.settings, choice.estimate
+        if not choice.fits and all(s["fits"] for s in stages):
+            warnings.append(_over_budget(prep, stage, planner, choice))
         tile = job.vae_tile or memory.auto_vae_tile(
             arch.vae, vae_dtype, device, stage.height, stage.width, settings.vae_budget
         )
@@ -293,6 +300,7 @@ def plan_summary(
                 "memory": settings.name,
                 "memory_settings": settings.as_dict(),
                 "estimated_peak_gib": round(need / memory.GIB, 2),
+                "fits": choice.fits,
                 "vae": "untiled" if tile is None else f"tiles of {tile} px",
             }
         )
@@ -310,11 +318,50 @@ def plan_summary(
         "guidance": job.guidance,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "memory_budget_gib": round(budget / memory.GIB, 1),
+        "dtypes": {"unet": DTYPE_NAMES[dtype], "vae": DTYPE_NAMES[vae_dtype], "text_encoder": DTYPE_NAMES[dtype]},
+        "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
+        "fits": all(s["fits"] for s in stages),
         "stages": stages,
         "output": None if job.seed is None else str(prep.paths.image),
-        "notes": prep.notes,
+        "notes": [*prep.notes, *warnings],
+        "warnings": warnings,
     }
+
+
+def _over_budget(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice) -> str:
+    """Say that even the most frugal settings exceed the budget, and what would fit."""
+    from .memory import GIB
+
+    text = (
+        f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.1f} GiB even with the most "
+        f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "
+        "GiB budget"
+    )
+    pixels = planner.largest_fitting_pixels(choice.settings)
+    target = prep.target
+    long_side = int((pixels * target.long_side / max(1, min(target.width, target.height))) ** 0.5) // 64 * 64
+    if long_side < 64:
+        return f"{text}: not even the model's weights fit; use a device with more memory"
+    return f"{text}: about --size {long_side} fits at this aspect (or a device with more memory / --max-vram)"
+
+
+def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:
+    """With HF_HUB_OFFLINE set, the hub repos this job needs that are not in the local cache, each with the
+    command that fetches it (nothing is looked up online)."""
+    from .hub import hub_offline, missing_from_cache, model_source
+
+    if not hub_offline():
+        return []
+    wanted: list[tuple[str, str, str]] = []  # (what, repo, a file every snapshot of it has)
+    if model_source(job.model) == "hub":
+        wanted.append(("model", job.model, "model_index.json"))
+    if job.linfusion == "auto" and family is not None and family.linfusion_repo:
+        wanted.append(("LinFusion weights (--linfusion auto)", family.linfusion_repo, "config.json"))
+    elif job.linfusion not in ("auto", "none", "init", "random"):
+        wanted.append(("LinFusion weights", job.linfusion, "config.json"))
+    if job.vae:
+        wanted.append(("VAE", job.vae, "config.json"))
+    return missing_from_cache(wanted)
 
 
 def torch_bytes(dtype: torch.dtype) -> int:
@@ -336,15 +383,23 @@ def generate(
     seed = pick_seed(job)
     input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
     prep, family = plan_for(job, options, seed=seed, input_size=input_size)
+    summary = plan_summary(prep, family, options.device, options.dtype)
     if dry_run:
-        return {"dry_run": True, "plan": plan_summary(prep, family, options.device, options.dtype)}
+        return {"dry_run": True, "plan": summary}
 
+    from .errors import ModelLoadError
     from .memory import resolve_device, resolve_dtype
     from .output import clean_stale_temps, prepare_folder
     from .pipeline import Engine
 
+    gaps = offline_gaps(job, family)
+    if gaps:
+        raise ModelLoadError("; ".join(gaps))
     for note in prep.notes:
         events(Note("warning" if "rounded" in note else "info", note))
+    for warning in summary["warnings"]:
+        events(Note("warning", warning))
+    prep.notes.extend(summary["warnings"])
     prepare_folder(options.out)
     clean_stale_temps(options.out)
     ensure_writable_target(prep, options.overwrite)

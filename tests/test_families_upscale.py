@@ -49,7 +49,7 @@ def test_other_families_end_to_end(runner, tmp_path: Path, model: str, family: s
     with Image.open(report["path"]) as image:
         assert image.size == (512, 344)
         assert np.asarray(image).std() > 1  # not a blank image
-    assert build_random(model).prediction_type == prediction
+    assert build_random(model).scheduler_config["prediction_type"] == prediction
 
 
 def test_sdxl_size_conditioning_follows_the_stage(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,172 @@
+"""Devices, precision and budgets as a user meets them: a missing CUDA, fp16 on a CPU, a VAE in the right dtype,
+a plan that fits nothing, free memory that cannot be measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from linfusion_cli import memory
+from linfusion_cli.cli import app
+from linfusion_cli.families import FAMILIES, family_or_none
+from linfusion_cli.hub import model_source
+from linfusion_cli.models import load_components
+
+FAMILY = {f.key: f for f in FAMILIES}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plan", "--size", "1024"],
+        ["generate", "a fox", "--model", "tiny", "--dry-run"],
+        ["generate", "a fox", "--model", "tiny"],
+        ["generate", "a fox", "--model", "tiny", "--device", "cuda:1"],
+    ],
+)
+def test_cuda_without_cuda_is_one_line_exit_2(runner, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = []
+    monkeypatch.setattr("linfusion_cli.models.load_components", lambda *a, **k: loaded.append(a))
+    device = [] if "--device" in args else ["--device", "cuda"]
+    result = runner.invoke(app, [*args, *device])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not available" in lines[0] and "Traceback" not in result.stderr
+    assert loaded == []
+
+
+def test_fp16_on_cpu_warns_in_plan(runner) -> None:
+    result = runner.invoke(
+        app, ["plan", "--model", "tiny", "--size", "256", "--device", "cpu", "--dtype", "fp16", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert any("fp16 on the CPU is many times slower" in w for w in plan["warnings"])
+    fp32 = runner.invoke(app, ["plan", "--model", "tiny", "--size", "256", "--device", "cpu", "--json"])
+    assert json.loads(fp32.stdout)["warnings"] == []
+
+
+def test_plan_says_when_nothing_fits_and_what_would(runner) -> None:
+    """The plan names the first stage over budget, its estimate, the budget, and a size that fits (which,
+    planned again, fits)."""
+    args = ["plan", "--model", "tiny", "--size", "16384", "--device", "cpu", "--max-vram", "0.5", "--json"]
+    plan = json.loads(runner.invoke(app, args).stdout)
+    assert plan["fits"] is False
+    over = [s for s in plan["stages"] if not s["fits"]]
+    assert over and all(s["memory"] == "frugal" for s in over)
+    first = over[0]
+    (warning,) = [w for w in plan["warnings"] if "most frugal" in w]
+    assert f"stage {first['index'] + 1} ({first['size']})" in warning and "0.5 GiB budget" in warning
+    assert f"{first['estimated_peak_gib']:.1f} GiB" in warning
+    size = int(warning.split("--size ")[1].split()[0])
+    smaller = json.loads(runner.invoke(app, [*args[:4], str(size), *args[5:]]).stdout)
+    assert smaller["fits"] is True and smaller["warnings"] == []
+
+
+def test_generate_reports_over_budget_before_it_starts(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "device_budget", lambda device, max_vram: 1024)
+    args = ["generate", "a fox", "--model", "tiny", "--size", "256", "--steps", "2"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path), "--json", "--seed", "1"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert any("even with the most frugal memory settings" in w for w in report["warnings"])
+    assert "not even the model's weights fit" in result.stderr.replace("\n", " ")
+
+
+def test_unmeasurable_free_memory_is_unknown_not_invented(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_proc(*args: object, **kwargs: object) -> None:
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    monkeypatch.delattr("os.sysconf")
+    cpu = torch.device("cpu")
+    assert memory.available_bytes(cpu) is None
+    assert memory.device_budget(cpu, None) is None
+    assert memory.device_budget(cpu, 3.0) == 3 * memory.GIB
+    planner = memory.MemoryPlanner.for_job(
+        low_vram=False, max_vram=None, guidance=7.5, device=cpu, top_width=320, dtype=torch.float16, weights=0
+    )
+    choice = planner.choose(16384, 16384)
+    chosen = choice.settings
+    assert choice.fits and planner.budget is None
+    assert chosen.name == "fast"  # unknown: the fastest, with the out-of-memory retry behind it
+    assert memory.vae_budget(cpu, None) == memory.VAE_BUDGET_CAP
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "dtype", "expected"),
+    [
+        ("sd1", {}, torch.float16, torch.float16),  # SD-1.5's real config has no force_upcast
+        ("sd2", {"force_upcast": True}, torch.float16, torch.float16),  # SD-1/2 pipelines never upcast
+        ("sdxl", {"force_upcast": True}, torch.float16, torch.float32),
+        ("sdxl", {}, torch.float16, torch.float32),
+        ("sdxl", {"force_upcast": False}, torch.float16, torch.float16),  # the fp16-fix VAE
+        ("sdxl", {"force_upcast": True}, torch.bfloat16, torch.bfloat16),  # bf16 has fp32's range
+        (None, {}, torch.float16, torch.float32),  # unknown family: its config (default True)
+    ],
+)
+def test_vae_upcast_by_family(family: str | None, config: dict, dtype: torch.dtype, expected: torch.dtype) -> None:
+    assert memory.vae_dtype(config, dtype, FAMILY[family] if family else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("tiny", {"unet": "fp16", "vae": "fp16", "text_encoder": "fp16"}),
+        ("tiny-sdxl", {"unet": "fp16", "vae": "fp32", "text_encoder": "fp16"}),
+    ],
+)
+def test_components_report_the_dtypes_they_run_in(model: str, expected: dict[str, str]) -> None:
+    comps = load_components(model, device="cpu", dtype=torch.float16)
+    assert comps.dtypes() == expected
+    assert next(comps.vae.parameters()).dtype == {"fp16": torch.float16, "fp32": torch.float32}[expected["vae"]]
+
+
+def test_model_source_decides_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from linfusion_cli.errors import ModelNotFoundError
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    assert model_source("tiny-sdxl") == "builtin"
+    assert model_source(str(tiny_model_dir)) == "folder"
+    assert model_source(str(file)) == "file"
+    assert model_source("stable-diffusion-v1-5/stable-diffusion-v1-5") == "hub"
+    for missing in ("./no/such", str(tmp_path / "gone.safetensors"), "not a model"):
+        with pytest.raises(ModelNotFoundError, match="does not exist"):
+            model_source(missing)
+
+
+def test_family_or_none_hides_only_unknown_architectures() -> None:
+    assert family_or_none({"cross_attention_dim": 999}) is None
+    assert family_or_none({"cross_attention_dim": 768, "block_out_channels": [320, 640, 1280, 1280]}) == FAMILY["sd1"]
+    with pytest.raises(AttributeError):  # a bug (not a config) is not swallowed
+        family_or_none(None)  # type: ignore[arg-type]
+
+
+def test_quiet_run_prints_nothing_at_all(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Through the real loaders (diffusers and transformers from_pretrained, which draw their own bars), in a
+    fresh process as a farm runs it: --quiet on success leaves stderr and stdout empty."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    for noisy in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        env.pop(noisy, None)  # as a user's shell has them: unset
+    args = ["generate", "a fox", "--model", str(tiny_model_dir), "--size", "128", "--steps", "2", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "linfusion_cli", *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout == ""
+    assert len(list(tmp_path.glob("*.png"))) == 1
