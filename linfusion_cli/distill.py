@@ -390,7 +390,7 @@ def build_student(
 
         with patch.original_attention():
             unet.to(autocast)
-        comps.vae.to(vae_dtype(comps.vae.config, autocast))
+        comps.vae.to(vae_dtype(comps.vae.config, autocast, comps.family))
         for encoder in comps.text_encoders:
             encoder.to(autocast)
     for module in patch.modules:

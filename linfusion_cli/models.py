@@ -74,6 +74,10 @@ class Components:
     def is_sdxl(self) -> bool:
         return self.unet.config.get("addition_embed_type") == "text_time"
 
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
     def dtypes(self) -> dict[str, str]:
         """Each component's dtype as it runs, spelled as --dtype spells it."""
 
