@@ -46,6 +46,7 @@ A1111_SAMPLERS = {
     "dpm++2m-karras": "DPM++ 2M Karras",
     "unipc": "UniPC",
 }
+REFINE_METHODS = ("sdedit", "demofusion")  # how refine stages work: refine.py
 FORMATS = ("png", "jpeg", "tiff", "webp")
 FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
@@ -160,6 +161,11 @@ FIELDS: dict[str, FieldSpec] = {
     "max_vram": FieldSpec("float", _range(0.5, 4096)),
     "image": FieldSpec("str"),
     "strength": FieldSpec("float", _range(0.0, 1.0)),
+    "refine": FieldSpec("str", _choice(REFINE_METHODS)),
+    "cosine_scale_1": FieldSpec("float", _range(0.0, 1e6)),
+    "cosine_scale_2": FieldSpec("float", _range(0.0, 1e6)),
+    "cosine_scale_3": FieldSpec("float", _range(0.0, 1e6)),
+    "gaussian_sigma": FieldSpec("float", _range(0.01, 100.0)),
     "preset": FieldSpec("str"),
 }
 # Keys a preset may not set: they belong to one image, not to a recipe.
@@ -192,6 +198,11 @@ class JobSpec:
     max_vram: float | None = None
     image: str | None = None
     strength: float | None = None
+    refine: str = "sdedit"
+    cosine_scale_1: float = 3.0
+    cosine_scale_2: float = 1.0
+    cosine_scale_3: float = 1.0
+    gaussian_sigma: float = 1.0
     preset: str | None = None
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # key -> which layer set it
 

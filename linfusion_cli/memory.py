@@ -246,6 +246,9 @@ FRUGAL_VAE_BUDGET = 1 * GIB
 BYTES_PER_TOKEN_UNCHUNKED = 15_600
 BYTES_PER_TOKEN_FF_CHUNKED = 10_000
 ATTN_CHUNK_SAVING = 0.85
+# demofusion keeps the encoded upscaled latents, their noise, the local prediction and the blurred latents
+# (4 channels, fp32 each) beside the UNet's activations; its global branch is a second pass, not a wider one.
+REFINE_BYTES_PER_TOKEN = {"demofusion": 4 * 4 * 4}
 REFERENCE_WIDTH = 320
 
 
@@ -342,6 +345,7 @@ class MemoryPlanner:
     dtype_bytes: int
     weights: int  # bytes of the model's weights on the device
     guidance: bool
+    extra_per_token: int = 0  # bytes per latent token a refine method keeps besides the UNet's activations
 
     @classmethod
     def for_job(
@@ -354,6 +358,7 @@ class MemoryPlanner:
         top_width: int,
         dtype: torch.dtype,
         weights: int,
+        refine: str = "sdedit",
     ) -> MemoryPlanner:
         return cls(
             settings_ladder(low_vram, max_vram),
@@ -362,12 +367,14 @@ class MemoryPlanner:
             torch.finfo(dtype).bits // 8,
             weights,
             guidance > 1.0,
+            REFINE_BYTES_PER_TOKEN.get(refine, 0),
         )
 
     def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
-        return estimate_unet_peak(
+        unet = estimate_unet_peak(
             settings, width, height, self.top_width, self.dtype_bytes, self.weights, guidance=self.guidance
         )
+        return unet + (width // 8) * (height // 8) * self.extra_per_token
 
     def choose(self, width: int, height: int) -> MemoryChoice:
         """The fastest settings whose estimate fits the budget, else the most frugal."""

@@ -191,6 +191,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Model", meta["model"]),
         ("LinFusion", meta["linfusion"]),
         ("Stages", f'"{stages}"'),
+        *_refine_fields(s),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]
     lines = [s["prompt"]]
@@ -198,6 +199,18 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {s['negative']}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _refine_fields(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """The refine method, named with its parameters where it has any (absent in sidecars before it existed)."""
+    method = settings.get("refine", "sdedit")
+    if method != "demofusion":
+        return [("Refine", method)]
+    params = (
+        f"cosine scales {settings['cosine_scale_1']:g}/{settings['cosine_scale_2']:g}/{settings['cosine_scale_3']:g}"
+        f", sigma {settings['gaussian_sigma']:g}"
+    )
+    return [("Refine", f'"demofusion ({params})"')]
 
 
 def _user_comment(text: str) -> bytes:

@@ -25,6 +25,7 @@ from .memory import Meter
 from .models import Components, load_components
 from .patching import LinFusionPatch, apply_linfusion
 from .planning import Plan, StagePlan
+from .refine import DemoFusionGuide, DemoFusionParams, latent_stats, rematch
 from .sampling import StageInputs, denoise, initial_noise, make_scheduler, stage_timesteps
 from .text import Conditioning, encode_prompt
 from .vae import LATENT_SCALE, TiledVAE, to_uint8
@@ -164,7 +165,8 @@ class Engine:
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
         cond = self._conditioning(job, events)
-        run = _JobRun(job, plan, seed, cond, self.memory_planner(job), events, cancel or CancelToken())
+        base_width = plan.stages[0].width if init_image is None else init_image.shape[1]
+        run = _JobRun(job, plan, seed, cond, self.memory_planner(job), events, cancel or CancelToken(), base_width)
         image = None if init_image is None else _to_device_image(init_image, self.device, self._vae_dtype())
         records: list[StageRecord] = []
         stage_images: list[tuple[StagePlan, np.ndarray]] = []
@@ -200,6 +202,7 @@ class Engine:
             top_width=int(self.comps.unet.config["block_out_channels"][0]),
             dtype=self.dtype,
             weights=memory.module_bytes(self.comps.unet, self.comps.vae, *self.comps.text_encoders),
+            refine=job.refine,
         )
 
     def _conditioning(self, job: JobSpec, events: EventSink) -> Conditioning:
@@ -301,6 +304,7 @@ class Engine:
         generator = torch.Generator("cpu").manual_seed(seed + stage.index)
         try:
             # 1. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
+            guide: DemoFusionGuide | None = None
             if stage.strength is None:
                 timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
                 latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
@@ -308,12 +312,24 @@ class Engine:
                 if image is None:
                     raise RuntimeError(f"refine stage {stage.index} has no image to start from")
                 image = upscale(image, stage.width, stage.height)
-                latents = tiler.encode(image).float()
+                encoded = tiler.encode(image).float()
                 del image
+                if run.plan.refine == "demofusion" and run.anchor is None:
+                    run.anchor = latent_stats(encoded)  # upscaling an input: its statistics are the anchor
                 timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=True)
+                latents = encoded
                 if stage.steps > 0:
                     noise = initial_noise(latent_shape, seed + stage.index, device)
-                    latents = scheduler.add_noise(latents, noise, timesteps[:1])
+                    latents = scheduler.add_noise(encoded, noise, timesteps[:1])
+                    if run.plan.refine == "demofusion":
+                        guide = DemoFusionGuide(
+                            DemoFusionParams.of(job),
+                            max(1, round(stage.width / run.base_width)),
+                            encoded,
+                            noise,
+                            int(scheduler.config.num_train_timesteps),
+                            comps.unet,
+                        )
                 else:
                     timesteps = timesteps[:0]
 
@@ -324,9 +340,15 @@ class Engine:
                 run.events(StepDone(stage.index, step, total))
                 run.cancel.check()
 
-            latents = denoise(comps.unet, scheduler, latents, timesteps, inputs, generator, on_step)
+            latents = denoise(comps.unet, scheduler, latents, timesteps, inputs, generator, on_step, guide)
             if not bool(torch.isfinite(latents).all()):
                 raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
+            if run.plan.refine == "demofusion":
+                # The official pipeline keeps every scale's latents at the base image's per-channel statistics.
+                if run.anchor is None:
+                    run.anchor = latent_stats(latents)
+                else:
+                    latents = rematch(latents, run.anchor)
 
             # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last.
             latents = latents.to(self._vae_dtype())
@@ -348,7 +370,9 @@ class _JobRun:
     planner: memory.MemoryPlanner
     events: EventSink
     cancel: CancelToken
+    base_width: int  # px of the base stage, or of the input image when upscaling: refine ratios count from it
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = None  # demofusion: per-channel latent mean/std to keep
 
 
 def upscale(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

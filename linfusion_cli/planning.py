@@ -8,6 +8,7 @@ semantics: int(steps * s)). No torch here: plans are made (and printed) before a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Target, plural, round_side
@@ -15,6 +16,7 @@ from .errors import UsageError
 
 FIRST_STRENGTH = 0.4
 LAST_STRENGTH = 0.1
+DEMOFUSION_FIRST_STRENGTH = 0.32  # the official high-resolution pipeline's `upscale_strength`
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
 # 2.15x stage rather than 512 -> 1024 -> 1100), so every refine step is between 1.25x and 2.5x.
 MIN_LAST_STEP = 1.25
@@ -44,11 +46,16 @@ class Plan:
     schedule_steps: int
     native: int
     from_image: bool = False
+    refine: str = "sdedit"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def refine_stages(self) -> list[StagePlan]:
         return [s for s in self.stages if s.strength is not None]
+
+    def unet_passes(self, stage: StagePlan) -> int:
+        """UNet passes a stage runs per guidance half: demofusion refine stages add a global pass per step."""
+        return stage.steps * (2 if self.refine == "demofusion" and stage.strength is not None else 1)
 
 
 def default_strengths(count: int, first: float = FIRST_STRENGTH, last: float = LAST_STRENGTH) -> list[float]:
@@ -66,6 +73,25 @@ def refine_steps(schedule_steps: int, strength: float) -> int:
     if strength <= 0:
         return 0
     return max(1, min(schedule_steps, int(schedule_steps * strength)))
+
+
+def demofusion_strengths(count: int, first: float = DEMOFUSION_FIRST_STRENGTH) -> list[float]:
+    """The official pipeline's upscale strengths: linspace(first, 0, count + 1) without the final 0."""
+    return [round(first * (1 - i / count), 4) for i in range(count)] if count > 0 else []
+
+
+def demofusion_steps(schedule_steps: int, strength: float) -> int:
+    """ceil(steps * strength), as the official pipeline's `get_timesteps` counts them."""
+    if strength <= 0:
+        return 0
+    return min(schedule_steps, math.ceil(round(schedule_steps * strength, 9)))
+
+
+# How each refine method picks default strengths and counts a stage's steps.
+REFINE_SCHEDULES: dict[str, tuple[Callable[[int, float], list[float]], float, Callable[[int, float], int]]] = {
+    "sdedit": (default_strengths, FIRST_STRENGTH, refine_steps),
+    "demofusion": (demofusion_strengths, DEMOFUSION_FIRST_STRENGTH, demofusion_steps),
+}
 
 
 def _scaled(target: Target, long_side: int) -> tuple[int, int]:
@@ -92,13 +118,16 @@ def make_plan(
     input_size: tuple[int, int] | None = None,
     first_strength: float | None = None,
     strengths_from: str | None = None,
+    refine: str = "sdedit",
 ) -> Plan:
     """Plan the stages for `target`.
 
     native: the family's native long side; base_size overrides it (the published 16K recipe starts at 1024).
     input_size: (w, h) of an image to upscale: no base stage, refine stages start from it.
     strengths_from: who gave `strengths` when not the --strengths flag (a preset, a prompt file's row).
+    refine: the refine method, which sets the default strengths and how a stage's steps are counted.
     """
+    pick_strengths, method_first, count_steps = REFINE_SCHEDULES[refine]
     notes: list[str] = []
     if input_size is not None:
         in_long = max(input_size)
@@ -119,7 +148,7 @@ def make_plan(
 
     count = len(refine_sizes)
     if strengths is None:
-        chosen = default_strengths(count, first_strength if first_strength is not None else FIRST_STRENGTH)
+        chosen = pick_strengths(count, first_strength if first_strength is not None else method_first)
     else:
         chosen = list(strengths)
         if len(chosen) != count:
@@ -136,7 +165,7 @@ def make_plan(
             )
     stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
     for (w, h), s in zip(refine_sizes, chosen, strict=True):
-        stages.append(StagePlan(len(stages), w, h, s, refine_steps(schedule_steps, s)))
+        stages.append(StagePlan(len(stages), w, h, s, count_steps(schedule_steps, s)))
     if target.note:
         notes.insert(0, target.note)
-    return Plan(target, tuple(stages), schedule_steps, native, input_size is not None, tuple(notes))
+    return Plan(target, tuple(stages), schedule_steps, native, input_size is not None, refine, tuple(notes))

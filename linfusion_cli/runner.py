@@ -103,6 +103,7 @@ def prepare(
         input_size=input_size,
         first_strength=job.strength,
         strengths_from=None if job.sources.get("strengths", FLAGS) == FLAGS else job.sources["strengths"],
+        refine=job.refine,
     )
     # An upscale without a prompt is named after its input image.
     label = job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
@@ -277,6 +278,7 @@ def plan_summary(
         top_width=arch.unet["block_out_channels"][0],
         dtype=dtype,
         weights=int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2)),
+        refine=job.refine,
     )
     budget = planner.budget
     vae_dtype = memory.vae_dtype(arch.vae, dtype, family)
@@ -297,6 +299,7 @@ def plan_summary(
                 "size": stage.size_text,
                 "strength": stage.strength,
                 "steps": stage.steps,
+                "unet_passes": prep.plan.unet_passes(stage),
                 "memory": settings.name,
                 "memory_settings": settings.as_dict(),
                 "estimated_peak_gib": round(need / memory.GIB, 2),
@@ -314,6 +317,7 @@ def plan_summary(
         # A seed picked at random for the plan is not the one a run will pick: no made-up seed or file name.
         "seed": job.seed,
         "scheduler": job.scheduler,
+        "refine": job.refine,
         "schedule_steps": job.steps,
         "guidance": job.guidance,
         "device": str(device),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -81,6 +81,24 @@ def stage_timesteps(
     return scheduler.timesteps[start:]
 
 
+class StepGuide(Protocol):
+    """Per-step hooks of a refine method (refine.DemoFusionGuide): adjust the latents before a step, and
+    blend extra model passes into the prediction."""
+
+    passes_per_step: int
+
+    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def blend(
+        self,
+        local: torch.Tensor,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scale_input: Callable[[torch.Tensor], torch.Tensor],
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def denoise(
     unet: nn.Module,
@@ -90,14 +108,31 @@ def denoise(
     inputs: StageInputs,
     generator: torch.Generator,
     on_step: Callable[[int, int], None],
+    guide: StepGuide | None = None,
 ) -> torch.Tensor:
-    """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype."""
-    total = len(timesteps)
+    """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
+
+    on_step(done, total) counts UNet passes (a guide may add passes per step), so progress moves with the work.
+    """
+    passes = guide.passes_per_step if guide is not None else 1
+    total = len(timesteps) * passes
+
+    def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _predict(unet, model_in, t, inputs)
+
     for i, t in enumerate(timesteps):
-        model_in = scheduler.scale_model_input(latents, t)
-        prediction = _predict(unet, model_in, t, inputs)
+        if guide is not None:
+            latents = guide.before_step(scheduler, t, latents)
+        prediction = predict(scheduler.scale_model_input(latents, t), t)
+        if guide is not None:
+            on_step(i * passes + 1, total)
+
+            def scale_input(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+                return scheduler.scale_model_input(x, t)
+
+            prediction = guide.blend(prediction, latents, t, scale_input, predict)
         latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
-        on_step(i + 1, total)
+        on_step((i + 1) * passes, total)
     return latents
 
 

@@ -185,7 +185,7 @@ def test_info_reads_our_metadata(runner, tmp_path: Path) -> None:
 
 def test_presets_list_and_show(runner) -> None:
     listed = run(runner, "presets", "list")
-    for name in ("sd15-16k", "sd15-16k-fast", "sdxl-16k", "low-vram"):
+    for name in ("sd15-16k", "sd15-16k-fast", "sd15-16k-demofusion", "sdxl-16k", "low-vram"):
         assert name in listed.stdout
     shown = run(runner, "presets", "show", "sd15-16k")
     assert "base_size: 1024" in shown.stdout
