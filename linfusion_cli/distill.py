@@ -483,6 +483,8 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
         if saved is not None:
             step, position, _ = ckpt.restore(saved, optimizer, scaler, cfg.lr)
             events(Note("info", f"resuming from {saved.folder} at step {step}"))
+            if step >= cfg.steps:
+                events(Note("warning", f"the run is already at step {step} of --steps {cfg.steps}; raise --steps"))
         stream = DataStream(train, seed, student.resolution)
         start_step = step
         global_batch = cfg.batch_size * cfg.grad_accum * dist.world

@@ -133,6 +133,13 @@ def test_v_prediction_models_learn_the_v_target(images: Path, tmp_path: Path) ->
     assert float(losses.noise) != pytest.approx(float(F.mse_loss(pred, noise)), rel=1e-3)
 
 
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sdxl"])
+def test_other_families_train(model: str, images: Path, tmp_path: Path) -> None:
+    result = distill(DistillConfig(model=model, data=str(images), out=tmp_path, steps=2, resolution=RES, init="init"))
+    assert result.steps == 2 and np.isfinite(result.last_losses["loss"])
+    assert json.loads((tmp_path / "step-00000002" / STATE_JSON).read_text())["model"] == model
+
+
 # --- output, resume, signals ----------------------------------------------------------------------------------
 def test_saved_folder_loads_with_apply_linfusion_and_generate(trained, runner, tmp_path: Path) -> None:
     from linfusion_cli.models import build_random
@@ -356,10 +363,51 @@ def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(images:
     assert any(not torch.equal(rank0[k], start[k]) for k in start)  # it trained
     assert_same(weights(apply_linfusion(build_random("tiny").unet, str(tmp_path / "out"))), rank0)
     state = json.loads((tmp_path / "out" / "step-00000003" / STATE_JSON).read_text())
-    assert state["position"] == 6  # 3 steps x batch 1 x 2 ranks: the ranks read different samples
+    assert state["position"] == 12  # 3 steps x batch 1 x accum 2 x 2 ranks: every micro-batch reads new samples
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "step-00000002",
         "step-00000003",
     ]
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def test_command_progress_table_json_and_eval_on_held_out_samples(runner, tmp_path: Path) -> None:
+    data = make_images(tmp_path / "data", 6)
+    out = tmp_path / "out"
+    base = ["distill", "-m", "tiny", "--data", str(data), "-o", str(out), "--resolution", str(RES), "--init", "random"]
+    trained = runner.invoke(app, [*base, "--steps", "4", "--log-every", "2", "--holdout", "2"])
+    assert trained.exit_code == 0, trained.output
+    assert "on 4 samples (2 held out)" in trained.output
+    assert (
+        "step 2/4  loss " in trained.output and "step 4/4  loss " in trained.output and "steps/s  ETA" in trained.output
+    )
+    assert "step 3/4" not in trained.output  # a line every --log-every steps
+    assert "distilled: steps 0 -> 4" in trained.output and "last step" in trained.output
+
+    more = runner.invoke(app, [*base, "--steps", "6", "--log-every", "2", "--holdout", "2", "--json"])
+    assert more.exit_code == 0, more.output
+    lines = [json.loads(line) for line in more.stdout.splitlines()]
+    assert [(e["event"], e.get("step")) for e in lines] == [
+        ("step", 6),
+        ("checkpoint", 6),
+        ("done", None),
+    ]
+    assert (lines[-1]["start_step"], lines[-1]["steps"]) == (4, 6) and set(lines[0]) >= {
+        "loss",
+        "noise",
+        "kd",
+        "feat",
+        "eta_seconds",
+    }
+
+    evaluated = runner.invoke(app, [*base, "--eval-only", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert report["samples"] == 2 and report["init"] == "random" and report["final"].endswith("step-00000006")
+    assert len(report["layers"]) == 7 and {"init", "final"} <= set(report["noise_mse"])
+    assert "attn1 features, mean" in evaluated.output and "noise prediction" in evaluated.output
+
+    no_holdout = runner.invoke(app, ["distill", "-m", "tiny", "-o", str(tmp_path / "none"), "--eval-only"])
+    assert no_holdout.exit_code == 2 and "no distilled weights" in no_holdout.output
