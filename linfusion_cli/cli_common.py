@@ -69,6 +69,77 @@ StrengthsOpt = Annotated[
         rich_help_panel=SIZE_PANEL,
     ),
 ]
+REFINE_PANEL = "Refine method"
+RefineOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="METHOD",
+        help="How refine stages work: sdedit (upscale, re-noise, denoise) or demofusion (LinFusion's official "
+        "high-resolution method: skip residual + a dilated global UNet pass per step, about 2x the refine time) "
+        "\\[default: sdedit].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+StrengthOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="The first refine stage's strength; later ones fall linearly (sdedit to 0.1, demofusion towards 0) "
+        "\\[default: 0.4 sdedit, 0.32 demofusion].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+CosineScale1Opt = Annotated[
+    float | None,
+    typer.Option(
+        "--cosine-scale-1",
+        help="demofusion: skip-residual exponent; larger keeps less of the upscaled image \\[default: 3].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+CosineScale2Opt = Annotated[
+    float | None,
+    typer.Option(
+        "--cosine-scale-2",
+        help="demofusion: global-branch blend exponent; larger blends in less of it \\[default: 1].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+CosineScale3Opt = Annotated[
+    float | None,
+    typer.Option(
+        "--cosine-scale-3",
+        help="demofusion: exponent of the blur's fall over the steps \\[default: 1].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+GaussianSigmaOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="demofusion: Gaussian blur sigma of the global branch, latent px \\[default: 1].",
+        rich_help_panel=REFINE_PANEL,
+    ),
+]
+
+
+def refine_flags(
+    refine: str | None,
+    strength: float | None,
+    cosine_scale_1: float | None,
+    cosine_scale_2: float | None,
+    cosine_scale_3: float | None,
+    gaussian_sigma: float | None,
+) -> dict[str, Any]:
+    """The refine-method flags by job key (every command that refines takes the same six)."""
+    return {
+        "refine": refine,
+        "strength": strength,
+        "cosine_scale_1": cosine_scale_1,
+        "cosine_scale_2": cosine_scale_2,
+        "cosine_scale_3": cosine_scale_3,
+        "gaussian_sigma": gaussian_sigma,
+    }
+
+
 BaseSizeOpt = Annotated[
     str | None,
     typer.Option(
@@ -390,8 +461,10 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
         title_justify="left",
     )
-    for col in ("stage", "kind", "size", "strength", "steps", "memory", "est. peak GiB", "VAE"):
+    for col in ("stage", "kind", "size", "strength", "steps", "UNet passes", "memory", "est. peak GiB", "VAE"):
         table.add_column(col)
+    if summary.get("refine") == "demofusion":
+        table.caption = "refine: demofusion (a local and a dilated global UNet pass per refine step)"
     for s in summary["stages"]:
         table.add_row(
             str(s["index"] + 1),
@@ -399,6 +472,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             s["size"],
             "-" if s["strength"] is None else f"{s['strength']:g}",
             str(s["steps"]),
+            str(s["unet_passes"]),
             s["memory"],
             f"{s['estimated_peak_gib']:.1f}",
             s["vae"],

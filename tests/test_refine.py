@@ -188,3 +188,31 @@ def test_demofusion_changes_the_image_and_reports_itself(model: str, tmp_path) -
         list(np.linspace(0.32, 0, len(demo["stages"]))[:-1]), abs=1e-4
     )
     assert 'Refine: "demofusion (cosine scales 3/1/1, sigma 1)"' in a1111_parameters(demo)
+
+
+def test_cli_flags_reach_the_job_and_replay_reproduces_demofusion(runner, tmp_path) -> None:
+    import json
+
+    from PIL import Image
+
+    from linfusion_cli.cli import app
+
+    made = runner.invoke(
+        app,
+        [
+            "generate", "a tower", "--model", "tiny", "--size", "256", "--steps", "5", "--seed", "3",
+            "--refine", "demofusion", "--cosine-scale-1", "2", "--cosine-scale-2", "0.5", "--cosine-scale-3", "1.5",
+            "--gaussian-sigma", "0.8", "--strength", "0.5", "--out", str(tmp_path / "a"), "--json",
+        ],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    report = json.loads(made.stdout)
+    settings = report["settings"]
+    assert (settings["refine"], settings["cosine_scale_1"], settings["cosine_scale_2"]) == ("demofusion", 2.0, 0.5)
+    assert (settings["cosine_scale_3"], settings["gaussian_sigma"], settings["strength"]) == (1.5, 0.8, 0.5)
+    assert [s["strength"] for s in report["stages"][1:]] == [0.5]
+    again = runner.invoke(app, ["replay", report["sidecar"], "--out", str(tmp_path / "b"), "--json"])
+    assert again.exit_code == 0, again.stderr
+    with Image.open(report["path"]) as a, Image.open(json.loads(again.stdout)["path"]) as b:
+        assert a.tobytes() == b.tobytes()
