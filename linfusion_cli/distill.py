@@ -131,7 +131,8 @@ class DistillResult:
     out: Path
     start_step: int
     steps: int
-    seconds: float
+    setup_seconds: float  # loading the model and data, before the first step
+    train_seconds: float  # the steps and checkpoint saves
     first_losses: dict[str, float]
     last_losses: dict[str, float]
     skipped_images: list[str]
@@ -145,8 +146,9 @@ class DistillResult:
             "out": str(self.out),
             "start_step": self.start_step,
             "steps": self.steps,
-            "seconds": round(self.seconds, 2),
-            "steps_per_second": round(done / self.seconds, 4) if self.seconds > 0 else None,
+            "setup_seconds": round(self.setup_seconds, 2),
+            "train_seconds": round(self.train_seconds, 2),
+            "steps_per_second": round(done / self.train_seconds, 4) if self.train_seconds > 0 else None,
             "first_losses": self.first_losses,
             "last_losses": self.last_losses,
             "skipped_images": self.skipped_images,
@@ -564,7 +566,8 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
         cfg.out,
         start_step,
         step,
-        time.perf_counter() - start,
+        loop_start - start,
+        time.perf_counter() - loop_start,
         first,
         last,
         skipped,

@@ -100,10 +100,12 @@ def distill_table(result: dict[str, Any]) -> Table:
     """Steps, time and the loss parts at the first and the last step of this run."""
     table = Table(
         title=f"distilled: steps {result['start_step']} -> {result['steps']}, {result['out']}",
+        min_width=100,
         title_justify="left",
         caption=(
-            f"{result['seconds']:.1f} s, {result['steps_per_second'] or 0:.2f} steps/s, "
-            f"{result['world_size']} process(es); undecodable images skipped: {len(result['skipped_images'])}"
+            f"setup {result['setup_seconds']:.1f} s, training {result['train_seconds']:.1f} s "
+            f"({result['steps_per_second'] or 0:.2f} steps/s), {result['world_size']} process(es); "
+            f"{len(result['skipped_images'])} undecodable images skipped"
         ),
         caption_justify="left",
     )
