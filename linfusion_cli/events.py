@@ -27,6 +27,7 @@ class StepDone:
     stage: int
     step: int
     total: int
+    vram_gib: float | None = None  # peak VRAM allocated in this stage so far (None off CUDA)
 
 
 @dataclass(frozen=True)

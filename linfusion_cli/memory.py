@@ -224,6 +224,11 @@ class Meter:
         self.usage = Usage(time.perf_counter() - self._start, alloc, reserved, _rss_bytes())
 
 
+def peak_vram_gib(device: torch.device) -> float | None:
+    """Peak VRAM allocated since the stage's Meter reset it; no synchronisation, so cheap at every step."""
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
 def free_cached(device: torch.device) -> None:
     """Return cached blocks to the driver (between jobs, after an OOM)."""
     import gc

@@ -337,7 +337,7 @@ class Engine:
             inputs = StageInputs(run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split)
 
             def on_step(step: int, total: int) -> None:
-                run.events(StepDone(stage.index, step, total))
+                run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(device)))
                 run.cancel.check()
 
             latents = denoise(comps.unet, scheduler, latents, timesteps, inputs, generator, on_step, guide)

@@ -351,7 +351,9 @@ class TiledVAE:
             return moments[:, : moments.shape[1] // 2]  # the posterior mean
 
         if tile is None:
+            self._progress("encode", 0, 1)
             mean = self._guarded(run, image, "encode")
+            self._progress("encode", 1, 1)
         else:
             windows = self._windows(height, width, tile, grid=1)
             mean = self._tiled(image, windows, grid=1, run=run, out_grid=LATENT_SCALE, kind="encode")
@@ -375,6 +377,7 @@ class TiledVAE:
 
         tile = self.tile_for(height, width)
         if tile is None:
+            self._progress("decode", 0, 1)
             write(slice(None), slice(None), self._guarded(run, z, "decode"))
             self._progress("decode", 1, 1)
             return
@@ -421,6 +424,7 @@ class TiledVAE:
         def crop(w: Window) -> torch.Tensor:
             return x[:, :, w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width]
 
+        self._progress(kind, 0, len(windows))  # the bar shows from the start, before the statistics pass
         batches = self._sample(windows, grid)
         # When one batch holds every window, its pooled statistics *are* the whole image's, so the
         # statistics pass already produced the output: no second pass.
