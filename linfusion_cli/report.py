@@ -100,7 +100,7 @@ class Reporter:
     def __init__(self, console: Console, mode: str) -> None:
         self.console = console
         self.mode = mode
-        self.progress: _StageProgress | None = None
+        self.progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._stage: StageStarted | None = None
         self._headline = ""
@@ -139,9 +139,9 @@ class Reporter:
         elif isinstance(event, StageStarted):
             self._stage_started(event)
         elif isinstance(event, StepDone):
-            self._step(event)
+            self._step_done(event)
         elif isinstance(event, TilesDone):
-            self._tiles(event)
+            self._tiles_done(event)
         elif isinstance(event, StageFinished):
             self._stage_finished(event)
 
@@ -178,7 +178,7 @@ class Reporter:
         self._tasks["steps"] = progress.add_task("  steps", total=max(event.steps, 1), unit="steps")
         self._redraw_headline()
 
-    def _step(self, event: StepDone) -> None:
+    def _step_done(self, event: StepDone) -> None:
         self._stepped = True
         if event.vram_gib is not None:
             self._vram = event.vram_gib
@@ -201,7 +201,7 @@ class Reporter:
         if event.vram_gib is not None:
             self._redraw_headline()
 
-    def _tiles(self, event: TilesDone) -> None:
+    def _tiles_done(self, event: TilesDone) -> None:
         label = TILE_KINDS.get(event.kind, event.kind)
         if not self._stepped:
             self._steps_since = time.monotonic()  # the steps' clock starts after the encode
@@ -250,13 +250,13 @@ class Reporter:
             self.progress.update(self._tasks["stages"], completed=self._stage.index + min(fraction, 1.0))
 
     def _redraw_headline(self) -> None:
-        if self.progress is None:
+        if not isinstance(self.progress, _StageProgress):
             return
         vram = "" if self._vram is None else f"; VRAM peak {self._vram:.2f} GiB"
         self.progress.headline = Text.assemble((self._headline, "bold"), (vram, "cyan"))
         self.progress.refresh()
 
-    def _require_progress(self) -> _StageProgress:
+    def _require_progress(self) -> Progress:
         if self.progress is None:
             raise RuntimeError("Reporter in rich mode must be used as a context manager")
         return self.progress

@@ -146,7 +146,7 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
         return None, None
 
     summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
-    summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0}
+    summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
     monkeypatch.setattr(runner_module, "plan_for", fake_plan_for)
     monkeypatch.setattr(runner_module, "plan_summary", lambda prep, family, device, dtype: summary)
     _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")

@@ -37,8 +37,7 @@ def test_rich_stage_counter_agrees_with_its_bar_and_bars_show_from_the_start() -
         assert "tiles-encode" in reporter._tasks  # a refine stage starts with the VAE encode
         reporter(StepDone(1, 10, 20, vram_gib=3.25))
         assert _task(reporter, "stages").completed == pytest.approx(1.5)
-        assert reporter.progress is not None
-        headline = reporter.progress.headline.plain
+        headline = reporter.progress.headline.plain  # type: ignore[union-attr]
         assert "memory split (guidance 2 x 1, FF chunks 16384)" in headline and "VRAM peak 3.25 GiB" in headline
         reporter(TilesDone(1, "decode", 0, 4))
         assert _task(reporter, "tiles-decode").total == 4
