@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .cli_common import AllowPickleOpt, QuietOpt, boundary, emit_json, output_mode, setup_logging, stderr
+from .cli_common import (
+    AllowPickleOpt,
+    QuietOpt,
+    boundary,
+    check_device_flags,
+    emit_json,
+    output_mode,
+    setup_logging,
+    stderr,
+)
 
 if TYPE_CHECKING:
     from .distill import DistillConfig
@@ -84,6 +93,7 @@ def distill(
     mode = output_mode(quiet) if main_rank else "quiet"
     setup_logging(mode)
     with boundary():
+        check_device_flags(device, "auto")
         cfg = DistillConfig(
             model=model,
             data=data,
