@@ -163,7 +163,7 @@ _TINY_SDXL_UNET: Config = {
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 80,  # 6 x 8 + pooled 32
+    "projection_class_embeddings_input_dim": 96,  # 6 x 8 + pooled 48
     "norm_num_groups": 8,
 }
 
@@ -199,7 +199,9 @@ ARCHS: dict[str, ArchSpec] = {
         "built-in tiny SDXL-shaped model, random weights",
         _TINY_SDXL_UNET,
         {**_TINY_VAE, "force_upcast": True},
-        (_tiny_clip(32), _tiny_clip(32)),
+        # Two widths summing to the cross-attention width, the second wider, as CLIP-L (768) and bigG (1280):
+        # a single file's loader tells the encoders apart by width.
+        (_tiny_clip(16), _tiny_clip(48)),
         pooled_text=True,
     ),
     "sd15": ArchSpec("sd15", "SD-1.5-shaped, random weights", _SD15_UNET, _SD_VAE, (_CLIP_L,)),
