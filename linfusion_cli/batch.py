@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import JobSpec, plural
+from .config import EngineSpec, JobSpec, plural
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, JobFileError, LinFusionError, UsageError
 from .events import CancelToken, EventSink, Note, ignore
 from .jobs import read_job_file, resolve_job
@@ -250,21 +250,22 @@ def run_batch(
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    engines: dict[tuple[Any, ...], Engine] = {}
+    engines: dict[EngineSpec, Engine] = {}
     writer = Writer()
     try:
         for prep in todo:
             cancel.check()
             job = prep.job
-            key = (job.model, job.linfusion, job.vae)
+            spec = EngineSpec.of(job)
             start = time.perf_counter()
             try:
-                if key not in engines:
+                if spec.base() not in engines:
                     for old in list(engines):  # one model on the device at a time
                         del engines[old]
                     free_cached(device)
-                    engines[key] = Engine.for_job(job, device, dtype, options.allow_pickle, events)
-                engine = engines[key]
+                    engines[spec.base()] = Engine.for_job(job, device, dtype, options.allow_pickle, events)
+                engine = engines[spec.base()]
+                engine.use(spec, events)  # the job's adapters, on the loaded model
                 prep = replan_for(engine, prep, options)
                 events(Note("info", f"job {prep.index}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
                 init_image = _load_input(job, options) if job.image else None

@@ -166,6 +166,7 @@ FIELDS: dict[str, FieldSpec] = {
     "cosine_scale_2": FieldSpec("float", _range(0.0, 1e6)),
     "cosine_scale_3": FieldSpec("float", _range(0.0, 1e6)),
     "gaussian_sigma": FieldSpec("float", _range(0.01, 100.0)),
+    "lora": FieldSpec("refs"),
     "preset": FieldSpec("str"),
 }
 # Keys a preset may not set: they belong to one image, not to a recipe.
@@ -203,6 +204,7 @@ class JobSpec:
     cosine_scale_2: float = 1.0
     cosine_scale_3: float = 1.0
     gaussian_sigma: float = 1.0
+    lora: list[str] | None = None  # "SRC:SCALE" each
     preset: str | None = None
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # key -> which layer set it
 
@@ -284,7 +286,62 @@ def _convert(kind: str, value: Any, from_text: bool) -> Any:
         return parse_floats(value)
     if kind == "px":
         return parse_px(value)
+    if kind == "refs":
+        return [str(AdapterRef.parse(item)) for item in _ref_items(value)]
     raise AssertionError(kind)
+
+
+def _ref_items(value: Any) -> list[str]:
+    """One `SRC[:SCALE]` text, several separated by ';', or a list of them."""
+    items = value.split(";") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise TypeError(f"must be SRC or SRC:SCALE, or a list of them (got {value!r})")
+    return [i.strip() for i in items if i.strip()]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter a job asks for: where it comes from (hub id, folder, file, or `tiny`) and its scale."""
+
+    source: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterRef:
+        """`SRC` or `SRC:SCALE`; a trailing `:...` that is not a number stays part of the source."""
+        source, sep, tail = text.strip().rpartition(":")
+        if sep and source:
+            try:
+                scale = float(tail)
+            except ValueError:
+                return cls(text.strip())
+            if not math.isfinite(scale) or not -10.0 <= scale <= 10.0:
+                raise ValueError(f"scale must be a number between -10 and 10 (got {tail!r} in {text!r})")
+            return cls(source, scale)
+        return cls(text.strip())
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.scale:g}"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is made of: the model, what replaces parts of it, and the adapters on it. `Engine.load`
+    takes it, and batches key their loaded engine by it: jobs whose `base()` match share the loaded model and
+    only switch adapters."""
+
+    model: str = DEFAULT_MODEL
+    linfusion: str = "auto"
+    vae: str | None = None
+    loras: tuple[AdapterRef, ...] = ()
+
+    @classmethod
+    def of(cls, job: JobSpec) -> EngineSpec:
+        return cls(job.model, job.linfusion, job.vae, tuple(AdapterRef.parse(r) for r in job.lora or ()))
+
+    def base(self) -> EngineSpec:
+        """The part that needs a model load; adapters are switched on a loaded model."""
+        return EngineSpec(self.model, self.linfusion, self.vae)
 
 
 def parse_floats(value: Any) -> list[float]:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import memory
-from .config import JobSpec, plural
+from .adapters import ADAPTER_KINDS, Adapter, load_adapter
+from .config import EngineSpec, JobSpec, plural
 from .errors import NumericalError, OutOfMemoryError, UsageError
 from .events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone, ignore
 from .memory import Meter
@@ -26,7 +27,7 @@ from .models import Components, load_components
 from .patching import LinFusionPatch, apply_linfusion
 from .planning import Plan, StagePlan
 from .refine import DemoFusionGuide, DemoFusionParams, latent_stats, rematch
-from .sampling import StageInputs, denoise, initial_noise, make_scheduler, stage_timesteps
+from .sampling import StageInputs, UNetExtra, denoise, initial_noise, make_scheduler, stage_timesteps
 from .text import Conditioning, encode_prompt
 from .vae import LATENT_SCALE, TiledVAE, to_uint8
 
@@ -70,7 +71,7 @@ class GenerateResult:
 
 
 class Engine:
-    """Loaded components plus the LinFusion patch: load once, generate many."""
+    """Loaded components, the LinFusion patch and the adapters a spec asks for: load once, generate many."""
 
     def __init__(
         self,
@@ -79,44 +80,40 @@ class Engine:
         device: torch.device,
         dtype: torch.dtype,
         load_seconds: float,
+        spec: EngineSpec | None = None,
     ) -> None:
         self.comps = comps
         self.patch = patch
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
+        self.spec = (spec or EngineSpec(comps.model_id)).base()  # adapters join it in `use`
+        self.adapters: list[Adapter] = []
         self._fp32_vae_copy: torch.nn.Module | None = None
 
     @classmethod
     def load(
         cls,
-        model: str,
+        spec: EngineSpec,
         *,
-        linfusion: str = "auto",
-        vae: str | None = None,
         device: torch.device,
         dtype: torch.dtype,
         allow_pickle: bool = False,
         events: EventSink = ignore,
     ) -> Engine:
+        """Load the spec's model (its VAE, LinFusion weights), then its adapters."""
         start = time.perf_counter()
-        comps = load_components(model, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
-        return cls.from_components(comps, linfusion, device, dtype, events, start)
+        comps = load_components(spec.model, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=spec.vae)
+        engine = cls.from_components(comps, spec.linfusion, device, dtype, events, start, spec=spec)
+        engine.use(spec, events)
+        return engine
 
     @classmethod
     def for_job(
         cls, job: JobSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool, events: EventSink = ignore
     ) -> Engine:
-        """The engine a job asks for: its model, LinFusion weights and VAE."""
-        return cls.load(
-            job.model,
-            linfusion=job.linfusion,
-            vae=job.vae,
-            device=device,
-            dtype=dtype,
-            allow_pickle=allow_pickle,
-            events=events,
-        )
+        """The engine a job asks for: its model, LinFusion weights, VAE and adapters."""
+        return cls.load(EngineSpec.of(job), device=device, dtype=dtype, allow_pickle=allow_pickle, events=events)
 
     @classmethod
     def from_components(
@@ -127,6 +124,7 @@ class Engine:
         dtype: torch.dtype,
         events: EventSink = ignore,
         start: float | None = None,
+        spec: EngineSpec | None = None,
     ) -> Engine:
         """An engine around components already on the device (benchmarks build random ones)."""
         start = time.perf_counter() if start is None else start
@@ -142,7 +140,34 @@ class Engine:
             )
         else:
             events(Note("info", "LinFusion off: ordinary attention (quadratic in pixels)"))
-        return cls(comps, patch, device, dtype, time.perf_counter() - start)
+        spec = spec or EngineSpec(comps.model_id, linfusion)
+        return cls(comps, patch, device, dtype, time.perf_counter() - start, spec)
+
+    def can_serve(self, spec: EngineSpec) -> bool:
+        """Whether this engine's loaded model is the one `spec` asks for (adapters aside)."""
+        return self.spec.base() == spec.base()
+
+    def use(self, spec: EngineSpec, events: EventSink = ignore) -> None:
+        """Switch to the adapters `spec` asks for on the loaded model, without reloading it. Adapters are
+        stacked: the ones after the first difference come off last-in first-out (so each restores exactly what
+        it found), then the rest of the spec's go on in order."""
+        if not self.can_serve(spec):
+            raise ValueError(f"this engine holds {self.spec.model}, not {spec.model}")
+        wanted = [(kind, ref) for kind in ADAPTER_KINDS for ref in getattr(spec, kind)]
+        keep = 0
+        while keep < min(len(wanted), len(self.adapters)) and (
+            (self.adapters[keep].kind, self.adapters[keep].ref) == wanted[keep]
+        ):
+            keep += 1
+        for adapter in reversed(self.adapters[keep:]):
+            adapter.remove()
+            events(Note("info", f"{adapter.kind[:-1]} removed: {adapter.ref}"))
+        del self.adapters[keep:]
+        for kind, ref in wanted[keep:]:
+            adapter = load_adapter(kind, self.comps, ref)
+            self.adapters.append(adapter)
+            events(Note("info", f"{kind[:-1]} loaded: {_describe_line(adapter)}"))
+        self.spec = spec
 
     @property
     def linfusion_source(self) -> str:
@@ -165,6 +190,8 @@ class Engine:
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
         cond = self._conditioning(job, events)
+        for adapter in self.adapters:
+            adapter.begin_job(job, self.device)
         base_width = plan.stages[0].width if init_image is None else init_image.shape[1]
         run = _JobRun(job, plan, seed, cond, self.memory_planner(job), events, cancel or CancelToken(), base_width)
         image = None if init_image is None else _to_device_image(init_image, self.device, self._vae_dtype())
@@ -267,6 +294,10 @@ class Engine:
         )
         return image, out, record
 
+    def _stage_extras(self, stage: StagePlan, control: torch.Tensor | None) -> tuple[UNetExtra, ...]:
+        extras = (adapter.stage_extra(stage, control) for adapter in self.adapters)
+        return tuple(extra for extra in extras if extra is not None)
+
     def _vae_dtype(self) -> torch.dtype:
         return next(self.comps.vae.parameters()).dtype
 
@@ -305,13 +336,16 @@ class Engine:
         try:
             # 1. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
             guide: DemoFusionGuide | None = None
+            extras: tuple[UNetExtra, ...] = ()
             if stage.strength is None:
+                extras = self._stage_extras(stage, None)
                 timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
                 latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
             else:
                 if image is None:
                     raise RuntimeError(f"refine stage {stage.index} has no image to start from")
                 image = upscale(image, stage.width, stage.height)
+                extras = self._stage_extras(stage, image)  # a tile ControlNet conditions on the upscaled image
                 encoded = tiler.encode(image).float()
                 del image
                 if run.plan.refine == "demofusion" and run.anchor is None:
@@ -334,7 +368,9 @@ class Engine:
                     timesteps = timesteps[:0]
 
             # 2. Denoise.
-            inputs = StageInputs(run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split)
+            inputs = StageInputs(
+                run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split, extras=extras
+            )
 
             def on_step(step: int, total: int) -> None:
                 run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(device)))
@@ -373,6 +409,12 @@ class _JobRun:
     base_width: int  # px of the base stage, or of the input image when upscaling: refine ratios count from it
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
     anchor: tuple[torch.Tensor, torch.Tensor] | None = None  # demofusion: per-channel latent mean/std to keep
+
+
+def _describe_line(adapter: Adapter) -> str:
+    info = adapter.describe()
+    extra = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("kind", "source", "scale"))
+    return f"{info['source']} at scale {info['scale']:g}" + (f" ({extra})" if extra else "")
 
 
 def upscale(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -150,6 +150,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, devic
         "family": engine.comps.family_label,
         "linfusion": engine.linfusion_source,
         "linfusion_layers": len(engine.patch.layers) if engine.patch else 0,
+        "adapters": [adapter.describe() for adapter in engine.adapters],
         "settings": settings,
         "stages": [r.as_dict() for r in result.stages],
         "seconds": {"generate": round(result.seconds, 3), "model_load": round(engine.load_seconds, 3)},

@@ -22,6 +22,16 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
     return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
+class UNetExtra(Protocol):
+    """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
+    embeddings): given the call's inputs, the extra UNet keyword arguments. `rows` selects the guidance halves
+    in this call (0: unconditional, 1: conditional)."""
+
+    def __call__(
+        self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, rows: slice
+    ) -> dict[str, Any]: ...
+
+
 @dataclass
 class StageInputs:
     """What one stage's denoising loop needs besides the UNet."""
@@ -30,6 +40,7 @@ class StageInputs:
     guidance: float
     size: tuple[int, int]  # (width, height) px, for SDXL's size conditioning
     cfg_split: bool = False  # guidance as two batch-1 UNet calls instead of one batch of 2
+    extras: tuple[UNetExtra, ...] = ()  # adapters' per-call conditioning, see UNetExtra
 
 
 def _added_cond(inputs: StageInputs, rows: slice, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
@@ -51,13 +62,7 @@ def _predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: StageInp
     rows = embeds.shape[0]
 
     def call(sample: torch.Tensor, sl: slice) -> torch.Tensor:
-        return unet(
-            sample.to(dtype),
-            t,
-            encoder_hidden_states=embeds[sl],
-            added_cond_kwargs=_added_cond(inputs, sl, x.device, dtype),
-            return_dict=False,
-        )[0].float()
+        return unet_call(unet, sample.to(dtype), t, embeds[sl], _added_cond(inputs, sl, x.device, dtype), inputs, sl)
 
     if rows == 1:
         return call(x, slice(0, 1))
@@ -66,6 +71,44 @@ def _predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: StageInp
     else:
         uncond, text = call(torch.cat([x, x]), slice(0, 2)).chunk(2)
     return uncond + inputs.guidance * (text - uncond)
+
+
+def unet_call(
+    unet: nn.Module,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict[str, Any] | None,
+    inputs: StageInputs,
+    rows: slice,
+) -> torch.Tensor:
+    """The one place the UNet is called: adapters' extras are merged in (their `added_cond_kwargs` into the
+    family's; residual tensors from several adapters summed), and the prediction comes back in fp32."""
+    kwargs: dict[str, Any] = {}
+    added = dict(added_cond_kwargs or {})
+    for extra in inputs.extras:
+        for key, value in extra(sample, t, encoder_hidden_states, rows).items():
+            if key == "added_cond_kwargs":
+                added.update(value)
+            elif key in kwargs:
+                kwargs[key] = _add_residuals(kwargs[key], value)
+            else:
+                kwargs[key] = value
+    return unet(
+        sample,
+        t,
+        encoder_hidden_states=encoder_hidden_states,
+        added_cond_kwargs=added or None,
+        return_dict=False,
+        **kwargs,
+    )[0].float()
+
+
+def _add_residuals(a: Any, b: Any) -> Any:
+    """Sum two adapters' residuals (a tensor, or a tuple of tensors, one per UNet block)."""
+    if isinstance(a, torch.Tensor):
+        return a + b
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 def stage_timesteps(

@@ -1,0 +1,52 @@
+"""The model side's seam for what users bring to a render: LoRAs, ControlNets, IP-Adapters.
+
+An `Adapter` is loaded onto an engine's components once and kept while jobs ask for it (a batch switches
+adapters between jobs without reloading the model). Per job it may prepare inputs (an IP-Adapter's image
+embedding, computed once per job, not per stage); per stage it may return a `UNetExtra` that every UNet call of
+that stage merges in (a ControlNet's residuals at the stage's size); `describe()` is what reports and image
+metadata show; `remove()` leaves the model exactly as it was before `load`.
+
+`ADAPTER_KINDS` maps an `EngineSpec` field to the module that builds that kind: one table, so a new kind is
+one new module plus one row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import AdapterRef, JobSpec
+    from .models import Components
+    from .planning import StagePlan
+    from .sampling import UNetExtra
+
+
+class Adapter(Protocol):
+    kind: str  # the EngineSpec field it came from: "loras", ...
+    ref: AdapterRef
+
+    def begin_job(self, job: JobSpec, device: torch.device) -> None:
+        """Per-job preparation (nothing for most kinds)."""
+
+    def stage_extra(self, stage: StagePlan, control: torch.Tensor | None) -> UNetExtra | None:
+        """What this adapter adds to every UNet call of `stage`; `control` is the stage's upscaled previous image
+        ((1, 3, H, W) in [-1, 1] on the device), None in a base stage."""
+
+    def describe(self) -> dict[str, Any]:
+        """For reports and metadata: at least `kind`, `source`, `scale`."""
+
+    def remove(self) -> None:
+        """Undo `load` exactly."""
+
+
+# EngineSpec field -> the module whose `load(comps, ref) -> Adapter` builds that kind.
+ADAPTER_KINDS: dict[str, str] = {"loras": "lora"}
+
+
+def load_adapter(kind: str, comps: Components, ref: AdapterRef) -> Adapter:
+    module = importlib.import_module(f"{__package__}.{ADAPTER_KINDS[kind]}")
+    adapter: Adapter = module.load(comps, ref)
+    return adapter
