@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill_data import DataStream, Sample, find_samples, split_holdout
+from .distill_data import DataStream, Prefetcher, Sample, find_samples, micro_batches, split_holdout
 from .errors import EXIT_SIGTERM, Interrupted, UsageError
 from .events import CancelToken, Note
 from .models import Components, load_components
@@ -522,42 +522,43 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
         last: dict[str, float] = {}
         loop_start = time.perf_counter()
         saved_step = step
-        while step < cfg.steps:
-            sums = [0.0, 0.0, 0.0, 0.0]
-            for micro in range(cfg.grad_accum):
-                first_pos = position + (micro * dist.world + dist.rank) * cfg.batch_size
-                pixels, captions = stream.batch(list(range(first_pos, first_pos + cfg.batch_size)))
-                generator = step_generator(seed, step, dist.rank, micro)
-                latents, embeds, added = student.encode(pixels, captions, generator)
-                sync = nullcontext()
-                if dist.world > 1 and micro < cfg.grad_accum - 1:
-                    sync = student.model.no_sync()  # type: ignore[operator]
-                with sync:
-                    losses = student.losses(latents, embeds, added, generator)
-                    scaler.scale(losses.total / cfg.grad_accum).backward()
-                sums = [a + b / cfg.grad_accum for a, b in zip(sums, losses.parts(), strict=True)]
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            position += global_batch
-            # One small all-reduce a step: the mean losses, and whether any rank was asked to stop.
-            reduced = _all_sum([*sums, 1.0 if cancel is not None and cancel.requested else 0.0], dist, device)
-            parts = dict(zip(("loss", "noise", "kd", "feat"), (v / dist.world for v in reduced[:4]), strict=True))
-            first = first or parts
-            last = parts
-            rate = (step - start_step) / max(time.perf_counter() - loop_start, 1e-9)
-            eta = (cfg.steps - step) / rate
-            events(TrainStep(step, cfg.steps, parts["loss"], parts["noise"], parts["kd"], parts["feat"], rate, eta))
-            if reduced[4] > 0:  # SIGTERM/SIGINT on any rank: all save (rank 0 writes) and stop at this step
-                if step > saved_step:
-                    save("signal")
-                _barrier(dist)
-                name, code = cancel.reason if cancel is not None and cancel.reason else ("SIGTERM", EXIT_SIGTERM)
-                raise Interrupted(name, code)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save("final" if step == cfg.steps else "every")
-                saved_step = step
+        batches = micro_batches(position, dist.world, dist.rank, cfg.batch_size, cfg.grad_accum)
+        with Prefetcher(stream, batches) as data:
+            while step < cfg.steps:
+                sums = [0.0, 0.0, 0.0, 0.0]
+                for micro in range(cfg.grad_accum):
+                    pixels, captions = data.get()
+                    generator = step_generator(seed, step, dist.rank, micro)
+                    latents, embeds, added = student.encode(pixels, captions, generator)
+                    sync = nullcontext()
+                    if dist.world > 1 and micro < cfg.grad_accum - 1:
+                        sync = student.model.no_sync()  # type: ignore[operator]
+                    with sync:
+                        losses = student.losses(latents, embeds, added, generator)
+                        scaler.scale(losses.total / cfg.grad_accum).backward()
+                    sums = [a + b / cfg.grad_accum for a, b in zip(sums, losses.parts(), strict=True)]
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                position += global_batch
+                # One small all-reduce a step: the mean losses, and whether any rank was asked to stop.
+                reduced = _all_sum([*sums, 1.0 if cancel is not None and cancel.requested else 0.0], dist, device)
+                parts = dict(zip(("loss", "noise", "kd", "feat"), (v / dist.world for v in reduced[:4]), strict=True))
+                first = first or parts
+                last = parts
+                rate = (step - start_step) / max(time.perf_counter() - loop_start, 1e-9)
+                eta = (cfg.steps - step) / rate
+                events(TrainStep(step, cfg.steps, parts["loss"], parts["noise"], parts["kd"], parts["feat"], rate, eta))
+                if reduced[4] > 0:  # SIGTERM/SIGINT on any rank: all save (rank 0 writes) and stop at this step
+                    if step > saved_step:
+                        save("signal")
+                    _barrier(dist)
+                    name, code = cancel.reason if cancel is not None and cancel.reason else ("SIGTERM", EXIT_SIGTERM)
+                    raise Interrupted(name, code)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save("final" if step == cfg.steps else "every")
+                    saved_step = step
         _barrier(dist)
         skipped = _skipped(stream, dist, device)
     student.student_tap.close()
@@ -586,7 +587,7 @@ def _barrier(dist: Dist) -> None:
 
 def _skipped(stream: DataStream, dist: Dist, device: torch.device) -> list[str]:
     """Undecodable images seen by any rank (each rank reads its own share)."""
-    mine = {str(stream.samples[i].image) for i in stream.skipped}
+    mine = {str(stream.samples[i].image) for i in stream.skipped.copy()}  # the prefetch thread may add to it
     if dist.world == 1:
         return sorted(mine)
     import torch.distributed as td

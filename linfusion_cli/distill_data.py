@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,7 +200,33 @@ def split_holdout(samples: list[Sample], holdout: int, seed: int) -> tuple[list[
     return train, held
 
 
-def positions_of(step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> list[int]:
-    """Global sample positions of one rank's micro-batch: an optimizer step reads batch x accum x world."""
-    start = ((step * grad_accum + micro) * world + rank) * batch_size
-    return list(range(start, start + batch_size))
+def micro_batches(position: int, world: int, rank: int, batch_size: int, grad_accum: int) -> Iterator[list[int]]:
+    """One rank's micro-batches from `position` on: an optimizer step reads batch x accum x world samples, and
+    micro-batch m of rank r takes the r-th slice of the m-th block of batch x world."""
+    while True:
+        for micro in range(grad_accum):
+            first = position + (micro * world + rank) * batch_size
+            yield list(range(first, first + batch_size))
+        position += batch_size * grad_accum * world
+
+
+class Prefetcher:
+    """Decodes the next micro-batch in a background thread while the current one trains. The batches and their
+    order are those of reading `stream` in turn: one worker, one batch ahead."""
+
+    def __init__(self, stream: DataStream, batches: Iterator[list[int]]) -> None:
+        self._stream = stream
+        self._batches = batches
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linfusion-data")
+        self._next: Future[tuple[np.ndarray, list[str]]] = self._pool.submit(stream.batch, next(batches))
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def get(self) -> tuple[np.ndarray, list[str]]:
+        current = self._next.result()  # (B, 3, R, R), captions
+        self._next = self._pool.submit(self._stream.batch, next(self._batches))
+        return current

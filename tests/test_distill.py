@@ -188,6 +188,7 @@ def test_resume_after_a_stop_ends_where_an_unbroken_run_does(images: Path, tmp_p
     assert_same(weights(resumed.patch), weights(straight.patch))  # same data order, noise and optimizer state
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(images: Path, tmp_path: Path) -> None:
     import os
     import signal
@@ -286,6 +287,8 @@ def test_data_layouts_give_the_same_samples(tmp_path: Path) -> None:
         ("missing", "does not exist"),
         ("no-caption", "1 of 3 images"),
         ("jsonl-no-caption", "caption missing"),
+        ("jsonl-broken", "list.jsonl:2: not valid JSON"),
+        ("other-file", "must be .jsonl or .csv"),
     ],
 )
 def test_bad_data_exits_2_before_loading_a_model(setup: str, message: str, runner, tmp_path: Path, monkeypatch) -> None:
@@ -302,6 +305,12 @@ def test_bad_data_exits_2_before_loading_a_model(setup: str, message: str, runne
         make_images(data, 1)
         data = tmp_path / "list.jsonl"
         data.write_text(json.dumps({"file_name": "data/img0.png"}) + "\n")
+    elif setup == "jsonl-broken":
+        data = tmp_path / "list.jsonl"
+        data.write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": \n')
+    elif setup == "other-file":
+        data = tmp_path / "images.zip"
+        data.write_bytes(b"PK")
     outcome = runner.invoke(app, ["distill", "-m", "tiny", "--data", str(data), "-o", str(tmp_path / "out")])
     assert outcome.exit_code == 2, outcome.output
     assert message in outcome.output
@@ -344,6 +353,7 @@ def test_gradient_checkpointing_gives_the_same_update(images: Path, tmp_path: Pa
 
 
 # --- data parallel --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(images: Path, tmp_path: Path) -> None:
     import os
     import subprocess
