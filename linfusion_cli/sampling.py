@@ -24,11 +24,17 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
 
 class UNetExtra(Protocol):
     """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
-    embeddings): given the call's inputs, the extra UNet keyword arguments. `rows` selects the guidance halves
-    in this call (0: unconditional, 1: conditional)."""
+    embeddings): given the call's inputs, the extra UNet keyword arguments. `added_cond_kwargs` is the family's
+    (SDXL's text_embeds/time_ids, else None); `rows` selects the guidance halves in this call (0: unconditional,
+    1: conditional)."""
 
     def __call__(
-        self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, rows: slice
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, Any] | None,
+        rows: slice,
     ) -> dict[str, Any]: ...
 
 
@@ -87,7 +93,7 @@ def unet_call(
     kwargs: dict[str, Any] = {}
     added = dict(added_cond_kwargs or {})
     for extra in inputs.extras:
-        for key, value in extra(sample, t, encoder_hidden_states, rows).items():
+        for key, value in extra(sample, t, encoder_hidden_states, added_cond_kwargs, rows).items():
             if key == "added_cond_kwargs":
                 added.update(value)
             elif key in kwargs:
