@@ -289,7 +289,8 @@ class Student:
         with torch.no_grad():
             image = torch.from_numpy(pixels).to(self.device, vae_dtype)  # (B, 3, R, R)
             latents = vae.encode(image).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-            conds = [encode_prompt(self.comps, c, "", 1.0, self.device) for c in captions]
+            # one CLIP window per caption: a batch needs one sequence length
+            conds = [encode_prompt(self.comps, c, "", 1.0, self.device, max_chunks=1) for c in captions]
         embeds = torch.cat([c.embeds for c in conds])  # (B, 77, D)
         added = None
         if conds[0].pooled is not None:

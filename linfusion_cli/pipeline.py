@@ -240,6 +240,8 @@ class Engine:
         cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device)
         if job.low_vram:
             memory.place_text_encoders(encoders, self.device, on_device=False)
+        for note in cond.notes:
+            events(Note("info", note))
         for warning in cond.warnings:
             events(Note("warning", warning))
         return cond

@@ -210,3 +210,16 @@ def test_strengths_are_checked_against_the_models_own_plan(runner, no_model_load
     result = run(runner, "plan", "--preset", "sdxl-16k", "--strengths", "0.4,0.3,0.2,0.1", "--json")
     assert result.exit_code == 0, result.stderr
     assert [s["strength"] for s in json.loads(result.stdout)["stages"][1:]] == [0.4, 0.3, 0.2, 0.1]
+
+
+def test_long_weighted_prompt_runs_and_is_noted_once(runner, tmp_path: Path) -> None:
+    prompt = "(a red fox:1.3), " + ", ".join(["in a snowy [forest]"] * 12)  # well over 75 tokens
+    result = run(
+        runner, "generate", prompt, "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "1",
+        "--out", str(tmp_path), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("prompt is longer than 75 tokens") == 1, result.stderr
+    assert "warning" not in result.stderr
+    with Image.open(json.loads(result.stdout)["path"]) as image:
+        assert image.text["parameters"].startswith(prompt)  # the prompt is kept as written
