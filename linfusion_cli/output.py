@@ -188,7 +188,9 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("CFG scale", f"{s['guidance']:g}"),
         ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),
+        *([("Model hash", meta["model_hash"])] if meta.get("model_hash") else []),
         ("Model", meta["model"]),
+        *_denoising_strength(meta.get("stages", [])),
         ("LinFusion", meta["linfusion"]),
         ("Stages", f'"{stages}"'),
         *_refine_fields(s),
@@ -199,6 +201,12 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {s['negative']}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _denoising_strength(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A1111's img2img field: the first (strongest) refine stage's strength, if any stage refines."""
+    strengths = [st["strength"] for st in stages if st.get("strength") is not None]
+    return [("Denoising strength", f"{strengths[0]:g}")] if strengths else []
 
 
 def _refine_fields(settings: dict[str, Any]) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from . import __version__
 from .config import FLAGS, JobSpec, Target, check_format_fits, plural, resolve_target
 from .errors import OutputError
 from .events import CancelToken, EventSink, Note, ignore
+from .hashing import model_hash
 from .output import OutputPaths, a1111_parameters, atomic_file, encode_image, output_stem, write_bytes_atomic
 from .planning import Plan, StagePlan, make_plan
 
@@ -147,6 +148,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, devic
         "width": prep.target.width,
         "height": prep.target.height,
         "model": job.model,
+        "model_hash": model_hash(job.model),
         "family": engine.comps.family_label,
         "linfusion": engine.linfusion_source,
         "linfusion_layers": len(engine.patch.layers) if engine.patch else 0,

@@ -39,6 +39,7 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
     with Image.open(path) as image:
         assert image.size == (1024, 576)
         assert "Seed: 7" in image.text["parameters"]
+        assert "Denoising strength: 0.4, " in image.text["parameters"]
     assert [s["size"] for s in report["stages"]] == ["128x72", "256x144", "512x288", "1024x576"]
     assert [s["steps"] for s in report["stages"]] == [50, 20, 12, 5]
     assert report["seed"] == 7 and report["linfusion_layers"] == 7
