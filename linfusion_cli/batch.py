@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineSpec, JobSpec, plural
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, JobFileError, LinFusionError, UsageError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, JobFileError, LinFusionError, ModelLoadError, UsageError
 from .events import CancelToken, EventSink, Note, ignore
 from .jobs import read_job_file, resolve_job
 from .output import OutputPaths, clean_stale_temps, prepare_folder
-from .runner import Prepared, RunOptions, pick_seed, plan_for
+from .runner import Prepared, RunOptions, offline_gaps, pick_seed, plan_for
 
 JsonSink = Callable[[dict[str, Any]], None]
 
@@ -136,7 +136,7 @@ def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed
             )
             seed = pick_seed(job, row.index, base_seed)
             input_size = _input_size(job, options) if job.image else None
-            prep, _ = plan_for(job, options, seed=seed, index=row.index, input_size=input_size)
+            prep, family = plan_for(job, options, seed=seed, index=row.index, input_size=input_size)
         except UsageError as exc:
             message = str(exc)
             raise JobFileError(message if message.startswith(row.where) else f"{row.where}: {message}") from None
@@ -147,6 +147,9 @@ def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed
         if seen:
             prep.paths = OutputPaths.for_stem(options.out, f"{stem}-{seen + 1}", job.format)
         prep.random_seed = job.seed is None and base_seed is None
+        gaps = offline_gaps(job, family)  # offline and not cached: said before any model loads
+        if gaps:
+            raise ModelLoadError(f"{row.where}: {'; '.join(gaps)}")
         prepared.append(prep)
     return prepared
 

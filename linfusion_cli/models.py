@@ -309,6 +309,7 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
     with tempfile.TemporaryDirectory(prefix="linfusion-configs-") as tmp:
         configs = write_pipeline_folder(family, Path(tmp), prediction_type=single_file_prediction(path, shapes, family))
         try:
+            extra.update(_flattened_clip(path, shapes, configs, dtype))
             pipe = pipe_cls.from_single_file(
                 str(path), config=str(configs), torch_dtype=dtype, local_files_only=True, **extra
             )
@@ -320,6 +321,29 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
     return Components(model, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), family)
+
+
+# Where single files keep CLIP-L (SD-1.x; SDXL's first encoder), in transformers' names under a prefix.
+CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+
+
+def _flattened_clip(path: Path, shapes: Mapping[str, Any], configs: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """CLIP-L saved by transformers 5, which flattened CLIPTextModel (`embeddings.*`, not `text_model.
+    embeddings.*`), is not recognised by diffusers' single-file loader: load that encoder here, and give it to
+    diffusers ready. Files with the usual names: nothing to do."""
+    prefix = next((p for p in CLIP_L_PREFIXES if f"{p}embeddings.position_embedding.weight" in shapes), None)
+    if prefix is None or path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with safe_open(str(path), framework="pt") as f:
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    encoder: nn.Module = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+    wrapper = "text_model." if hasattr(encoder, "text_model") else ""  # transformers before the flattening
+    encoder.load_state_dict({wrapper + k: v for k, v in state.items() if not k.endswith("position_ids")})
+    encoder.to(dtype)
+    return {"text_encoder": encoder}
 
 
 V_PRED_KEY = "v_pred"  # an empty tensor some tools write into v-prediction single files

@@ -229,9 +229,16 @@ def openclip_to_ldm(state: State, prefix: str) -> State:
     return out
 
 
-def write_single_file(repo: Path, states: dict[str, State], dest: Path) -> Path:
+def write_single_file(repo: Path, states: dict[str, State], dest: Path, *, flat_clip: bool = False) -> Path:
     """The repo's fp32 weights as one original-format .safetensors (SD-1.x: CLIP-L under cond_stage_model.
-    transformer; SD-2.x: OpenCLIP under cond_stage_model.model; SDXL: conditioner.embedders.0 and .1)."""
+    transformer; SD-2.x: OpenCLIP under cond_stage_model.model; SDXL: conditioner.embedders.0 and .1).
+    flat_clip: CLIP-L under transformers 5's flattened names, as diffusers' script writes it from a folder that
+    transformers 5 saved."""
+    if flat_clip:
+        states = {
+            **states,
+            "text_encoder": {k.removeprefix("text_model."): v for k, v in states["text_encoder"].items()},
+        }
     unet_config = json.loads((repo / "unet/config.json").read_text())
     vae_config = json.loads((repo / "vae/config.json").read_text())
     tensors = {**unet_to_ldm(states["unet"], unet_config), **vae_to_ldm(states["vae"], vae_config)}

@@ -35,9 +35,11 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def _single_file(repos: dict[str, Any], key: str, folder: Path, yaml_text: str | None = None) -> Path:
+def _single_file(
+    repos: dict[str, Any], key: str, folder: Path, yaml_text: str | None = None, flat_clip: bool = False
+) -> Path:
     repo, states = repos[key]
-    path = write_single_file(repo, states, folder / f"{key}-model.safetensors")
+    path = write_single_file(repo, states, folder / f"{key}-model.safetensors", flat_clip=flat_clip)
     if yaml_text is not None:
         path.with_suffix(".yaml").write_text(yaml_text)
     return path
@@ -89,6 +91,8 @@ def test_shipped_configs_build_the_real_models() -> None:
         ("tiny-sd2", 'model:\n  params:\n    parameterization: "v"\n', "v_prediction", ["!"]),
         ("tiny-sd2", "model:\n  params:\n    linear_start: 0.00085\n", "epsilon", ["!"]),  # v2-inference.yaml
         ("tiny-sdxl", None, "epsilon", ["<|endoftext|>", "!"]),
+        ("tiny", "flat", "epsilon", ["<|endoftext|>"]),  # CLIP-L as transformers 5 names it
+        ("tiny-sdxl", "flat", "epsilon", ["<|endoftext|>", "!"]),
     ],
 )
 def test_single_file_loads_exact_weights_with_an_empty_cache(
@@ -100,7 +104,8 @@ def test_single_file_loads_exact_weights_with_an_empty_cache(
     prediction: str,
     pads: list[str],
 ) -> None:
-    path = _single_file(repos, key, tmp_path, yaml_text)
+    flat = yaml_text == "flat"
+    path = _single_file(repos, key, tmp_path, None if flat else yaml_text, flat_clip=flat)
     comps = load_components(str(path), device="cpu", dtype=torch.float32)
     _, states = repos[key]
     assert comps.family == FAMILY[key]
@@ -232,3 +237,16 @@ def test_what_is_not_cached_is_named_before_loading(
     result = runner.invoke(app, ["generate", "a fox", "--model", model, "--out", str(tmp_path)])
     assert result.exit_code == 1 and loaded == []
     assert "HF_HUB_OFFLINE is set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_batch_names_what_is_not_cached_before_loading(
+    runner, hub_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    loaded: list[Any] = []
+    monkeypatch.setattr("linfusion_cli.models.load_components", lambda *a, **k: loaded.append(a))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    result = runner.invoke(app, ["batch", str(prompts), "--model", model, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and loaded == []
+    assert f"`hf download {model}`" in result.stderr.replace("\n", "")
