@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import AdapterRef, JobSpec
+    from .families import Family
     from .models import Components
     from .planning import StagePlan
     from .sampling import UNetExtra
@@ -43,7 +44,22 @@ class Adapter(Protocol):
 
 
 # EngineSpec field -> the module whose `load(comps, ref) -> Adapter` builds that kind.
-ADAPTER_KINDS: dict[str, str] = {"loras": "lora"}
+ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "ip_adapters": "ip_adapter"}
+
+
+def preflight(job: JobSpec, family: Family | None) -> None:
+    """Before any model loads: the checks of each kind the job asks for (its module's optional
+    `preflight(job, family)`: missing inputs, weights made for another family), so bad input exits 2 early."""
+    from .config import EngineSpec
+
+    spec = EngineSpec.of(job)
+    for kind, module_name in ADAPTER_KINDS.items():
+        if not getattr(spec, kind):
+            continue
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        check = getattr(module, "preflight", None)
+        if check is not None:
+            check(job, family)
 
 
 def load_adapter(kind: str, comps: Components, ref: AdapterRef) -> Adapter:

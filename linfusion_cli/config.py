@@ -167,6 +167,8 @@ FIELDS: dict[str, FieldSpec] = {
     "cosine_scale_3": FieldSpec("float", _range(0.0, 1e6)),
     "gaussian_sigma": FieldSpec("float", _range(0.01, 100.0)),
     "lora": FieldSpec("refs"),
+    "ip_adapter": FieldSpec("refs", lambda v: None if len(v) <= 1 else "takes one IP-Adapter"),
+    "ip_image": FieldSpec("str"),
     "preset": FieldSpec("str"),
 }
 # Keys a preset may not set: they belong to one image, not to a recipe.
@@ -205,6 +207,8 @@ class JobSpec:
     cosine_scale_3: float = 1.0
     gaussian_sigma: float = 1.0
     lora: list[str] | None = None  # "SRC:SCALE" each
+    ip_adapter: list[str] | None = None  # "SRC:SCALE", one
+    ip_image: str | None = None
     preset: str | None = None
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # key -> which layer set it
 
@@ -247,7 +251,7 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
 
 def _shown(value: Any) -> str:
     if isinstance(value, list):
-        return ",".join(f"{v:g}" for v in value)
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
     return repr(value) if isinstance(value, str) else str(value)
@@ -334,14 +338,25 @@ class EngineSpec:
     linfusion: str = "auto"
     vae: str | None = None
     loras: tuple[AdapterRef, ...] = ()
+    ip_adapters: tuple[AdapterRef, ...] = ()
 
     @classmethod
     def of(cls, job: JobSpec) -> EngineSpec:
-        return cls(job.model, job.linfusion, job.vae, tuple(AdapterRef.parse(r) for r in job.lora or ()))
+        return cls(
+            job.model,
+            job.linfusion,
+            job.vae,
+            loras=_refs(job.lora),
+            ip_adapters=_refs(job.ip_adapter),
+        )
 
     def base(self) -> EngineSpec:
         """The part that needs a model load; adapters are switched on a loaded model."""
         return EngineSpec(self.model, self.linfusion, self.vae)
+
+
+def _refs(texts: list[str] | None) -> tuple[AdapterRef, ...]:
+    return tuple(AdapterRef.parse(text) for text in texts or ())
 
 
 def parse_floats(value: Any) -> list[float]:

@@ -249,10 +249,12 @@ def plan_for(
     job: JobSpec, options: RunOptions, *, seed: int, index: int | None = None, input_size: tuple[int, int] | None = None
 ) -> tuple[Prepared, Family | None]:
     """Plan a job from the model's config alone (no weights loaded). Returns (prepared, family or None)."""
+    from .adapters import preflight
     from .families import peek_family
 
     job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
+    preflight(job, family)
     native = family.native_size if family else 512
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size)
     if note:
