@@ -69,6 +69,16 @@ StrengthsOpt = Annotated[
         rich_help_panel=SIZE_PANEL,
     ),
 ]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        metavar="SRC[:SCALE]",
+        help="A LoRA to fuse into the model (repeatable): .safetensors file, folder or hub id in kohya/A1111 or "
+        "diffusers format, or tiny (built-in, random); :SCALE weights it \\[default scale: 1].",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 REFINE_PANEL = "Refine method"
 RefineOpt = Annotated[
     str | None,

@@ -194,9 +194,12 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("LinFusion", meta["linfusion"]),
         ("Stages", f'"{stages}"'),
         *_refine_fields(s),
+        *_lora_fields(meta),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]
-    lines = [s["prompt"]]
+    loras = [a for a in meta.get("adapters", []) if a.get("kind") == "lora"]
+    # A1111 keeps a LoRA as a <lora:name:weight> tag in the prompt; its readers find the LoRA there.
+    lines = [" ".join([s["prompt"], *(f"<lora:{a['name']}:{a['scale']:g}>" for a in loras)])]
     if s.get("negative"):
         lines.append(f"Negative prompt: {s['negative']}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
@@ -207,6 +210,14 @@ def _denoising_strength(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """A1111's img2img field: the first (strongest) refine stage's strength, if any stage refines."""
     strengths = [st["strength"] for st in stages if st.get("strength") is not None]
     return [("Denoising strength", f"{strengths[0]:g}")] if strengths else []
+
+
+def _lora_fields(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """A1111's `Lora hashes: "name: hash, ..."` for the LoRAs read from files."""
+    hashed = [
+        f"{a['name']}: {a['hash']}" for a in meta.get("adapters", []) if a.get("kind") == "lora" and a.get("hash")
+    ]
+    return [("Lora hashes", f'"{", ".join(hashed)}"')] if hashed else []
 
 
 def _refine_fields(settings: dict[str, Any]) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,16 @@ def _get(root: nn.Module, name: str) -> Any:
     return root.get_submodule(name)
 
 
+# Called as hook(root, name, new_module) after every swap, so that what was fused into the swapped-out module
+# (a LoRA's deltas: lora.py) follows onto the module that now runs.
+SWAP_HOOKS: list[Callable[[nn.Module, str, nn.Module], None]] = []
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+    for hook in SWAP_HOOKS:
+        hook(root, name, module)
 
 
 def self_attention_layers(unet: nn.Module) -> list[tuple[str, Any]]:

@@ -414,9 +414,10 @@ class _JobRun:
 
 
 def _describe_line(adapter: Adapter) -> str:
+    """`SOURCE at scale S (k v, ...)` from the adapter's short numeric/name facts (notes and hashes stay in JSON)."""
     info = adapter.describe()
-    extra = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("kind", "source", "scale"))
-    return f"{info['source']} at scale {info['scale']:g}" + (f" ({extra})" if extra else "")
+    facts = [f"{k.replace('_', ' ')} {v}" for k, v in info.items() if isinstance(v, int) and not isinstance(v, bool)]
+    return f"{info['source']} at scale {info['scale']:g}" + (f" ({', '.join(facts)})" if facts else "")
 
 
 def upscale(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
