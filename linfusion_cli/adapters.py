@@ -6,6 +6,9 @@ embedding, computed once per job, not per stage); per stage it may return a `UNe
 that stage merges in (a ControlNet's residuals at the stage's size); `describe()` is what reports and image
 metadata show; `remove()` leaves the model exactly as it was before `load`.
 
+An adapter that brings models of its own (a ControlNet) lists them in a `modules` attribute: memory settings
+chunk them like the UNet.
+
 `ADAPTER_KINDS` maps an `EngineSpec` field to the module that builds that kind: one table, so a new kind is
 one new module plus one row.
 """
@@ -44,7 +47,7 @@ class Adapter(Protocol):
 
 
 # EngineSpec field -> the module whose `load(comps, ref) -> Adapter` builds that kind.
-ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "ip_adapters": "ip_adapter"}
+ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "ip_adapters": "ip_adapter", "controlnets": "controlnet"}
 
 
 def preflight(job: JobSpec, family: Family | None) -> None:

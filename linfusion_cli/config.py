@@ -60,7 +60,7 @@ MAX_PROMPT_CHARS = 10_000
 class FieldSpec:
     """How one job setting is read and checked. What it means is told once, in the CLI option's help."""
 
-    kind: str  # "str" | "int" | "px" | "float" | "bool" | "floats"
+    kind: str  # "str" | "int" | "px" | "float" | "bool" | "floats" | "refs" | "texts"
     check: Callable[[Any], str | None] | None = None  # returns a problem description, or None
     normalize: Callable[[Any], Any] | None = None  # spelling a person types -> our value (None: not set)
 
@@ -77,6 +77,12 @@ def _strengths_ok(values: list[float]) -> str | None:
     if not values:
         return "needs at least one value"
     return None if all(0.0 <= v <= 1.0 for v in values) else "values must be between 0 and 1"
+
+
+def _stage_scales_ok(values: list[float]) -> str | None:
+    if not values:
+        return "needs at least one value"
+    return None if all(0.0 <= v <= 10.0 for v in values) else "values must be between 0 and 10"
 
 
 def _random_seed(value: int) -> int | None:
@@ -169,6 +175,11 @@ FIELDS: dict[str, FieldSpec] = {
     "lora": FieldSpec("refs"),
     "ip_adapter": FieldSpec("refs", lambda v: None if len(v) <= 1 else "takes one IP-Adapter"),
     "ip_image": FieldSpec("str"),
+    "controlnet": FieldSpec("refs"),
+    "control_image": FieldSpec("texts"),
+    "control_start": FieldSpec("float", _range(0.0, 1.0)),
+    "control_end": FieldSpec("float", _range(0.0, 1.0)),
+    "control_stages": FieldSpec("floats", _stage_scales_ok),
     "preset": FieldSpec("str"),
 }
 # Keys a preset may not set: they belong to one image, not to a recipe.
@@ -209,6 +220,11 @@ class JobSpec:
     lora: list[str] | None = None  # "SRC:SCALE" each
     ip_adapter: list[str] | None = None  # "SRC:SCALE", one
     ip_image: str | None = None
+    controlnet: list[str] | None = None  # "SRC:SCALE" each
+    control_image: list[str] | None = None  # one per ControlNet: a file, or "previous"
+    control_start: float = 0.0  # fraction of each stage's steps
+    control_end: float = 1.0
+    control_stages: list[float] | None = None  # ControlNet scale multiplier per stage, the last repeating
     preset: str | None = None
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # key -> which layer set it
 
@@ -292,14 +308,16 @@ def _convert(kind: str, value: Any, from_text: bool) -> Any:
         return parse_px(value)
     if kind == "refs":
         return [str(AdapterRef.parse(item)) for item in _ref_items(value)]
+    if kind == "texts":
+        return _ref_items(value)
     raise AssertionError(kind)
 
 
 def _ref_items(value: Any) -> list[str]:
-    """One `SRC[:SCALE]` text, several separated by ';', or a list of them."""
+    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them."""
     items = value.split(";") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise TypeError(f"must be SRC or SRC:SCALE, or a list of them (got {value!r})")
+        raise TypeError(f"must be text or a list of texts (got {value!r})")
     return [i.strip() for i in items if i.strip()]
 
 
@@ -339,6 +357,7 @@ class EngineSpec:
     vae: str | None = None
     loras: tuple[AdapterRef, ...] = ()
     ip_adapters: tuple[AdapterRef, ...] = ()
+    controlnets: tuple[AdapterRef, ...] = ()
 
     @classmethod
     def of(cls, job: JobSpec) -> EngineSpec:
@@ -348,6 +367,7 @@ class EngineSpec:
             job.vae,
             loras=_refs(job.lora),
             ip_adapters=_refs(job.ip_adapter),
+            controlnets=_refs(job.controlnet),
         )
 
     def base(self) -> EngineSpec:

@@ -399,11 +399,12 @@ class MemoryPlanner:
         return max(0, int((self.budget - self.estimate(settings, 0, 0)) / per_px)) if per_px > 0 else 0
 
 
-def apply_settings(unet: nn.Module, settings: MemorySettings) -> None:
-    """Switch feed-forward and LinFusion chunking on the UNet to `settings` (undoable: None restores)."""
+def apply_settings(unet: nn.Module, settings: MemorySettings, *more: nn.Module) -> None:
+    """Switch feed-forward and LinFusion chunking on the UNet (and `more` models that run beside it, such as
+    ControlNets) to `settings` (undoable: None restores)."""
     from .attention import LinFusionAttention
 
-    for module in unet.modules():
+    for module in (m for model in (unet, *more) for m in model.modules()):
         if isinstance(module, LinFusionAttention):
             module.token_chunk = settings.attn_chunk
         elif type(module).__name__ == "FeedForward":

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from .archs import ARCHS, BUILTIN_MODELS, ArchSpec
 from .errors import ModelLoadError, UnknownArchitectureError, UnsafeFileError, UsageError
 from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
 from .hub import fetch_snapshot, model_source, resolve_local_or_hub
+
+if TYPE_CHECKING:
+    from .patching import LinFusionPatch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Components:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     family: Family | None
+    # The LinFusion patch on `unet`, once applied: adapters that bring attention layers of their own (a
+    # ControlNet's encoder copy) patch them from it.
+    linfusion: LinFusionPatch | None = None
 
     @property
     def is_sdxl(self) -> bool:

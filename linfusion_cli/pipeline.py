@@ -140,6 +140,7 @@ class Engine:
             )
         else:
             events(Note("info", "LinFusion off: ordinary attention (quadratic in pixels)"))
+        comps.linfusion = patch
         spec = spec or EngineSpec(comps.model_id, linfusion)
         return cls(comps, patch, device, dtype, time.perf_counter() - start, spec)
 
@@ -300,6 +301,10 @@ class Engine:
         extras = (adapter.stage_extra(stage, control) for adapter in self.adapters)
         return tuple(extra for extra in extras if extra is not None)
 
+    def _adapter_modules(self) -> list[torch.nn.Module]:
+        """Models adapters bring (a ControlNet), chunked like the UNet."""
+        return [module for adapter in self.adapters for module in getattr(adapter, "modules", ())]
+
     def _vae_dtype(self) -> torch.dtype:
         return next(self.comps.vae.parameters()).dtype
 
@@ -330,7 +335,7 @@ class Engine:
         """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
         for the next stage, or for the last stage the CPU uint8 image."""
         comps, device, job, seed = self.comps, self.device, run.job, run.seed
-        memory.apply_settings(comps.unet, settings)
+        memory.apply_settings(comps.unet, settings, *self._adapter_modules())
         tiler = self._tiler(run, stage, settings)
         scheduler = make_scheduler(job.scheduler, comps.scheduler_config)
         latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)

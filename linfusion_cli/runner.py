@@ -259,6 +259,10 @@ def plan_for(
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size)
     if note:
         prep.notes.append(note)
+    if job.controlnet or job.control_image:
+        from .controlnet import control_notes
+
+        prep.notes.extend(control_notes(job, (prep.target.width, prep.target.height), len(prep.plan.stages)))
     return prep, family
 
 

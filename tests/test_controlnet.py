@@ -1,0 +1,155 @@
+"""ControlNets on the tiny models: they steer the image, come off bit for bit, run with linear self-attention
+patched from the UNet's LinFusion layers, and load from a diffusers folder and from a single file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linfusion_cli.attention import LinFusionAttention
+from linfusion_cli.config import EngineSpec, JobSpec, resolve_target
+from linfusion_cli.controlnet import ControlNetPatch, build_tiny
+from linfusion_cli.patching import self_attention_layers
+from linfusion_cli.pipeline import Engine
+from linfusion_cli.planning import make_plan
+
+CPU = torch.device("cpu")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def control_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("control") / "edges.png"
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[16:48, 16:48] = 255  # a white square: what a canny map of a box looks like
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(EngineSpec("tiny"), device=CPU, dtype=torch.float32)
+
+
+def _job(model: str = "tiny", **control: object) -> JobSpec:
+    return JobSpec(prompt="a box", model=model, steps=STEPS, **control)  # type: ignore[arg-type]
+
+
+def _render(engine: Engine, job: JobSpec) -> np.ndarray:
+    engine.use(EngineSpec.of(job))
+    plan = make_plan(resolve_target(256), native=128, schedule_steps=STEPS)
+    return engine.generate(job, plan, seed=3).image
+
+
+def test_controlnet_steers_and_removing_it_restores_bit_for_bit(engine: Engine, control_png: Path) -> None:
+    plain = _render(engine, _job())
+    steered = _render(engine, _job(controlnet=["tiny:1"], control_image=[str(control_png)]))
+    assert np.abs(plain.astype(int) - steered.astype(int)).mean() > 1.0
+    assert engine.adapters[0].describe()["linfusion_layers"] == 3  # 2 down blocks + mid of the tiny encoder
+    assert np.array_equal(_render(engine, _job()), plain)
+    assert engine.adapters == []
+
+
+def test_stage_scales_and_guidance_window(engine: Engine, control_png: Path) -> None:
+    image = [str(control_png)]
+    plain = _render(engine, _job())
+    full = _render(engine, _job(controlnet=["tiny:1"], control_image=image))
+    off = _render(engine, _job(controlnet=["tiny:1"], control_image=image, control_stages=[0.0]))
+    assert np.array_equal(off, plain)  # scale 0 in every stage: the ControlNet is not even called
+    late = _render(engine, _job(controlnet=["tiny:1"], control_image=image, control_start=0.5))
+    assert not np.array_equal(late, plain) and not np.array_equal(late, full)
+    base_only_off = _render(engine, _job(controlnet=["tiny:1"], control_image=image, control_stages=[0.0, 1.0]))
+    assert not np.array_equal(base_only_off, plain) and not np.array_equal(base_only_off, full)
+
+
+def test_previous_image_skips_the_base_stage(engine: Engine) -> None:
+    plain = _render(engine, _job())
+    tile = _render(engine, _job(controlnet=["tiny"], control_image=["previous"]))
+    assert not np.array_equal(tile, plain)
+    assert engine.adapters[0].describe()["image"] == "previous"
+    engine.use(EngineSpec("tiny"))
+
+
+def test_attn1_layers_patched_from_the_unets_linfusion_and_removed_exactly(engine: Engine) -> None:
+    model = build_tiny(engine.comps)
+    names = [n for n, _ in self_attention_layers(model)]
+    originals = [model.get_submodule(n) for n in names]
+    assert engine.patch is not None
+    # A ControlNet trained away from the UNet: its own training survives as W_cn + (W_linfusion - W_unet).
+    with torch.no_grad():
+        model.get_submodule(names[0]).to_q.weight.add_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch = ControlNetPatch.apply(model, engine.patch)
+    assert patch.layers == names and patch.kept == [] and patch.source == engine.patch.source
+    for name in names:
+        mine, unets = model.get_submodule(name), engine.comps.unet.get_submodule(name)
+        assert isinstance(mine, LinFusionAttention) and mine is not unets
+        expected = unets.to_q.weight + (0.5 if name == names[0] else 0.0)
+        assert torch.allclose(mine.to_q.weight, expected) and torch.equal(mine.to_k_[0].weight, unets.to_k_[0].weight)
+    patch.remove()
+    assert [model.get_submodule(n) for n in names] == originals
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_linfusion_off_leaves_the_controlnet_quadratic() -> None:
+    engine = Engine.load(EngineSpec("tiny", "none"), device=CPU, dtype=torch.float32)
+    engine.use(EngineSpec("tiny", "none", controlnets=EngineSpec.of(_job(controlnet=["tiny"])).controlnets))
+    info = engine.adapters[0].describe()
+    assert info["linfusion_layers"] == 0 and info["quadratic_layers"] == 3
+
+
+def test_folder_and_single_file_load_the_same_weights(engine: Engine, control_png: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = build_tiny(engine.comps)
+    folder = tmp_path / "tiny-controlnet"
+    model.save_pretrained(folder)  # diffusers' layout: config.json + diffusion_pytorch_model.safetensors
+    assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    single = tmp_path / "tiny-controlnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(single))
+    image = [str(control_png)]
+    built = _render(engine, _job(controlnet=["tiny:0.7"], control_image=image))
+    from_folder = _render(engine, _job(controlnet=[f"{folder}:0.7"], control_image=image))
+    assert engine.adapters[0].describe()["model"] == "tiny-controlnet"
+    from_file = _render(engine, _job(controlnet=[f"{single}:0.7"], control_image=image))
+    assert np.array_equal(from_folder, built) and np.array_equal(from_file, built)
+    engine.use(EngineSpec("tiny"))
+
+
+def test_single_file_with_missing_tensors_is_refused(engine: Engine, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from linfusion_cli.errors import CheckpointError
+
+    state = {k: v.contiguous() for k, v in build_tiny(engine.comps).state_dict().items()}
+    del state["controlnet_mid_block.weight"]
+    path = tmp_path / "cut.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"controlnet_mid_block\.weight"):
+        engine.use(EngineSpec.of(_job(controlnet=[str(path)])))
+    engine.use(EngineSpec("tiny"))
+
+
+def test_sdxl_controlnet_gets_the_size_conditioning(tmp_path: Path) -> None:
+    xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
+    plan = make_plan(resolve_target(128), native=128, schedule_steps=2)
+    job = JobSpec(prompt="a box", model="tiny-sdxl", steps=2)
+    plain = xl.generate(job, plan, seed=1).image
+    job.controlnet, job.control_image = ["tiny"], [str(_write_png(tmp_path))]
+    xl.use(EngineSpec.of(job))
+    assert xl.adapters[0].describe()["linfusion_layers"] == 5  # 1 + 2 transformer blocks down, 2 in the mid block
+    assert not np.array_equal(xl.generate(job, plan, seed=1).image, plain)
+
+
+def _write_png(folder: Path) -> Path:
+    from PIL import Image
+
+    path = folder / "grey.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
+    return path
