@@ -7,24 +7,35 @@ while the batch goes on; saving in a background worker while the next job genera
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import EngineSpec, JobSpec, plural
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, JobFileError, LinFusionError, ModelLoadError, UsageError
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    DiskFullError,
+    InputImageError,
+    JobFileError,
+    LinFusionError,
+    ModelLoadError,
+    UsageError,
+)
 from .events import CancelToken, EventSink, Note, ignore
 from .jobs import read_job_file, resolve_job
-from .output import OutputPaths, clean_stale_temps, prepare_folder
-from .runner import Prepared, RunOptions, offline_gaps, pick_seed, plan_for
+from .locks import Claim, try_claim
+from .output import SIDECAR_SUFFIX, OutputPaths, clean_stale_temps, parse_batch_stem, prepare_folder
+from .runner import SCHEMA, Prepared, RunOptions, offline_gaps, pick_seed, plan_for, with_seed
 
 JsonSink = Callable[[dict[str, Any]], None]
+CLAIM_SUFFIX = ".claim"
 
 
 @dataclass(frozen=True)
@@ -40,22 +51,20 @@ class Shard:
         return f"shard {self.index}/{self.count} ({self.source})"
 
 
-def resolve_shard(flag: str | None, env: dict[str, str] | None = None) -> Shard:
-    """--shard K/N, else Slurm array variables, else torchrun's RANK/WORLD_SIZE, else the whole file."""
-    env = dict(os.environ) if env is None else env
+SLURM_VARS = ("ID", "MIN", "MAX", "STEP", "COUNT")
+
+
+def resolve_shard(flag: str | None, env: Mapping[str, str] | None = None) -> Shard:
+    """--shard K/N, else the Slurm array task's position, else torchrun's RANK/WORLD_SIZE, else the whole file."""
+    env = os.environ if env is None else env
     if flag:
         try:
             k_text, n_text = flag.split("/")
             shard = Shard(int(k_text), int(n_text), "--shard")
         except ValueError:
-            raise UsageError(f"--shard {flag!r}: expected K/N, for example 0/4") from None
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        try:
-            task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        except ValueError:
-            raise UsageError("SLURM_ARRAY_TASK_ID/COUNT/MIN are not whole numbers") from None
-        shard = Shard(task - first, count, f"Slurm array task {task} of {count}, first {first}")
+            raise UsageError(f"--shard {flag[:40]!r}: expected K/N, for example 0/4") from None
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        shard = slurm_shard(env)
     elif "RANK" in env and "WORLD_SIZE" in env:
         try:
             shard = Shard(int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun RANK/WORLD_SIZE")
@@ -68,35 +77,77 @@ def resolve_shard(flag: str | None, env: dict[str, str] | None = None) -> Shard:
     return shard
 
 
-def local_rank_device(device: str, env: dict[str, str] | None = None) -> str:
-    """Under torchrun, `--device auto` means this process's GPU: cuda:LOCAL_RANK."""
-    env = dict(os.environ) if env is None else env
-    if device == "auto" and "LOCAL_RANK" in env:
-        import torch
+def slurm_shard(env: Mapping[str, str]) -> Shard:
+    """This task's position among the array's task ids, which are MIN, MIN+STEP, ... (COUNT of them, the last
+    at most MAX). Task ids need not start at 0 or be contiguous (--array=0-10:2, --array=1,5,9); what cannot be
+    placed (an uneven list such as 1,2,9, or a lone resubmitted task) is refused: say the shard with --shard."""
+    values: dict[str, int] = {}
+    for name in SLURM_VARS:
+        text = env.get(f"SLURM_ARRAY_TASK_{name}")
+        if text is not None:
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise UsageError(f"SLURM_ARRAY_TASK_{name}={text[:20]!r} is not a whole number") from None
+    task = values["ID"]
+    low, count, step_given = values.get("MIN", task), values.get("COUNT"), values.get("STEP")
+    if "MAX" in values:
+        high = values["MAX"]
+        if count is None and step_given:  # Slurm before 15.08 sets no COUNT
+            count = (high - low) // step_given + 1
+    else:
+        high = low + ((count or 1) - 1) * (step_given or 1)
+    how = "set the shard yourself with --shard K/N (K = this task's position among the N tasks, from 0)"
+    if count is None or count < 1 or not low <= task <= high:
+        raise UsageError(f"the Slurm array variables are inconsistent ({_slurm_text(values)}); {how}")
+    if count == 1:
+        if task != 0:
+            raise UsageError(
+                f"Slurm array task {task} is the array's only task: a resubmitted task cannot know its shard. "
+                f"To redo the shard of task {task} of the original array --array=0-{{N-1}}, run with "
+                f"--shard {task}/N; to run the whole file, --shard 0/1"
+            )
+        return Shard(0, 1, f"Slurm array task {task}, the only one")
+    # The step between ids: the given one when it explains MIN, MAX and COUNT; else (a comma list, for
+    # which Slurm may report step 1) the one spacing COUNT ids evenly from MIN to MAX.
+    steps = [step_given] if step_given and step_given > 0 else []
+    if (high - low) % (count - 1) == 0 and (high - low) // (count - 1) > 0:
+        steps.append((high - low) // (count - 1))
+    for step in steps:
+        last = low + (count - 1) * step
+        if last <= high < last + step and (task - low) % step == 0:
+            position = (task - low) // step
+            return Shard(position, count, f"Slurm array task {task}, position {position} of ids {low}-{high}:{step}")
+    raise UsageError(
+        f"cannot place Slurm array task {task} among the array's ids ({_slurm_text(values)}): they are not "
+        f"evenly spaced, so some shard would never run; {how}"
+    )
 
-        if torch.cuda.is_available():
-            return f"cuda:{int(env['LOCAL_RANK'])}"
-    return device
+
+def _slurm_text(values: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 @dataclass
 class JobOutcome:
     index: int
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # "done" | "skipped" (finished before) | "claimed" (another live task has it) | "failed"
     path: str | None
     seed: int | None
-    seconds: float = 0.0
-    peak_vram_gib: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_vram_allocated_gib: float | None = None
     error: str | None = None
 
     def as_line(self) -> dict[str, Any]:
-        line = {
+        line: dict[str, Any] = {
+            "schema": SCHEMA,
             "index": self.index,
             "status": self.status,
             "path": self.path,
+            "sidecar": None if self.path is None else self.path + SIDECAR_SUFFIX,
             "seed": self.seed,
-            "seconds": round(self.seconds, 3),
-            "peak_vram_gib": self.peak_vram_gib,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "peak_vram_allocated_gib": self.peak_vram_allocated_gib,
         }
         if self.error:
             line["error"] = self.error
@@ -121,7 +172,8 @@ class BatchSummary:
 
 
 def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed: int | None) -> list[Prepared]:
-    """Every job of the file resolved, planned and named, before any model loads."""
+    """Every job of the file resolved, planned and named, and every input image's header read, before any
+    model loads."""
     job_file = read_job_file(path)
     prepared: list[Prepared] = []
     stems: dict[str, int] = {}
@@ -136,7 +188,10 @@ def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed
             )
             seed = pick_seed(job, row.index, base_seed)
             input_size = _input_size(job, options) if job.image else None
-            prep, family = plan_for(job, options, seed=seed, index=row.index, input_size=input_size)
+            random_seed = job.seed is None and base_seed is None
+            prep, family = plan_for(
+                job, options, seed=seed, index=row.index, input_size=input_size, random_seed=random_seed
+            )
         except UsageError as exc:
             message = str(exc)
             raise JobFileError(message if message.startswith(row.where) else f"{row.where}: {message}") from None
@@ -146,7 +201,6 @@ def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed
         stems[stem] = seen + 1
         if seen:
             prep.paths = OutputPaths.for_stem(options.out, f"{stem}-{seen + 1}", job.format)
-        prep.random_seed = job.seed is None and base_seed is None
         gaps = offline_gaps(job, family)  # offline and not cached: said before any model loads
         if gaps:
             raise ModelLoadError(f"{row.where}: {'; '.join(gaps)}")
@@ -162,24 +216,70 @@ def _input_size(job: JobSpec, options: RunOptions) -> tuple[int, int]:
         return image.width, image.height
 
 
-def already_done(prep: Prepared) -> OutputPaths | None:
-    """The finished outputs of this job, if a previous run wrote them completely."""
-    if prep.paths.complete():
-        return prep.paths
-    if prep.random_seed and prep.index is not None and not prep.job.name:
-        # A random seed differs on every run and is part of the name: find this job by index, size, prompt.
-        folder = prep.paths.image.parent
-        for sidecar in sorted(folder.glob(f"{prep.index:05d}_*_{prep.target.width}x{prep.target.height}.json")):
-            candidate = OutputPaths.for_stem(folder, sidecar.stem, prep.job.format)
-            if candidate.complete() and _sidecar_prompt(candidate) == prep.job.prompt:
-                return candidate
-    return None
+# --- resume: a job is what it is (index and settings), whatever seed a previous run drew ----------------------
+
+
+def _searches_by_key(prep: Prepared) -> bool:
+    """A random-seed job without its own name: its file name holds a seed this run cannot know."""
+    return prep.random_seed and prep.index is not None and not prep.job.name
+
+
+def claim_name(prep: Prepared) -> str:
+    """What a task locks while it makes this job: the output's name, or the job's identity where the name
+    depends on a seed still to be found."""
+    identity = f"{prep.index:05d}_{prep.key}" if _searches_by_key(prep) else prep.paths.image.name
+    return f".{identity}{CLAIM_SUFFIX}"
+
+
+def list_outputs(folder: Path) -> dict[tuple[int, str], list[str]]:
+    """Unnamed batch outputs in `folder` by (index, key): one directory listing for the whole batch."""
+    found: dict[tuple[int, str], list[str]] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            parsed = parse_batch_stem(Path(entry.name).stem)
+            if parsed is not None:
+                found.setdefault((parsed[0], parsed[2]), []).append(entry.name)
+    return found
+
+
+def resume_state(
+    prep: Prepared, options: RunOptions, listing: Mapping[tuple[int, str], list[str]] | None = None
+) -> tuple[OutputPaths | None, Prepared]:
+    """(the finished outputs of this job or None, the job to run).
+
+    A job is found by its own name; a random-seed job by its index and settings key, under any seed. An image
+    left without its sidecar (a crash between the two renames) is not a second copy in waiting: the job is run
+    again under that image's seed and name, and replaces it."""
+    if prep.paths.complete(prep.key):
+        return prep.paths, prep
+    if not _searches_by_key(prep):
+        return None, prep
+    assert prep.index is not None
+    folder, suffix = prep.paths.image.parent, prep.paths.image.suffix
+    if listing is None:
+        names = [p.name for p in folder.glob(f"{prep.index:05d}_*_{prep.key}{suffix}")]
+    else:
+        names = listing.get((prep.index, prep.key), [])
+    orphan_seed = None
+    for name in sorted(n for n in names if n.endswith(suffix)):
+        image = folder / name
+        candidate = OutputPaths(image, image.with_name(name + SIDECAR_SUFFIX))
+        if candidate.complete(prep.key):
+            return candidate, prep
+        parsed = parse_batch_stem(image.stem)
+        if orphan_seed is None and parsed is not None and parsed[2] == prep.key:
+            orphan_seed = parsed[1]
+    if orphan_seed is not None and orphan_seed != prep.seed:
+        return None, with_seed(prep, orphan_seed, options)
+    return None, prep
 
 
 class Writer:
     """One background thread that encodes and writes images while the next job generates.
 
-    At most one write waits in line: a 16K image is ~400 MB of pixels, so memory stays bounded.
+    At most one write waits in line: a 16K image is ~400 MB of pixels, so memory stays bounded. A write
+    reports its job's outcome itself; an exception that escapes one is a bug or a broken output stream, and is
+    raised again by `submit` or returned by `close`, never swallowed.
     """
 
     def __init__(self) -> None:
@@ -187,20 +287,24 @@ class Writer:
         self._pending: list[Future[Any]] = []
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        while len(self._pending) >= 1:
+        while self._pending:
             self._pending.pop(0).result()
         future = self._pool.submit(fn)
         self._pending.append(future)
         return future
 
-    def close(self) -> None:
-        """Wait for every pending write (also on Ctrl-C: nothing is left half-written)."""
+    def close(self) -> BaseException | None:
+        """Wait for every pending write (also on Ctrl-C: nothing is left half-written); the first exception that
+        escaped one, if any."""
+        first: BaseException | None = None
         for future in self._pending:
             try:
                 future.result()
-            except Exception:
-                pass  # reported through the job's own outcome
+            except BaseException as exc:
+                first = first or exc
+        self._pending.clear()
         self._pool.shutdown(wait=True)
+        return first
 
 
 def run_batch(
@@ -215,21 +319,16 @@ def run_batch(
     on_line: JsonSink | None = None,
     cancel: CancelToken | None = None,
 ) -> BatchSummary:
-    import torch
-
-    from .memory import free_cached, resolve_device, resolve_dtype
-    from .pipeline import Engine
-    from .runner import generate_one, replan_for, save_outputs
-
     cancel = cancel or CancelToken()
     shard = resolve_shard(shard_flag)
-    options = replace(options, device=local_rank_device(options.device))
     prepared = plan_batch(path, flags, options, base_seed)
     mine = [p for p in prepared if shard.holds(p.index or 0)]
     events(Note("info", f"{shard.describe()}: {len(mine)} of {plural(len(prepared), 'job')}"))
     summary = BatchSummary(shard, len(mine))
     prepare_folder(options.out)
-    clean_stale_temps(options.out)
+    removed = clean_stale_temps(options.out)
+    if removed:
+        events(Note("info", f"removed {plural(removed, 'temp file')} left by a stopped run"))
 
     lock = threading.Lock()
 
@@ -240,28 +339,76 @@ def run_batch(
                 on_line(outcome.as_line())
 
     todo: list[Prepared] = []
+    listing = list_outputs(options.out)
     for prep in mine:
-        done = None if options.overwrite else already_done(prep)
+        done, prep = (None, prep) if options.overwrite else resume_state(prep, options, listing)
         if done is not None:
-            record(JobOutcome(prep.index or 0, "skipped", str(done.image), _sidecar_seed(done)))
+            record(_skipped(prep.index or 0, done))
         else:
             todo.append(prep)
     if len(todo) < len(mine):
         events(
             Note("info", f"{plural(len(mine) - len(todo), 'job')} already finished: skipped (--overwrite redoes them)")
         )
+    if todo:
+        _render(todo, options, fail_fast, events, record, cancel)
+    summary.outcomes.sort(key=lambda o: o.index)
+    return summary
+
+
+def _skipped(index: int, done: OutputPaths) -> JobOutcome:
+    meta = done.sidecar_data() or {}
+    seed = meta.get("seed")
+    return JobOutcome(index, "skipped", str(done.image), seed if isinstance(seed, int) else None)
+
+
+def _render(
+    todo: list[Prepared],
+    options: RunOptions,
+    fail_fast: bool,
+    events: EventSink,
+    record: Callable[[JobOutcome], None],
+    cancel: CancelToken,
+) -> None:
+    """Claim, run and save each job in turn; the model is loaded when the first job needs it."""
+    import torch
+
+    from .memory import free_cached, resolve_device, resolve_dtype
+    from .pipeline import Engine
+    from .runner import generate_one, replan_for
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     engines: dict[EngineSpec, Engine] = {}
     writer = Writer()
+    disk_full: list[DiskFullError] = []
+    warned_unlocked = False
     try:
         for prep in todo:
             cancel.check()
-            job = prep.job
-            spec = EngineSpec.of(job)
+            if disk_full:
+                break
+            index = prep.index or 0
+            claim = try_claim(options.out / claim_name(prep))
+            if isinstance(claim, str):
+                events(Note("info", f"job {index}: being made by {claim}; left to it"))
+                record(JobOutcome(index, "claimed", None, None, error=f"being made by {claim}"))
+                continue
+            if not claim.locked and not warned_unlocked:
+                warned_unlocked = True
+                events(Note("warning", f"{options.out} offers no file locks: tasks sharing it may repeat a job"))
+            handed_over = False
             start = time.perf_counter()
             try:
+                done, prep = (None, prep) if options.overwrite else resume_state(prep, options)
+                if done is not None:  # finished by another task since this one looked
+                    record(_skipped(index, done))
+                    continue
+                problem = prep.paths.problem()
+                if problem:
+                    raise _JobProblem(problem)
+                job = prep.job
+                spec = EngineSpec.of(job)
                 if spec.base() not in engines:
                     for old in list(engines):  # one model on the device at a time
                         del engines[old]
@@ -270,46 +417,72 @@ def run_batch(
                 engine = engines[spec.base()]
                 engine.use(spec, events)  # the job's adapters, on the loaded model
                 prep = replan_for(engine, prep, options)
-                events(Note("info", f"job {prep.index}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
+                events(Note("info", f"job {index}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
                 init_image = _load_input(job, options) if job.image else None
                 result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
-                peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
-                peak = peak if device.type == "cuda" else None
+                peak = None
+                if device.type == "cuda":
+                    peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
                 seconds = time.perf_counter() - start
-
-                def write(
-                    prep: Prepared = prep,
-                    result: Any = result,
-                    meta: dict[str, Any] = meta,
-                    seconds: float = seconds,
-                    peak: float | None = peak,
-                ) -> None:
-                    try:
-                        save_outputs(prep, result.image, meta, result.stage_images)
-                        record(JobOutcome(prep.index or 0, "done", str(prep.paths.image), prep.seed, seconds, peak))
-                    except Exception as exc:  # a failed write fails this job, not the batch
-                        record(
-                            JobOutcome(
-                                prep.index or 0, "failed", None, prep.seed, seconds, peak, f"could not save: {exc}"
-                            )
-                        )
-
-                writer.submit(write)
+                writer.submit(_writer_job(prep, result, meta, seconds, peak, claim, record, disk_full))
+                handed_over = True
                 del result, init_image
-            except (LinFusionError, OSError, torch.OutOfMemoryError) as exc:
-                if isinstance(exc, UsageError) or getattr(exc, "exit_code", 1) >= 128:
+            except (LinFusionError, OSError, torch.OutOfMemoryError, _JobProblem) as exc:
+                if isinstance(exc, LinFusionError) and getattr(exc, "exit_code", 1) >= 128:
                     raise
-                events(Note("warning", f"job {prep.index} failed: {exc}"))
+                if isinstance(exc, UsageError) and not isinstance(exc, InputImageError):
+                    raise
+                events(Note("warning", f"job {index} failed: {exc}"))
                 record(
-                    JobOutcome(prep.index or 0, "failed", None, prep.seed, time.perf_counter() - start, None, str(exc))
+                    JobOutcome(index, "failed", None, prep.seed, {"total": time.perf_counter() - start}, None, str(exc))
                 )
                 if fail_fast:
                     break
+            finally:
+                if not handed_over:
+                    claim.release()
             free_cached(device)  # VRAM and RSS must not creep over a long batch
     finally:
-        writer.close()
-    summary.outcomes.sort(key=lambda o: o.index)
-    return summary
+        unexpected = writer.close()
+    if unexpected is not None:
+        raise unexpected
+    if disk_full:
+        raise DiskFullError(f"{disk_full[0]}; stopped: free some space and rerun the same command to resume")
+
+
+class _JobProblem(Exception):
+    """Something about one job's output names that fails that job alone."""
+
+
+def _writer_job(
+    prep: Prepared,
+    result: Any,
+    meta: dict[str, Any],
+    seconds: float,
+    peak: float | None,
+    claim: Claim,
+    record: Callable[[JobOutcome], None],
+    disk_full: list[DiskFullError],
+) -> Callable[[], None]:
+    """The background write of one job: save, release its claim, then record exactly one outcome."""
+    from .runner import save_outputs
+
+    def write() -> None:
+        index = prep.index or 0
+        try:
+            sidecar = save_outputs(prep, result.image, meta, result.stage_images)
+        except (LinFusionError, OSError) as exc:  # a failed write fails this job, not the batch
+            if isinstance(exc, DiskFullError):
+                disk_full.append(exc)
+            outcome = JobOutcome(index, "failed", None, prep.seed, {"total": seconds}, peak, f"could not save: {exc}")
+        else:
+            timings = {**sidecar.get("seconds", {}), "total": seconds + sidecar["seconds"].get("write", 0.0)}
+            outcome = JobOutcome(index, "done", str(prep.paths.image), prep.seed, timings, peak)
+        finally:
+            claim.release()
+        record(outcome)
+
+    return write
 
 
 def _load_input(job: JobSpec, options: RunOptions) -> Any:
@@ -317,21 +490,3 @@ def _load_input(job: JobSpec, options: RunOptions) -> Any:
 
     assert job.image is not None
     return load_rgb(job.image, options.max_input_pixels)
-
-
-def _sidecar(paths: OutputPaths) -> dict[str, Any]:
-    try:
-        data = json.loads(paths.sidecar.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _sidecar_seed(paths: OutputPaths) -> int | None:
-    seed = _sidecar(paths).get("seed")
-    return seed if isinstance(seed, int) else None
-
-
-def _sidecar_prompt(paths: OutputPaths) -> str | None:
-    settings = _sidecar(paths).get("settings")
-    return settings.get("prompt") if isinstance(settings, dict) else None

@@ -46,11 +46,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from .runner import describe_device, versions
+    from .config import dtype_flag
+    from .runner import SCHEMA, describe_device, versions
 
     return {
+        "schema": SCHEMA,
         "device": describe_device(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_flag(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "threads": torch.get_num_threads(),
@@ -429,7 +431,10 @@ def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) ->
             }
     if pillow:
         results["speedup"] = round(results["pillow_level1"]["seconds"] / results["linfusion"]["seconds"], 1)
+    from .runner import SCHEMA
+
     return {
+        "schema": SCHEMA,
         "bench": "png",
         "size": f"{width}x{height}",
         "deflate": getattr(_deflate_lib, "__name__", "zlib"),

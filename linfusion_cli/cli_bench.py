@@ -243,8 +243,8 @@ def bench_pipeline_cmd(
         )
         report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
         stderr.print(
-            f"{report['size']} ({arch}, {report['device']}): load {report['model_load_seconds']} s, "
-            f"generate {report['generate_seconds']} s, write {report['write_seconds']} s, peak VRAM "
+            f"{report['size']} ({arch}, {report['device']}): load {report['seconds']['model_load']} s, "
+            f"generate {report['seconds']['generate']} s, write {report['seconds']['write']} s, peak VRAM "
             f"{report['peak_vram_allocated_gib']} GiB",
             highlight=False,
         )

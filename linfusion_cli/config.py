@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import UsageError
+from .files import quote
 
 MAX_SIDE = 65536
 MIN_SIDE = 64
@@ -47,13 +48,38 @@ A1111_SAMPLERS = {
     "unipc": "UniPC",
 }
 REFINE_METHODS = ("sdedit", "demofusion")  # how refine stages work: refine.py
-FORMATS = ("png", "jpeg", "tiff", "webp")
 FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 PX_SUFFIX = {"k": 1024}  # 16k = 16384 px, as in "a 16K image"
-FORMAT_MAX_SIDE = {"webp": 16383, "jpeg": 65535}
-FORMAT_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp"}
 MAX_PROMPT_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output file format: everything output.py needs to write and read it back."""
+
+    suffix: str
+    pillow: str  # Pillow's format name (as `Image.format` reports it)
+    metadata: str  # where the A1111 text goes: "png-text" chunks, "exif" UserComment, "tiff" ImageDescription
+    max_side: int | None = None
+    save_args: tuple[tuple[str, Any], ...] = ()
+
+
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    "png": OutputFormat(".png", "PNG", "png-text"),
+    "jpeg": OutputFormat(".jpg", "JPEG", "exif", 65535, (("quality", 95), ("subsampling", 0))),
+    "tiff": OutputFormat(".tif", "TIFF", "tiff"),
+    "webp": OutputFormat(".webp", "WEBP", "exif", 16383, (("quality", 95), ("method", 4))),
+}
+FORMATS = tuple(OUTPUT_FORMATS)
+# Precisions: the flag's spelling (used in every report, sidecar and benchmark) -> torch's name.
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def dtype_flag(dtype: Any) -> str:
+    """The flag spelling (fp16, bf16, fp32) of a torch dtype or its name; 'auto' for anything else."""
+    name = str(dtype).replace("torch.", "")
+    return next((flag for flag, long in DTYPES.items() if name in (flag, long)), "auto")
 
 
 @dataclass(frozen=True)
@@ -249,7 +275,7 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     """Check (and, for text sources like CSV/TXT, parse) one value; raise a UsageError naming `where`."""
     spec = FIELDS.get(key)
     if spec is None:
-        raise UsageError(f"{where}: unknown field '{key}' (known: {', '.join(JOB_KEYS)})")
+        raise UsageError(f"{where}: unknown field {quote(key)} (known: {', '.join(JOB_KEYS)})")
     if value is None or (from_text and isinstance(value, str) and value.strip() == ""):
         return None
     try:
@@ -266,41 +292,45 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
 
 
 def _shown(value: Any) -> str:
+    """A checked value as the user would write it, kept short (a 1 MB prompt is not echoed)."""
     if isinstance(value, list):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        return quote(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)).strip("'")
     if isinstance(value, float):
         return f"{value:g}"
-    return repr(value) if isinstance(value, str) else str(value)
+    return quote(value)
 
 
 def _convert(kind: str, value: Any, from_text: bool) -> Any:
     if kind == "str":
         if not isinstance(value, str):
-            raise TypeError(f"must be text, got {type(value).__name__} {value!r}")
+            raise TypeError(f"must be text, got {type(value).__name__} {quote(value)}")
         return value
     if kind == "bool":
         if isinstance(value, bool):
             return value
         if from_text and isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
             return value.strip().lower() in ("1", "true", "yes")
-        raise TypeError(f"must be true or false, got {value!r}")
+        raise TypeError(f"must be true or false, got {quote(value)}")
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_text):
-            raise TypeError(f"must be a whole number, got {type(value).__name__} {value!r}")
+            raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
         try:
             return int(value)
-        except ValueError:
-            raise TypeError(f"must be a whole number, got {value!r}") from None
+        except ValueError:  # not digits, or more digits than Python converts
+            raise TypeError(f"must be a whole number, got {quote(value)}") from None
     if kind == "float":
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float, str))
             or (isinstance(value, str) and not from_text)
         ):
-            raise TypeError(f"must be a number, got {type(value).__name__} {value!r}")
-        out = float(value)
+            raise TypeError(f"must be a number, got {type(value).__name__} {quote(value)}")
+        try:
+            out = float(value)
+        except OverflowError:  # a whole number too large for a float
+            raise ValueError(f"must be a finite number, got {quote(value)}") from None
         if not math.isfinite(out):
-            raise ValueError(f"must be a finite number, got {value!r}")
+            raise ValueError(f"must be a finite number, got {quote(value)}")
         return out
     if kind == "floats":
         return parse_floats(value)
@@ -383,17 +413,17 @@ def parse_floats(value: Any) -> list[float]:
     """`0.4,0.3` or a list of numbers -> [0.4, 0.3]."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})")
+        raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
     out = []
     for item in items:
         if isinstance(item, bool):
-            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})")
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
         try:
             number = float(item.strip() if isinstance(item, str) else item)
-        except (TypeError, ValueError):
-            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {value!r})") from None
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})") from None
         if not math.isfinite(number):
-            raise TypeError(f"must be finite numbers (got {value!r})")
+            raise TypeError(f"must be finite numbers (got {quote(value)})")
         out.append(number)
     return out
 
@@ -407,7 +437,7 @@ def validate_layer(
     out: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str):
-            raise UsageError(f"{where}: field names must be text, got {key!r}")
+            raise UsageError(f"{where}: field names must be text, got {quote(key)}")
         if key in forbidden:
             raise UsageError(f"{where}: '{key}' cannot be set here")
         if key == "size" and _is_two_sides(value):
@@ -509,7 +539,7 @@ def resolve_target(
 
 
 def check_format_fits(fmt: str, target: Target) -> None:
-    limit = FORMAT_MAX_SIDE.get(fmt)
+    limit = OUTPUT_FORMATS[fmt].max_side
     if limit is not None and target.long_side > limit:
         raise UsageError(
             f"{fmt} cannot store {target.width}x{target.height}: at most {limit} px a side; use --format png or tiff"

@@ -61,6 +61,14 @@ class OutputError(LinFusionError):
     """An output folder or file that cannot be written (permissions, full disk, name clash)."""
 
 
+class OutputFolderError(UsageError):
+    """An --out folder that cannot be created or written: bad input, reported before any model loads (exit 2)."""
+
+
+class DiskFullError(OutputError):
+    """No space (or quota) left: not one job's fault, so a batch stops instead of failing every job in turn."""
+
+
 class InputImageError(UsageError):
     """An input image that cannot be read: not an image, truncated, too many pixels."""
 

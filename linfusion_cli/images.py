@@ -4,6 +4,8 @@ are not images or are cut short, and every common mode converted to 8-bit RGB wi
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,29 @@ from typing import Any
 import numpy as np
 
 from .errors import InputImageError
+from .files import open_regular, quote
 
 DEFAULT_MAX_PIXELS = 1_000_000_000  # 1 gigapixel; a 16384^2 image is 268 Mpx
+# No image format needs more than 16 bytes a pixel (RGBA, 32-bit float); headers and metadata on top.
+MAX_BYTES_PER_PIXEL = 16
+MAX_METADATA_BYTES = 64 << 20
+_PILLOW_CAP = threading.RLock()
+
+
+@contextlib.contextmanager
+def _pillow_pixel_cap(max_pixels: int) -> Iterator[None]:
+    """Pillow's bomb guard (a module global, raised from ~179 Mpx: below a 16K image) moved to our cap while we
+    open and decode, then put back: a library user's own guard is never switched off."""
+    from PIL import Image
+
+    with _PILLOW_CAP, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
 
 
 @contextlib.contextmanager
@@ -20,27 +43,34 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterat
     """Open lazily (header only) and refuse more than `max_pixels` before decoding anything."""
     from PIL import Image, UnidentifiedImageError
 
-    file = Path(path)
-    if not file.is_file():
-        raise InputImageError(f"image '{path}' does not exist or is not a file")
-    # Our cap replaces Pillow's DecompressionBombError (raised from ~179 Mpx, below a 16K image).
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        image = Image.open(file)
-    except UnidentifiedImageError:
-        raise InputImageError(f"'{path}' is not an image Pillow can read (PNG, JPEG, WebP, TIFF, BMP...)") from None
-    except OSError as exc:
-        raise InputImageError(f"cannot read image '{path}': {exc}") from exc
-    try:
-        pixels = image.width * image.height
-        if pixels > max_pixels:
+    name = quote(str(path))
+    limit = max_pixels * MAX_BYTES_PER_PIXEL + MAX_METADATA_BYTES
+    with open_regular(path, limit, "image", InputImageError) as handle, _pillow_pixel_cap(max_pixels):
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            raise InputImageError(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, TIFF, BMP...)") from None
+        except Image.DecompressionBombError:  # Pillow's guard, at twice our cap: the size is not known here
             raise InputImageError(
-                f"'{path}' is {image.width}x{image.height} ({pixels / 1e6:.0f} Mpx), above the limit of "
-                f"{max_pixels / 1e6:.0f} Mpx; raise it with --max-input-pixels if you trust the file"
-            )
-        yield image
-    finally:
-        image.close()
+                f"{name} is above the limit of {_mpx(max_pixels)}; raise it with --max-input-pixels if you trust "
+                "the file"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputImageError(f"cannot read image {name}: {quote(str(exc))}") from None
+        try:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise InputImageError(
+                    f"{name} is {image.width}x{image.height} ({_mpx(pixels)}), above the limit of "
+                    f"{_mpx(max_pixels)}; raise it with --max-input-pixels if you trust the file"
+                )
+            yield image
+        finally:
+            image.close()
+
+
+def _mpx(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} Mpx"
 
 
 def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -53,10 +83,12 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
         except (OSError, SyntaxError, ValueError) as exc:
-            raise InputImageError(f"'{path}' is damaged or cut short ({exc}); re-export it") from exc
+            raise InputImageError(
+                f"{quote(str(path))} is damaged or cut short ({quote(str(exc))}); re-export it"
+            ) from exc
     array = np.array(rgb, dtype=np.uint8)  # a writable copy (torch refuses read-only arrays)
     if array.ndim != 3 or array.shape[2] != 3:
-        raise InputImageError(f"'{path}': could not convert mode {image.mode} to RGB")
+        raise InputImageError(f"{quote(str(path))}: could not convert mode {image.mode} to RGB")
     return array
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 from .config import FLAGS, JobSpec, merge_layers, validate_layer
 from .errors import JobFileError, UsageError
+from .files import ParseError, load_json, load_yaml, quote, read_regular
 from .presets import load_preset
 
 
@@ -61,7 +61,6 @@ class JobRow:
 
 @dataclass(frozen=True)
 class JobFile:
-    path: Path
     defaults: dict[str, Any]
     rows: list[JobRow]
 
@@ -88,13 +87,15 @@ def read_job_file(path: str | Path) -> JobFile:
     else:
         raw, defaults_raw = _yaml_rows(file, text)
         defaults = _validate(defaults_raw, f"{file.name} defaults", from_text=False)
+    if not raw:
+        raise JobFileError(f"{file}: no jobs in the file (only blank lines or comments): nothing to do")
     if len(raw) > MAX_JOBS:
         raise JobFileError(f"{file}: {len(raw)} jobs; the limit is {MAX_JOBS} per file (split it)")
     rows = [JobRow(i, where, _validate(values, where, from_text)) for i, (where, values, from_text) in enumerate(raw)]
     for row in rows:
         if not str(row.values.get("prompt", defaults.get("prompt", ""))).strip() and not row.values.get("image"):
             raise JobFileError(f"{row.where}: the prompt is empty")
-    return JobFile(file, defaults, rows)
+    return JobFile(defaults, rows)
 
 
 def _validate(values: Any, where: str, from_text: bool) -> dict[str, Any]:
@@ -105,13 +106,7 @@ def _validate(values: Any, where: str, from_text: bool) -> dict[str, Any]:
 
 
 def _read_text(file: Path) -> str:
-    try:
-        size = file.stat().st_size
-    except OSError as exc:
-        raise JobFileError(f"cannot read prompt file {file}: {exc.strerror or exc}") from None
-    if size > MAX_FILE_BYTES:
-        raise JobFileError(f"{file} is {size >> 20} MiB; prompt files are limited to {MAX_FILE_BYTES >> 20} MiB")
-    data = file.read_bytes()
+    data = read_regular(file, MAX_FILE_BYTES, "prompt file", JobFileError)
     try:
         return data.decode("utf-8-sig")  # a BOM is fine
     except UnicodeDecodeError as exc:
@@ -128,9 +123,9 @@ def _jsonl_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
             continue
         where = f"{file.name} line {n}"
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise JobFileError(f"{where}: not valid JSON ({exc.msg})") from None
+            value = load_json(line)
+        except ParseError as exc:
+            raise JobFileError(f"{where}: {exc}") from None
         if not isinstance(value, dict):
             raise JobFileError(f'{where}: each line must be a JSON object like {{"prompt": "..."}}')
         rows.append((where, value, False))
@@ -141,6 +136,10 @@ def _csv_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames:
         raise JobFileError(f"{file.name}: empty CSV; the first row must name the fields (prompt, seed, ...)")
+    names = [name.strip() for name in reader.fieldnames]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise JobFileError(f"{file.name} row 1: the column(s) {quote(twice)} appear twice; keep one of each")
     rows = []
     for n, record in enumerate(reader, 2):
         where = f"{file.name} row {n}"
@@ -156,18 +155,17 @@ def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict
     import yaml
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes carry line numbers
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file.name} line {mark.line + 1}" if mark is not None else file.name
-        raise JobFileError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data, root = load_yaml(text)  # nodes carry line numbers
+    except ParseError as exc:
+        raise JobFileError(f"{file.name}{' ' if str(exc).startswith('line ') else ': '}{exc}") from None
     defaults: Any = {}
     jobs_node = root
     if isinstance(data, dict):
         unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
         if unknown:
-            raise JobFileError(f"{file.name}: unknown top-level key(s) {unknown}; expected 'defaults' and 'jobs'")
+            raise JobFileError(
+                f"{file.name}: unknown top-level key(s) {quote(unknown)}; expected 'defaults' and 'jobs'"
+            )
         defaults = data.get("defaults") or {}
         jobs = data.get("jobs")
         jobs_node = next((v for k, v in getattr(root, "value", []) if getattr(k, "value", None) == "jobs"), None)

@@ -30,11 +30,12 @@ def _mps_available() -> bool:
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """auto: cuda (cuda:LOCAL_RANK under torchrun), then mps, then cpu. A device this machine does not have is a
-    usage error, raised before anything loads."""
+    """auto: cuda (cuda:LOCAL_RANK under torchrun: each process its own GPU; `local_rank` if given, else the
+    LOCAL_RANK variable), then mps, then cpu. A device this machine does not have is a usage error, raised
+    before anything loads."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank or 0)
+            return torch.device("cuda", torchrun_local_rank() if local_rank is None else local_rank)
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -61,6 +62,14 @@ def device_warnings(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type == "cpu" and dtype == torch.float16:
         return ["--dtype fp16 on the CPU is many times slower than fp32 there (the CPU default); use --dtype fp32"]
     return []
+
+
+def torchrun_local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's GPU on its node under torchrun (LOCAL_RANK), else 0."""
+    text = (os.environ if env is None else env).get("LOCAL_RANK", "0")
+    if not text.strip().isdigit():
+        raise UsageError(f"LOCAL_RANK={text[:20]!r} is not a whole number")
+    return int(text)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -7,27 +7,46 @@ sidecar is written last, so "image + sidecar present and consistent" means "this
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
 import re
+import stat
+import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from .config import A1111_SAMPLERS, FORMAT_SUFFIX
-from .errors import OutputError
+from .config import A1111_SAMPLERS, OUTPUT_FORMATS
+from .errors import DiskFullError, InputImageError, LinFusionError, OutputError, OutputFolderError
+from .files import load_json, quote, read_regular
+from .locks import host_name, lock_fd, pid_alive
 
 MAX_NAME_LENGTH = 120
 SLUG_WORDS = 6
 SLUG_LENGTH = 40
-SIDECAR_SUFFIX = ".json"
+SIDECAR_SUFFIX = ".json"  # appended to the image's whole name: x.png.json, so formats never share one
+MAX_SIDECAR_BYTES = 16 << 20
 TEMP_MARKER = ".part-"
-# A1111's sampler names, so viewers that parse the `parameters` chunk recognise ours.
+STALE_FOREIGN_TEMP_SECONDS = 60  # another host's unlocked temp file: stale once this old (see clean_stale_temps)
+KEY_LENGTH = 8  # hex digits of the settings hash in names: 4 billion values per index, prompt and size
+# Settings that do not decide an image's pixels (the size is hashed as the resolved width x height, the seed
+# apart). Every other setting does, including ones added later: a new setting can only split names, never
+# merge two different images under one.
+NOT_IMAGE_SETTINGS = frozenset(
+    ("seed", "name", "format", "preset", "size", "aspect", "width", "height", "vae_tile", "low_vram", "max_vram")
+)
+# Names Windows (and so SMB shares) will not create, whatever the extension.
+WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{p}{n}" for p in ("COM", "LPT") for n in "123456789"] + ["CONIN$", "CONOUT$"]
+)
+ENOSPC_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 PNG_TEXT_KEY = "parameters"
 PNG_JSON_KEY = "linfusion"
 EXIF_IFD = 0x8769
@@ -36,6 +55,7 @@ TIFF_DESCRIPTION = 270
 _UNICODE_PREFIX = b"UNICODE\x00"
 _ASCII_PREFIX = b"ASCII\x00\x00\x00"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_BATCH_STEM = re.compile(rf"^(?P<index>\d{{5,}})_[a-z0-9-]*_(?P<seed>\d+)_\d+x\d+_(?P<key>[0-9a-f]{{{KEY_LENGTH}}})$")
 
 
 # --- names ------------------------------------------------------------------------------------------------
@@ -43,11 +63,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def sanitize_name(text: str, max_length: int = MAX_NAME_LENGTH) -> str:
     """A file name stem that is safe everywhere: ASCII letters, digits, '.', '_', '-'; no separators, no
-    leading dot (so no '..' or hidden files), no control characters, bounded length. Never empty."""
+    leading dot (so no '..' or hidden files), no control characters, no Windows device name (CON, NUL...),
+    bounded length. Never empty."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     stem = _UNSAFE.sub("-", ascii_text)
     stem = re.sub(r"-{2,}", "-", stem).strip("-._")
     stem = stem[:max_length].rstrip("-._")
+    head, dot, tail = stem.partition(".")
+    if head.upper() in WINDOWS_RESERVED:  # reserved with any extension: CON.txt is CON too
+        stem = f"{head}_{dot}{tail}"[:max_length]
     return stem or "image"
 
 
@@ -59,22 +83,47 @@ def prompt_slug(prompt: str) -> str:
     return slug or "image"
 
 
+def settings_key(settings: Mapping[str, Any], width: int, height: int, seed: int | None) -> str:
+    """A short hash of what decides the image: its settings, size and seed (None: a seed drawn at random, so
+    that a rerun recognises the job whatever seed the last run drew). Names, resume and replay all use it."""
+    chosen = {k: v for k, v in settings.items() if k not in NOT_IMAGE_SETTINGS and v is not None}
+    text = json.dumps({**chosen, "size": [width, height], "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
 def output_stem(
-    prompt: str, seed: int, width: int, height: int, *, name: str | None = None, index: int | None = None
+    prompt: str,
+    seed: int,
+    width: int,
+    height: int,
+    *,
+    key: str,
+    name: str | None = None,
+    index: int | None = None,
 ) -> str:
-    """`name` (sanitised) if given, else [index_]slug_seed_WxH: never depends on what is in the folder."""
+    """`name` (sanitised) if given, else [index_]slug_seed_WxH_key: never depends on what is in the folder, and
+    two images that differ in any setting (steps, guidance, model...) never share a name."""
     if name:
         return sanitize_name(name)
-    parts = ([f"{index:05d}"] if index is not None else []) + [prompt_slug(prompt), str(seed), f"{width}x{height}"]
+    parts = ([f"{index:05d}"] if index is not None else []) + [
+        prompt_slug(prompt),
+        str(seed),
+        f"{width}x{height}",
+        key,
+    ]
     return sanitize_name("_".join(parts))
 
 
+def parse_batch_stem(stem: str) -> tuple[int, int, str] | None:
+    """(index, seed, key) of an unnamed batch output's stem, or None."""
+    match = _BATCH_STEM.match(stem)
+    return (int(match["index"]), int(match["seed"]), match["key"]) if match else None
+
+
 def inside(folder: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
+    """`path` is an entry directly in `folder`. The entry itself is not resolved: a link planted at an output name
+    is replaced by the rename, never written through."""
+    return path.name not in ("", ".", "..") and path.parent.resolve() == folder.resolve()
 
 
 @dataclass(frozen=True)
@@ -84,46 +133,102 @@ class OutputPaths:
 
     @classmethod
     def for_stem(cls, folder: Path, stem: str, fmt: str) -> OutputPaths:
-        image = folder / f"{stem}{FORMAT_SUFFIX[fmt]}"
-        sidecar = folder / f"{stem}{SIDECAR_SUFFIX}"
+        image = folder / f"{stem}{OUTPUT_FORMATS[fmt].suffix}"
+        sidecar = folder / f"{image.name}{SIDECAR_SUFFIX}"
         for path in (image, sidecar):
             if not inside(folder, path):
                 raise OutputError(f"refusing to write {path}: outside the output folder {folder}")
         return cls(image, sidecar)
 
-    def complete(self) -> bool:
-        """Image and sidecar both present, and the sidecar vouches for this exact image file."""
+    def problem(self) -> str | None:
+        """Why these names cannot be written (something other than a file sits there), or None."""
+        for path in (self.image, self.sidecar):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return f"cannot check {path}: {exc.strerror or exc}"
+            if stat.S_ISLNK(mode):
+                return f"{path} is a symbolic link; remove it (or choose another name) so the job can write there"
+            if not stat.S_ISREG(mode):
+                return f"{path} exists and is not a file (a folder or device); move it away"
+        return None
+
+    def sidecar_data(self) -> dict[str, Any] | None:
+        """The sidecar's JSON object, or None if it is missing, not a regular file, too large or not JSON."""
         try:
-            meta = json.loads(self.sidecar.read_text(encoding="utf-8"))
-            return bool(meta.get("complete")) and self.image.stat().st_size == meta["file"]["bytes"]
-        except (OSError, ValueError, KeyError, TypeError):
+            data = load_json(read_regular(self.sidecar, MAX_SIDECAR_BYTES, "sidecar").decode("utf-8"))
+        except (LinFusionError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def complete(self, key: str | None = None) -> bool:
+        """Image and sidecar both present, the sidecar vouching for this exact image file (and, given `key`,
+        recording the same settings key: an old sidecar without one is trusted)."""
+        meta = self.sidecar_data()
+        if meta is None or meta.get("complete") is not True:
             return False
+        file = meta.get("file")
+        if not isinstance(file, dict) or (key is not None and meta.get("key", key) != key):
+            return False
+        try:
+            info = os.lstat(self.image)
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and info.st_size == file.get("bytes")
 
 
 def prepare_folder(folder: Path) -> Path:
-    """Create the output folder if needed and prove it is writable, before any model loads."""
+    """Create the output folder if needed and prove it is writable, before any model loads (bad input: exit 2)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
+        raise OutputFolderError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
     if not folder.is_dir():
-        raise OutputError(f"output path {folder} exists and is not a folder")
-    probe = folder / f"{TEMP_MARKER}probe-{os.getpid()}"
+        raise OutputFolderError(f"output path {folder} exists and is not a folder")
+    probe = folder / f".probe-{host_name()}-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
+        raise OutputFolderError(f"output folder {folder} is not writable: {exc.strerror or exc}") from exc
     return folder
 
 
+def _temp_owner() -> str:
+    return f"{host_name()}-{os.getpid()}"
+
+
 def clean_stale_temps(folder: Path) -> int:
-    """Remove temp files left by a killed run (only ours: they carry TEMP_MARKER)."""
+    """Remove temp files whose writer is provably gone; never another live writer's.
+
+    A writer holds a lock on its temp file while it writes (see `atomic_file`), so a temp file we can lock has
+    no live writer, except in the instant between its creation and its lock. To rule that instant out: a temp
+    file of this host is removed only if its process is gone; another host's, only when also a minute old."""
     removed = 0
+    mine = _temp_owner()
     for path in folder.glob(f".*{TEMP_MARKER}*"):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
+        owner = path.name.rsplit(TEMP_MARKER, 1)[-1]
+        host, _, pid_text = owner.rpartition("-")
+        if owner == mine or not pid_text.isdigit():
+            continue
+        if host == host_name() and pid_alive(int(pid_text)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # a planted link or a vanished file: leave it alone
+        try:
+            info = os.fstat(fd)
+            foreign_and_young = host != host_name() and time.time() - info.st_mtime < STALE_FOREIGN_TEMP_SECONDS
+            if stat.S_ISREG(info.st_mode) and lock_fd(fd) is True and not foreign_and_young:
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -132,19 +237,24 @@ def clean_stale_temps(folder: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write to a temp file beside `path`, fsync, rename into place; on any failure remove the temp file."""
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    """Write to a locked temp file beside `path`, fsync, rename into place; on any failure remove the temp file.
+
+    The temp file's name says which host and process write it, and the writer holds a lock on it until the
+    rename: `clean_stale_temps` in another task can tell a live write from a dead one."""
+    temp = path.with_name(f".{path.name}{TEMP_MARKER}{_temp_owner()}")
     try:
         with os.fdopen(_create_exclusive(temp), "wb") as handle:
+            lock_fd(handle.fileno())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)  # replaces a link at `path` itself, never what it points to
+            os.replace(temp, path)  # replaces a link at `path` itself, never what it points to (lock still held)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
         if isinstance(exc, OSError):
-            raise OutputError(f"could not write {path}: {exc.strerror or exc}") from exc
+            kind = DiskFullError if exc.errno in ENOSPC_ERRNOS else OutputError
+            raise kind(f"could not write {path}: {exc.strerror or exc}") from exc
         raise
     _fsync_dir(path.parent)
 
@@ -155,7 +265,7 @@ def _create_exclusive(temp: Path) -> int:
     try:
         return os.open(temp, flags, 0o644)
     except FileExistsError:
-        temp.unlink()  # a leftover of ours (or a planted link): remove the entry itself, then create afresh
+        temp.unlink()  # ours by name (this host, this pid: a dead namesake's) or a planted link: remove, recreate
         return os.open(temp, flags, 0o644)
 
 
@@ -264,21 +374,20 @@ def encode_image(
     from PIL import Image
 
     out: IO[bytes] = handle if handle is not None else io.BytesIO()
-    if fmt == "png":
+    spec = OUTPUT_FORMATS[fmt]
+    if spec.metadata == "png-text":
         from .pngfast import write_png
 
         (png_writer or write_png)(array, {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}, out)
     else:
         image = Image.fromarray(array, "RGB")
-        if fmt == "tiff":
-            image.save(out, format="TIFF", tiffinfo={TIFF_DESCRIPTION: parameters})
+        if spec.metadata == "tiff":
+            extra: dict[str, Any] = {"tiffinfo": {TIFF_DESCRIPTION: parameters}}
         else:
             exif = Image.Exif()
             exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = _user_comment(parameters)
-            if fmt == "jpeg":
-                image.save(out, format="JPEG", quality=95, subsampling=0, exif=exif.tobytes())
-            else:
-                image.save(out, format="WEBP", quality=95, method=4, exif=exif.tobytes())
+            extra = {"exif": exif.tobytes()}
+        image.save(out, format=spec.pillow, **dict(spec.save_args), **extra)
     if handle is None:
         assert isinstance(out, io.BytesIO)
         return out.getvalue()
@@ -290,23 +399,30 @@ def read_metadata(path: Path, max_pixels: int = 1_000_000_000) -> dict[str, Any]
     from .images import open_image
 
     with open_image(path, max_pixels) as image:
-        info: dict[str, Any] = {
-            "format": image.format,
-            "size": f"{image.width}x{image.height}",
-            "parameters": None,
-            "linfusion": None,
-        }
+        try:
+            return _metadata(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # text chunks sit after the pixels
+            raise InputImageError(f"{quote(str(path))} is damaged or cut short ({quote(str(exc))})") from None
+
+
+def _metadata(image: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "format": image.format,
+        "size": f"{image.width}x{image.height}",
+        "parameters": None,
+        "linfusion": None,
+    }
+    where = next((spec.metadata for spec in OUTPUT_FORMATS.values() if spec.pillow == image.format), "exif")
+    if where == "png-text":
         text = getattr(image, "text", None) or {}
-        if image.format == "PNG":
-            info["parameters"] = text.get(PNG_TEXT_KEY) or image.info.get(PNG_TEXT_KEY)
-            raw_json = text.get(PNG_JSON_KEY) or image.info.get(PNG_JSON_KEY)
-            if raw_json:
-                with contextlib.suppress(ValueError):
-                    info["linfusion"] = json.loads(raw_json)
-        elif image.format == "TIFF":
-            info["parameters"] = image.tag_v2.get(TIFF_DESCRIPTION)  # type: ignore[attr-defined]
-        else:
-            exif = image.getexif()
-            raw = exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-            info["parameters"] = _decode_user_comment(raw)
+        info["parameters"] = text.get(PNG_TEXT_KEY) or image.info.get(PNG_TEXT_KEY)
+        raw_json = text.get(PNG_JSON_KEY) or image.info.get(PNG_JSON_KEY)
+        if isinstance(raw_json, str):
+            with contextlib.suppress(ValueError):
+                info["linfusion"] = load_json(raw_json)
+    elif where == "tiff":
+        info["parameters"] = image.tag_v2.get(TIFF_DESCRIPTION)
+    else:
+        raw = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+        info["parameters"] = _decode_user_comment(raw)
     return info

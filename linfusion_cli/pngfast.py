@@ -39,7 +39,9 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def _text_chunk(key: str, value: str) -> bytes:
-    """tEXt when both fit Latin-1, else uncompressed iTXt (UTF-8)."""
+    """tEXt when both fit Latin-1, else uncompressed iTXt (UTF-8). NUL separates fields in both chunks and
+    may not appear in the text (PNG spec 11.3.4), so any in the value (a prompt can hold one) are dropped."""
+    value = value.replace("\x00", "")
     try:
         return _chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1"))
     except UnicodeEncodeError:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import NOT_IN_PRESETS, validate_layer
 from .errors import UsageError
+from .files import ParseError, load_yaml, quote, read_regular
 
 MAX_PRESET_BYTES = 1 << 20
 USER_DIR_ENV = "LINFUSION_HOME"
@@ -58,21 +59,17 @@ def list_presets() -> list[Preset]:
 
 def load_preset(name_or_file: str) -> Preset:
     """A preset by name (shipped or user) or by path to a YAML file; unknown keys and bad values refused."""
-    import yaml
-
     path = Path(name_or_file).expanduser()
     if not (path.suffix in SUFFIXES and path.is_file()):
         files = _files()
         if name_or_file not in files:
             known = ", ".join(sorted(files)) or "none"
-            raise UsageError(f"unknown preset '{name_or_file}' (known: {known}); or give a path to a .yaml file")
+            raise UsageError(f"unknown preset {quote(name_or_file)} (known: {known}); or give a path to a .yaml file")
         path = files[name_or_file]
-    if path.stat().st_size > MAX_PRESET_BYTES:
-        raise UsageError(f"preset file {path} is larger than {MAX_PRESET_BYTES // 1024} KiB")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"preset file {path} is not valid UTF-8 YAML: {exc}") from exc
+        data, _ = load_yaml(read_regular(path, MAX_PRESET_BYTES, "preset file").decode("utf-8-sig"))
+    except (ParseError, UnicodeDecodeError) as exc:
+        raise UsageError(f"preset file {path} is not valid UTF-8 YAML: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -2,36 +2,40 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .config import JobSpec, merge_layers, validate_layer
+from .config import JobSpec, dtype_flag, merge_layers, validate_layer
 from .errors import UsageError
+from .files import ParseError, load_json, read_regular
 
 SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20
 
 
-def job_from_sidecar(path: Path) -> tuple[JobSpec, str]:
-    """The recorded settings (seed included) as a JobSpec, and the recorded precision."""
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """A sidecar's JSON object (a regular file of at most MAX_SIDECAR_BYTES); UsageError if it is not one."""
+    data = read_regular(path, MAX_SIDECAR_BYTES, "sidecar")
     try:
-        if path.stat().st_size > MAX_SIDECAR_BYTES:
-            raise UsageError(f"{path} is larger than {MAX_SIDECAR_BYTES >> 20} MiB: not a linfusion sidecar")
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
-        settings = dict(data["settings"])
-        seed = int(data["seed"])
-    except OSError as exc:
-        raise UsageError(f"cannot read sidecar {path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not a linfusion sidecar (needs 'settings' and 'seed')") from None
-    settings["seed"] = seed
+        value = load_json(data.decode("utf-8"))
+    except (ParseError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a linfusion sidecar ({exc})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not a linfusion sidecar (not a JSON object)")
+    return value
+
+
+def job_from_sidecar(path: Path) -> tuple[JobSpec, str]:
+    """The recorded settings (seed included) as a JobSpec, and the recorded precision as its flag (fp16...)."""
+    data = read_sidecar(path)
+    settings, seed, file = data.get("settings"), data.get("seed"), data.get("file")
+    if not isinstance(settings, dict) or isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"{path} is not a linfusion sidecar (needs 'settings' and a whole-number 'seed')")
+    settings = {**settings, "seed": seed}
     settings.pop("preset", None)  # its values are already resolved into the settings
-    name = Path(str(data.get("file", {}).get("name", ""))).stem or None
-    if name:
-        settings["name"] = name
+    name = file.get("name") if isinstance(file, dict) else None
+    if isinstance(name, str) and Path(name).stem:
+        settings["name"] = Path(name).stem
     layer = validate_layer({k: v for k, v in settings.items() if k not in SIDECAR_ONLY}, where=f"sidecar {path.name}")
     job = merge_layers([(f"sidecar {path.name}", layer)])
-    return job, str(data.get("dtype", "auto")).replace("float32", "fp32").replace("float16", "fp16").replace(
-        "bfloat16", "bf16"
-    )
+    return job, dtype_flag(str(data.get("dtype", "auto")))

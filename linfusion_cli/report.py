@@ -315,14 +315,15 @@ def batch_table(summary: BatchSummary) -> Table:
     """Counts, then every failed job with its reason (a farm log should say what to rerun)."""
     failed = [o for o in summary.outcomes if o.status == "failed"]
     table = Table(title=escape(f"batch: {summary.shard.describe()}"), title_justify="left")
-    for name in ("jobs", "done", "skipped", "failed", "seconds"):
+    for name in ("jobs", "done", "skipped", "claimed", "failed", "seconds"):
         table.add_column(name, justify="right")
     table.add_row(
         str(summary.total_jobs),
         str(summary.count("done")),
         str(summary.count("skipped")),
+        str(summary.count("claimed")),
         str(len(failed)),
-        f"{sum(o.seconds for o in summary.outcomes):.1f}",
+        f"{sum(o.seconds.get('total', 0.0) for o in summary.outcomes):.1f}",
     )
     if failed:
         table.caption = escape(

@@ -16,11 +16,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
-from .config import FLAGS, JobSpec, Target, check_format_fits, plural, resolve_target
+from .config import FLAGS, JobSpec, Target, check_format_fits, dtype_flag, plural, resolve_target
 from .errors import OutputError
 from .events import CancelToken, EventSink, Note, ignore
 from .hashing import model_hash
-from .output import OutputPaths, a1111_parameters, atomic_file, encode_image, output_stem, write_bytes_atomic
+from .output import (
+    OutputPaths,
+    a1111_parameters,
+    atomic_file,
+    encode_image,
+    output_stem,
+    settings_key,
+    write_bytes_atomic,
+)
 from .planning import Plan, StagePlan, make_plan
 
 if TYPE_CHECKING:
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from .pipeline import Engine, GenerateResult
 
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
+SCHEMA = 1  # the layout of every JSON we write (reports, batch lines, sidecars, benchmarks): see the README
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,8 @@ class Prepared:
     index: int | None = None
     input_size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
-    random_seed: bool = False  # picked at random this run (batch resume then matches by index, not name)
+    random_seed: bool = False  # picked at random this run (batch resume then matches by index and key, not name)
+    key: str = ""  # settings_key: what decides the image, the seed only when it was chosen
 
 
 def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = None) -> int:
@@ -92,6 +102,7 @@ def prepare(
     seed: int,
     index: int | None = None,
     input_size: tuple[int, int] | None = None,
+    random_seed: bool = False,
 ) -> Prepared:
     """Validate sizes and formats, plan the stages and name the outputs: everything that can fail early."""
     target = job_target(job, input_size)
@@ -106,11 +117,24 @@ def prepare(
         strengths_from=None if job.sources.get("strengths", FLAGS) == FLAGS else job.sources["strengths"],
         refine=job.refine,
     )
-    # An upscale without a prompt is named after its input image.
-    label = job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
-    stem = output_stem(label, seed, target.width, target.height, name=job.name, index=index)
+    key = settings_key(job.settings(), target.width, target.height, None if random_seed else seed)
+    stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=job.name, index=index)
     paths = OutputPaths.for_stem(options.out, stem, job.format)
-    return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes))
+    return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes), random_seed, key)
+
+
+def with_seed(prep: Prepared, seed: int, options: RunOptions) -> Prepared:
+    """The same job under another seed (a random-seed job adopting the seed of its earlier, unfinished output)."""
+    from dataclasses import replace
+
+    w, h = prep.target.width, prep.target.height
+    stem = output_stem(_label(prep.job), seed, w, h, key=prep.key, name=prep.job.name, index=prep.index)
+    return replace(prep, seed=seed, paths=OutputPaths.for_stem(options.out, stem, prep.job.format))
+
+
+def _label(job: JobSpec) -> str:
+    """What names the output: the prompt, or for an upscale without one, its input image."""
+    return job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
 
 
 def replan_for(engine: Engine, prep: Prepared, options: RunOptions) -> Prepared:
@@ -119,8 +143,16 @@ def replan_for(engine: Engine, prep: Prepared, options: RunOptions) -> Prepared:
     native = engine.comps.native_size
     if prep.plan.native == native:
         return prep
-    fresh = prepare(prep.job, options, native=native, seed=prep.seed, index=prep.index, input_size=prep.input_size)
-    fresh.paths, fresh.random_seed = prep.paths, prep.random_seed
+    fresh = prepare(
+        prep.job,
+        options,
+        native=native,
+        seed=prep.seed,
+        index=prep.index,
+        input_size=prep.input_size,
+        random_seed=prep.random_seed,
+    )
+    fresh.paths = prep.paths
     return fresh
 
 
@@ -144,6 +176,8 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, devic
     settings = job.settings()
     settings["seed"] = prep.seed
     return {
+        "schema": SCHEMA,
+        "key": prep.key,
         "seed": prep.seed,
         "width": prep.target.width,
         "height": prep.target.height,
@@ -157,7 +191,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult, devic
         "stages": [r.as_dict() for r in result.stages],
         "seconds": {"generate": round(result.seconds, 3), "model_load": round(engine.load_seconds, 3)},
         "device": device_name,
-        "dtype": str(engine.dtype).replace("torch.", ""),
+        "dtype": dtype_flag(engine.dtype),
         "dtypes": engine.comps.dtypes(),
         "versions": versions(),
         "warnings": list(prep.notes) + list(result.warnings),
@@ -193,6 +227,9 @@ def save_outputs(
 
 
 def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
+    problem = prep.paths.problem()
+    if problem:
+        raise OutputError(problem)
     if prep.paths.image.exists() and not overwrite:
         raise OutputError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
 
@@ -246,7 +283,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def plan_for(
-    job: JobSpec, options: RunOptions, *, seed: int, index: int | None = None, input_size: tuple[int, int] | None = None
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    seed: int,
+    index: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    random_seed: bool = False,
 ) -> tuple[Prepared, Family | None]:
     """Plan a job from the model's config alone (no weights loaded). Returns (prepared, family or None)."""
     from .adapters import preflight
@@ -256,7 +299,7 @@ def plan_for(
     family, note = peek_family(job.model)
     preflight(job, family)
     native = family.native_size if family else 512
-    prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size)
+    prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
     if note:
         prep.notes.append(note)
     if job.controlnet or job.control_image:
@@ -330,7 +373,7 @@ def plan_summary(
         "schedule_steps": job.steps,
         "guidance": job.guidance,
         "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_flag(dtype),
         "dtypes": {"unet": DTYPE_NAMES[dtype], "vae": DTYPE_NAMES[vae_dtype], "text_encoder": DTYPE_NAMES[dtype]},
         "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
         "fits": all(s["fits"] for s in stages),
@@ -395,7 +438,7 @@ def generate(
     """The whole `generate` (or `upscale`) path for one job: plan, load, run, save. Returns the report."""
     seed = pick_seed(job)
     input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
-    prep, family = plan_for(job, options, seed=seed, input_size=input_size)
+    prep, family = plan_for(job, options, seed=seed, input_size=input_size, random_seed=job.seed is None)
     summary = plan_summary(prep, family, options.device, options.dtype)
     if dry_run:
         return {"dry_run": True, "plan": summary}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_batch_json_lines_metadata_and_resume(runner, tmp_path: Path) -> None:
     assert sorted(r["index"] for r in records) == [0, 1, 2] and all(r["status"] == "done" for r in records)
     by_index = {r["index"]: r for r in records}
     assert [by_index[i]["seed"] for i in range(3)] == [5, 101, 102]  # own seed, else base + index
-    assert Path(by_index[0]["path"]).name == "00000_a-fox_5_128x128.png"
+    assert re.fullmatch(r"00000_a-fox_5_128x128_[0-9a-f]{8}\.png", Path(by_index[0]["path"]).name)
     with Image.open(by_index[0]["path"]) as image:
         text = image.text["parameters"]
         assert text.splitlines()[0] == "a fox" and text.splitlines()[1] == "Negative prompt: blurry"
@@ -50,7 +51,8 @@ def test_batch_json_lines_metadata_and_resume(runner, tmp_path: Path) -> None:
         assert json.loads(image.text["linfusion"])["seed"] == 5
     with Image.open(by_index[2]["path"]) as image:
         assert image.format == "JPEG" and image.size == (128, 64)
-    sidecar = json.loads(Path(by_index[1]["path"]).with_suffix(".json").read_text())
+    sidecar = json.loads(Path(by_index[1]["sidecar"]).read_text())
+    assert by_index[1]["sidecar"] == by_index[1]["path"] + ".json" and sidecar["schema"] == 1
     assert sidecar["complete"] and sidecar["settings"]["negative"] == "blurry" and sidecar["stages"]
 
     again = run(runner, "batch", str(path), *FAST, "--seed", "100", "--out", str(out), "--json")
@@ -106,12 +108,12 @@ def test_a_failing_job_does_not_stop_the_batch(runner, tmp_path: Path) -> None:
     path = tmp_path / "jobs.yaml"
     path.write_text("- prompt: a\n  name: first\n- prompt: b\n  name: second\n- prompt: c\n  name: third\n")
     out = tmp_path / "out"
-    (out / "second.png").mkdir(parents=True)  # the write of job 1 fails: a folder sits where its file goes
+    (out / "second.png").mkdir(parents=True)  # job 1 fails: a folder sits where its file goes
     result = run(runner, "batch", str(path), *FAST, "--out", str(out), "--json")
     assert result.exit_code == 3
     status = {r["index"]: r["status"] for r in lines(result)}
     assert status == {0: "done", 1: "failed", 2: "done"}
-    assert "could not save" in next(r["error"] for r in lines(result) if r["status"] == "failed")
+    assert "is not a file" in next(r["error"] for r in lines(result) if r["status"] == "failed")
     assert not [p for p in out.iterdir() if ".part-" in p.name]  # no temp files left behind
 
 

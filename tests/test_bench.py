@@ -67,7 +67,8 @@ def test_bench_png(runner) -> None:
 def test_bench_pipeline_with_baseline(runner) -> None:
     report = bench(runner, "pipeline", "--arch", "tiny", "--size", "256", "--steps", "4", "--baseline")
     assert [s["size"] for s in report["stages"]] == ["128x128", "256x256"]
-    assert report["model_load_seconds"] > 0 and report["write_seconds"] >= 0
+    assert report["seconds"]["model_load"] > 0 and report["seconds"]["write"] >= 0
+    assert report["schema"] == 1 and report["dtype"] == "fp32"
     assert len(report["baseline"]["stages"]) == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is exactly one JSON object
     path = Path(report["path"])
-    assert path.parent == tmp_path and path.name == "a-red-fox_7_1024x576.png"
+    assert path.parent == tmp_path and re.fullmatch(r"a-red-fox_7_1024x576_[0-9a-f]{8}\.png", path.name)
     with Image.open(path) as image:
         assert image.size == (1024, 576)
         assert "Seed: 7" in image.text["parameters"]
@@ -167,7 +168,7 @@ def test_unwritable_output_folder(runner, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = run(runner, "generate", "x", "--model", "tiny", "--size", "128", "--out", str(blocker / "sub"))
-    assert result.exit_code == 1 and "cannot create output folder" in result.stderr
+    assert result.exit_code == 2 and "cannot create output folder" in result.stderr  # bad input
 
 
 def test_help_and_version(runner) -> None:
@@ -194,7 +195,8 @@ def test_save_stages_keeps_every_stage(runner, tmp_path: Path) -> None:
         "--json",
     )
     report = json.loads(result.stdout)
-    assert report["stage_files"] == ["stages_2_512x512.stage0.png", "stages_2_512x512.stage1.png"]
+    stem = Path(report["path"]).stem
+    assert report["stage_files"] == [f"{stem}.stage0.png", f"{stem}.stage1.png"]
     for name, size in zip(report["stage_files"], [(128, 128), (256, 256)], strict=True):
         with Image.open(tmp_path / name) as image:
             assert image.size == size

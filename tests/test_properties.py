@@ -99,7 +99,7 @@ job_values = st.fixed_dictionaries(
 
 
 @FAST
-@given(st.lists(job_values, max_size=8))
+@given(st.lists(job_values, min_size=1, max_size=8))
 def test_jsonl_rows_round_trip(rows: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "jobs.jsonl"
