@@ -30,6 +30,8 @@ from .cli_common import (
     Group,
     GuidanceOpt,
     HeightOpt,
+    IpAdapterOpt,
+    IpImageOpt,
     JsonOpt,
     LinOpt,
     LoraOpt,
@@ -163,6 +165,8 @@ def generate(
     vae: VaeOpt = None,
     lora: LoraOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    ip_adapter: IpAdapterOpt = None,
+    ip_image: IpImageOpt = None,
     vae_tile: VaeTileOpt = None,
     low_vram: LowVramOpt = None,
     max_vram: MaxVramOpt = None,
@@ -213,6 +217,8 @@ def generate(
             vae_tile=vae_tile,
             low_vram=low_vram,
             max_vram=max_vram,
+            ip_adapter=ip_adapter,
+            ip_image=ip_image,
         )
         job = resolve_job(flags)
         check_device_flags(device, dtype)
@@ -377,6 +383,8 @@ def upscale(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    ip_adapter: IpAdapterOpt = None,
+    ip_image: IpImageOpt = None,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
@@ -410,6 +418,8 @@ def upscale(
             vae_tile=vae_tile,
             low_vram=low_vram,
             max_vram=max_vram,
+            ip_adapter=ip_adapter,
+            ip_image=ip_image,
         )
         job = resolve_job(flags, require_prompt=False)
         check_device_flags(device, dtype)
@@ -493,6 +503,8 @@ def batch(
     ] = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    ip_adapter: IpAdapterOpt = None,
+    ip_image: IpImageOpt = None,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
     from .batch import run_batch
@@ -524,6 +536,8 @@ def batch(
             vae_tile=vae_tile,
             low_vram=low_vram,
             max_vram=max_vram,
+            ip_adapter=ip_adapter,
+            ip_image=ip_image,
         )
         base_seed = base_seed_flag(seed)
         check_device_flags(device, dtype)

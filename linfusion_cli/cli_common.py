@@ -191,6 +191,26 @@ AllowPickleOpt = Annotated[
         **FLAG,
     ),
 ]
+IpAdapterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ip-adapter",
+        metavar="SRC[:SCALE]",
+        help="An IP-Adapter: --ip-image then steers the picture like a prompt. A folder in h94/IP-Adapter's layout "
+        "or that hub id (the file for the model's family is picked), a .safetensors weight file with its "
+        "image_encoder/ folder beside it, or tiny (built-in, random); :SCALE weights it \\[default scale: 1].",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+IpImageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ip-image",
+        metavar="IMAGE",
+        help="The reference image the --ip-adapter reads (embedded once per image, for every stage).",
+        rich_help_panel=PROMPT_PANEL,
+    ),
+]
 PresetOpt = Annotated[
     str | None,
     typer.Option(

@@ -305,6 +305,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Stages", f'"{stages}"'),
         *_refine_fields(s),
         *_lora_fields(meta),
+        *_ip_adapter_fields(meta.get("adapters", [])),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]
     loras = [a for a in meta.get("adapters", []) if a.get("kind") == "lora"]
@@ -340,6 +341,15 @@ def _refine_fields(settings: dict[str, Any]) -> list[tuple[str, str]]:
         f", sigma {settings['gaussian_sigma']:g}"
     )
     return [("Refine", f'"demofusion ({params})"')]
+
+
+def _ip_adapter_fields(adapters: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """`IP-Adapter: "ip-adapter_sd15, Weight: 0.6"` for the IP-Adapter that ran (named by its weight file)."""
+    return [
+        ("IP-Adapter", f'"{Path(str(a.get("weights") or a["source"])).stem}, Weight: {a["scale"]:g}"')
+        for a in adapters
+        if a.get("kind") == "ip_adapters"
+    ]
 
 
 def _user_comment(text: str) -> bytes:

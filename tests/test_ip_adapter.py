@@ -3,6 +3,7 @@ read from h94/IP-Adapter's layout (written here with tiny sizes, independently o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,220 @@ def test_guidance_split_into_two_calls_gets_one_row_each(tmp_path: Path) -> None
     joined = _predict(unet, x, t, StageInputs(cond, job.guidance, (128, 128), extras=extras))
     split = _predict(unet, x, t, StageInputs(cond, job.guidance, (128, 128), cfg_split=True, extras=extras))
     assert torch.allclose(joined, split, atol=1e-5)
+
+
+# --- h94/IP-Adapter's layout, written independently of the loader ---------------------------------------------
+ENCODER = {
+    "hidden_size": 24,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 40,
+    "patch_size": 10,
+    "projection_dim": 20,
+}
+
+
+def _h94_weights(unet: torch.nn.Module, embed_dim: int, seed: int = 11) -> dict[str, torch.Tensor]:
+    """Flat safetensors keys as h94's files have them: image_proj.* and ip_adapter.{1,3,5...}.to_k_ip/to_v_ip."""
+    gen = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    out = {
+        "image_proj.proj.weight": torch.randn(cross * 4, embed_dim, generator=gen) * 0.2,
+        "image_proj.proj.bias": torch.randn(cross * 4, generator=gen) * 0.1,
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key = 1
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2"):
+            hidden = module.to_out[0].in_features
+            out[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=gen) * 0.2
+            out[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=gen) * 0.2
+            key += 2
+    return out
+
+
+def _write_h94(root: Path, arch: str) -> Path:
+    """root/models/ip-adapter_sd15.safetensors (SD-1.x) or root/sdxl_models/ip-adapter_sdxl.safetensors, each with
+    its image_encoder/ (CLIPVisionModelWithProjection: config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    sub, name = (
+        ("sdxl_models", "ip-adapter_sdxl.safetensors") if "xl" in arch else ("models", "ip-adapter_sd15.safetensors")
+    )
+    torch.manual_seed(5)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER))
+    encoder.save_pretrained(root / sub / "image_encoder", safe_serialization=True)
+    weights = _h94_weights(build_random(arch).unet, ENCODER["projection_dim"])
+    save_file(weights, str(root / sub / name), metadata={"format": "pt"})
+    return root / sub / name
+
+
+def test_loads_h94_folder_and_matches_diffusers_own_loader(tmp_path: Path) -> None:
+    """Our install (by attn2 name, LinFusion-safe) gives the UNet diffusers' own IP-Adapter loader gives."""
+    from safetensors.torch import load_file
+
+    from linfusion_cli import ip_adapter
+
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    ours = build_random("tiny")
+    adapter = ip_adapter.load(ours, AdapterRef(str(tmp_path / "IP-Adapter"), 0.7))
+    assert adapter.describe()["weights"] == "ip-adapter_sd15.safetensors"
+    assert adapter.encoder.config.projection_dim == ENCODER["projection_dim"]
+
+    theirs = build_random("tiny").unet
+    flat = load_file(str(weights))
+    parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        part, _, rest = key.partition(".")
+        parts[part][rest] = value
+    theirs._load_ip_adapter_weights([parts])
+    for proc in theirs.attn_processors.values():
+        if hasattr(proc, "scale"):
+            proc.scale = [0.7]
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    embeds = [torch.randn(2, 1, ENCODER["projection_dim"], generator=gen)]
+    with torch.no_grad():
+        a = ours.unet(x, 400, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": embeds}).sample
+        b = theirs(x, 400, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": embeds}).sample
+    assert torch.equal(a, b)
+
+
+def test_weight_file_with_its_encoder_beside_it_through_generate(tmp_path: Path) -> None:
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny-sdxl")
+    image = _ref_image(tmp_path / "ref.png")
+    engine = _engine("tiny-sdxl")
+    plain = _generate(engine, _job(None, ip=None, model="tiny-sdxl", steps=2))
+    out = _generate(engine, _job(image, ip=f"{weights}:0.8", model="tiny-sdxl", steps=2))
+    assert not np.array_equal(out, plain)
+    info = engine.adapters[0].describe()
+    assert info["weights"] == "ip-adapter_sdxl.safetensors" and info["scale"] == 0.8
+    assert info["image_encoder"].endswith("sdxl_models/image_encoder")
+
+
+# --- through the CLI ------------------------------------------------------------------------------------------
+def _cli(runner: Any, *args: str) -> Any:
+    from linfusion_cli.cli import app
+
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.pipeline as pipeline
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline.Engine, "load", classmethod(boom))
+
+
+def test_generate_records_it_and_replay_reproduces(runner: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    ref = _ref_image(tmp_path / "ref.png")
+    args = ["--model", "tiny", "--size", "256", "--steps", "3", "--seed", "9", "--json"]
+    result = _cli(
+        runner, "generate", "a fox", *args, "--ip-adapter", "tiny:0.6", "--ip-image", ref, "--out", str(tmp_path / "a")
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    (adapter,) = report["adapters"]
+    assert adapter["kind"] == "ip_adapters" and adapter["source"] == "tiny" and adapter["scale"] == 0.6
+    assert adapter["image"] == ref and adapter["layers"] == 7
+    assert report["settings"]["ip_adapter"] == ["tiny:0.6"] and report["settings"]["ip_image"] == ref
+    with Image.open(report["path"]) as image:
+        assert 'IP-Adapter: "tiny, Weight: 0.6"' in image.text["parameters"]
+        pixels = np.asarray(image)
+
+    replayed = _cli(runner, "replay", report["sidecar"], "--out", str(tmp_path / "b"), "--json")
+    assert replayed.exit_code == 0, replayed.stderr
+    with Image.open(json.loads(replayed.stdout)["path"]) as image:
+        assert np.array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ip-adapter", "tiny"], "--ip-adapter needs --ip-image"),
+        (["--ip-adapter", "tiny:abc", "--ip-image", "REF"], "the scale 'abc' is not a number"),
+        (["--ip-adapter", "tiny:99", "--ip-image", "REF"], "scale must be a number between -10 and 10"),
+        (["--ip-adapter", "tiny;tiny:0.5", "--ip-image", "REF"], "--ip-adapter: takes one IP-Adapter"),
+        (["--ip-adapter", "tiny", "--ip-image", "nope.png"], "image 'nope.png' does not exist"),
+        (["--ip-adapter", "./no/such", "--ip-image", "REF"], "IP-Adapter './no/such' does not exist"),
+    ],
+)
+def test_bad_input_exits_2_before_loading(
+    runner: Any, tmp_path: Path, no_model_loads: None, args: list[str], message: str
+) -> None:
+    ref = _ref_image(tmp_path / "ref.png")
+    args = [ref if a == "REF" else a for a in args]
+    result = _cli(runner, "generate", "x", "--model", "tiny", "--out", str(tmp_path / "out"), *args)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_family_mismatch_exits_2_before_loading_naming_both(runner: Any, tmp_path: Path, no_model_loads: None) -> None:
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny-sdxl")
+    ref = _ref_image(tmp_path / "ref.png")
+    for source in (str(weights), str(weights.parent)):
+        result = _cli(runner, "generate", "x", "--model", "tiny", "--ip-adapter", source, "--ip-image", ref)
+        assert result.exit_code == 2, result.stderr
+        assert "made for tiny SDXL-shaped (cross-attention width 64)" in result.stderr
+        assert "'tiny' is tiny SD-1.x-shaped (cross-attention width 32)" in result.stderr
+
+
+def test_pickle_weights_are_refused(runner: Any, tmp_path: Path, no_model_loads: None) -> None:
+    ref = _ref_image(tmp_path / "ref.png")
+    (tmp_path / "ip-adapter_sd15.bin").write_bytes(b"not read")
+    result = _cli(
+        runner,
+        "generate",
+        "x",
+        "--model",
+        "tiny",
+        "--ip-adapter",
+        str(tmp_path / "ip-adapter_sd15.bin"),
+        "--ip-image",
+        ref,
+    )
+    assert result.exit_code == 2 and "only .safetensors weights are read" in result.stderr
+
+
+def test_batch_switches_ip_adapters_on_one_loaded_model(
+    runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import linfusion_cli.pipeline as pipeline
+
+    loads: list[str] = []
+    real = pipeline.load_components
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        loads.append(model)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_components", counting)
+    ref = _ref_image(tmp_path / "ref.png")
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    jobs = tmp_path / "jobs.jsonl"
+    rows = [
+        {"prompt": "a fox", "seed": 1, "ip_adapter": "tiny:0.5", "ip_image": ref},
+        {"prompt": "a fox", "seed": 1, "name": "plain"},
+        {"prompt": "a fox", "seed": 1, "ip_adapter": str(tmp_path / "IP-Adapter"), "ip_image": ref, "name": "h94"},
+    ]
+    jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    result = _cli(
+        runner, "batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--out", str(out), "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert loads == ["tiny"]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    sidecars = {Path(x["path"]).stem: json.loads(Path(x["path"]).with_suffix(".json").read_text()) for x in lines}
+    adapters = {stem: [(a["source"], a["scale"]) for a in s["adapters"]] for stem, s in sidecars.items()}
+    assert sorted(adapters.values()) == sorted([[("tiny", 0.5)], [], [(str(tmp_path / "IP-Adapter"), 1.0)]])
+    assert weights.name in json.dumps(sidecars)
