@@ -216,15 +216,18 @@ def bench_attention(
         results.append(
             {
                 "tokens": tokens,
-                "ours_seconds": round(ours_s, 5),
-                "straightforward_seconds": round(plain_s, 5),
+                "ours": _measured(ours_s, ours_use, 5),
+                "straightforward": _measured(plain_s, plain_use, 5),
                 "speedup": round(plain_s / ours_s, 2),
-                "ours_peak_gib": ours_use.as_dict()["peak_vram_allocated_gib"],
-                "straightforward_peak_gib": plain_use.as_dict()["peak_vram_allocated_gib"],
                 "relative_difference": rel,
             }
         )
     return {"bench": "attention", "dim": dim, "heads": heads, **environment(device, dtype), "results": results}
+
+
+def _measured(seconds: float, usage: memory.Usage, digits: int = 4) -> dict[str, Any]:
+    """One measurement in the layout every report shares: seconds and peak_vram_allocated_gib."""
+    return {"seconds": round(seconds, digits), "peak_vram_allocated_gib": usage.as_dict()["peak_vram_allocated_gib"]}
 
 
 def psnr(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -323,12 +326,7 @@ def bench_vae(
                 with torch.no_grad():
                     d_s, d_use, _ = _timed(device, functools.partial(ref.decode, latents / scaling), repeats)
                     e_s, e_use, _ = _timed(device, functools.partial(ref.encode, images), repeats)
-                row["diffusers_tiling"] = {
-                    "decode_seconds": round(d_s, 4),
-                    "encode_seconds": round(e_s, 4),
-                    "decode_peak_vram_gib": d_use.as_dict()["peak_vram_allocated_gib"],
-                    "encode_peak_vram_gib": e_use.as_dict()["peak_vram_allocated_gib"],
-                }
+                row["diffusers_tiling"] = {"decode": _measured(d_s, d_use), "encode": _measured(e_s, e_use)}
             except torch.OutOfMemoryError:
                 row["diffusers_tiling"] = {"skipped": "out of memory"}
             del ref

@@ -120,8 +120,8 @@ def bench_attention_cmd(
         report = bench_attention(_whole_numbers(tokens, "--tokens"), dim, heads, dev, dt, repeats=repeats)
         for row in report["results"]:
             stderr.print(
-                f"N={row['tokens']}: ours {row['ours_seconds']:.4f} s, straightforward "
-                f"{row['straightforward_seconds']:.4f} s ({row['speedup']}x)",
+                f"N={row['tokens']}: ours {row['ours']['seconds']:.4f} s, straightforward "
+                f"{row['straightforward']['seconds']:.4f} s ({row['speedup']}x)",
                 highlight=False,
             )
         emit_json(report)

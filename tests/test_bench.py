@@ -36,6 +36,8 @@ def test_bench_unet_skips_sdpa_with_a_reason(runner, monkeypatch: pytest.MonkeyP
 def test_bench_attention_matches_the_straightforward_form(runner) -> None:
     report = bench(runner, "attention", "--tokens", "512,2048", "--dim", "64", "--heads", "4", "--repeats", "1")
     assert all(r["relative_difference"] < 1e-5 for r in report["results"])
+    assert report["schema"] == 1 and report["dtype"] == "fp32"
+    assert set(report["results"][0]["ours"]) == {"seconds", "peak_vram_allocated_gib"}  # the shared layout
 
 
 def test_bench_vae_and_fidelity(runner) -> None:
