@@ -278,33 +278,36 @@ class Writer:
     """One background thread that encodes and writes images while the next job generates.
 
     At most one write waits in line: a 16K image is ~400 MB of pixels, so memory stays bounded. A write
-    reports its job's outcome itself; an exception that escapes one is a bug or a broken output stream, and is
-    raised again by `submit` or returned by `close`, never swallowed.
+    reports its job's outcome itself; an exception that escapes one (a bug, a broken output stream) is kept in
+    `error`, stops the batch, and is raised by the caller: never swallowed, never blamed on another job.
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linfusion-writer")
         self._pending: list[Future[Any]] = []
+        self.error: BaseException | None = None
 
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        while self._pending:
-            self._pending.pop(0).result()
-        future = self._pool.submit(fn)
-        self._pending.append(future)
-        return future
+    def _settle(self) -> None:
+        for future in self._pending:
+            error = future.exception()  # waits for it
+            if error is not None and self.error is None:
+                self.error = error
+        self._pending.clear()
+
+    def submit(self, fn: Callable[[], Any]) -> bool:
+        """Queue a write once the previous one is done; False (nothing queued) after an escaped exception."""
+        self._settle()
+        if self.error is not None:
+            return False
+        self._pending.append(self._pool.submit(fn))
+        return True
 
     def close(self) -> BaseException | None:
         """Wait for every pending write (also on Ctrl-C: nothing is left half-written); the first exception that
         escaped one, if any."""
-        first: BaseException | None = None
-        for future in self._pending:
-            try:
-                future.result()
-            except BaseException as exc:
-                first = first or exc
-        self._pending.clear()
+        self._settle()
         self._pool.shutdown(wait=True)
-        return first
+        return self.error
 
 
 def run_batch(
@@ -386,7 +389,7 @@ def _render(
     try:
         for prep in todo:
             cancel.check()
-            if disk_full:
+            if disk_full or writer.error is not None:
                 break
             index = prep.index or 0
             claim = try_claim(options.out / claim_name(prep))
@@ -424,8 +427,7 @@ def _render(
                 if device.type == "cuda":
                     peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
                 seconds = time.perf_counter() - start
-                writer.submit(_writer_job(prep, result, meta, seconds, peak, claim, record, disk_full))
-                handed_over = True
+                handed_over = writer.submit(_writer_job(prep, result, meta, seconds, peak, claim, record, disk_full))
                 del result, init_image
             except (LinFusionError, OSError, torch.OutOfMemoryError, _JobProblem) as exc:
                 if isinstance(exc, LinFusionError) and getattr(exc, "exit_code", 1) >= 128:

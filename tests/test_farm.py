@@ -289,11 +289,14 @@ def test_a_link_at_one_output_name_fails_that_job_only(runner, tmp_path: Path) -
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"keep")
     (out / "one.png").symlink_to(victim)
+    os.mkfifo(out / "three.png.json")  # a FIFO where a sidecar goes: refused, never opened for reading
+    jobs.write_text(jobs.read_text() + "- prompt: c\n  name: three\n")
     result = run(runner, "batch", str(jobs), *FAST, "--out", str(out), "--json")
     assert result.exit_code == 3, result.stderr
     status = {r["index"]: r for r in lines(result)}
     assert status[0]["status"] == "failed" and "symbolic link" in status[0]["error"]
     assert status[1]["status"] == "done" and victim.read_bytes() == b"keep"
+    assert status[2]["status"] == "failed" and "not a file" in status[2]["error"]
 
 
 def test_a_failed_write_fails_its_job_and_a_full_disk_stops_the_batch(
@@ -374,6 +377,14 @@ def test_special_files_are_refused_not_read(runner, tmp_path: Path) -> None:
     os.mkfifo(preset_fifo)
     result = run(runner, "generate", "x", *FAST, "--preset", str(preset_fifo), "--dry-run")
     assert result.exit_code == 2
+    image_fifo = tmp_path / "in.png"
+    os.mkfifo(image_fifo)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(image_fifo)}) + "\n")
+    result = run(runner, "batch", str(jobs), *FAST, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "FIFO" in result.stderr
+    result = run(runner, "info", str(image_fifo))
+    assert result.exit_code == 2 and "FIFO" in result.stderr
     assert time.perf_counter() - start < 30  # nothing waited on a writer
 
 
@@ -472,8 +483,9 @@ def test_writer_never_records_a_job_twice_nor_hides_a_broken_stream(tmp_path: Pa
 
     flags = flags_layer({"model": "tiny", "size": 64, "steps": 1})
     with pytest.raises(BrokenPipeError):
-        run_batch(prompts(tmp_path, 1), flags, RunOptions(out=tmp_path / "out", device="cpu"), on_line=broken_stdout)
-    assert [line["status"] for line in seen] == ["done"]
+        run_batch(prompts(tmp_path, 2), flags, RunOptions(out=tmp_path / "out", device="cpu"), on_line=broken_stdout)
+    assert [line["status"] for line in seen] == ["done"]  # not also "failed", and the next job is not blamed
+    assert not list((tmp_path / "out").glob(".*.claim"))
 
 
 def test_json_layout_is_shared(runner, tmp_path: Path) -> None:
