@@ -44,6 +44,16 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--vae-tile", "512"], {"vae_tile": 512}),
     (["--low-vram"], {"low_vram": True}),
     (["--max-vram", "12"], {"max_vram": 12.0}),
+    (["--strength", "0.3"], {"strength": 0.3}),
+    (["--refine", "demofusion"], {"refine": "demofusion"}),
+    (["--cosine-scale-1", "2"], {"cosine_scale_1": 2.0}),
+    (["--cosine-scale-2", "0.5"], {"cosine_scale_2": 0.5}),
+    (["--cosine-scale-3", "4"], {"cosine_scale_3": 4.0}),
+    (["--gaussian-sigma", "0.8"], {"gaussian_sigma": 0.8}),
+    (["--lora", "tiny"], {"lora": ["tiny:1"]}),
+    (["--lora", "a.safetensors:0.5", "--lora", "tiny:-1"], {"lora": ["a.safetensors:0.5", "tiny:-1"]}),
+    (["--ip-adapter", "tiny:0.6"], {"ip_adapter": ["tiny:0.6"]}),
+    (["--ip-image", "face.png"], {"ip_image": "face.png"}),
 ]
 
 
@@ -194,9 +204,7 @@ def test_bench_pipeline_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
         return {
             "size": "8x8",
             "device": "cpu",
-            "model_load_seconds": 0,
-            "generate_seconds": 0,
-            "write_seconds": 0,
+            "seconds": {"model_load": 0, "generate": 0, "write": 0},
             "peak_vram_allocated_gib": None,
             "stages": [],
         }
