@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UsageError
+from .errors import InputImageError, ModelLoadError, UsageError
 from .families import FAMILIES, Family, safetensors_shapes
 from .hub import fetch_snapshot
 
@@ -471,8 +471,11 @@ def preflight(job: JobSpec, family: Family | None) -> None:
     refs = [AdapterRef.parse(r) for r in job.ip_adapter or ()]
     if not job.ip_image:
         raise UsageError("--ip-adapter needs --ip-image: the reference image it reads")
-    with open_image(job.ip_image):
-        pass
+    try:
+        with open_image(job.ip_image):
+            pass
+    except InputImageError as exc:
+        raise InputImageError(f"--ip-image: {exc}") from None
     for ref in refs:
         if ref.source == TINY:
             continue

@@ -289,7 +289,7 @@ def test_generate_records_it_and_replay_reproduces(runner: Any, tmp_path: Path) 
         (["--ip-adapter", "tiny:abc", "--ip-image", "REF"], "the scale 'abc' is not a number"),
         (["--ip-adapter", "tiny:99", "--ip-image", "REF"], "scale must be a number between -10 and 10"),
         (["--ip-adapter", "tiny;tiny:0.5", "--ip-image", "REF"], "--ip-adapter: takes one IP-Adapter"),
-        (["--ip-adapter", "tiny", "--ip-image", "nope.png"], "image 'nope.png' does not exist"),
+        (["--ip-adapter", "tiny", "--ip-image", "nope.png"], "--ip-image: cannot read image 'nope.png'"),
         (["--ip-adapter", "./no/such", "--ip-image", "REF"], "IP-Adapter './no/such' does not exist"),
     ],
 )
@@ -360,7 +360,7 @@ def test_batch_switches_ip_adapters_on_one_loaded_model(
     assert result.exit_code == 0, result.stderr
     assert loads == ["tiny"]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    sidecars = {Path(x["path"]).stem: json.loads(Path(x["path"]).with_suffix(".json").read_text()) for x in lines}
-    adapters = {stem: [(a["source"], a["scale"]) for a in s["adapters"]] for stem, s in sidecars.items()}
-    assert sorted(adapters.values()) == sorted([[("tiny", 0.5)], [], [(str(tmp_path / "IP-Adapter"), 1.0)]])
+    sidecars = {x["index"]: json.loads(Path(x["sidecar"]).read_text()) for x in lines}
+    adapters = {i: [(a["source"], a["scale"]) for a in s["adapters"]] for i, s in sidecars.items()}
+    assert adapters == {0: [("tiny", 0.5)], 1: [], 2: [(str(tmp_path / "IP-Adapter"), 1.0)]}
     assert weights.name in json.dumps(sidecars)
