@@ -79,6 +79,71 @@ LoraOpt = Annotated[
         rich_help_panel=MODEL_PANEL,
     ),
 ]
+CONTROL_PANEL = "ControlNet"
+ControlNetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--controlnet",
+        metavar="SRC[:SCALE]",
+        help="A ControlNet (repeatable): diffusers folder, .safetensors file, hub id, or tiny (built-in, random); "
+        ":SCALE weights it \\[default scale: 1]. Its own self-attention runs linear too (LinFusion).",
+        rich_help_panel=CONTROL_PANEL,
+    ),
+]
+ControlImageOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--control-image",
+        metavar="FILE|previous",
+        help="One per --controlnet, in order: the image it follows (resized to every stage), or previous: each "
+        "refine stage's upscaled previous image, what a tile ControlNet wants (base stages run without it).",
+        rich_help_panel=CONTROL_PANEL,
+    ),
+]
+ControlStartOpt = Annotated[
+    float | None,
+    typer.Option(
+        metavar="FRACTION",
+        help="ControlNets act from this fraction of each stage's steps \\[default: 0].",
+        rich_help_panel=CONTROL_PANEL,
+    ),
+]
+ControlEndOpt = Annotated[
+    float | None,
+    typer.Option(
+        metavar="FRACTION",
+        help="ControlNets act up to this fraction of each stage's steps \\[default: 1].",
+        rich_help_panel=CONTROL_PANEL,
+    ),
+]
+ControlStagesOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SCALES",
+        help="ControlNet scale per stage, first to last, the last repeating; 0,1 turns them off in the base "
+        "stage \\[default: 1 everywhere].",
+        rich_help_panel=CONTROL_PANEL,
+    ),
+]
+
+
+def control_flags(
+    controlnet: list[str] | None,
+    control_image: list[str] | None,
+    control_start: float | None,
+    control_end: float | None,
+    control_stages: str | None,
+) -> dict[str, Any]:
+    """The ControlNet flags by job key (generate, upscale, batch and plan take the same five)."""
+    return {
+        "controlnet": controlnet or None,
+        "control_image": control_image or None,
+        "control_start": control_start,
+        "control_end": control_end,
+        "control_stages": control_stages,
+    }
+
+
 REFINE_PANEL = "Refine method"
 RefineOpt = Annotated[
     str | None,

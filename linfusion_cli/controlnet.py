@@ -235,7 +235,7 @@ def load(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
         check_fits(ref.source, model.config, comps.unet.config, comps.family_label)
         model.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
     patch = ControlNetPatch.apply(model, comps.linfusion)
-    name = ref.source if kind in (TINY, "hub") else Path(ref.source).expanduser().stem
+    name = Path(ref.source).expanduser().stem if kind in ("folder", "file") else ref.source.split("/")[-1]
     return ControlNetAdapter(ref, model, name, patch)
 
 
@@ -465,7 +465,7 @@ class ControlNetAdapter:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "kind": KIND,
+            "kind": "controlnet",
             "source": self.ref.source,
             "scale": self.ref.scale,
             "model": self.name,

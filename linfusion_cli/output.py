@@ -306,6 +306,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         *_refine_fields(s),
         *_lora_fields(meta),
         *_ip_adapter_fields(meta.get("adapters", [])),
+        *_controlnet_fields(meta),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]
     loras = [a for a in meta.get("adapters", []) if a.get("kind") == "lora"]
@@ -321,6 +322,20 @@ def _denoising_strength(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """A1111's img2img field: the first (strongest) refine stage's strength, if any stage refines."""
     strengths = [st["strength"] for st in stages if st.get("strength") is not None]
     return [("Denoising strength", f"{strengths[0]:g}")] if strengths else []
+
+
+def _controlnet_fields(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """A1111's ControlNet extension fields, one per unit: `ControlNet 0: "Module: none, Model: ..., Weight: ...,
+    Guidance Start: ..., Guidance End: ..."` (no preprocessor module: control images are given ready-made)."""
+    units = [a for a in meta.get("adapters", []) if a.get("kind") == "controlnet"]
+    return [
+        (
+            f"ControlNet {i}",
+            f'"Module: none, Model: {a["model"]}, Weight: {a["scale"]:g}, '
+            f'Guidance Start: {a.get("guidance_start", 0.0):g}, Guidance End: {a.get("guidance_end", 1.0):g}"',
+        )
+        for i, a in enumerate(units)
+    ]
 
 
 def _lora_fields(meta: dict[str, Any]) -> list[tuple[str, str]]:

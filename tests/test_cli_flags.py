@@ -54,6 +54,21 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--lora", "a.safetensors:0.5", "--lora", "tiny:-1"], {"lora": ["a.safetensors:0.5", "tiny:-1"]}),
     (["--ip-adapter", "tiny:0.6"], {"ip_adapter": ["tiny:0.6"]}),
     (["--ip-image", "face.png"], {"ip_image": "face.png"}),
+    (
+        [
+            "--controlnet",
+            "a/canny:0.8",
+            "--controlnet",
+            "tiny",
+            "--control-image",
+            "e.png",
+            "--control-image",
+            "previous",
+        ],
+        {"controlnet": ["a/canny:0.8", "tiny:1"], "control_image": ["e.png", "previous"]},
+    ),
+    (["--control-start", "0.2", "--control-end", "0.9"], {"control_start": 0.2, "control_end": 0.9}),
+    (["--control-stages", "0,1"], {"control_stages": [0.0, 1.0]}),
 ]
 
 

@@ -153,3 +153,100 @@ def _write_png(folder: Path) -> Path:
     path = folder / "grey.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
     return path
+
+
+# --- through the CLI ------------------------------------------------------------------------------------------
+
+FAST = ("--model", "tiny", "--size", "256", "--steps", "4", "--seed", "5")
+
+
+def test_cli_records_the_controlnet_and_replay_reproduces_it(runner, tmp_path: Path, control_png: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    from linfusion_cli.cli import app
+
+    args = ["--controlnet", "tiny:0.8", "--control-image", str(control_png), "--control-end", "0.5"]
+    made = runner.invoke(app, ["generate", "a box", *FAST, *args, "--out", str(tmp_path), "--json"])
+    assert made.exit_code == 0, made.stderr
+    report = json.loads(made.stdout)
+    unit = report["adapters"][0]
+    assert unit["kind"] == "controlnet" and unit["linfusion_layers"] == 3 and unit["guidance_end"] == 0.5
+    assert report["settings"]["controlnet"] == ["tiny:0.8"] and report["settings"]["control_end"] == 0.5
+    with Image.open(report["path"]) as image:
+        parameters, pixels = image.text["parameters"], image.tobytes()
+    assert 'ControlNet 0: "Module: none, Model: tiny, Weight: 0.8, Guidance Start: 0, Guidance End: 0.5"' in parameters
+    again = runner.invoke(app, ["replay", report["sidecar"], "--out", str(tmp_path / "again"), "--json"])
+    assert again.exit_code == 0, again.stderr
+    with Image.open(json.loads(again.stdout)["path"]) as image:
+        assert image.tobytes() == pixels
+
+
+def test_batch_switches_controlnets_without_reloading_the_model(
+    runner, tmp_path: Path, control_png: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from PIL import Image
+
+    from linfusion_cli import pipeline
+    from linfusion_cli.cli import app
+
+    loads: list[object] = []
+    real = pipeline.load_components
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: loads.append(a) or real(*a, **k))
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "defaults: {model: tiny, size: 256, steps: 3, seed: 2}\n"
+        "jobs:\n"
+        "  - {prompt: a box, name: plain1}\n"
+        f"  - {{prompt: a box, name: edges, controlnet: 'tiny:1', control_image: '{control_png}'}}\n"
+        "  - {prompt: a box, name: tile, controlnet: tiny, control_image: previous, control_stages: [0, 1]}\n"
+        "  - {prompt: a box, name: plain2}\n"
+    )
+    result = runner.invoke(app, ["batch", str(jobs), "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert len(loads) == 1
+    paths = {Path(json.loads(line)["path"]).stem: json.loads(line)["path"] for line in result.stdout.splitlines()}
+    pixels = {}
+    for name, path in paths.items():
+        with Image.open(path) as image:
+            pixels[name] = image.tobytes()
+    assert pixels["plain1"] == pixels["plain2"]
+    assert len({pixels["plain1"], pixels["edges"], pixels["tile"]}) == 3
+
+
+def test_sdxl_controlnet_on_an_sd15_model_exits_2_naming_both(
+    runner, tmp_path: Path, control_png: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from linfusion_cli import pipeline
+    from linfusion_cli.cli import app
+
+    xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
+    folder = tmp_path / "xl-controlnet"
+    build_tiny(xl.comps).save_pretrained(folder)
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = runner.invoke(
+        app, ["generate", "x", *FAST, "--controlnet", str(folder), "--control-image", str(control_png)]
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "made for tiny SDXL-shaped" in result.stderr and "the model is tiny SD-1.x-shaped" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--controlnet", "tiny", "--control-image", "no-such.png"], "no-such.png"),
+        (["--controlnet", "tiny"], "1 ControlNet but 0 control images"),
+        (["--controlnet", "tiny:strong", "--control-image", "previous"], "'strong' is not a number"),
+        (["--control-image", "previous"], "needs a --controlnet"),
+        (["--controlnet", "tiny", "--control-image", "previous", "--control-stages", "1,x"], "--control-stages"),
+    ],
+)
+def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], message: str) -> None:
+    from linfusion_cli.cli import app
+
+    result = runner.invoke(app, ["generate", "x", *FAST, *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
