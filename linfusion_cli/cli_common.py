@@ -458,7 +458,8 @@ def setup_logging(mode: str) -> None:
         handler: logging.Handler = RichHandler(console=stderr, show_path=False, show_time=False)
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        # the same timestamp as the progress lines (report.PLAIN_TIME): farm logs interleave processes
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # diffusers/transformers log through their own handlers; these variables are read when they import.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

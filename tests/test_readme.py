@@ -1,0 +1,41 @@
+"""Every README command that runs on a CPU (the built-in tiny model, or no model at all) runs as shown."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from linfusion_cli.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NO_MODEL = ("plan", "presets")  # commands that load no model at all
+
+
+def readme_commands() -> list[str]:
+    text = README.read_text()
+    lines: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        lines += block.replace("\\\n", " ").splitlines()
+    lines += re.findall(r"`(linfusion [^`]+)`", text)  # commands quoted in the prose
+    runnable = []
+    for line in (" ".join(line.split()) for line in lines):
+        words = line.split()
+        if len(words) < 2 or words[0] != "linfusion" or re.search(r"\b[A-Z]{3,}\b", line):
+            continue  # not ours, or with a placeholder (NAME, IMAGE) to fill in
+        if "--model tiny" in line or words[1] in NO_MODEL:
+            runnable.append(line)
+    return list(dict.fromkeys(runnable))
+
+
+def test_the_readme_has_cpu_commands() -> None:
+    assert any("--model tiny" in line for line in readme_commands())
+
+
+@pytest.mark.parametrize("line", readme_commands())
+def test_readme_command_runs(runner, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "--out outputs" lands in a temporary folder
+    result = runner.invoke(app, shlex.split(line)[1:], catch_exceptions=False)
+    assert result.exit_code == 0, f"{line}\n{result.stderr}"
