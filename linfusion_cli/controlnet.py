@@ -50,6 +50,11 @@ LDM_PREFIX = "control_model."  # A1111-style single files keep the ControlNet un
 # What makes a ControlNet fit a UNet: the text width its cross-attention reads, SDXL's added embedding, the
 # block widths. Compared before the model loads (config.json or a single file's header) and after.
 FAMILY_KEYS = ("cross_attention_dim", "addition_embed_type", "block_out_channels")
+IMAGE_CHANNELS = 3
+PIXELS_PER_TOKEN = 64  # 8 x 8 px per latent token
+# A ControlNet's weights against its family's (UNet + VAE + text encoders), for plans made before loading:
+# SD-1.5's ControlNets hold 361M parameters (0.67 GiB of 2.1 in fp16), SDXL's full ones 1.25B (2.3 of 6.9).
+WEIGHTS_SHARE = 0.33
 # The projections LinFusion attention shares with diffusers' Attention, whose ControlNet deltas carry over.
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -533,8 +538,8 @@ class ControlExtra:
 
 
 def residual_channels(unet_config: Mapping[str, Any]) -> float:
-    """Channels of one ControlNet's residuals per top-level latent token (deeper levels count 1/4 per level):
-    what the UNet call holds besides its own activations."""
+    """Channels of one ControlNet's residuals per top-level latent token (a level deeper counts 1/4): conv_in,
+    every resnet/attention layer and downsampler of the down blocks, and the mid block."""
     widths = list(unet_config.get("block_out_channels", (320, 640, 1280, 1280)))
     layers = int(unet_config.get("layers_per_block", 2))
     total = float(widths[0])  # conv_in
@@ -543,3 +548,13 @@ def residual_channels(unet_config: Mapping[str, Any]) -> float:
         if level + 1 < len(widths):
             total += width / 4 ** (level + 1)  # the downsampler's output
     return total + widths[-1] / 4 ** (len(widths) - 1)  # mid block
+
+
+def activation_channels(unet_config: Mapping[str, Any], count: int) -> float:
+    """What `count` ControlNets add to a UNet call, in channels per top-level latent token and batch element
+    (memory.MemoryPlanner.control_channels): each one's residuals, their running sum when there are several,
+    and each control image at the stage's pixel size."""
+    if count == 0:
+        return 0.0
+    sets = count + (1 if count > 1 else 0)
+    return sets * residual_channels(unet_config) + count * IMAGE_CHANNELS * PIXELS_PER_TOKEN

@@ -360,6 +360,10 @@ class MemoryPlanner:
     weights: int  # bytes of the model's weights on the device
     guidance: bool
     extra_per_token: int = 0  # bytes per latent token a refine method keeps besides the UNet's activations
+    # ControlNets: channels per top-level latent token and batch element that the UNet call holds besides its
+    # own activations (their residuals and control images); their own activations come and go before the
+    # UNet's and are smaller (the encoder half), so they do not raise the peak.
+    control_channels: float = 0.0
 
     @classmethod
     def for_job(
@@ -373,6 +377,7 @@ class MemoryPlanner:
         dtype: torch.dtype,
         weights: int,
         refine: str = "sdedit",
+        control_channels: float = 0.0,
     ) -> MemoryPlanner:
         return cls(
             settings_ladder(low_vram, max_vram),
@@ -382,13 +387,16 @@ class MemoryPlanner:
             weights,
             guidance > 1.0,
             REFINE_BYTES_PER_TOKEN.get(refine, 0),
+            control_channels,
         )
 
     def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
         unet = estimate_unet_peak(
             settings, width, height, self.top_width, self.dtype_bytes, self.weights, guidance=self.guidance
         )
-        return unet + (width // 8) * (height // 8) * self.extra_per_token
+        batch = 1 if (settings.cfg_split or not self.guidance) else 2
+        per_token = self.extra_per_token + self.control_channels * self.dtype_bytes * batch
+        return int(unet + (width // 8) * (height // 8) * per_token)
 
     def choose(self, width: int, height: int) -> MemoryChoice:
         """The fastest settings whose estimate fits the budget, else the most frugal."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import memory
 from .adapters import ADAPTER_KINDS, Adapter, load_adapter
 from .config import EngineSpec, JobSpec, plural
+from .controlnet import activation_channels
 from .errors import NumericalError, OutOfMemoryError, UsageError
 from .events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone, ignore
 from .memory import Meter
@@ -229,8 +230,13 @@ class Engine:
             device=self.device,
             top_width=int(self.comps.unet.config["block_out_channels"][0]),
             dtype=self.dtype,
-            weights=memory.module_bytes(self.comps.unet, self.comps.vae, *self.comps.text_encoders),
+            weights=memory.module_bytes(
+                self.comps.unet, self.comps.vae, *self.comps.text_encoders, *self._adapter_modules()
+            ),
             refine=job.refine,
+            control_channels=activation_channels(
+                self.comps.unet.config, sum(adapter.kind == "controlnets" for adapter in self.adapters)
+            ),
         )
 
     def _conditioning(self, job: JobSpec, events: EventSink) -> Conditioning:

@@ -314,7 +314,7 @@ def plan_summary(
 ) -> dict[str, Any]:
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
     dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline)."""
-    from . import memory
+    from . import controlnet, memory
     from .archs import ARCHS
     from .models import DTYPE_NAMES
 
@@ -322,6 +322,8 @@ def plan_summary(
     dtype = memory.resolve_dtype(dtype_name, device)
     job = prep.job
     arch = ARCHS[family.arch if family else "sd15"]
+    family_gib = family.weights_gib_fp16 if family else 2.1
+    controls = controlnet.job_refs(job)
     planner = memory.MemoryPlanner.for_job(
         low_vram=job.low_vram,
         max_vram=job.max_vram,
@@ -329,8 +331,9 @@ def plan_summary(
         device=device,
         top_width=arch.unet["block_out_channels"][0],
         dtype=dtype,
-        weights=int((family.weights_gib_fp16 if family else 2.1) * memory.GIB * (torch_bytes(dtype) / 2)),
+        weights=int(family_gib * (1 + controlnet.WEIGHTS_SHARE * len(controls)) * memory.GIB * torch_bytes(dtype) / 2),
         refine=job.refine,
+        control_channels=controlnet.activation_channels(arch.unet, len(controls)),
     )
     budget = planner.budget
     vae_dtype = memory.vae_dtype(arch.vae, dtype, family)
@@ -378,6 +381,10 @@ def plan_summary(
         "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
         "fits": all(s["fits"] for s in stages),
         "stages": stages,
+        "controlnets": [
+            {"source": ref.source, "scale": ref.scale, "image": image}
+            for ref, image in zip(controls, job.control_image or (), strict=False)
+        ],
         "output": None if job.seed is None else str(prep.paths.image),
         "notes": [*prep.notes, *warnings],
         "warnings": warnings,

@@ -250,3 +250,60 @@ def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], m
     result = runner.invoke(app, ["generate", "x", *FAST, *args, "--out", str(tmp_path)])
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+
+def test_estimates_count_each_controlnets_residuals_and_image() -> None:
+    from linfusion_cli.archs import ARCHS
+    from linfusion_cli.controlnet import activation_channels, residual_channels
+    from linfusion_cli.memory import MemoryPlanner, settings_ladder
+
+    sd15 = ARCHS["sd15"].unet
+    # conv_in 320, 2 x 320 + 320/4, (2 x 640 + 640/4)/4, (2 x 1280 + 1280/4)/16, 2 x 1280/64, mid 1280/64
+    assert residual_channels(sd15) == 320 + 720 + 360 + 180 + 40 + 20
+    assert activation_channels(sd15, 0) == 0.0
+    assert activation_channels(sd15, 2) == 3 * residual_channels(sd15) + 2 * 3 * 64  # two sets + their sum
+
+    def planner(count: int) -> MemoryPlanner:
+        return MemoryPlanner(settings_ladder(), None, 320, 2, 0, True, 0, activation_channels(sd15, count))
+
+    fast, split = settings_ladder()[0], settings_ladder()[2]
+    tokens = 2048 * 1024  # 16384x8192 px
+    per_token = activation_channels(sd15, 1) * 2  # fp16
+    assert planner(1).estimate(fast, 16384, 8192) - planner(0).estimate(fast, 16384, 8192) == int(
+        tokens * per_token * 2
+    )
+    assert planner(1).estimate(split, 16384, 8192) - planner(0).estimate(split, 16384, 8192) == int(tokens * per_token)
+
+
+def test_plan_includes_controlnets(runner, control_png: Path) -> None:
+    import json
+
+    from linfusion_cli.cli import app
+
+    base = ["plan", "--model", "tiny", "--size", "8k", "--max-vram", "1000", "--json"]
+    plain = json.loads(runner.invoke(app, base).stdout)
+    result = runner.invoke(app, [*base, "--controlnet", "tiny:0.5", "--control-image", str(control_png)])
+    assert result.exit_code == 0, result.stderr
+    steered = json.loads(result.stdout)
+    assert steered["controlnets"] == [{"source": "tiny", "scale": 0.5, "image": str(control_png)}]
+    last, before = steered["stages"][-1], plain["stages"][-1]
+    assert last["memory"] == before["memory"] == "fast"
+    assert last["estimated_peak_gib"] > before["estimated_peak_gib"]
+
+
+def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> None:
+    from linfusion_cli import memory
+
+    engine.use(EngineSpec.of(_job(controlnet=["tiny"])))
+    frugal = memory.settings_ladder(low_vram=True)[0]
+    memory.apply_settings(engine.comps.unet, frugal, *engine._adapter_modules())
+    model = engine.adapters[0].model
+    attention = [m for m in model.modules() if isinstance(m, LinFusionAttention)]
+    assert len(attention) == 3 and all(m.token_chunk == frugal.attn_chunk for m in attention)
+    assert all("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "FeedForward")
+    memory.apply_settings(engine.comps.unet, memory.settings_ladder()[0], *engine._adapter_modules())
+    assert all(m.token_chunk is None for m in attention)
+    engine.use(EngineSpec("tiny"))
