@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .cli_bench import bench_app
 from .cli_common import (
@@ -95,7 +96,7 @@ app = typer.Typer(
 presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
-app.command("distill")(distill_command)
+app.command("distill", cls=Command)(distill_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
   linfusion generate "a lighthouse at dusk" --size 16k --aspect 2:1
@@ -668,7 +669,7 @@ def presets_list() -> None:
         table.add_column("name", no_wrap=True)
         table.add_column("description")
         for preset in list_presets():
-            table.add_row(preset.name, preset.description)
+            table.add_row(escape(preset.name), escape(preset.description))
         Console(width=120).print(table)
 
 

@@ -97,6 +97,7 @@ def bench_unet_cmd(
             ratio = f", SDPA/LinFusion {row['sdpa_over_linfusion']}x" if "sdpa_over_linfusion" in row else ""
             stderr.print(
                 f"{row['size']:>11} ({row['tokens']} tokens, {row['memory']}): {'; '.join(cells)}{ratio}",
+                markup=False,
                 highlight=False,
             )
 
@@ -122,6 +123,7 @@ def bench_attention_cmd(
             stderr.print(
                 f"N={row['tokens']}: ours {row['ours']['seconds']:.4f} s, straightforward "
                 f"{row['straightforward']['seconds']:.4f} s ({row['speedup']}x)",
+                markup=False,
                 highlight=False,
             )
         emit_json(report)
@@ -161,6 +163,7 @@ def bench_vae_cmd(
                     f"seed {row['seed']}: decode {row['decode_psnr']} dB (diffusers "
                     f"{row['diffusers_decode_psnr']}), encode {row['encode_psnr']} dB (diffusers "
                     f"{row['diffusers_encode_psnr']})",
+                    markup=False,
                     highlight=False,
                 )
             emit_json(report)
@@ -176,6 +179,7 @@ def bench_vae_cmd(
                 f"{row['size']} (tile {row['tile']}): decode {row['decode']['seconds']} s "
                 f"({row['decode']['over_floor']}x floor), encode {row['encode']['seconds']} s "
                 f"({row['encode']['over_floor']}x floor)",
+                markup=False,
                 highlight=False,
             )
         emit_json(report)
@@ -203,6 +207,7 @@ def bench_png_cmd(
             f"{report['size']}: linfusion {report['linfusion']['seconds']} s "
             f"({report['linfusion']['mib']} MiB, {report['deflate']})"
             + (f", Pillow level 1 {report['pillow_level1']['seconds']} s ({report['speedup']}x)" if pillow else ""),
+            markup=False,
             highlight=False,
         )
         emit_json(report)
@@ -246,18 +251,21 @@ def bench_pipeline_cmd(
             f"{report['size']} ({arch}, {report['device']}): load {report['seconds']['model_load']} s, "
             f"generate {report['seconds']['generate']} s, write {report['seconds']['write']} s, peak VRAM "
             f"{report['peak_vram_allocated_gib']} GiB",
+            markup=False,
             highlight=False,
         )
         for s in report["stages"]:
             stderr.print(
                 f"  stage {s['index'] + 1} {s['size']}: {s['seconds']:.2f} s, "
                 f"{s['memory_settings']['name']}, VRAM {s['peak_vram_allocated_gib']} GiB",
+                markup=False,
                 highlight=False,
             )
         if "baseline" in report:
             stderr.print(
                 f"published recipe: {report['baseline']['seconds']} s "
                 f"({report['speedup_over_baseline']}x slower than ours)",
+                markup=False,
                 highlight=False,
             )
         emit_json(report)

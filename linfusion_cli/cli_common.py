@@ -380,19 +380,21 @@ MaxPixelsOpt = Annotated[
 
 # --- commands whose mistakes read as one line ---------------------------------------------------------------
 class _OneLineErrors:
-    """Parse errors as one `error:` line; `--help` without a "<bool>" type."""
+    """Parse errors as one `error:` line; on/off flags (and `--help`) without a "<bool>" type: they take no
+    value, and showing one makes people type `--low-vram true` (with `plan`, "true" became the prompt)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params  # type: ignore[no-any-return]
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
         except ClickUsageError as exc:
             raise _one_line(exc) from None
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None:
-            option.metavar = ""
-        return option
 
 
 class Command(_OneLineErrors, TyperCommand):
@@ -478,7 +480,7 @@ def boundary() -> Iterator[None]:
     try:
         yield
     except LinFusionError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)

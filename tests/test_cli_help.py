@@ -15,6 +15,7 @@ COMMANDS = [
     ["upscale"],
     ["batch"],
     ["replay"],
+    ["distill"],
     ["info"],
     ["presets", "list"],
     ["presets", "show"],
@@ -111,3 +112,28 @@ def test_cli_import_does_not_import_torch() -> None:
     code = "import sys, linfusion_cli.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_plan_prints_its_table_on_stdout_without_made_up_names(runner) -> None:
+    result = runner.invoke(app, ["plan", "a fox", "--model", "tiny", "--size", "1024"])
+    assert result.exit_code == 0, result.stderr
+    assert "1024x1024" in result.stdout and "memory budget" in result.stdout
+    assert "output:" not in result.stdout + result.stderr  # no seed given: any name would be made up
+    seeded = runner.invoke(app, ["plan", "a fox", "--model", "tiny", "--size", "1024", "--seed", "3"])
+    assert "output: outputs/a-fox_3_1024x1024" in seeded.stdout
+
+
+def test_info_prints_on_stdout(runner, tmp_path) -> None:
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 4, Seed: 1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
+    result = runner.invoke(app, ["info", str(tmp_path / "x.png")])
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.splitlines() == [f"{tmp_path / 'x.png'}: PNG 8x8", "a fox", "Steps: 4, Seed: 1"]
+
+
+def test_errors_keep_brackets(runner, tmp_path) -> None:
+    result = runner.invoke(app, ["batch", str(tmp_path / "[draft] prompts.txt")])
+    assert result.exit_code == 2 and "[draft] prompts.txt" in result.stderr
