@@ -411,6 +411,7 @@ def _over_budget(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choic
 def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:
     """With HF_HUB_OFFLINE set, the hub repos this job needs that are not in the local cache, each with the
     command that fetches it (nothing is looked up online)."""
+    from .controlnet import job_refs
     from .hub import hub_offline, missing_from_cache, model_source
 
     if not hub_offline():
@@ -424,6 +425,7 @@ def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:
         wanted.append(("LinFusion weights", job.linfusion, "config.json"))
     if job.vae:
         wanted.append(("VAE", job.vae, "config.json"))
+    wanted += [("ControlNet", ref.source, "config.json") for ref in job_refs(job)]
     return missing_from_cache(wanted)
 
 

@@ -307,3 +307,69 @@ def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> N
     memory.apply_settings(engine.comps.unet, memory.settings_ladder()[0], *engine._adapter_modules())
     assert all(m.token_chunk is None for m in attention)
     engine.use(EngineSpec("tiny"))
+
+
+def test_offline_plan_names_a_controlnet_not_in_the_cache(runner) -> None:
+    import json
+
+    from linfusion_cli.cli import app
+
+    args = ["plan", "--model", "tiny", "--size", "256", "--json", "--controlnet", "someone/controlnet-x:0.5"]
+    result = runner.invoke(app, [*args, "--control-image", "previous"])
+    assert result.exit_code == 0, result.stderr
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("ControlNet 'someone/controlnet-x' is not in the local Hugging Face cache" in w for w in warnings)
+
+
+def _to_original_keys(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """diffusers' ControlNet key names -> the original (LDM) ones that A1111-style single files use, under
+    `control_model.`: the inverse of diffusers' own converter, written out for an SD-1.x-shaped ControlNet."""
+    import re
+
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1"}
+    resnet.update({"norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"})
+    fixed = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "controlnet_mid_block": "middle_block_out.0",
+        "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+        "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+    }
+    out = {}
+    for key, value in state.items():
+        head, _, param = key.rpartition(".")
+        if head in fixed:
+            new = f"{fixed[head]}.{param}"
+        elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)$", head):
+            new = f"input_hint_block.{2 * (int(m[1]) + 1)}.{param}"
+        elif m := re.match(r"controlnet_down_blocks\.(\d+)$", head):
+            new = f"zero_convs.{m[1]}.0.{param}"
+        elif m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)$", head):
+            new = f"input_blocks.{1 + int(m[1]) * (layers + 1) + int(m[2])}.0.{resnet[m[3]]}.{param}"
+        elif m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", head):
+            new = f"input_blocks.{1 + int(m[1]) * (layers + 1) + int(m[2])}.1.{m[3]}.{param}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", head):
+            new = f"input_blocks.{(int(m[1]) + 1) * (layers + 1)}.0.op.{param}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(\w+)$", head):
+            new = f"middle_block.{2 * int(m[1])}.{resnet[m[2]]}.{param}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.+)$", head):
+            new = f"middle_block.1.{m[1]}.{param}"
+        else:
+            raise AssertionError(f"no original name for {key}")
+        out[f"control_model.{new}"] = value.contiguous()
+    return out
+
+
+def test_a1111_style_single_file_loads_through_the_converter(engine: Engine, control_png: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = build_tiny(engine.comps)
+    path = tmp_path / "control_tiny_canny.safetensors"
+    save_file(_to_original_keys(model.state_dict(), layers=1), str(path))
+    image = [str(control_png)]
+    built = _render(engine, _job(controlnet=["tiny"], control_image=image))
+    from_file = _render(engine, _job(controlnet=[str(path)], control_image=image))
+    assert engine.adapters[0].describe()["model"] == "control_tiny_canny"
+    assert np.array_equal(from_file, built)
+    engine.use(EngineSpec("tiny"))
