@@ -187,6 +187,11 @@ def test_resume_after_a_stop_ends_where_an_unbroken_run_does(images: Path, tmp_p
     assert resumed.start_step == 4 and resumed_steps == [5, 6]
     assert_same(weights(resumed.patch), weights(straight.patch))  # same data order, noise and optimizer state
 
+    elsewhere = distill(config(images, tmp_path / "copy", resume=tmp_path / "broken" / "step-00000004"))
+    assert elsewhere.start_step == 4
+    assert_same(weights(elsewhere.patch), weights(straight.patch))  # --resume DIR continues into another --out
+    assert (tmp_path / "copy" / "step-00000006" / STATE_PT).is_file()
+
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(images: Path, tmp_path: Path) -> None:
