@@ -70,6 +70,7 @@ from .cli_common import (
     job_flags,
     output_mode,
     refine_flags,
+    refuse_flag_value_as_prompt,
     render_plan,
     render_table,
     setup_logging,
@@ -105,8 +106,8 @@ GENERATE_EXAMPLES = """[bold]Examples[/]
   linfusion generate "a forest" --size 8k --low-vram --format jpg
   [dim]# the plan only, no model loaded:[/]
   linfusion generate "a city" --size 4096x2048 --dry-run
-  [dim]# offline smoke test (random weights, seconds on a CPU):[/]
-  linfusion generate "a red fox" --model tiny --size 1024"""
+  [dim]# offline smoke test (random weights; a CPU is enough):[/]
+  linfusion generate "a red fox" --model tiny --size 512 --steps 20"""
 PLAN_EXAMPLES = """[bold]Examples[/]
   linfusion plan --size 16k --aspect 2:1
   linfusion plan --preset sdxl-16k --max-vram 24
@@ -146,7 +147,6 @@ def generate(
             metavar="PROMPT",
             help="What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word.",
             show_default=False,
-            rich_help_panel=PROMPT_PANEL,
         ),
     ],
     negative: NegativeOpt = None,
@@ -323,6 +323,7 @@ def plan(
 
     setup_logging(output_mode(False))
     with boundary():
+        refuse_flag_value_as_prompt(prompt)
         flags = job_flags(
             prompt=prompt,
             size=size,

@@ -40,7 +40,15 @@ MODEL_PANEL = "Model and adapters"
 MEMORY_PANEL = "Memory"
 OUTPUT_PANEL = "Output"
 DEVICE_PANEL = "Device"
-FLAG = {"metavar": "", "show_default": False}  # an on/off flag: no "<bool>" type, no "[default: False]"
+FLAG = {"metavar": "", "show_default": False}
+ON_OFF_WORDS = {
+    "true",
+    "false",
+    "yes",
+    "no",
+    "on",
+    "off",
+}  # what people type after a flag that takes none  # an on/off flag: no "<bool>" type, no "[default: False]"
 
 # --- options shared by generate / plan / batch / upscale ----------------------------------------------------
 SizeOpt = Annotated[
@@ -421,7 +429,11 @@ def _one_line(exc: ClickUsageError) -> BaseException:
     ctx = exc.ctx
     message = exc.format_message().rstrip(".")
     extra = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
-    if extra and ctx is not None and "prompt" in ctx.params:
+    if extra and set(extra.group(1).lower().split()) <= ON_OFF_WORDS:
+        message = f"unexpected '{extra.group(1)}': on/off flags take no value (--low-vram alone turns it on)" + (
+            f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        )
+    elif extra and ctx is not None and "prompt" in ctx.params:
         words = f"{ctx.params.get('prompt') or ''} {extra.group(1)}".strip()
         message = (
             f"unexpected extra words '{extra.group(1)}'; a prompt with spaces goes in quotes: "
@@ -431,6 +443,14 @@ def _one_line(exc: ClickUsageError) -> BaseException:
         message = f"{message[:1].lower()}{message[1:]} (see {ctx.command_path} --help)"
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
+
+
+def refuse_flag_value_as_prompt(prompt: str) -> None:
+    """`plan --low-vram true`: plan's prompt is optional, so "true" would silently become it."""
+    from .errors import UsageError
+
+    if prompt.strip().lower() in ON_OFF_WORDS:
+        raise UsageError(f"unexpected '{prompt}': on/off flags take no value (--low-vram alone turns it on)")
 
 
 def job_flags(**values: Any) -> dict[str, Any]:

@@ -84,6 +84,8 @@ def test_version_names_the_stack(runner) -> None:
         (["generate", "x", "--steps", "many"], "'--steps'"),
         (["generate"], "missing argument 'PROMPT'"),
         (["plan", "--low-vram", "true", "extra"], "unexpected extra"),
+        (["generate", "x", "--low-vram", "true"], "on/off flags take no value"),
+        (["plan", "--low-vram", "true"], "on/off flags take no value"),
     ],
 )
 def test_parse_errors_are_one_line(runner, args, expected) -> None:
