@@ -196,6 +196,18 @@ def process_group(dist: Dist, device: torch.device) -> Iterator[None]:
             td.destroy_process_group()
 
 
+def process_device(name: str, dist: Dist) -> torch.device:
+    """This process's device: under a launcher, `cuda` (or auto) means cuda:LOCAL_RANK, one GPU per process."""
+    from .memory import resolve_device
+
+    device = resolve_device(name, dist.local_rank)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
     if dist.world == 1:
         return values
@@ -449,7 +461,6 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
     """Train LinFusion for `cfg.model` on `cfg.data` up to `cfg.steps` optimizer steps, resuming where a saved
     run of the same model left off. Raises Interrupted (after saving) when `cancel` is triggered."""
     from . import distill_ckpt as ckpt
-    from .memory import resolve_device
 
     # 1. Inputs, launcher, device; a saved run to continue (--resume, or one already in --out).
     cfg.check()
@@ -465,9 +476,7 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
         if saved.state.get("samples") != len(samples):
             events(Note("warning", f"the data now has {len(samples)} samples, {saved.state.get('samples')} when saved"))
     train, held_out = split_holdout(samples, holdout, seed)
-    device = resolve_device(cfg.device, dist.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = process_device(cfg.device, dist)
     mixed = resolve_mixed_precision(cfg.mixed_precision, device)
     start = time.perf_counter()
 

@@ -17,10 +17,12 @@ from .distill import (
     DistillConfig,
     Student,
     build_student,
+    dist_from_env,
     drop,
     find_samples,
     holdout_size,
     load_samples,
+    process_device,
     resolve_init,
     split_holdout,
     step_generator,
@@ -88,7 +90,6 @@ def measure(student: Student, samples: list[Sample], seed: int) -> tuple[dict[st
 def evaluate(cfg: DistillConfig, *, weights: str | None = None, events: Any = drop) -> dict[str, Any]:
     """Compare the init weights and the distilled ones (`weights`, default: the latest in --resume or --out)."""
     from . import distill_ckpt as ckpt
-    from .memory import resolve_device
 
     cfg.check()
     saved = ckpt.find_resume(cfg.resume, cfg.out)
@@ -98,7 +99,7 @@ def evaluate(cfg: DistillConfig, *, weights: str | None = None, events: Any = dr
             raise UsageError(f"--eval-only: no distilled weights in '{cfg.out}'; run the distillation first")
         final = str(cfg.out)
     samples = held_out_samples(cfg, saved.state if saved else None)
-    device = resolve_device(cfg.device)
+    device = process_device(cfg.device, dist_from_env())
     comps = load_components(cfg.model, device=device, dtype=torch.float32, allow_pickle=cfg.allow_pickle)
     init = str(saved.state["init"]) if saved and "init" in saved.state else resolve_init(cfg.init, comps)
     seed = int(saved.state["seed"]) if saved else cfg.seed

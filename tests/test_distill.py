@@ -426,3 +426,16 @@ def test_command_progress_table_json_and_eval_on_held_out_samples(runner, tmp_pa
 
     no_holdout = runner.invoke(app, ["distill", "-m", "tiny", "-o", str(tmp_path / "none"), "--eval-only"])
     assert no_holdout.exit_code == 2 and "no distilled weights" in no_holdout.output
+
+
+def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
+    from linfusion_cli.distill import Dist, process_device
+
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device("cuda", Dist(8, 13, 5)) == torch.device("cuda", 5)
+    assert process_device("auto", Dist(8, 13, 5)) == torch.device("cuda", 5)
+    assert process_device("cuda:2", Dist(8, 13, 5)) == torch.device("cuda", 2)  # an explicit index is kept
+    assert chosen == [torch.device("cuda", 5), torch.device("cuda", 5), torch.device("cuda", 2)]
+    assert process_device("cpu", Dist(2, 1, 1)) == torch.device("cpu")
