@@ -373,3 +373,15 @@ def test_a1111_style_single_file_loads_through_the_converter(engine: Engine, con
     assert engine.adapters[0].describe()["model"] == "control_tiny_canny"
     assert np.array_equal(from_file, built)
     engine.use(EngineSpec("tiny"))
+
+
+def test_a_control_image_of_another_shape_gets_a_note(runner, control_png: Path) -> None:
+    import json
+
+    from linfusion_cli.cli import app
+
+    args = ["plan", "--model", "tiny", "--size", "512", "--aspect", "2:1", "--json", "--controlnet", "tiny"]
+    result = runner.invoke(app, [*args, "--control-image", str(control_png)])
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any("edges.png is 64x64, another shape than the 512x256 output" in n for n in notes), notes
