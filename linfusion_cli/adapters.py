@@ -46,8 +46,9 @@ class Adapter(Protocol):
         """Undo `load` exactly."""
 
 
-# EngineSpec field -> the module whose `load(comps, ref) -> Adapter` builds that kind.
-ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "ip_adapters": "ip_adapter", "controlnets": "controlnet"}
+# EngineSpec field -> the module whose `load(comps, ref) -> Adapter` builds that kind, in load order: a
+# ControlNet built from the UNet's config must read it before an IP-Adapter sets its encoder_hid_dim_type.
+ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "controlnets": "controlnet", "ip_adapters": "ip_adapter"}
 
 
 def preflight(job: JobSpec, family: Family | None) -> None:

@@ -485,6 +485,23 @@ def preflight(job: JobSpec, family: Family | None) -> None:
         check_fits(ref.source, job.model, cross_width(safetensors_shapes(weights)), family.cross_attention_dim)
 
 
+def hub_files(job: JobSpec, family: Family | None) -> list[tuple[str, str, str]]:
+    """(what, repo, file) of the hub weight files the job's IP-Adapter needs, for offline checks."""
+    from .config import AdapterRef
+
+    wanted = []
+    for ref in (AdapterRef.parse(r) for r in job.ip_adapter or ()):
+        hub = None if ref.source == TINY or Path(ref.source).expanduser().exists() else _split_hub(ref.source)
+        if hub is None:
+            continue
+        repo, inside = hub
+        if inside is None and family is not None and family.configs in DEFAULT_WEIGHTS:
+            inside = "/".join(DEFAULT_WEIGHTS[family.configs])
+        if inside is not None:
+            wanted.append(("IP-Adapter", repo, inside))
+    return wanted
+
+
 def _local_weights(source: str, family: Family | None) -> Path | None:
     """The weight file, where it is on this machine without downloading (a path, or the hub cache)."""
     path = Path(source).expanduser()

@@ -426,6 +426,10 @@ def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:
     if job.vae:
         wanted.append(("VAE", job.vae, "config.json"))
     wanted += [("ControlNet", ref.source, "config.json") for ref in job_refs(job)]
+    if job.ip_adapter:
+        from .ip_adapter import hub_files
+
+        wanted.extend(hub_files(job, family))
     return missing_from_cache(wanted)
 
 

@@ -364,3 +364,57 @@ def test_batch_switches_ip_adapters_on_one_loaded_model(
     adapters = {i: [(a["source"], a["scale"]) for a in s["adapters"]] for i, s in sidecars.items()}
     assert adapters == {0: [("tiny", 0.5)], 1: [], 2: [(str(tmp_path / "IP-Adapter"), 1.0)]}
     assert weights.name in json.dumps(sidecars)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_id_from_the_cache_offline_picks_the_familys_file(tmp_path: Path, hub_cache: Path, runner: Any) -> None:
+    from layouts import into_hub_cache
+
+    from linfusion_cli import ip_adapter
+
+    _write_h94(tmp_path / "IP-Adapter", "tiny")
+    _write_h94(tmp_path / "IP-Adapter", "tiny-sdxl")
+    into_hub_cache(tmp_path / "IP-Adapter", hub_cache, "h94/IP-Adapter")
+    for arch, name in (("tiny", "ip-adapter_sd15.safetensors"), ("tiny-sdxl", "ip-adapter_sdxl.safetensors")):
+        adapter = ip_adapter.load(build_random(arch), AdapterRef("h94/IP-Adapter"))
+        assert adapter.describe()["weights"] == name
+        adapter.remove()
+    # The family check reads the cached file before any model loads.
+    ref = _ref_image(tmp_path / "ref.png")
+    wrong = "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"
+    result = _cli(runner, "generate", "x", "--model", "tiny", "--ip-adapter", wrong, "--ip-image", ref, "--dry-run")
+    assert result.exit_code == 2 and "made for tiny SDXL-shaped" in result.stderr
+
+
+def test_hub_id_not_cached_offline_says_how_to_fetch_it(
+    tmp_path: Path, hub_cache: Path, runner: Any, no_model_loads: None
+) -> None:
+    ref = _ref_image(tmp_path / "ref.png")
+    args = ["--model", "tiny", "--ip-adapter", "h94/IP-Adapter", "--ip-image", ref, "--out", str(tmp_path / "o")]
+    result = _cli(runner, "generate", "x", *args)
+    assert result.exit_code == 1
+    assert "IP-Adapter 'h94/IP-Adapter' is not in the local Hugging Face cache" in result.stderr
+    assert "hf download h94/IP-Adapter" in result.stderr
+
+
+def test_stacks_with_lora_and_controlnet_and_comes_off_exactly(tmp_path: Path) -> None:
+    """LoRA (fused into weights), IP-Adapter (attn2 processors), ControlNet (residuals) on one LinFusion UNet:
+    each switch leaves the model as it found it."""
+    image = _ref_image(tmp_path / "ref.png")
+    engine = _engine()
+    ip_only = _job(image, steps=2)
+    plain = _generate(engine, _job(None, ip=None, steps=2))
+    first = _generate(engine, ip_only)
+    stacked = _job(image, steps=2, lora=["tiny"], controlnet=["tiny"], control_image=["previous"])
+    everything = _generate(engine, stacked)
+    assert [a.ref.source for a in engine.adapters] == ["tiny"] * 3
+    assert not np.array_equal(everything, first)
+    assert np.array_equal(_generate(engine, ip_only), first)
+    assert np.array_equal(_generate(engine, _job(None, ip=None, steps=2)), plain)
