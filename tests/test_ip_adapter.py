@@ -366,14 +366,6 @@ def test_batch_switches_ip_adapters_on_one_loaded_model(
     assert weights.name in json.dumps(sidecars)
 
 
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_hub_id_from_the_cache_offline_picks_the_familys_file(tmp_path: Path, hub_cache: Path, runner: Any) -> None:
     from layouts import into_hub_cache
 

@@ -26,15 +26,6 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dic
     return {key: (root / key, build_repo(key, root / key, variants=key == "tiny")) for key in REPO_IDS}
 
 
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache for this test (huggingface_hub reads the constant at call time)."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def _single_file(
     repos: dict[str, Any], key: str, folder: Path, yaml_text: str | None = None, flat_clip: bool = False
 ) -> Path:
