@@ -387,6 +387,12 @@ MaxPixelsOpt = Annotated[
 
 
 # --- commands whose mistakes read as one line ---------------------------------------------------------------
+def _panel_rank(panel: str | None) -> int:
+    order: tuple[str, ...] = ("Options", PROMPT_PANEL, SIZE_PANEL, REFINE_PANEL, SAMPLER_PANEL, MODEL_PANEL)
+    order += (CONTROL_PANEL, MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)
+    return order.index(panel or "Options") if (panel or "Options") in order else len(order)
+
+
 class _OneLineErrors:
     """Parse errors as one `error:` line; on/off flags (and `--help`) without a "<bool>" type: they take no
     value, and showing one makes people type `--low-vram true` (with `plan`, "true" became the prompt)."""
@@ -396,7 +402,9 @@ class _OneLineErrors:
         for param in params:
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
-        return params  # type: ignore[no-any-return]
+        # panels in one order for every command, whatever the order of its parameters (a stable sort: the
+        # arguments, which have no panel, keep theirs)
+        return sorted(params, key=lambda p: _panel_rank(getattr(p, "rich_help_panel", None)))
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:

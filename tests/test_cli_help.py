@@ -139,3 +139,12 @@ def test_info_prints_on_stdout(runner, tmp_path) -> None:
 def test_errors_keep_brackets(runner, tmp_path) -> None:
     result = runner.invoke(app, ["batch", str(tmp_path / "[draft] prompts.txt")])
     assert result.exit_code == 2 and "[draft] prompts.txt" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "plan", "upscale", "batch"])
+def test_panels_come_in_one_order(runner, command) -> None:
+    text = run(runner, command, "--help").stdout
+    panels = [line.split("─ ", 1)[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    order = ["Arguments", "Options", "Prompt", "Size and stages", "Refine method", "Sampler"]
+    order += ["Model and adapters", "ControlNet", "Memory", "Output", "Device"]
+    assert panels == [p for p in order if p in panels]
