@@ -434,6 +434,7 @@ def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
     chosen: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert process_device("cuda", Dist(8, 13, 5)) == torch.device("cuda", 5)
     assert process_device("auto", Dist(8, 13, 5)) == torch.device("cuda", 5)
     assert process_device("cuda:2", Dist(8, 13, 5)) == torch.device("cuda", 2)  # an explicit index is kept
