@@ -612,3 +612,5 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     budget_text = "unknown (free memory cannot be measured here)" if budget is None else f"{budget} GiB"
     dtypes = ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in summary["dtypes"].items())
     out.print(f"{output}memory budget {budget_text}; {dtypes}", markup=False)
+    for unit in summary.get("controlnets", []):
+        out.print(f"ControlNet {unit['source']} at scale {unit['scale']:g} on {unit['image']}", markup=False)

@@ -385,3 +385,24 @@ def test_a_control_image_of_another_shape_gets_a_note(runner, control_png: Path)
     assert result.exit_code == 0, result.stderr
     notes = json.loads(result.stdout)["notes"]
     assert any("edges.png is 64x64, another shape than the 512x256 output" in n for n in notes), notes
+
+
+def test_a_preset_carries_controlnet_settings(tmp_path: Path, runner, control_png: Path) -> None:
+    from linfusion_cli.cli import app
+    from linfusion_cli.jobs import resolve_job
+
+    preset = tmp_path / "tile.yaml"
+    preset.write_text(
+        "description: tile ControlNet on the refine stages only\n"
+        "controlnet: ['tiny:0.6']\ncontrol_image: [previous]\ncontrol_stages: [0, 1]\ncontrol_end: 0.8\n"
+    )
+    job = resolve_job({"prompt": "p", "preset": str(preset)})
+    assert (job.controlnet, job.control_image, job.control_stages, job.control_end) == (
+        ["tiny:0.6"],
+        ["previous"],
+        [0.0, 1.0],
+        0.8,
+    )
+    assert job.sources["controlnet"] == "preset tile"
+    shown = runner.invoke(app, ["plan", "--model", "tiny", "--size", "256", "--preset", str(preset)])
+    assert shown.exit_code == 0 and "ControlNet tiny at scale 0.6 on previous" in shown.stdout
