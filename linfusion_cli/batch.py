@@ -376,12 +376,14 @@ def _render(
     """Claim, run and save each job in turn; the model is loaded when the first job needs it."""
     import torch
 
-    from .memory import free_cached, resolve_device, resolve_dtype
+    from .memory import device_warnings, free_cached, resolve_device, resolve_dtype
     from .pipeline import Engine
     from .runner import generate_one, replan_for
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    for warning in device_warnings(device, dtype):
+        events(Note("warning", warning))
     engines: dict[EngineSpec, Engine] = {}
     writer = Writer()
     disk_full: list[DiskFullError] = []

@@ -170,3 +170,13 @@ def test_quiet_run_prints_nothing_at_all(tmp_path: Path, tiny_model_dir: Path) -
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == ""
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_fp16_on_cpu_warns_in_generate_and_batch(runner, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    common = ["--model", "tiny", "--size", "128", "--steps", "1", "--device", "cpu", "--dtype", "fp16"]
+    for args in (["generate", "a fox"], ["batch", str(prompts)]):
+        result = runner.invoke(app, [*args, *common, "--out", str(tmp_path / args[0])])
+        assert result.exit_code == 0, result.stderr
+        assert "fp16 on the CPU is many times slower" in result.stderr.replace("\n", " ")
