@@ -264,6 +264,7 @@ AllowPickleOpt = Annotated[
         **FLAG,
     ),
 ]
+IP_PANEL = "IP-Adapter"
 IpAdapterOpt = Annotated[
     str | None,
     typer.Option(
@@ -272,7 +273,7 @@ IpAdapterOpt = Annotated[
         help="An IP-Adapter: --ip-image then steers the picture like a prompt. A folder in h94/IP-Adapter's layout "
         "or that hub id (the file for the model's family is picked), a .safetensors weight file with its "
         "image_encoder/ folder beside it, or tiny (built-in, random); :SCALE weights it \\[default scale: 1].",
-        rich_help_panel=MODEL_PANEL,
+        rich_help_panel=IP_PANEL,
     ),
 ]
 IpImageOpt = Annotated[
@@ -281,7 +282,7 @@ IpImageOpt = Annotated[
         "--ip-image",
         metavar="IMAGE",
         help="The reference image the --ip-adapter reads (embedded once per image, for every stage).",
-        rich_help_panel=PROMPT_PANEL,
+        rich_help_panel=IP_PANEL,
     ),
 ]
 PresetOpt = Annotated[

@@ -296,6 +296,11 @@ class IPAdapter:
     def layers(self) -> list[str]:
         return list(self._processors)
 
+    @property
+    def modules(self) -> list[nn.Module]:
+        """Models of its own on the device (counted in the memory budget beside the UNet)."""
+        return [self.encoder]
+
     def begin_job(self, job: JobSpec, device: torch.device) -> None:
         """The reference image's CLIP embedding, once for every stage of the job: [negative, positive] with
         classifier-free guidance (the negative is zeros, or the encoding of a black image for the hidden-state

@@ -181,19 +181,39 @@ def _h94_weights(unet: torch.nn.Module, embed_dim: int, seed: int = 11) -> dict[
     return out
 
 
-def _write_h94(root: Path, arch: str) -> Path:
+def _full_face(unet: torch.nn.Module, hidden: int, seed: int = 12) -> dict[str, torch.Tensor]:
+    """h94's Full Face projection: penultimate hidden states (B, 257, hidden) -> Linear, GELU, Linear, LayerNorm."""
+    gen = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    return {
+        "image_proj.proj.0.weight": torch.randn(hidden, hidden, generator=gen) * 0.2,
+        "image_proj.proj.0.bias": torch.zeros(hidden),
+        "image_proj.proj.2.weight": torch.randn(cross, hidden, generator=gen) * 0.2,
+        "image_proj.proj.2.bias": torch.zeros(cross),
+        "image_proj.proj.3.weight": torch.ones(cross),
+        "image_proj.proj.3.bias": torch.zeros(cross),
+    }
+
+
+def _write_h94(root: Path, arch: str, full_face: bool = False) -> Path:
     """root/models/ip-adapter_sd15.safetensors (SD-1.x) or root/sdxl_models/ip-adapter_sdxl.safetensors, each with
-    its image_encoder/ (CLIPVisionModelWithProjection: config.json + model.safetensors)."""
+    its image_encoder/ (CLIPVisionModelWithProjection: config.json + model.safetensors); `full_face`: h94's
+    models/ip-adapter-full-face_sd15.safetensors instead."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    sub, name = (
-        ("sdxl_models", "ip-adapter_sdxl.safetensors") if "xl" in arch else ("models", "ip-adapter_sd15.safetensors")
-    )
+    xl = "xl" in arch
+    sub, name = ("sdxl_models", "ip-adapter_sdxl.safetensors") if xl else ("models", "ip-adapter_sd15.safetensors")
+    if full_face:
+        name = "ip-adapter-full-face_sd15.safetensors"
     torch.manual_seed(5)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER))
     encoder.save_pretrained(root / sub / "image_encoder", safe_serialization=True)
-    weights = _h94_weights(build_random(arch).unet, ENCODER["projection_dim"])
+    unet = build_random(arch).unet
+    weights = _h94_weights(unet, ENCODER["projection_dim"])
+    if full_face:
+        weights = {k: v for k, v in weights.items() if not k.startswith("image_proj.")}
+        weights.update(_full_face(unet, ENCODER["hidden_size"]))
     save_file(weights, str(root / sub / name), metadata={"format": "pt"})
     return root / sub / name
 
@@ -410,3 +430,60 @@ def test_stacks_with_lora_and_controlnet_and_comes_off_exactly(tmp_path: Path) -
     assert not np.array_equal(everything, first)
     assert np.array_equal(_generate(engine, ip_only), first)
     assert np.array_equal(_generate(engine, _job(None, ip=None, steps=2)), plain)
+
+
+@pytest.fixture
+def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """runner.generate replaced by a recorder: the job the CLI hands the core."""
+    import linfusion_cli.runner as runner_module
+
+    calls: dict[str, Any] = {}
+
+    def fake_generate(job: Any, options: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.update(job=job, **kwargs)
+        return {"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}
+
+    monkeypatch.setattr(runner_module, "generate", fake_generate)
+    return calls
+
+
+def test_flags_presets_and_upscale_fill_the_job(runner: Any, tmp_path: Path, core: dict[str, Any]) -> None:
+    ref = _ref_image(tmp_path / "ref.png")
+    preset = tmp_path / "style.yaml"
+    preset.write_text(f"description: a style image\nip_adapter: tiny:0.4\nip_image: {ref}\n")
+    assert _cli(runner, "generate", "a fox", "--preset", str(preset), "--quiet").exit_code == 0
+    assert core["job"].ip_adapter == ["tiny:0.4"] and core["job"].ip_image == ref
+    assert core["job"].sources["ip_adapter"].startswith("preset")
+    assert EngineSpec.of(core["job"]).ip_adapters == (AdapterRef("tiny", 0.4),)
+
+    result = _cli(runner, "upscale", ref, "--size", "256", "--ip-adapter", "tiny:0.8", "--ip-image", ref, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert core["job"].ip_adapter == ["tiny:0.8"] and core["job"].ip_image == ref
+
+
+def test_help_lists_the_flags_in_their_panels(runner: Any) -> None:
+    for command in ("generate", "upscale", "batch"):
+        text = _cli(runner, command, "--help").stdout
+        assert "--ip-adapter" in text and "--ip-image" in text
+        assert "h94/IP-Adapter" in text
+
+
+def test_full_face_variant_reads_hidden_states_once_per_job(tmp_path: Path) -> None:
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny", full_face=True)
+    image = _ref_image(tmp_path / "ref.png")
+    engine = _engine()
+    plain = _generate(engine, _job(None, ip=None, steps=2))
+    job = _job(image, ip=str(weights), steps=2)
+    engine.use(EngineSpec.of(job))
+    calls: list[int] = []
+    engine.adapters[0].encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    seen: list[torch.Tensor] = []
+    engine.comps.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["image_embeds"][0]), with_kwargs=True
+    )
+    out = _generate(engine, job)
+    assert not np.array_equal(out, plain)
+    assert calls == [2]  # the image and the black negative, in one pass
+    tokens = (ENCODER["image_size"] // ENCODER["patch_size"]) ** 2 + 1
+    assert seen[0].shape == (2, 1, tokens, ENCODER["hidden_size"])
+    assert not torch.equal(seen[0][0], torch.zeros_like(seen[0][0]))  # the negative is an encoding, not zeros
