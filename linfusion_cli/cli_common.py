@@ -290,6 +290,7 @@ PresetOpt = Annotated[
     typer.Option(
         "--preset",
         "-p",
+        autocompletion=lambda incomplete: _preset_names(incomplete),
         help="A recipe of settings: a preset name (see `linfusion presets list`) or a YAML file.",
         rich_help_panel=PROMPT_PANEL,
     ),
@@ -319,6 +320,7 @@ SeedOpt = Annotated[
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
+        autocompletion=lambda incomplete: [n for n in SCHEDULERS if n.startswith(incomplete)],
         help=f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
         "\\[default: ddim].",
         rich_help_panel=SAMPLER_PANEL,
@@ -343,6 +345,7 @@ FormatOpt = Annotated[
     typer.Option(
         "--format",
         "-f",
+        autocompletion=lambda incomplete: [n for n in FORMATS if n.startswith(incomplete)],
         help=f"Output format: {', '.join(FORMATS)} (also jpg, tif) \\[default: png].",
         rich_help_panel=OUTPUT_PANEL,
     ),
@@ -388,6 +391,13 @@ MaxPixelsOpt = Annotated[
 
 
 # --- commands whose mistakes read as one line ---------------------------------------------------------------
+def _preset_names(incomplete: str) -> list[str]:
+    """Tab completion of --preset: shipped and user presets."""
+    from .presets import list_presets
+
+    return [p.name for p in list_presets() if p.name.startswith(incomplete)]
+
+
 def _panel_rank(panel: str | None) -> int:
     order: tuple[str, ...] = ("Options", PROMPT_PANEL, SIZE_PANEL, REFINE_PANEL, SAMPLER_PANEL, MODEL_PANEL)
     order += (CONTROL_PANEL, MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)

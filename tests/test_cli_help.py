@@ -148,3 +148,17 @@ def test_panels_come_in_one_order(runner, command) -> None:
     order = ["Arguments", "Options", "Prompt", "Size and stages", "Refine method", "Sampler"]
     order += ["Model and adapters", "ControlNet", "Memory", "Output", "Device"]
     assert panels == [p for p in order if p in panels]
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("linfusion generate x --scheduler dpm", ["dpm++2m", "dpm++2m-karras"]),
+        ("linfusion plan --format t", ["tiff"]),
+        ("linfusion generate x --preset sdxl", ["sdxl-16k"]),
+    ],
+)
+def test_shell_completion_offers_values(runner, words, expected) -> None:
+    env = {"_LINFUSION_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+    result = runner.invoke(app, [], prog_name="linfusion", env=env)
+    assert sorted(result.stdout.split()) == expected
