@@ -487,3 +487,50 @@ def test_full_face_variant_reads_hidden_states_once_per_job(tmp_path: Path) -> N
     tokens = (ENCODER["image_size"] // ENCODER["patch_size"]) ** 2 + 1
     assert seen[0].shape == (2, 1, tokens, ENCODER["hidden_size"])
     assert not torch.equal(seen[0][0], torch.zeros_like(seen[0][0]))  # the negative is an encoding, not zeros
+
+
+def _plus(unet: torch.nn.Module, hidden: int, queries: int = 6, width: int = 16, seed: int = 13) -> dict[str, Any]:
+    """h94's Plus projection (the original Resampler's keys): 4 layers of perceiver attention over the encoder's
+    penultimate hidden states, heads of 64."""
+    gen = torch.Generator().manual_seed(seed)
+    cross, inner = unet.config.cross_attention_dim, 64
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.2
+
+    out = {
+        "image_proj.latents": rand(1, queries, width),
+        "image_proj.proj_in.weight": rand(width, hidden),
+        "image_proj.proj_in.bias": torch.zeros(width),
+        "image_proj.proj_out.weight": rand(cross, width),
+        "image_proj.proj_out.bias": torch.zeros(cross),
+        "image_proj.norm_out.weight": torch.ones(cross),
+        "image_proj.norm_out.bias": torch.zeros(cross),
+    }
+    for i in range(4):
+        p = f"image_proj.layers.{i}"
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            out[f"{p}.{norm}.weight"], out[f"{p}.{norm}.bias"] = torch.ones(width), torch.zeros(width)
+        out[f"{p}.0.to_q.weight"] = rand(inner, width)
+        out[f"{p}.0.to_kv.weight"] = rand(2 * inner, width)
+        out[f"{p}.0.to_out.weight"] = rand(width, inner)
+        out[f"{p}.1.1.weight"] = rand(4 * width, width)
+        out[f"{p}.1.3.weight"] = rand(width, 4 * width)
+    return out
+
+
+def test_plus_variant_loads_and_steers(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    unet = build_random("tiny").unet
+    flat = {k: v for k, v in load_file(str(weights)).items() if k.startswith("ip_adapter.")}
+    flat.update(_plus(unet, ENCODER["hidden_size"]))
+    plus = weights.with_name("ip-adapter-plus_sd15.safetensors")
+    save_file(flat, str(plus))
+    image = _ref_image(tmp_path / "ref.png")
+    engine = _engine()
+    plain = _generate(engine, _job(None, ip=None, steps=2))
+    out = _generate(engine, _job(image, ip=str(plus), steps=2))
+    assert not np.array_equal(out, plain)
+    assert engine.adapters[0].describe()["weights"] == "ip-adapter-plus_sd15.safetensors"
