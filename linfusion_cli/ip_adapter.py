@@ -346,15 +346,15 @@ class IPAdapter:
         return extra
 
     def describe(self) -> dict[str, Any]:
-        return {
+        info = {
             "kind": KIND,
             "source": self.ref.source,
             "scale": self.ref.scale,
             "weights": self.weights_name,
             "image_encoder": self.encoder_name,
-            "image": self.image,
             "layers": len(self._processors),
         }
+        return info if self.image is None else {**info, "image": self.image}  # the last job's reference image
 
     def remove(self) -> None:
         """Every `attn2` processor, the UNet's encoder_hid_proj and its config value back as they were."""

@@ -53,7 +53,7 @@ def _attn2_processors(unet: torch.nn.Module) -> dict[str, Any]:
     return {n: m.processor for n, m in unet.named_modules() if n.endswith(".attn2")}
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sd2", "tiny-sdxl"])
 def test_changes_the_image_and_removing_restores_it_bit_for_bit(tmp_path: Path, arch: str) -> None:
     from linfusion_cli.attention import LinFusionAttention
 
