@@ -46,12 +46,19 @@ class StageFinished:
 
 
 @dataclass(frozen=True)
+class Working:
+    """A stretch of work with no count to show (loading a model, writing a file); ends at the next event."""
+
+    what: str
+
+
+@dataclass(frozen=True)
 class Note:
     level: str  # "info" | "warning"
     message: str
 
 
-Event = StageStarted | StepDone | TilesDone | StageFinished | Note
+Event = StageStarted | StepDone | TilesDone | StageFinished | Note | Working
 EventSink = Callable[[Event], None]
 
 

@@ -22,7 +22,7 @@ from .adapters import ADAPTER_KINDS, Adapter, load_adapter
 from .config import EngineSpec, JobSpec, plural
 from .controlnet import activation_channels
 from .errors import NumericalError, OutOfMemoryError, UsageError
-from .events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone, ignore
+from .events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone, Working, ignore
 from .memory import Meter
 from .models import Components, load_components
 from .patching import LinFusionPatch, apply_linfusion
@@ -114,6 +114,7 @@ class Engine:
         cls, job: JobSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool, events: EventSink = ignore
     ) -> Engine:
         """The engine a job asks for: its model, LinFusion weights, VAE and adapters."""
+        events(Working(f"loading {job.model}"))
         return cls.load(EngineSpec.of(job), device=device, dtype=dtype, allow_pickle=allow_pickle, events=events)
 
     @classmethod

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import plural
-from .events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone
+from .events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -134,8 +134,12 @@ class Reporter:
     def __call__(self, event: Event) -> None:
         if self.mode == "quiet":
             return
+        if not isinstance(event, (Note, Working)):
+            self._work_done()
         if isinstance(event, Note):
             self.note(event.message, event.level)
+        elif isinstance(event, Working):
+            self._working(event)
         elif isinstance(event, StageStarted):
             self._stage_started(event)
         elif isinstance(event, StepDone):
@@ -154,6 +158,19 @@ class Reporter:
         else:
             style = "yellow" if level == "warning" else "dim"
             self.console.print(f"[{style}]{prefix}[/]{escape(message)}", highlight=False, soft_wrap=True)
+
+    def _working(self, event: Working) -> None:
+        """No dead stretches: an uncounted piece of work (a model load) gets a pulsing bar and a clock."""
+        if self.mode == "plain":
+            self._line(event.what)
+            return
+        progress = self._require_progress()
+        self._work_done()
+        self._tasks["working"] = progress.add_task(f"  {escape(event.what)}", total=None, counter="")
+
+    def _work_done(self) -> None:
+        if self.progress is not None and "working" in self._tasks:
+            self.progress.remove_task(self._tasks.pop("working"))
 
     def _line(self, text: str) -> None:
         """Plain mode: one timestamped line (farm logs interleave many processes)."""

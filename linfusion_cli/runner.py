@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__
 from .config import FLAGS, JobSpec, Target, check_format_fits, dtype_flag, plural, resolve_target
 from .errors import OutputError
-from .events import CancelToken, EventSink, Note, ignore
+from .events import CancelToken, EventSink, Note, Working, ignore
 from .hashing import model_hash
 from .output import (
     OutputPaths,
@@ -245,7 +245,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Generate and save one prepared job; returns the sidecar dict."""
     result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
-    events(Note("info", f"writing {prep.paths.image}"))
+    events(Working(f"writing {prep.paths.image}"))
     return save_outputs(prep, result.image, meta, result.stage_images)
 
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from linfusion_cli.cli_common import render_table
-from linfusion_cli.events import Note, StageFinished, StageStarted, StepDone, TilesDone
+from linfusion_cli.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 from linfusion_cli.report import Reporter, stage_table
 
 SETTINGS = {"name": "split", "cfg_split": True, "ff_chunk": 16384, "attn_chunk": None, "vae_budget_gib": None}
@@ -129,3 +129,15 @@ def test_the_vae_reports_progress_untiled_too() -> None:
     latents = vae.encode(torch.zeros(1, 3, 64, 64))
     vae.decode(latents)
     assert seen == [("encode", 0, 1), ("encode", 1, 1), ("decode", 0, 1), ("decode", 1, 1)]
+
+
+def test_uncounted_work_shows_until_the_next_event() -> None:
+    console, _ = _console()
+    with Reporter(console, "rich") as reporter:
+        reporter(Working("loading models/[v2].safetensors"))
+        working = _task(reporter, "working")
+        assert working.total is None and working.description == "  loading models/\\[v2].safetensors"
+        reporter(Note("info", "LinFusion: 16 layers patched"))
+        assert "working" in reporter._tasks  # a note does not end it
+        reporter(StageStarted(0, 1, "base", "512x512", 4, None, SETTINGS))
+        assert "working" not in reporter._tasks
