@@ -181,6 +181,11 @@ def preflight(job: JobSpec, family: Family | None) -> None:
     twice = next((s for s in sources if sources.count(s) > 1), None)
     if twice is not None:
         raise UsageError(f"ControlNet '{twice}' is given twice; give it once (one control image per ControlNet)")
+    if job.control_start >= job.control_end:
+        raise UsageError(
+            f"--control-start {job.control_start:g} must be below --control-end {job.control_end:g} (fractions of "
+            "each stage's steps): the ControlNets would never act"
+        )
     for ref, image in zip(refs, images, strict=True):
         signature = peek_signature(ref.source)
         if signature is not None and family is not None:

@@ -241,6 +241,11 @@ def test_sdxl_controlnet_on_an_sd15_model_exits_2_naming_both(
         (["--controlnet", "tiny"], "1 ControlNet but 0 control images"),
         (["--controlnet", "tiny:strong", "--control-image", "previous"], "'strong' is not a number"),
         (["--control-image", "previous"], "needs a --controlnet"),
+        (
+            ["--controlnet", "tiny", "--control-image", "previous", "--control-start", "0.7", "--control-end", "0.5"],
+            "below",
+        ),
+        (["--controlnet", "tiny", "--controlnet", "tiny:0.5", "--control-image", "a", "--control-image", "b"], "twice"),
         (["--controlnet", "tiny", "--control-image", "previous", "--control-stages", "1,x"], "--control-stages"),
     ],
 )
