@@ -40,6 +40,9 @@ MODEL_PANEL = "Model and adapters"
 MEMORY_PANEL = "Memory"
 OUTPUT_PANEL = "Output"
 DEVICE_PANEL = "Device"
+TRAIN_PANEL = "Training"  # distill
+CHECKPOINT_PANEL = "Checkpoints and resume"  # distill
+EVAL_PANEL = "Evaluation"  # distill
 FLAG = {"metavar": "", "show_default": False}
 ON_OFF_WORDS = {
     "true",
@@ -400,7 +403,7 @@ def _preset_names(incomplete: str) -> list[str]:
 
 def _panel_rank(panel: str | None) -> int:
     order: tuple[str, ...] = ("Options", PROMPT_PANEL, SIZE_PANEL, REFINE_PANEL, SAMPLER_PANEL, MODEL_PANEL)
-    order += (CONTROL_PANEL, MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)
+    order += (CONTROL_PANEL, TRAIN_PANEL, CHECKPOINT_PANEL, EVAL_PANEL, MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)
     return order.index(panel or "Options") if (panel or "Options") in order else len(order)
 
 

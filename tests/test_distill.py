@@ -440,3 +440,11 @@ def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
     assert process_device("cuda:2", Dist(8, 13, 5)) == torch.device("cuda", 2)  # an explicit index is kept
     assert chosen == [torch.device("cuda", 5), torch.device("cuda", 5), torch.device("cuda", 2)]
     assert process_device("cpu", Dist(2, 1, 1)) == torch.device("cpu")
+
+
+def test_help_groups_the_flags(runner) -> None:
+    text = runner.invoke(app, ["distill", "--help"]).stdout
+    panels = [line.split("─ ", 1)[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    expected = ["Options", "Model and adapters", "Training", "Checkpoints and resume", "Evaluation", "Output"]
+    assert panels == [*expected, "Device"]
+    assert "--no-gradient-checkpointing" not in text and "--gradient-checkpointing" in text
