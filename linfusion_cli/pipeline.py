@@ -376,7 +376,8 @@ class Engine:
                             encoded,
                             noise,
                             int(scheduler.config.num_train_timesteps),
-                            comps.unet,
+                            # the global pass dilates ControlNets with the UNet: their residuals must match it
+                            torch.nn.ModuleList([comps.unet, *self._adapter_modules()]),
                         )
                 else:
                     timesteps = timesteps[:0]

@@ -411,3 +411,19 @@ def test_a_preset_carries_controlnet_settings(tmp_path: Path, runner, control_pn
     assert job.sources["controlnet"] == "preset tile"
     shown = runner.invoke(app, ["plan", "--model", "tiny", "--size", "256", "--preset", str(preset)])
     assert shown.exit_code == 0 and "ControlNet tiny at scale 0.6 on previous" in shown.stdout
+
+
+def test_demofusions_global_pass_dilates_the_controlnet_with_the_unet(engine: Engine) -> None:
+    job = _job(controlnet=["tiny"], control_image=["previous"], refine="demofusion")
+    engine.use(EngineSpec.of(job))
+    model = engine.adapters[0].model
+    seen: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.dilation))
+    try:
+        plan = make_plan(resolve_target(256), native=128, schedule_steps=STEPS, refine="demofusion")
+        engine.generate(job, plan, seed=3)
+    finally:
+        hook.remove()
+        engine.use(EngineSpec("tiny"))
+    assert (1, 1) in seen and (2, 2) in seen  # local and global passes of the 2x stage
+    assert model.conv_in.dilation == (1, 1)
