@@ -403,7 +403,8 @@ def _preset_names(incomplete: str) -> list[str]:
 
 def _panel_rank(panel: str | None) -> int:
     order: tuple[str, ...] = ("Options", PROMPT_PANEL, SIZE_PANEL, REFINE_PANEL, SAMPLER_PANEL, MODEL_PANEL)
-    order += (CONTROL_PANEL, TRAIN_PANEL, CHECKPOINT_PANEL, EVAL_PANEL, MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)
+    order += (CONTROL_PANEL, IP_PANEL, TRAIN_PANEL, CHECKPOINT_PANEL, EVAL_PANEL)
+    order += (MEMORY_PANEL, OUTPUT_PANEL, DEVICE_PANEL)
     return order.index(panel or "Options") if (panel or "Options") in order else len(order)
 
 

@@ -146,7 +146,7 @@ def test_panels_come_in_one_order(runner, command) -> None:
     text = run(runner, command, "--help").stdout
     panels = [line.split("─ ", 1)[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
     order = ["Arguments", "Options", "Prompt", "Size and stages", "Refine method", "Sampler"]
-    order += ["Model and adapters", "ControlNet", "Memory", "Output", "Device"]
+    order += ["Model and adapters", "ControlNet", "IP-Adapter", "Memory", "Output", "Device"]
     assert panels == [p for p in order if p in panels]
 
 
