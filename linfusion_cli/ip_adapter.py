@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,12 +68,6 @@ def family_of_width(width: int | None) -> str:
     return f"{label} (cross-attention width {width})"
 
 
-@dataclass(frozen=True)
-class IPFiles:
-    weights: Path
-    encoder: Path | None  # None: not found (an error once the weights say which encoder they need)
-
-
 # --- finding the files --------------------------------------------------------------------------------------
 def _split_hub(source: str) -> tuple[str, str | None] | None:
     """`owner/name` or `owner/name/path/in/repo.safetensors` -> (repo id, path in repo or None); None if the text
@@ -104,20 +97,20 @@ def _default_weights(source: str, family: Family | None) -> tuple[str, str]:
 
 
 def _encoder_paths(weights: str) -> list[str]:
-    """Where a weight file's image encoder may be, relative to the file's folder's parent: its own folder's
-    `image_encoder/`, then (h94's SDXL `vit-h` files) `models/image_encoder/`."""
+    """Where a weight file's image encoder may be: `image_encoder/` beside it, then (h94's SDXL `vit-h` files, which
+    read the SD-1.5 folder's ViT-H) `../models/image_encoder/`."""
     folder = Path(weights).parent
     candidates = [folder / ENCODER_FOLDER, folder.parent / VIT_H_FOLDER / ENCODER_FOLDER]
     return [str(c) for c in dict.fromkeys(candidates)]
 
 
-def find_files(source: str, family: Family | None) -> IPFiles:
-    """The weight file and image-encoder folder `source` names (a file, a folder, or a hub repo, fetched)."""
+def find_weights(source: str, family: Family | None) -> Path:
+    """The weight file `source` names (a file, a folder, or a hub repo: fetched with the image encoders beside)."""
     path = Path(source).expanduser()
     if path.is_file():
-        return _local_files(path)
+        return _safetensors_only(path)
     if path.is_dir():
-        return _local_files(_weights_in_folder(path, source, family))
+        return _safetensors_only(_weights_in_folder(path, source, family))
     hub = _split_hub(source)
     if hub is None:
         raise UsageError(_not_found(source))
@@ -130,7 +123,7 @@ def find_files(source: str, family: Family | None) -> IPFiles:
     folder = fetch_snapshot(repo, what="IP-Adapter", allow_patterns=patterns)
     if not (folder / inside).is_file():
         raise ModelLoadError(f"IP-Adapter '{source}': the hub repo {repo} has no file {inside}")
-    return _local_files(folder / inside)
+    return _safetensors_only(folder / inside)
 
 
 def _not_found(source: str) -> str:
@@ -144,11 +137,15 @@ def _not_found(source: str) -> str:
 
 
 def _weights_in_folder(folder: Path, source: str, family: Family | None) -> Path:
-    """h94's layout (`models/`, `sdxl_models/`): the family's file; a folder of weight files: the one there."""
+    """h94's root (`models/`, `sdxl_models/`) or one of those folders: the family's file; another folder: its one
+    weight file."""
+    default = DEFAULT_WEIGHTS.get(family.configs) if family is not None else None
+    if default is not None:
+        for candidate in (folder / default[0] / default[1], folder / default[1]):
+            if candidate.is_file():
+                return candidate
     if any((folder / sub).is_dir() for sub, _ in DEFAULT_WEIGHTS.values()):
-        sub, name = _default_weights(source, family)
-        if (folder / sub / name).is_file():
-            return folder / sub / name
+        sub, name = _default_weights(source, family)  # says why when the family has no file there
         raise UsageError(f"IP-Adapter '{source}': no {sub}/{name} in {folder} (the file for this model's family)")
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
@@ -159,14 +156,13 @@ def _weights_in_folder(folder: Path, source: str, family: Family | None) -> Path
     )
 
 
-def _local_files(weights: Path) -> IPFiles:
+def _safetensors_only(weights: Path) -> Path:
     if weights.suffix.lower() != ".safetensors":
         raise UsageError(
             f"IP-Adapter '{weights.name}': only .safetensors weights are read (pickled .bin files can run code "
             "when loaded); h94/IP-Adapter ships a .safetensors file beside every .bin"
         )
-    encoder = next((Path(p) for p in _encoder_paths(str(weights)) if (Path(p) / "config.json").is_file()), None)
-    return IPFiles(weights, encoder)
+    return weights
 
 
 # --- reading and checking the weights -----------------------------------------------------------------------
@@ -399,20 +395,20 @@ def load(comps: Components, ref: AdapterRef) -> IPAdapter:
     if ref.source == TINY:
         parts, encoder = tiny_parts(comps.unet)
         return IPAdapter(comps, ref, parts, encoder, TINY, TINY)
-    files = find_files(ref.source, comps.family)
-    parts = read_weights(files.weights)
+    weights = find_weights(ref.source, comps.family)
+    parts = read_weights(weights)
     hidden_states, _ = _variant(parts["image_proj"], ref.source)
     want = _proj_input_width(parts["image_proj"])
     with quiet_libraries():
-        encoder, encoder_path = _load_encoder(ref.source, files, want, hidden_states)
-    return IPAdapter(comps, ref, parts, encoder, files.weights.name, str(encoder_path))
+        encoder, encoder_path = _load_encoder(ref.source, weights, want, hidden_states)
+    return IPAdapter(comps, ref, parts, encoder, weights.name, str(encoder_path))
 
 
-def _load_encoder(source: str, files: IPFiles, want: int, hidden_states: bool) -> tuple[nn.Module, Path]:
+def _load_encoder(source: str, weights: Path, want: int, hidden_states: bool) -> tuple[nn.Module, Path]:
     """The CLIP image encoder beside the weights whose output width the projection reads."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    looked = _encoder_paths(str(files.weights))
+    looked = _encoder_paths(str(weights))
     for folder in map(Path, looked):
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -432,7 +428,7 @@ def _load_encoder(source: str, files: IPFiles, want: int, hidden_states: bool) -
             ) from exc
         return model, folder
     raise UsageError(
-        f"IP-Adapter '{source}': no image encoder of width {want} for {files.weights.name} (looked in "
+        f"IP-Adapter '{source}': no image encoder of width {want} for {weights.name} (looked in "
         f"{', '.join(looked)}); put its image_encoder/ folder (config.json + model.safetensors) beside the file"
     )
 
@@ -511,7 +507,7 @@ def _local_weights(source: str, family: Family | None) -> Path | None:
     """The weight file, where it is on this machine without downloading (a path, or the hub cache)."""
     path = Path(source).expanduser()
     if path.exists():
-        return find_files(source, family).weights if family is not None or path.is_file() else None
+        return find_weights(source, family) if family is not None or path.is_file() else None
     hub = _split_hub(source)
     if hub is None:
         raise UsageError(_not_found(source))

@@ -4,6 +4,7 @@ read from h94/IP-Adapter's layout (written here with tiny sizes, independently o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -534,3 +535,21 @@ def test_plus_variant_loads_and_steers(tmp_path: Path) -> None:
     out = _generate(engine, _job(image, ip=str(plus), steps=2))
     assert not np.array_equal(out, plain)
     assert engine.adapters[0].describe()["weights"] == "ip-adapter-plus_sd15.safetensors"
+
+
+def test_which_weight_file_a_folder_gives(tmp_path: Path) -> None:
+    from linfusion_cli import ip_adapter
+    from linfusion_cli.errors import UsageError
+    from linfusion_cli.families import FAMILIES
+
+    family = {f.key: f for f in FAMILIES}
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    (weights.parent / "ip-adapter-plus_sd15.safetensors").write_bytes(weights.read_bytes())
+    for folder in (tmp_path / "IP-Adapter", weights.parent):  # h94's root, or its models/ folder
+        assert ip_adapter.find_weights(str(folder), family["tiny"]) == weights
+    with pytest.raises(UsageError, match=re.escape("no sdxl_models/ip-adapter_sdxl.safetensors")):
+        ip_adapter.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sdxl"])
+    with pytest.raises(UsageError, match=re.escape("has no weights for tiny SD-2.x-shaped")):
+        ip_adapter.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sd2"])
+    with pytest.raises(UsageError, match=re.escape("holds 2 .safetensors files")):
+        ip_adapter.find_weights(str(weights.parent), family["tiny-sd2"])
