@@ -6,7 +6,7 @@ pixels as the UNet's. Each is swapped for LinFusion attention taken from the UNe
 module name, with the ControlNet's own training carried over: its projections become
 W_cn + (W_linfusion - W_unet), the change LinFusion made to the UNet's layer applied to the ControlNet's. A
 ControlNet that is an untouched copy of the UNet's encoder (the built-in `tiny`) thus gets exactly the UNet's
-LinFusion layers; with `--linfusion init` (W_linfusion = W_unet) it keeps exactly its own projections.
+LinFusion layers; with `--linfusion init` (W_linfusion = W_unet) it keeps its own projections (up to rounding).
 
 Control images are per job: a file (resized to every stage's size), or `previous`, the stage's upscaled
 previous image, which is what a tile ControlNet conditions on (base stages then run without it).
@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import AdapterRef, JobSpec, plural
 from .errors import CheckpointError, ModelLoadError, ModelNotFoundError, UsageError
-from .families import FAMILIES, Family, safetensors_shapes
+from .families import FAMILIES, Family, family_or_none, safetensors_shapes
 from .hub import looks_like_hub_id, resolve_local_or_hub
 from .patching import LinFusionPatch, self_attention_layers
 
@@ -273,7 +273,9 @@ def _load_single_file(path: Path, unet: Any, dtype: torch.dtype) -> Any:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file_signature(safetensors_shapes(path), path.name)  # a ControlNet at all
+    family = family_or_none(unet.config)
+    signature = file_signature(safetensors_shapes(path), path.name)
+    check_fits(str(path), signature, unet.config, family.label if family else "of an unknown family")
     try:
         state = {k.removeprefix(LDM_PREFIX): v for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError) as exc:
@@ -287,19 +289,24 @@ def _load_single_file(path: Path, unet: Any, dtype: torch.dtype) -> Any:
     config["transformer_layers_per_block"] = _transformer_depths(state, config)
     with torch.device("meta"):
         model = ControlNetModel.from_config(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"ControlNet file '{path.name}' does not fit a ControlNet for this model ({_count(missing, 'missing')}, "
+            f"{_count(unexpected, 'unexpected')}): is it made for another model family, or damaged?"
+        )
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # same names, other shapes
         raise CheckpointError(
-            f"ControlNet file '{path.name}' does not fit the model's {unet.config.get('cross_attention_dim')}-wide "
-            f"architecture: {str(exc).splitlines()[0]} {_first_key_problem(exc)}"
+            f"ControlNet file '{path.name}' does not fit a ControlNet for this model: {str(exc).splitlines()[-1]}"
         ) from None
     return model.to(dtype)
 
 
-def _first_key_problem(exc: RuntimeError) -> str:
-    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-    return lines[0][:300] if lines else ""
+def _count(keys: list[str], what: str) -> str:
+    return f"{plural(len(keys), 'tensor')} {what}" + (f", first {keys[0]}" if keys else "")
 
 
 def _config_from_unet(unet: Any) -> dict[str, Any]:

@@ -234,6 +234,21 @@ def test_sdxl_controlnet_on_an_sd15_model_exits_2_naming_both(
     assert "made for tiny SDXL-shaped" in result.stderr and "the model is tiny SD-1.x-shaped" in result.stderr
 
 
+def test_sdxl_single_file_controlnet_is_refused_on_a_loaded_sd15_engine(engine: Engine, tmp_path: Path) -> None:
+    """Through the library (no CLI preflight): the file's header is checked before its tensors are read."""
+    from safetensors.torch import save_file
+
+    from linfusion_cli.errors import UsageError
+
+    xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
+    path = tmp_path / "xl.safetensors"
+    save_file({k: v.contiguous() for k, v in build_tiny(xl.comps).state_dict().items()}, str(path))
+    with pytest.raises(UsageError, match=r"made for tiny SDXL-shaped, but the model is tiny SD-1\.x-shaped"):
+        engine.use(EngineSpec.of(_job(controlnet=[str(path)])))
+    assert engine.adapters == []
+    engine.use(EngineSpec("tiny"))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
