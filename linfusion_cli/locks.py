@@ -21,6 +21,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import OutputError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; claims and stale-temp proofs are then unavailable
@@ -75,7 +77,7 @@ def try_claim(path: Path) -> Claim | str:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return f"{path.name} is a symbolic link, not a claim file"
-            raise
+            raise OutputError(f"cannot create the claim file {path}: {exc.strerror or exc}") from None
         state = lock_fd(fd)
         if state is False:
             owner = _read_owner(fd)
