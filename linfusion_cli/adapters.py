@@ -51,9 +51,10 @@ class Adapter(Protocol):
 ADAPTER_KINDS: dict[str, str] = {"loras": "lora", "controlnets": "controlnet", "ip_adapters": "ip_adapter"}
 
 
-def preflight(job: JobSpec, family: Family | None) -> None:
+def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
     """Before any model loads: the checks of each kind the job asks for (its module's optional
-    `preflight(job, family)`: missing inputs, weights made for another family), so bad input exits 2 early."""
+    `preflight(job, family, allow_pickle)`: missing inputs, pickles refused, weights made for another family), so
+    bad input exits 2 early."""
     from .config import EngineSpec
 
     spec = EngineSpec.of(job)
@@ -63,7 +64,7 @@ def preflight(job: JobSpec, family: Family | None) -> None:
         module = importlib.import_module(f"{__package__}.{module_name}")
         check = getattr(module, "preflight", None)
         if check is not None:
-            check(job, family)
+            check(job, family, allow_pickle)
 
 
 def load_adapter(kind: str, comps: Components, ref: AdapterRef) -> Adapter:

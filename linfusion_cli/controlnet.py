@@ -165,7 +165,7 @@ def job_refs(job: JobSpec) -> list[AdapterRef]:
     return [AdapterRef.parse(r) for r in job.controlnet or ()]
 
 
-def preflight(job: JobSpec, family: Family | None) -> None:
+def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
     """Everything about a job's ControlNets that can fail before the model loads: sources that exist and fit the
     model's family (where their config is local), one readable control image each (or `previous`)."""
     from .images import open_image

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import InputImageError, ModelLoadError, UsageError
+from .errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
 from .families import FAMILIES, Family, safetensors_shapes
 from .hub import fetch_snapshot
+from .models import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from .config import AdapterRef, JobSpec
@@ -37,6 +38,8 @@ KIND = "ip_adapters"
 TINY = "tiny"
 TINY_SEED = 0  # the built-in IP-Adapter is the same on every run and every machine
 CROSS_ATTENTION_SUFFIX = ".attn2"
+SAFETENSORS = ".safetensors"
+PICKLE_SUFFIX = ".bin"  # h94's older files
 ENCODER_FOLDER = "image_encoder"
 # The weight file h94/IP-Adapter has for each family's shipped configs (families.Family.configs): (folder, file).
 DEFAULT_WEIGHTS: dict[str, tuple[str, str]] = {
@@ -108,9 +111,9 @@ def find_weights(source: str, family: Family | None) -> Path:
     """The weight file `source` names (a file, a folder, or a hub repo: fetched with the image encoders beside)."""
     path = Path(source).expanduser()
     if path.is_file():
-        return _safetensors_only(path)
+        return _weight_file(path)
     if path.is_dir():
-        return _safetensors_only(_weights_in_folder(path, source, family))
+        return _weight_file(_weights_in_folder(path, source, family))
     hub = _split_hub(source)
     if hub is None:
         raise UsageError(_not_found(source))
@@ -123,7 +126,7 @@ def find_weights(source: str, family: Family | None) -> Path:
     folder = fetch_snapshot(repo, what="IP-Adapter", allow_patterns=patterns)
     if not (folder / inside).is_file():
         raise ModelLoadError(f"IP-Adapter '{source}': the hub repo {repo} has no file {inside}")
-    return _safetensors_only(folder / inside)
+    return _weight_file(folder / inside)
 
 
 def _not_found(source: str) -> str:
@@ -141,9 +144,11 @@ def _weights_in_folder(folder: Path, source: str, family: Family | None) -> Path
     weight file."""
     default = DEFAULT_WEIGHTS.get(family.configs) if family is not None else None
     if default is not None:
-        for candidate in (folder / default[0] / default[1], folder / default[1]):
-            if candidate.is_file():
-                return candidate
+        sub, name = default
+        for candidate in (folder / sub / name, folder / name):
+            for file in (candidate, candidate.with_suffix(PICKLE_SUFFIX)):  # h94's older .bin beside it
+                if file.is_file():
+                    return file
     if any((folder / sub).is_dir() for sub, _ in DEFAULT_WEIGHTS.values()):
         sub, name = _default_weights(source, family)  # says why when the family has no file there
         raise UsageError(f"IP-Adapter '{source}': no {sub}/{name} in {folder} (the file for this model's family)")
@@ -156,35 +161,51 @@ def _weights_in_folder(folder: Path, source: str, family: Family | None) -> Path
     )
 
 
-def _safetensors_only(weights: Path) -> Path:
-    if weights.suffix.lower() != ".safetensors":
-        raise UsageError(
-            f"IP-Adapter '{weights.name}': only .safetensors weights are read (pickled .bin files can run code "
-            "when loaded); h94/IP-Adapter ships a .safetensors file beside every .bin"
-        )
+def _weight_file(weights: Path) -> Path:
+    if weights.suffix.lower() not in (SAFETENSORS, *PICKLE_SUFFIXES):
+        raise UsageError(f"IP-Adapter '{weights.name}': unknown weight file type; give a .safetensors file")
     return weights
 
 
 # --- reading and checking the weights -----------------------------------------------------------------------
-def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """A weight file split into its `image_proj` and `ip_adapter` parts (h94's two state dicts)."""
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """A weight file split into its `image_proj` and `ip_adapter` parts (h94's two state dicts): flat keys
+    `image_proj.*` / `ip_adapter.*` in a .safetensors file, or the two dicts pickled in a .bin (read only with
+    --allow-pickle, by torch's weights-only loader, as models.py reads pickled checkpoints)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        flat = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelLoadError(f"IP-Adapter '{path}' is not a readable safetensors file: {exc}") from exc
     parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in flat.items():
-        part, _, rest = key.partition(".")
-        if part in parts:
-            parts[part][rest] = value
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        from .models import _check_weights_only
+
+        if not allow_pickle:
+            raise _pickle_refused(path)
+        state = _check_weights_only(path)
+        if isinstance(state, dict):
+            parts = {name: dict(state.get(name) or {}) for name in parts}
+    else:
+        try:
+            flat = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"IP-Adapter '{path}' is not a readable safetensors file: {exc}") from exc
+        for key, value in flat.items():
+            part, _, rest = key.partition(".")
+            if part in parts:
+                parts[part][rest] = value
     if not parts["image_proj"] or not parts["ip_adapter"]:
         raise UsageError(
             f"'{path.name}' is not an IP-Adapter: it needs image_proj.* and ip_adapter.* tensors (h94's layout)"
         )
     return parts
+
+
+def _pickle_refused(path: Path) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"IP-Adapter '{path.name}' is a pickle, which can run arbitrary code when loaded; we only read safetensors "
+        "(h94/IP-Adapter ships a .safetensors file beside each .bin), or pass --allow-pickle to load it with "
+        "torch's weights-only loader"
+    )
 
 
 def cross_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
@@ -396,7 +417,7 @@ def load(comps: Components, ref: AdapterRef) -> IPAdapter:
         parts, encoder = tiny_parts(comps.unet)
         return IPAdapter(comps, ref, parts, encoder, TINY, TINY)
     weights = find_weights(ref.source, comps.family)
-    parts = read_weights(weights)
+    parts = read_weights(weights, comps.allow_pickle)
     hidden_states, _ = _variant(parts["image_proj"], ref.source)
     want = _proj_input_width(parts["image_proj"])
     with quiet_libraries():
@@ -463,7 +484,7 @@ def tiny_parts(unet: nn.Module, seed: int = TINY_SEED) -> tuple[dict[str, dict[s
 
 
 # --- before any model loads ---------------------------------------------------------------------------------
-def preflight(job: JobSpec, family: Family | None) -> None:
+def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
     """What can be refused before the model loads: no --ip-image, an unreadable one, a weight file that is not
     there, or made for another family than the model's (where both configs can be read locally)."""
     from .config import AdapterRef
@@ -481,8 +502,10 @@ def preflight(job: JobSpec, family: Family | None) -> None:
         if ref.source == TINY:
             continue
         weights = _local_weights(ref.source, family)
-        if weights is None or family is None:
-            continue
+        if weights is not None and weights.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise _pickle_refused(weights)
+        if weights is None or family is None or weights.suffix.lower() != SAFETENSORS:
+            continue  # a pickle's width is known once it is read (with --allow-pickle)
         check_fits(ref.source, job.model, cross_width(safetensors_shapes(weights)), family.cross_attention_dim)
 
 

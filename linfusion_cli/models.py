@@ -72,6 +72,7 @@ class Components:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     family: Family | None
+    allow_pickle: bool = False  # loaded with --allow-pickle: adapters read pickled weights the same way
     # The LinFusion patch on `unet`, once applied: adapters that bring attention layers of their own (a
     # ControlNet's encoder copy) patch them from it.
     linfusion: LinFusionPatch | None = None
@@ -202,6 +203,7 @@ def load_components(
             comps = _load_folder(model, folder, dtype)
         if vae:
             comps.vae = _load_vae(vae, dtype)
+        comps.allow_pickle = allow_pickle
         return place(comps, device, dtype)
 
 

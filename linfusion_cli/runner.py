@@ -297,7 +297,7 @@ def plan_for(
 
     job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
-    preflight(job, family)
+    preflight(job, family, options.allow_pickle)
     native = family.native_size if family else 512
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
     if note:

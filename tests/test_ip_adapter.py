@@ -335,21 +335,43 @@ def test_family_mismatch_exits_2_before_loading_naming_both(runner: Any, tmp_pat
         assert "'tiny' is tiny SD-1.x-shaped (cross-attention width 32)" in result.stderr
 
 
-def test_pickle_weights_are_refused(runner: Any, tmp_path: Path, no_model_loads: None) -> None:
+def test_pickled_bin_needs_allow_pickle_and_is_read_weights_only(
+    runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h94's .bin files (torch.save of {"image_proj": ..., "ip_adapter": ...}): refused before any model loads
+    without --allow-pickle; with it, read by torch's weights-only loader (an object inside is still refused)."""
+    from safetensors.torch import load_file
+
+    import linfusion_cli.pipeline as pipeline
+
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in load_file(str(weights)).items():
+        part, _, rest = key.partition(".")
+        parts[part][rest] = value
+    binary = weights.with_suffix(".bin")
+    torch.save(parts, binary)
+    weights.unlink()  # the folder now holds only the .bin, as old downloads do
     ref = _ref_image(tmp_path / "ref.png")
-    (tmp_path / "ip-adapter_sd15.bin").write_bytes(b"not read")
-    result = _cli(
-        runner,
-        "generate",
-        "x",
-        "--model",
-        "tiny",
-        "--ip-adapter",
-        str(tmp_path / "ip-adapter_sd15.bin"),
-        "--ip-image",
-        ref,
-    )
-    assert result.exit_code == 2 and "only .safetensors weights are read" in result.stderr
+    args = ["generate", "x", "--model", "tiny", "--size", "128", "--steps", "2", "--ip-image", ref]
+    real_load = pipeline.Engine.load
+    monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
+    for source in (str(binary), str(tmp_path / "IP-Adapter")):
+        refused = _cli(runner, *args, "--ip-adapter", source, "--out", str(tmp_path / "o"))
+        assert refused.exit_code == 2 and "is a pickle" in refused.stderr and "--allow-pickle" in refused.stderr
+    monkeypatch.setattr(pipeline.Engine, "load", real_load)
+
+    result = _cli(runner, *args, "--ip-adapter", str(binary), "--allow-pickle", "--out", str(tmp_path / "o"), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["adapters"][0]["weights"] == "ip-adapter_sd15.bin"
+
+    torch.save({"image_proj": parts["image_proj"], "ip_adapter": _Evil()}, binary)
+    evil = _cli(runner, *args, "--ip-adapter", str(binary), "--allow-pickle", "--out", str(tmp_path / "e"))
+    assert evil.exit_code == 2 and "refused even with --allow-pickle" in evil.stderr
+
+
+class _Evil:
+    """Stands for code a pickle would run."""
 
 
 def test_batch_switches_ip_adapters_on_one_loaded_model(
