@@ -442,3 +442,22 @@ def test_demofusions_global_pass_dilates_the_controlnet_with_the_unet(engine: En
         engine.use(EngineSpec("tiny"))
     assert (1, 1) in seen and (2, 2) in seen  # local and global passes of the 2x stage
     assert model.conv_in.dilation == (1, 1)
+
+
+def test_upscale_with_a_tile_controlnet_on_the_upscaled_input(runner, tmp_path: Path, control_png: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    from linfusion_cli.cli import app
+
+    base = ["upscale", str(control_png), "--model", "tiny", "--size", "128", "--steps", "4", "--seed", "1", "--json"]
+    plain = runner.invoke(app, [*base, "--out", str(tmp_path / "plain")])
+    tiled = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "tile"), "--controlnet", "tiny:0.5", "--control-image", "previous"]
+    )
+    assert plain.exit_code == 0 and tiled.exit_code == 0, tiled.stderr
+    report = json.loads(tiled.stdout)
+    assert report["adapters"][0]["image"] == "previous" and report["adapters"][0]["scale"] == 0.5
+    with Image.open(json.loads(plain.stdout)["path"]) as a, Image.open(report["path"]) as b:
+        assert a.tobytes() != b.tobytes()  # the first refine stage already follows the upscaled input
