@@ -5,10 +5,11 @@ The weights come in the layout users download (h94/IP-Adapter): a `.safetensors`
 counts every attention processor in diffusers' module order, so the i-th `attn2` owns k = 2i + 1; beside it an
 `image_encoder/` folder (a CLIPVisionModelWithProjection).
 
-It is installed as diffusers installs it (IPAdapterAttnProcessor2_0 on each `attn2`, the projection as the UNet's
-`encoder_hid_proj`, image embeddings passed in `added_cond_kwargs`), but on the `attn2` modules by name only:
-LinFusion's `attn1` modules are not diffusers `Attention`s and are never looked at. The CLIP embedding is made
-once per job (`begin_job`); `remove()` puts back every processor, the projection and the config value.
+It is installed as diffusers installs it (its IP-Adapter processor on each `attn2`, run over chunks of query
+tokens at high resolution: ip_attention.py; the projection as the UNet's `encoder_hid_proj`; image embeddings
+in `added_cond_kwargs`), but on the `attn2` modules by name only: LinFusion's `attn1` modules are not diffusers
+`Attention`s and are never looked at. The CLIP embedding is made once per job (`begin_job`); `remove()` puts
+back every processor, the projection and the config value.
 """
 
 from __future__ import annotations
@@ -271,8 +272,9 @@ class IPAdapter:
         weights_name: str,
         encoder_name: str,
     ) -> None:
-        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
         from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+        from .ip_attention import ChunkedIPAdapterAttnProcessor
 
         self.ref = ref
         self.unet = comps.unet
@@ -294,7 +296,7 @@ class IPAdapter:
         for i, (name, _) in enumerate(layers):
             to_k = parts["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"]
             to_v = parts["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"]
-            processor = IPAdapterAttnProcessor2_0(
+            processor = ChunkedIPAdapterAttnProcessor(
                 hidden_size=to_k.shape[0], cross_attention_dim=to_k.shape[1], num_tokens=(tokens,), scale=ref.scale
             )
             processor.load_state_dict({"to_k_ip.0.weight": to_k, "to_v_ip.0.weight": to_v})

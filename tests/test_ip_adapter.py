@@ -71,8 +71,9 @@ def test_changes_the_image_and_removing_restores_it_bit_for_bit(tmp_path: Path, 
     # LinFusion untouched (same modules), every attn2 runs the IP processor.
     assert [id(m) for m in unet.modules() if isinstance(m, LinFusionAttention)] == linfusion_layers
     assert len(linfusion_layers) == len(engine.patch.layers) > 0
-    kinds = {type(p).__name__ for p in _attn2_processors(unet).values()}
-    assert kinds == {"IPAdapterAttnProcessor2_0"}
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    assert all(isinstance(p, IPAdapterAttnProcessor2_0) for p in _attn2_processors(unet).values())
     assert len(engine.adapters[0].layers) == len(before_procs)
 
     again = _generate(engine, _job(None, ip=None, model=arch))  # Engine.use without it: removed
@@ -575,3 +576,39 @@ def test_which_weight_file_a_folder_gives(tmp_path: Path) -> None:
         ip_adapter.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sd2"])
     with pytest.raises(UsageError, match=re.escape("holds 2 .safetensors files")):
         ip_adapter.find_weights(str(weights.parent), family["tiny-sd2"])
+
+
+def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At high resolution the IP cross-attention runs over chunks of query tokens: same result, bounded memory."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from linfusion_cli import ip_attention
+
+    engine = _engine()
+    job = _job(_ref_image(tmp_path / "ref.png"))
+    engine.use(EngineSpec.of(job))
+    engine.adapters[0].begin_job(job, CPU)
+    embeds = [engine.adapters[0]._embeds]
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 24, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    unet = engine.comps.unet
+
+    def predict() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(x, 300, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": embeds}).sample
+
+    calls: list[int] = []
+    real = IPAdapterAttnProcessor2_0.__call__
+
+    def spy(self: Any, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(hidden_states.shape[1])
+        return real(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(IPAdapterAttnProcessor2_0, "__call__", spy)
+    whole = predict()
+    assert max(calls) == 24 * 16  # the top level's tokens, in one call
+    calls.clear()
+    monkeypatch.setattr(ip_attention, "IP_TOKEN_CHUNK", 100)
+    chunked = predict()
+    assert max(calls) == 100 and calls.count(100) >= 3
+    assert torch.allclose(chunked, whole, atol=1e-5)
