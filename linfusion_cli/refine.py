@@ -133,8 +133,6 @@ class DemoFusionGuide:
     noised the starting latents. ratio: the stage's size over the base (or input) size, a whole number.
     """
 
-    passes_per_step = 2  # local + global UNet passes
-
     def __init__(
         self,
         params: DemoFusionParams,

@@ -134,8 +134,6 @@ class StepGuide(Protocol):
     """Per-step hooks of a refine method (refine.DemoFusionGuide): adjust the latents before a step, and
     blend extra model passes into the prediction."""
 
-    passes_per_step: int
-
     def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor: ...
 
     def blend(
@@ -161,10 +159,10 @@ def denoise(
 ) -> torch.Tensor:
     """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
 
-    on_step(done, total) counts UNet passes (a guide may add passes per step), so progress moves with the work.
+    on_step(done, total) counts steps; a step with a guide includes all of its UNet passes (demofusion's local
+    and global branch), so a step's time in the progress bar is what a step costs.
     """
-    passes = guide.passes_per_step if guide is not None else 1
-    total = len(timesteps) * passes
+    total = len(timesteps)
 
     def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _predict(unet, model_in, t, inputs)
@@ -174,14 +172,13 @@ def denoise(
             latents = guide.before_step(scheduler, t, latents)
         prediction = predict(scheduler.scale_model_input(latents, t), t)
         if guide is not None:
-            on_step(i * passes + 1, total)
 
             def scale_input(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
                 return scheduler.scale_model_input(x, t)
 
             prediction = guide.blend(prediction, latents, t, scale_input, predict)
         latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
-        on_step((i + 1) * passes, total)
+        on_step(i + 1, total)
     return latents
 
 
