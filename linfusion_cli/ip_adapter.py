@@ -302,7 +302,7 @@ class IPAdapter:
             processor.load_state_dict({"to_k_ip.0.weight": to_k, "to_v_ip.0.weight": to_v})
             processors[name] = processor.to(param.device, param.dtype)
         projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
-        # 1. Hold what we replace, then install: processors on attn2 only, the projection, the config value.
+        # Hold what we replace, then install: processors on attn2 only, the projection, the config value.
         self._processors = {name: attn.processor for name, attn in layers}
         self._hid_type = unet.config.get("encoder_hid_dim_type")
         for name, attn in layers:
@@ -396,9 +396,14 @@ def _check_layers(source: str, model: str, weights: dict[str, torch.Tensor], lay
             f"{len(layers)}: it was made for another architecture"
         )
     for i, (name, attn) in enumerate(layers):
-        shape = tuple(weights[f"{2 * i + 1}.to_k_ip.weight"].shape)
-        if shape != (attn.to_q.out_features, attn.to_k.in_features):
-            raise UsageError(f"IP-Adapter '{source}': {name} wants ({attn.to_q.out_features}, ...), weights {shape}")
+        want = (int(attn.to_q.out_features), int(attn.to_k.in_features))
+        for key in (f"{2 * i + 1}.to_k_ip.weight", f"{2 * i + 1}.to_v_ip.weight"):
+            got = tuple(weights[key].shape) if key in weights else None
+            if got != want:
+                raise UsageError(
+                    f"IP-Adapter '{source}': {name} needs ip_adapter.{key} of shape {want}, the file has "
+                    f"{got or 'none'}: it was made for another architecture"
+                )
 
 
 def _preprocess(pixels: Any, size: int) -> torch.Tensor:

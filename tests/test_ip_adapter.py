@@ -612,3 +612,24 @@ def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pyte
     chunked = predict()
     assert max(calls) == 100 and calls.count(100) >= 3
     assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from linfusion_cli import ip_adapter
+    from linfusion_cli.errors import UsageError
+
+    weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
+    flat = load_file(str(weights))
+    fewer = {k: v for k, v in flat.items() if not k.startswith("ip_adapter.13.")}
+    save_file(fewer, str(weights))
+    with pytest.raises(UsageError, match="has weights for 6 cross-attention layers; the model 'tiny' has 7"):
+        ip_adapter.load(build_random("tiny"), AdapterRef(str(weights)))
+    flat["ip_adapter.13.to_v_ip.weight"] = flat["ip_adapter.13.to_v_ip.weight"][:, :16].contiguous()
+    save_file(flat, str(weights))
+    comps = build_random("tiny")
+    before = _attn2_processors(comps.unet)
+    with pytest.raises(UsageError, match=r"needs ip_adapter\.13\.to_v_ip\.weight of shape \(64, 32\)"):
+        ip_adapter.load(comps, AdapterRef(str(weights)))
+    assert _attn2_processors(comps.unet) == before and comps.unet.encoder_hid_proj is None  # nothing half-done
