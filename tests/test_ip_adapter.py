@@ -87,7 +87,9 @@ def test_changes_the_image_and_removing_restores_it_bit_for_bit(tmp_path: Path, 
 def test_scale_and_image_matter(tmp_path: Path) -> None:
     engine = _engine()
     one = _generate(engine, _job(_ref_image(tmp_path / "a.png", 1)))
+    loaded = engine.adapters[0]
     other_image = _generate(engine, _job(_ref_image(tmp_path / "b.png", 2)))
+    assert engine.adapters[0] is loaded  # same IP-Adapter, another image: kept, only the embedding is redone
     weaker = _generate(engine, _job(str(tmp_path / "a.png"), ip="tiny:0.3"))
     assert not np.array_equal(one, other_image)
     assert not np.array_equal(one, weaker)
