@@ -294,6 +294,8 @@ def plan(
     control_start: ControlStartOpt = None,
     control_end: ControlEndOpt = None,
     control_stages: ControlStagesOpt = None,
+    ip_adapter: IpAdapterOpt = None,
+    ip_image: IpImageOpt = None,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     seed: SeedOpt = None,
@@ -345,6 +347,8 @@ def plan(
             vae_tile=vae_tile,
             low_vram=low_vram,
             max_vram=max_vram,
+            ip_adapter=ip_adapter,
+            ip_image=ip_image,
         )
         job = resolve_job(flags, require_prompt=False)
         check_device_flags(device, dtype)

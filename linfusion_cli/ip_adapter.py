@@ -491,13 +491,32 @@ def tiny_parts(unet: nn.Module, seed: int = TINY_SEED) -> tuple[dict[str, dict[s
 
 
 # --- before any model loads ---------------------------------------------------------------------------------
+# The image encoders h94/IP-Adapter pairs with each family's file, GiB in fp16: ViT-H (models/image_encoder,
+# 632M parameters) and ViT-bigG (sdxl_models/image_encoder, 1.84B).
+ENCODER_GIB_FP16: dict[str, float] = {"sd1": 1.26, "sdxl": 3.69}
+
+
+def job_refs(job: JobSpec) -> list[AdapterRef]:
+    from .config import AdapterRef
+
+    return [AdapterRef.parse(r) for r in job.ip_adapter or ()]
+
+
+def planned_gib_fp16(job: JobSpec, family: Family | None) -> float:
+    """The weights a job's IP-Adapter adds on the device, for plans made before anything loads: the family's h94
+    image encoder (none for the built-in tiny models and the tiny adapter)."""
+    refs = [r for r in job_refs(job) if r.source != TINY]
+    if not refs or family is None or family.linfusion_repo is None:
+        return 0.0
+    return ENCODER_GIB_FP16.get(family.configs, ENCODER_GIB_FP16["sd1"])
+
+
 def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
     """What can be refused before the model loads: no --ip-image, an unreadable one, a weight file that is not
     there, or made for another family than the model's (where both configs can be read locally)."""
-    from .config import AdapterRef
     from .images import open_image
 
-    refs = [AdapterRef.parse(r) for r in job.ip_adapter or ()]
+    refs = job_refs(job)
     if not job.ip_image:
         raise UsageError("--ip-adapter needs --ip-image: the reference image it reads")
     try:
@@ -518,10 +537,8 @@ def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -
 
 def hub_files(job: JobSpec, family: Family | None) -> list[tuple[str, str, str]]:
     """(what, repo, file) of the hub weight files the job's IP-Adapter needs, for offline checks."""
-    from .config import AdapterRef
-
     wanted = []
-    for ref in (AdapterRef.parse(r) for r in job.ip_adapter or ()):
+    for ref in job_refs(job):
         hub = None if ref.source == TINY or Path(ref.source).expanduser().exists() else _split_hub(ref.source)
         if hub is None:
             continue

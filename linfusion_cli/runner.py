@@ -314,7 +314,7 @@ def plan_summary(
 ) -> dict[str, Any]:
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
     dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline)."""
-    from . import controlnet, memory
+    from . import controlnet, ip_adapter, memory
     from .archs import ARCHS
     from .models import DTYPE_NAMES
 
@@ -331,7 +331,12 @@ def plan_summary(
         device=device,
         top_width=arch.unet["block_out_channels"][0],
         dtype=dtype,
-        weights=int(family_gib * (1 + controlnet.WEIGHTS_SHARE * len(controls)) * memory.GIB * torch_bytes(dtype) / 2),
+        weights=int(
+            (family_gib * (1 + controlnet.WEIGHTS_SHARE * len(controls)) + ip_adapter.planned_gib_fp16(job, family))
+            * memory.GIB
+            * torch_bytes(dtype)
+            / 2
+        ),
         refine=job.refine,
         control_channels=controlnet.activation_channels(arch.unet, len(controls)),
     )
@@ -384,6 +389,9 @@ def plan_summary(
         "controlnets": [
             {"source": ref.source, "scale": ref.scale, "image": image}
             for ref, image in zip(controls, job.control_image or (), strict=False)
+        ],
+        "ip_adapters": [
+            {"source": ref.source, "scale": ref.scale, "image": job.ip_image} for ref in ip_adapter.job_refs(job)
         ],
         "output": None if job.seed is None else str(prep.paths.image),
         "notes": [*prep.notes, *warnings],

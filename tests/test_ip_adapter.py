@@ -635,3 +635,16 @@ def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> 
     with pytest.raises(UsageError, match=r"needs ip_adapter\.13\.to_v_ip\.weight of shape \(64, 32\)"):
         ip_adapter.load(comps, AdapterRef(str(weights)))
     assert _attn2_processors(comps.unet) == before and comps.unet.encoder_hid_proj is None  # nothing half-done
+
+
+def test_plan_lists_it_and_counts_its_image_encoder(runner: Any, tmp_path: Path, no_model_loads: None) -> None:
+    ref = _ref_image(tmp_path / "ref.png")
+    base = ["plan", "--size", "1024", "--json", "--device", "cpu"]
+    plain = json.loads(_cli(runner, *base).stdout)
+    result = _cli(runner, *base, "--ip-adapter", "h94/IP-Adapter:0.6", "--ip-image", ref)
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["ip_adapters"] == [{"source": "h94/IP-Adapter", "scale": 0.6, "image": ref}]
+    extra = plan["stages"][0]["estimated_peak_gib"] - plain["stages"][0]["estimated_peak_gib"]
+    assert extra == pytest.approx(2 * 1.26, abs=0.02)  # SD-1.5's ViT-H encoder, fp32 on the CPU
+    assert any("IP-Adapter 'h94/IP-Adapter' is not in the local Hugging Face cache" in w for w in plan["warnings"])
