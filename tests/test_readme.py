@@ -37,5 +37,11 @@ def test_the_readme_has_cpu_commands() -> None:
 @pytest.mark.parametrize("line", readme_commands())
 def test_readme_command_runs(runner, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # "--out outputs" lands in a temporary folder
-    result = runner.invoke(app, shlex.split(line)[1:], catch_exceptions=False)
+    words = shlex.split(line, comments=True)  # as a shell reads it: a trailing "# ..." is a comment
+    for word in words:  # an input image the command names (--ip-image ref.png): a small picture stands in
+        if word.lower().endswith((".png", ".jpg")) and not Path(word).exists():
+            from PIL import Image
+
+            Image.new("RGB", (96, 64), (200, 120, 40)).save(word)
+    result = runner.invoke(app, words[1:], catch_exceptions=False)
     assert result.exit_code == 0, f"{line}\n{result.stderr}"
