@@ -21,12 +21,12 @@ def readme_commands() -> list[str]:
         lines += block.replace("\\\n", " ").splitlines()
     lines += re.findall(r"`(linfusion [^`]+)`", text)  # commands quoted in the prose
     runnable = []
-    for line in (" ".join(line.split()) for line in lines):
-        words = line.split()
-        if len(words) < 2 or words[0] != "linfusion" or re.search(r"\b[A-Z]{3,}\b", line):
-            continue  # not ours, or with a placeholder (NAME, IMAGE) to fill in
-        if "--model tiny" in line or words[1] in NO_MODEL:
-            runnable.append(line)
+    for raw in lines:
+        words = shlex.split(raw, comments=True)  # shell comments are not arguments
+        if len(words) < 2 or words[0] != "linfusion" or any(re.match(r"[A-Z]{3,}\b", w) for w in words):
+            continue  # not ours, or with a placeholder (NAME, IMAGE.json) to fill in
+        if ("--model" in words and words[words.index("--model") + 1] == "tiny") or words[1] in NO_MODEL:
+            runnable.append(shlex.join(words))
     return list(dict.fromkeys(runnable))
 
 
