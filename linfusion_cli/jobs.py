@@ -139,7 +139,8 @@ def _csv_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
     names = [name.strip() for name in reader.fieldnames]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
-        raise JobFileError(f"{file.name} row 1: the column(s) {quote(twice)} appear twice; keep one of each")
+        columns = "the column" if len(twice) == 1 else "the columns"
+        raise JobFileError(f"{file.name} row 1: {columns} {quote(twice)} appear twice; keep one of each")
     rows = []
     for n, record in enumerate(reader, 2):
         where = f"{file.name} row {n}"
@@ -164,7 +165,8 @@ def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict
         unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise JobFileError(
-                f"{file.name}: unknown top-level key(s) {quote(unknown)}; expected 'defaults' and 'jobs'"
+                f"{file.name}: unknown top-level {'key' if len(unknown) == 1 else 'keys'} {quote(unknown)}; "
+                "expected 'defaults' and 'jobs'"
             )
         defaults = data.get("defaults") or {}
         jobs = data.get("jobs")

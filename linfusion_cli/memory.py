@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .config import plural
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            where = "only cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(f"--device {name}: this machine has {plural(count, 'CUDA device')}, {where}")
     elif device.type == "mps" and not _mps_available():
         raise UsageError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
     return device
