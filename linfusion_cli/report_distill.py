@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -81,11 +82,9 @@ class DistillReporter(Reporter):
         if self.on_json is not None and logged:
             self.on_json({"event": "step", **asdict(event)})
         if self.mode == "plain" and logged:
-            self.console.print(
+            self._line(  # timestamped, like every plain line
                 f"step {event.step}/{event.total}  {loss_text(event)}  {event.steps_per_second:.2f} steps/s  "
-                f"ETA {_duration(event.eta_seconds)}",
-                markup=False,
-                highlight=False,
+                f"ETA {_duration(event.eta_seconds)}"
             )
         elif self.progress is not None and "steps" in self._tasks:
             self.progress.update(
@@ -99,7 +98,7 @@ class DistillReporter(Reporter):
 def distill_table(result: dict[str, Any]) -> Table:
     """Steps, time and the loss parts at the first and the last step of this run."""
     table = Table(
-        title=f"distilled: steps {result['start_step']} -> {result['steps']}, {result['out']}",
+        title=escape(f"distilled: steps {result['start_step']} -> {result['steps']}, {result['out']}"),
         min_width=100,
         title_justify="left",
         caption=(
@@ -124,7 +123,7 @@ def eval_table(report: dict[str, Any]) -> Table:
         title=f"LinFusion vs original attention on {report['samples']} held-out samples x "
         f"{len(report['timesteps'])} timesteps",
         title_justify="left",
-        caption=f"init: {report['init']}; distilled: {report['final']}",
+        caption=escape(f"init: {report['init']}; distilled: {report['final']}"),
         caption_justify="left",
     )
     for name in ("layer", "init MSE", "distilled MSE", "change"):
