@@ -46,6 +46,8 @@ ASPECT_TOLERANCE = 0.01  # width/height difference under which a control image c
 PREVIOUS = "previous"  # control image source: the stage's upscaled previous image (what a tile ControlNet wants)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FP16_VARIANT = "fp16"
+FP16_WEIGHTS_NAME = f"diffusion_pytorch_model.{FP16_VARIANT}.safetensors"
 LDM_PREFIX = "control_model."  # A1111-style single files keep the ControlNet under this prefix (or none)
 # What makes a ControlNet fit a UNet: the text width its cross-attention reads, SDXL's added embedding, the
 # block widths. Compared before the model loads (config.json or a single file's header) and after.
@@ -250,13 +252,26 @@ def load(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
 
 
 def _load_folder(source: str, dtype: torch.dtype) -> Any:
+    """A diffusers ControlNet folder or hub repo, in safetensors: for an fp16 run its `.fp16.` weights where it has
+    them (half the download), else the plain ones."""
     from diffusers import ControlNetModel
 
-    folder = resolve_local_or_hub(source, what="ControlNet", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+    wanted = [FP16_WEIGHTS_NAME] if dtype == torch.float16 else []
+    folder = resolve_local_or_hub(source, what="ControlNet", allow_patterns=[CONFIG_NAME, *wanted])
+    if not (folder / FP16_WEIGHTS_NAME).is_file() or not wanted:
+        folder = resolve_local_or_hub(source, what="ControlNet", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     if not (folder / CONFIG_NAME).is_file():
         raise ModelLoadError(f"ControlNet '{source}' has no {CONFIG_NAME} in {folder}: give a diffusers ControlNet")
+    plain, half = (folder / WEIGHTS_NAME).is_file(), (folder / FP16_WEIGHTS_NAME).is_file()
+    if not (plain or half):
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ModelLoadError(
+            f"ControlNet '{source}' has no {WEIGHTS_NAME} in {folder} (found: {found}); only safetensors weights are "
+            "read: convert .bin weights once with diffusers (from_pretrained, then save_pretrained)"
+        )
+    variant = FP16_VARIANT if half and (wanted or not plain) else None
     try:
-        return ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        return ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, variant=variant)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"could not load ControlNet '{source}' from {folder}: {exc}. It must be a diffusers ControlNetModel "

@@ -461,3 +461,21 @@ def test_upscale_with_a_tile_controlnet_on_the_upscaled_input(runner, tmp_path: 
     assert report["adapters"][0]["image"] == "previous" and report["adapters"][0]["scale"] == 0.5
     with Image.open(json.loads(plain.stdout)["path"]) as a, Image.open(report["path"]) as b:
         assert a.tobytes() != b.tobytes()  # the first refine stage already follows the upscaled input
+
+
+def test_folder_with_only_fp16_weights_loads_and_bin_only_is_named(engine: Engine, tmp_path: Path) -> None:
+    from linfusion_cli.errors import ModelLoadError
+
+    model = build_tiny(engine.comps)
+    half = tmp_path / "half"
+    model.save_pretrained(half, variant="fp16")
+    assert (half / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    engine.use(EngineSpec.of(_job(controlnet=[str(half)])))
+    loaded = engine.adapters[0].model
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert torch.equal(loaded.controlnet_mid_block.weight, model.controlnet_mid_block.weight)
+    old = tmp_path / "old"
+    model.save_pretrained(old, safe_serialization=False)
+    with pytest.raises(ModelLoadError, match="only safetensors weights are read"):
+        engine.use(EngineSpec.of(_job(controlnet=[str(old)])))
+    engine.use(EngineSpec("tiny"))
