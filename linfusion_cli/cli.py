@@ -114,11 +114,11 @@ PLAN_EXAMPLES = """[bold]Examples[/]
   linfusion plan --size 8k --json | jq '.stages[].memory'"""
 UPSCALE_EXAMPLES = """[bold]Examples[/]
   linfusion upscale photo.jpg --size 8k
-  linfusion upscale render.png --size 16k --prompt "a mountain village" --strength 0.3
+  linfusion upscale render.png --size 16k --prompt "a village" --strength 0.3
   linfusion upscale scan.tif --width 12000 --format tif"""
 BATCH_EXAMPLES = """[bold]Examples[/]
   linfusion batch prompts.txt --size 4k --seed 1000
-  linfusion batch prompts.yaml --preset sd15-16k --out renders --json > renders.jsonl
+  linfusion batch prompts.yaml --preset sd15-16k --json > renders.jsonl
   [dim]# this machine takes jobs 0, 4, 8...:[/]
   linfusion batch prompts.csv --shard 0/4"""
 

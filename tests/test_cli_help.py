@@ -163,3 +163,34 @@ def test_shell_completion_offers_values(runner, words, expected) -> None:
     env = {"_LINFUSION_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
     result = runner.invoke(app, [], prog_name="linfusion", env=env)
     assert sorted(result.stdout.split()) == expected
+
+
+def _examples() -> list[str]:
+    """The Examples lines of the help that run on a CPU: the tiny model, or plan (no model at all)."""
+    import shlex
+
+    from linfusion_cli import cli
+
+    lines = []
+    for text in (cli.GENERATE_EXAMPLES, cli.PLAN_EXAMPLES, cli.UPSCALE_EXAMPLES, cli.BATCH_EXAMPLES):
+        for line in text.splitlines():
+            words = shlex.split(line.strip(), comments=True)
+            if words[:1] == ["linfusion"] and "|" not in words and ("tiny" in words or words[1] == "plan"):
+                lines.append(shlex.join(words))
+    return lines
+
+
+def test_help_examples_fit_80_columns() -> None:
+    from linfusion_cli import cli
+
+    for text in (cli.GENERATE_EXAMPLES, cli.PLAN_EXAMPLES, cli.UPSCALE_EXAMPLES, cli.BATCH_EXAMPLES):
+        assert all(len(line.strip()) <= 78 for line in text.splitlines()), text
+
+
+@pytest.mark.parametrize("line", _examples())
+def test_help_examples_run(runner, line, tmp_path, monkeypatch) -> None:
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, shlex.split(line)[1:], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
