@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .archs import ARCHS
 from .config import AdapterRef, JobSpec, plural
 from .errors import CheckpointError, ModelLoadError, ModelNotFoundError, UsageError
 from .families import FAMILIES, Family, family_or_none, safetensors_shapes
@@ -52,6 +53,7 @@ LDM_PREFIX = "control_model."  # A1111-style single files keep the ControlNet un
 # What makes a ControlNet fit a UNet: the text width its cross-attention reads, SDXL's added embedding, the
 # block widths. Compared before the model loads (config.json or a single file's header) and after.
 FAMILY_KEYS = ("cross_attention_dim", "addition_embed_type", "block_out_channels")
+SHAPE_KEYS = ("layers_per_block", "conditioning_channels")  # in a whole config: must match the UNet's exactly
 IMAGE_CHANNELS = 3
 PIXELS_PER_TOKEN = 64  # 8 x 8 px per latent token
 # A ControlNet's weights against its family's (UNet + VAE + text encoders), for plans made before loading:
@@ -143,7 +145,7 @@ def peek_signature(source: str) -> dict[str, Any] | None:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"ControlNet '{source}': unreadable {CONFIG_NAME} ({exc})") from None
-    return {key: config.get(key) for key in FAMILY_KEYS}
+    return {key: config.get(key) for key in (*FAMILY_KEYS, *SHAPE_KEYS) if key in config}
 
 
 def check_fits(source: str, signature: Mapping[str, Any], unet_config: Mapping[str, Any], model_label: str) -> None:
@@ -161,6 +163,20 @@ def check_fits(source: str, signature: Mapping[str, Any], unet_config: Mapping[s
             f"ControlNet '{source}' is made for {theirs}, but the model is {model_label}: use a ControlNet made for "
             f"{model_label}"
         )
+    # A whole config (not a single file's signature) also fixes how many residuals it hands the UNet.
+    if "layers_per_block" in signature:
+        theirs_shape = (list(widths), signature.get("layers_per_block"))
+        ours = (list(wanted["block_out_channels"] or ()), unet_config.get("layers_per_block"))
+        if theirs_shape != ours:
+            raise UsageError(
+                f"ControlNet '{source}' has blocks {theirs_shape[0]} with {theirs_shape[1]} layers each, the model's "
+                f"UNet ({model_label}) {ours[0]} with {ours[1]}: it was made for another architecture"
+            )
+        channels = signature.get("conditioning_channels", IMAGE_CHANNELS)
+        if channels != IMAGE_CHANNELS:
+            raise UsageError(
+                f"ControlNet '{source}' reads {channels}-channel control images; only RGB control images are supported"
+            )
 
 
 def job_refs(job: JobSpec) -> list[AdapterRef]:
@@ -191,7 +207,7 @@ def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -
     for ref, image in zip(refs, images, strict=True):
         signature = peek_signature(ref.source)
         if signature is not None and family is not None:
-            check_fits(ref.source, signature, _family_config(family), family.label)
+            check_fits(ref.source, signature, ARCHS[family.arch].unet, family.label)
         if image != PREVIOUS:
             with open_image(image):
                 pass
@@ -217,14 +233,6 @@ def control_notes(job: JobSpec, target: tuple[int, int], stages: int) -> list[st
                 "output: it is stretched to every stage's size"
             )
     return notes
-
-
-def _family_config(family: Family) -> dict[str, Any]:
-    return {
-        "cross_attention_dim": family.cross_attention_dim,
-        "addition_embed_type": family.addition_embed_type,
-        "block_out_channels": list(family.block_out_channels),
-    }
 
 
 # --- loading ------------------------------------------------------------------------------------------------

@@ -479,3 +479,52 @@ def test_folder_with_only_fp16_weights_loads_and_bin_only_is_named(engine: Engin
     with pytest.raises(ModelLoadError, match="only safetensors weights are read"):
         engine.use(EngineSpec.of(_job(controlnet=[str(old)])))
     engine.use(EngineSpec("tiny"))
+
+
+def test_a_controlnet_of_another_depth_is_refused_before_loading(runner, tmp_path: Path, control_png: Path) -> None:
+    """Built independently (diffusers' own constructor), same text width, two blocks instead of the UNet's three."""
+    from diffusers import ControlNetModel
+
+    from linfusion_cli.cli import app
+
+    folder = tmp_path / "shallow"
+    ControlNetModel(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        conditioning_embedding_out_channels=(8, 16),
+    ).save_pretrained(folder)
+    result = runner.invoke(
+        app, ["generate", "x", *FAST, "--controlnet", str(folder), "--control-image", str(control_png)]
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "has blocks [32, 64] with 1 layers each, the model's UNet (tiny SD-1.x-shaped) [32, 64, 64]" in result.stderr
+
+
+def test_an_independently_built_controlnet_folder_runs(runner, tmp_path: Path, control_png: Path) -> None:
+    import json
+
+    from diffusers import ControlNetModel
+
+    from linfusion_cli.archs import ARCHS
+    from linfusion_cli.cli import app
+
+    unet = ARCHS["tiny"].unet
+    keys = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+    torch.manual_seed(0)
+    model = ControlNetModel(**{k: unet[k] for k in keys}, attention_head_dim=4, norm_num_groups=8)
+    with torch.no_grad():
+        for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "mine")
+    result = runner.invoke(
+        app,
+        ["generate", "x", *FAST, "--controlnet", str(tmp_path / "mine"), "--control-image", str(control_png), "--json"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.stderr
+    unit = json.loads(result.stdout)["adapters"][0]
+    assert unit["model"] == "mine" and unit["linfusion_layers"] == 3 and unit["quadratic_layers"] == 0
