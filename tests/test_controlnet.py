@@ -528,3 +528,21 @@ def test_an_independently_built_controlnet_folder_runs(runner, tmp_path: Path, c
     assert result.exit_code == 0, result.stderr
     unit = json.loads(result.stdout)["adapters"][0]
     assert unit["model"] == "mine" and unit["linfusion_layers"] == 3 and unit["quadratic_layers"] == 0
+
+
+def test_controlnet_composes_with_lora_and_ip_adapter_and_all_come_off(engine: Engine, control_png: Path) -> None:
+    plain = _render(engine, _job())
+    everything = _job(
+        lora=["tiny:0.8"],
+        ip_adapter=["tiny:0.7"],
+        ip_image=str(control_png),
+        controlnet=["tiny:0.9"],
+        control_image=["previous"],
+    )
+    steered = _render(engine, everything)
+    assert sorted(a.kind for a in engine.adapters) == ["controlnets", "ip_adapters", "loras"]
+    control = next(a for a in engine.adapters if a.kind == "controlnets")
+    assert control.describe()["linfusion_layers"] == 3
+    only_control = _render(engine, _job(controlnet=["tiny:0.9"], control_image=["previous"]))
+    assert len({plain.tobytes(), steered.tobytes(), only_control.tobytes()}) == 3
+    assert np.array_equal(_render(engine, _job()), plain)
