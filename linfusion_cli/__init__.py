@@ -14,15 +14,15 @@ __version__ = "0.1.0"
 __all__ = ["LinFusionAttention", "LinFusionPatch", "TiledVAE", "__version__", "apply_linfusion"]
 
 if TYPE_CHECKING:
-    from .attention import LinFusionAttention
-    from .patching import LinFusionPatch, apply_linfusion
-    from .vae import TiledVAE
+    from .engine.vae import TiledVAE
+    from .linfusion.attention import LinFusionAttention
+    from .linfusion.patching import LinFusionPatch, apply_linfusion
 
 _LAZY = {
-    "LinFusionAttention": "attention",
-    "LinFusionPatch": "patching",
-    "apply_linfusion": "patching",
-    "TiledVAE": "vae",
+    "LinFusionAttention": "linfusion.attention",
+    "LinFusionPatch": "linfusion.patching",
+    "apply_linfusion": "linfusion.patching",
+    "TiledVAE": "engine.vae",
 }
 
 

@@ -45,7 +45,7 @@ def _threads() -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in tiny model saved as a diffusers folder: tests load it through the real folder path."""
-    from linfusion_cli.models import build_random, save_components
+    from linfusion_cli.models.loading import build_random, save_components
 
     folder = tmp_path_factory.mktemp("tiny-model")
     save_components(build_random("tiny"), folder)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from linfusion_cli.families import FAMILIES
-from linfusion_cli.shipped import write_pipeline_folder
+from linfusion_cli.models.families import FAMILIES
+from linfusion_cli.models.shipped import write_pipeline_folder
 
 FAMILY = {f.key: f for f in FAMILIES}
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linfusion_cli.attention import LinFusionAttention
+from linfusion_cli.linfusion.attention import LinFusionAttention
 
 
 def reference_attention(module: LinFusionAttention, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.batch import resolve_shard
-from linfusion_cli.cli import app
-from linfusion_cli.errors import UsageError
+from linfusion_cli.cli.commands import app
+from linfusion_cli.core.batch import resolve_shard
+from linfusion_cli.core.errors import UsageError
 
 FAST = ["--model", "tiny", "--size", "128", "--steps", "2"]
 
@@ -94,7 +94,7 @@ def test_shard_resolution() -> None:
 
 
 def test_invalid_file_exits_2_before_loading(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     path = tmp_path / "jobs.csv"

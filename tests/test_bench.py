@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from linfusion_cli.bench import parse_size
-from linfusion_cli.cli import app
+from linfusion_cli.bench.units import parse_size
+from linfusion_cli.cli.commands import app
 
 
 def bench(runner, *args: str) -> dict:
@@ -25,7 +25,7 @@ def test_bench_unet_shows_both_attentions(runner) -> None:
 
 
 def test_bench_unet_skips_sdpa_with_a_reason(runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.bench as bench_mod
+    import linfusion_cli.bench.units as bench_mod
 
     real = bench_mod.bench_unet
     monkeypatch.setattr(bench_mod, "bench_unet", lambda *a, **k: real(*a, **{**k, "sdpa_limit": 0.0}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli.cli import app
+from linfusion_cli.cli.commands import app
 
 
 def run(runner, *args: str):
@@ -109,7 +109,7 @@ def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
 
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from linfusion_cli.cli import app
-from linfusion_cli.config import JOB_KEYS
+from linfusion_cli.cli.commands import app
+from linfusion_cli.core.config import JOB_KEYS
 
 # flag arguments -> the job fields they must set (anything not listed keeps its default)
 GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
@@ -75,7 +75,7 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
 @pytest.fixture
 def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """runner.generate replaced by a recorder: what the CLI hands the core, and nothing run."""
-    import linfusion_cli.runner as runner
+    import linfusion_cli.core.runner as runner
 
     calls: dict[str, Any] = {}
 
@@ -94,7 +94,7 @@ def _invoke(runner: Any, *args: str) -> Any:
 
 
 def _assert_job(job: Any, expected: dict[str, Any]) -> None:
-    from linfusion_cli.config import JobSpec
+    from linfusion_cli.core.config import JobSpec
 
     default = JobSpec()
     for key in JOB_KEYS:
@@ -144,7 +144,7 @@ def test_generate_run_options(runner, core, tmp_path: Path) -> None:
 
 
 def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.images as images
+    import linfusion_cli.io.images as images
 
     pixels = np.zeros((64, 96, 3), np.uint8)
     monkeypatch.setattr(images, "load_rgb", lambda path, limit=None: pixels)
@@ -162,7 +162,7 @@ def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.runner as runner_module
+    import linfusion_cli.core.runner as runner_module
 
     seen: dict[str, Any] = {}
 
@@ -179,7 +179,7 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.batch as batch
+    import linfusion_cli.core.batch as batch
 
     seen: dict[str, Any] = {}
 
@@ -199,7 +199,7 @@ def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def test_batch_random_base_seed(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.batch as batch
+    import linfusion_cli.core.batch as batch
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(
@@ -210,7 +210,7 @@ def test_batch_random_base_seed(runner, monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_bench_pipeline_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.bench_pipeline as bench_pipeline
+    import linfusion_cli.bench.pipeline as bench_pipeline
 
     seen: dict[str, Any] = {}
 

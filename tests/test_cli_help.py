@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from linfusion_cli.cli import app
+from linfusion_cli.cli.commands import app
 
 COMMANDS = [
     ["generate"],
@@ -111,7 +111,7 @@ def test_no_doubled_got(runner) -> None:
 
 def test_cli_import_does_not_import_torch() -> None:
     """`linfusion --help` stays instant only while nothing imports torch at import time."""
-    code = "import sys, linfusion_cli.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, linfusion_cli.cli.commands; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -169,7 +169,7 @@ def _examples() -> list[str]:
     """The Examples lines of the help that run on a CPU: the tiny model, or plan (no model at all)."""
     import shlex
 
-    from linfusion_cli import cli
+    from linfusion_cli.cli import commands as cli
 
     lines = []
     for text in (cli.GENERATE_EXAMPLES, cli.PLAN_EXAMPLES, cli.UPSCALE_EXAMPLES, cli.BATCH_EXAMPLES):
@@ -181,7 +181,7 @@ def _examples() -> list[str]:
 
 
 def test_help_examples_fit_80_columns() -> None:
-    from linfusion_cli import cli
+    from linfusion_cli.cli import commands as cli
 
     for text in (cli.GENERATE_EXAMPLES, cli.PLAN_EXAMPLES, cli.UPSCALE_EXAMPLES, cli.BATCH_EXAMPLES):
         assert all(len(line.strip()) <= 78 for line in text.splitlines()), text

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from linfusion_cli.config import FLAGS, merge_layers, parse_aspect, resolve_target, validate_layer
-from linfusion_cli.errors import UsageError
-from linfusion_cli.jobs import resolve_job
+from linfusion_cli.core.config import FLAGS, merge_layers, parse_aspect, resolve_target, validate_layer
+from linfusion_cli.core.errors import UsageError
+from linfusion_cli.core.jobs import resolve_job
 
 
 @pytest.mark.parametrize(

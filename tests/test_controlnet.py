@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from linfusion_cli.attention import LinFusionAttention
-from linfusion_cli.config import EngineSpec, JobSpec, resolve_target
-from linfusion_cli.controlnet import ControlNetPatch, build_tiny
-from linfusion_cli.patching import self_attention_layers
-from linfusion_cli.pipeline import Engine
-from linfusion_cli.planning import make_plan
+from linfusion_cli.core.config import EngineSpec, JobSpec, resolve_target
+from linfusion_cli.core.planning import make_plan
+from linfusion_cli.engine.pipeline import Engine
+from linfusion_cli.linfusion.attention import LinFusionAttention
+from linfusion_cli.linfusion.patching import self_attention_layers
+from linfusion_cli.models.controlnet import ControlNetPatch, build_tiny
 
 CPU = torch.device("cpu")
 STEPS = 4
@@ -125,7 +125,7 @@ def test_folder_and_single_file_load_the_same_weights(engine: Engine, control_pn
 def test_single_file_with_missing_tensors_is_refused(engine: Engine, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from linfusion_cli.errors import CheckpointError
+    from linfusion_cli.core.errors import CheckpointError
 
     state = {k: v.contiguous() for k, v in build_tiny(engine.comps).state_dict().items()}
     del state["controlnet_mid_block.weight"]
@@ -165,7 +165,7 @@ def test_cli_records_the_controlnet_and_replay_reproduces_it(runner, tmp_path: P
 
     from PIL import Image
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     args = ["--controlnet", "tiny:0.8", "--control-image", str(control_png), "--control-end", "0.5"]
     made = runner.invoke(app, ["generate", "a box", *FAST, *args, "--out", str(tmp_path), "--json"])
@@ -190,8 +190,8 @@ def test_batch_switches_controlnets_without_reloading_the_model(
 
     from PIL import Image
 
-    from linfusion_cli import pipeline
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
+    from linfusion_cli.engine import pipeline
 
     loads: list[object] = []
     real = pipeline.load_components
@@ -220,8 +220,8 @@ def test_batch_switches_controlnets_without_reloading_the_model(
 def test_sdxl_controlnet_on_an_sd15_model_exits_2_naming_both(
     runner, tmp_path: Path, control_png: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from linfusion_cli import pipeline
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
+    from linfusion_cli.engine import pipeline
 
     xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
     folder = tmp_path / "xl-controlnet"
@@ -238,7 +238,7 @@ def test_sdxl_single_file_controlnet_is_refused_on_a_loaded_sd15_engine(engine: 
     """Through the library (no CLI preflight): the file's header is checked before its tensors are read."""
     from safetensors.torch import save_file
 
-    from linfusion_cli.errors import UsageError
+    from linfusion_cli.core.errors import UsageError
 
     xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
     path = tmp_path / "xl.safetensors"
@@ -265,7 +265,7 @@ def test_sdxl_single_file_controlnet_is_refused_on_a_loaded_sd15_engine(engine: 
     ],
 )
 def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], message: str) -> None:
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     result = runner.invoke(app, ["generate", "x", *FAST, *args, "--out", str(tmp_path)])
     assert result.exit_code == 2 and message in result.stderr, result.stderr
@@ -276,9 +276,9 @@ def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], m
 
 
 def test_estimates_count_each_controlnets_residuals_and_image() -> None:
-    from linfusion_cli.archs import ARCHS
-    from linfusion_cli.controlnet import activation_channels, residual_channels
-    from linfusion_cli.memory import MemoryPlanner, settings_ladder
+    from linfusion_cli.engine.memory import MemoryPlanner, settings_ladder
+    from linfusion_cli.models.archs import ARCHS
+    from linfusion_cli.models.controlnet import activation_channels, residual_channels
 
     sd15 = ARCHS["sd15"].unet
     # conv_in 320, 2 x 320 + 320/4, (2 x 640 + 640/4)/4, (2 x 1280 + 1280/4)/16, 2 x 1280/64, mid 1280/64
@@ -301,7 +301,7 @@ def test_estimates_count_each_controlnets_residuals_and_image() -> None:
 def test_plan_includes_controlnets(runner, control_png: Path) -> None:
     import json
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     base = ["plan", "--model", "tiny", "--size", "8k", "--max-vram", "1000", "--json"]
     plain = json.loads(runner.invoke(app, base).stdout)
@@ -315,7 +315,7 @@ def test_plan_includes_controlnets(runner, control_png: Path) -> None:
 
 
 def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> None:
-    from linfusion_cli import memory
+    from linfusion_cli.engine import memory
 
     engine.use(EngineSpec.of(_job(controlnet=["tiny"])))
     frugal = memory.settings_ladder(low_vram=True)[0]
@@ -332,7 +332,7 @@ def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> N
 def test_offline_plan_names_a_controlnet_not_in_the_cache(runner) -> None:
     import json
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     args = ["plan", "--model", "tiny", "--size", "256", "--json", "--controlnet", "someone/controlnet-x:0.5"]
     result = runner.invoke(app, [*args, "--control-image", "previous"])
@@ -398,7 +398,7 @@ def test_a1111_style_single_file_loads_through_the_converter(engine: Engine, con
 def test_a_control_image_of_another_shape_gets_a_note(runner, control_png: Path) -> None:
     import json
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     args = ["plan", "--model", "tiny", "--size", "512", "--aspect", "2:1", "--json", "--controlnet", "tiny"]
     result = runner.invoke(app, [*args, "--control-image", str(control_png)])
@@ -408,8 +408,8 @@ def test_a_control_image_of_another_shape_gets_a_note(runner, control_png: Path)
 
 
 def test_a_preset_carries_controlnet_settings(tmp_path: Path, runner, control_png: Path) -> None:
-    from linfusion_cli.cli import app
-    from linfusion_cli.jobs import resolve_job
+    from linfusion_cli.cli.commands import app
+    from linfusion_cli.core.jobs import resolve_job
 
     preset = tmp_path / "tile.yaml"
     preset.write_text(
@@ -449,7 +449,7 @@ def test_upscale_with_a_tile_controlnet_on_the_upscaled_input(runner, tmp_path: 
 
     from PIL import Image
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     base = ["upscale", str(control_png), "--model", "tiny", "--size", "128", "--steps", "4", "--seed", "1", "--json"]
     plain = runner.invoke(app, [*base, "--out", str(tmp_path / "plain")])
@@ -464,7 +464,7 @@ def test_upscale_with_a_tile_controlnet_on_the_upscaled_input(runner, tmp_path: 
 
 
 def test_folder_with_only_fp16_weights_loads_and_bin_only_is_named(engine: Engine, tmp_path: Path) -> None:
-    from linfusion_cli.errors import ModelLoadError
+    from linfusion_cli.core.errors import ModelLoadError
 
     model = build_tiny(engine.comps)
     half = tmp_path / "half"
@@ -485,7 +485,7 @@ def test_a_controlnet_of_another_depth_is_refused_before_loading(runner, tmp_pat
     """Built independently (diffusers' own constructor), same text width, two blocks instead of the UNet's three."""
     from diffusers import ControlNetModel
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     folder = tmp_path / "shallow"
     ControlNetModel(
@@ -509,8 +509,8 @@ def test_an_independently_built_controlnet_folder_runs(runner, tmp_path: Path, c
 
     from diffusers import ControlNetModel
 
-    from linfusion_cli.archs import ARCHS
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
+    from linfusion_cli.models.archs import ARCHS
 
     unet = ARCHS["tiny"].unet
     keys = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from linfusion_cli import memory
-from linfusion_cli.cli import app
-from linfusion_cli.families import FAMILIES, family_or_none
-from linfusion_cli.hub import model_source
-from linfusion_cli.models import load_components
+from linfusion_cli.cli.commands import app
+from linfusion_cli.engine import memory
+from linfusion_cli.models.families import FAMILIES, family_or_none
+from linfusion_cli.models.hub import model_source
+from linfusion_cli.models.loading import load_components
 
 FAMILY = {f.key: f for f in FAMILIES}
 
@@ -30,7 +30,7 @@ FAMILY = {f.key: f for f in FAMILIES}
 def test_cuda_without_cuda_is_one_line_exit_2(runner, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = []
-    monkeypatch.setattr("linfusion_cli.models.load_components", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("linfusion_cli.models.loading.load_components", lambda *a, **k: loaded.append(a))
     device = [] if "--device" in args else ["--device", "cuda"]
     result = runner.invoke(app, [*args, *device])
     assert result.exit_code == 2
@@ -127,7 +127,7 @@ def test_components_report_the_dtypes_they_run_in(model: str, expected: dict[str
 
 
 def test_model_source_decides_once(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from linfusion_cli.errors import ModelNotFoundError
+    from linfusion_cli.core.errors import ModelNotFoundError
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from linfusion_cli import apply_linfusion
-from linfusion_cli.cli import app
-from linfusion_cli.models import build_random
+from linfusion_cli.cli.commands import app
+from linfusion_cli.models.loading import build_random
 
 
 def run(runner, *args: str):
@@ -53,8 +53,8 @@ def test_other_families_end_to_end(runner, tmp_path: Path, model: str, family: s
 
 
 def test_sdxl_size_conditioning_follows_the_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    from linfusion_cli import sampling
-    from linfusion_cli.text import Conditioning
+    from linfusion_cli.engine import sampling
+    from linfusion_cli.engine.text import Conditioning
 
     cond = Conditioning(torch.zeros(2, 77, 64), torch.zeros(2, 32))
     inputs = sampling.StageInputs(cond, 7.5, (2048, 1024))
@@ -162,7 +162,7 @@ def test_batch_upscales_a_folder(runner, tmp_path: Path) -> None:
 
 
 def test_exif_rotation_is_applied(tmp_path: Path) -> None:
-    from linfusion_cli.images import load_rgb
+    from linfusion_cli.io.images import load_rgb
 
     source = tmp_path / "phone.jpg"
     exif = Image.Exif()

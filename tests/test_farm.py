@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linfusion_cli.batch import resolve_shard, slurm_shard
-from linfusion_cli.cli import app
-from linfusion_cli.errors import UsageError
+from linfusion_cli.cli.commands import app
+from linfusion_cli.core.batch import resolve_shard, slurm_shard
+from linfusion_cli.core.errors import UsageError
 
 FAST = ["--model", "tiny", "--size", "64", "--steps", "1"]
 
@@ -69,7 +69,7 @@ def test_a_changed_job_is_not_taken_for_the_old_one(runner, tmp_path: Path) -> N
 
 
 def test_names_and_sidecars_never_collide() -> None:
-    from linfusion_cli.output import OutputPaths, output_stem, settings_key
+    from linfusion_cli.io.output import OutputPaths, output_stem, settings_key
 
     base = {"prompt": "a fox", "steps": 50, "guidance": 7.5, "model": "m"}
     keys = {
@@ -92,8 +92,8 @@ def test_names_and_sidecars_never_collide() -> None:
 def test_stale_temp_cleanup_spares_live_writers(tmp_path: Path) -> None:
     import fcntl
 
-    from linfusion_cli.locks import host_name
-    from linfusion_cli.output import clean_stale_temps
+    from linfusion_cli.io.locks import host_name
+    from linfusion_cli.io.output import clean_stale_temps
 
     host = host_name()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -126,7 +126,7 @@ def test_stale_temp_cleanup_spares_live_writers(tmp_path: Path) -> None:
 
 
 def test_claims_exclude_and_die_with_their_process(tmp_path: Path) -> None:
-    from linfusion_cli.locks import Claim, try_claim
+    from linfusion_cli.io.locks import Claim, try_claim
 
     path = tmp_path / ".job.claim"
     mine = try_claim(path)
@@ -143,7 +143,7 @@ def test_claims_exclude_and_die_with_their_process(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from linfusion_cli.locks import try_claim; from pathlib import Path; "
+            "import sys, time; from linfusion_cli.io.locks import try_claim; from pathlib import Path; "
             f"c = try_claim(Path({str(path)!r})); print(type(c).__name__, flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -236,7 +236,7 @@ def test_slurm_cases_from_the_issue() -> None:
 def test_local_rank_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from linfusion_cli import memory
+    from linfusion_cli.engine import memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert memory.resolve_device("auto") == torch.device("cuda", 0)
@@ -270,7 +270,7 @@ def test_truncated_input_image_fails_its_job_only(runner, tmp_path: Path) -> Non
 def test_unreadable_input_image_is_refused_before_the_model_loads(
     runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     bad = tmp_path / "bad.png"
@@ -302,7 +302,7 @@ def test_a_link_at_one_output_name_fails_that_job_only(runner, tmp_path: Path) -
 def test_a_failed_write_fails_its_job_and_a_full_disk_stops_the_batch(
     runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import linfusion_cli.pngfast as pngfast
+    import linfusion_cli.io.pngfast as pngfast
 
     real, calls = pngfast.write_png, []
 
@@ -391,7 +391,7 @@ def test_special_files_are_refused_not_read(runner, tmp_path: Path) -> None:
 def test_sidecar_with_odd_fields_and_truncated_png_info(runner, tmp_path: Path) -> None:
     from PIL import Image
 
-    from linfusion_cli.replay import job_from_sidecar
+    from linfusion_cli.core.replay import job_from_sidecar
 
     sidecar = tmp_path / "x.png.json"
     sidecar.write_text(json.dumps({"settings": {"prompt": "a"}, "seed": 3, "file": "x.png", "dtype": "float16"}))
@@ -425,7 +425,7 @@ def test_nul_in_a_prompt_never_reaches_a_png_text_chunk(tmp_path: Path) -> None:
 
     import numpy as np
 
-    from linfusion_cli.pngfast import write_png
+    from linfusion_cli.io.pngfast import write_png
 
     buffer = io.BytesIO()
     write_png(np.zeros((8, 8, 3), np.uint8), {"parameters": "a\x00b", "linfusion": "ü\x00"}, buffer)
@@ -443,7 +443,7 @@ def test_nul_in_a_prompt_never_reaches_a_png_text_chunk(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["CON", "nul", "Com1", "lpt9.txt", "aux"])
 def test_windows_device_names_are_not_used(name: str) -> None:
-    from linfusion_cli.output import sanitize_name
+    from linfusion_cli.io.output import sanitize_name
 
     safe = sanitize_name(name)
     assert safe.split(".")[0].upper() not in ("CON", "NUL", "COM1", "LPT9", "AUX")
@@ -459,7 +459,7 @@ def test_unwritable_output_folder_is_bad_input(runner, tmp_path: Path) -> None:
 def test_pillow_bomb_guard_is_left_as_it_was(tmp_path: Path) -> None:
     from PIL import Image
 
-    from linfusion_cli.images import load_rgb, open_image
+    from linfusion_cli.io.images import load_rgb, open_image
 
     path = tmp_path / "x.png"
     Image.new("RGB", (32, 16)).save(path)
@@ -471,9 +471,9 @@ def test_pillow_bomb_guard_is_left_as_it_was(tmp_path: Path) -> None:
 
 
 def test_writer_never_records_a_job_twice_nor_hides_a_broken_stream(tmp_path: Path) -> None:
-    from linfusion_cli.batch import run_batch
-    from linfusion_cli.jobs import flags_layer
-    from linfusion_cli.runner import RunOptions
+    from linfusion_cli.core.batch import run_batch
+    from linfusion_cli.core.jobs import flags_layer
+    from linfusion_cli.core.runner import RunOptions
 
     seen: list[dict] = []
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from linfusion_cli.cli import app
-from linfusion_cli.errors import OutputError
+from linfusion_cli.cli.commands import app
+from linfusion_cli.core.errors import OutputError
 
 FAST = ["--model", "tiny", "--size", "256", "--steps", "6"]
 
@@ -85,7 +85,7 @@ def test_stopped_batch_resumes_without_losing_anything(tmp_path: Path, how: str)
 
 
 def test_full_disk_leaves_no_partial_file(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.pngfast as pngfast
+    import linfusion_cli.io.pngfast as pngfast
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -110,13 +110,13 @@ def test_read_only_output_folder(runner, tmp_path: Path) -> None:
 
 
 def test_unwritable_output_is_reported_before_loading(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.output as output
+    import linfusion_cli.io.output as output
 
     def denied(folder: Path) -> Path:
         raise OutputError(f"output folder {folder} is not writable: Permission denied")
 
     monkeypatch.setattr(output, "prepare_folder", denied)
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     result = runner.invoke(app, ["generate", "x", *FAST, "--out", str(tmp_path)], catch_exceptions=False)
@@ -124,7 +124,7 @@ def test_unwritable_output_is_reported_before_loading(runner, tmp_path: Path, mo
 
 
 def test_planted_link_at_temp_name_is_not_followed(tmp_path: Path) -> None:
-    from linfusion_cli.output import atomic_file
+    from linfusion_cli.io.output import atomic_file
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
@@ -162,7 +162,7 @@ def test_out_of_memory_twice_is_a_clear_error(runner, tmp_path: Path) -> None:
 
 
 def test_nan_output_fails_the_job_with_a_reason(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     real = pipeline.denoise
     monkeypatch.setattr(pipeline, "denoise", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -179,8 +179,8 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
 
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}, "payload": Evil()}, path)
-    from linfusion_cli.errors import UnsafeFileError
-    from linfusion_cli.models import load_components
+    from linfusion_cli.core.errors import UnsafeFileError
+    from linfusion_cli.models.loading import load_components
 
     for allow in (False, True):
         with pytest.raises(UnsafeFileError):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from linfusion_cli.config import AdapterRef, EngineSpec, JobSpec, resolve_target
-from linfusion_cli.models import build_random
-from linfusion_cli.pipeline import Engine
-from linfusion_cli.planning import make_plan
+from linfusion_cli.core.config import AdapterRef, EngineSpec, JobSpec, resolve_target
+from linfusion_cli.core.planning import make_plan
+from linfusion_cli.engine.pipeline import Engine
+from linfusion_cli.models.loading import build_random
 
 CPU = torch.device("cpu")
 
@@ -56,7 +56,7 @@ def _attn2_processors(unet: torch.nn.Module) -> dict[str, Any]:
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-sd2", "tiny-sdxl"])
 def test_changes_the_image_and_removing_restores_it_bit_for_bit(tmp_path: Path, arch: str) -> None:
-    from linfusion_cli.attention import LinFusionAttention
+    from linfusion_cli.linfusion.attention import LinFusionAttention
 
     image = _ref_image(tmp_path / "ref.png")
     engine = _engine(arch)
@@ -135,8 +135,8 @@ def test_without_guidance_only_the_positive_row(tmp_path: Path) -> None:
 
 
 def test_guidance_split_into_two_calls_gets_one_row_each(tmp_path: Path) -> None:
-    from linfusion_cli.sampling import StageInputs, _predict
-    from linfusion_cli.text import encode_prompt
+    from linfusion_cli.engine.sampling import StageInputs, _predict
+    from linfusion_cli.engine.text import encode_prompt
 
     engine = _engine()
     job = _job(_ref_image(tmp_path / "ref.png"))
@@ -226,7 +226,7 @@ def test_loads_h94_folder_and_matches_diffusers_own_loader(tmp_path: Path) -> No
     """Our install (by attn2 name, LinFusion-safe) gives the UNet diffusers' own IP-Adapter loader gives."""
     from safetensors.torch import load_file
 
-    from linfusion_cli import ip_adapter
+    from linfusion_cli.models import ip_adapter
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     ours = build_random("tiny")
@@ -267,14 +267,14 @@ def test_weight_file_with_its_encoder_beside_it_through_generate(tmp_path: Path)
 
 # --- through the CLI ------------------------------------------------------------------------------------------
 def _cli(runner: Any, *args: str) -> Any:
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 @pytest.fixture
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded")
@@ -345,7 +345,7 @@ def test_pickled_bin_needs_allow_pickle_and_is_read_weights_only(
     without --allow-pickle; with it, read by torch's weights-only loader (an object inside is still refused)."""
     from safetensors.torch import load_file
 
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
@@ -380,7 +380,7 @@ class _Evil:
 def test_batch_switches_ip_adapters_on_one_loaded_model(
     runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import linfusion_cli.pipeline as pipeline
+    import linfusion_cli.engine.pipeline as pipeline
 
     loads: list[str] = []
     real = pipeline.load_components
@@ -415,7 +415,7 @@ def test_batch_switches_ip_adapters_on_one_loaded_model(
 def test_hub_id_from_the_cache_offline_picks_the_familys_file(tmp_path: Path, hub_cache: Path, runner: Any) -> None:
     from layouts import into_hub_cache
 
-    from linfusion_cli import ip_adapter
+    from linfusion_cli.models import ip_adapter
 
     _write_h94(tmp_path / "IP-Adapter", "tiny")
     _write_h94(tmp_path / "IP-Adapter", "tiny-sdxl")
@@ -461,7 +461,7 @@ def test_stacks_with_lora_and_controlnet_and_comes_off_exactly(tmp_path: Path) -
 @pytest.fixture
 def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """runner.generate replaced by a recorder: the job the CLI hands the core."""
-    import linfusion_cli.runner as runner_module
+    import linfusion_cli.core.runner as runner_module
 
     calls: dict[str, Any] = {}
 
@@ -563,9 +563,9 @@ def test_plus_variant_loads_and_steers(tmp_path: Path) -> None:
 
 
 def test_which_weight_file_a_folder_gives(tmp_path: Path) -> None:
-    from linfusion_cli import ip_adapter
-    from linfusion_cli.errors import UsageError
-    from linfusion_cli.families import FAMILIES
+    from linfusion_cli.core.errors import UsageError
+    from linfusion_cli.models import ip_adapter
+    from linfusion_cli.models.families import FAMILIES
 
     family = {f.key: f for f in FAMILIES}
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
@@ -584,7 +584,7 @@ def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pyte
     """At high resolution the IP cross-attention runs over chunks of query tokens: same result, bounded memory."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    from linfusion_cli import ip_attention
+    from linfusion_cli.models import ip_attention
 
     engine = _engine()
     job = _job(_ref_image(tmp_path / "ref.png"))
@@ -619,8 +619,8 @@ def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pyte
 def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from linfusion_cli import ip_adapter
-    from linfusion_cli.errors import UsageError
+    from linfusion_cli.core.errors import UsageError
+    from linfusion_cli.models import ip_adapter
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     flat = load_file(str(weights))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from linfusion_cli.config import FLAGS
-from linfusion_cli.errors import JobFileError
-from linfusion_cli.jobs import read_job_file, resolve_job
+from linfusion_cli.core.config import FLAGS
+from linfusion_cli.core.errors import JobFileError
+from linfusion_cli.core.jobs import read_job_file, resolve_job
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from linfusion_cli.cli import app
-from linfusion_cli.config import AdapterRef, EngineSpec
-from linfusion_cli.lora import load as load_lora
-from linfusion_cli.lora import tiny_lora
-from linfusion_cli.models import build_random
-from linfusion_cli.patching import apply_linfusion
+from linfusion_cli.cli.commands import app
+from linfusion_cli.core.config import AdapterRef, EngineSpec
+from linfusion_cli.linfusion.patching import apply_linfusion
+from linfusion_cli.models.loading import build_random
+from linfusion_cli.models.lora import load as load_lora
+from linfusion_cli.models.lora import tiny_lora
 
 FAST = ["--model", "tiny", "--size", "256", "--steps", "3", "--seed", "11"]
 
@@ -146,7 +146,7 @@ def test_pickled_lora_is_refused(runner, tmp_path: Path) -> None:
 
 
 def test_batch_switches_loras_without_reloading_the_model(runner, tmp_path: Path, monkeypatch) -> None:
-    from linfusion_cli import pipeline
+    from linfusion_cli.engine import pipeline
 
     loads = []
     real = pipeline.load_components
@@ -170,7 +170,7 @@ def test_batch_switches_loras_without_reloading_the_model(runner, tmp_path: Path
 
 
 def test_engine_spec_reads_refs() -> None:
-    from linfusion_cli.jobs import resolve_job
+    from linfusion_cli.core.jobs import resolve_job
 
     job = resolve_job({"prompt": "p", "model": "tiny", "lora": ["a.safetensors:0.5", "tiny"]})
     spec = EngineSpec.of(job)

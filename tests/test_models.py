@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from linfusion_cli.errors import ModelLoadError, ModelNotFoundError, UnsafeFileError
-from linfusion_cli.families import peek_family
-from linfusion_cli.models import build_random, load_components
+from linfusion_cli.core.errors import ModelLoadError, ModelNotFoundError, UnsafeFileError
+from linfusion_cli.models.families import peek_family
+from linfusion_cli.models.loading import build_random, load_components
 
 
 def test_builtin_tiny_is_deterministic() -> None:

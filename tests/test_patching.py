@@ -10,16 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from linfusion_cli import apply_linfusion
-from linfusion_cli.attention import LinFusionAttention
-from linfusion_cli.errors import CheckpointError, UnknownArchitectureError
-from linfusion_cli.models import build_random
+from linfusion_cli.core.errors import CheckpointError, UnknownArchitectureError
+from linfusion_cli.linfusion.attention import LinFusionAttention
+from linfusion_cli.models.loading import build_random
 
 
 def meta_unet(arch: str) -> torch.nn.Module:
     """An SD-shaped UNet from the real config, on the meta device (shapes only, instant)."""
     from diffusers import UNet2DConditionModel
 
-    from linfusion_cli.archs import ARCHS
+    from linfusion_cli.models.archs import ARCHS
 
     with torch.device("meta"):
         return UNet2DConditionModel(**ARCHS[arch].unet)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from linfusion_cli.config import resolve_target
-from linfusion_cli.errors import UsageError
-from linfusion_cli.planning import default_strengths, make_plan, refine_steps
+from linfusion_cli.core.config import resolve_target
+from linfusion_cli.core.errors import UsageError
+from linfusion_cli.core.planning import default_strengths, make_plan, refine_steps
 
 
 def sizes(plan) -> list[str]:
@@ -76,10 +76,10 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     """`plan` and the engine ask one MemoryPlanner: the settings a plan shows are the ones a run starts with."""
     import torch
 
-    from linfusion_cli.jobs import resolve_job
-    from linfusion_cli.models import build_random
-    from linfusion_cli.pipeline import Engine
-    from linfusion_cli.runner import RunOptions, plan_for, plan_summary
+    from linfusion_cli.core.jobs import resolve_job
+    from linfusion_cli.core.runner import RunOptions, plan_for, plan_summary
+    from linfusion_cli.engine.pipeline import Engine
+    from linfusion_cli.models.loading import build_random
 
     job = resolve_job({"prompt": "p", "model": "tiny", "size": 4096, "max_vram": 0.75})
     prep, family = plan_for(job, RunOptions(), seed=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import linfusion_cli.pngfast as pngfast
+import linfusion_cli.io.pngfast as pngfast
 
 
 def roundtrip(array: np.ndarray, texts: dict[str, str]) -> Image.Image:

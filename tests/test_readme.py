@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from linfusion_cli.cli import app
+from linfusion_cli.cli.commands import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 NO_MODEL = ("plan", "presets")  # commands that load no model at all

@@ -12,9 +12,9 @@ import pytest
 import torch
 from layouts import FAMILY, build_repo, into_hub_cache, write_single_file
 
-from linfusion_cli.cli import app
-from linfusion_cli.models import load_components
-from linfusion_cli.shipped import BPE_DIR, CONFIG_ROOT
+from linfusion_cli.cli.commands import app
+from linfusion_cli.models.loading import load_components
+from linfusion_cli.models.shipped import BPE_DIR, CONFIG_ROOT
 
 REPO_IDS = {"tiny": "test-org/tiny-sd15", "tiny-sd2": "test-org/tiny-sd21", "tiny-sdxl": "test-org/tiny-sdxl"}
 
@@ -165,7 +165,7 @@ def test_fp16_run_reads_the_fp16_variant_files(repos: dict[str, Any], hub_cache:
 def test_fp16_fetch_asks_for_one_precision() -> None:
     from fnmatch import fnmatch
 
-    from linfusion_cli.models import hub_patterns
+    from linfusion_cli.models.loading import hub_patterns
 
     files = [
         "model_index.json",
@@ -200,8 +200,8 @@ def test_fp16_fetch_asks_for_one_precision() -> None:
 def test_official_linfusion_checkpoint_from_the_cache(
     runner, repos: dict[str, Any], hub_cache: Path, tmp_path: Path
 ) -> None:
-    from linfusion_cli.models import build_random
-    from linfusion_cli.patching import apply_linfusion
+    from linfusion_cli.linfusion.patching import apply_linfusion
+    from linfusion_cli.models.loading import build_random
 
     repo, _ = repos["tiny"]
     into_hub_cache(repo, hub_cache, REPO_IDS["tiny"])
@@ -220,7 +220,7 @@ def test_what_is_not_cached_is_named_before_loading(
     runner, hub_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     loaded: list[Any] = []
-    monkeypatch.setattr("linfusion_cli.models.load_components", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("linfusion_cli.models.loading.load_components", lambda *a, **k: loaded.append(a))
     model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     plan = json.loads(runner.invoke(app, ["plan", "--model", model, "--json"]).stdout)
     assert any(f"`hf download {model}`" in n for n in plan["notes"])
@@ -234,7 +234,7 @@ def test_batch_names_what_is_not_cached_before_loading(
     runner, hub_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     loaded: list[Any] = []
-    monkeypatch.setattr("linfusion_cli.models.load_components", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("linfusion_cli.models.loading.load_components", lambda *a, **k: loaded.append(a))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n")
     model = "stable-diffusion-v1-5/stable-diffusion-v1-5"

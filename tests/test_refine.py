@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from linfusion_cli.config import resolve_target
-from linfusion_cli.jobs import resolve_job
-from linfusion_cli.planning import demofusion_steps, demofusion_strengths, make_plan
-from linfusion_cli.refine import (
+from linfusion_cli.core.config import resolve_target
+from linfusion_cli.core.jobs import resolve_job
+from linfusion_cli.core.planning import demofusion_steps, demofusion_strengths, make_plan
+from linfusion_cli.engine.refine import (
     DemoFusionGuide,
     DemoFusionParams,
     blur_matched,
@@ -20,7 +20,7 @@ from linfusion_cli.refine import (
     dilated,
     gaussian_kernel,
 )
-from linfusion_cli.sampling import StageInputs, denoise, make_scheduler, stage_timesteps
+from linfusion_cli.engine.sampling import StageInputs, denoise, make_scheduler, stage_timesteps
 
 
 def test_schedules_follow_the_official_formulas() -> None:
@@ -119,9 +119,9 @@ def _stage_denoise(comps, cond, guide_params: DemoFusionParams | None):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from linfusion_cli.models import build_random
-    from linfusion_cli.patching import apply_linfusion
-    from linfusion_cli.text import encode_prompt
+    from linfusion_cli.engine.text import encode_prompt
+    from linfusion_cli.linfusion.patching import apply_linfusion
+    from linfusion_cli.models.loading import build_random
 
     comps = build_random("tiny")
     apply_linfusion(comps.unet, "random")
@@ -176,8 +176,8 @@ def test_global_branch_runs_dilated(tiny) -> None:
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_demofusion_changes_the_image_and_reports_itself(model: str, tmp_path) -> None:
-    from linfusion_cli.output import a1111_parameters
-    from linfusion_cli.runner import RunOptions, generate
+    from linfusion_cli.core.runner import RunOptions, generate
+    from linfusion_cli.io.output import a1111_parameters
 
     def run(refine: str) -> dict:
         job = resolve_job(
@@ -204,7 +204,7 @@ def test_cli_flags_reach_the_job_and_replay_reproduces_demofusion(runner, tmp_pa
 
     from PIL import Image
 
-    from linfusion_cli.cli import app
+    from linfusion_cli.cli.commands import app
 
     made = runner.invoke(
         app,

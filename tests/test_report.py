@@ -9,9 +9,9 @@ import re
 import pytest
 from rich.console import Console
 
-from linfusion_cli.cli_common import render_table
-from linfusion_cli.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
-from linfusion_cli.report import Reporter, stage_table
+from linfusion_cli.cli.common import render_table
+from linfusion_cli.cli.report import Reporter, stage_table
+from linfusion_cli.core.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 
 SETTINGS = {"name": "split", "cfg_split": True, "ff_chunk": 16384, "attn_chunk": None, "vae_budget_gib": None}
 USAGE = {"seconds": 2.0, "peak_vram_allocated_gib": 3.5, "peak_vram_reserved_gib": 4.0, "peak_rss_gib": 1.0}
@@ -121,8 +121,8 @@ def test_plain_tables_are_ascii() -> None:
 def test_the_vae_reports_progress_untiled_too() -> None:
     import torch
 
-    from linfusion_cli.models import build_random
-    from linfusion_cli.vae import TiledVAE
+    from linfusion_cli.engine.vae import TiledVAE
+    from linfusion_cli.models.loading import build_random
 
     seen: list[tuple[str, int, int]] = []
     vae = TiledVAE(build_random("tiny").vae, on_tile=lambda kind, done, total: seen.append((kind, done, total)))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linfusion_cli.text import CHUNK_TOKENS, chunk_tokens, encode_prompt, parse_weights
+from linfusion_cli.engine.text import CHUNK_TOKENS, chunk_tokens, encode_prompt, parse_weights
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-sd2", "tiny-sdxl"])
 def comps(request):
-    from linfusion_cli.models import build_random
+    from linfusion_cli.models.loading import build_random
 
     return build_random(request.param)
 

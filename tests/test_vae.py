@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import linfusion_cli.vae as vae_mod
-from linfusion_cli.archs import ARCHS
-from linfusion_cli.vae import TiledVAE, tile_windows, to_uint8
+import linfusion_cli.engine.vae as vae_mod
+from linfusion_cli.engine.vae import TiledVAE, tile_windows, to_uint8
+from linfusion_cli.models.archs import ARCHS
 
 SD_WIDTHS = [128, 256, 512, 512]  # REFERENCE.md's harness: SD-shaped
 NARROW = [32, 64, 128, 128]  # same shape, cheaper, for the slower cases

@@ -1,0 +1,1 @@
+"""Benchmarks with random weights (`linfusion bench`)."""

@@ -1,0 +1,271 @@
+"""`linfusion bench ...`: benchmarks with random weights (no download); JSON on stdout, a summary on stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import (
+    FLAG,
+    AspectOpt,
+    Command,
+    Group,
+    LowVramOpt,
+    MaxVramOpt,
+    PresetOpt,
+    SchedulerOpt,
+    SizeOpt,
+    StepsOpt,
+    VaeTileOpt,
+    boundary,
+    check_device_flags,
+    emit_json,
+    job_flags,
+    setup_logging,
+    stderr,
+)
+
+bench_app = typer.Typer(
+    cls=Group, help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True
+)
+
+
+# --- bench --------------------------------------------------------------------------------------------------
+ArchOpt = Annotated[
+    str, typer.Option(help="Architecture with random weights: tiny, tiny-sd2, tiny-sdxl, sd15, sd21, sdxl.")
+]
+BenchDeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+BenchDtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16, fp32.")]
+
+
+def _whole_numbers(text: str, flag: str) -> list[int]:
+    from ..core.errors import UsageError
+
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: comma-separated whole numbers") from None
+
+
+def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
+    from ..core.errors import UsageError
+    from ..engine.memory import resolve_device, resolve_dtype
+    from ..models.archs import ARCHS
+
+    if arch is not None and arch not in ARCHS:
+        raise UsageError(f"--arch {arch!r}: must be one of {', '.join(ARCHS)}")
+    check_device_flags(device, dtype)
+    setup_logging("plain")
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
+
+
+@bench_app.command("unet", cls=Command)
+def bench_unet_cmd(
+    arch: ArchOpt = "tiny",
+    sizes: Annotated[
+        str | None, typer.Option(help="Comma-separated sizes, N or WxH \\[default: per architecture].")
+    ] = None,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (median).")] = 3,
+    sdpa: Annotated[
+        bool, typer.Option("--sdpa/--no-sdpa", help="Also time ordinary attention (SDPA).", metavar="")
+    ] = True,
+) -> None:
+    """Time one UNet step (batch 2, as with guidance) with LinFusion and with ordinary attention."""
+    from ..bench.units import bench_unet, parse_size
+    from ..core.errors import UsageError
+
+    with boundary():
+        dev, dt = _bench_setup(arch, device, dtype)
+        size_list = [s.strip() for s in sizes.split(",")] if sizes else None
+        try:
+            [parse_size(s) for s in size_list or []]
+        except ValueError as exc:
+            raise UsageError(f"--sizes: {exc}") from None
+        modes = ("linfusion", "sdpa") if sdpa else ("linfusion",)
+
+        def show(row: dict[str, Any]) -> None:
+            cells = [
+                f"{m}: "
+                + (f"{row[m]['seconds']:.4f} s" if "seconds" in row.get(m, {}) else row.get(m, {}).get("skipped", "-"))
+                for m in modes
+            ]
+            ratio = f", SDPA/LinFusion {row['sdpa_over_linfusion']}x" if "sdpa_over_linfusion" in row else ""
+            stderr.print(
+                f"{row['size']:>11} ({row['tokens']} tokens, {row['memory']}): {'; '.join(cells)}{ratio}",
+                markup=False,
+                highlight=False,
+            )
+
+        emit_json(bench_unet(arch, size_list, dev, dt, repeats=repeats, modes=modes, on_result=show))
+
+
+@bench_app.command("attention", cls=Command)
+def bench_attention_cmd(
+    tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "4096,16384,65536",
+    dim: Annotated[int, typer.Option(help="Channels (SD-1.5's top level: 320).")] = 320,
+    heads: Annotated[int, typer.Option(help="Heads (SD-1.5: 8).")] = 8,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+) -> None:
+    """Time the LinFusion layer against the straightforward batched-matmul form of the same formula."""
+    from ..bench.units import bench_attention
+
+    with boundary():
+        dev, dt = _bench_setup(None, device, dtype)
+        report = bench_attention(_whole_numbers(tokens, "--tokens"), dim, heads, dev, dt, repeats=repeats)
+        for row in report["results"]:
+            stderr.print(
+                f"N={row['tokens']}: ours {row['ours']['seconds']:.4f} s, straightforward "
+                f"{row['straightforward']['seconds']:.4f} s ({row['speedup']}x)",
+                markup=False,
+                highlight=False,
+            )
+        emit_json(report)
+
+
+@bench_app.command("vae", cls=Command)
+def bench_vae_cmd(
+    arch: Annotated[str, typer.Option(help="VAE shape: sd15 (SD-1.x/2.x VAE), sdxl, tiny.")] = "sd15",
+    sizes: Annotated[str, typer.Option(help="Comma-separated output sizes, N or WxH.")] = "2048,4096",
+    tile: Annotated[int | None, typer.Option(help="Tile side, px \\[default: automatic].")] = None,
+    fidelity: Annotated[
+        bool, typer.Option("--fidelity", help="Instead: PSNR of tiled vs untiled at --fidelity-size.", **FLAG)
+    ] = False,
+    fidelity_size: Annotated[int, typer.Option(help="Output side for --fidelity (untiled must fit).")] = 768,
+    fidelity_tile: Annotated[int, typer.Option(help="Tile side for --fidelity.")] = 256,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds for --fidelity.")] = "0",
+    diffusers: Annotated[
+        bool,
+        typer.Option(
+            "--diffusers/--no-diffusers", help="Also time diffusers' built-in tiling (1024 px tiles).", metavar=""
+        ),
+    ] = True,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+    repeats: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Tiled VAE decode/encode against the untiled per-pixel floor and diffusers' tiling; or --fidelity."""
+    from ..bench.units import bench_vae, parse_size, vae_fidelity
+    from ..core.errors import UsageError
+
+    with boundary():
+        dev, dt = _bench_setup(arch, device, dtype)
+        if fidelity:
+            report = vae_fidelity(arch, fidelity_size, fidelity_tile, _whole_numbers(seeds, "--seeds"), dev, dt)
+            for row in report["results"]:
+                stderr.print(
+                    f"seed {row['seed']}: decode {row['decode_psnr']} dB (diffusers "
+                    f"{row['diffusers_decode_psnr']}), encode {row['encode_psnr']} dB (diffusers "
+                    f"{row['diffusers_encode_psnr']})",
+                    markup=False,
+                    highlight=False,
+                )
+            emit_json(report)
+            return
+        size_list = [s.strip() for s in sizes.split(",")]
+        try:
+            [parse_size(s) for s in size_list]
+        except ValueError as exc:
+            raise UsageError(f"--sizes: {exc}") from None
+        report = bench_vae(arch, size_list, dev, dt, tile=tile, repeats=repeats, diffusers=diffusers)
+        for row in report["results"]:
+            stderr.print(
+                f"{row['size']} (tile {row['tile']}): decode {row['decode']['seconds']} s "
+                f"({row['decode']['over_floor']}x floor), encode {row['encode']['seconds']} s "
+                f"({row['encode']['over_floor']}x floor)",
+                markup=False,
+                highlight=False,
+            )
+        emit_json(report)
+
+
+@bench_app.command("png", cls=Command)
+def bench_png_cmd(
+    size: Annotated[str, typer.Option(help="Image size, WxH.")] = "16384x8192",
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    pillow: Annotated[
+        bool, typer.Option("--pillow/--no-pillow", help="Also time Pillow's fastest PNG level (slow).", metavar="")
+    ] = True,
+) -> None:
+    """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
+    from ..bench.units import bench_png, parse_size
+    from ..core.errors import UsageError
+
+    with boundary():
+        try:
+            width, height = parse_size(size)
+        except ValueError as exc:
+            raise UsageError(f"--size: {exc}") from None
+        report = bench_png(width, height, repeats=repeats, pillow=pillow)
+        stderr.print(
+            f"{report['size']}: linfusion {report['linfusion']['seconds']} s "
+            f"({report['linfusion']['mib']} MiB, {report['deflate']})"
+            + (f", Pillow level 1 {report['pillow_level1']['seconds']} s ({report['speedup']}x)" if pillow else ""),
+            markup=False,
+            highlight=False,
+        )
+        emit_json(report)
+
+
+@bench_app.command("pipeline", cls=Command)
+def bench_pipeline_cmd(
+    arch: ArchOpt = "sd15",
+    size: SizeOpt = None,
+    aspect: AspectOpt = None,
+    preset: PresetOpt = None,
+    steps: StepsOpt = None,
+    scheduler: SchedulerOpt = None,
+    low_vram: LowVramOpt = None,
+    max_vram: MaxVramOpt = None,
+    vae_tile: VaeTileOpt = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="Also run the published recipe as its notebooks build it.", **FLAG)
+    ] = False,
+    keep: Annotated[Path | None, typer.Option(help="Keep the output image in this folder.")] = None,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+) -> None:
+    """The whole generate path with random weights: model load, each stage, file writing; JSON on stdout."""
+    from ..bench.pipeline import bench_pipeline
+
+    with boundary():
+        dev, dt = _bench_setup(arch, device, dtype)
+        flags = job_flags(
+            size=size,
+            aspect=aspect,
+            preset=preset,
+            steps=steps,
+            scheduler=scheduler,
+            low_vram=low_vram,
+            max_vram=max_vram,
+            vae_tile=vae_tile,
+        )
+        report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
+        stderr.print(
+            f"{report['size']} ({arch}, {report['device']}): load {report['seconds']['model_load']} s, "
+            f"generate {report['seconds']['generate']} s, write {report['seconds']['write']} s, peak VRAM "
+            f"{report['peak_vram_allocated_gib']} GiB",
+            markup=False,
+            highlight=False,
+        )
+        for s in report["stages"]:
+            stderr.print(
+                f"  stage {s['index'] + 1} {s['size']}: {s['seconds']:.2f} s, "
+                f"{s['memory_settings']['name']}, VRAM {s['peak_vram_allocated_gib']} GiB",
+                markup=False,
+                highlight=False,
+            )
+        if "baseline" in report:
+            stderr.print(
+                f"published recipe: {report['baseline']['seconds']} s "
+                f"({report['speedup_over_baseline']}x slower than ours)",
+                markup=False,
+                highlight=False,
+            )
+        emit_json(report)

@@ -1,0 +1,1 @@
+"""What runs on the device: the stage engine, sampling, memory settings, the tiled VAE, refine methods."""

@@ -1,0 +1,493 @@
+"""Device memory: what is free, what a stage or a VAE tile will need, and what each stage actually peaked at."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..core.config import plural
+from ..core.errors import UsageError
+
+if TYPE_CHECKING:
+    from ..models.families import Family
+
+GIB = 1024**3
+VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
+VAE_SAFETY = 1.25  # allocator slack over the activation estimate
+CPU_BUDGET_SHARE = 0.4  # of available RAM, for VAE tiles on the CPU
+MIN_TILE = 256
+TILE_STEP = 64
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: cuda (cuda:LOCAL_RANK under torchrun: each process its own GPU; `local_rank` if given, else the
+    LOCAL_RANK variable), then mps, then cpu. A device this machine does not have is a usage error, raised
+    before anything loads."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torchrun_local_rank() if local_rank is None else local_rank)
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available here (no NVIDIA GPU, driver or CUDA build of torch "
+                f"{torch.__version__}); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            where = "only cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(f"--device {name}: this machine has {plural(count, 'CUDA device')}, {where}")
+    elif device.type == "mps" and not _mps_available():
+        raise UsageError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def device_warnings(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Settings that work but that a user would not want without knowing."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return ["--dtype fp16 on the CPU is many times slower than fp32 there (the CPU default); use --dtype fp32"]
+    return []
+
+
+def torchrun_local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's GPU on its node under torchrun (LOCAL_RANK), else 0."""
+    text = (os.environ if env is None else env).get("LOCAL_RANK", "0")
+    if not text.strip().isdigit():
+        raise UsageError(f"LOCAL_RANK={text[:20]!r} is not a whole number")
+    return int(text)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: fp16 on cuda/mps, fp32 on cpu."""
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return table[name]
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device, measured; None where it cannot be (then the caller says it does not know).
+
+    cuda: the driver's free memory; mps: Metal's recommended working set less what the driver holds; cpu:
+    MemAvailable on Linux, else the free physical pages where the OS reports them.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        try:
+            return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory()))
+        except (AttributeError, RuntimeError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def vae_bytes_per_pixel(vae_config: Mapping[str, Any], dtype: torch.dtype) -> float:
+    """Peak activation bytes per output pixel of one VAE window.
+
+    The peak is in the last up block: the upsampled input (second-to-last width, full resolution) with its
+    normalised copy, plus about three tensors of the last width.
+    """
+    widths = list(vae_config.get("block_out_channels", [128, 256, 512, 512]))
+    wide = widths[1] if len(widths) > 1 else widths[0]
+    itemsize = torch.finfo(dtype).bits // 8
+    return (2 * wide + 3 * widths[0]) * itemsize * VAE_SAFETY
+
+
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype, family: Family | None) -> torch.dtype:
+    """The VAE's dtype for a run in `dtype`.
+
+    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
+    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
+    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
+    memory and time. A tile that overflows anyway is redone in fp32 (vae.py). An unknown family follows its config.
+    """
+    if dtype != torch.float16:
+        return dtype
+    wants = family.vae_upcast if family is not None else True
+    return torch.float32 if wants and vae_config.get("force_upcast", True) else dtype
+
+
+def vae_budget(device: torch.device, budget: int | None) -> int:
+    """Bytes the VAE may use: given, else a share of free RAM (CPU) or min(cap, half the free VRAM)."""
+    if budget is not None:
+        return budget
+    free = available_bytes(device)
+    if free is None:  # unknown: the cap, which a 16K decode is sized for
+        return VAE_BUDGET_CAP
+    if device.type == "cpu":
+        return int(free * CPU_BUDGET_SHARE)
+    return min(VAE_BUDGET_CAP, int(free * 0.5))
+
+
+def auto_vae_tile(
+    vae_config: Mapping[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    height: int,
+    width: int,
+    budget: int | None,
+    halo: int = 64,
+) -> int | None:
+    """Tile core side (px) that fits the budget, or None when the whole image fits untiled."""
+    per_px = vae_bytes_per_pixel(vae_config, dtype)
+    limit = vae_budget(device, budget)
+    if height * width * per_px <= limit:
+        return None
+    side = int((limit / per_px) ** 0.5) - 2 * halo
+    return max(MIN_TILE, side // TILE_STEP * TILE_STEP)
+
+
+def vae_windows_per_batch(
+    vae_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device, window_px: int, budget: int | None
+) -> int:
+    return int(vae_budget(device, budget) // max(1.0, window_px * vae_bytes_per_pixel(vae_config, dtype)))
+
+
+# --- measurement ------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    """Peak RSS since the last reset (VmHWM), falling back to the process lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_rss_peak() -> None:
+    try:  # Linux: writing 5 resets the peak RSS counter
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class Usage:
+    seconds: float
+    peak_allocated: int | None  # device bytes, None off-GPU
+    peak_reserved: int | None
+    peak_rss: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 4),
+            "peak_vram_allocated_gib": None if self.peak_allocated is None else round(self.peak_allocated / GIB, 3),
+            "peak_vram_reserved_gib": None if self.peak_reserved is None else round(self.peak_reserved / GIB, 3),
+            "peak_rss_gib": round(self.peak_rss / GIB, 3),
+        }
+
+
+class Meter:
+    """Time and peak memory of one block of work: `with Meter(device) as m: ...; m.usage`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.usage = Usage(0.0, None, None, 0)
+
+    def __enter__(self) -> Meter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_rss_peak()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            alloc: int | None = torch.cuda.max_memory_allocated(self.device)
+            reserved: int | None = torch.cuda.max_memory_reserved(self.device)
+        else:
+            alloc = reserved = None
+        self.usage = Usage(time.perf_counter() - self._start, alloc, reserved, _rss_bytes())
+
+
+def peak_vram_gib(device: torch.device) -> float | None:
+    """Peak VRAM allocated since the stage's Meter reset it; no synchronisation, so cheap at every step."""
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def free_cached(device: torch.device) -> None:
+    """Return cached blocks to the driver (between jobs, after an OOM)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+# --- memory settings per stage ----------------------------------------------------------------------------
+
+FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders handled)
+ATTN_CHUNK_TOKENS = 65536  # LinFusion query/key rows per chunk when chunking
+FRUGAL_VAE_BUDGET = 1 * GIB
+# Activation bytes per top-level latent token and batch element, fp16, SD-1.5 widths (320 channels at the
+# top level), from this project's H200 runs (REFERENCE.md section 5): 4096^2 batch 2 unchunked peaked at
+# 9.9 GiB, 8192^2 and 16384x8192 with the feed-forward chunked at ~10 KB per token and element.
+BYTES_PER_TOKEN_UNCHUNKED = 15_600
+BYTES_PER_TOKEN_FF_CHUNKED = 10_000
+ATTN_CHUNK_SAVING = 0.85
+# demofusion keeps the encoded upscaled latents, their noise, the local prediction and the blurred latents
+# (4 channels, fp32 each) beside the UNet's activations; its global branch is a second pass, not a wider one.
+REFINE_BYTES_PER_TOKEN = {"demofusion": 4 * 4 * 4}
+REFERENCE_WIDTH = 320
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How one stage trades speed for memory; ordered from fastest to most frugal in `settings_ladder`."""
+
+    name: str
+    cfg_split: bool = False  # guidance as two batch-1 UNet calls
+    ff_chunk: int | None = None  # feed-forward token rows per chunk
+    attn_chunk: int | None = None  # LinFusion token rows per chunk
+    vae_tile: int | None = None  # None: automatic
+    vae_budget: int | None = None  # bytes the VAE may use (None: automatic)
+
+    def describe(self) -> str:
+        parts = ["guidance as 2 x batch 1" if self.cfg_split else "guidance as batch 2"]
+        if self.ff_chunk:
+            parts.append(f"feed-forward chunks of {self.ff_chunk}")
+        if self.attn_chunk:
+            parts.append(f"attention chunks of {self.attn_chunk}")
+        if self.vae_budget:
+            parts.append(f"VAE within {self.vae_budget / GIB:.1f} GiB")
+        return f"{self.name} ({', '.join(parts)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cfg_split": self.cfg_split,
+            "ff_chunk": self.ff_chunk,
+            "attn_chunk": self.attn_chunk,
+            "vae_tile": self.vae_tile,
+            "vae_budget_gib": None if self.vae_budget is None else round(self.vae_budget / GIB, 2),
+        }
+
+
+def settings_ladder(low_vram: bool = False, max_vram: float | None = None) -> list[MemorySettings]:
+    """Memory settings from fastest to most frugal; --low-vram keeps only the most frugal."""
+    vae_budget = None if max_vram is None else int(min(max_vram * GIB / 4, VAE_BUDGET_CAP))
+    ladder = [
+        MemorySettings("fast", vae_budget=vae_budget),
+        MemorySettings("chunked", ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
+        MemorySettings("split", cfg_split=True, ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
+        MemorySettings(
+            "frugal",
+            cfg_split=True,
+            ff_chunk=FF_CHUNK_TOKENS // 4,
+            attn_chunk=ATTN_CHUNK_TOKENS,
+            vae_budget=min(vae_budget or FRUGAL_VAE_BUDGET, FRUGAL_VAE_BUDGET),
+        ),
+    ]
+    return ladder[-1:] if low_vram else ladder
+
+
+def estimate_unet_peak(
+    settings: MemorySettings,
+    width: int,
+    height: int,
+    top_width: int,
+    dtype_bytes: int,
+    weights: int,
+    guidance: bool = True,
+) -> int:
+    """Expected peak device bytes of one UNet step at (width, height) px under `settings`."""
+    tokens = (width // 8) * (height // 8)
+    per_token: float = BYTES_PER_TOKEN_FF_CHUNKED if settings.ff_chunk else BYTES_PER_TOKEN_UNCHUNKED
+    if settings.attn_chunk:
+        per_token *= ATTN_CHUNK_SAVING
+    batch = 1 if (settings.cfg_split or not guidance) else 2
+    scale = (top_width / REFERENCE_WIDTH) * (dtype_bytes / 2)
+    return int(weights + tokens * per_token * batch * scale)
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    """The settings picked for one stage: the fastest that fit, else the most frugal (`fits` then False)."""
+
+    settings: MemorySettings
+    level: int  # index in the ladder, for the out-of-memory fallback
+    estimate: int  # expected peak bytes
+    budget: int | None  # None: free memory cannot be measured here
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.estimate <= self.budget
+
+
+@dataclass(frozen=True)
+class MemoryPlanner:
+    """Picks each stage's memory settings for one job; the engine and `plan` both ask it, so they agree."""
+
+    ladder: list[MemorySettings]
+    budget: int | None  # None: unknown, and the fastest settings are taken (the out-of-memory retry steps down)
+    top_width: int  # channels at the UNet's top level
+    dtype_bytes: int
+    weights: int  # bytes of the model's weights on the device
+    guidance: bool
+    extra_per_token: int = 0  # bytes per latent token a refine method keeps besides the UNet's activations
+    # ControlNets: channels per top-level latent token and batch element that the UNet call holds besides its
+    # own activations (their residuals and control images); their own activations come and go before the
+    # UNet's and are smaller (the encoder half), so they do not raise the peak.
+    control_channels: float = 0.0
+
+    @classmethod
+    def for_job(
+        cls,
+        *,
+        low_vram: bool,
+        max_vram: float | None,
+        guidance: float,
+        device: torch.device,
+        top_width: int,
+        dtype: torch.dtype,
+        weights: int,
+        refine: str = "sdedit",
+        control_channels: float = 0.0,
+    ) -> MemoryPlanner:
+        return cls(
+            settings_ladder(low_vram, max_vram),
+            device_budget(device, max_vram),
+            top_width,
+            torch.finfo(dtype).bits // 8,
+            weights,
+            guidance > 1.0,
+            REFINE_BYTES_PER_TOKEN.get(refine, 0),
+            control_channels,
+        )
+
+    def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
+        unet = estimate_unet_peak(
+            settings, width, height, self.top_width, self.dtype_bytes, self.weights, guidance=self.guidance
+        )
+        batch = 1 if (settings.cfg_split or not self.guidance) else 2
+        per_token = self.extra_per_token + self.control_channels * self.dtype_bytes * batch
+        return int(unet + (width // 8) * (height // 8) * per_token)
+
+    def choose(self, width: int, height: int) -> MemoryChoice:
+        """The fastest settings whose estimate fits the budget, else the most frugal."""
+        for level, settings in enumerate(self.ladder):
+            need = self.estimate(settings, width, height)
+            if self.budget is None or need <= self.budget:
+                return MemoryChoice(settings, level, need, self.budget)
+        last = len(self.ladder) - 1
+        return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], width, height), self.budget)
+
+    def largest_fitting_pixels(self, settings: MemorySettings) -> int:
+        """The most output pixels whose estimate under `settings` fits the budget (0: not even the weights)."""
+        if self.budget is None:
+            return 0
+        probe = 1024 * 1024
+        per_px = (self.estimate(settings, 1024, 1024) - self.estimate(settings, 0, 0)) / probe
+        return max(0, int((self.budget - self.estimate(settings, 0, 0)) / per_px)) if per_px > 0 else 0
+
+
+def apply_settings(unet: nn.Module, settings: MemorySettings, *more: nn.Module) -> None:
+    """Switch feed-forward and LinFusion chunking on the UNet (and `more` models that run beside it, such as
+    ControlNets) to `settings` (undoable: None restores)."""
+    from ..linfusion.attention import LinFusionAttention
+
+    for module in (m for model in (unet, *more) for m in model.modules()):
+        if isinstance(module, LinFusionAttention):
+            module.token_chunk = settings.attn_chunk
+        elif type(module).__name__ == "FeedForward":
+            set_ff_chunk(module, settings.ff_chunk)
+
+
+def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
+    """Run a feed-forward module over token chunks of `chunk` rows (any remainder included)."""
+    if "forward" in ff.__dict__:
+        del ff.forward  # back to the class's forward
+    if chunk is None:
+        return
+    plain = type(ff).forward
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = hidden_states.shape[1]
+        if tokens <= chunk:
+            return plain(ff, hidden_states, *args, **kwargs)
+        pieces = [plain(ff, part, *args, **kwargs) for part in hidden_states.split(chunk, dim=1)[:1]]
+        out = hidden_states.new_empty(hidden_states.shape[:2] + pieces[0].shape[2:])
+        out[:, :chunk] = pieces[0]
+        del pieces
+        for start in range(chunk, tokens, chunk):
+            out[:, start : start + chunk] = plain(ff, hidden_states[:, start : start + chunk], *args, **kwargs)
+        return out
+
+    ff.forward = forward  # type: ignore[method-assign]
+
+
+def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_device: bool) -> None:
+    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs)."""
+    if device.type == "cpu":
+        return
+    target = device if on_device else torch.device("cpu")
+    for encoder in encoders:
+        if next(encoder.parameters()).device != target:
+            encoder.to(target)
+    if not on_device:
+        free_cached(device)
+
+
+def device_budget(device: torch.device, max_vram: float | None) -> int | None:
+    """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds; None
+    where free memory cannot be measured."""
+    if max_vram is not None:
+        return int(max_vram * GIB)
+    free = available_bytes(device)
+    if free is None:
+        return None
+    held = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    return free + held
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+INJECT_OOM_ENV = "LINFUSION_INJECT_OOM"
+"""Test hook: comma-separated stage indices (0-based) whose first attempt fails with an out-of-memory error;
+a trailing '!' makes every attempt of that stage fail."""
+
+
+def maybe_inject_oom(stage_index: int, first_attempt: bool) -> None:
+    wanted = {s.strip() for s in os.environ.get(INJECT_OOM_ENV, "").split(",") if s.strip()}
+    always = f"{stage_index}!" in wanted
+    if always or (first_attempt and (str(stage_index) in wanted or "all" in wanted)):
+        raise torch.OutOfMemoryError(f"injected out-of-memory in stage {stage_index} ({INJECT_OOM_ENV})")

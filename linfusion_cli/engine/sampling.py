@@ -1,0 +1,188 @@
+"""Schedulers by name and the denoising loop of one stage (text-to-image or SDEdit img2img)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..core.config import SCHEDULER_TABLE
+from .text import Conditioning
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    """A fresh scheduler (they hold per-run state) from the model's scheduler config."""
+    import diffusers
+
+    class_name, overrides = SCHEDULER_TABLE[name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+class UNetExtra(Protocol):
+    """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
+    embeddings): given the call's inputs, the extra UNet keyword arguments. `added_cond_kwargs` is the family's
+    (SDXL's text_embeds/time_ids, else None); `rows` selects the guidance halves in this call (0: unconditional,
+    1: conditional)."""
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, Any] | None,
+        rows: slice,
+    ) -> dict[str, Any]: ...
+
+
+@dataclass
+class StageInputs:
+    """What one stage's denoising loop needs besides the UNet."""
+
+    cond: Conditioning
+    guidance: float
+    size: tuple[int, int]  # (width, height) px, for SDXL's size conditioning
+    cfg_split: bool = False  # guidance as two batch-1 UNet calls instead of one batch of 2
+    extras: tuple[UNetExtra, ...] = ()  # adapters' per-call conditioning, see UNetExtra
+
+
+def _added_cond(inputs: StageInputs, rows: slice, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    if inputs.cond.pooled is None:
+        return None
+    width, height = inputs.size
+    # SDXL micro-conditioning: original_size = target_size = this stage's size, crop (0, 0). This is what
+    # diffusers' SDXL pipelines pass for a generation of that size, and what LinFusion-XL's high-resolution
+    # results were made with; claiming a smaller "original" size at 8K-16K makes SDXL paint blur.
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+    pooled = inputs.cond.pooled[rows]
+    return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+
+
+def _predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+    """The guided noise (or v) prediction for latents x (1, 4, h, w)."""
+    dtype = next(unet.parameters()).dtype
+    embeds = inputs.cond.embeds.to(x.device, dtype)
+    rows = embeds.shape[0]
+
+    def call(sample: torch.Tensor, sl: slice) -> torch.Tensor:
+        return unet_call(unet, sample.to(dtype), t, embeds[sl], _added_cond(inputs, sl, x.device, dtype), inputs, sl)
+
+    if rows == 1:
+        return call(x, slice(0, 1))
+    if inputs.cfg_split:
+        uncond, text = call(x, slice(0, 1)), call(x, slice(1, 2))
+    else:
+        uncond, text = call(torch.cat([x, x]), slice(0, 2)).chunk(2)
+    return uncond + inputs.guidance * (text - uncond)
+
+
+def unet_call(
+    unet: nn.Module,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict[str, Any] | None,
+    inputs: StageInputs,
+    rows: slice,
+) -> torch.Tensor:
+    """The one place the UNet is called: adapters' extras are merged in (their `added_cond_kwargs` into the
+    family's; residual tensors from several adapters summed), and the prediction comes back in fp32."""
+    kwargs: dict[str, Any] = {}
+    added = dict(added_cond_kwargs or {})
+    for extra in inputs.extras:
+        for key, value in extra(sample, t, encoder_hidden_states, added_cond_kwargs, rows).items():
+            if key == "added_cond_kwargs":
+                added.update(value)
+            elif key in kwargs:
+                kwargs[key] = _add_residuals(kwargs[key], value)
+            else:
+                kwargs[key] = value
+    return unet(
+        sample,
+        t,
+        encoder_hidden_states=encoder_hidden_states,
+        added_cond_kwargs=added or None,
+        return_dict=False,
+        **kwargs,
+    )[0].float()
+
+
+def _add_residuals(a: Any, b: Any) -> Any:
+    """Sum two adapters' residuals (a tensor, or a tuple of tensors, one per UNet block)."""
+    if isinstance(a, torch.Tensor):
+        return a + b
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def stage_timesteps(
+    scheduler: Any, schedule_steps: int, run_steps: int, device: torch.device, img2img: bool
+) -> torch.Tensor:
+    """The timesteps this stage runs: all of them, or the last `run_steps` (img2img) of the full schedule."""
+    scheduler.set_timesteps(schedule_steps, device=device)
+    if not img2img:
+        return scheduler.timesteps
+    start = max(schedule_steps - run_steps, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+class StepGuide(Protocol):
+    """Per-step hooks of a refine method (refine.DemoFusionGuide): adjust the latents before a step, and
+    blend extra model passes into the prediction."""
+
+    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def blend(
+        self,
+        local: torch.Tensor,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scale_input: Callable[[torch.Tensor], torch.Tensor],
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def denoise(
+    unet: nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    inputs: StageInputs,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None],
+    guide: StepGuide | None = None,
+) -> torch.Tensor:
+    """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
+
+    on_step(done, total) counts steps; a step with a guide includes all of its UNet passes (demofusion's local
+    and global branch), so a step's time in the progress bar is what a step costs.
+    """
+    total = len(timesteps)
+
+    def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _predict(unet, model_in, t, inputs)
+
+    for i, t in enumerate(timesteps):
+        if guide is not None:
+            latents = guide.before_step(scheduler, t, latents)
+        prediction = predict(scheduler.scale_model_input(latents, t), t)
+        if guide is not None:
+
+            def scale_input(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+                return scheduler.scale_model_input(x, t)
+
+            prediction = guide.blend(prediction, latents, t, scale_input, predict)
+        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+        on_step(i + 1, total)
+    return latents
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from the seed, so a seed gives the same image on every device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

@@ -1,0 +1,221 @@
+"""Prompt -> text-encoder embeddings (SD-1/2: one CLIP; SDXL: two, with the pooled embedding), computed once
+per image and reused by every stage.
+
+Prompts are read the way AUTOMATIC1111 reads them, since that is what its users' prompts are written for:
+
+- Weights: `(word)` x1.1, `[word]` /1.1, `(word:1.3)` x1.3, nested brackets multiply; `\\(` is a literal
+  bracket; an unclosed bracket weights the rest of the prompt. A weighted chunk's embeddings are multiplied
+  token by token, then rescaled so their mean is what it was unweighted (A1111's "original" emphasis).
+- Length: tokens are cut into chunks of 75 (a chunk that fills up within 20 tokens of a comma breaks after
+  that comma; `BREAK` starts a new chunk), each chunk gets its own start/end tokens and padding (77 ids),
+  is encoded alone, and the chunks' embeddings are concatenated along the sequence: (1, 77 * chunks, D).
+  SDXL's pooled embedding comes from the first chunk. Negative and positive are padded to the same number
+  of chunks with the empty prompt's chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.config import plural
+from ..models.loading import Components
+
+CHUNK_TOKENS = 75  # tokens per chunk, without the start and end tokens (CLIP's window is 77)
+COMMA_BACKTRACK = 20  # a full chunk breaks after its last comma if that is at most this many tokens back
+EMPHASIS = 1.1  # (word) multiplies by this, [word] divides by it
+
+_ATTENTION = re.compile(
+    r"""
+    \\[()\[\]\\]            # an escaped bracket or backslash: literal
+    | \(                    # open round
+    | \[                    # open square
+    | :\s*([+-]?[.\d]+)\s*\)  # :weight) closes a round bracket with that weight
+    | \)                    # close round
+    | \]                    # close square
+    | [^\\()\[\]:]+         # plain text
+    | :                     # a colon that is not a weight
+    | \\                    # a lone backslash
+    """,
+    re.X,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK = None  # the fragment weight that marks a chunk break
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for classifier-free guidance: row 0 negative, row 1 positive (or positive only)."""
+
+    embeds: torch.Tensor  # (R, 77 * chunks, D)
+    pooled: torch.Tensor | None  # (R, P) for SDXL
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a user may want to know (chunking), not a problem
+
+
+def parse_weights(text: str) -> list[tuple[str, float | None]]:
+    """`a (red:1.3) fox` -> [("a ", 1.0), ("red", 1.3), (" fox", 1.0)]; weight None marks a BREAK."""
+    pieces: list[list[Any]] = []  # [text, weight]
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            if piece[1] is not None:
+                piece[1] *= factor
+
+    for match in _ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            pieces.append([token[1], 1.0])
+        elif token == "(":
+            round_open.append(len(pieces))
+        elif token == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            multiply(round_open.pop(), EMPHASIS)
+        elif token == "]" and square_open:
+            multiply(square_open.pop(), 1 / EMPHASIS)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i:
+                    pieces.append(["BREAK", None])
+                pieces.append([part, 1.0])
+    for start in round_open:  # unclosed brackets weight the rest
+        multiply(start, EMPHASIS)
+    for start in square_open:
+        multiply(start, 1 / EMPHASIS)
+    merged: list[tuple[str, float | None]] = []
+    for piece_text, piece_weight in pieces:
+        if merged and piece_weight is not None and merged[-1][1] == piece_weight:
+            merged[-1] = (merged[-1][0] + piece_text, piece_weight)
+        elif piece_text or piece_weight is None:
+            merged.append((piece_text, piece_weight))
+    return merged or [("", 1.0)]
+
+
+@dataclass
+class _Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def chunk_tokens(tokenizer: Any, text: str) -> list[_Chunk]:
+    """The prompt's tokens with their weights, in chunks of at most 75 (A1111's rules, see the module doc)."""
+    comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
+    chunks: list[_Chunk] = []
+    chunk = _Chunk()
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = _Chunk(), -1
+
+    for fragment, weight in parse_weights(text):
+        if weight is None:
+            close()
+            continue
+        for token in tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif len(chunk.tokens) == CHUNK_TOKENS and last_comma >= CHUNK_TOKENS - COMMA_BACKTRACK:
+                cut = last_comma + 1  # break after the comma; the words after it start the next chunk
+                moved = _Chunk(chunk.tokens[cut:], chunk.weights[cut:])
+                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                close()
+                chunk = moved
+            if len(chunk.tokens) == CHUNK_TOKENS:
+                close()
+            chunk.tokens.append(token)
+            chunk.weights.append(weight)
+    if chunk.tokens or not chunks:
+        close()
+    return chunks
+
+
+def _chunk_ids(tokenizer: Any, chunk: _Chunk) -> tuple[list[int], list[float]]:
+    """[start] + tokens + [end] + padding to 77, and the weight of each position (1 off the prompt)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = CHUNK_TOKENS - len(chunk.tokens)
+    ids = [tokenizer.bos_token_id, *chunk.tokens, tokenizer.eos_token_id] + [pad] * fill
+    return ids, [1.0, *chunk.weights, 1.0] + [1.0] * fill
+
+
+def _emphasize(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Scale each token's embedding by its weight, then restore the chunk's mean (A1111's original emphasis)."""
+    if all(w == 1.0 for w in weights):
+        return hidden
+    original_mean = hidden.float().mean()
+    scale = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype)[None, :, None]  # (1, 77, 1)
+    weighted = hidden * scale
+    return weighted * (original_mean / weighted.float().mean()).to(hidden.dtype)
+
+
+def _encode_chunks(
+    comps: Components, text: str, device: torch.device, chunks_wanted: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(1, 77 * chunks_wanted, D) embeddings and the pooled embedding (SDXL). A prompt with fewer chunks is
+    padded with the empty prompt's chunk; one with more is cut."""
+    per_encoder: list[torch.Tensor] = []
+    pooled = None
+    for i, (encoder, tokenizer) in enumerate(zip(comps.text_encoders, comps.tokenizers, strict=True)):
+        chunks = chunk_tokens(tokenizer, text)[:chunks_wanted]
+        chunks += [_Chunk()] * (chunks_wanted - len(chunks))
+        pieces = []
+        for c, chunk in enumerate(chunks):
+            ids, weights = _chunk_ids(tokenizer, chunk)
+            batch = torch.tensor([ids], device=device)
+            if comps.is_sdxl:
+                # SDXL conditions on the penultimate hidden layer of both encoders, pooled from the second.
+                out = encoder(batch, output_hidden_states=True)
+                hidden = out.hidden_states[-2]
+                if c == 0 and i == len(comps.text_encoders) - 1:
+                    pooled = out[0]
+            else:
+                hidden = encoder(batch)[0]
+            pieces.append(_emphasize(hidden, weights))
+        per_encoder.append(torch.cat(pieces, dim=1))  # (1, 77 * chunks, D_i)
+    return torch.cat(per_encoder, dim=-1), pooled
+
+
+def count_chunks(comps: Components, text: str) -> int:
+    return len(chunk_tokens(comps.tokenizers[0], text))
+
+
+@torch.no_grad()
+def encode_prompt(
+    comps: Components,
+    prompt: str,
+    negative: str,
+    guidance: float,
+    device: torch.device,
+    max_chunks: int | None = None,
+) -> Conditioning:
+    """Embeddings for the prompt (and the negative, with guidance). max_chunks=1 keeps CLIP's single window
+    (training batches need one length); the cut is then reported as a warning."""
+    found = max(count_chunks(comps, prompt), count_chunks(comps, negative) if guidance > 1.0 else 1)
+    chunks = found if max_chunks is None else min(found, max_chunks)
+    positive, pooled = _encode_chunks(comps, prompt, device, chunks)
+    notes, warnings = [], []
+    if chunks < found:
+        warnings.append(f"prompt is longer than {plural(chunks * CHUNK_TOKENS, 'token')}: the rest is ignored")
+    elif chunks > 1:
+        notes.append(
+            f"prompt is longer than {CHUNK_TOKENS} tokens: encoded as {plural(chunks, 'chunk')} of up to "
+            f"{CHUNK_TOKENS}, as AUTOMATIC1111 does"
+        )
+    if guidance <= 1.0:
+        return Conditioning(positive, pooled, warnings, notes)
+    if comps.is_sdxl and not negative:
+        # SDXL's pipeline default (force_zeros_for_empty_prompt): an empty negative prompt is all zeros.
+        neg, neg_pooled = torch.zeros_like(positive), (torch.zeros_like(pooled) if pooled is not None else None)
+    else:
+        neg, neg_pooled = _encode_chunks(comps, negative, device, chunks)
+    both_pooled = torch.cat([neg_pooled, pooled]) if pooled is not None and neg_pooled is not None else None
+    return Conditioning(torch.cat([neg, positive]), both_pooled, warnings, notes)

@@ -1,0 +1,1 @@
+"""LinFusion itself: the linear attention, patching a UNet, and distillation."""

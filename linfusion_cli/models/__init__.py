@@ -1,0 +1,1 @@
+"""Loading checkpoints (hub, folder, single file), model families, and adapters users bring."""
