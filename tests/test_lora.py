@@ -179,3 +179,22 @@ def test_engine_spec_reads_refs() -> None:
     assert AdapterRef.parse("C:/loras/x.safetensors") == AdapterRef("C:/loras/x.safetensors")
     with pytest.raises(ValueError):
         AdapterRef.parse("x.safetensors:99")
+
+
+def test_a_lora_for_another_family_exits_2_before_the_model_loads(runner, tmp_path: Path, monkeypatch) -> None:
+    """A LoRA made for the SDXL-shaped model (text width 64) on the SD-1.x-shaped one (32): refused by its
+    header alone, naming both families, and no model is loaded."""
+    from linfusion_cli.engine import pipeline
+
+    xl = build_random("tiny-sdxl")
+    path = tmp_path / "xl-style.safetensors"
+    _kohya_file(xl, path)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_components", no_load)
+    result = runner.invoke(app, ["generate", "x", *FAST, "--lora", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.stderr
+    assert "made for tiny SDXL-shaped (cross-attention width 64)" in result.stderr
+    assert "tiny SD-1.x-shaped (cross-attention width 32)" in result.stderr

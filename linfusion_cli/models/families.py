@@ -224,6 +224,12 @@ def single_file_family(shapes: Mapping[str, tuple[int, ...]], name: str) -> Fami
     )
 
 
+def family_of_width(width: int | None) -> str:
+    """The family a cross-attention width belongs to, for messages: 'SDXL (cross-attention width 2048)'."""
+    label = next((f.label for f in FAMILIES if f.cross_attention_dim == width), "an unknown model")
+    return f"{label} (cross-attention width {width})"
+
+
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a .safetensors file, read from its header (no weights loaded)."""
     from safetensors import SafetensorError, safe_open

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
-from .families import FAMILIES, Family, safetensors_shapes
+from .families import Family, family_of_width, safetensors_shapes
 from .hub import fetch_snapshot
 from .loading import PICKLE_SUFFIXES
 
@@ -64,12 +64,6 @@ TINY_ENCODER: dict[str, Any] = {
     "patch_size": 8,
     "projection_dim": 32,
 }
-
-
-def family_of_width(width: int | None) -> str:
-    """The family a cross-attention width belongs to, for messages: 'SDXL (2048)'."""
-    label = next((f.label for f in FAMILIES if f.cross_attention_dim == width), "an unknown model")
-    return f"{label} (cross-attention width {width})"
 
 
 # --- finding the files --------------------------------------------------------------------------------------

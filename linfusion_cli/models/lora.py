@@ -30,11 +30,13 @@ from torch import nn
 from ..core.config import AdapterRef
 from ..core.errors import ModelLoadError, UsageError
 from ..linfusion.patching import SWAP_HOOKS
+from .families import family_of_width, safetensors_shapes
 
 if TYPE_CHECKING:
     from ..core.config import JobSpec
     from ..core.planning import StagePlan
     from ..engine.sampling import UNetExtra
+    from .families import Family
     from .loading import Components
 
 TEXT_MODEL_PREFIX = "text_model."
@@ -175,6 +177,32 @@ def load(comps: Components, ref: AdapterRef) -> LoraAdapter:
         adapter = LoraAdapter(ref, name, _assign(pairs, comps, name), a1111_lora_hash(path))
     adapter.fuse()
     return adapter
+
+
+def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
+    """Before the model loads: each local LoRA is a readable .safetensors file made for the model's family
+    (its cross-attention key's input width against the family's). Hub LoRAs are checked once fetched."""
+    for text in job.lora or ():
+        ref = AdapterRef.parse(text)
+        if ref.source == "tiny" or not Path(ref.source).expanduser().exists():
+            continue
+        path = _lora_file(ref.source)
+        width = lora_cross_width(safetensors_shapes(path))
+        if family is not None and width is not None and width != family.cross_attention_dim:
+            raise UsageError(
+                f"LoRA '{ref.source}' is made for {family_of_width(width)}, but the model '{job.model}' is "
+                f"{family_of_width(family.cross_attention_dim)}: use a LoRA made for the model's family"
+            )
+
+
+def lora_cross_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The text width a LoRA was trained against: the input width of a cross-attention key projection's down
+    (A) weight, in kohya (`..._attn2_to_k.lora_down.weight`) or diffusers (`...attn2.to_k.lora_A.weight`) names."""
+    for key, shape in shapes.items():
+        flat = key.replace(".", "_")
+        if "attn2_to_k" in flat and flat.endswith(("lora_down_weight", "lora_A_weight")) and len(shape) == 2:
+            return int(shape[1])
+    return None
 
 
 def _lora_file(source: str) -> Path:
