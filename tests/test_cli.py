@@ -103,7 +103,7 @@ def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
     args = ["generate", "x", "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "1", "--out", str(tmp_path)]
     assert run(runner, *args).exit_code == 0
     again = run(runner, *args)
-    assert again.exit_code != 0 and "already exists; pass --overwrite" in again.stderr
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.stderr  # bad input, before loading
     assert run(runner, *args, "--overwrite").exit_code == 0
 
 

@@ -648,3 +648,15 @@ def test_plan_lists_it_and_counts_its_image_encoder(runner: Any, tmp_path: Path,
     extra = plan["stages"][0]["estimated_peak_gib"] - plain["stages"][0]["estimated_peak_gib"]
     assert extra == pytest.approx(2 * 1.26, abs=0.02)  # SD-1.5's ViT-H encoder, fp32 on the CPU
     assert any("IP-Adapter 'h94/IP-Adapter' is not in the local Hugging Face cache" in w for w in plan["warnings"])
+
+
+def test_ip_image_without_ip_adapter_is_refused(runner, tmp_path) -> None:
+    from PIL import Image
+
+    from linfusion_cli.cli import app
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "ref.png")
+    result = runner.invoke(
+        app, ["generate", "x", "--model", "tiny", "--size", "128", "--ip-image", str(tmp_path / "ref.png"), "--dry-run"]
+    )
+    assert result.exit_code == 2 and "give --ip-adapter too" in result.stderr

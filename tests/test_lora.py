@@ -198,3 +198,48 @@ def test_a_lora_for_another_family_exits_2_before_the_model_loads(runner, tmp_pa
     assert result.exit_code == 2, result.stderr
     assert "made for tiny SDXL-shaped (cross-attention width 64)" in result.stderr
     assert "tiny SD-1.x-shaped (cross-attention width 32)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing.safetensors", "LoRA 'missing.safetensors' does not exist"),
+        ("tiny:abc", "--lora tiny:abc: the scale 'abc' is not a number"),
+        ("BAD", "is not a readable safetensors file"),
+        ("OLD.bin", "only .safetensors files are read, whatever --allow-pickle says"),
+    ],
+)
+def test_lora_mistakes_exit_2_before_the_model_loads(runner, tmp_path: Path, monkeypatch, spec, message) -> None:
+    from linfusion_cli.engine import pipeline
+
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage, not a safetensors header")
+    (tmp_path / "old.bin").write_bytes(b"a pickle")
+    spec = {"BAD": str(tmp_path / "bad.safetensors"), "OLD.bin": str(tmp_path / "old.bin")}.get(spec, spec)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_components", no_load)
+    result = runner.invoke(
+        app, ["generate", "x", *FAST, "--lora", spec, "--allow-pickle", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_a_bad_lora_in_a_batch_names_its_job_before_anything_runs(runner, tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"- prompt: good\n- prompt: bad\n  lora: {tmp_path / 'bad.safetensors'}\n")
+    result = runner.invoke(app, ["batch", str(jobs), *FAST[:4], "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "jobs.yaml job 2 (line 2)" in result.stderr and "not a readable safetensors file" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+
+
+def test_plan_lists_the_loras(runner) -> None:
+    result = runner.invoke(app, ["plan", "x", "--model", "tiny", "--size", "256", "--lora", "tiny:0.5"])
+    assert result.exit_code == 0, result.stderr
+    assert "LoRA tiny at scale 0.5 (fused)" in result.stdout
+    shown = runner.invoke(app, ["plan", "x", "--model", "tiny", "--size", "256", "--lora", "tiny:0.5", "--json"])
+    assert json.loads(shown.stdout)["loras"] == [{"source": "tiny", "scale": 0.5}]

@@ -90,3 +90,34 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     assert shown == used
     assert shown[0] == "fast" and shown[-1] == "split"  # the budget really binds at 4096 px
     assert not planner.choose(16384, 16384).fits
+
+
+def test_notes_name_what_is_ignored_and_the_right_reason() -> None:
+    target = resolve_target(2048, "1:1")
+    plan = make_plan(target, native=512, strengths=[0.3, 0.2], first_strength=0.5)
+    assert any("--strength 0.5 is ignored" in note for note in plan.notes)
+    single = make_plan(target, native=512, base_size=4096)
+    assert any("below --base-size 4096" in note for note in single.notes)
+    assert not any("native" in note for note in single.notes)
+
+
+def test_an_upscale_to_another_shape_says_it_stretches() -> None:
+    from linfusion_cli.core.jobs import resolve_job
+    from linfusion_cli.core.runner import RunOptions, prepare
+
+    stretched = prepare(
+        resolve_job({"prompt": "", "width": 512, "height": 512}, require_prompt=False),
+        RunOptions(),
+        native=128,
+        seed=1,
+        input_size=(200, 160),
+    )
+    assert any("is stretched to 512x512" in note for note in stretched.notes)
+    kept = prepare(
+        resolve_job({"prompt": "", "size": 512}, require_prompt=False),
+        RunOptions(),
+        native=128,
+        seed=1,
+        input_size=(200, 160),
+    )
+    assert not any("stretched" in note for note in kept.notes)

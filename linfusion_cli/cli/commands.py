@@ -289,6 +289,9 @@ def plan(
     width: WidthOpt = None,
     height: HeightOpt = None,
     model: ModelOpt = None,
+    linfusion: LinOpt = None,
+    vae: VaeOpt = None,
+    lora: LoraOpt = None,
     controlnet: ControlNetOpt = None,
     control_image: ControlImageOpt = None,
     control_start: ControlStartOpt = None,
@@ -333,6 +336,9 @@ def plan(
             width=width,
             height=height,
             model=model,
+            linfusion=linfusion,
+            vae=vae,
+            lora=lora,
             **control_flags(controlnet, control_image, control_start, control_end, control_stages),
             steps=steps,
             guidance=guidance,
@@ -675,7 +681,7 @@ def presets_list() -> None:
         table.add_column("description")
         for preset in list_presets():
             table.add_row(escape(preset.name), escape(preset.description))
-        Console(width=120).print(table)
+        Console(width=120, emoji=False).print(table)
 
 
 @presets_app.command("show", cls=Command)

@@ -30,7 +30,8 @@ from ..core.config import DEFAULT_MODEL, DEFAULT_SIZE, FORMATS, SCHEDULERS
 from ..core.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError
 
 # Farm logs are not terminals; rich would wrap them at 80 columns.
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120, emoji=False)
 
 # --- help panels: generate has ~30 options; a person looks for them by what they are about ----------------------
 PROMPT_PANEL = "Prompt"
@@ -596,7 +597,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     if json_out:
         emit_json(summary)
         return
-    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False, emoji=False)
     table = Table(
         title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
@@ -627,5 +628,9 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     budget_text = "unknown (free memory cannot be measured here)" if budget is None else f"{budget} GiB"
     dtypes = ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in summary["dtypes"].items())
     out.print(f"{output}memory budget {budget_text}; {dtypes}", markup=False)
+    for unit in summary.get("loras", []):
+        out.print(f"LoRA {unit['source']} at scale {unit['scale']:g} (fused)", markup=False)
     for unit in summary.get("controlnets", []):
         out.print(f"ControlNet {unit['source']} at scale {unit['scale']:g} on {unit['image']}", markup=False)
+    for unit in summary.get("ip_adapters", []):
+        out.print(f"IP-Adapter {unit['source']} at scale {unit['scale']:g} on {unit['image']}", markup=False)

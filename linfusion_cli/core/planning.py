@@ -144,9 +144,12 @@ def make_plan(
         sizes = stage_sizes(target, start)
         base, refine_sizes = sizes[:1], sizes[1:]
         if (base_size or native) > target.long_side:
-            notes.append(f"target is below the model's native {native} px: one stage, no refinement")
+            what = f"--base-size {base_size}" if base_size else f"the model's native {native} px"
+            notes.append(f"target is below {what}: one stage, no refinement")
 
     count = len(refine_sizes)
+    if strengths is not None and first_strength is not None:
+        notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
     if strengths is None:
         chosen = pick_strengths(count, first_strength if first_strength is not None else method_first)
     else:

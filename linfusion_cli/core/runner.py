@@ -26,8 +26,8 @@ from ..io.output import (
     settings_key,
     write_bytes_atomic,
 )
-from .config import FLAGS, JobSpec, Target, check_format_fits, dtype_flag, plural, resolve_target
-from .errors import OutputError
+from .config import FLAGS, EngineSpec, JobSpec, Target, check_format_fits, dtype_flag, plural, resolve_target
+from .errors import OutputError, OutputFolderError
 from .events import CancelToken, EventSink, Note, Working, ignore
 from .planning import Plan, StagePlan, make_plan
 
@@ -120,7 +120,25 @@ def prepare(
     key = settings_key(job.settings(), target.width, target.height, None if random_seed else seed)
     stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=job.name, index=index)
     paths = OutputPaths.for_stem(options.out, stem, job.format)
-    return Prepared(job, target, plan, seed, paths, index, input_size, list(plan.notes), random_seed, key)
+    notes = list(plan.notes) + _stretch_note(input_size, target)
+    return Prepared(job, target, plan, seed, paths, index, input_size, notes, random_seed, key)
+
+
+WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
+ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
+
+
+def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[str]:
+    """An upscale whose target has another shape than its input stretches it: say so, and how to keep it."""
+    if input_size is None:
+        return []
+    before, after = input_size[0] / input_size[1], target.width / target.height
+    if abs(after - before) / before <= ASPECT_TOLERANCE:
+        return []
+    return [
+        f"the input {input_size[0]}x{input_size[1]} is stretched to {target.width}x{target.height} (another shape); "
+        "give --size N alone to keep its shape"
+    ]
 
 
 def with_seed(prep: Prepared, seed: int, options: RunOptions) -> Prepared:
@@ -230,8 +248,8 @@ def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
     problem = prep.paths.problem()
     if problem:
         raise OutputError(problem)
-    if prep.paths.image.exists() and not overwrite:
-        raise OutputError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
+    if prep.paths.image.exists() and not overwrite:  # before any model loads: bad input, exit 2
+        raise OutputFolderError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
 
 
 def run_one(
@@ -394,6 +412,8 @@ def plan_summary(
         "ip_adapters": [
             {"source": ref.source, "scale": ref.scale, "image": job.ip_image} for ref in ip_adapter.job_refs(job)
         ],
+        "loras": [{"source": ref.source, "scale": ref.scale} for ref in EngineSpec.of(job).loras],
+        "linfusion": job.linfusion,
         "output": None if job.seed is None else str(prep.paths.image),
         "notes": [*prep.notes, *warnings],
         "warnings": warnings,
@@ -474,7 +494,7 @@ def generate(
     if gaps:
         raise ModelLoadError("; ".join(gaps))
     for note in prep.notes:
-        events(Note("warning" if "rounded" in note else "info", note))
+        events(Note("warning" if any(word in note for word in WARNING_WORDS) else "info", note))
     for warning in summary["warnings"]:
         events(Note("warning", warning))
     prep.notes.extend(summary["warnings"])

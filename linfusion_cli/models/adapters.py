@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..core.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,6 +59,8 @@ def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -
     bad input exits 2 early."""
     from ..core.config import EngineSpec
 
+    if job.ip_image and not job.ip_adapter:
+        raise UsageError("--ip-image is the IP-Adapter's reference image: give --ip-adapter too")
     spec = EngineSpec.of(job)
     for kind, module_name in ADAPTER_KINDS.items():
         if not getattr(spec, kind):

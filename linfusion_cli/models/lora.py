@@ -180,14 +180,28 @@ def load(comps: Components, ref: AdapterRef) -> LoraAdapter:
 
 
 def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
-    """Before the model loads: each local LoRA is a readable .safetensors file made for the model's family
-    (its cross-attention key's input width against the family's). Hub LoRAs are checked once fetched."""
+    """Before the model loads: each LoRA that is not a hub id exists, is a readable .safetensors file, and was
+    made for the model's family (its cross-attention key's input width against the family's). Hub LoRAs are
+    checked once fetched."""
+    from .hub import looks_like_hub_id
+
     for text in job.lora or ():
         ref = AdapterRef.parse(text)
-        if ref.source == "tiny" or not Path(ref.source).expanduser().exists():
+        if ref.source == "tiny" or looks_like_hub_id(ref.source):
             continue
+        if not Path(ref.source).expanduser().exists():
+            head, sep, tail = ref.source.rpartition(":")
+            if sep and (head == "tiny" or Path(head).expanduser().exists()):
+                raise UsageError(
+                    f"--lora {ref.source}: the scale '{tail}' is not a number (SRC:SCALE, e.g. {head}:0.8)"
+                )
+            raise UsageError(f"LoRA '{ref.source}' does not exist: give a .safetensors file, a folder or a hub id")
         path = _lora_file(ref.source)
-        width = lora_cross_width(safetensors_shapes(path))
+        try:
+            shapes = safetensors_shapes(path)
+        except ModelLoadError as exc:
+            raise UsageError(f"LoRA {exc}") from None
+        width = lora_cross_width(shapes)
         if family is not None and width is not None and width != family.cross_attention_dim:
             raise UsageError(
                 f"LoRA '{ref.source}' is made for {family_of_width(width)}, but the model '{job.model}' is "
@@ -211,7 +225,10 @@ def _lora_file(source: str) -> Path:
     path = resolve_local_or_hub(source, what="LoRA", allow_patterns=["*.safetensors", "*.json"])
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise UsageError(f"LoRA '{source}': only .safetensors files are read (pickled weights can run code)")
+            raise UsageError(
+                f"LoRA '{source}': only .safetensors files are read, whatever --allow-pickle says (pickled weights "
+                "can run code); convert it to .safetensors first"
+            )
         return path
     for name in LORA_FILE_NAMES:
         if (path / name).is_file():
