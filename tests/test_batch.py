@@ -198,3 +198,12 @@ def test_user_preset_file_is_validated(runner, tmp_path: Path) -> None:
     bad.write_text("description: mine\nstepz: 3\n")
     result = run(runner, "generate", "x", "--preset", str(bad), "--model", "tiny", "--dry-run")
     assert result.exit_code == 2 and "unknown field 'stepz'" in result.stderr
+
+
+def test_replay_of_the_image_itself_points_at_its_sidecar(runner, tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    result = run(runner, "replay", str(tmp_path / "x.png"))
+    assert result.exit_code == 2
+    assert "is an image; replay reads its sidecar" in result.stderr and "x.png.json" in result.stderr

@@ -80,6 +80,10 @@ def test_names_and_sidecars_never_collide() -> None:
     assert settings_key(base, 512, 512, 7) != settings_key(base, 512, 512, None)  # a chosen seed is part of it
     assert settings_key(base, 512, 512, 7) != settings_key(base, 512, 768, 7)
     assert settings_key({**base, "low_vram": True, "format": "jpeg"}, 512, 512, 7) == settings_key(base, 512, 512, 7)
+    # demofusion's parameters decide the pixels only under demofusion
+    assert settings_key({**base, "gaussian_sigma": 2.0}, 512, 512, 7) == settings_key(base, 512, 512, 7)
+    demo = {**base, "refine": "demofusion"}
+    assert settings_key({**demo, "gaussian_sigma": 2.0}, 512, 512, 7) != settings_key(demo, 512, 512, 7)
     stem = output_stem("a fox", 7, 512, 512, key="0123abcd")
     folder = Path("/tmp/x")
     png, jpeg = OutputPaths.for_stem(folder, stem, "png"), OutputPaths.for_stem(folder, stem, "jpeg")

@@ -13,9 +13,14 @@ SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20
 
 
+IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"II*\x00", b"MM\x00*")  # PNG, JPEG, WebP, TIFF
+
+
 def read_sidecar(path: Path) -> dict[str, Any]:
     """A sidecar's JSON object (a regular file of at most MAX_SIDECAR_BYTES); UsageError if it is not one."""
     data = read_regular(path, MAX_SIDECAR_BYTES, "sidecar")
+    if data.startswith(IMAGE_SIGNATURES):
+        raise UsageError(f"{path} is an image; replay reads its sidecar: {path}.json (written beside it)")
     try:
         value = load_json(data.decode("utf-8"))
     except (ParseError, UnicodeDecodeError) as exc:

@@ -42,6 +42,7 @@ KEY_LENGTH = 8  # hex digits of the settings hash in names: 4 billion values per
 NOT_IMAGE_SETTINGS = frozenset(
     ("seed", "name", "format", "preset", "size", "aspect", "width", "height", "vae_tile", "low_vram", "max_vram")
 )
+DEMOFUSION_SETTINGS = frozenset(("cosine_scale_1", "cosine_scale_2", "cosine_scale_3", "gaussian_sigma"))
 # Names Windows (and so SMB shares) will not create, whatever the extension.
 WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"{p}{n}" for p in ("COM", "LPT") for n in "123456789"] + ["CONIN$", "CONOUT$"]
@@ -87,6 +88,8 @@ def settings_key(settings: Mapping[str, Any], width: int, height: int, seed: int
     """A short hash of what decides the image: its settings, size and seed (None: a seed drawn at random, so
     that a rerun recognises the job whatever seed the last run drew). Names, resume and replay all use it."""
     chosen = {k: v for k, v in settings.items() if k not in NOT_IMAGE_SETTINGS and v is not None}
+    if chosen.get("refine", "sdedit") != "demofusion":  # its parameters change nothing under another method
+        chosen = {k: v for k, v in chosen.items() if k not in DEMOFUSION_SETTINGS}
     text = json.dumps({**chosen, "size": [width, height], "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
