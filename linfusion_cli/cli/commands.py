@@ -107,7 +107,7 @@ GENERATE_EXAMPLES = """[bold]Examples[/]
   [dim]# the plan only, no model loaded:[/]
   linfusion generate "a city" --size 4096x2048 --dry-run
   [dim]# offline smoke test (random weights; a CPU is enough):[/]
-  linfusion generate "a red fox" --model tiny --size 512 --steps 20"""
+  linfusion generate "a red fox" --model tiny --size 512 --steps 8"""
 PLAN_EXAMPLES = """[bold]Examples[/]
   linfusion plan --size 16k --aspect 2:1
   linfusion plan --preset sdxl-16k --max-vram 24
