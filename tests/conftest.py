@@ -35,11 +35,15 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 def _threads() -> None:
     import torch
 
-    # OMP_NUM_THREADS, where set, wins: several test runs sharing two cores must not each take both.
+    # OMP_NUM_THREADS, where set, wins; under pytest-xdist each worker takes one thread (the workers share the
+    # cores); otherwise up to two.
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(
-        int(threads) if threads.isdigit() and int(threads) > 0 else max(1, min(2, os.cpu_count() or 1))
-    )
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
