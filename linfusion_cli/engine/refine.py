@@ -91,8 +91,7 @@ def blur_matched(latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tenso
     channels = x.shape[1]
     kernel = gaussian_kernel(size, sigma).to(x.device)[None, None].repeat(channels, 1, 1, 1)  # (C, 1, k, k)
     blurred = F.conv2d(x, kernel, padding=size // 2, groups=channels)
-    mean, std = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
-    return _match_stats(blurred, mean, std).to(latents.dtype)
+    return _match_stats(blurred, *latent_stats(x)).to(latents.dtype)
 
 
 def rematch(latents: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
