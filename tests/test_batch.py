@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from linfusion_cli.base.errors import UsageError
 from linfusion_cli.cli.commands import app
 from linfusion_cli.core.batch import resolve_shard
-from linfusion_cli.core.errors import UsageError
 
 FAST = ["--model", "tiny", "--size", "128", "--steps", "2"]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from linfusion_cli.core.config import FLAGS, merge_layers, parse_aspect, resolve_target, validate_layer
-from linfusion_cli.core.errors import UsageError
+from linfusion_cli.base.errors import UsageError
+from linfusion_cli.base.sizes import parse_aspect, resolve_target
+from linfusion_cli.core.config import FLAGS, merge_layers, validate_layer
 from linfusion_cli.core.jobs import resolve_job
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from linfusion_cli.core.config import EngineSpec, JobSpec, resolve_target
+from linfusion_cli.base.sizes import resolve_target
+from linfusion_cli.core.config import EngineSpec, JobSpec
 from linfusion_cli.core.planning import make_plan
 from linfusion_cli.engine.pipeline import Engine
 from linfusion_cli.linfusion.attention import LinFusionAttention
@@ -125,7 +126,7 @@ def test_folder_and_single_file_load_the_same_weights(engine: Engine, control_pn
 def test_single_file_with_missing_tensors_is_refused(engine: Engine, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from linfusion_cli.core.errors import CheckpointError
+    from linfusion_cli.base.errors import CheckpointError
 
     state = {k: v.contiguous() for k, v in build_tiny(engine.comps).state_dict().items()}
     del state["controlnet_mid_block.weight"]
@@ -238,7 +239,7 @@ def test_sdxl_single_file_controlnet_is_refused_on_a_loaded_sd15_engine(engine: 
     """Through the library (no CLI preflight): the file's header is checked before its tensors are read."""
     from safetensors.torch import save_file
 
-    from linfusion_cli.core.errors import UsageError
+    from linfusion_cli.base.errors import UsageError
 
     xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
     path = tmp_path / "xl.safetensors"
@@ -464,7 +465,7 @@ def test_upscale_with_a_tile_controlnet_on_the_upscaled_input(runner, tmp_path: 
 
 
 def test_folder_with_only_fp16_weights_loads_and_bin_only_is_named(engine: Engine, tmp_path: Path) -> None:
-    from linfusion_cli.core.errors import ModelLoadError
+    from linfusion_cli.base.errors import ModelLoadError
 
     model = build_tiny(engine.comps)
     half = tmp_path / "half"

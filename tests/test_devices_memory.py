@@ -127,7 +127,7 @@ def test_components_report_the_dtypes_they_run_in(model: str, expected: dict[str
 
 
 def test_model_source_decides_once(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from linfusion_cli.core.errors import ModelNotFoundError
+    from linfusion_cli.base.errors import ModelNotFoundError
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"")

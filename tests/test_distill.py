@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from linfusion_cli.base.errors import Interrupted, OutputError
+from linfusion_cli.base.events import CancelToken
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.errors import Interrupted, OutputError
-from linfusion_cli.core.events import CancelToken
 from linfusion_cli.linfusion.distill import DistillConfig, TrainStep, distill
 from linfusion_cli.linfusion.distill_ckpt import STATE_JSON, STATE_PT
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linfusion_cli.base.errors import UsageError
 from linfusion_cli.cli.commands import app
 from linfusion_cli.core.batch import resolve_shard, slurm_shard
-from linfusion_cli.core.errors import UsageError
 
 FAST = ["--model", "tiny", "--size", "64", "--steps", "1"]
 
@@ -69,7 +69,9 @@ def test_a_changed_job_is_not_taken_for_the_old_one(runner, tmp_path: Path) -> N
 
 
 def test_names_and_sidecars_never_collide() -> None:
-    from linfusion_cli.io.output import OutputPaths, output_stem, settings_key
+    from linfusion_cli.core.metadata import settings_key
+    from linfusion_cli.io.names import output_stem
+    from linfusion_cli.io.output import OutputPaths
 
     base = {"prompt": "a fox", "steps": 50, "guidance": 7.5, "model": "m"}
     keys = {
@@ -97,7 +99,7 @@ def test_stale_temp_cleanup_spares_live_writers(tmp_path: Path) -> None:
     import fcntl
 
     from linfusion_cli.io.locks import host_name
-    from linfusion_cli.io.output import clean_stale_temps
+    from linfusion_cli.io.writes import clean_stale_temps
 
     host = host_name()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -447,7 +449,7 @@ def test_nul_in_a_prompt_never_reaches_a_png_text_chunk(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["CON", "nul", "Com1", "lpt9.txt", "aux"])
 def test_windows_device_names_are_not_used(name: str) -> None:
-    from linfusion_cli.io.output import sanitize_name
+    from linfusion_cli.io.names import sanitize_name
 
     safe = sanitize_name(name)
     assert safe.split(".")[0].upper() not in ("CON", "NUL", "COM1", "LPT9", "AUX")

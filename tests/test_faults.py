@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from linfusion_cli.base.errors import OutputError
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.errors import OutputError
 
 FAST = ["--model", "tiny", "--size", "256", "--steps", "6"]
 
@@ -124,7 +124,7 @@ def test_unwritable_output_is_reported_before_loading(runner, tmp_path: Path, mo
 
 
 def test_planted_link_at_temp_name_is_not_followed(tmp_path: Path) -> None:
-    from linfusion_cli.io.output import atomic_file
+    from linfusion_cli.io.writes import atomic_file
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
@@ -179,7 +179,7 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
 
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}, "payload": Evil()}, path)
-    from linfusion_cli.core.errors import UnsafeFileError
+    from linfusion_cli.base.errors import UnsafeFileError
     from linfusion_cli.models.loading import load_components
 
     for allow in (False, True):

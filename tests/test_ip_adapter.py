@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from linfusion_cli.core.config import AdapterRef, EngineSpec, JobSpec, resolve_target
+from linfusion_cli.base.sizes import resolve_target
+from linfusion_cli.core.config import AdapterRef, EngineSpec, JobSpec
 from linfusion_cli.core.planning import make_plan
 from linfusion_cli.engine.pipeline import Engine
 from linfusion_cli.models.loading import build_random
@@ -563,7 +564,7 @@ def test_plus_variant_loads_and_steers(tmp_path: Path) -> None:
 
 
 def test_which_weight_file_a_folder_gives(tmp_path: Path) -> None:
-    from linfusion_cli.core.errors import UsageError
+    from linfusion_cli.base.errors import UsageError
     from linfusion_cli.models import ip_adapter
     from linfusion_cli.models.families import FAMILIES
 
@@ -619,7 +620,7 @@ def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pyte
 def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from linfusion_cli.core.errors import UsageError
+    from linfusion_cli.base.errors import UsageError
     from linfusion_cli.models import ip_adapter
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")

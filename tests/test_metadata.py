@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from linfusion_cli.core.metadata import a1111_parameters
 from linfusion_cli.io.hashing import cache_path, model_hash
-from linfusion_cli.io.output import a1111_parameters
 
 
 def _meta(**extra) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from linfusion_cli.core.errors import ModelLoadError, ModelNotFoundError, UnsafeFileError
+from linfusion_cli.base.errors import ModelLoadError, ModelNotFoundError, UnsafeFileError
 from linfusion_cli.models.families import peek_family
 from linfusion_cli.models.loading import build_random, load_components
 

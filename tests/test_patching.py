@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from linfusion_cli import apply_linfusion
-from linfusion_cli.core.errors import CheckpointError, UnknownArchitectureError
+from linfusion_cli.base.errors import CheckpointError, UnknownArchitectureError
 from linfusion_cli.linfusion.attention import LinFusionAttention
 from linfusion_cli.models.loading import build_random
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from linfusion_cli.core.config import resolve_target
-from linfusion_cli.core.errors import UsageError
+from linfusion_cli.base.errors import UsageError
+from linfusion_cli.base.sizes import resolve_target
 from linfusion_cli.core.planning import default_strengths, make_plan, refine_steps
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linfusion_cli.core.config import MAX_SIDE, MIN_SIDE, parse_aspect, resolve_target
-from linfusion_cli.core.errors import JobFileError, UsageError
+from linfusion_cli.base.errors import JobFileError, UsageError
+from linfusion_cli.base.sizes import MAX_SIDE, MIN_SIDE, parse_aspect, resolve_target
 from linfusion_cli.core.jobs import read_job_file
 from linfusion_cli.core.planning import make_plan
-from linfusion_cli.io.output import OutputPaths, sanitize_name
+from linfusion_cli.io.names import sanitize_name
+from linfusion_cli.io.output import OutputPaths
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from linfusion_cli.core.config import resolve_target
+from linfusion_cli.base.sizes import resolve_target
 from linfusion_cli.core.jobs import resolve_job
 from linfusion_cli.core.planning import demofusion_steps, demofusion_strengths, make_plan
 from linfusion_cli.engine.refine import (
@@ -176,8 +176,8 @@ def test_global_branch_runs_dilated(tiny) -> None:
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_demofusion_changes_the_image_and_reports_itself(model: str, tmp_path) -> None:
+    from linfusion_cli.core.metadata import a1111_parameters
     from linfusion_cli.core.runner import RunOptions, generate
-    from linfusion_cli.io.output import a1111_parameters
 
     def run(refine: str) -> dict:
         job = resolve_job(

@@ -9,9 +9,9 @@ import re
 import pytest
 from rich.console import Console
 
+from linfusion_cli.base.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 from linfusion_cli.cli.common import render_table
 from linfusion_cli.cli.report import Reporter, stage_table
-from linfusion_cli.core.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 
 SETTINGS = {"name": "split", "cfg_split": True, "ff_chunk": 16384, "attn_chunk": None, "vae_budget_gib": None}
 USAGE = {"seconds": 2.0, "peak_vram_allocated_gib": 3.5, "peak_vram_reserved_gib": 4.0, "peak_rss_gib": 1.0}

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from ..base.plan import Plan
 from ..core.jobs import resolve_job
-from ..core.planning import Plan
 from ..core.runner import RunOptions, build_metadata, describe_device, prepare, save_outputs
 from ..engine import memory
 from ..engine.pipeline import Engine

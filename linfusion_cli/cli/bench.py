@@ -41,7 +41,7 @@ BenchDtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on th
 
 
 def _whole_numbers(text: str, flag: str) -> list[int]:
-    from ..core.errors import UsageError
+    from ..base.errors import UsageError
 
     try:
         return [int(part) for part in text.split(",")]
@@ -50,7 +50,7 @@ def _whole_numbers(text: str, flag: str) -> list[int]:
 
 
 def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
-    from ..core.errors import UsageError
+    from ..base.errors import UsageError
     from ..engine.memory import resolve_device, resolve_dtype
     from ..models.archs import ARCHS
 
@@ -76,8 +76,8 @@ def bench_unet_cmd(
     ] = True,
 ) -> None:
     """Time one UNet step (batch 2, as with guidance) with LinFusion and with ordinary attention."""
+    from ..base.errors import UsageError
     from ..bench.units import bench_unet, parse_size
-    from ..core.errors import UsageError
 
     with boundary():
         dev, dt = _bench_setup(arch, device, dtype)
@@ -151,8 +151,8 @@ def bench_vae_cmd(
     repeats: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Tiled VAE decode/encode against the untiled per-pixel floor and diffusers' tiling; or --fidelity."""
+    from ..base.errors import UsageError
     from ..bench.units import bench_vae, parse_size, vae_fidelity
-    from ..core.errors import UsageError
 
     with boundary():
         dev, dt = _bench_setup(arch, device, dtype)
@@ -194,8 +194,8 @@ def bench_png_cmd(
     ] = True,
 ) -> None:
     """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
+    from ..base.errors import UsageError
     from ..bench.units import bench_png, parse_size
-    from ..core.errors import UsageError
 
     with boundary():
         try:

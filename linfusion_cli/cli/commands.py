@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..core.errors import EXIT_SIGINT
+from ..base.errors import EXIT_SIGINT
 from .bench import bench_app
 from .common import (
     DEVICE_PANEL,
@@ -252,7 +252,7 @@ def _run_and_render(
     title: str = "",
 ) -> None:
     """Run one job with progress on stderr (SIGINT/SIGTERM stop it at a safe point), then the table/JSON."""
-    from ..core.events import CancelToken
+    from ..base.events import CancelToken
     from ..core.runner import generate as run_generate
     from .report import Reporter, stage_table
 
@@ -548,8 +548,8 @@ def batch(
     ip_image: IpImageOpt = None,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
+    from ..base.events import CancelToken
     from ..core.batch import run_batch
-    from ..core.events import CancelToken
     from ..core.runner import RunOptions
     from .report import Reporter, batch_table
 
@@ -654,7 +654,7 @@ def info(
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
     """Print the generation parameters stored in an image (on stdout)."""
-    from ..io.output import read_metadata
+    from ..io.metadata import read_metadata
 
     with boundary():
         meta = read_metadata(image, max_input_pixels)

@@ -26,8 +26,10 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
-from ..core.config import DEFAULT_MODEL, DEFAULT_SIZE, FORMATS, SCHEDULERS
-from ..core.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError
+from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError
+from ..base.sizes import DEFAULT_SIZE
+from ..core.config import DEFAULT_MODEL, SCHEDULERS
+from ..io.formats import FORMATS
 
 # Farm logs are not terminals; rich would wrap them at 80 columns.
 # emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
@@ -471,7 +473,7 @@ def _one_line(exc: ClickUsageError) -> BaseException:
 
 def refuse_flag_value_as_prompt(prompt: str) -> None:
     """`plan --low-vram true`: plan's prompt is optional, so "true" would silently become it."""
-    from ..core.errors import UsageError
+    from ..base.errors import UsageError
 
     if prompt.strip().lower() in ON_OFF_WORDS:
         raise UsageError(f"unexpected '{prompt}': on/off flags take no value (--low-vram alone turns it on)")
@@ -543,7 +545,7 @@ def show_version(value: bool) -> None:
     typer.echo(f"linfusion {__version__}")
     import torch
 
-    from ..core.config import plural
+    from ..base.text import plural
     from ..core.runner import describe_device, versions
     from ..engine.memory import resolve_device
 
@@ -569,7 +571,7 @@ def base_seed_flag(seed: int | None) -> int | None:
 
 
 def check_device_flags(device: str, dtype: str) -> None:
-    from ..core.errors import UsageError
+    from ..base.errors import UsageError
 
     if dtype not in ("auto", "fp16", "bf16", "fp32"):
         raise UsageError(f"--dtype {dtype!r}: must be auto, fp16, bf16 or fp32")

@@ -183,7 +183,7 @@ def distill(
 
 
 def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> None:
-    from ..core.events import CancelToken
+    from ..base.events import CancelToken
     from ..linfusion.distill import distill as run_distill
     from .report_distill import DistillReporter, distill_table
 

@@ -17,8 +17,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, Tex
 from rich.table import Table
 from rich.text import Text
 
-from ..core.config import plural
-from ..core.events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
+from ..base.events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
+from ..base.text import plural
 
 if TYPE_CHECKING:
     from ..core.batch import BatchSummary

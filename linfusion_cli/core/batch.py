@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.locks import Claim, try_claim
-from ..io.output import SIDECAR_SUFFIX, OutputPaths, clean_stale_temps, parse_batch_stem, prepare_folder
-from .config import EngineSpec, JobSpec, plural
-from .errors import (
+from ..base.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PARTIAL,
@@ -30,7 +27,13 @@ from .errors import (
     ModelLoadError,
     UsageError,
 )
-from .events import CancelToken, EventSink, Note, ignore
+from ..base.events import CancelToken, EventSink, Note, ignore
+from ..base.text import plural
+from ..io.locks import Claim, try_claim
+from ..io.names import parse_batch_stem
+from ..io.output import SIDECAR_SUFFIX, OutputPaths
+from ..io.writes import clean_stale_temps, prepare_folder
+from .config import EngineSpec, JobSpec
 from .jobs import read_job_file, resolve_job
 from .runner import SCHEMA, Prepared, RunOptions, offline_gaps, pick_seed, plan_for, with_seed
 

@@ -13,13 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..io.files import quote
-from .errors import UsageError
+from ..base.errors import UsageError
+from ..base.sizes import MAX_SIDE, MIN_SIDE, is_two_sides, parse_aspect, parse_px, split_size
+from ..base.text import quote
+from ..io.formats import FORMATS, format_name
 
-MAX_SIDE = 65536
-MIN_SIDE = 64
-SIZE_MULTIPLE = 8  # the VAE's downscale: latents must have whole pixels
-DEFAULT_SIZE = 2048
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Sampler name -> (diffusers scheduler class, config overrides). Data, not an if-chain; the names are what
 # --scheduler and job files accept.
@@ -48,30 +46,10 @@ A1111_SAMPLERS = {
     "unipc": "UniPC",
 }
 REFINE_METHODS = ("sdedit", "demofusion")  # how refine stages work: refine.py
-FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
-PX_SUFFIX = {"k": 1024}  # 16k = 16384 px, as in "a 16K image"
 MAX_PROMPT_CHARS = 10_000
 
 
-@dataclass(frozen=True)
-class OutputFormat:
-    """One output file format: everything output.py needs to write and read it back."""
-
-    suffix: str
-    pillow: str  # Pillow's format name (as `Image.format` reports it)
-    metadata: str  # where the A1111 text goes: "png-text" chunks, "exif" UserComment, "tiff" ImageDescription
-    max_side: int | None = None
-    save_args: tuple[tuple[str, Any], ...] = ()
-
-
-OUTPUT_FORMATS: dict[str, OutputFormat] = {
-    "png": OutputFormat(".png", "PNG", "png-text"),
-    "jpeg": OutputFormat(".jpg", "JPEG", "exif", 65535, (("quality", 95), ("subsampling", 0))),
-    "tiff": OutputFormat(".tif", "TIFF", "tiff"),
-    "webp": OutputFormat(".webp", "WEBP", "exif", 16383, (("quality", 95), ("method", 4))),
-}
-FORMATS = tuple(OUTPUT_FORMATS)
 # Precisions: the flag's spelling (used in every report, sidecar and benchmark) -> torch's name.
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
@@ -121,41 +99,6 @@ def _scheduler_name(value: str) -> str:
     return by_a1111.get(wanted, wanted)
 
 
-def _format_name(value: str) -> str:
-    wanted = value.strip().lower().lstrip(".")
-    return FORMAT_ALIASES.get(wanted, wanted)
-
-
-def parse_px(value: Any) -> int:
-    """A side in px: 4096, "4096", "4k" / "16K" (x1024) or "1.5k"; whole pixels only."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {type(value).__name__} {value!r}")
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower()
-    factor = PX_SUFFIX.get(text[-1:], 1)
-    number = text[:-1] if factor != 1 else text
-    try:
-        px = float(number) * factor
-    except ValueError:
-        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {value!r}") from None
-    if not math.isfinite(px) or px != int(px):
-        raise TypeError(f"must be a whole number of px like 4096 or 16k, got {value!r}")
-    return int(px)
-
-
-def _is_two_sides(value: Any) -> bool:
-    return isinstance(value, str) and "x" in value.lower()
-
-
-def split_size(value: str) -> tuple[int, int]:
-    """ "4096x2048" (or "8kx4k") -> (4096, 2048)."""
-    parts = value.lower().split("x")
-    if len(parts) != 2:
-        raise TypeError(f"must be one side like 4096 or 16k, or WxH like 4096x2048, got {value!r}")
-    return parse_px(parts[0]), parse_px(parts[1])
-
-
 def _prompt_ok(text: str) -> str | None:
     if len(text) > MAX_PROMPT_CHARS:
         return f"is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
@@ -182,7 +125,7 @@ FIELDS: dict[str, FieldSpec] = {
     "guidance": FieldSpec("float", _range(0.0, 50.0)),
     "strengths": FieldSpec("floats", _strengths_ok),
     "scheduler": FieldSpec("str", _choice(SCHEDULERS), normalize=_scheduler_name),
-    "format": FieldSpec("str", _choice(FORMATS), normalize=_format_name),
+    "format": FieldSpec("str", _choice(FORMATS), normalize=format_name),
     "name": FieldSpec("str"),
     "base_size": FieldSpec("px", _range(MIN_SIDE, MAX_SIDE)),
     "model": FieldSpec("str"),
@@ -440,7 +383,7 @@ def validate_layer(
             raise UsageError(f"{where}: field names must be text, got {quote(key)}")
         if key in forbidden:
             raise UsageError(f"{where}: '{key}' cannot be set here")
-        if key == "size" and _is_two_sides(value):
+        if key == "size" and is_two_sides(value):
             if "width" in data or "height" in data:
                 raise _problem(where, key, "is WxH already; leave out width and height")
             try:
@@ -467,80 +410,3 @@ def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bo
         where = job.sources.get("prompt", "the job")
         raise UsageError(f"{where}: the prompt is empty; give a prompt (or an image to upscale)")
     return job
-
-
-def parse_aspect(text: str) -> tuple[float, float]:
-    """'16:9' (or '16x9', or one number like '1.5') -> (16.0, 9.0); both parts positive and finite."""
-    raw = text.strip().lower().replace("x", ":")
-    parts = raw.split(":") if ":" in raw else [raw, "1"]
-    try:
-        w, h = (float(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"aspect '{text}' is not W:H (for example 16:9)") from None
-    if len(parts) != 2 or not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
-        raise UsageError(f"aspect '{text}' needs two positive numbers W:H (for example 16:9)")
-    if max(w / h, h / w) > 64:
-        raise UsageError(f"aspect '{text}' is more extreme than 64:1")
-    return w, h
-
-
-def plural(count: int, noun: str, many: str | None = None) -> str:
-    """ "1 stage", "3 stages" (`many` for irregular nouns)."""
-    return f"{count} {noun if count == 1 else many or noun + 's'}"
-
-
-def round_side(value: float) -> int:
-    return max(SIZE_MULTIPLE, math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)
-
-
-@dataclass(frozen=True)
-class Target:
-    width: int
-    height: int
-    note: str | None = None  # set when the request was rounded
-
-    @property
-    def long_side(self) -> int:
-        return max(self.width, self.height)
-
-
-def resolve_target(
-    size: int | None,
-    aspect: str = "1:1",
-    width: int | None = None,
-    height: int | None = None,
-    default_size: int = DEFAULT_SIZE,
-) -> Target:
-    """Output dimensions (multiples of 8) from --size/--aspect or --width/--height, refusing impossible ones."""
-    for label, value in (("size", size), ("width", width), ("height", height)):
-        if value is not None and not MIN_SIDE <= value <= MAX_SIDE:
-            raise UsageError(f"--{label} {value} is impossible: it must be between {MIN_SIDE} and {MAX_SIDE} px")
-    if size is not None and (width is not None or height is not None):
-        raise UsageError("give either --size (with --aspect) or --width/--height, not both")
-    aw, ah = parse_aspect(aspect)
-    if width is not None and height is not None:
-        want_w, want_h = float(width), float(height)
-    elif width is not None:
-        want_w, want_h = float(width), width * ah / aw
-    elif height is not None:
-        want_w, want_h = height * aw / ah, float(height)
-    else:
-        long_side = float(size if size is not None else default_size)
-        want_w, want_h = (long_side, long_side * ah / aw) if aw >= ah else (long_side * aw / ah, long_side)
-    w, h = round_side(want_w), round_side(want_h)
-    if min(w, h) < MIN_SIDE:
-        raise UsageError(f"{w}x{h} is too small: each side must be at least {MIN_SIDE} px")
-    if max(w, h) > MAX_SIDE:
-        raise UsageError(f"{w}x{h} is too large: each side must be at most {MAX_SIDE} px")
-    note = None
-    if abs(w - want_w) > 1e-6 or abs(h - want_h) > 1e-6:
-        note = f"requested {want_w:.0f}x{want_h:.0f} rounded to {w}x{h} (sides must be multiples of {SIZE_MULTIPLE})"
-    return Target(w, h, note)
-
-
-def check_format_fits(fmt: str, target: Target) -> None:
-    limit = OUTPUT_FORMATS[fmt].max_side
-    if limit is not None and target.long_side > limit:
-        raise UsageError(
-            f"{fmt} cannot store {target.width}x{target.height}: at most {limit} px a side; use --format png or tiff"
-        )

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.files import ParseError, load_json, load_yaml, quote, read_regular
+from ..base.errors import JobFileError, UsageError
+from ..base.text import quote
+from ..io.files import ParseError, load_json, load_yaml, read_regular
 from .config import FLAGS, JobSpec, merge_layers, validate_layer
-from .errors import JobFileError, UsageError
 from .presets import load_preset
 
 

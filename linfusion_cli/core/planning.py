@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .config import Target, plural, round_side
-from .errors import UsageError
+from ..base.errors import UsageError
+from ..base.plan import Plan, StagePlan
+from ..base.sizes import Target, round_side
+from ..base.text import plural
 
 FIRST_STRENGTH = 0.4
 LAST_STRENGTH = 0.1
@@ -20,42 +21,6 @@ DEMOFUSION_FIRST_STRENGTH = 0.32  # the official high-resolution pipeline's `ups
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
 # 2.15x stage rather than 512 -> 1024 -> 1100), so every refine step is between 1.25x and 2.5x.
 MIN_LAST_STEP = 1.25
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    index: int
-    width: int
-    height: int
-    strength: float | None  # None: the base stage (text to image from pure noise)
-    steps: int  # denoising steps this stage runs
-
-    @property
-    def kind(self) -> str:
-        return "base" if self.strength is None else "refine"
-
-    @property
-    def size_text(self) -> str:
-        return f"{self.width}x{self.height}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    target: Target
-    stages: tuple[StagePlan, ...]
-    schedule_steps: int
-    native: int
-    from_image: bool = False
-    refine: str = "sdedit"
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def refine_stages(self) -> list[StagePlan]:
-        return [s for s in self.stages if s.strength is not None]
-
-    def unet_passes(self, stage: StagePlan) -> int:
-        """UNet passes a stage runs per guidance half: demofusion refine stages add a global pass per step."""
-        return stage.steps * (2 if self.refine == "demofusion" and stage.strength is not None else 1)
 
 
 def default_strengths(count: int, first: float = FIRST_STRENGTH, last: float = LAST_STRENGTH) -> list[float]:

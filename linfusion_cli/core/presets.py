@@ -8,9 +8,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..io.files import ParseError, load_yaml, quote, read_regular
+from ..base.errors import UsageError
+from ..base.text import quote
+from ..io.files import ParseError, load_yaml, read_regular
 from .config import NOT_IN_PRESETS, validate_layer
-from .errors import UsageError
 
 MAX_PRESET_BYTES = 1 << 20
 USER_DIR_ENV = "LINFUSION_HOME"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..base.errors import UsageError
 from ..io.files import ParseError, load_json, read_regular
 from .config import JobSpec, dtype_flag, merge_layers, validate_layer
-from .errors import UsageError
 
 SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20

@@ -16,20 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..base.errors import OutputError, OutputFolderError
+from ..base.events import CancelToken, EventSink, Note, Working, ignore
+from ..base.plan import Plan, StagePlan
+from ..base.sizes import Target, resolve_target
+from ..base.text import plural
+from ..io.formats import check_format_fits
 from ..io.hashing import model_hash
-from ..io.output import (
-    OutputPaths,
-    a1111_parameters,
-    atomic_file,
-    encode_image,
-    output_stem,
-    settings_key,
-    write_bytes_atomic,
-)
-from .config import FLAGS, EngineSpec, JobSpec, Target, check_format_fits, dtype_flag, plural, resolve_target
-from .errors import OutputError, OutputFolderError
-from .events import CancelToken, EventSink, Note, Working, ignore
-from .planning import Plan, StagePlan, make_plan
+from ..io.metadata import encode_image
+from ..io.names import output_stem
+from ..io.output import OutputPaths
+from ..io.writes import atomic_file, write_bytes_atomic
+from .config import FLAGS, EngineSpec, JobSpec, dtype_flag
+from .metadata import a1111_parameters, settings_key
+from .planning import make_plan
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,7 @@ def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = No
 def job_target(job: JobSpec, input_size: tuple[int, int] | None = None) -> Target:
     """The output size a job asks for, checked against its format (no model, no plan needed)."""
     if input_size is not None and job.size is None and job.width is None and job.height is None:
-        from .errors import UsageError
+        from ..base.errors import UsageError
 
         raise UsageError("upscaling needs a target: give --size (long side) or --width/--height")
     aspect = job.aspect
@@ -485,10 +485,10 @@ def generate(
     if dry_run:
         return {"dry_run": True, "plan": summary}
 
+    from ..base.errors import ModelLoadError
     from ..engine.memory import resolve_device, resolve_dtype
     from ..engine.pipeline import Engine
-    from ..io.output import clean_stale_temps, prepare_folder
-    from .errors import ModelLoadError
+    from ..io.writes import clean_stale_temps, prepare_folder
 
     gaps = offline_gaps(job, family)
     if gaps:

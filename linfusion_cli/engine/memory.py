@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..core.config import plural
-from ..core.errors import UsageError
+from ..base.errors import UsageError
+from ..base.text import plural
 
 if TYPE_CHECKING:
     from ..models.families import Family

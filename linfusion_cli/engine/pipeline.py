@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.config import EngineSpec, JobSpec, plural
-from ..core.errors import NumericalError, OutOfMemoryError, UsageError
-from ..core.events import (
+from ..base.errors import NumericalError, OutOfMemoryError, UsageError
+from ..base.events import (
     CancelToken,
     EventSink,
     Note,
@@ -30,7 +29,9 @@ from ..core.events import (
     Working,
     ignore,
 )
-from ..core.planning import Plan, StagePlan
+from ..base.plan import Plan, StagePlan
+from ..base.text import plural
+from ..core.config import EngineSpec, JobSpec
 from ..linfusion.patching import LinFusionPatch, apply_linfusion
 from ..models.adapters import ADAPTER_KINDS, Adapter, load_adapter
 from ..models.controlnet import activation_channels

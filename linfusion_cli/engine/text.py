@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import plural
+from ..base.text import plural
 from ..models.loading import Components
 
 CHUNK_TOKENS = 75  # tokens per chunk, without the start and end tokens (CLIP's window is 77)

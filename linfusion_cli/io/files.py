@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import reprlib
 import stat
 from pathlib import Path
 from typing import IO, Any
 
-from ..core.errors import LinFusionError, UsageError
+from ..base.errors import LinFusionError, UsageError
+from ..base.text import QUOTE_CHARS, quote
 
-QUOTE_CHARS = 80  # what an error message may echo of a user's value
 YAML_ALIAS_BUDGET = 10_000  # nodes that aliases may add to a document once expanded
 _FILE_KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -28,30 +27,6 @@ _FILE_KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib with bounded work: depth-limited, and huge integers described instead of converted."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.maxlevel = 3
-        self.maxstring = self.maxother = self.maxlong = limit
-        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 6
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 128:  # str() of a 5000-digit int raises; it is also useless in a message
-            return f"<a whole number of about {int(x.bit_length() * 0.30103) + 1} digits>"
-        return super().repr_int(x, level)
-
-
-def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """repr(value) for an error message: at most `limit` characters, whatever the value's size or depth."""
-    try:
-        text = _ShortRepr(limit).repr(value)
-    except (RecursionError, ValueError):
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(mode: int) -> str | None:

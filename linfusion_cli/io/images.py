@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import InputImageError
-from .files import open_regular, quote
+from ..base.errors import InputImageError
+from ..base.text import quote
+from .files import open_regular
 
 DEFAULT_MAX_PIXELS = 1_000_000_000  # 1 gigapixel; a 16384^2 image is 268 Mpx
 # No image format needs more than 16 bytes a pixel (RGBA, 32-bit float); headers and metadata on top.

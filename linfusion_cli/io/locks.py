@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import OutputError
+from ..base.errors import OutputError
 
 try:
     import fcntl

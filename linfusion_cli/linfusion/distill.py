@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import EXIT_SIGTERM, Interrupted, UsageError
-from ..core.events import CancelToken, Note
+from ..base.errors import EXIT_SIGTERM, Interrupted, UsageError
+from ..base.events import CancelToken, Note
 from ..models.loading import Components, load_components
 from .distill_data import DataStream, Prefetcher, Sample, find_samples, micro_batches, split_holdout
 from .patching import LinFusionPatch, apply_linfusion

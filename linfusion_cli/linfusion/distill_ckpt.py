@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..core.errors import OutputError, UsageError
-from ..io.output import _fsync_dir
+from ..base.errors import OutputError, UsageError
+from ..io.writes import fsync_dir
 from .patching import CONFIG_NAME, WEIGHTS_NAME, LinFusionPatch
 
 STATE_JSON = "training_state.json"
@@ -193,7 +193,7 @@ def _replace_folder(temp: Path, final: Path) -> None:
         aside = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, aside)
     os.replace(temp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -214,4 +214,4 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)

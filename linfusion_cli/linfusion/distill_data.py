@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import InputImageError, UsageError
+from ..base.errors import InputImageError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..core.errors import InputImageError, UsageError
-from ..core.events import Note
+from ..base.errors import InputImageError, UsageError
+from ..base.events import Note
 from ..models.loading import load_components
 from .distill import (
     Dist,

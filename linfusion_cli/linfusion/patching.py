@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, UsageError
+from ..base.errors import CheckpointError, UsageError
 from ..models.families import Family, detect_family, family_or_none, guess_family_of_checkpoint
 from ..models.hub import resolve_local_or_hub
 from .attention import LinFusionAttention

@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.errors import UsageError
+from ..base.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
+    from ..base.plan import StagePlan
     from ..core.config import AdapterRef, JobSpec
-    from ..core.planning import StagePlan
     from ..engine.sampling import UNetExtra
     from .families import Family
     from .loading import Components

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import AdapterRef, JobSpec, plural
-from ..core.errors import CheckpointError, ModelLoadError, ModelNotFoundError, UsageError
+from ..base.errors import CheckpointError, ModelLoadError, ModelNotFoundError, UsageError
+from ..base.text import plural
+from ..core.config import AdapterRef, JobSpec
 from ..linfusion.patching import LinFusionPatch, self_attention_layers
 from .archs import ARCHS
 from .families import FAMILIES, Family, family_or_none, safetensors_shapes
 from .hub import looks_like_hub_id, resolve_local_or_hub
 
 if TYPE_CHECKING:
-    from ..core.planning import StagePlan
+    from ..base.plan import StagePlan
     from .loading import Components
 
 log = logging.getLogger(__name__)

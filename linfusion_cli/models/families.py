@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ModelLoadError, UnknownArchitectureError
+from ..base.errors import ModelLoadError, UnknownArchitectureError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from ..core.errors import ModelLoadError, ModelNotFoundError
+from ..base.errors import ModelLoadError, ModelNotFoundError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "on", "yes", "true"}

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..core.errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
+from ..base.errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
 from .families import Family, family_of_width, safetensors_shapes
 from .hub import fetch_snapshot
 from .loading import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
+    from ..base.plan import StagePlan
     from ..core.config import AdapterRef, JobSpec
-    from ..core.planning import StagePlan
     from ..engine.sampling import UNetExtra
     from .loading import Components
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..core.errors import ModelLoadError, UnknownArchitectureError, UnsafeFileError, UsageError
+from ..base.errors import ModelLoadError, UnknownArchitectureError, UnsafeFileError, UsageError
 from .archs import ARCHS, BUILTIN_MODELS, ArchSpec
 from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
 from .hub import fetch_snapshot, model_source, resolve_local_or_hub

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..base.errors import ModelLoadError, UsageError
 from ..core.config import AdapterRef
-from ..core.errors import ModelLoadError, UsageError
 from ..linfusion.patching import SWAP_HOOKS
 from .families import family_of_width, safetensors_shapes
 
 if TYPE_CHECKING:
+    from ..base.plan import StagePlan
     from ..core.config import JobSpec
-    from ..core.planning import StagePlan
     from ..engine.sampling import UNetExtra
     from .families import Family
     from .loading import Components

@@ -1,0 +1,43 @@
+"""A stage plan as data: what `plan` prints and the engine runs (made in core/planning.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sizes import Target
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    width: int
+    height: int
+    strength: float | None  # None: the base stage (text to image from pure noise)
+    steps: int  # denoising steps this stage runs
+
+    @property
+    def kind(self) -> str:
+        return "base" if self.strength is None else "refine"
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Target
+    stages: tuple[StagePlan, ...]
+    schedule_steps: int
+    native: int
+    from_image: bool = False
+    refine: str = "sdedit"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def refine_stages(self) -> list[StagePlan]:
+        return [s for s in self.stages if s.strength is not None]
+
+    def unet_passes(self, stage: StagePlan) -> int:
+        """UNet passes a stage runs per guidance half: demofusion refine stages add a global pass per step."""
+        return stage.steps * (2 if self.refine == "demofusion" and stage.strength is not None else 1)

@@ -1,0 +1,124 @@
+"""Image metadata as viewers read it: the AUTOMATIC1111 `parameters` text (a PNG text chunk, EXIF
+UserComment for JPEG/WebP, ImageDescription for TIFF) and our settings as JSON, written with the pixels and read
+back."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from ..base.errors import InputImageError
+from ..base.text import quote
+from .files import load_json
+from .formats import OUTPUT_FORMATS
+
+PNG_TEXT_KEY = "parameters"
+
+
+PNG_JSON_KEY = "linfusion"
+
+
+EXIF_IFD = 0x8769
+
+
+EXIF_USER_COMMENT = 0x9286
+
+
+TIFF_DESCRIPTION = 270
+
+
+_UNICODE_PREFIX = b"UNICODE\x00"
+
+
+_ASCII_PREFIX = b"ASCII\x00\x00\x00"
+
+
+def _user_comment(text: str) -> bytes:
+    try:
+        return _ASCII_PREFIX + text.encode("ascii")
+    except UnicodeEncodeError:
+        return _UNICODE_PREFIX + text.encode("utf-16-be")
+
+
+def _decode_user_comment(raw: Any) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        return None
+    if raw.startswith(_UNICODE_PREFIX):
+        body = raw[len(_UNICODE_PREFIX) :]
+        return body.decode(
+            "utf-16-le" if body[:1] != b"\x00" and body[1:2] == b"\x00" else "utf-16-be", errors="replace"
+        )
+    return raw[8:].decode("utf-8", errors="replace")
+
+
+def encode_image(
+    array: np.ndarray,
+    fmt: str,
+    parameters: str,
+    settings_json: str,
+    png_writer: Callable[[np.ndarray, dict[str, str], IO[bytes]], None] | None = None,
+    handle: IO[bytes] | None = None,
+) -> bytes | None:
+    """Encode (H, W, 3) uint8 with metadata, into `handle` (or return the bytes)."""
+    from PIL import Image
+
+    out: IO[bytes] = handle if handle is not None else io.BytesIO()
+    spec = OUTPUT_FORMATS[fmt]
+    if spec.metadata == "png-text":
+        from .pngfast import write_png
+
+        (png_writer or write_png)(array, {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}, out)
+    else:
+        image = Image.fromarray(array, "RGB")
+        if spec.metadata == "tiff":
+            extra: dict[str, Any] = {"tiffinfo": {TIFF_DESCRIPTION: parameters}}
+        else:
+            exif = Image.Exif()
+            exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = _user_comment(parameters)
+            extra = {"exif": exif.tobytes()}
+        image.save(out, format=spec.pillow, **dict(spec.save_args), **extra)
+    if handle is None:
+        assert isinstance(out, io.BytesIO)
+        return out.getvalue()
+    return None
+
+
+def read_metadata(path: Path, max_pixels: int = 1_000_000_000) -> dict[str, Any]:
+    """The metadata we (or A1111) wrote into an image: {'parameters': str|None, 'linfusion': dict|None}."""
+    from .images import open_image
+
+    with open_image(path, max_pixels) as image:
+        try:
+            return _metadata(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # text chunks sit after the pixels
+            raise InputImageError(f"{quote(str(path))} is damaged or cut short ({quote(str(exc))})") from None
+
+
+def _metadata(image: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "format": image.format,
+        "size": f"{image.width}x{image.height}",
+        "parameters": None,
+        "linfusion": None,
+    }
+    where = next((spec.metadata for spec in OUTPUT_FORMATS.values() if spec.pillow == image.format), "exif")
+    if where == "png-text":
+        text = getattr(image, "text", None) or {}
+        info["parameters"] = text.get(PNG_TEXT_KEY) or image.info.get(PNG_TEXT_KEY)
+        raw_json = text.get(PNG_JSON_KEY) or image.info.get(PNG_JSON_KEY)
+        if isinstance(raw_json, str):
+            with contextlib.suppress(ValueError):
+                info["linfusion"] = load_json(raw_json)
+    elif where == "tiff":
+        info["parameters"] = image.tag_v2.get(TIFF_DESCRIPTION)
+    else:
+        raw = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+        info["parameters"] = _decode_user_comment(raw)
+    return info
