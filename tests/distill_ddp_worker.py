@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from linfusion_cli.linfusion.distill import DistillConfig, distill
+from linfusion_cli.train.distill import DistillConfig, distill
 
 if __name__ == "__main__":
     data, out, dump = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

@@ -11,7 +11,7 @@ from PIL import Image
 
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.batch import resolve_shard
+from linfusion_cli.core.shards import resolve_shard
 
 FAST = ["--model", "tiny", "--size", "128", "--steps", "2"]
 

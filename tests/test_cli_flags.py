@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.config import JOB_KEYS
+from linfusion_cli.core.settings import job_keys
 
 # flag arguments -> the job fields they must set (anything not listed keeps its default)
 GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
@@ -74,14 +74,14 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
 
 @pytest.fixture
 def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """runner.generate replaced by a recorder: what the CLI hands the core, and nothing run."""
-    import linfusion_cli.core.runner as runner
+    """run.generate replaced by a recorder: what the CLI hands the core, and nothing run."""
+    import linfusion_cli.core.run as runner
 
     calls: dict[str, Any] = {}
 
-    def fake_generate(job: Any, options: Any, **kwargs: Any) -> dict[str, Any]:
+    def fake_generate(job: Any, options: Any, **kwargs: Any) -> Any:
         calls.update(job=job, options=options, **kwargs)
-        return {"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}
+        return runner.Generated({"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}})
 
     monkeypatch.setattr(runner, "generate", fake_generate)
     return calls
@@ -94,10 +94,10 @@ def _invoke(runner: Any, *args: str) -> Any:
 
 
 def _assert_job(job: Any, expected: dict[str, Any]) -> None:
-    from linfusion_cli.core.config import JobSpec
+    from linfusion_cli.core.settings import JobSpec
 
     default = JobSpec()
-    for key in JOB_KEYS:
+    for key in job_keys():
         want = expected.get(key, getattr(default, key))
         if key == "prompt":
             continue
@@ -116,7 +116,7 @@ def test_every_generate_job_flag_is_covered() -> None:
     import typer.main
 
     command = typer.main.get_command(app).commands["generate"]  # type: ignore[attr-defined]
-    job_params = {p.name for p in command.params if p.name in JOB_KEYS} - {"prompt"}
+    job_params = {p.name for p in command.params if p.name in job_keys()} - {"prompt"}
     tested = {key for _, expected in GENERATE_FLAGS for key in expected}
     assert job_params <= tested, job_params - tested
 
@@ -144,10 +144,10 @@ def test_generate_run_options(runner, core, tmp_path: Path) -> None:
 
 
 def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.io.images as images
+    import linfusion_cli.core.api as api
 
     pixels = np.zeros((64, 96, 3), np.uint8)
-    monkeypatch.setattr(images, "load_rgb", lambda path, limit=None: pixels)
+    monkeypatch.setattr(api, "load_rgb", lambda path, limit=None: pixels)
     image = tmp_path / "in.png"
     _invoke(
         runner, "upscale", str(image), "--quiet", "--size", "2k", "--prompt", "a hill", "--strength", "0.3",
@@ -162,24 +162,24 @@ def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 
 def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.core.runner as runner_module
+    import linfusion_cli.core.api as api
 
     seen: dict[str, Any] = {}
 
-    def fake_plan_for(job: Any, options: Any, *, seed: int) -> tuple[Any, Any]:
+    def fake_plan_for(job: Any, options: Any, *, seed: int) -> Any:
         seen["job"] = job
-        return None, None
+        return None
 
     summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
     summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
-    monkeypatch.setattr(runner_module, "plan_for", fake_plan_for)
-    monkeypatch.setattr(runner_module, "plan_summary", lambda prep, family, device, dtype: summary)
+    monkeypatch.setattr(api, "plan_for", fake_plan_for)
+    monkeypatch.setattr(api, "plan_summary", lambda prep, device, dtype: summary)
     _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")
     _assert_job(seen["job"], {"size": 8192, "aspect": "2:1", "low_vram": True, "max_vram": 20.0, "format": "tiff"})
 
 
 def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.core.batch as batch
+    import linfusion_cli.core.api as batch  # where the API calls it
 
     seen: dict[str, Any] = {}
 
@@ -199,7 +199,7 @@ def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def test_batch_random_base_seed(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.core.batch as batch
+    import linfusion_cli.core.api as batch  # where the API calls it
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(

@@ -81,7 +81,7 @@ def test_version_names_the_stack(runner) -> None:
         (["generate", "a", "red", "fox"], 'quotes: linfusion generate "a red fox"'),
         (["generate", "x", "--sizee", "3"], "no such option: --sizee"),
         (["generat"], "no such command 'generat'"),
-        (["generate", "x", "--steps", "many"], "'--steps'"),
+        (["generate", "x", "--steps", "many"], "--steps: must be a whole number, got 'many'"),
         (["generate"], "missing argument 'PROMPT'"),
         (["plan", "--low-vram", "true", "extra"], "unexpected extra"),
         (["generate", "x", "--low-vram", "true"], "on/off flags take no value"),

@@ -6,8 +6,8 @@ import pytest
 
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.base.sizes import parse_aspect, resolve_target
-from linfusion_cli.core.config import FLAGS, merge_layers, validate_layer
 from linfusion_cli.core.jobs import resolve_job
+from linfusion_cli.core.settings import FLAGS, merge_layers, validate_layer
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from linfusion_cli.base.settings import EngineSpec
 from linfusion_cli.base.sizes import resolve_target
-from linfusion_cli.core.config import EngineSpec, JobSpec
 from linfusion_cli.core.planning import make_plan
+from linfusion_cli.core.settings import JobSpec
 from linfusion_cli.engine.pipeline import Engine
 from linfusion_cli.linfusion.attention import LinFusionAttention
-from linfusion_cli.linfusion.patching import self_attention_layers
-from linfusion_cli.models.controlnet import ControlNetPatch, build_tiny
+from linfusion_cli.models.adapters import engine_spec
+from linfusion_cli.models.controlnet.load import build_tiny
+from linfusion_cli.models.controlnet.patch import ControlNetPatch
+from linfusion_cli.models.modules import self_attention_layers
 
 CPU = torch.device("cpu")
 STEPS = 4
@@ -42,7 +45,7 @@ def _job(model: str = "tiny", **control: object) -> JobSpec:
 
 
 def _render(engine: Engine, job: JobSpec) -> np.ndarray:
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     plan = make_plan(resolve_target(256), native=128, schedule_steps=STEPS)
     return engine.generate(job, plan, seed=3).image
 
@@ -100,7 +103,7 @@ def test_attn1_layers_patched_from_the_unets_linfusion_and_removed_exactly(engin
 
 def test_linfusion_off_leaves_the_controlnet_quadratic() -> None:
     engine = Engine.load(EngineSpec("tiny", "none"), device=CPU, dtype=torch.float32)
-    engine.use(EngineSpec("tiny", "none", controlnets=EngineSpec.of(_job(controlnet=["tiny"])).controlnets))
+    engine.use(EngineSpec("tiny", "none", adapters=engine_spec(_job(controlnet=["tiny"])).adapters))
     info = engine.adapters[0].describe()
     assert info["linfusion_layers"] == 0 and info["quadratic_layers"] == 3
 
@@ -133,7 +136,7 @@ def test_single_file_with_missing_tensors_is_refused(engine: Engine, tmp_path: P
     path = tmp_path / "cut.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"controlnet_mid_block\.weight"):
-        engine.use(EngineSpec.of(_job(controlnet=[str(path)])))
+        engine.use(engine_spec(_job(controlnet=[str(path)])))
     engine.use(EngineSpec("tiny"))
 
 
@@ -143,7 +146,7 @@ def test_sdxl_controlnet_gets_the_size_conditioning(tmp_path: Path) -> None:
     job = JobSpec(prompt="a box", model="tiny-sdxl", steps=2)
     plain = xl.generate(job, plan, seed=1).image
     job.controlnet, job.control_image = ["tiny"], [str(_write_png(tmp_path))]
-    xl.use(EngineSpec.of(job))
+    xl.use(engine_spec(job))
     assert xl.adapters[0].describe()["linfusion_layers"] == 5  # 1 + 2 transformer blocks down, 2 in the mid block
     assert not np.array_equal(xl.generate(job, plan, seed=1).image, plain)
 
@@ -245,7 +248,7 @@ def test_sdxl_single_file_controlnet_is_refused_on_a_loaded_sd15_engine(engine: 
     path = tmp_path / "xl.safetensors"
     save_file({k: v.contiguous() for k, v in build_tiny(xl.comps).state_dict().items()}, str(path))
     with pytest.raises(UsageError, match=r"made for tiny SDXL-shaped, but the model is tiny SD-1\.x-shaped"):
-        engine.use(EngineSpec.of(_job(controlnet=[str(path)])))
+        engine.use(engine_spec(_job(controlnet=[str(path)])))
     assert engine.adapters == []
     engine.use(EngineSpec("tiny"))
 
@@ -279,7 +282,7 @@ def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], m
 def test_estimates_count_each_controlnets_residuals_and_image() -> None:
     from linfusion_cli.engine.memory import MemoryPlanner, settings_ladder
     from linfusion_cli.models.archs import ARCHS
-    from linfusion_cli.models.controlnet import activation_channels, residual_channels
+    from linfusion_cli.models.controlnet.kind import activation_channels, residual_channels
 
     sd15 = ARCHS["sd15"].unet
     # conv_in 320, 2 x 320 + 320/4, (2 x 640 + 640/4)/4, (2 x 1280 + 1280/4)/16, 2 x 1280/64, mid 1280/64
@@ -318,14 +321,14 @@ def test_plan_includes_controlnets(runner, control_png: Path) -> None:
 def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> None:
     from linfusion_cli.engine import memory
 
-    engine.use(EngineSpec.of(_job(controlnet=["tiny"])))
+    engine.use(engine_spec(_job(controlnet=["tiny"])))
     frugal = memory.settings_ladder(low_vram=True)[0]
-    memory.apply_settings(engine.comps.unet, frugal, *engine._adapter_modules())
+    memory.apply_settings(engine.comps.unet, frugal, *engine.adapter_modules())
     model = engine.adapters[0].model
     attention = [m for m in model.modules() if isinstance(m, LinFusionAttention)]
     assert len(attention) == 3 and all(m.token_chunk == frugal.attn_chunk for m in attention)
     assert all("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "FeedForward")
-    memory.apply_settings(engine.comps.unet, memory.settings_ladder()[0], *engine._adapter_modules())
+    memory.apply_settings(engine.comps.unet, memory.settings_ladder()[0], *engine.adapter_modules())
     assert all(m.token_chunk is None for m in attention)
     engine.use(EngineSpec("tiny"))
 
@@ -431,7 +434,7 @@ def test_a_preset_carries_controlnet_settings(tmp_path: Path, runner, control_pn
 
 def test_demofusions_global_pass_dilates_the_controlnet_with_the_unet(engine: Engine) -> None:
     job = _job(controlnet=["tiny"], control_image=["previous"], refine="demofusion")
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     model = engine.adapters[0].model
     seen: list[tuple[int, int]] = []
     hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.dilation))
@@ -471,14 +474,14 @@ def test_folder_with_only_fp16_weights_loads_and_bin_only_is_named(engine: Engin
     half = tmp_path / "half"
     model.save_pretrained(half, variant="fp16")
     assert (half / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    engine.use(EngineSpec.of(_job(controlnet=[str(half)])))
+    engine.use(engine_spec(_job(controlnet=[str(half)])))
     loaded = engine.adapters[0].model
     assert next(loaded.parameters()).dtype == torch.float32
     assert torch.equal(loaded.controlnet_mid_block.weight, model.controlnet_mid_block.weight)
     old = tmp_path / "old"
     model.save_pretrained(old, safe_serialization=False)
     with pytest.raises(ModelLoadError, match="only safetensors weights are read"):
-        engine.use(EngineSpec.of(_job(controlnet=[str(old)])))
+        engine.use(engine_spec(_job(controlnet=[str(old)])))
     engine.use(EngineSpec("tiny"))
 
 

@@ -11,6 +11,7 @@ import torch
 
 from linfusion_cli.cli.commands import app
 from linfusion_cli.engine import memory
+from linfusion_cli.models.devices import vae_dtype
 from linfusion_cli.models.families import FAMILIES, family_or_none
 from linfusion_cli.models.hub import model_source
 from linfusion_cli.models.loading import load_components
@@ -110,7 +111,7 @@ def test_unmeasurable_free_memory_is_unknown_not_invented(monkeypatch: pytest.Mo
     ],
 )
 def test_vae_upcast_by_family(family: str | None, config: dict, dtype: torch.dtype, expected: torch.dtype) -> None:
-    assert memory.vae_dtype(config, dtype, FAMILY[family] if family else None) == expected
+    assert vae_dtype(config, dtype, FAMILY[family] if family else None) == expected
 
 
 @pytest.mark.parametrize(

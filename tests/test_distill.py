@@ -14,8 +14,8 @@ from PIL import Image
 from linfusion_cli.base.errors import Interrupted, OutputError
 from linfusion_cli.base.events import CancelToken
 from linfusion_cli.cli.commands import app
-from linfusion_cli.linfusion.distill import DistillConfig, TrainStep, distill
-from linfusion_cli.linfusion.distill_ckpt import STATE_JSON, STATE_PT
+from linfusion_cli.train.distill import DistillConfig, TrainStep, distill
+from linfusion_cli.train.distill_ckpt import STATE_JSON, STATE_PT
 
 RES = 64  # the tiny UNet at 8x8 latents: every level still runs
 
@@ -69,7 +69,7 @@ def trained(images: Path, tmp_path_factory: pytest.TempPathFactory):
 
 # --- the recipe ----------------------------------------------------------------------------------------------
 def test_loss_falls_and_features_move_towards_the_teacher(trained, images: Path) -> None:
-    from linfusion_cli.linfusion.distill_eval import evaluate
+    from linfusion_cli.train.distill_eval import evaluate
 
     _, steps, out = trained
     assert [s.step for s in steps] == list(range(1, 31))
@@ -87,8 +87,8 @@ def test_loss_falls_and_features_move_towards_the_teacher(trained, images: Path)
 
 
 def test_only_linfusion_trains_and_the_teacher_is_the_same_unet(images: Path, tmp_path: Path) -> None:
-    from linfusion_cli.linfusion.distill import build_student, dist_from_env
     from linfusion_cli.models.loading import build_random
+    from linfusion_cli.train.distill import build_student, dist_from_env
 
     comps = build_random("tiny")
     frozen = {k: v.clone() for k, v in comps.unet.state_dict().items()}
@@ -114,8 +114,8 @@ def test_only_linfusion_trains_and_the_teacher_is_the_same_unet(images: Path, tm
 def test_v_prediction_models_learn_the_v_target(images: Path, tmp_path: Path) -> None:
     import torch.nn.functional as F
 
-    from linfusion_cli.linfusion.distill import build_student, dist_from_env
     from linfusion_cli.models.loading import build_random
+    from linfusion_cli.train.distill import build_student, dist_from_env
 
     comps = build_random("tiny-sd2")
     assert comps.prediction_type == "v_prediction"
@@ -237,7 +237,7 @@ def test_resume_from_another_model_exits_2_naming_both(images: Path, runner, tmp
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(images: Path, tmp_path: Path, monkeypatch) -> None:
-    from linfusion_cli.linfusion import distill_ckpt
+    from linfusion_cli.train import distill_ckpt
 
     real_save = torch.save
     calls = {"n": 0}
@@ -268,7 +268,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(images: Path, tmp_p
 
 # --- data ---------------------------------------------------------------------------------------------------
 def test_data_layouts_give_the_same_samples(tmp_path: Path) -> None:
-    from linfusion_cli.linfusion.distill_data import find_samples
+    from linfusion_cli.train.distill_data import find_samples
 
     kohya = make_images(tmp_path / "kohya", 3)
     expected = [(p.name, p.with_suffix(".txt").read_text().strip()) for p in sorted(kohya.glob("*.png"))]
@@ -297,7 +297,7 @@ def test_data_layouts_give_the_same_samples(tmp_path: Path) -> None:
     ],
 )
 def test_bad_data_exits_2_before_loading_a_model(setup: str, message: str, runner, tmp_path: Path, monkeypatch) -> None:
-    from linfusion_cli.linfusion import distill as core
+    from linfusion_cli.train import distill as core
 
     monkeypatch.setattr(core, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     data = tmp_path / "data"
@@ -322,7 +322,7 @@ def test_bad_data_exits_2_before_loading_a_model(setup: str, message: str, runne
 
 
 def test_resize_and_centre_crop(tmp_path: Path) -> None:
-    from linfusion_cli.linfusion.distill_data import load_square
+    from linfusion_cli.train.distill_data import load_square
 
     wide = np.zeros((40, 120, 3), dtype=np.uint8)
     wide[:, 40:80] = 255  # the middle third white: the centre crop of a 3:1 image
@@ -429,7 +429,7 @@ def test_command_progress_table_json_and_eval_on_held_out_samples(runner, tmp_pa
 
 
 def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
-    from linfusion_cli.linfusion.distill import Dist, process_device
+    from linfusion_cli.train.distill import Dist, process_device
 
     chosen: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.batch import resolve_shard, slurm_shard
+from linfusion_cli.core.shards import resolve_shard, slurm_shard
 
 FAST = ["--model", "tiny", "--size", "64", "--steps", "1"]
 
@@ -479,7 +479,7 @@ def test_pillow_bomb_guard_is_left_as_it_was(tmp_path: Path) -> None:
 def test_writer_never_records_a_job_twice_nor_hides_a_broken_stream(tmp_path: Path) -> None:
     from linfusion_cli.core.batch import run_batch
     from linfusion_cli.core.jobs import flags_layer
-    from linfusion_cli.core.runner import RunOptions
+    from linfusion_cli.core.prepare import RunOptions
 
     seen: list[dict] = []
 

@@ -110,7 +110,7 @@ def test_read_only_output_folder(runner, tmp_path: Path) -> None:
 
 
 def test_unwritable_output_is_reported_before_loading(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.io.output as output
+    import linfusion_cli.core.run as output  # where the run calls it
 
     def denied(folder: Path) -> Path:
         raise OutputError(f"output folder {folder} is not writable: Permission denied")
@@ -162,10 +162,10 @@ def test_out_of_memory_twice_is_a_clear_error(runner, tmp_path: Path) -> None:
 
 
 def test_nan_output_fails_the_job_with_a_reason(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
+    import linfusion_cli.engine.stages as stages
 
-    real = pipeline.denoise
-    monkeypatch.setattr(pipeline, "denoise", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = stages.denoise
+    monkeypatch.setattr(stages, "denoise", lambda *a, **k: real(*a, **k) * float("nan"))
     result = runner.invoke(app, ["generate", "x", *FAST, "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 1 and "NaN" in result.stderr and list(tmp_path.iterdir()) == []
 

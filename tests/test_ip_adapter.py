@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from linfusion_cli.base.settings import AdapterRef
 from linfusion_cli.base.sizes import resolve_target
-from linfusion_cli.core.config import AdapterRef, EngineSpec, JobSpec
 from linfusion_cli.core.planning import make_plan
+from linfusion_cli.core.settings import JobSpec
 from linfusion_cli.engine.pipeline import Engine
+from linfusion_cli.models.adapters import engine_spec
 from linfusion_cli.models.loading import build_random
 
 CPU = torch.device("cpu")
@@ -46,7 +48,7 @@ def _engine(arch: str = "tiny", linfusion: str = "auto") -> Engine:
 
 
 def _generate(engine: Engine, job: JobSpec, seed: int = 7) -> np.ndarray:
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     plan = make_plan(resolve_target(job.size), native=128, schedule_steps=job.steps)
     return engine.generate(job, plan, seed).image
 
@@ -101,7 +103,7 @@ def test_embedding_is_computed_once_per_job_across_stages(tmp_path: Path) -> Non
     image = _ref_image(tmp_path / "ref.png")
     engine = _engine()
     job = _job(image, size=512, steps=4)  # base 128 px + 2 refine stages
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     adapter = engine.adapters[0]
     calls: list[tuple[int, ...]] = []
     adapter.encoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
@@ -136,12 +138,12 @@ def test_without_guidance_only_the_positive_row(tmp_path: Path) -> None:
 
 
 def test_guidance_split_into_two_calls_gets_one_row_each(tmp_path: Path) -> None:
-    from linfusion_cli.engine.sampling import StageInputs, _predict
+    from linfusion_cli.engine.sampling import Guided, StageInputs
     from linfusion_cli.engine.text import encode_prompt
 
     engine = _engine()
     job = _job(_ref_image(tmp_path / "ref.png"))
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     adapter = engine.adapters[0]
     adapter.begin_job(job, CPU)
     plan = make_plan(resolve_target(128), native=128, schedule_steps=2)
@@ -149,8 +151,8 @@ def test_guidance_split_into_two_calls_gets_one_row_each(tmp_path: Path) -> None
     cond = encode_prompt(engine.comps, job.prompt, "", job.guidance, CPU)
     x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
     unet = engine.comps.unet
-    joined = _predict(unet, x, t, StageInputs(cond, job.guidance, (128, 128), extras=extras))
-    split = _predict(unet, x, t, StageInputs(cond, job.guidance, (128, 128), cfg_split=True, extras=extras))
+    joined = Guided(unet, StageInputs(cond, job.guidance, (128, 128), extras=extras))(x, t)
+    split = Guided(unet, StageInputs(cond, job.guidance, (128, 128), cfg_split=True, extras=extras))(x, t)
     assert torch.allclose(joined, split, atol=1e-5)
 
 
@@ -227,7 +229,7 @@ def test_loads_h94_folder_and_matches_diffusers_own_loader(tmp_path: Path) -> No
     """Our install (by attn2 name, LinFusion-safe) gives the UNet diffusers' own IP-Adapter loader gives."""
     from safetensors.torch import load_file
 
-    from linfusion_cli.models import ip_adapter
+    from linfusion_cli.models.ip_adapter import adapter as ip_adapter
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     ours = build_random("tiny")
@@ -416,7 +418,7 @@ def test_batch_switches_ip_adapters_on_one_loaded_model(
 def test_hub_id_from_the_cache_offline_picks_the_familys_file(tmp_path: Path, hub_cache: Path, runner: Any) -> None:
     from layouts import into_hub_cache
 
-    from linfusion_cli.models import ip_adapter
+    from linfusion_cli.models.ip_adapter import adapter as ip_adapter
 
     _write_h94(tmp_path / "IP-Adapter", "tiny")
     _write_h94(tmp_path / "IP-Adapter", "tiny-sdxl")
@@ -461,14 +463,14 @@ def test_stacks_with_lora_and_controlnet_and_comes_off_exactly(tmp_path: Path) -
 
 @pytest.fixture
 def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """runner.generate replaced by a recorder: the job the CLI hands the core."""
-    import linfusion_cli.core.runner as runner_module
+    """run.generate replaced by a recorder: the job the CLI hands the core."""
+    import linfusion_cli.core.run as runner_module
 
     calls: dict[str, Any] = {}
 
-    def fake_generate(job: Any, options: Any, **kwargs: Any) -> dict[str, Any]:
+    def fake_generate(job: Any, options: Any, **kwargs: Any) -> Any:
         calls.update(job=job, **kwargs)
-        return {"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}
+        return runner_module.Generated({"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}})
 
     monkeypatch.setattr(runner_module, "generate", fake_generate)
     return calls
@@ -481,7 +483,7 @@ def test_flags_presets_and_upscale_fill_the_job(runner: Any, tmp_path: Path, cor
     assert _cli(runner, "generate", "a fox", "--preset", str(preset), "--quiet").exit_code == 0
     assert core["job"].ip_adapter == ["tiny:0.4"] and core["job"].ip_image == ref
     assert core["job"].sources["ip_adapter"].startswith("preset")
-    assert EngineSpec.of(core["job"]).ip_adapters == (AdapterRef("tiny", 0.4),)
+    assert engine_spec(core["job"]).refs("ip_adapters") == (AdapterRef("tiny", 0.4),)
 
     result = _cli(runner, "upscale", ref, "--size", "256", "--ip-adapter", "tiny:0.8", "--ip-image", ref, "--quiet")
     assert result.exit_code == 0, result.stderr
@@ -501,7 +503,7 @@ def test_full_face_variant_reads_hidden_states_once_per_job(tmp_path: Path) -> N
     engine = _engine()
     plain = _generate(engine, _job(None, ip=None, steps=2))
     job = _job(image, ip=str(weights), steps=2)
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     calls: list[int] = []
     engine.adapters[0].encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     seen: list[torch.Tensor] = []
@@ -565,31 +567,31 @@ def test_plus_variant_loads_and_steers(tmp_path: Path) -> None:
 
 def test_which_weight_file_a_folder_gives(tmp_path: Path) -> None:
     from linfusion_cli.base.errors import UsageError
-    from linfusion_cli.models import ip_adapter
     from linfusion_cli.models.families import FAMILIES
+    from linfusion_cli.models.ip_adapter import kind as ip_kind
 
     family = {f.key: f for f in FAMILIES}
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     (weights.parent / "ip-adapter-plus_sd15.safetensors").write_bytes(weights.read_bytes())
     for folder in (tmp_path / "IP-Adapter", weights.parent):  # h94's root, or its models/ folder
-        assert ip_adapter.find_weights(str(folder), family["tiny"]) == weights
+        assert ip_kind.find_weights(str(folder), family["tiny"]) == weights
     with pytest.raises(UsageError, match=re.escape("no sdxl_models/ip-adapter_sdxl.safetensors")):
-        ip_adapter.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sdxl"])
+        ip_kind.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sdxl"])
     with pytest.raises(UsageError, match=re.escape("has no weights for tiny SD-2.x-shaped")):
-        ip_adapter.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sd2"])
+        ip_kind.find_weights(str(tmp_path / "IP-Adapter"), family["tiny-sd2"])
     with pytest.raises(UsageError, match=re.escape("holds 2 .safetensors files")):
-        ip_adapter.find_weights(str(weights.parent), family["tiny-sd2"])
+        ip_kind.find_weights(str(weights.parent), family["tiny-sd2"])
 
 
 def test_token_chunks_give_the_same_prediction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """At high resolution the IP cross-attention runs over chunks of query tokens: same result, bounded memory."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    from linfusion_cli.models import ip_attention
+    from linfusion_cli.models.ip_adapter import attention as ip_attention
 
     engine = _engine()
     job = _job(_ref_image(tmp_path / "ref.png"))
-    engine.use(EngineSpec.of(job))
+    engine.use(engine_spec(job))
     engine.adapters[0].begin_job(job, CPU)
     embeds = [engine.adapters[0]._embeds]
     gen = torch.Generator().manual_seed(0)
@@ -621,7 +623,7 @@ def test_weights_of_another_architecture_are_refused_by_name(tmp_path: Path) -> 
     from safetensors.torch import load_file, save_file
 
     from linfusion_cli.base.errors import UsageError
-    from linfusion_cli.models import ip_adapter
+    from linfusion_cli.models.ip_adapter import adapter as ip_adapter
 
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     flat = load_file(str(weights))

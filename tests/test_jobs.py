@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from linfusion_cli.base.errors import JobFileError
-from linfusion_cli.core.config import FLAGS
 from linfusion_cli.core.jobs import read_job_file, resolve_job
+from linfusion_cli.core.settings import FLAGS
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from linfusion_cli.base.settings import AdapterRef, EngineSpec
 from linfusion_cli.cli.commands import app
-from linfusion_cli.core.config import AdapterRef, EngineSpec
 from linfusion_cli.linfusion.patching import apply_linfusion
+from linfusion_cli.models.adapters import engine_spec
 from linfusion_cli.models.loading import build_random
-from linfusion_cli.models.lora import load as load_lora
-from linfusion_cli.models.lora import tiny_lora
+from linfusion_cli.models.lora.fuse import load as load_lora
+from linfusion_cli.models.lora.fuse import tiny_lora
 
 FAST = ["--model", "tiny", "--size", "256", "--steps", "3", "--seed", "11"]
 
@@ -173,8 +174,8 @@ def test_engine_spec_reads_refs() -> None:
     from linfusion_cli.core.jobs import resolve_job
 
     job = resolve_job({"prompt": "p", "model": "tiny", "lora": ["a.safetensors:0.5", "tiny"]})
-    spec = EngineSpec.of(job)
-    assert spec.loras == (AdapterRef("a.safetensors", 0.5), AdapterRef("tiny", 1.0))
+    spec = engine_spec(job)
+    assert spec.refs("loras") == (AdapterRef("a.safetensors", 0.5), AdapterRef("tiny", 1.0))
     assert spec.base() == EngineSpec("tiny")
     assert AdapterRef.parse("C:/loras/x.safetensors") == AdapterRef("C:/loras/x.safetensors")
     with pytest.raises(ValueError):

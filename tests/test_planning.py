@@ -6,7 +6,8 @@ import pytest
 
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.base.sizes import resolve_target
-from linfusion_cli.core.planning import default_strengths, make_plan, refine_steps
+from linfusion_cli.core.planning import make_plan
+from linfusion_cli.engine.refine.sdedit import default_strengths, refine_steps
 
 
 def sizes(plan) -> list[str]:
@@ -77,15 +78,17 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     import torch
 
     from linfusion_cli.core.jobs import resolve_job
-    from linfusion_cli.core.runner import RunOptions, plan_for, plan_summary
+    from linfusion_cli.core.plan_report import plan_summary
+    from linfusion_cli.core.prepare import RunOptions, plan_for
+    from linfusion_cli.core.run import job_planner
     from linfusion_cli.engine.pipeline import Engine
     from linfusion_cli.models.loading import build_random
 
     job = resolve_job({"prompt": "p", "model": "tiny", "size": 4096, "max_vram": 0.75})
-    prep, family = plan_for(job, RunOptions(), seed=1)
-    shown = [s["memory"] for s in plan_summary(prep, family, "cpu", "fp32")["stages"]]
+    prep = plan_for(job, RunOptions(), seed=1)
+    shown = [s["memory"] for s in plan_summary(prep, torch.device("cpu"), torch.float32)["stages"]]
     engine = Engine.from_components(build_random("tiny"), "none", torch.device("cpu"), torch.float32)
-    planner = engine.memory_planner(job)
+    planner = job_planner(prep, engine)  # the planner the run uses: the plan's, with what the engine measured
     used = [planner.choose(s.width, s.height).settings.name for s in prep.plan.stages]
     assert shown == used
     assert shown[0] == "fast" and shown[-1] == "split"  # the budget really binds at 4096 px
@@ -103,7 +106,7 @@ def test_notes_name_what_is_ignored_and_the_right_reason() -> None:
 
 def test_an_upscale_to_another_shape_says_it_stretches() -> None:
     from linfusion_cli.core.jobs import resolve_job
-    from linfusion_cli.core.runner import RunOptions, prepare
+    from linfusion_cli.core.prepare import RunOptions, prepare
 
     stretched = prepare(
         resolve_job({"prompt": "", "width": 512, "height": 512}, require_prompt=False),

@@ -11,8 +11,9 @@ from torch import nn
 
 from linfusion_cli.base.sizes import resolve_target
 from linfusion_cli.core.jobs import resolve_job
-from linfusion_cli.core.planning import demofusion_steps, demofusion_strengths, make_plan
-from linfusion_cli.engine.refine import (
+from linfusion_cli.core.planning import make_plan
+from linfusion_cli.engine.refine.demofusion import demofusion_steps, demofusion_strengths
+from linfusion_cli.engine.refine.demofusion_ops import (
     DemoFusionGuide,
     DemoFusionParams,
     blur_matched,
@@ -20,7 +21,8 @@ from linfusion_cli.engine.refine import (
     dilated,
     gaussian_kernel,
 )
-from linfusion_cli.engine.sampling import StageInputs, denoise, make_scheduler, stage_timesteps
+from linfusion_cli.engine.sampling import StageInputs, denoise, stage_timesteps
+from linfusion_cli.engine.schedulers import make_scheduler
 
 
 def test_schedules_follow_the_official_formulas() -> None:
@@ -177,13 +179,14 @@ def test_global_branch_runs_dilated(tiny) -> None:
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_demofusion_changes_the_image_and_reports_itself(model: str, tmp_path) -> None:
     from linfusion_cli.core.metadata import a1111_parameters
-    from linfusion_cli.core.runner import RunOptions, generate
+    from linfusion_cli.core.prepare import RunOptions
+    from linfusion_cli.core.run import generate
 
     def run(refine: str) -> dict:
         job = resolve_job(
             {"prompt": "a castle", "model": model, "size": 512, "steps": 6, "seed": 5, "refine": refine, "name": refine}
         )
-        return generate(job, RunOptions(out=tmp_path))
+        return generate(job, RunOptions(out=tmp_path)).report
 
     from PIL import Image
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from linfusion_cli.base.events import Note, StageFinished, StageStarted, StepDone, TilesDone, Working
-from linfusion_cli.cli.common import render_table
+from linfusion_cli.cli.render import render_table
 from linfusion_cli.cli.report import Reporter, stage_table
 
 SETTINGS = {"name": "split", "cfg_split": True, "ff_chunk": 16384, "attn_chunk": None, "vae_budget_gib": None}

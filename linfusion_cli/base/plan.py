@@ -33,11 +33,12 @@ class Plan:
     from_image: bool = False
     refine: str = "sdedit"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    refine_passes: int = 1  # UNet passes per refine step and guidance half (the refine method's)
 
     @property
     def refine_stages(self) -> list[StagePlan]:
         return [s for s in self.stages if s.strength is not None]
 
     def unet_passes(self, stage: StagePlan) -> int:
-        """UNet passes a stage runs per guidance half: demofusion refine stages add a global pass per step."""
-        return stage.steps * (2 if self.refine == "demofusion" and stage.strength is not None else 1)
+        """UNet passes a stage runs per guidance half: a refine method may run more than one per refine step."""
+        return stage.steps * (self.refine_passes if stage.strength is not None else 1)

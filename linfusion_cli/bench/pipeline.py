@@ -13,9 +13,11 @@ import torch
 
 from ..base.plan import Plan
 from ..core.jobs import resolve_job
-from ..core.runner import RunOptions, build_metadata, describe_device, prepare, save_outputs
+from ..core.prepare import RunOptions, prepare
+from ..core.run import build_metadata, save_outputs
 from ..engine import memory
 from ..engine.pipeline import Engine
+from ..models.devices import free_cached
 from ..models.loading import build_random
 from .units import environment
 
@@ -42,7 +44,7 @@ def bench_pipeline(
         folder.mkdir(parents=True, exist_ok=True)
         prep = prepare(job, RunOptions(out=folder, overwrite=True), native=comps.native_size, seed=0)
         result = engine.generate(job, prep.plan, prep.seed)
-        meta = build_metadata(prep, engine, result, describe_device(device))
+        meta = build_metadata(prep, engine, result)
         start = time.perf_counter()
         save_outputs(prep, result.image, meta)
         write_seconds = time.perf_counter() - start
@@ -67,7 +69,7 @@ def bench_pipeline(
         "stages": stages,
     }
     del result, engine
-    memory.free_cached(device)
+    free_cached(device)
     if baseline:
         report["baseline"] = published_recipe(comps, job, prep.plan, device)
         report["speedup_over_baseline"] = round(report["baseline"]["seconds"] / report["seconds"]["generate"], 2)
@@ -85,7 +87,7 @@ def published_recipe(comps: Any, job: Any, plan: Plan, device: torch.device) -> 
     import diffusers
     from PIL import Image
 
-    from ..engine.sampling import make_scheduler
+    from ..engine.schedulers import make_scheduler
 
     scheduler = make_scheduler(job.scheduler, comps.scheduler_config)
     parts: dict[str, Any] = {

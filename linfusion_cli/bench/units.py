@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..engine import memory
 from ..linfusion.attention import LinFusionAttention, phi
 from ..linfusion.patching import apply_linfusion
+from ..models.devices import free_cached
 from ..models.loading import build_random
 
 DEFAULT_UNET_SIZES = {
@@ -46,8 +47,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from ..core.config import dtype_flag
-    from ..core.runner import SCHEMA, describe_device, versions
+    from ..base.precision import dtype_flag
+    from ..core.run import SCHEMA, describe_device, versions
 
     return {
         "schema": SCHEMA,
@@ -153,7 +154,7 @@ def bench_unet(
                     step = functools.partial(_unet_step, comps.unet, inputs)
                     seconds, usage, out = _timed(device, step, repeats)
             except torch.OutOfMemoryError:
-                memory.free_cached(device)
+                free_cached(device)
                 row[mode] = {"skipped": "out of memory"}
                 continue
             row[mode] = {
@@ -164,7 +165,7 @@ def bench_unet(
             if mode == "sdpa":
                 last_sdpa = (tokens, seconds)
             del out
-            memory.free_cached(device)
+            free_cached(device)
         lin, sd = row.get("linfusion", {}), row.get("sdpa", {})
         if "seconds" in lin and "seconds" in sd:
             row["sdpa_over_linfusion"] = round(sd["seconds"] / lin["seconds"], 2)
@@ -331,7 +332,7 @@ def bench_vae(
                 row["diffusers_tiling"] = {"skipped": "out of memory"}
             del ref
         del images, latents
-        memory.free_cached(device)
+        free_cached(device)
         results.append(row)
     return {"bench": "vae", "arch": arch, "floor_tile": FLOOR_TILE, **environment(device, dtype), "results": results}
 
@@ -429,7 +430,7 @@ def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) ->
             }
     if pillow:
         results["speedup"] = round(results["pillow_level1"]["seconds"] / results["linfusion"]["seconds"], 1)
-    from ..core.runner import SCHEMA
+    from ..core.run import SCHEMA
 
     return {
         "schema": SCHEMA,

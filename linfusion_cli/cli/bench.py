@@ -7,25 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import (
-    FLAG,
-    AspectOpt,
-    Command,
-    Group,
-    LowVramOpt,
-    MaxVramOpt,
-    PresetOpt,
-    SchedulerOpt,
-    SizeOpt,
-    StepsOpt,
-    VaeTileOpt,
-    boundary,
-    check_device_flags,
-    emit_json,
-    job_flags,
-    setup_logging,
-    stderr,
-)
+from ..base.settings import BENCH
+from ..core.jobs import flags_layer
+from ..core.plan_report import check_device
+from .boundary import Command, Group, boundary, emit_json, setup_logging, stderr
+from .options import FLAG, with_settings
 
 bench_app = typer.Typer(
     cls=Group, help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True
@@ -51,15 +37,12 @@ def _whole_numbers(text: str, flag: str) -> list[int]:
 
 def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
     from ..base.errors import UsageError
-    from ..engine.memory import resolve_device, resolve_dtype
     from ..models.archs import ARCHS
 
     if arch is not None and arch not in ARCHS:
         raise UsageError(f"--arch {arch!r}: must be one of {', '.join(ARCHS)}")
-    check_device_flags(device, dtype)
     setup_logging("plain")
-    dev = resolve_device(device)
-    return dev, resolve_dtype(dtype, dev)
+    return check_device(device, dtype)
 
 
 @bench_app.command("unet", cls=Command)
@@ -214,16 +197,10 @@ def bench_png_cmd(
 
 
 @bench_app.command("pipeline", cls=Command)
+@with_settings(BENCH)
 def bench_pipeline_cmd(
+    settings: dict[str, Any],
     arch: ArchOpt = "sd15",
-    size: SizeOpt = None,
-    aspect: AspectOpt = None,
-    preset: PresetOpt = None,
-    steps: StepsOpt = None,
-    scheduler: SchedulerOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
-    vae_tile: VaeTileOpt = None,
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Also run the published recipe as its notebooks build it.", **FLAG)
     ] = False,
@@ -235,17 +212,8 @@ def bench_pipeline_cmd(
     from ..bench.pipeline import bench_pipeline
 
     with boundary():
+        flags = flags_layer(settings)
         dev, dt = _bench_setup(arch, device, dtype)
-        flags = job_flags(
-            size=size,
-            aspect=aspect,
-            preset=preset,
-            steps=steps,
-            scheduler=scheduler,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            vae_tile=vae_tile,
-        )
         report = bench_pipeline(arch, flags, dev, dt, out=keep, baseline=baseline)
         stderr.print(
             f"{report['size']} ({arch}, {report['device']}): load {report['seconds']['model_load']} s, "

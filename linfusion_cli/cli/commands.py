@@ -1,90 +1,57 @@
-"""The `linfusion` command: parse, resolve settings, call one core function, render. No torch at import time."""
+"""The `linfusion` command: parse, call the Python API (core/api.py), render. Each job setting's flag comes from
+its declaration (options.with_settings); no torch at import time."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..base.errors import EXIT_SIGINT
+from ..base.events import CancelToken
+from ..base.settings import BATCH, DEVICE_PANEL, GENERATE, OUTPUT_PANEL, PLAN, PROMPT_PANEL, SAMPLER_PANEL, UPSCALE
+from ..core.presets import list_presets, load_preset
+from ..core.replay import job_from_sidecar
+from ..core.settings import FLAGS, JobSpec, coerce
+from ..io.metadata import read_metadata
 from .bench import bench_app
-from .common import (
-    DEVICE_PANEL,
-    FLAG,
-    OUTPUT_PANEL,
-    PROMPT_PANEL,
-    SAMPLER_PANEL,
-    AllowPickleOpt,
-    AspectOpt,
-    BaseSizeOpt,
+from .boundary import (
     Command,
-    ControlEndOpt,
-    ControlImageOpt,
-    ControlNetOpt,
-    ControlStagesOpt,
-    ControlStartOpt,
-    CosineScale1Opt,
-    CosineScale2Opt,
-    CosineScale3Opt,
-    DeviceOpt,
-    DtypeOpt,
-    FormatOpt,
-    GaussianSigmaOpt,
     Group,
-    GuidanceOpt,
-    HeightOpt,
-    IpAdapterOpt,
-    IpImageOpt,
-    JsonOpt,
-    LinOpt,
-    LoraOpt,
-    LowVramOpt,
-    MaxPixelsOpt,
-    MaxVramOpt,
-    ModelOpt,
-    NameOpt,
-    NegativeOpt,
-    OutOpt,
-    OverwriteOpt,
-    PresetOpt,
-    QuietOpt,
-    RefineOpt,
-    SaveStagesOpt,
-    SchedulerOpt,
-    SeedOpt,
-    SizeOpt,
-    StepsOpt,
-    StrengthOpt,
-    StrengthsOpt,
-    VaeOpt,
-    VaeTileOpt,
-    WidthOpt,
-    base_seed_flag,
     boundary,
-    check_device_flags,
-    control_flags,
     emit_json,
-    job_flags,
     output_mode,
-    refine_flags,
     refuse_flag_value_as_prompt,
-    render_plan,
-    render_table,
     setup_logging,
     show_version,
     stderr,
 )
 from .distill import distill as distill_command
+from .options import (
+    FLAG,
+    AllowPickleOpt,
+    DeviceOpt,
+    DryRunOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxPixelsOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SaveStagesOpt,
+    with_settings,
+)
+from .render import render_plan, render_table
+from .report import Reporter, batch_table, stage_table
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from ..core.config import JobSpec
-    from ..core.runner import RunOptions
+    from ..core.api import Generator, Result
 
 app = typer.Typer(
     name="linfusion",
@@ -121,6 +88,58 @@ BATCH_EXAMPLES = """[bold]Examples[/]
   linfusion batch prompts.yaml --preset sd15-16k --json > renders.jsonl
   [dim]# this machine takes jobs 0, 4, 8...:[/]
   linfusion batch prompts.csv --shard 0/4"""
+PROMPT_HELP = "What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word."
+PRESETS_WIDTH = 120
+
+
+def _generator(**options: Any) -> Generator:
+    """The Python API every command is a client of, with this run's options (and, for a batch, the flags)."""
+    from ..core.api import Generator  # lazy: the API imports torch, which --help and usage errors never need
+
+    return Generator(**options)
+
+
+@contextmanager
+def _progress(mode: str) -> Iterator[tuple[Reporter, CancelToken]]:
+    """Progress on stderr while a command runs; SIGINT/SIGTERM stop it at a safe point."""
+    cancel = CancelToken()
+    restore = cancel.install()
+    try:
+        with Reporter(stderr, mode) as reporter:
+            yield reporter, cancel
+    finally:
+        restore()
+
+
+def _render_result(result: Result, mode: str, json_out: bool, title: str = "") -> None:
+    report = result.report
+    if report.get("dry_run"):
+        render_plan(report["plan"], json_out)
+        return
+    if mode != "quiet":
+        caption = f"{title}{report['width']}x{report['height']} -> {report['path']}"
+        render_table(stage_table(report, title=caption), mode)
+    if json_out:
+        emit_json(report)
+
+
+def _run_one(
+    mode: str,
+    json_out: bool,
+    make_job: Callable[[Generator], JobSpec],
+    *,
+    title: str = "",
+    dry_run: bool = False,
+    **run: Any,
+) -> None:
+    """One image: its job resolved and checked (bad input: one line, before anything loads), then made with
+    progress on stderr, then the table or JSON."""
+    generator = _generator(**run)
+    job = make_job(generator)
+    with _progress(mode) as (reporter, cancel):
+        generator.events = reporter
+        result = generator.run(job, dry_run=dry_run, cancel=cancel)
+    _render_result(result, mode, json_out, title)
 
 
 @app.callback()
@@ -140,141 +159,38 @@ def _main(
 
 
 @app.command(cls=Command, epilog=GENERATE_EXAMPLES)
+@with_settings(GENERATE)
 def generate(
-    prompt: Annotated[
-        str,
-        typer.Argument(
-            metavar="PROMPT",
-            help="What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word.",
-            show_default=False,
-        ),
-    ],
-    negative: NegativeOpt = None,
-    preset: PresetOpt = None,
-    size: SizeOpt = None,
-    aspect: AspectOpt = None,
-    width: WidthOpt = None,
-    height: HeightOpt = None,
-    strengths: StrengthsOpt = None,
-    strength: StrengthOpt = None,
-    refine: RefineOpt = None,
-    cosine_scale_1: CosineScale1Opt = None,
-    cosine_scale_2: CosineScale2Opt = None,
-    cosine_scale_3: CosineScale3Opt = None,
-    gaussian_sigma: GaussianSigmaOpt = None,
-    base_size: BaseSizeOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    scheduler: SchedulerOpt = None,
-    seed: SeedOpt = None,
-    model: ModelOpt = None,
-    linfusion: LinOpt = None,
-    vae: VaeOpt = None,
-    lora: LoraOpt = None,
-    controlnet: ControlNetOpt = None,
-    control_image: ControlImageOpt = None,
-    control_start: ControlStartOpt = None,
-    control_end: ControlEndOpt = None,
-    control_stages: ControlStagesOpt = None,
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help=PROMPT_HELP, show_default=False)],
+    settings: dict[str, Any],
     allow_pickle: AllowPickleOpt = False,
-    ip_adapter: IpAdapterOpt = None,
-    ip_image: IpImageOpt = None,
-    vae_tile: VaeTileOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
     out: OutOpt = Path("outputs"),
-    format: FormatOpt = None,
-    name: NameOpt = None,
     overwrite: OverwriteOpt = False,
     save_stages: SaveStagesOpt = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help="Print the stage plan and exit; loads no model.", rich_help_panel=OUTPUT_PANEL, **FLAG
-        ),
-    ] = False,
+    dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
-    from ..core.jobs import resolve_job
-    from ..core.runner import RunOptions
-
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(
-            prompt=prompt,
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            lora=lora,
-            **control_flags(controlnet, control_image, control_start, control_end, control_stages),
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            **refine_flags(refine, strength, cosine_scale_1, cosine_scale_2, cosine_scale_3, gaussian_sigma),
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            name=name,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            ip_adapter=ip_adapter,
-            ip_image=ip_image,
+        run: dict[str, Any] = {
+            "out": out,
+            "device": device,
+            "dtype": dtype,
+            "overwrite": overwrite,
+            "save_stages": save_stages,
+        }
+        _run_one(
+            mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
         )
-        job = resolve_job(flags)
-        check_device_flags(device, dtype)
-        options = RunOptions(
-            out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
-        )
-        _run_and_render(job, options, mode, json_out, dry_run=dry_run)
-
-
-def _run_and_render(
-    job: JobSpec,
-    options: RunOptions,
-    mode: str,
-    json_out: bool,
-    *,
-    dry_run: bool = False,
-    init_image: np.ndarray | None = None,
-    title: str = "",
-) -> None:
-    """Run one job with progress on stderr (SIGINT/SIGTERM stop it at a safe point), then the table/JSON."""
-    from ..base.events import CancelToken
-    from ..core.runner import generate as run_generate
-    from .report import Reporter, stage_table
-
-    cancel = CancelToken()
-    restore = cancel.install()
-    try:
-        with Reporter(stderr, mode) as reporter:
-            report = run_generate(job, options, events=reporter, cancel=cancel, dry_run=dry_run, init_image=init_image)
-    finally:
-        restore()
-    if dry_run:
-        render_plan(report["plan"], json_out)
-        return
-    if mode != "quiet":
-        render_table(
-            stage_table(report, title=f"{title}{report['width']}x{report['height']} -> {report['path']}"), mode
-        )
-    if json_out:
-        emit_json(report)
 
 
 @app.command(cls=Command, epilog=PLAN_EXAMPLES)
+@with_settings(PLAN)
 def plan(
     prompt: Annotated[
         str,
@@ -284,85 +200,22 @@ def plan(
             show_default=False,
         ),
     ] = "",
-    size: SizeOpt = None,
-    aspect: AspectOpt = None,
-    width: WidthOpt = None,
-    height: HeightOpt = None,
-    model: ModelOpt = None,
-    linfusion: LinOpt = None,
-    vae: VaeOpt = None,
-    lora: LoraOpt = None,
-    controlnet: ControlNetOpt = None,
-    control_image: ControlImageOpt = None,
-    control_start: ControlStartOpt = None,
-    control_end: ControlEndOpt = None,
-    control_stages: ControlStagesOpt = None,
-    ip_adapter: IpAdapterOpt = None,
-    ip_image: IpImageOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    seed: SeedOpt = None,
-    scheduler: SchedulerOpt = None,
-    strengths: StrengthsOpt = None,
-    strength: StrengthOpt = None,
-    refine: RefineOpt = None,
-    cosine_scale_1: CosineScale1Opt = None,
-    cosine_scale_2: CosineScale2Opt = None,
-    cosine_scale_3: CosineScale3Opt = None,
-    gaussian_sigma: GaussianSigmaOpt = None,
-    base_size: BaseSizeOpt = None,
-    preset: PresetOpt = None,
-    format: FormatOpt = None,
-    name: NameOpt = None,
-    vae_tile: VaeTileOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
+    settings: dict[str, Any] | None = None,
     out: OutOpt = Path("outputs"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model. On stdout."""
-    from ..core.jobs import resolve_job
-    from ..core.runner import RunOptions, pick_seed, plan_for, plan_summary
-
     setup_logging(output_mode(False))
     with boundary():
         refuse_flag_value_as_prompt(prompt)
-        flags = job_flags(
-            prompt=prompt,
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            lora=lora,
-            **control_flags(controlnet, control_image, control_start, control_end, control_stages),
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            **refine_flags(refine, strength, cosine_scale_1, cosine_scale_2, cosine_scale_3, gaussian_sigma),
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            name=name,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            ip_adapter=ip_adapter,
-            ip_image=ip_image,
-        )
-        job = resolve_job(flags, require_prompt=False)
-        check_device_flags(device, dtype)
-        prep, family = plan_for(job, RunOptions(out=out), seed=pick_seed(job))
-        render_plan(plan_summary(prep, family, device, dtype), json_out)
+        summary = _generator(out=out, device=device, dtype=dtype).plan(prompt, **(settings or {}))
+        render_plan(summary, json_out)
 
 
 @app.command(cls=Command, epilog=UPSCALE_EXAMPLES)
+@with_settings(UPSCALE)
 def upscale(
     image: Annotated[
         Path,
@@ -372,9 +225,7 @@ def upscale(
             show_default=False,
         ),
     ],
-    size: SizeOpt = None,
-    width: WidthOpt = None,
-    height: HeightOpt = None,
+    settings: dict[str, Any],
     prompt: Annotated[
         str,
         typer.Option(
@@ -383,33 +234,6 @@ def upscale(
             rich_help_panel=PROMPT_PANEL,
         ),
     ] = "",
-    strength: StrengthOpt = None,
-    model: ModelOpt = None,
-    linfusion: LinOpt = None,
-    vae: VaeOpt = None,
-    lora: LoraOpt = None,
-    controlnet: ControlNetOpt = None,
-    control_image: ControlImageOpt = None,
-    control_start: ControlStartOpt = None,
-    control_end: ControlEndOpt = None,
-    control_stages: ControlStagesOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    negative: NegativeOpt = None,
-    seed: SeedOpt = None,
-    scheduler: SchedulerOpt = None,
-    strengths: StrengthsOpt = None,
-    refine: RefineOpt = None,
-    cosine_scale_1: CosineScale1Opt = None,
-    cosine_scale_2: CosineScale2Opt = None,
-    cosine_scale_3: CosineScale3Opt = None,
-    gaussian_sigma: GaussianSigmaOpt = None,
-    preset: PresetOpt = None,
-    format: FormatOpt = None,
-    name: NameOpt = None,
-    vae_tile: VaeTileOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     save_stages: SaveStagesOpt = False,
@@ -418,61 +242,32 @@ def upscale(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
-    ip_adapter: IpAdapterOpt = None,
-    ip_image: IpImageOpt = None,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
-    from ..core.jobs import resolve_job
-    from ..core.runner import RunOptions
-    from ..io.images import load_rgb
-
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(
-            image=str(image),
-            prompt=prompt,
-            size=size,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            lora=lora,
-            **control_flags(controlnet, control_image, control_start, control_end, control_stages),
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            seed=seed,
-            scheduler=scheduler,
-            strengths=strengths,
-            **refine_flags(refine, strength, cosine_scale_1, cosine_scale_2, cosine_scale_3, gaussian_sigma),
-            preset=preset,
-            format=format,
-            name=name,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            ip_adapter=ip_adapter,
-            ip_image=ip_image,
-        )
-        job = resolve_job(flags, require_prompt=False)
-        check_device_flags(device, dtype)
-        pixels = load_rgb(image, max_input_pixels)
-        options = RunOptions(
-            out=out,
-            device=device,
-            dtype=dtype,
-            overwrite=overwrite,
-            save_stages=save_stages,
+        run: dict[str, Any] = {
+            "out": out,
+            "device": device,
+            "dtype": dtype,
+            "overwrite": overwrite,
+            "save_stages": save_stages,
+        }
+        _run_one(
+            mode,
+            json_out,
+            lambda gen: gen.job(prompt, require_prompt=False, image=str(image), **settings),
+            title="upscaled: ",
             allow_pickle=allow_pickle,
             max_input_pixels=max_input_pixels,
+            **run,
         )
-        _run_and_render(job, options, mode, json_out, init_image=pixels, title="upscaled: ")
 
 
 @app.command(cls=Command, epilog=BATCH_EXAMPLES)
+@with_settings(BATCH)
 def batch(
     file: Annotated[
         Path,
@@ -480,39 +275,11 @@ def batch(
             metavar="FILE", help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.", show_default=False
         ),
     ],
-    size: SizeOpt = None,
-    aspect: AspectOpt = None,
-    width: WidthOpt = None,
-    height: HeightOpt = None,
-    model: ModelOpt = None,
-    linfusion: LinOpt = None,
-    vae: VaeOpt = None,
-    lora: LoraOpt = None,
-    controlnet: ControlNetOpt = None,
-    control_image: ControlImageOpt = None,
-    control_start: ControlStartOpt = None,
-    control_end: ControlEndOpt = None,
-    control_stages: ControlStagesOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    negative: NegativeOpt = None,
-    scheduler: SchedulerOpt = None,
-    strengths: StrengthsOpt = None,
-    strength: StrengthOpt = None,
-    refine: RefineOpt = None,
-    cosine_scale_1: CosineScale1Opt = None,
-    cosine_scale_2: CosineScale2Opt = None,
-    cosine_scale_3: CosineScale3Opt = None,
-    gaussian_sigma: GaussianSigmaOpt = None,
-    base_size: BaseSizeOpt = None,
-    preset: PresetOpt = None,
-    format: FormatOpt = None,
-    vae_tile: VaeTileOpt = None,
-    low_vram: LowVramOpt = None,
-    max_vram: MaxVramOpt = None,
+    settings: dict[str, Any],
     seed: Annotated[
-        int | None,
+        str | None,
         typer.Option(
+            metavar="INTEGER",
             help="Base seed: a job without its own seed gets BASE + its index; -1 means random \\[default: random].",
             rich_help_panel=SAMPLER_PANEL,
         ),
@@ -544,65 +311,30 @@ def batch(
     ] = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
-    ip_adapter: IpAdapterOpt = None,
-    ip_image: IpImageOpt = None,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
-    from ..base.events import CancelToken
-    from ..core.batch import run_batch
-    from ..core.runner import RunOptions
-    from .report import Reporter, batch_table
-
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        flags = job_flags(  # no seed: --seed is the base seed here
-            size=size,
-            aspect=aspect,
-            width=width,
-            height=height,
-            model=model,
-            linfusion=linfusion,
-            vae=vae,
-            lora=lora,
-            **control_flags(controlnet, control_image, control_start, control_end, control_stages),
-            steps=steps,
-            guidance=guidance,
-            negative=negative,
-            scheduler=scheduler,
-            strengths=strengths,
-            **refine_flags(refine, strength, cosine_scale_1, cosine_scale_2, cosine_scale_3, gaussian_sigma),
-            base_size=base_size,
-            preset=preset,
-            format=format,
-            vae_tile=vae_tile,
-            low_vram=low_vram,
-            max_vram=max_vram,
-            ip_adapter=ip_adapter,
-            ip_image=ip_image,
-        )
-        base_seed = base_seed_flag(seed)
-        check_device_flags(device, dtype)
-        options = RunOptions(
-            out=out, device=device, dtype=dtype, overwrite=overwrite, save_stages=save_stages, allow_pickle=allow_pickle
-        )
-        cancel = CancelToken()
-        restore = cancel.install()
-        try:
-            with Reporter(stderr, mode) as reporter:
-                summary = run_batch(
-                    file,
-                    flags,
-                    options,
-                    base_seed=base_seed,
-                    shard_flag=shard,
-                    fail_fast=fail_fast,
-                    events=reporter,
-                    on_line=emit_json if json_out else None,
-                    cancel=cancel,
-                )
-        finally:
-            restore()
+        base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
+        run: dict[str, Any] = {
+            "out": out,
+            "device": device,
+            "dtype": dtype,
+            "overwrite": overwrite,
+            "save_stages": save_stages,
+        }
+        generator = _generator(allow_pickle=allow_pickle, **run, **settings)
+        with _progress(mode) as (reporter, cancel):
+            generator.events = reporter
+            summary = generator.batch(
+                file,
+                base_seed=base_seed,
+                shard=shard,
+                fail_fast=fail_fast,
+                on_line=emit_json if json_out else None,
+                cancel=cancel,
+            )
         if mode != "quiet":
             render_table(batch_table(summary), mode)
         raise typer.Exit(summary.exit_code)
@@ -628,20 +360,12 @@ def replay(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Regenerate an image from its sidecar: same settings, same seed."""
-    from ..core.replay import job_from_sidecar
-    from ..core.runner import RunOptions
-    from ..io.images import load_rgb
-
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
         job, recorded_dtype = job_from_sidecar(sidecar)
-        options = RunOptions(
-            out=out, device=device, dtype=dtype or recorded_dtype, overwrite=overwrite, allow_pickle=allow_pickle
-        )
-        check_device_flags(device, options.dtype)
-        init_image = load_rgb(job.image) if job.image else None
-        _run_and_render(job, options, mode, json_out, init_image=init_image, title="replayed: ")
+        run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
+        _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
 
 
 @app.command(cls=Command)
@@ -654,8 +378,6 @@ def info(
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
     """Print the generation parameters stored in an image (on stdout)."""
-    from ..io.metadata import read_metadata
-
     with boundary():
         meta = read_metadata(image, max_input_pixels)
         if json_out:
@@ -673,15 +395,13 @@ def presets_list() -> None:
     """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
     from rich.table import Table
 
-    from ..core.presets import list_presets
-
     with boundary():
         table = Table(title="presets", title_justify="left")
         table.add_column("name", no_wrap=True)
         table.add_column("description")
         for preset in list_presets():
             table.add_row(escape(preset.name), escape(preset.description))
-        Console(width=120, emoji=False).print(table)
+        Console(width=PRESETS_WIDTH, emoji=False).print(table)
 
 
 @presets_app.command("show", cls=Command)
@@ -690,8 +410,6 @@ def presets_show(
 ) -> None:
     """Print a preset's description and settings (as YAML)."""
     import yaml
-
-    from ..core.presets import load_preset
 
     with boundary():
         preset = load_preset(name)

@@ -8,26 +8,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import (
-    CHECKPOINT_PANEL,
-    DEVICE_PANEL,
-    EVAL_PANEL,
-    FLAG,
-    MODEL_PANEL,
-    OUTPUT_PANEL,
-    TRAIN_PANEL,
-    AllowPickleOpt,
-    QuietOpt,
-    boundary,
-    check_device_flags,
-    emit_json,
-    output_mode,
-    setup_logging,
-    stderr,
-)
+from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL
+from ..core.plan_report import check_device
+from .boundary import CHECKPOINT_PANEL, EVAL_PANEL, TRAIN_PANEL, boundary, emit_json, output_mode, setup_logging, stderr
+from .options import FLAG, AllowPickleOpt, QuietOpt
 
 if TYPE_CHECKING:
-    from ..linfusion.distill import DistillConfig
+    from ..train.distill import DistillConfig
 
 
 def distill(
@@ -149,13 +136,13 @@ def distill(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Distil LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
-    from ..linfusion.distill import DistillConfig
+    from ..train.distill import DistillConfig
 
     main_rank = os.environ.get("RANK", "0") == "0"
     mode = output_mode(quiet) if main_rank else "quiet"
     setup_logging(mode)
     with boundary():
-        check_device_flags(device, "auto")
+        check_device(device)
         cfg = DistillConfig(
             model=model,
             data=data,
@@ -184,7 +171,7 @@ def distill(
 
 def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> None:
     from ..base.events import CancelToken
-    from ..linfusion.distill import distill as run_distill
+    from ..train.distill import distill as run_distill
     from .report_distill import DistillReporter, distill_table
 
     cancel = CancelToken()
@@ -204,7 +191,7 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
 
 
 def _evaluate(cfg: DistillConfig, mode: str, json_out: bool) -> None:
-    from ..linfusion.distill_eval import evaluate
+    from ..train.distill_eval import evaluate
     from .report_distill import DistillReporter, eval_table
 
     with DistillReporter(stderr, mode) as reporter:

@@ -13,8 +13,8 @@ from typing import Any
 from ..base.errors import JobFileError, UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
-from .config import FLAGS, JobSpec, merge_layers, validate_layer
 from .presets import load_preset
+from .settings import FLAGS, JobSpec, merge_layers, validate_layer
 
 
 def resolve_job(
@@ -39,8 +39,9 @@ def resolve_job(
 
 
 def flags_layer(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The flags the user actually set (None means 'not given'), validated."""
-    return validate_layer({k: v for k, v in values.items() if v is not None}, where=FLAGS)
+    """The flags the user actually set (None means 'not given'), validated; numbers given as text (a flag's
+    value) are read as a prompt file's text cells are."""
+    return validate_layer({k: v for k, v in values.items() if v is not None}, where=FLAGS, from_text=True)
 
 
 # --- prompt files ---------------------------------------------------------------------------------------------

@@ -8,55 +8,16 @@ semantics: int(steps * s)). No torch here: plans are made (and printed) before a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from ..base.errors import UsageError
 from ..base.plan import Plan, StagePlan
 from ..base.sizes import Target, round_side
 from ..base.text import plural
+from ..engine.refine import REFINE_METHODS
 
-FIRST_STRENGTH = 0.4
-LAST_STRENGTH = 0.1
-DEMOFUSION_FIRST_STRENGTH = 0.32  # the official high-resolution pipeline's `upscale_strength`
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
 # 2.15x stage rather than 512 -> 1024 -> 1100), so every refine step is between 1.25x and 2.5x.
 MIN_LAST_STEP = 1.25
-
-
-def default_strengths(count: int, first: float = FIRST_STRENGTH, last: float = LAST_STRENGTH) -> list[float]:
-    """Linear from `first` (first refine stage) to `last` (last one); one stage gets `first`."""
-    if count <= 0:
-        return []
-    if count == 1:
-        return [first]
-    last = min(last, first)
-    return [round(first + (last - first) * i / (count - 1), 4) for i in range(count)]
-
-
-def refine_steps(schedule_steps: int, strength: float) -> int:
-    """How many steps an img2img stage at `strength` runs: int(steps * s), at least 1 unless s is 0."""
-    if strength <= 0:
-        return 0
-    return max(1, min(schedule_steps, int(schedule_steps * strength)))
-
-
-def demofusion_strengths(count: int, first: float = DEMOFUSION_FIRST_STRENGTH) -> list[float]:
-    """The official pipeline's upscale strengths: linspace(first, 0, count + 1) without the final 0."""
-    return [round(first * (1 - i / count), 4) for i in range(count)] if count > 0 else []
-
-
-def demofusion_steps(schedule_steps: int, strength: float) -> int:
-    """ceil(steps * strength), as the official pipeline's `get_timesteps` counts them."""
-    if strength <= 0:
-        return 0
-    return min(schedule_steps, math.ceil(round(schedule_steps * strength, 9)))
-
-
-# How each refine method picks default strengths and counts a stage's steps.
-REFINE_SCHEDULES: dict[str, tuple[Callable[[int, float], list[float]], float, Callable[[int, float], int]]] = {
-    "sdedit": (default_strengths, FIRST_STRENGTH, refine_steps),
-    "demofusion": (demofusion_strengths, DEMOFUSION_FIRST_STRENGTH, demofusion_steps),
-}
 
 
 def _scaled(target: Target, long_side: int) -> tuple[int, int]:
@@ -92,7 +53,7 @@ def make_plan(
     strengths_from: who gave `strengths` when not the --strengths flag (a preset, a prompt file's row).
     refine: the refine method, which sets the default strengths and how a stage's steps are counted.
     """
-    pick_strengths, method_first, count_steps = REFINE_SCHEDULES[refine]
+    method = REFINE_METHODS.get(refine)
     notes: list[str] = []
     if input_size is not None:
         in_long = max(input_size)
@@ -116,7 +77,7 @@ def make_plan(
     if strengths is not None and first_strength is not None:
         notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
     if strengths is None:
-        chosen = pick_strengths(count, first_strength if first_strength is not None else method_first)
+        chosen = method.strengths(count, first_strength if first_strength is not None else method.first_strength)
     else:
         chosen = list(strengths)
         if len(chosen) != count:
@@ -133,7 +94,16 @@ def make_plan(
             )
     stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
     for (w, h), s in zip(refine_sizes, chosen, strict=True):
-        stages.append(StagePlan(len(stages), w, h, s, count_steps(schedule_steps, s)))
+        stages.append(StagePlan(len(stages), w, h, s, method.steps(schedule_steps, s)))
     if target.note:
         notes.insert(0, target.note)
-    return Plan(target, tuple(stages), schedule_steps, native, input_size is not None, refine, tuple(notes))
+    return Plan(
+        target,
+        tuple(stages),
+        schedule_steps,
+        native,
+        input_size is not None,
+        refine,
+        tuple(notes),
+        method.passes_per_step,
+    )

@@ -11,7 +11,7 @@ from typing import Any
 from ..base.errors import UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_yaml, read_regular
-from .config import NOT_IN_PRESETS, validate_layer
+from .settings import not_in_presets, validate_layer
 
 MAX_PRESET_BYTES = 1 << 20
 USER_DIR_ENV = "LINFUSION_HOME"
@@ -78,5 +78,5 @@ def load_preset(name_or_file: str) -> Preset:
     description = data.pop("description", "")
     if not isinstance(description, str):
         raise UsageError(f"preset file {path}: 'description' must be text")
-    settings = validate_layer(data, where=f"preset {path.stem} ({path})", forbidden=NOT_IN_PRESETS)
+    settings = validate_layer(data, where=f"preset {path.stem} ({path})", forbidden=not_in_presets())
     return Preset(path.stem, path, description.strip(), settings)

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import UsageError
+from ..base.precision import dtype_flag
 from ..io.files import ParseError, load_json, read_regular
-from .config import JobSpec, dtype_flag, merge_layers, validate_layer
+from .settings import JobSpec, merge_layers, validate_layer
 
 SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20

@@ -6,17 +6,20 @@ import os
 import resource
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..base.errors import UsageError
+from ..base.precision import AUTO, PRECISIONS
 from ..base.text import plural
+from ..linfusion.attention import LinFusionAttention
+from .refine import REFINE_METHODS
 
 if TYPE_CHECKING:
-    from ..models.families import Family
+    pass
 
 GIB = 1024**3
 VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
@@ -76,10 +79,15 @@ def torchrun_local_rank(env: Mapping[str, str] | None = None) -> int:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: fp16 on cuda/mps, fp32 on cpu."""
-    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if name == "auto":
+    if name == AUTO:
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    return table[name]
+    return torch_dtype(name)
+
+
+def torch_dtype(flag: str) -> torch.dtype:
+    """torch's dtype for a precision as --dtype spells it (fp16, bf16, fp32)."""
+    dtype: torch.dtype = getattr(torch, PRECISIONS[flag])
+    return dtype
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -119,20 +127,6 @@ def vae_bytes_per_pixel(vae_config: Mapping[str, Any], dtype: torch.dtype) -> fl
     wide = widths[1] if len(widths) > 1 else widths[0]
     itemsize = torch.finfo(dtype).bits // 8
     return (2 * wide + 3 * widths[0]) * itemsize * VAE_SAFETY
-
-
-def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype, family: Family | None) -> torch.dtype:
-    """The VAE's dtype for a run in `dtype`.
-
-    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
-    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
-    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
-    memory and time. A tile that overflows anyway is redone in fp32 (vae.py). An unknown family follows its config.
-    """
-    if dtype != torch.float16:
-        return dtype
-    wants = family.vae_upcast if family is not None else True
-    return torch.float32 if wants and vae_config.get("force_upcast", True) else dtype
 
 
 def vae_budget(device: torch.device, budget: int | None) -> int:
@@ -240,17 +234,6 @@ def peak_vram_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
-def free_cached(device: torch.device) -> None:
-    """Return cached blocks to the driver (between jobs, after an OOM)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
-
-
 # --- memory settings per stage ----------------------------------------------------------------------------
 
 FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders handled)
@@ -262,9 +245,6 @@ FRUGAL_VAE_BUDGET = 1 * GIB
 BYTES_PER_TOKEN_UNCHUNKED = 15_600
 BYTES_PER_TOKEN_FF_CHUNKED = 10_000
 ATTN_CHUNK_SAVING = 0.85
-# demofusion keeps the encoded upscaled latents, their noise, the local prediction and the blurred latents
-# (4 channels, fp32 each) beside the UNet's activations; its global branch is a second pass, not a wider one.
-REFINE_BYTES_PER_TOKEN = {"demofusion": 4 * 4 * 4}
 REFERENCE_WIDTH = 320
 
 
@@ -385,12 +365,16 @@ class MemoryPlanner:
             settings_ladder(low_vram, max_vram),
             device_budget(device, max_vram),
             top_width,
-            torch.finfo(dtype).bits // 8,
+            dtype_bytes(dtype),
             weights,
             guidance > 1.0,
-            REFINE_BYTES_PER_TOKEN.get(refine, 0),
+            REFINE_METHODS.get(refine).extra_bytes_per_token,
             control_channels,
         )
+
+    def measured(self, weights: int, top_width: int, control_channels: float, budget: int | None) -> MemoryPlanner:
+        """This planner with what a loaded engine measured in place of the estimates made before loading."""
+        return replace(self, weights=weights, top_width=top_width, control_channels=control_channels, budget=budget)
 
     def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
         unet = estimate_unet_peak(
@@ -421,8 +405,6 @@ class MemoryPlanner:
 def apply_settings(unet: nn.Module, settings: MemorySettings, *more: nn.Module) -> None:
     """Switch feed-forward and LinFusion chunking on the UNet (and `more` models that run beside it, such as
     ControlNets) to `settings` (undoable: None restores)."""
-    from ..linfusion.attention import LinFusionAttention
-
     for module in (m for model in (unet, *more) for m in model.modules()):
         if isinstance(module, LinFusionAttention):
             module.token_chunk = settings.attn_chunk
@@ -453,18 +435,6 @@ def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
     ff.forward = forward  # type: ignore[method-assign]
 
 
-def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_device: bool) -> None:
-    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs)."""
-    if device.type == "cpu":
-        return
-    target = device if on_device else torch.device("cpu")
-    for encoder in encoders:
-        if next(encoder.parameters()).device != target:
-            encoder.to(target)
-    if not on_device:
-        free_cached(device)
-
-
 def device_budget(device: torch.device, max_vram: float | None) -> int | None:
     """Bytes a run may plan with: --max-vram, else what is free plus what this process already holds; None
     where free memory cannot be measured."""
@@ -475,6 +445,10 @@ def device_budget(device: torch.device, max_vram: float | None) -> int | None:
         return None
     held = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
     return free + held
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
 
 def module_bytes(*modules: nn.Module) -> int:

@@ -1,41 +1,20 @@
-"""Schedulers by name and the denoising loop of one stage (text-to-image or SDEdit img2img)."""
+"""The denoising loop of one stage (text-to-image or SDEdit img2img), and the model it calls, composed per stage
+from small wrappers in the manner of k-diffusion (`CFGDenoiser`): the scheduler's input scaling around
+classifier-free guidance around the one UNet call (adapters' extras merged in); a refine method's guide adds one
+more wrapper (demofusion's global branch) and adjusts the latents before each step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.config import SCHEDULER_TABLE
+from ..models.adapter_kind import UNetExtra
+from .refine import StageGuide
 from .text import Conditioning
-
-
-def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
-    """A fresh scheduler (they hold per-run state) from the model's scheduler config."""
-    import diffusers
-
-    class_name, overrides = SCHEDULER_TABLE[name]
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    return getattr(diffusers, class_name).from_config(config, **overrides)
-
-
-class UNetExtra(Protocol):
-    """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
-    embeddings): given the call's inputs, the extra UNet keyword arguments. `added_cond_kwargs` is the family's
-    (SDXL's text_embeds/time_ids, else None); `rows` selects the guidance halves in this call (0: unconditional,
-    1: conditional)."""
-
-    def __call__(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        added_cond_kwargs: dict[str, Any] | None,
-        rows: slice,
-    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -61,22 +40,42 @@ def _added_cond(inputs: StageInputs, rows: slice, device: torch.device, dtype: t
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.repeat(pooled.shape[0], 1)}
 
 
-def _predict(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
-    """The guided noise (or v) prediction for latents x (1, 4, h, w)."""
-    dtype = next(unet.parameters()).dtype
-    embeds = inputs.cond.embeds.to(x.device, dtype)
-    rows = embeds.shape[0]
+class Guided:
+    """Classifier-free guidance around the UNet: (model input x (1, 4, h, w), t) -> the guided noise (or v)
+    prediction in fp32; the two halves as one batch of 2, or as two batch-1 calls (`cfg_split`)."""
 
-    def call(sample: torch.Tensor, sl: slice) -> torch.Tensor:
-        return unet_call(unet, sample.to(dtype), t, embeds[sl], _added_cond(inputs, sl, x.device, dtype), inputs, sl)
+    def __init__(self, unet: nn.Module, inputs: StageInputs) -> None:
+        self.unet = unet
+        self.inputs = inputs
 
-    if rows == 1:
-        return call(x, slice(0, 1))
-    if inputs.cfg_split:
-        uncond, text = call(x, slice(0, 1)), call(x, slice(1, 2))
-    else:
-        uncond, text = call(torch.cat([x, x]), slice(0, 2)).chunk(2)
-    return uncond + inputs.guidance * (text - uncond)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        unet, inputs = self.unet, self.inputs
+        dtype = next(unet.parameters()).dtype
+        embeds = inputs.cond.embeds.to(x.device, dtype)
+        rows = embeds.shape[0]
+
+        def call(sample: torch.Tensor, sl: slice) -> torch.Tensor:
+            added = _added_cond(inputs, sl, x.device, dtype)
+            return unet_call(unet, sample.to(dtype), t, embeds[sl], added, inputs.extras, sl)
+
+        if rows == 1:
+            return call(x, slice(0, 1))
+        if inputs.cfg_split:
+            uncond, text = call(x, slice(0, 1)), call(x, slice(1, 2))
+        else:
+            uncond, text = call(torch.cat([x, x]), slice(0, 2)).chunk(2)
+        return uncond + inputs.guidance * (text - uncond)
+
+
+class Scaled:
+    """The scheduler's input scaling around a denoiser: (latents, t) -> prediction."""
+
+    def __init__(self, inner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler: Any) -> None:
+        self.inner = inner
+        self.scheduler = scheduler
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.scheduler.scale_model_input(latents, t), t)
 
 
 def unet_call(
@@ -85,14 +84,14 @@ def unet_call(
     t: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     added_cond_kwargs: dict[str, Any] | None,
-    inputs: StageInputs,
+    extras: tuple[UNetExtra, ...],
     rows: slice,
 ) -> torch.Tensor:
     """The one place the UNet is called: adapters' extras are merged in (their `added_cond_kwargs` into the
     family's; residual tensors from several adapters summed), and the prediction comes back in fp32."""
     kwargs: dict[str, Any] = {}
     added = dict(added_cond_kwargs or {})
-    for extra in inputs.extras:
+    for extra in extras:
         for key, value in extra(sample, t, encoder_hidden_states, added_cond_kwargs, rows).items():
             if key == "added_cond_kwargs":
                 added.update(value)
@@ -130,22 +129,6 @@ def stage_timesteps(
     return scheduler.timesteps[start:]
 
 
-class StepGuide(Protocol):
-    """Per-step hooks of a refine method (refine.DemoFusionGuide): adjust the latents before a step, and
-    blend extra model passes into the prediction."""
-
-    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor: ...
-
-    def blend(
-        self,
-        local: torch.Tensor,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        scale_input: Callable[[torch.Tensor], torch.Tensor],
-        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor: ...
-
-
 @torch.no_grad()
 def denoise(
     unet: nn.Module,
@@ -155,28 +138,22 @@ def denoise(
     inputs: StageInputs,
     generator: torch.Generator,
     on_step: Callable[[int, int], None],
-    guide: StepGuide | None = None,
+    guide: StageGuide | None = None,
 ) -> torch.Tensor:
     """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
 
-    on_step(done, total) counts steps; a step with a guide includes all of its UNet passes (demofusion's local
-    and global branch), so a step's time in the progress bar is what a step costs.
+    The stage's model is composed here: input scaling around guidance around the UNet, and the guide's wrapper
+    around that. on_step(done, total) counts steps; a step with a guide includes all of its UNet passes
+    (demofusion's local and global branch), so a step's time in the progress bar is what a step costs.
     """
     total = len(timesteps)
-
-    def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return _predict(unet, model_in, t, inputs)
-
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = Scaled(Guided(unet, inputs), scheduler)
+    if guide is not None:
+        model = guide.wrap(model)
     for i, t in enumerate(timesteps):
         if guide is not None:
             latents = guide.before_step(scheduler, t, latents)
-        prediction = predict(scheduler.scale_model_input(latents, t), t)
-        if guide is not None:
-
-            def scale_input(x: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
-                return scheduler.scale_model_input(x, t)
-
-            prediction = guide.blend(prediction, latents, t, scale_input, predict)
+        prediction = model(latents, t)
         latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
         on_step(i + 1, total)
     return latents

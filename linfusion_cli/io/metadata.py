@@ -70,7 +70,7 @@ def encode_image(
     from PIL import Image
 
     out: IO[bytes] = handle if handle is not None else io.BytesIO()
-    spec = OUTPUT_FORMATS[fmt]
+    spec = OUTPUT_FORMATS.get(fmt)
     if spec.metadata == "png-text":
         from .pngfast import write_png
 
@@ -108,7 +108,7 @@ def _metadata(image: Any) -> dict[str, Any]:
         "parameters": None,
         "linfusion": None,
     }
-    where = next((spec.metadata for spec in OUTPUT_FORMATS.values() if spec.pillow == image.format), "exif")
+    where = next((spec.metadata for spec in OUTPUT_FORMATS if spec.pillow == image.format), "exif")
     if where == "png-text":
         text = getattr(image, "text", None) or {}
         info["parameters"] = text.get(PNG_TEXT_KEY) or image.info.get(PNG_TEXT_KEY)

@@ -36,7 +36,7 @@ class OutputPaths:
 
     @classmethod
     def for_stem(cls, folder: Path, stem: str, fmt: str) -> OutputPaths:
-        image = folder / f"{stem}{OUTPUT_FORMATS[fmt].suffix}"
+        image = folder / f"{stem}{OUTPUT_FORMATS.get(fmt).suffix}"
         sidecar = folder / f"{image.name}{SIDECAR_SUFFIX}"
         for path in (image, sidecar):
             if not inside(folder, path):

@@ -1,1 +1,1 @@
-"""LinFusion itself: the linear attention, patching a UNet, and distillation."""
+"""LinFusion itself: the linear attention and patching a UNet with it (distillation is train/)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,13 @@ from torch import nn
 from ..base.errors import CheckpointError, UsageError
 from ..models.families import Family, detect_family, family_or_none, guess_family_of_checkpoint
 from ..models.hub import resolve_local_or_hub
+from ..models.modules import self_attention_layers, swap
 from .attention import LinFusionAttention
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SELF_ATTENTION_SUFFIX = ".attn1"
 INIT_SEED = 0  # "random"/"init" weights are reproducible run to run
 
 
@@ -79,19 +79,19 @@ class LinFusionPatch:
         one UNet in memory plays both teacher and student."""
         linfusion = {name: _get(self.unet, name) for name in self._originals}
         for name, original in self._originals.items():
-            _set(self.unet, name, original)
+            swap(self.unet, name, original)
         try:
             yield
         finally:
             for name, module in linfusion.items():
-                _set(self.unet, name, module)
+                swap(self.unet, name, module)
 
     def remove(self) -> None:
         """Put the original attention modules back; the UNet's state_dict is then what it was before."""
         for name, original in self._originals.items():
             current = _get(self.unet, name)
             device = next(current.parameters()).device
-            _set(self.unet, name, original.to(device) if device.type != "meta" else original)
+            swap(self.unet, name, original.to(device) if device.type != "meta" else original)
         self._originals.clear()
 
     def save(self, folder: str | Path) -> Path:
@@ -112,23 +112,6 @@ class LinFusionPatch:
 
 def _get(root: nn.Module, name: str) -> Any:
     return root.get_submodule(name)
-
-
-# Called as hook(root, name, new_module) after every swap, so that what was fused into the swapped-out module
-# (a LoRA's deltas: lora.py) follows onto the module that now runs.
-SWAP_HOOKS: list[Callable[[nn.Module, str, nn.Module], None]] = []
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-    for hook in SWAP_HOOKS:
-        hook(root, name, module)
-
-
-def self_attention_layers(unet: nn.Module) -> list[tuple[str, Any]]:
-    """Every transformer block's `attn1`, in the UNet's module order."""
-    return [(n, m) for n, m in unet.named_modules() if n.endswith(SELF_ATTENTION_SUFFIX)]
 
 
 def _layer_specs(unet: nn.Module, family: Family | None) -> list[LayerSpec]:
@@ -212,7 +195,7 @@ def apply_linfusion(unet: nn.Module, source: str = "auto") -> LinFusionPatch:
         else:
             _randomize(module, generator)
         patch._originals[spec.module_name] = original
-        _set(unet, spec.module_name, module)
+        swap(unet, spec.module_name, module)
     log.info("LinFusion: patched %d self-attention layers (%s)", len(specs), source)
     return patch
 

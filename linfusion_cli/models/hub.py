@@ -114,3 +114,6 @@ def missing_from_cache(wanted: list[tuple[str, str, str]]) -> list[str]:
                 "at a local copy"
             )
     return lines
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -11,23 +11,22 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..base.errors import ModelLoadError, UnknownArchitectureError, UnsafeFileError, UsageError
+from ..base.precision import AUTO, dtype_flag
 from .archs import ARCHS, BUILTIN_MODELS, ArchSpec
+from .devices import vae_dtype
 from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
-from .hub import fetch_snapshot, model_source, resolve_local_or_hub
-
-if TYPE_CHECKING:
-    from ..linfusion.patching import LinFusionPatch
+from .hub import PICKLE_SUFFIXES, fetch_snapshot, model_source, resolve_local_or_hub
+from .modules import AttentionPatch
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SEED = 0  # built-in models are the same on every run and every machine
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # What a diffusers repo needs for our pipeline: configs, tokenizers and safetensors weights only, and of the
 # weights only one precision (the fp16 variant files for an fp16 run, where the repo has them).
 CONFIG_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer*/*", "*/config.json"]
@@ -38,7 +37,6 @@ WEIGHT_NAMES = {
     "text_encoder_2": "model",
 }
 FP16_VARIANT = "fp16"
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}  # as --dtype spells them
 
 
 def weight_patterns(component: str, variant: str | None) -> list[str]:
@@ -75,7 +73,7 @@ class Components:
     allow_pickle: bool = False  # loaded with --allow-pickle: adapters read pickled weights the same way
     # The LinFusion patch on `unet`, once applied: adapters that bring attention layers of their own (a
     # ControlNet's encoder copy) patch them from it.
-    linfusion: LinFusionPatch | None = None
+    linfusion: AttentionPatch | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -90,7 +88,8 @@ class Components:
 
         def name(module: nn.Module) -> str:
             dtype = next(module.parameters()).dtype
-            return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+            flag = dtype_flag(dtype)
+            return flag if flag != AUTO else str(dtype).replace("torch.", "")
 
         return {"unet": name(self.unet), "vae": name(self.vae), "text_encoder": name(self.text_encoders[0])}
 
@@ -157,8 +156,6 @@ def build_random(
 def place(comps: Components, device: str | torch.device, dtype: torch.dtype) -> Components:
     """Move to the device; the VAE runs in fp32 where its family needs it (SDXL's overflows in fp16)."""
     comps.unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    from ..engine.memory import vae_dtype
-
     comps.vae.to(device=device, dtype=vae_dtype(comps.vae.config, dtype, comps.family)).eval().requires_grad_(False)
     for enc in comps.text_encoders:
         enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -379,7 +376,7 @@ def single_file_prediction(path: Path, shapes: Mapping[str, Any], family: Family
 
 def _pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a pickle checkpoint, loaded weights-only (refused if it holds anything else)."""
-    state = _check_weights_only(path)
+    state = check_weights_only(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -387,7 +384,7 @@ def _pickle_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _check_weights_only(path: Path) -> Any:
+def check_weights_only(path: Path) -> Any:
     """Unpickle with torch's weights-only loader first: anything but tensors and plain containers is refused
     before diffusers ever reads the file."""
     import pickle

@@ -25,7 +25,7 @@ import torch
 from .. import __version__
 from ..base.errors import OutputError, UsageError
 from ..io.writes import fsync_dir
-from .patching import CONFIG_NAME, WEIGHTS_NAME, LinFusionPatch
+from ..linfusion.patching import CONFIG_NAME, WEIGHTS_NAME, LinFusionPatch
 
 STATE_JSON = "training_state.json"
 STATE_PT = "training_state.pt"

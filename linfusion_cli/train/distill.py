@@ -29,9 +29,9 @@ from torch import nn
 
 from ..base.errors import EXIT_SIGTERM, Interrupted, UsageError
 from ..base.events import CancelToken, Note
+from ..linfusion.patching import LinFusionPatch, apply_linfusion
 from ..models.loading import Components, load_components
 from .distill_data import DataStream, Prefetcher, Sample, find_samples, micro_batches, split_holdout
-from .patching import LinFusionPatch, apply_linfusion
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def build_student(
     unet.requires_grad_(False)
     autocast = MIXED_PRECISION[mixed]
     if autocast is not None:  # frozen weights in half precision; trainable ones stay fp32 masters
-        from ..engine.memory import vae_dtype
+        from ..models.devices import vae_dtype
 
         with patch.original_attention():
             unet.to(autocast)

@@ -12,14 +12,13 @@ module had is kept (in CPU memory), so `remove()` puts it back exactly.
 Self-attention (attn1) and LinFusion: LinFusion's modules keep `to_q/to_k/to_v/to_out.0`, and an attn1 LoRA is
 *kept*: its delta lands on the projections that actually run. With the official LinFusion weights those are
 LinFusion's own W_q/W_k/W_v/W_out (distilled from the UNet's), so the delta is applied to them. Either order
-gives the same UNet: a LoRA fused before LinFusion follows each swapped-in module (`patching` calls
-`follow_swap`), one fused after lands on LinFusion's modules directly.
+gives the same UNet: a LoRA fused before LinFusion follows each swapped-in module (it listens to the model's
+swaps, models/modules.py), one fused after lands on LinFusion's modules directly.
 """
 
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,23 +26,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..base.errors import ModelLoadError, UsageError
-from ..core.config import AdapterRef
-from ..linfusion.patching import SWAP_HOOKS
-from .families import family_of_width, safetensors_shapes
+from ...base.errors import ModelLoadError, UsageError
+from ...base.settings import AdapterRef, Job
+from ..modules import listen_to_swaps, stop_listening
+from .kind import TINY, a1111_lora_hash, lora_file
 
 if TYPE_CHECKING:
-    from ..base.plan import StagePlan
-    from ..core.config import JobSpec
-    from ..engine.sampling import UNetExtra
-    from .families import Family
-    from .loading import Components
+    from ...base.plan import StagePlan
+    from ..adapter_kind import UNetExtra
+    from ..loading import Components
 
 TEXT_MODEL_PREFIX = "text_model."
 TINY_RANK = 4
 TINY_SEED = 1234
 TINY_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors",)  # diffusers' name; else the folder's one .safetensors
 
 # (pattern, module path template): where a LoRA pair's down/up weights sit, by key layout.
 _KEY_LAYOUTS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -74,10 +70,6 @@ class LoraPair:
         return factor * merged.reshape(up.shape[0], *down.shape[1:])
 
 
-# Which patches are fused into which root module: `follow_swap` moves them onto modules swapped in later.
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[LoraAdapter]] = weakref.WeakKeyDictionary()
-
-
 @dataclass(eq=False)
 class LoraAdapter:
     """One LoRA fused into a model's components (the `Adapter` of kind `loras`)."""
@@ -92,7 +84,7 @@ class LoraAdapter:
 
     def fuse(self) -> None:
         for root, pairs in self.targets.items():
-            _ACTIVE.setdefault(root, []).append(self)
+            listen_to_swaps(root, self.follow_swap)  # what LinFusion swaps in later carries this LoRA too
             for path, pair in pairs.items():
                 self._fuse_into(root.get_submodule(path), pair, path)
 
@@ -123,7 +115,11 @@ class LoraAdapter:
         return len({p.rsplit(".attn1.", 1)[0] for pairs in self.targets.values() for p in pairs if ".attn1." in p})
 
     # Adapter protocol -----------------------------------------------------------------------------------------
-    def begin_job(self, job: JobSpec, device: torch.device) -> None:
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        return ()  # fused into the model's own weights: nothing of its own on the device
+
+    def begin_job(self, job: Job, device: torch.device) -> None:
         return None
 
     def stage_extra(self, stage: StagePlan, control: torch.Tensor | None) -> UNetExtra | None:
@@ -149,18 +145,7 @@ class LoraAdapter:
         self._saved.clear()
         self._carried.clear()
         for root in self.targets:
-            active = _ACTIVE.get(root, [])
-            if self in active:
-                active.remove(self)
-
-
-def follow_swap(root: nn.Module, prefix: str, new: nn.Module) -> None:
-    """Called by `patching` whenever it swaps the module at `prefix` of `root`."""
-    for adapter in _ACTIVE.get(root, []):
-        adapter.follow_swap(root, prefix, new)
-
-
-SWAP_HOOKS.append(follow_swap)
+            stop_listening(root, self.follow_swap)
 
 
 # --- reading LoRA files -------------------------------------------------------------------------------------
@@ -168,90 +153,15 @@ SWAP_HOOKS.append(follow_swap)
 
 def load(comps: Components, ref: AdapterRef) -> LoraAdapter:
     """Read `ref`'s LoRA, match it to the components, fuse it (the `ADAPTER_KINDS` entry point)."""
-    if ref.source == "tiny":
-        name, targets = "tiny", tiny_lora(comps.unet)
+    if ref.source == TINY:
+        name, targets = TINY, tiny_lora(comps.unet)
         adapter = LoraAdapter(ref, name, {comps.unet: targets})
     else:
-        path = _lora_file(ref.source)
+        path = lora_file(ref.source)
         name, pairs = path.stem, _read_pairs(path, comps)
         adapter = LoraAdapter(ref, name, _assign(pairs, comps, name), a1111_lora_hash(path))
     adapter.fuse()
     return adapter
-
-
-def preflight(job: JobSpec, family: Family | None, allow_pickle: bool = False) -> None:
-    """Before the model loads: each LoRA that is not a hub id exists, is a readable .safetensors file, and was
-    made for the model's family (its cross-attention key's input width against the family's). Hub LoRAs are
-    checked once fetched."""
-    from .hub import looks_like_hub_id
-
-    for text in job.lora or ():
-        ref = AdapterRef.parse(text)
-        if ref.source == "tiny" or looks_like_hub_id(ref.source):
-            continue
-        if not Path(ref.source).expanduser().exists():
-            head, sep, tail = ref.source.rpartition(":")
-            if sep and (head == "tiny" or Path(head).expanduser().exists()):
-                raise UsageError(
-                    f"--lora {ref.source}: the scale '{tail}' is not a number (SRC:SCALE, e.g. {head}:0.8)"
-                )
-            raise UsageError(f"LoRA '{ref.source}' does not exist: give a .safetensors file, a folder or a hub id")
-        path = _lora_file(ref.source)
-        try:
-            shapes = safetensors_shapes(path)
-        except ModelLoadError as exc:
-            raise UsageError(f"LoRA {exc}") from None
-        width = lora_cross_width(shapes)
-        if family is not None and width is not None and width != family.cross_attention_dim:
-            raise UsageError(
-                f"LoRA '{ref.source}' is made for {family_of_width(width)}, but the model '{job.model}' is "
-                f"{family_of_width(family.cross_attention_dim)}: use a LoRA made for the model's family"
-            )
-
-
-def lora_cross_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """The text width a LoRA was trained against: the input width of a cross-attention key projection's down
-    (A) weight, in kohya (`..._attn2_to_k.lora_down.weight`) or diffusers (`...attn2.to_k.lora_A.weight`) names."""
-    for key, shape in shapes.items():
-        flat = key.replace(".", "_")
-        if "attn2_to_k" in flat and flat.endswith(("lora_down_weight", "lora_A_weight")) and len(shape) == 2:
-            return int(shape[1])
-    return None
-
-
-def _lora_file(source: str) -> Path:
-    from .hub import resolve_local_or_hub
-
-    path = resolve_local_or_hub(source, what="LoRA", allow_patterns=["*.safetensors", "*.json"])
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise UsageError(
-                f"LoRA '{source}': only .safetensors files are read, whatever --allow-pickle says (pickled weights "
-                "can run code); convert it to .safetensors first"
-            )
-        return path
-    for name in LORA_FILE_NAMES:
-        if (path / name).is_file():
-            return path / name
-    found = sorted(path.glob("*.safetensors"))
-    if len(found) != 1:
-        what = "no .safetensors file" if not found else f"{len(found)} .safetensors files ({found[0].name}, ...)"
-        raise UsageError(f"LoRA folder '{source}' has {what}: name the file itself")
-    return found[0]
-
-
-def a1111_lora_hash(path: Path) -> str:
-    """AUTOMATIC1111's LoRA hash: sha256 of a .safetensors file's tensor bytes (after its JSON header), first
-    12 hex digits, so edits to the metadata header do not change it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        header = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header)
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _read_pairs(path: Path, comps: Components) -> dict[str, LoraPair]:

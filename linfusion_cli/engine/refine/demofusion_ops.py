@@ -1,8 +1,6 @@
-"""Structure-preserving refinement: the official LinFusion high-resolution pipeline's method, per refine stage.
-
-`sdedit` (the default) refines an upscaled image as plain img2img: encode, re-noise, denoise the last steps.
-`demofusion` (LinFusion's `pipeline_highres_sdxl.py`, in the DemoFusion manner) adds, at a stage r times the
-base size, with cos_factor(t) = 0.5 (1 + cos(pi (T - t) / T)) and T the training timesteps:
+"""demofusion's per-step math (the method is declared in demofusion.py): the official high-resolution
+pipeline's skip residual, global branch and statistics matching, at a stage r times the base size, with
+cos_factor(t) = 0.5 (1 + cos(pi (T - t) / T)) and T the training timesteps:
 
 1. Skip residual: before each step, latents = latents (1 - c1) + noised_upscaled(t) c1, c1 = cos_factor^cs1;
    the upscaled image's latents noised to the current timestep keep the layout early on.
@@ -16,22 +14,24 @@ base size, with cos_factor(t) = 0.5 (1 + cos(pi (T - t) / T)) and T the training
    consistent (ancestral samplers draw one noise instead of two).
 5. After the stage, the latents' per-channel mean/std are re-matched to the anchor (the base stage's final
    latents, or an upscaled input's), as the official pipeline does before each decode.
-
-The stage strengths and steps (linspace(0.32, 0, n + 1), ceil(steps s)) are planned in planning.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import JobSpec
+from .method import Denoiser, JobRefiner
+
+if TYPE_CHECKING:
+    from ...base.settings import Job
 
 STATS_EPS = 1e-6  # keeps a constant latent (std 0) from dividing by zero when statistics are re-matched
 
@@ -52,7 +52,7 @@ class DemoFusionParams:
     gaussian_sigma: float = 1.0
 
     @classmethod
-    def of(cls, job: JobSpec) -> DemoFusionParams:
+    def of(cls, job: Job) -> DemoFusionParams:
         return cls(job.cosine_scale_1, job.cosine_scale_2, job.cosine_scale_3, job.gaussian_sigma)
 
     def c1(self, factor: float) -> float:
@@ -120,16 +120,16 @@ def dilated(model: nn.Module, ratio: int) -> Iterator[None]:
             conv.dilation, conv.padding = dilation, padding
 
 
-# --- the per-step guide the denoising loop calls ----------------------------------------------------------------
-
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) -> guided prediction
+# --- the per-step guide and the global branch ---------------------------------------------------------------
 
 
 class DemoFusionGuide:
-    """Hooks for one refine stage's denoising loop (see `sampling.denoise`).
+    """One refine stage's guide (see `method.StageGuide`): the skip residual before each step, and the global
+    branch as a wrapper around the stage's denoiser.
 
     encoded: the upscaled image's latents (fp32, before noise); noise: the stage's noise, the same draw that
-    noised the starting latents. ratio: the stage's size over the base (or input) size, a whole number.
+    noised the starting latents. ratio: the stage's size over the base (or input) size, a whole number. model:
+    what a UNet pass runs (the UNet and any ControlNet beside it), dilated together.
     """
 
     def __init__(
@@ -148,28 +148,58 @@ class DemoFusionGuide:
         self.train_steps = train_steps
         self.model = model
 
-    def before_step(self, scheduler: object, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Skip residual: pull the latents towards the upscaled image noised to timestep t."""
         c1 = self.params.c1(cos_factor(float(t), self.train_steps))
         if c1 == 0.0:
             return latents
-        noised = scheduler.add_noise(self.encoded, self.noise, t.reshape(1))  # type: ignore[attr-defined]
+        noised = scheduler.add_noise(self.encoded, self.noise, t.reshape(1))
         return latents * (1 - c1) + noised * c1
 
-    def blend(
-        self,
-        local: torch.Tensor,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        scale_input: Callable[[torch.Tensor], torch.Tensor],
-        predict: Predict,
-    ) -> torch.Tensor:
-        """The local prediction blended with the global branch's (dilated UNet on blurred latents)."""
-        factor = cos_factor(float(t), self.train_steps)
-        c2 = self.params.c2(factor)
+    def wrap(self, denoiser: Denoiser) -> Denoiser:
+        return GlobalBranch(denoiser, self)
+
+
+class GlobalBranch:
+    """A denoiser (latents, t) -> prediction with the global branch blended in: the same denoiser run again on
+    the blurred latents with every convolution of the guide's model dilated."""
+
+    def __init__(self, inner: Denoiser, guide: DemoFusionGuide) -> None:
+        self.inner = inner
+        self.guide = guide
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        local: torch.Tensor = self.inner(latents, t)
+        guide, params = self.guide, self.guide.params
+        factor = cos_factor(float(t), guide.train_steps)
+        c2 = params.c2(factor)
         if c2 == 0.0:
             return local
-        blurred = blur_matched(latents, self.ratio, self.params.gaussian_sigma * self.params.c3(factor))
-        with dilated(self.model, self.ratio):
-            global_ = predict(scale_input(blurred), t)
+        blurred = blur_matched(latents, guide.ratio, params.gaussian_sigma * params.c3(factor))
+        with dilated(guide.model, guide.ratio):
+            global_: torch.Tensor = self.inner(blurred, t)
         return local * (1 - c2) + global_ * c2
+
+
+class DemoFusionRefiner(JobRefiner):
+    """A job's demofusion state: the anchor statistics every stage's latents are matched to."""
+
+    def __init__(self, params: DemoFusionParams) -> None:
+        self.params = params
+        self.anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def encoded(self, latents: torch.Tensor) -> None:
+        if self.anchor is None:  # upscaling an input image: its statistics are the anchor
+            self.anchor = latent_stats(latents)
+
+    def guide(
+        self, ratio: int, encoded: torch.Tensor, noise: torch.Tensor, train_steps: int, models: nn.Module
+    ) -> DemoFusionGuide:
+        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models)
+
+    def finished(self, latents: torch.Tensor) -> torch.Tensor:
+        # The official pipeline keeps every scale's latents at the base image's per-channel statistics.
+        if self.anchor is None:
+            self.anchor = latent_stats(latents)
+            return latents
+        return rematch(latents, self.anchor)

@@ -1,0 +1,267 @@
+"""How a job setting is declared, and the values settings take.
+
+Every setting is declared once, as a `Setting`: its name, how a value is read and checked, its default, its help
+and help panel, which commands take it as a flag, and whether it decides the pixels (enters the settings key).
+core/settings.py collects the declarations (its own, and those adapter kinds and refine methods make beside their
+code) and derives job validation and the settings key from them; the CLI derives every command's options.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .registry import did_you_mean
+from .sizes import parse_px
+from .text import quote
+
+# How a value is read: "str", "int", "px" (a side: 4096, 16k), "float", "bool", "floats" (0.4,0.3), "refs"
+# (SRC[:SCALE] items: adapters), "texts" (several texts).
+KINDS = ("str", "int", "px", "float", "bool", "floats", "refs", "texts")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+MAX_ADAPTER_SCALE = 10.0
+# Help panels: generate has ~40 options; a person looks for them by what they are about. Every command shows
+# its panels in this order.
+PROMPT_PANEL = "Prompt"
+SIZE_PANEL = "Size and stages"
+REFINE_PANEL = "Refine method"
+SAMPLER_PANEL = "Sampler"
+MODEL_PANEL = "Model and adapters"
+CONTROL_PANEL = "ControlNet"
+IP_PANEL = "IP-Adapter"
+MEMORY_PANEL = "Memory"
+OUTPUT_PANEL = "Output"
+DEVICE_PANEL = "Device"
+# The commands that take job settings as flags.
+GENERATE, PLAN, UPSCALE, BATCH, BENCH = "generate", "plan", "upscale", "batch", "bench pipeline"
+RENDER_COMMANDS = (GENERATE, PLAN, UPSCALE, BATCH)
+
+Check = Callable[[Any], "str | None"]  # a problem description, or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One job setting, declared once (see the module docstring)."""
+
+    name: str
+    kind: str
+    default: Any = None
+    help: str | Callable[[], str] = ""  # the flag's help (a function where it lists what registries hold)
+    panel: str = "Options"
+    commands: tuple[str, ...] = RENDER_COMMANDS  # commands that take it as a flag
+    in_key: bool = True  # decides the pixels: enters the settings key that names outputs
+    when: tuple[str, str] | None = None  # only in effect (and in the key) when setting when[0] is when[1]
+    key_if_default: bool = True  # False for settings added after outputs were named: their default adds nothing
+    in_presets: bool = True  # a preset may set it (not what belongs to one image: prompt, seed, name...)
+    check: Check | None = None
+    normalize: Callable[[Any], Any] | None = None  # the spelling a person types -> ours (None: not set)
+    choices: Callable[[], tuple[str, ...]] | None = None  # the values a "str" setting may take
+    complete: Callable[[str], list[str]] | None = None  # tab completion where `choices` cannot say
+    flags: tuple[str, ...] = ()  # more spellings of the flag (-s); `--name-with-dashes` is always one
+    metavar: str | None = None
+    repeatable: bool = True  # "refs"/"texts": the flag may be given several times
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"setting {self.name}: kind {self.kind!r} is not one of {KINDS}")
+
+    def help_text(self) -> str:
+        return self.help() if callable(self.help) else self.help
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def fresh_default(self) -> Any:
+        """The default, copied when it is a list (a job may change its own)."""
+        return list(self.default) if isinstance(self.default, list) else self.default
+
+    def read(self, value: Any, *, from_text: bool = False) -> Any:
+        """A value as given (a flag's text, a YAML/JSON value, a CSV cell) -> the setting's value, or None for
+        'not set'. TypeError/ValueError say what is wrong with it, in words a person reads."""
+        if value is None or (from_text and isinstance(value, str) and value.strip() == ""):
+            return None
+        out = convert(self.kind, value, from_text)
+        if self.normalize is not None:
+            out = self.normalize(out)
+        if out is not None:
+            problem = self.problem(out)
+            if problem:
+                raise ValueError(f"{problem} (got {shown(out)})")
+        return out
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with a read value (one of the choices? in range?), or None."""
+        if self.choices is not None:
+            options = self.choices()
+            if value not in options:
+                return f"must be one of {', '.join(options)}{did_you_mean(str(value), options)}"
+        return self.check(value) if self.check is not None else None
+
+
+def in_range(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+
+def shown(value: Any) -> str:
+    """A checked value as the user would write it, kept short (a 1 MB prompt is not echoed)."""
+    if isinstance(value, list):
+        return quote(",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)).strip("'")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return quote(value)
+
+
+def convert(kind: str, value: Any, from_text: bool) -> Any:
+    """Read one value of `kind`; `from_text`: it comes as text (a flag, a CSV cell), so numbers are parsed."""
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"must be text, got {type(value).__name__} {quote(value)}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
+            return value.strip().lower() in TRUE_WORDS
+        raise TypeError(f"must be true or false, got {quote(value)}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_text):
+            raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
+        try:
+            return int(value)
+        except ValueError:  # not digits, or more digits than Python converts
+            raise TypeError(f"must be a whole number, got {quote(value)}") from None
+    if kind == "float":
+        return _float(value, from_text)
+    if kind == "floats":
+        return parse_floats(value)
+    if kind == "px":
+        return parse_px(value)
+    if kind == "refs":
+        return [str(AdapterRef.parse(item)) for item in text_items(value)]
+    if kind == "texts":
+        return text_items(value)
+    raise AssertionError(kind)
+
+
+def _float(value: Any, from_text: bool) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, str))
+        or (isinstance(value, str) and not from_text)
+    ):
+        raise TypeError(f"must be a number, got {type(value).__name__} {quote(value)}")
+    try:
+        out = float(value)
+    except OverflowError:  # a whole number too large for a float
+        raise ValueError(f"must be a finite number, got {quote(value)}") from None
+    except ValueError:
+        raise TypeError(f"must be a number, got {quote(value)}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"must be a finite number, got {quote(value)}")
+    return out
+
+
+def text_items(value: Any) -> list[str]:
+    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them."""
+    items = value.split(";") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise TypeError(f"must be text or a list of texts (got {value!r})")
+    return [i.strip() for i in items if i.strip()]
+
+
+def parse_floats(value: Any) -> list[float]:
+    """`0.4,0.3` or a list of numbers -> [0.4, 0.3]."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
+        try:
+            number = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})") from None
+        if not math.isfinite(number):
+            raise TypeError(f"must be finite numbers (got {quote(value)})")
+        out.append(number)
+    return out
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter a job asks for: where it comes from (hub id, folder, file, or `tiny`) and its scale."""
+
+    source: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterRef:
+        """`SRC` or `SRC:SCALE`; a trailing `:...` that is not a number stays part of the source."""
+        source, sep, tail = text.strip().rpartition(":")
+        if sep and source:
+            try:
+                scale = float(tail)
+            except ValueError:
+                return cls(text.strip())
+            if not math.isfinite(scale) or not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+                raise ValueError(f"scale must be a number between -10 and 10 (got {tail!r} in {text!r})")
+            return cls(source, scale)
+        return cls(text.strip())
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.scale:g}"
+
+
+def adapter_refs(texts: list[str] | None) -> tuple[AdapterRef, ...]:
+    return tuple(AdapterRef.parse(text) for text in texts or ())
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is made of: the model, what replaces parts of it, and the adapters on it, as (kind, ref)
+    pairs in load order. `Engine.load` takes it, and batches key their loaded engine by it: jobs whose `base()`
+    match share the loaded model and only switch adapters."""
+
+    model: str
+    linfusion: str = "auto"
+    vae: str | None = None
+    adapters: tuple[tuple[str, AdapterRef], ...] = ()
+
+    def base(self) -> EngineSpec:
+        """The part that needs a model load; adapters are switched on a loaded model."""
+        return EngineSpec(self.model, self.linfusion, self.vae)
+
+    def refs(self, kind: str) -> tuple[AdapterRef, ...]:
+        return tuple(ref for k, ref in self.adapters if k == kind)
+
+
+class Job(Protocol):
+    """One image's resolved settings as the engine and adapters read them (`core.settings.JobSpec`): each
+    declared setting is an attribute."""
+
+    def __getattr__(self, name: str) -> Any: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+
+def key_values(values: Mapping[str, Any], table: Mapping[str, Setting]) -> dict[str, Any]:
+    """The settings that decide an image's pixels, from a job's values: those declared `in_key`, set (not None),
+    in effect (`when`), and for settings added later (`key_if_default` False) only when not at their default.
+    A setting added with `in_key` can only split names, never merge two different images under one."""
+    chosen: dict[str, Any] = {}
+    for name, value in values.items():
+        setting = table.get(name)
+        if setting is None or not setting.in_key or value is None:
+            continue
+        if setting.when is not None and values.get(setting.when[0]) != setting.when[1]:
+            continue
+        if not setting.key_if_default and value == setting.default:
+            continue
+        chosen[name] = value
+    return chosen

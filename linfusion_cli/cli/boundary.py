@@ -1,0 +1,209 @@
+"""What every linfusion command shares at its edges: parse errors and typed errors as one line and an exit code,
+logging, and where output goes (stderr for people, stdout for results).
+
+No torch at import time: `linfusion --help` and usage errors stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+# typer carries its own copy of click; its parse errors are these classes.
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperCommand, TyperGroup
+
+from .. import __version__
+from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, UsageError
+from ..base.settings import (
+    CONTROL_PANEL,
+    DEVICE_PANEL,
+    IP_PANEL,
+    MEMORY_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
+    PROMPT_PANEL,
+    REFINE_PANEL,
+    SAMPLER_PANEL,
+    SIZE_PANEL,
+)
+from ..base.text import plural
+
+# Farm logs are not terminals; rich would wrap them at 80 columns.
+# emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120, emoji=False)
+TRAIN_PANEL = "Training"  # distill
+CHECKPOINT_PANEL = "Checkpoints and resume"  # distill
+EVAL_PANEL = "Evaluation"  # distill
+PANEL_ORDER = (
+    "Options",
+    PROMPT_PANEL,
+    SIZE_PANEL,
+    REFINE_PANEL,
+    SAMPLER_PANEL,
+    MODEL_PANEL,
+    CONTROL_PANEL,
+    IP_PANEL,
+    TRAIN_PANEL,
+    CHECKPOINT_PANEL,
+    EVAL_PANEL,
+    MEMORY_PANEL,
+    OUTPUT_PANEL,
+    DEVICE_PANEL,
+)
+# What people type after a flag that takes none.
+ON_OFF_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _panel_rank(panel: str | None) -> int:
+    name = panel or "Options"
+    return PANEL_ORDER.index(name) if name in PANEL_ORDER else len(PANEL_ORDER)
+
+
+class _OneLineErrors:
+    """Parse errors as one `error:` line; on/off flags (and `--help`) without a "<bool>" type: they take no
+    value, and showing one makes people type `--low-vram true` (with `plan`, "true" became the prompt)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        # panels in one order for every command, whatever the order of its parameters (a stable sort: the
+        # arguments, which have no panel, keep theirs)
+        return sorted(params, key=lambda p: _panel_rank(getattr(p, "rich_help_panel", None)))
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except ClickUsageError as exc:
+            raise _one_line(exc) from None
+
+
+class Command(_OneLineErrors, TyperCommand):
+    """A command whose usage line says PROMPT, not {prompt}."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class Group(_OneLineErrors, TyperGroup):
+    """`linfusion ...` itself: an unknown command is one line too."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except ClickUsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: ClickUsageError) -> BaseException:
+    """Print a parse error as one line (with advice for the usual mistake); the exception that exits 2."""
+    if isinstance(exc, NoArgsIsHelpError):
+        return exc  # help was printed; the caller only needs the exit
+    ctx = exc.ctx
+    message = exc.format_message().rstrip(".")
+    extra = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
+    if extra and set(extra.group(1).lower().split()) <= ON_OFF_WORDS:
+        message = f"unexpected '{extra.group(1)}': on/off flags take no value (--low-vram alone turns it on)" + (
+            f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        )
+    elif extra and ctx is not None and "prompt" in ctx.params:
+        words = f"{ctx.params.get('prompt') or ''} {extra.group(1)}".strip()
+        message = (
+            f"unexpected extra words '{extra.group(1)}'; a prompt with spaces goes in quotes: "
+            f'{ctx.command_path} "{words}"'
+        )
+    elif ctx is not None:
+        message = f"{message[:1].lower()}{message[1:]} (see {ctx.command_path} --help)"
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def refuse_flag_value_as_prompt(prompt: str) -> None:
+    """`plan --low-vram true`: plan's prompt is optional, so "true" would silently become it."""
+    if prompt.strip().lower() in ON_OFF_WORDS:
+        raise UsageError(f"unexpected '{prompt}': on/off flags take no value (--low-vram alone turns it on)")
+
+
+def output_mode(quiet: bool) -> str:
+    if quiet:
+        return "quiet"
+    return "rich" if stderr.is_terminal else "plain"
+
+
+def setup_logging(mode: str) -> None:
+    """Our logs to stderr; the libraries' chatter (progress bars, deprecations) off."""
+    level = logging.ERROR if mode == "quiet" else logging.WARNING
+    if mode == "rich":
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=stderr, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # the same timestamp as the progress lines (report.PLAIN_TIME): farm logs interleave processes
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # diffusers/transformers log through their own handlers; these variables are read when they import.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@contextlib.contextmanager
+def boundary() -> Iterator[None]:
+    """The one error boundary: typed errors become one line on stderr and their exit code."""
+    try:
+        yield
+    except LinFusionError as exc:
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
+        raise typer.Exit(EXIT_SIGINT) from None
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def show_version(value: bool) -> None:
+    """`--version`: ours, then what a bug report needs (torch, diffusers, CUDA, the device `auto` picks)."""
+    if not value:
+        return
+    typer.echo(f"linfusion {__version__}")
+    import torch  # lazy: torch only when --version asks about it
+
+    from ..core.run import describe_device, versions
+    from ..engine.memory import resolve_device
+
+    found = versions()
+    cuda = torch.version.cuda
+    if cuda is None:
+        cuda_line = "CUDA: none (this torch is built for the CPU)"
+    elif torch.cuda.is_available():
+        cuda_line = f"CUDA: {cuda}, {plural(torch.cuda.device_count(), 'GPU')}"
+    else:
+        cuda_line = f"CUDA: {cuda}, but no GPU is visible"
+    typer.echo(f"torch {found['torch']}, diffusers {found['diffusers']}, transformers {found['transformers']}")
+    typer.echo(f"python {found['python']}; {cuda_line}")
+    typer.echo(f"device: {describe_device(resolve_device('auto'))}")
+    raise typer.Exit()

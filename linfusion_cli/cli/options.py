@@ -1,0 +1,131 @@
+"""Command options: every job setting's flag made from its declaration (`with_settings`), and the run-level
+options (where files go, the device) that are not job settings.
+
+A job setting's flag is read as text and checked by the setting itself (the same reading and the same messages as
+a prompt file's CSV cell), so `--steps 2.5` says "must be a whole number" in our words.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL, Setting
+from ..core.settings import table
+
+FLAG = {"metavar": "", "show_default": False}  # an on/off flag: no "<bool>" type, no "[default: False]"
+# What a setting's flag shows as its value in --help, by how the setting reads values.
+METAVARS = {"int": "INTEGER", "float": "FLOAT", "px": "PX", "floats": "NUMBERS", "str": "TEXT", "refs": "SRC"}
+SETTINGS_PARAM = "settings"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _annotation(setting: Setting) -> Any:
+    """The Typer option of one setting: text (read by the setting), a list for repeatable ones, a flag for bools."""
+    names = [setting.flag, *setting.flags]
+    help_text = setting.help_text()
+    common: dict[str, Any] = {"help": help_text, "rich_help_panel": setting.panel, "show_default": False}
+    if setting.kind == "bool":
+        return Annotated[bool | None, typer.Option(*names, **{**common, **FLAG})]
+    metavar = setting.metavar or METAVARS.get(setting.kind, "TEXT")
+    completion = _completion(setting)
+    if completion is not None:
+        common["autocompletion"] = completion
+    if setting.kind in ("refs", "texts") and setting.repeatable:
+        return Annotated[list[str] | None, typer.Option(*names, metavar=metavar, **common)]
+    return Annotated[str | None, typer.Option(*names, metavar=metavar, **common)]
+
+
+def _completion(setting: Setting) -> Callable[[str], list[str]] | None:
+    if setting.complete is not None:
+        return setting.complete
+    choices = setting.choices
+    if choices is None:
+        return None
+    return lambda incomplete: [name for name in choices() if name.startswith(incomplete)]
+
+
+def with_settings(command: str) -> Callable[[F], F]:
+    """Give a command a flag for every job setting declared for it; the function receives the ones given as one
+    `settings` dict (setting name -> the text or list given; unset flags left out), after its own parameters."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)  # the real Annotated types, for Typer
+        own = [p for p in signature.parameters.values() if p.name != SETTINGS_PARAM]
+        taken = {p.name for p in own}
+        chosen = [s for s in table().values() if command in s.commands and s.name not in taken]
+        added = [
+            inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_annotation(s))
+            for s in chosen
+        ]
+        names = [s.name for s in chosen]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            settings = {name: value for name, value in given.items() if value not in (None, [])}
+            return fn(**kwargs, settings=settings)
+
+        hints = {p.name: p.annotation for p in own}
+        positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own]
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional]
+        wrapper.__signature__ = signature.replace(parameters=[*keyword, *added])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in added}}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+# --- run-level options: not job settings ----------------------------------------------------------------------
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=OUTPUT_PANEL)]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace existing outputs.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+SaveStagesOpt = Annotated[
+    bool, typer.Option("--save-stages", help="Also save each stage's image.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON report on stdout (and nothing else there).", rich_help_panel=OUTPUT_PANEL, **FLAG
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Show only errors.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Print the stage plan and exit; loads no model.", rich_help_panel=OUTPUT_PANEL, **FLAG
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu.", rich_help_panel=DEVICE_PANEL),
+]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (fp16 on GPUs, fp32 on the CPU), fp16, bf16 or fp32.", rich_help_panel=DEVICE_PANEL)
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Allow .ckpt/.bin pickle weights (loaded weights-only).",
+        rich_help_panel=MODEL_PANEL,
+        **FLAG,
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        metavar="PIXELS",
+        help="Refuse input images with more pixels than this (1 gigapixel).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]

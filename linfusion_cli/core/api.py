@@ -1,0 +1,156 @@
+"""linfusion from Python. The `linfusion` commands are clients of this: the same setting names as the flags and
+job files (`--base-size` is `base_size`), the same validation and the same errors.
+
+    from linfusion_cli import Generator
+
+    gen = Generator(model="tiny", out="outputs")             # settings here apply to every call
+    result = gen.generate("a red fox", size=1024, seed=1)     # plans, loads the model once, runs, saves
+    result.image   # (H, W, 3) uint8
+    result.path    # the image file; its sidecar (what `replay` reads) beside it
+    result.report  # what `generate --json` prints
+
+The model loads on the first call that needs it and stays loaded for every later call naming the same model,
+LinFusion weights and VAE; LoRAs, ControlNets and IP-Adapters switch between calls without reloading it.
+Imports torch (through the engine): the CLI imports this when a command runs, not at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..base.events import CancelToken, EventSink, ignore
+from ..io.images import load_rgb
+from . import run
+from .batch import BatchSummary, run_batch
+from .jobs import flags_layer, resolve_job
+from .plan_report import placement, plan_summary
+from .prepare import RunOptions, pick_seed, plan_for
+from .replay import job_from_sidecar
+from .run import EngineCache
+from .settings import JobSpec
+
+DEFAULT_MAX_INPUT_PIXELS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image made (or, for a dry run, its plan in `report["plan"]` and no image)."""
+
+    report: dict[str, Any]
+    image: np.ndarray | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.report["path"]) if "path" in self.report else None
+
+
+class Generator:
+    """Settings given here apply to every call (a call's own override them); run-level options (where files go,
+    the device) are fixed for the generator. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        out: str | Path = "outputs",
+        device: str = "auto",
+        dtype: str = "auto",
+        overwrite: bool = False,
+        save_stages: bool = False,
+        allow_pickle: bool = False,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        events: EventSink = ignore,
+        **settings: Any,
+    ) -> None:
+        self.defaults = flags_layer(settings)  # checked now: a misspelt setting fails here, not at the first image
+        self.options = RunOptions(Path(out), device, dtype, overwrite, save_stages, allow_pickle, max_input_pixels)
+        self.events = events
+        self._engines: EngineCache | None = None
+
+    def job(self, prompt: str = "", *, require_prompt: bool = True, **settings: Any) -> JobSpec:
+        """The job these settings make (preset, this generator's settings, the call's), validated."""
+        given = flags_layer({"prompt": prompt or None, **settings})
+        return resolve_job({**self.defaults, **given}, require_prompt=require_prompt)
+
+    def plan(self, prompt: str = "", **settings: Any) -> dict[str, Any]:
+        """The plan `linfusion plan` prints, as data: stages, memory, files; nothing loads."""
+        job = self.job(prompt, require_prompt=False, **settings)
+        prep = plan_for(job, self.options, seed=pick_seed(job))
+        return plan_summary(prep, *placement(self.options))
+
+    def generate(
+        self, prompt: str, *, dry_run: bool = False, cancel: CancelToken | None = None, **settings: Any
+    ) -> Result:
+        """Plan, run and save one image (`linfusion generate`)."""
+        return self.run(self.job(prompt, **settings), dry_run=dry_run, cancel=cancel)
+
+    def upscale(
+        self, image: str | Path, prompt: str = "", *, cancel: CancelToken | None = None, **settings: Any
+    ) -> Result:
+        """Upscale an image of yours to the target size (`linfusion upscale`)."""
+        job = self.job(prompt, require_prompt=False, image=str(image), **settings)
+        return self.run(job, cancel=cancel)
+
+    def replay(self, sidecar: str | Path, *, cancel: CancelToken | None = None) -> Result:
+        """Make an image again from its sidecar: the same settings and seed (`linfusion replay`)."""
+        job, _ = job_from_sidecar(Path(sidecar))
+        return self.run(job, cancel=cancel)
+
+    def run(self, job: JobSpec, *, dry_run: bool = False, cancel: CancelToken | None = None) -> Result:
+        """One resolved job: its input image read (an upscale), then planned, run and saved."""
+        pixels = None if job.image is None else load_rgb(job.image, self.options.max_input_pixels)
+        done = run.generate(
+            job,
+            self.options,
+            events=self.events,
+            cancel=cancel,
+            dry_run=dry_run,
+            init_image=pixels,
+            engines=self.engines(),
+        )
+        return Result(done.report, done.image)
+
+    def batch(
+        self,
+        file: str | Path,
+        *,
+        base_seed: int | None = None,
+        shard: str | None = None,
+        fail_fast: bool = False,
+        on_line: Callable[[dict[str, Any]], None] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> BatchSummary:
+        """A prompt file's jobs (`linfusion batch`), this generator's settings as the command line's flags."""
+        return run_batch(
+            Path(file),
+            self.defaults,
+            self.options,
+            base_seed=base_seed,
+            shard_flag=shard,
+            fail_fast=fail_fast,
+            events=self.events,
+            on_line=on_line,
+            cancel=cancel,
+            engines=self.engines(),
+        )
+
+    def engines(self) -> EngineCache:
+        """The loaded model this generator keeps between calls (none loaded until a job needs it)."""
+        if self._engines is None:
+            self._engines = EngineCache(*placement(self.options), self.options.allow_pickle)
+        return self._engines
+
+    def close(self) -> None:
+        """Let go of the loaded model (and the device memory it holds)."""
+        if self._engines is not None:
+            self._engines.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,185 @@
+"""What a job will cost before it runs: the device and precision it runs with, its memory planner, the plan as
+data (what `plan` and `--dry-run` print), and what stands in its way (weights not available offline, stages that
+fit no memory settings). A run asks the same questions once, before its model loads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..base.errors import ModelLoadError
+from ..base.precision import dtype_flag
+from ..models.adapters import ADAPTER_KINDS
+from ..models.archs import ARCHS
+from ..models.families import Family
+from ..models.hub import hub_offline, missing_from_cache, model_source
+from .prepare import Prepared, RunOptions
+from .settings import JobSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..base.plan import StagePlan
+    from ..engine.memory import MemoryChoice, MemoryPlanner
+
+DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
+DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
+BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
+
+
+def placement(options: RunOptions) -> tuple[torch.device, torch.dtype]:
+    """The device and precision a run uses (resolved once per run)."""
+    from ..engine.memory import resolve_device, resolve_dtype  # lazy: torch stays out of CLI start-up
+
+    device = resolve_device(options.device)
+    return device, resolve_dtype(options.dtype, device)
+
+
+def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`--device`/`--dtype` as given to any command: spelled right, and a device this machine has (a usage error
+    before anything loads), resolved."""
+    return placement(RunOptions(device=device, dtype=dtype))
+
+
+def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> MemoryPlanner:
+    """The job's memory planner, from its family's weights and its adapters' (nothing loaded); kept on `prep` and
+    refined with what the loaded engine measures."""
+    from ..engine import memory
+
+    if prep.planner is not None:
+        return prep.planner
+    job, family = prep.job, prep.family
+    arch = ARCHS[family.arch if family else DEFAULT_ARCH]
+    family_gib = family.weights_gib_fp16 if family else DEFAULT_FAMILY_GIB
+    extra_gib = sum(kind.planned_gib_fp16(job, family, family_gib) for kind in ADAPTER_KINDS)
+    channels = sum(kind.activation_channels(arch.unet, len(kind.refs(job))) for kind in ADAPTER_KINDS if kind.refs(job))
+    prep.planner = memory.MemoryPlanner.for_job(
+        low_vram=job.low_vram,
+        max_vram=job.max_vram,
+        guidance=job.guidance,
+        device=device,
+        top_width=arch.unet["block_out_channels"][0],
+        dtype=dtype,
+        weights=int((family_gib + extra_gib) * memory.GIB * memory.dtype_bytes(dtype) / 2),
+        refine=job.refine,
+        control_channels=channels,
+    )
+    return prep.planner
+
+
+def plan_warnings(prep: Prepared, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """What a user should hear before the job starts: settings that work badly on this device, and the first
+    stage that fits no memory settings."""
+    from ..engine.memory import device_warnings
+
+    return device_warnings(device, dtype) + _over_budget(prep, memory_planner(prep, device, dtype))
+
+
+def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
+    dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline)."""
+    from ..engine import memory
+    from ..models.devices import vae_dtype as vae_dtype_for
+
+    job, family = prep.job, prep.family
+    arch = ARCHS[family.arch if family else DEFAULT_ARCH]
+    planner = memory_planner(prep, device, dtype)
+    vae_dtype = vae_dtype_for(arch.vae, dtype, family)
+    warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family) + _over_budget(prep, planner)
+    stages: list[dict[str, Any]] = []
+    for stage in prep.plan.stages:
+        choice = planner.choose(stage.width, stage.height)
+        tile = job.vae_tile or memory.auto_vae_tile(
+            arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
+        )
+        stages.append(
+            {
+                "index": stage.index,
+                "kind": stage.kind,
+                "size": stage.size_text,
+                "strength": stage.strength,
+                "steps": stage.steps,
+                "unet_passes": prep.plan.unet_passes(stage),
+                "memory": choice.settings.name,
+                "memory_settings": choice.settings.as_dict(),
+                "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
+                "fits": choice.fits,
+                "vae": "untiled" if tile is None else f"tiles of {tile} px",
+            }
+        )
+    budget = planner.budget
+    return {
+        "prompt": job.prompt,
+        "model": job.model,
+        "family": family.label if family else "not downloaded yet: assuming SD-1.x",
+        "native": prep.plan.native,
+        "width": prep.target.width,
+        "height": prep.target.height,
+        # A seed picked at random for the plan is not the one a run will pick: no made-up seed or file name.
+        "seed": job.seed,
+        "scheduler": job.scheduler,
+        "refine": job.refine,
+        "schedule_steps": job.steps,
+        "guidance": job.guidance,
+        "device": str(device),
+        "dtype": dtype_flag(dtype),
+        "dtypes": {"unet": dtype_flag(dtype), "vae": dtype_flag(vae_dtype), "text_encoder": dtype_flag(dtype)},
+        "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
+        "fits": all(s["fits"] for s in stages),
+        "stages": stages,
+        **{kind.name: kind.plan_entries(job) for kind in ADAPTER_KINDS},
+        "linfusion": job.linfusion,
+        "output": None if job.seed is None else str(prep.paths.image),
+        "notes": [*prep.notes, *warnings],
+        "warnings": warnings,
+    }
+
+
+def _over_budget(prep: Prepared, planner: MemoryPlanner) -> list[str]:
+    """The first stage that even the most frugal settings do not fit, what it needs and what would fit."""
+    for stage in prep.plan.stages:
+        choice = planner.choose(stage.width, stage.height)
+        if not choice.fits:
+            return [_over_budget_text(prep, stage, planner, choice)]
+    return []
+
+
+def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice) -> str:
+    from ..engine.memory import GIB
+
+    text = (
+        f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.1f} GiB even with the most "
+        f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "
+        "GiB budget"
+    )
+    pixels = planner.largest_fitting_pixels(choice.settings)
+    target = prep.target
+    long_side = int((pixels * target.long_side / max(1, min(target.width, target.height))) ** 0.5) // 64 * 64
+    if long_side < 64:
+        return f"{text}: not even the model's weights fit; use a device with more memory"
+    return f"{text}: about --size {long_side} fits at this aspect (or a device with more memory / --max-vram)"
+
+
+def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:
+    """With HF_HUB_OFFLINE set, the hub repos this job needs that are not in the local cache, each with the
+    command that fetches it (nothing is looked up online)."""
+    if not hub_offline():
+        return []
+    wanted: list[tuple[str, str, str]] = []  # (what, repo, a file every snapshot of it has)
+    if model_source(job.model) == "hub":
+        wanted.append(("model", job.model, "model_index.json"))
+    if job.linfusion == "auto" and family is not None and family.linfusion_repo:
+        wanted.append(("LinFusion weights (--linfusion auto)", family.linfusion_repo, "config.json"))
+    elif job.linfusion not in BUILTIN_LINFUSION:
+        wanted.append(("LinFusion weights", job.linfusion, "config.json"))
+    if job.vae:
+        wanted.append(("VAE", job.vae, "config.json"))
+    for kind in ADAPTER_KINDS:
+        wanted += kind.hub_files(job, family)
+    return missing_from_cache(wanted)
+
+
+def check_offline(job: JobSpec, family: Family | None, where: str = "") -> None:
+    """Refuse, before any model loads, a job whose weights are not available offline."""
+    gaps = offline_gaps(job, family)
+    if gaps:
+        raise ModelLoadError(f"{where}{'; '.join(gaps)}")

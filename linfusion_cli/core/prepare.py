@@ -1,0 +1,189 @@
+"""A job checked, planned and named before any model loads: everything about it that can fail early does here.
+
+`plan_for` reads the model's family from its config alone (or a single file's header), runs every adapter kind's
+checks, plans the stages and names the outputs; the run (run.py), `plan` (plan_report.py) and batches
+(batch.py) all start from its `Prepared`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..base.errors import UsageError
+from ..base.plan import Plan
+from ..base.precision import AUTO, PRECISIONS
+from ..base.sizes import Target, resolve_target
+from ..io.formats import check_format_fits
+from ..io.names import output_stem
+from ..io.output import OutputPaths
+from ..models.adapters import ADAPTER_KINDS, preflight
+from ..models.families import Family, peek_family
+from .metadata import settings_key
+from .planning import make_plan
+from .settings import FLAGS, JobSpec
+
+if TYPE_CHECKING:
+    from ..engine.memory import MemoryPlanner
+
+DEVICE_TYPES = ("cuda", "cpu", "mps")
+SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
+ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
+WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
+ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-level settings: the same for every job of a run."""
+
+    out: Path = Path("outputs")
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+    save_stages: bool = False
+    allow_pickle: bool = False
+    max_input_pixels: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        if self.dtype != AUTO and self.dtype not in PRECISIONS:
+            raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}")
+        if self.device != AUTO and self.device.split(":")[0] not in DEVICE_TYPES:
+            raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N")
+
+
+@dataclass
+class Prepared:
+    """A job checked and planned, before any model is loaded."""
+
+    job: JobSpec
+    target: Target
+    plan: Plan
+    seed: int
+    paths: OutputPaths
+    index: int | None = None
+    input_size: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
+    random_seed: bool = False  # picked at random this run (batch resume then matches by index and key, not name)
+    key: str = ""  # settings_key: what decides the image, the seed only when it was chosen
+    family: Family | None = None  # the model's family as its config says (None: not known before loading)
+    planner: MemoryPlanner | None = None  # the job's memory planner, once made (plan_report.memory_planner)
+
+
+def pick_seed(job: JobSpec, index: int | None = None, base_seed: int | None = None) -> int:
+    """The job's own seed, else base + index, else random."""
+    if job.seed is not None:
+        return job.seed
+    if base_seed is not None:
+        return base_seed + (index or 0)
+    return random.SystemRandom().randint(0, SEED_LIMIT)
+
+
+def job_target(job: JobSpec, input_size: tuple[int, int] | None = None) -> Target:
+    """The output size a job asks for, checked against its format (no model, no plan needed)."""
+    if input_size is not None and job.size is None and job.width is None and job.height is None:
+        raise UsageError("upscaling needs a target: give --size (long side) or --width/--height")
+    aspect = job.aspect
+    if input_size is not None and "aspect" not in job.sources:
+        aspect = f"{input_size[0]}:{input_size[1]}"  # keep the input's shape
+    target = resolve_target(job.size, aspect, job.width, job.height)
+    check_format_fits(job.format, target)
+    return target
+
+
+def prepare(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    native: int,
+    seed: int,
+    index: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    random_seed: bool = False,
+) -> Prepared:
+    """Validate sizes and formats, plan the stages and name the outputs."""
+    target = job_target(job, input_size)
+    plan = make_plan(
+        target,
+        native=native,
+        schedule_steps=job.steps,
+        strengths=job.strengths,
+        base_size=job.base_size,
+        input_size=input_size,
+        first_strength=job.strength,
+        strengths_from=None if job.sources.get("strengths", FLAGS) == FLAGS else job.sources["strengths"],
+        refine=job.refine,
+    )
+    key = settings_key(job.settings(), target.width, target.height, None if random_seed else seed)
+    stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=job.name, index=index)
+    paths = OutputPaths.for_stem(options.out, stem, job.format)
+    notes = list(plan.notes) + _stretch_note(input_size, target)
+    return Prepared(job, target, plan, seed, paths, index, input_size, notes, random_seed, key)
+
+
+def plan_for(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    seed: int,
+    index: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    random_seed: bool = False,
+) -> Prepared:
+    """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
+    job_target(job, input_size)  # size and format refused before even the model's config is read
+    family, note = peek_family(job.model)
+    preflight(job, family, options.allow_pickle)
+    native = family.native_size if family else ASSUMED_NATIVE
+    prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
+    prep.family = family
+    if note:
+        prep.notes.append(note)
+    size = (prep.target.width, prep.target.height)
+    for kind in ADAPTER_KINDS:
+        prep.notes.extend(kind.notes(job, size, len(prep.plan.stages)))
+    return prep
+
+
+def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[str]:
+    """An upscale whose target has another shape than its input stretches it: say so, and how to keep it."""
+    if input_size is None:
+        return []
+    before, after = input_size[0] / input_size[1], target.width / target.height
+    if abs(after - before) / before <= ASPECT_TOLERANCE:
+        return []
+    return [
+        f"the input {input_size[0]}x{input_size[1]} is stretched to {target.width}x{target.height} (another shape); "
+        "give --size N alone to keep its shape"
+    ]
+
+
+def with_seed(prep: Prepared, seed: int, options: RunOptions) -> Prepared:
+    """The same job under another seed (a random-seed job adopting the seed of its earlier, unfinished output)."""
+    w, h = prep.target.width, prep.target.height
+    stem = output_stem(_label(prep.job), seed, w, h, key=prep.key, name=prep.job.name, index=prep.index)
+    return replace(prep, seed=seed, paths=OutputPaths.for_stem(options.out, stem, prep.job.format))
+
+
+def _label(job: JobSpec) -> str:
+    """What names the output: the prompt, or for an upscale without one, its input image."""
+    return job.prompt if job.prompt.strip() or not job.image else f"{Path(job.image).stem}-upscaled"
+
+
+def replan_for(native: int, prep: Prepared, options: RunOptions) -> Prepared:
+    """Plans made before loading assume SD-1.x when the model's config was not local; once it is loaded,
+    plan again if its native size differs. Names, seed, index and the memory planner stay as they were."""
+    if prep.plan.native == native:
+        return prep
+    fresh = prepare(
+        prep.job,
+        options,
+        native=native,
+        seed=prep.seed,
+        index=prep.index,
+        input_size=prep.input_size,
+        random_seed=prep.random_seed,
+    )
+    return replace(fresh, paths=prep.paths, family=prep.family, planner=prep.planner)

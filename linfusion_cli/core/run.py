@@ -1,0 +1,232 @@
+"""One job from its plan to files on disk: the engine it needs, the generation, its metadata, the atomic save.
+
+Shared by `generate`, `upscale`, `replay` and batches (through api.py and batch.py); the CLI only parses and
+renders. Imports torch (through the engine): the CLI imports this when a command runs, not at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+
+from .. import __version__
+from ..base.errors import OutputError, OutputFolderError
+from ..base.events import CancelToken, EventSink, Note, Working, ignore
+from ..base.plan import StagePlan
+from ..base.precision import dtype_flag
+from ..base.settings import Job
+from ..base.text import plural
+from ..engine.memory import MemoryPlanner, device_budget
+from ..engine.pipeline import Engine
+from ..engine.stages import GenerateResult
+from ..io.hashing import model_hash
+from ..io.metadata import encode_image
+from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
+from ..models.adapters import engine_spec
+from ..models.devices import free_cached
+from .metadata import a1111_parameters
+from .plan_report import check_offline, memory_planner, placement, plan_summary, plan_warnings
+from .prepare import WARNING_WORDS, Prepared, RunOptions, pick_seed, plan_for, replan_for
+from .settings import JobSpec
+
+SCHEMA = 1  # the layout of every JSON we write (reports, batch lines, sidecars, benchmarks): see the README
+
+
+class EngineCache:
+    """One loaded model on the device at a time, reused while jobs ask for it; each job's adapters are switched
+    on it without reloading (a batch, or a Python program calling `Generator.generate` again and again)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.allow_pickle = allow_pickle
+        self.engine: Engine | None = None
+
+    def engine_for(self, job: Job, events: EventSink = ignore) -> Engine:
+        spec = engine_spec(job)
+        if self.engine is None or not self.engine.can_serve(spec):
+            self.close()
+            self.engine = Engine.for_job(job, self.device, self.dtype, self.allow_pickle, events)
+        self.engine.use(spec, events)  # the job's adapters, on the loaded model
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine = None
+            free_cached(self.device)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "linfusion": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult) -> dict[str, Any]:
+    """Everything needed to understand and replay the image (the sidecar and the PNG's JSON chunk)."""
+    job = prep.job
+    settings = job.settings()
+    settings["seed"] = prep.seed
+    return {
+        "schema": SCHEMA,
+        "key": prep.key,
+        "seed": prep.seed,
+        "width": prep.target.width,
+        "height": prep.target.height,
+        "model": job.model,
+        "model_hash": model_hash(job.model),
+        "family": engine.comps.family_label,
+        "linfusion": engine.linfusion_source,
+        "linfusion_layers": len(engine.patch.layers) if engine.patch else 0,
+        "adapters": [adapter.describe() for adapter in engine.adapters],
+        "settings": settings,
+        "stages": [r.as_dict() for r in result.stages],
+        "seconds": {"generate": round(result.seconds, 3), "model_load": round(engine.load_seconds, 3)},
+        "device": describe_device(engine.device),
+        "dtype": dtype_flag(engine.dtype),
+        "dtypes": engine.comps.dtypes(),
+        "versions": versions(),
+        "warnings": list(prep.notes) + list(result.warnings),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def save_outputs(
+    prep: Prepared,
+    image: np.ndarray,
+    meta: dict[str, Any],
+    stage_images: list[tuple[StagePlan, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Write the image (atomically, with metadata), stage images if any, then the sidecar, last."""
+    paths = prep.paths
+    parameters = a1111_parameters(meta)
+    start = time.perf_counter()
+    with atomic_file(paths.image) as handle:
+        encode_image(image, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
+    stage_files = []
+    for stage, pixels in stage_images or []:
+        stage_path = paths.image.with_name(f"{paths.image.stem}.stage{stage.index}{paths.image.suffix}")
+        with atomic_file(stage_path) as handle:
+            encode_image(pixels, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
+        stage_files.append(stage_path.name)
+    sidecar = dict(meta)
+    sidecar["seconds"] = {**meta.get("seconds", {}), "write": round(time.perf_counter() - start, 3)}
+    sidecar["file"] = {"name": paths.image.name, "bytes": paths.image.stat().st_size, "format": prep.job.format}
+    sidecar["stage_files"] = stage_files
+    sidecar["complete"] = True
+    write_bytes_atomic(paths.sidecar, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    return sidecar
+
+
+def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
+    problem = prep.paths.problem()
+    if problem:
+        raise OutputError(problem)
+    if prep.paths.image.exists() and not overwrite:  # before any model loads: bad input, exit 2
+        raise OutputFolderError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
+
+
+def job_planner(prep: Prepared, engine: Engine) -> MemoryPlanner:
+    """The job's memory planner (made before loading) with what the loaded engine measures: its weights, its
+    UNet's width, its adapters' activations, and the memory free now."""
+    planner = memory_planner(prep, engine.device, engine.dtype)
+    return planner.measured(
+        engine.weight_bytes(),
+        int(engine.comps.unet.config["block_out_channels"][0]),
+        engine.control_channels(),
+        device_budget(engine.device, prep.job.max_vram),
+    )
+
+
+def generate_one(
+    engine: Engine,
+    prep: Prepared,
+    options: RunOptions,
+    *,
+    events: EventSink = ignore,
+    cancel: CancelToken | None = None,
+    init_image: np.ndarray | None = None,
+) -> tuple[GenerateResult, dict[str, Any]]:
+    """Generate one prepared job (nothing written yet): the result and its metadata."""
+    result = engine.generate(
+        prep.job,
+        prep.plan,
+        prep.seed,
+        planner=job_planner(prep, engine),
+        events=events,
+        cancel=cancel,
+        init_image=init_image,
+        keep_stages=options.save_stages,
+    )
+    return result, build_metadata(prep, engine, result)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What a job gave: its report (the sidecar's data, with the output paths; or the plan, for a dry run) and
+    the image itself (None for a dry run)."""
+
+    report: dict[str, Any]
+    image: np.ndarray | None = None
+
+
+def generate(
+    job: JobSpec,
+    options: RunOptions,
+    *,
+    events: EventSink = ignore,
+    cancel: CancelToken | None = None,
+    dry_run: bool = False,
+    init_image: np.ndarray | None = None,
+    engines: EngineCache | None = None,
+) -> Generated:
+    """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save."""
+    seed = pick_seed(job)
+    input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
+    prep = plan_for(job, options, seed=seed, input_size=input_size, random_seed=job.seed is None)
+    engines = engines or EngineCache(*placement(options), options.allow_pickle)
+    device, dtype = engines.device, engines.dtype
+    if dry_run:
+        return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype)})
+    check_offline(job, prep.family)
+    warnings = plan_warnings(prep, device, dtype)
+    for note in prep.notes:
+        events(Note("warning" if any(word in note for word in WARNING_WORDS) else "info", note))
+    for warning in warnings:
+        events(Note("warning", warning))
+    prep.notes.extend(warnings)
+    prepare_folder(options.out)
+    clean_stale_temps(options.out)
+    ensure_writable_target(prep, options.overwrite)
+    events(
+        Note(
+            "info",
+            f"seed {seed}; {plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
+            f" on {device} ({str(dtype).replace('torch.', '')})",
+        )
+    )
+    engine = engines.engine_for(job, events)
+    prep = replan_for(engine.comps.native_size, prep, options)
+    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
+    events(Working(f"writing {prep.paths.image}"))
+    sidecar = save_outputs(prep, result.image, meta, result.stage_images)
+    report = {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}
+    return Generated(report, result.image)

@@ -1,0 +1,424 @@
+"""Every job setting, and the precedence that merges them into one image's settings.
+
+The settings of the core (prompt, size, sampler, model, memory...) are declared here, once each; adapter kinds
+and refine methods declare theirs beside their code (`AdapterKind.settings`, `RefineMethod.settings`), and
+`table()` puts them together. From the table come job-file and preset validation, the settings key that names
+outputs (core/metadata.py) and every command's flags (cli/options.py).
+
+Precedence (lowest first): built-in defaults < preset < prompt-file defaults < job row < flags the user set.
+Every layer is a plain dict of the keys it sets; `validate_layer` rejects unknown keys, wrong types and
+impossible values with a message naming where the value came from. No torch here: everything is checked before
+any model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..base.errors import UsageError
+from ..base.registry import did_you_mean
+from ..base.settings import (
+    BATCH,
+    BENCH,
+    GENERATE,
+    MEMORY_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
+    PLAN,
+    PROMPT_PANEL,
+    REFINE_PANEL,
+    RENDER_COMMANDS,
+    SAMPLER_PANEL,
+    SIZE_PANEL,
+    UPSCALE,
+    Setting,
+    in_range,
+)
+from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, is_two_sides, parse_aspect, split_size
+from ..base.text import quote
+from ..engine.refine import REFINE_METHODS
+from ..engine.schedulers import SCHEDULERS, scheduler_name
+from ..io.formats import OUTPUT_FORMATS, format_name
+from ..models.adapters import ADAPTER_KINDS
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000
+DEFAULT_REFINE = REFINE_METHODS.names()[0]  # the first method listed is the default
+FLAGS = "command line"  # the `where` of the flags layer: errors then name the flag itself
+
+
+def _prompt_ok(text: str) -> str | None:
+    if len(text) > MAX_PROMPT_CHARS:
+        return f"is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
+    return None
+
+
+def _aspect_ok(text: str) -> str | None:
+    try:
+        parse_aspect(text)
+    except UsageError:
+        return "needs two positive numbers W:H, at most 64:1 (for example 16:9)"
+    return None
+
+
+def _strengths_ok(values: list[float]) -> str | None:
+    if not values:
+        return "needs at least one value"
+    return None if all(0.0 <= v <= 1.0 for v in values) else "values must be between 0 and 1"
+
+
+def _random_seed(value: int) -> int | None:
+    return None if value == RANDOM_SEED else value
+
+
+def _side(name: str, help: str, commands: tuple[str, ...] = RENDER_COMMANDS, **more: Any) -> Setting:
+    """A side in px; the output's own sides are hashed as the resolved width x height, not as asked."""
+    more.setdefault("in_key", False)
+    return Setting(name, "px", None, help, SIZE_PANEL, commands, check=in_range(MIN_SIDE, MAX_SIDE), **more)
+
+
+def _refine_help() -> str:
+    methods = " or ".join(f"{m.name} ({m.summary})" for m in REFINE_METHODS)
+    return f"How refine stages work: {methods} \\[default: {DEFAULT_REFINE}]."
+
+
+def _strength_help() -> str:
+    firsts = ", ".join(f"{m.first_strength:g} {m.name}" for m in REFINE_METHODS)
+    return f"The first refine stage's strength; later ones fall by the method's schedule \\[default: {firsts}]."
+
+
+def _preset_names(incomplete: str) -> list[str]:
+    """Tab completion of --preset: shipped and user presets."""
+    from .presets import list_presets  # presets validate against this table: imported when completing
+
+    return [p.name for p in list_presets() if p.name.startswith(incomplete)]
+
+
+ONE_IMAGE = (GENERATE, PLAN, UPSCALE)  # settings of one image, not of a whole prompt file
+NOT_UPSCALE = (GENERATE, PLAN, BATCH)
+CORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("prompt", "str", "", commands=(), check=_prompt_ok, in_presets=False),
+    Setting(
+        "negative",
+        "str",
+        "",
+        "Negative prompt: what to avoid.",
+        PROMPT_PANEL,
+        (GENERATE, UPSCALE, BATCH),
+        check=_prompt_ok,
+        flags=("-n",),
+    ),
+    Setting(
+        "seed",
+        "int",
+        None,
+        "Random seed; -1 means random \\[default: random, always reported].",
+        SAMPLER_PANEL,
+        ONE_IMAGE,
+        in_key=False,  # hashed on its own: only when it was chosen
+        in_presets=False,
+        check=in_range(0, MAX_SEED),
+        normalize=_random_seed,
+    ),
+    _side(
+        "size",
+        f"Long side of the output: 4096, 8k, 16K (x1024), or WxH like 4096x2048 \\[default: {DEFAULT_SIZE}].",
+        (*RENDER_COMMANDS, BENCH),
+        flags=("-s",),
+        metavar="PX",
+    ),
+    Setting(
+        "aspect",
+        "str",
+        "1:1",
+        "Shape W:H, e.g. 16:9 \\[default: 1:1].",
+        SIZE_PANEL,
+        (GENERATE, PLAN, BATCH, BENCH),
+        in_key=False,
+        check=_aspect_ok,
+    ),
+    _side("width", "Exact output width, px (instead of --size)."),
+    _side("height", "Exact output height, px (instead of --size)."),
+    Setting(
+        "steps",
+        "int",
+        50,
+        "Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].",
+        SAMPLER_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        check=in_range(1, 1000),
+    ),
+    Setting(
+        "guidance",
+        "float",
+        7.5,
+        "Classifier-free guidance scale \\[default: 7.5].",
+        SAMPLER_PANEL,
+        check=in_range(0.0, 50.0),
+        flags=("-g",),
+    ),
+    Setting(
+        "strengths",
+        "floats",
+        None,
+        "Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1].",
+        SIZE_PANEL,
+        check=_strengths_ok,
+    ),
+    Setting(
+        "scheduler",
+        "str",
+        "ddim",
+        f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
+        "\\[default: ddim].",
+        SAMPLER_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        normalize=scheduler_name,
+        choices=lambda: SCHEDULERS,
+    ),
+    Setting(
+        "format",
+        "str",
+        "png",
+        f"Output format: {', '.join(OUTPUT_FORMATS.names())} (also jpg, tif) \\[default: png].",
+        OUTPUT_PANEL,
+        in_key=False,
+        normalize=format_name,
+        choices=OUTPUT_FORMATS.names,
+        flags=("-f",),
+    ),
+    Setting(
+        "name",
+        "str",
+        None,
+        "Output file name without extension \\[default: prompt slug, seed and size].",
+        OUTPUT_PANEL,
+        ONE_IMAGE,
+        in_key=False,
+        in_presets=False,
+    ),
+    _side(
+        "base_size",
+        "Long side of the base stage, px \\[default: the model's native size].",
+        NOT_UPSCALE,
+        metavar="PX",
+        in_key=True,
+    ),
+    Setting(
+        "model",
+        "str",
+        DEFAULT_MODEL,
+        "Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random "
+        f"weights) \\[default: {DEFAULT_MODEL}].",
+        MODEL_PANEL,
+        flags=("-m",),
+    ),
+    Setting(
+        "linfusion",
+        "str",
+        "auto",
+        "LinFusion weights: auto (official for the model's family), none (ordinary attention), or a "
+        "checkpoint folder / hub id \\[default: auto].",
+        MODEL_PANEL,
+    ),
+    Setting(
+        "vae", "str", None, "Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.", MODEL_PANEL
+    ),
+    Setting(
+        "vae_tile",
+        "int",
+        None,
+        "VAE tile side, px \\[default: automatic from free memory].",
+        MEMORY_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        in_key=False,
+        check=in_range(64, MAX_SIDE),
+    ),
+    Setting(
+        "low_vram",
+        "bool",
+        False,
+        "Most frugal memory settings (24 GB cards at 16K).",
+        MEMORY_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        in_key=False,
+    ),
+    Setting(
+        "max_vram",
+        "float",
+        None,
+        "Plan memory for at most this many GiB.",
+        MEMORY_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        in_key=False,
+        check=in_range(0.5, 4096),
+        metavar="GIB",
+    ),
+    Setting("image", "str", None, commands=(), in_presets=False),
+    Setting(
+        "strength",
+        "float",
+        None,
+        _strength_help,
+        REFINE_PANEL,
+        check=in_range(0.0, 1.0),
+    ),
+    Setting(
+        "refine",
+        "str",
+        DEFAULT_REFINE,
+        _refine_help,
+        REFINE_PANEL,
+        choices=REFINE_METHODS.names,
+        metavar="METHOD",
+    ),
+    Setting(
+        "preset",
+        "str",
+        None,
+        "A recipe of settings: a preset name (see `linfusion presets list`) or a YAML file.",
+        PROMPT_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        in_key=False,
+        in_presets=False,
+        flags=("-p",),
+        complete=_preset_names,
+    ),
+)
+
+
+def table() -> dict[str, Setting]:
+    """Every setting by name: the core's, then each refine method's and each adapter kind's (in their registries'
+    order). Built on each call, so a method or kind registered later (a plug-in, a test's toy one) is in it."""
+    found: dict[str, Setting] = {}
+    owned = (s for owner in (*REFINE_METHODS, *ADAPTER_KINDS) for s in owner.settings)
+    for setting in (*CORE_SETTINGS, *EXTRA_SETTINGS, *owned):
+        if setting.name in found:
+            raise ValueError(f"setting {setting.name!r} is declared twice")
+        found[setting.name] = setting
+    return found
+
+
+EXTRA_SETTINGS: list[Setting] = []  # settings added from outside (a plug-in, a test): `add_setting`
+
+
+def add_setting(setting: Setting) -> None:
+    """Declare one more setting (a plug-in's, a test's toy one): it is then a flag, a job field and, if it says so,
+    part of the settings key, like any other."""
+    if setting.name in table():
+        raise ValueError(f"setting {setting.name!r} is declared already")
+    EXTRA_SETTINGS.append(setting)
+
+
+def remove_setting(name: str) -> None:
+    EXTRA_SETTINGS[:] = [s for s in EXTRA_SETTINGS if s.name != name]
+
+
+def job_keys() -> tuple[str, ...]:
+    return tuple(table())
+
+
+class JobSpec:
+    """One image's fully resolved settings: every declared setting as an attribute (its default unless a layer
+    set it), and `sources`: which layer set each key."""
+
+    def __init__(self, **values: Any) -> None:
+        settings = table()
+        unknown = sorted(set(values) - set(settings))
+        if unknown:
+            raise TypeError(f"not job settings: {', '.join(unknown)}")
+        merged = {name: setting.fresh_default() for name, setting in settings.items()}
+        merged.update(values)
+        object.__setattr__(self, "_values", merged)
+        object.__setattr__(self, "sources", {})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(f"no job setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._values:
+            raise AttributeError(f"no job setting {name!r}")
+        self._values[name] = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobSpec) and self._values == other._values
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self._values.items() if k in self.sources)
+        return f"JobSpec({given})"
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings as plain data (for reports, sidecars, replay)."""
+        return dict(self._values)
+
+
+def not_in_presets() -> tuple[str, ...]:
+    """Keys a preset may not set: they belong to one image, not to a recipe."""
+    return tuple(name for name, setting in table().items() if not setting.in_presets)
+
+
+def _problem(where: str, key: str, message: str) -> UsageError:
+    if where == FLAGS:
+        return UsageError(f"--{key.replace('_', '-')}: {message}")
+    return UsageError(f"{where}: field '{key}' {message}")
+
+
+def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
+    """Check (and, for text sources like flags, CSV or TXT, parse) one value; a UsageError naming `where`."""
+    settings = table()
+    setting = settings.get(key)
+    if setting is None:
+        raise UsageError(
+            f"{where}: unknown field {quote(key)}{did_you_mean(key, settings)} (known: {', '.join(settings)})"
+        )
+    try:
+        return setting.read(value, from_text=from_text)
+    except (TypeError, ValueError) as exc:
+        raise _problem(where, key, str(exc)) from None
+
+
+def validate_layer(
+    data: Mapping[str, Any], *, where: str, from_text: bool = False, forbidden: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Validate one layer (preset, file defaults, a row, flags): known keys, right types, sane values."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UsageError(f"{where}: field names must be text, got {quote(key)}")
+        if key in forbidden:
+            raise UsageError(f"{where}: '{key}' cannot be set here")
+        if key == "size" and is_two_sides(value):
+            if "width" in data or "height" in data:
+                raise _problem(where, key, "is WxH already; leave out width and height")
+            try:
+                sides = split_size(value)
+            except TypeError as exc:
+                raise _problem(where, key, str(exc)) from None
+            for side_key, side in zip(("width", "height"), sides, strict=True):
+                out[side_key] = coerce(key, side, where=where)
+            continue
+        converted = coerce(key, value, where=where, from_text=from_text)
+        if converted is not None:
+            out[key] = converted
+    return out
+
+
+def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bool = True) -> JobSpec:
+    """Merge validated layers, lowest precedence first, into a JobSpec that remembers who set what."""
+    job = JobSpec()
+    for label, layer in layers:
+        for key, value in layer.items():
+            setattr(job, key, list(value) if isinstance(value, list) else value)
+            job.sources[key] = label
+    if require_prompt and not job.prompt.strip() and not job.image:
+        where = job.sources.get("prompt", "the job")
+        raise UsageError(f"{where}: the prompt is empty; give a prompt (or an image to upscale)")
+    return job

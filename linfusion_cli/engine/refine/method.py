@@ -1,0 +1,76 @@
+"""What a refine method is: how refine stages (upscale, re-noise, denoise the last steps) are scheduled and what
+they do besides plain img2img. A method is one module with a `RefineMethod` registered in `REFINE_METHODS`
+(refine/__init__.py); it owns its settings, its schedule, its cost (UNet passes per step, latents it keeps), its
+plan caption and metadata, and the per-stage hooks the engine calls. No torch at import: plans, settings and
+help are made before any model loads; a method's torch side is imported when a job starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ...base.settings import Setting
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ...base.settings import Job
+
+Denoiser = Any  # Callable[[latents, t], prediction]: see engine/denoisers.py
+
+
+class StageGuide(Protocol):
+    """A refine stage's per-step additions: adjust the latents before each step, and wrap the stage's denoiser
+    (one more wrapper around guidance around the UNet, as k-diffusion composes them)."""
+
+    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def wrap(self, denoiser: Denoiser) -> Denoiser: ...
+
+
+class JobRefiner:
+    """One job's state for its method across stages; the default does nothing beyond plain img2img."""
+
+    def encoded(self, latents: torch.Tensor) -> None:
+        """A refine stage encoded its upscaled image (before noise)."""
+
+    def guide(
+        self, ratio: int, encoded: torch.Tensor, noise: torch.Tensor, train_steps: int, models: nn.Module
+    ) -> StageGuide | None:
+        """This refine stage's guide; `ratio` is its size over the base (or input) size, `models` what runs
+        in a UNet pass (the UNet and the models adapters run beside it)."""
+        return None
+
+    def finished(self, latents: torch.Tensor) -> torch.Tensor:
+        """A stage's final latents, before they are decoded."""
+        return latents
+
+
+class RefineMethod:
+    """A refine method's declaration (subclass it; see the module docstring)."""
+
+    name = ""
+    summary = ""  # what it does, in a few words for --help
+    settings: tuple[Setting, ...] = ()  # its own parameters: flags, job fields, preset keys
+    first_strength = 0.4  # the first refine stage's strength unless --strength says otherwise
+    passes_per_step = 1  # UNet passes per refine step and guidance half
+    extra_bytes_per_token = 0  # device bytes per latent token it keeps beside the UNet's activations
+    caption: str | None = None  # the plan table's caption when a job uses it
+
+    def strengths(self, count: int, first: float) -> list[float]:
+        """Default strengths of `count` refine stages, the first one `first`."""
+        raise NotImplementedError
+
+    def steps(self, schedule_steps: int, strength: float) -> int:
+        """How many of the schedule's steps a refine stage at `strength` runs."""
+        raise NotImplementedError
+
+    def a1111_fields(self, settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """What the image's `parameters` text says about the method."""
+        return [("Refine", self.name)]
+
+    def start_job(self, job: Job) -> JobRefiner:
+        """The per-job state the engine keeps across the job's stages."""
+        return JobRefiner()

@@ -1,0 +1,247 @@
+"""Running a stage plan on a loaded engine: the base image, then upscale + img2img refine at each 2x step, with
+the tiled VAE, an out-of-memory retry with more frugal settings, and the final image as uint8.
+
+Nothing leaves the device between stages: decoded images are upscaled there (bicubic, antialiased) and
+re-encoded; only the final image comes back, as uint8, tile by tile. Progress goes out as events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..base.errors import NumericalError, OutOfMemoryError
+from ..base.events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone
+from ..base.plan import Plan, StagePlan
+from ..base.settings import Job
+from ..models.adapter_kind import UNetExtra
+from ..models.devices import free_cached
+from ..models.tensors import upscale
+from . import memory
+from .memory import Meter
+from .refine import JobRefiner, StageGuide
+from .sampling import StageInputs, denoise, initial_noise, stage_timesteps
+from .schedulers import make_scheduler
+from .text import Conditioning
+from .vae import LATENT_SCALE, TiledVAE
+
+if TYPE_CHECKING:
+    from .pipeline import Engine
+
+BLACK_LEVEL = 2  # an output whose every pixel is at most this (of 255) is treated as a failed, black image
+
+
+@dataclass
+class StageRecord:
+    index: int
+    kind: str
+    size: str
+    strength: float | None
+    steps: int
+    seconds: float
+    usage: dict[str, Any]
+    settings: dict[str, Any]
+    retried: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "size": self.size,
+            "strength": self.strength,
+            "steps": self.steps,
+            **self.usage,
+            "memory_settings": self.settings,
+            "retried": self.retried,
+        }
+
+
+@dataclass
+class GenerateResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    stages: list[StageRecord]
+    seconds: float
+    stage_images: list[tuple[StagePlan, np.ndarray]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobRun:
+    """What every stage of one job's run shares."""
+
+    engine: Engine
+    job: Job
+    plan: Plan
+    seed: int
+    cond: Conditioning
+    planner: memory.MemoryPlanner
+    events: EventSink
+    cancel: CancelToken
+    base_width: int  # px of the base stage, or of the input image when upscaling: refine ratios count from it
+    refiner: JobRefiner  # the refine method's state for this job
+    fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
+
+
+def run_stage(
+    run: JobRun, stage: StagePlan, image: torch.Tensor | None
+) -> tuple[torch.Tensor | None, np.ndarray | None, StageRecord]:
+    """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
+    with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage."""
+    ladder, level, retried = run.planner.ladder, run.planner.choose(stage.width, stage.height).level, None
+    while True:
+        settings = ladder[level]
+        run.events(
+            StageStarted(
+                stage.index,
+                len(run.plan.stages),
+                stage.kind,
+                stage.size_text,
+                stage.steps,
+                stage.strength,
+                settings.as_dict(),
+            )
+        )
+        try:
+            with Meter(run.engine.device) as meter:
+                memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
+                image, out = _run_stage(run, stage, image, settings)
+            break
+        except torch.OutOfMemoryError as exc:
+            free_cached(run.engine.device)
+            if retried is not None or level + 1 >= len(ladder):
+                raise OutOfMemoryError(
+                    f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory even with the "
+                    f"most frugal settings ({settings.describe()}); try --low-vram, a smaller --size, or "
+                    "a GPU with more memory"
+                ) from exc
+            level += 1
+            retried = f"out of memory with {settings.describe()}; retried with {ladder[level].describe()}"
+            run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
+    usage = meter.usage
+    run.events(StageFinished(stage.index, usage.seconds, usage.as_dict()))
+    record = StageRecord(
+        stage.index,
+        stage.kind,
+        stage.size_text,
+        stage.strength,
+        stage.steps,
+        usage.seconds,
+        usage.as_dict(),
+        settings.as_dict(),
+        retried,
+    )
+    return image, out, record
+
+
+def _stage_extras(run: JobRun, stage: StagePlan, control: torch.Tensor | None) -> tuple[UNetExtra, ...]:
+    extras = (adapter.stage_extra(stage, control) for adapter in run.engine.adapters)
+    return tuple(extra for extra in extras if extra is not None)
+
+
+def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> TiledVAE:
+    """This stage's tiled VAE: its tile size and memory budget, progress as TilesDone events."""
+
+    def on_tile(kind: str, done: int, total: int) -> None:
+        run.cancel.check()
+        run.events(TilesDone(stage.index, kind, done, total))
+
+    return TiledVAE(
+        run.engine.comps.vae,
+        tile=settings.vae_tile or run.job.vae_tile,
+        on_tile=on_tile,
+        memory_budget=settings.vae_budget,
+        fp32_vae=run.engine.fp32_vae,
+    )
+
+
+def _run_stage(
+    run: JobRun, stage: StagePlan, image: torch.Tensor | None, settings: memory.MemorySettings
+) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
+    for the next stage, or for the last stage the CPU uint8 image."""
+    engine, job = run.engine, run.job
+    memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules())
+    tiler = _tiler(run, stage, settings)
+    scheduler = make_scheduler(job.scheduler, engine.comps.scheduler_config)
+    generator = torch.Generator("cpu").manual_seed(run.seed + stage.index)
+    try:
+        # 1. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
+        start = _starting_latents(run, stage, image, tiler, scheduler)
+        del image
+
+        # 2. Denoise.
+        inputs = StageInputs(
+            run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split, extras=start.extras
+        )
+
+        def on_step(step: int, total: int) -> None:
+            run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(engine.device)))
+            run.cancel.check()
+
+        latents = denoise(
+            engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, generator, on_step, start.guide
+        )
+        if not bool(torch.isfinite(latents).all()):
+            raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
+        latents = run.refiner.finished(latents)
+
+        # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last.
+        latents = latents.to(engine.vae_dtype())
+        if stage is run.plan.stages[-1]:
+            return None, tiler.decode_to_uint8(latents).numpy()
+        return tiler.decode(latents), None
+    finally:
+        run.fp32_retries += tiler.fp32_retries
+
+
+@dataclass
+class _Start:
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    extras: tuple[UNetExtra, ...]
+    guide: StageGuide | None = None
+
+
+def _starting_latents(
+    run: JobRun, stage: StagePlan, image: torch.Tensor | None, tiler: TiledVAE, scheduler: Any
+) -> _Start:
+    """A base stage's noise, or a refine stage's upscaled image encoded and noised to its strength (with the
+    refine method's guide for the stage)."""
+    engine, device, seed = run.engine, run.engine.device, run.seed
+    latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
+    if stage.strength is None:
+        timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
+        latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
+        return _Start(latents, timesteps, _stage_extras(run, stage, None))
+    if image is None:
+        raise RuntimeError(f"refine stage {stage.index} has no image to start from")
+    image = upscale(image, stage.width, stage.height)
+    extras = _stage_extras(run, stage, image)  # a tile ControlNet conditions on the upscaled image
+    encoded = tiler.encode(image).float()
+    del image
+    run.refiner.encoded(encoded)
+    timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=True)
+    if stage.steps == 0:
+        return _Start(encoded, timesteps[:0], extras)
+    noise = initial_noise(latent_shape, seed + stage.index, device)
+    latents = scheduler.add_noise(encoded, noise, timesteps[:1])
+    guide = run.refiner.guide(
+        max(1, round(stage.width / run.base_width)),
+        encoded,
+        noise,
+        int(scheduler.config.num_train_timesteps),
+        # a global pass dilates ControlNets with the UNet: their residuals must match it
+        torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
+    )
+    return _Start(latents, timesteps, extras, guide)
+
+
+def check_image(image: np.ndarray) -> None:
+    if int(image.max()) <= BLACK_LEVEL:
+        raise NumericalError(
+            "the output is all black (a NaN/overflow in the model); try --dtype fp32, or for SDXL an fp16-fixed "
+            "VAE via --vae"
+        )

@@ -1,0 +1,48 @@
+"""Where weights sit and in what precision: the VAE's dtype for a run, text and image encoders moved off the
+device while the UNet works, and cached memory returned to the driver."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .families import Family
+
+
+def free_cached(device: torch.device) -> None:
+    """Return cached blocks to the driver (between jobs, after an OOM)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_device: bool) -> None:
+    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs)."""
+    if device.type == "cpu":
+        return
+    target = device if on_device else torch.device("cpu")
+    for encoder in encoders:
+        if next(encoder.parameters()).device != target:
+            encoder.to(target)
+    if not on_device:
+        free_cached(device)
+
+
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype, family: Family | None) -> torch.dtype:
+    """The VAE's dtype for a run in `dtype`.
+
+    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
+    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
+    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
+    memory and time. A tile that overflows anyway is redone in fp32 (vae.py). An unknown family follows its config.
+    """
+    if dtype != torch.float16:
+        return dtype
+    wants = family.vae_upcast if family is not None else True
+    return torch.float32 if wants and vae_config.get("force_upcast", True) else dtype
