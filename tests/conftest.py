@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from processes import Processes
 
 # Before anything imports huggingface_hub / rich: no network, fixed-width output, quiet libraries.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -70,3 +73,45 @@ def runner():
     from typer.testing import CliRunner
 
     return CliRunner()
+
+
+# --- model loads ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every model this test loads (the engine's `load_components` calls), by name, in order."""
+    import linfusion_cli.engine.pipeline as pipeline
+
+    loads: list[str] = []
+    real = pipeline.load_components
+
+    def counting(model: str, **kwargs: Any) -> Any:
+        loads.append(model)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_components", counting)
+    return loads
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model fails the test: for what must be refused, or planned, before anything loads."""
+    import linfusion_cli.engine.pipeline as pipeline
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline.Engine, "load", classmethod(boom))
+
+
+# --- linfusion in a fresh process, as a farm runs it ------------------------------------------------------------
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.kill_all()

@@ -93,10 +93,10 @@ def test_shard_resolution() -> None:
             resolve_shard(bad)
 
 
-def test_invalid_file_exits_2_before_loading(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
+def test_invalid_file_exits_2_before_loading(
+    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: None
+) -> None:
 
-    monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     path = tmp_path / "jobs.csv"
     path.write_text("prompt,steps\na,10\nb,lots\n")
     result = run(runner, "batch", str(path), *FAST, "--out", str(tmp_path / "out"))

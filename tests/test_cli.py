@@ -107,16 +107,6 @@ def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
     assert run(runner, *args, "--overwrite").exit_code == 0
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(pipeline.Engine, "load", classmethod(boom))
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [

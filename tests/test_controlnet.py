@@ -188,18 +188,15 @@ def test_cli_records_the_controlnet_and_replay_reproduces_it(runner, tmp_path: P
 
 
 def test_batch_switches_controlnets_without_reloading_the_model(
-    runner, tmp_path: Path, control_png: Path, monkeypatch: pytest.MonkeyPatch
+    runner, tmp_path: Path, control_png: Path, model_loads: list[str]
 ) -> None:
     import json
 
     from PIL import Image
 
     from linfusion_cli.cli.commands import app
-    from linfusion_cli.engine import pipeline
 
-    loads: list[object] = []
-    real = pipeline.load_components
-    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: loads.append(a) or real(*a, **k))
+    loads = model_loads
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(
         "defaults: {model: tiny, size: 256, steps: 3, seed: 2}\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import Processes
 
 from linfusion_cli.cli.commands import app
 from linfusion_cli.engine import memory
@@ -148,26 +149,14 @@ def test_family_or_none_hides_only_unknown_architectures() -> None:
         family_or_none(None)  # type: ignore[arg-type]
 
 
-def test_quiet_run_prints_nothing_at_all(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_quiet_run_prints_nothing_at_all(processes: Processes, tmp_path: Path, tiny_model_dir: Path) -> None:
     """Through the real loaders (diffusers and transformers from_pretrained, which draw their own bars), in a
     fresh process as a farm runs it: --quiet on success leaves stderr and stdout empty."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = processes.env()
     for noisy in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         env.pop(noisy, None)  # as a user's shell has them: unset
     args = ["generate", "a fox", "--model", str(tiny_model_dir), "--size", "128", "--steps", "2", "--quiet"]
-    done = subprocess.run(
-        [sys.executable, "-m", "linfusion_cli", *args, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    done = processes.run(*args, "--out", str(tmp_path), env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == ""
     assert len(list(tmp_path.glob("*.png"))) == 1

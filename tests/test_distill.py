@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import Processes, read_line
 
 from linfusion_cli.base.errors import Interrupted, OutputError
 from linfusion_cli.base.events import CancelToken
@@ -194,33 +195,30 @@ def test_resume_after_a_stop_ends_where_an_unbroken_run_does(images: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(images: Path, tmp_path: Path) -> None:
-    import os
+def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(
+    processes: Processes, images: Path, tmp_path: Path
+) -> None:
     import signal
-    import subprocess
-    import sys
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "linfusion_cli", "distill", "-m", "tiny", "--data", str(images), "-o", str(out)]
+    cmd = ["distill", "-m", "tiny", "--data", str(images), "-o", str(out)]
     cmd += ["--resolution", str(RES), "--init", "random", "--save-every", "1000", "--log-every", "1", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([*cmd, "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "step":
-            proc.send_signal(signal.SIGTERM)
-            break
+    proc = processes.start(*cmd, "--steps", "100000")
+    while (line := read_line(proc, 120)) and json.loads(line)["event"] != "step":
+        pass
+    assert line, "distill ended before its first step"
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()
+    assert proc.returncode == 143, err
     saved = sorted(out.glob("step-*"))
     assert len(saved) == 1 and (saved[0] / STATE_PT).is_file()
     step = json.loads((saved[0] / STATE_JSON).read_text())["step"]
 
-    rerun = subprocess.run([*cmd, "--steps", str(step + 2)], capture_output=True, env=env, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr.decode()
+    rerun = processes.run(*cmd, "--steps", str(step + 2), timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
     lines = [json.loads(line) for line in rerun.stdout.splitlines()]
     assert [e["step"] for e in lines if e["event"] == "step"] == [step + 1, step + 2]
-    assert f"resuming from {saved[0]} at step {step}" in rerun.stderr.decode()
+    assert f"resuming from {saved[0]} at step {step}" in rerun.stderr
 
 
 def test_resume_from_another_model_exits_2_naming_both(images: Path, runner, tmp_path: Path) -> None:
@@ -359,19 +357,17 @@ def test_gradient_checkpointing_gives_the_same_update(images: Path, tmp_path: Pa
 
 # --- data parallel --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(images: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
+def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(
+    processes: Processes, images: Path, tmp_path: Path
+) -> None:
     from linfusion_cli.linfusion.patching import apply_linfusion
     from linfusion_cli.models.loading import build_random
 
     worker = Path(__file__).with_name("distill_ddp_worker.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([*launch, str(images), str(tmp_path / "out"), str(tmp_path)], capture_output=True, env=env)
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    proc = processes.start_python(*launch, str(images), str(tmp_path / "out"), str(tmp_path))
+    run = processes.finish(proc, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same(rank0, rank1)
     start = weights(apply_linfusion(build_random("tiny").unet, "random"))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from processes import Processes, read_line
 
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.cli.commands import app
@@ -131,7 +132,7 @@ def test_stale_temp_cleanup_spares_live_writers(tmp_path: Path) -> None:
     assert left == {names["live_pid"], names["foreign_locked"], names["foreign_young"]}
 
 
-def test_claims_exclude_and_die_with_their_process(tmp_path: Path) -> None:
+def test_claims_exclude_and_die_with_their_process(processes: Processes, tmp_path: Path) -> None:
     from linfusion_cli.io.locks import Claim, try_claim
 
     path = tmp_path / ".job.claim"
@@ -145,18 +146,12 @@ def test_claims_exclude_and_die_with_their_process(tmp_path: Path) -> None:
     assert isinstance(again, Claim)
     again.release()
 
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from linfusion_cli.io.locks import try_claim; from pathlib import Path; "
-            f"c = try_claim(Path({str(path)!r})); print(type(c).__name__, flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+    holder = processes.start_python(
+        "-c",
+        "import sys, time; from linfusion_cli.io.locks import try_claim; from pathlib import Path; "
+        f"c = try_claim(Path({str(path)!r})); print(type(c).__name__, flush=True); time.sleep(60)",
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "Claim"
+    assert read_line(holder, 60).strip() == "Claim"
     assert isinstance(try_claim(path), str)
     holder.kill()  # SIGKILL: no cleanup code runs; the kernel drops the lock
     holder.wait()
@@ -165,13 +160,9 @@ def test_claims_exclude_and_die_with_their_process(tmp_path: Path) -> None:
     taken.release()
 
 
-def test_two_tasks_on_one_folder_make_every_job_exactly_once(tmp_path: Path) -> None:
+def test_two_tasks_on_one_folder_make_every_job_exactly_once(processes: Processes, tmp_path: Path) -> None:
     jobs, out = prompts(tmp_path, 6), tmp_path / "out"
-    command = [sys.executable, "-m", "linfusion_cli", "batch", str(jobs), *FAST, "--out", str(out), "--json"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    tasks = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"
-    ]
+    tasks = [processes.start("batch", str(jobs), *FAST, "--out", str(out), "--json") for _ in "ab"]
     results = [task.communicate(timeout=300) for task in tasks]
     assert all(task.returncode == 0 for task in tasks), [err[-2000:] for _, err in results]
     records = [json.loads(line) for stdout, _ in results for line in stdout.splitlines()]
@@ -274,11 +265,9 @@ def test_truncated_input_image_fails_its_job_only(runner, tmp_path: Path) -> Non
 
 
 def test_unreadable_input_image_is_refused_before_the_model_loads(
-    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: None
 ) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
     jobs = tmp_path / "jobs.jsonl"

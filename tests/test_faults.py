@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from processes import Processes, read_line
 
 from linfusion_cli.base.errors import OutputError
 from linfusion_cli.cli.commands import app
@@ -21,30 +20,16 @@ from linfusion_cli.cli.commands import app
 FAST = ["--model", "tiny", "--size", "256", "--steps", "6"]
 
 
-def start_batch(jobs: Path, out: Path) -> subprocess.Popen[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "linfusion_cli",
-        "batch",
-        str(jobs),
-        *FAST,
-        "--seed",
-        "1",
-        "--out",
-        str(out),
-        "--json",
-    ]
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+def start_batch(processes: Processes, jobs: Path, out: Path) -> subprocess.Popen[str]:
+    args = ["batch", str(jobs), *FAST, "--seed", "1", "--out", str(out), "--json"]
+    return processes.start(
+        *args, stderr=subprocess.DEVNULL, env=processes.env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     )
 
 
 def wait_for_first_line(proc: subprocess.Popen[str], timeout: float = 120) -> dict:
-    assert proc.stdout is not None
-    deadline = time.time() + timeout
-    line = proc.stdout.readline()
-    assert line and time.time() < deadline, "the batch produced no output"
+    line = read_line(proc, timeout)
+    assert line, "the batch ended without output"
     return json.loads(line)
 
 
@@ -65,9 +50,9 @@ def make_jobs(tmp_path: Path, count: int) -> Path:
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
-def test_stopped_batch_resumes_without_losing_anything(tmp_path: Path, how: str) -> None:
+def test_stopped_batch_resumes_without_losing_anything(processes: Processes, tmp_path: Path, how: str) -> None:
     jobs, out = make_jobs(tmp_path, 5), tmp_path / "out"
-    proc = start_batch(jobs, out)
+    proc = start_batch(processes, jobs, out)
     wait_for_first_line(proc)
     proc.send_signal(getattr(signal, how))
     code = proc.wait(timeout=120)
@@ -78,7 +63,7 @@ def test_stopped_batch_resumes_without_losing_anything(tmp_path: Path, how: str)
         assert code == -signal.SIGKILL
     done_before = check_outputs(out)
     assert 1 <= len(done_before) < 5
-    rerun = start_batch(jobs, out)
+    rerun = start_batch(processes, jobs, out)
     assert rerun.communicate(timeout=300)[0] and rerun.returncode == 0
     assert len(check_outputs(out)) == 5
     assert not [p for p in out.iterdir() if ".part-" in p.name]  # the rerun cleared any stale temp file
@@ -109,16 +94,16 @@ def test_read_only_output_folder(runner, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not writable" in result.stderr  # bad input, before any model loads
 
 
-def test_unwritable_output_is_reported_before_loading(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_output_is_reported_before_loading(
+    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: None
+) -> None:
     import linfusion_cli.core.run as output  # where the run calls it
 
     def denied(folder: Path) -> Path:
         raise OutputError(f"output folder {folder} is not writable: Permission denied")
 
     monkeypatch.setattr(output, "prepare_folder", denied)
-    import linfusion_cli.engine.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
     result = runner.invoke(app, ["generate", "x", *FAST, "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 1 and "not writable" in result.stderr
 

@@ -275,16 +275,6 @@ def _cli(runner: Any, *args: str) -> Any:
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
-
-    def boom(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(pipeline.Engine, "load", classmethod(boom))
-
-
 def test_generate_records_it_and_replay_reproduces(runner: Any, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -380,19 +370,8 @@ class _Evil:
     """Stands for code a pickle would run."""
 
 
-def test_batch_switches_ip_adapters_on_one_loaded_model(
-    runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import linfusion_cli.engine.pipeline as pipeline
-
-    loads: list[str] = []
-    real = pipeline.load_components
-
-    def counting(model: str, **kwargs: Any) -> Any:
-        loads.append(model)
-        return real(model, **kwargs)
-
-    monkeypatch.setattr(pipeline, "load_components", counting)
+def test_batch_switches_ip_adapters_on_one_loaded_model(runner: Any, tmp_path: Path, model_loads: list[str]) -> None:
+    loads = model_loads
     ref = _ref_image(tmp_path / "ref.png")
     weights = _write_h94(tmp_path / "IP-Adapter", "tiny")
     jobs = tmp_path / "jobs.jsonl"

@@ -146,12 +146,9 @@ def test_pickled_lora_is_refused(runner, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "only .safetensors" in result.stderr
 
 
-def test_batch_switches_loras_without_reloading_the_model(runner, tmp_path: Path, monkeypatch) -> None:
-    from linfusion_cli.engine import pipeline
+def test_batch_switches_loras_without_reloading_the_model(runner, tmp_path: Path, model_loads) -> None:
 
-    loads = []
-    real = pipeline.load_components
-    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: loads.append(a) or real(*a, **k))
+    loads = model_loads
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(
         "defaults: {model: tiny, size: 256, steps: 3}\n"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from layouts import FAMILY, build_repo, into_hub_cache, write_single_file
+from processes import Processes
 
 from linfusion_cli.cli.commands import app
 from linfusion_cli.models.loading import load_components
@@ -243,27 +244,16 @@ def test_batch_names_what_is_not_cached_before_loading(
     assert f"`hf download {model}`" in result.stderr.replace("\n", "")
 
 
-def test_quiet_single_file_run_on_an_empty_cache_prints_nothing(repos: dict[str, Any], tmp_path: Path) -> None:
+def test_quiet_single_file_run_on_an_empty_cache_prints_nothing(
+    processes: Processes, repos: dict[str, Any], tmp_path: Path
+) -> None:
     """As the farm runs it: a fresh process, an empty HF_HOME, HF_HUB_OFFLINE=1, --quiet: files and no output."""
-    import os
-    import subprocess
-    import sys
-
     path = _single_file(repos, "tiny-sdxl", tmp_path)
-    repo_root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf"), "PYTHONPATH": str(repo_root)}
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = processes.env(HF_HOME=str(tmp_path / "empty-hf"))
     for noisy in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         env.pop(noisy, None)
     args = ["generate", "a fox", "--model", str(path), "--size", "128", "--steps", "2", "--quiet", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-m", "linfusion_cli", *args, "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    done = processes.run(*args, "--out", str(tmp_path / "out"), env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     report = json.loads(done.stdout)

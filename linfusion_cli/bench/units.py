@@ -406,7 +406,7 @@ def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) ->
 
     from PIL import Image
 
-    from ..io.pngfast import _deflate_lib, write_png
+    from ..io.pngfast import deflate_name, write_png
 
     image = photo_like(width, height)
     results: dict[str, Any] = {}
@@ -436,7 +436,7 @@ def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) ->
         "schema": SCHEMA,
         "bench": "png",
         "size": f"{width}x{height}",
-        "deflate": getattr(_deflate_lib, "__name__", "zlib"),
+        "deflate": deflate_name(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -7,11 +7,10 @@ a prompt file's CSV cell), so `--steps 2.5` says "must be a whole number" in our
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
@@ -22,8 +21,6 @@ FLAG = {"metavar": "", "show_default": False}  # an on/off flag: no "<bool>" typ
 # What a setting's flag shows as its value in --help, by how the setting reads values.
 METAVARS = {"int": "INTEGER", "float": "FLOAT", "px": "PX", "floats": "NUMBERS", "str": "TEXT", "refs": "SRC"}
 SETTINGS_PARAM = "settings"
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _annotation(setting: Setting) -> Any:
@@ -51,33 +48,52 @@ def _completion(setting: Setting) -> Callable[[str], list[str]] | None:
     return lambda incomplete: [name for name in choices() if name.startswith(incomplete)]
 
 
-def with_settings(command: str) -> Callable[[F], F]:
+class _WithSettings:
+    """A command function with a flag for every job setting declared for its command. The flags are read from
+    the settings table whenever Typer builds the command (each run), so a setting added at run time (a plug-in,
+    a test) is a flag like any other."""
+
+    def __init__(self, fn: Callable[..., Any], command: str) -> None:
+        self.fn = fn
+        self.command = command
+        self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
+        self.__doc__ = fn.__doc__
+        self.__module__ = fn.__module__
+        own = inspect.signature(fn, eval_str=True)  # the real Annotated types, for Typer
+        self._own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values() if p.name != SETTINGS_PARAM
+        ]
+
+    def _settings(self) -> list[Setting]:
+        taken = {p.name for p in self._own}
+        return [s for s in table().values() if self.command in s.commands and s.name not in taken]
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        added = [
+            inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_annotation(s))
+            for s in self._settings()
+        ]
+        return inspect.Signature([*self._own, *added])
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kwargs: Any) -> Any:
+        names = {s.name for s in self._settings()}
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+        settings = {name: value for name, value in given.items() if value not in (None, [])}
+        return self.fn(**kwargs, settings=settings)
+
+
+def with_settings(command: str) -> Callable[[Callable[..., Any]], Any]:
     """Give a command a flag for every job setting declared for it; the function receives the ones given as one
     `settings` dict (setting name -> the text or list given; unset flags left out), after its own parameters."""
 
-    def decorate(fn: F) -> F:
-        signature = inspect.signature(fn, eval_str=True)  # the real Annotated types, for Typer
-        own = [p for p in signature.parameters.values() if p.name != SETTINGS_PARAM]
-        taken = {p.name for p in own}
-        chosen = [s for s in table().values() if command in s.commands and s.name not in taken]
-        added = [
-            inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_annotation(s))
-            for s in chosen
-        ]
-        names = [s.name for s in chosen]
-
-        @functools.wraps(fn)
-        def wrapper(**kwargs: Any) -> Any:
-            given = {name: kwargs.pop(name) for name in names}
-            settings = {name: value for name, value in given.items() if value not in (None, [])}
-            return fn(**kwargs, settings=settings)
-
-        hints = {p.name: p.annotation for p in own}
-        positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own]
-        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional]
-        wrapper.__signature__ = signature.replace(parameters=[*keyword, *added])  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in added}}
-        return wrapper  # type: ignore[return-value]
+    def decorate(fn: Callable[..., Any]) -> Any:
+        return _WithSettings(fn, command)
 
     return decorate
 

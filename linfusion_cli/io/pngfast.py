@@ -48,6 +48,11 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", key.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8"))
 
 
+def deflate_name() -> str:
+    """Which deflate library writes our PNGs (ISA-L's where installed, else zlib), for benchmark reports."""
+    return str(getattr(_deflate_lib, "__name__", "zlib"))
+
+
 def adler32_combine(first: int, second: int, second_length: int) -> int:
     """adler32(a + b) from adler32(a), adler32(b) and len(b) (zlib's adler32_combine)."""
     rem = second_length % ADLER_BASE
