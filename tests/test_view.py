@@ -217,6 +217,20 @@ def test_viewer_from_the_pinned_cdn_or_a_local_copy(renders: Path, tmp_path: Pat
     assert "../assets/openseadragon.min.js" in again.page.read_text()
 
 
+@pytest.mark.skipif(not os.environ.get(VIEWER_JS_ENV), reason=f"{VIEWER_JS_ENV} is not set (.ci/run sets it)")
+def test_pinned_integrity_hash_is_the_npm_file() -> None:
+    """The CDN pin and the local copy CI tests with are the same bytes: the SRI hash is the npm file's."""
+    import base64
+    import hashlib
+
+    from linfusion_cli.view.assets import OSD_VERSION
+
+    path = Path(os.environ[VIEWER_JS_ENV])
+    digest = base64.b64encode(hashlib.sha384(path.read_bytes()).digest()).decode()
+    assert f"sha384-{digest}" == OSD_INTEGRITY
+    assert path.read_text().startswith(f"//! openseadragon {OSD_VERSION}\n")  # the build banner names its version
+
+
 def test_served_site_and_port_in_use(site: Path) -> None:
     server = open_server(site, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
