@@ -248,6 +248,34 @@ def test_served_site_and_port_in_use(site: Path) -> None:
         server.server_close()
 
 
+def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(site: Path, renders: Path) -> None:
+    import signal
+
+    command = [
+        sys.executable,
+        "-m",
+        "linfusion_cli",
+        "view",
+        str(renders),
+        "--out",
+        str(site),
+        "--serve",
+        "--port",
+        "0",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("file://")  # the site, then...
+            url = process.stdout.readline().strip()  # ...where it is served
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+/index\.html", url), url
+            with urllib.request.urlopen(url) as response:
+                assert b"a red and blue flag" in response.read()
+        finally:
+            process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0 and "stopped serving" in process.communicate()[1]
+
+
 def test_cli_start_up_does_not_load_libvips() -> None:
     code = "import sys, linfusion_cli.cli.commands; print('pyvips' in sys.modules, 'http.server' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from ..view import DEFAULT_PORT
 from .common import FLAG, OUTPUT_PANEL, QuietOpt, boundary, emit_json, output_mode, setup_logging, stderr
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 VIEW_PANEL = "Site"
 VIEW_EXAMPLES = """[bold]Examples[/]
   linfusion view renders                       [dim]# renders/view/index.html; rerun to add new images[/]
-  linfusion view renders --serve               [dim]# then open http://127.0.0.1:8000/index.html[/]
+  linfusion view renders --serve               [dim]# and open http://127.0.0.1:8000/index.html[/]
   linfusion view lighthouse.png --out /tmp/site --tiles webp
   [dim]# offline: a local OpenSeadragon instead of the pinned CDN file (npm pack openseadragon@6.1.1):[/]
   linfusion view renders --viewer-js ./package/build/openseadragon/openseadragon.min.js
@@ -72,24 +73,26 @@ def view_command(
             rich_help_panel=VIEW_PANEL,
         ),
     ] = None,
-    serve_port: Annotated[
-        int | None,
+    serve: Annotated[
+        bool,
         typer.Option(
-            "--serve",
-            metavar="[PORT]",
-            is_flag=False,
-            flag_value=8000,
-            help="Then serve the site on 127.0.0.1 (port 8000, or PORT; 0 picks a free one) until Ctrl-C.",
-            rich_help_panel=VIEW_PANEL,
+            "--serve", help="Then serve the site on 127.0.0.1 until Ctrl-C.", rich_help_panel=VIEW_PANEL, **FLAG
         ),
-    ] = None,
+    ] = False,
+    port: Annotated[
+        int,
+        typer.Option(
+            metavar="PORT", help="--serve's port (0: any free one).", rich_help_panel=VIEW_PANEL, show_default=True
+        ),
+    ] = DEFAULT_PORT,
     json_out: Annotated[
         bool, typer.Option("--json", help="The report as JSON on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG)
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Deep-zoom pages and a contact sheet for images: a static site that works from file:// or --serve."""
-    from ..view import build_site, serve
+    from ..view import build_site
+    from ..view import serve as serve_site
 
     mode = output_mode(quiet)
     setup_logging(mode)
@@ -99,10 +102,10 @@ def view_command(
             source, out, viewer_js=viewer_js, tiles=tiles, job_logs=tuple(jobs or ()), progress=_progress(mode)
         )
         _render(report, mode, json_out)
-        if serve_port is not None:
+        if serve:
             page = report.page.relative_to(report.site).as_posix()
             try:
-                serve(report.site, serve_port, ready=lambda url: _announce(url.replace("index.html", page), json_out))
+                serve_site(report.site, port, ready=lambda base: _announce(base + page, json_out))
             except KeyboardInterrupt:
                 stderr.print("stopped serving", highlight=False)
 

@@ -1,4 +1,4 @@
-"""`view --serve`: the site over HTTP on 127.0.0.1, by the standard library's file server.
+"""`view --serve` (`serve`): the site over HTTP on 127.0.0.1, by the standard library's file server.
 
 file:// already works for the pages; a server is for a site on a remote machine (through an SSH tunnel:
 `ssh -L 8000:127.0.0.1:8000 farm`) or a browser that restricts file:// further. Only loopback is bound, so
@@ -17,11 +17,11 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..io.files import quote
+from . import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 # Python's table lacks some of these on older versions; a tile served as octet-stream would not display
 CONTENT_TYPES = {
     ".dzi": "application/xml",
@@ -63,11 +63,12 @@ def site_url(server: ThreadingHTTPServer, page: str = "index.html") -> str:
 
 
 def serve(site: Path, port: int = DEFAULT_PORT, ready: Callable[[str], None] | None = None) -> None:
-    """Serve `site` until Ctrl-C (KeyboardInterrupt propagates to the caller); `ready(url)` is called first."""
+    """Serve `site` until Ctrl-C (KeyboardInterrupt propagates to the caller); `ready(base_url)` is called
+    first, with the URL of the site's root (`http://127.0.0.1:PORT/`)."""
     server = open_server(site, port)
     try:
         if ready:
-            ready(site_url(server))
+            ready(site_url(server, ""))
         server.serve_forever()
     finally:
         server.server_close()
