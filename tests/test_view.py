@@ -164,9 +164,31 @@ def test_rerun_adds_only_what_is_new(renders: Path, tmp_path: Path) -> None:
     assert (third.new, third.unchanged) == (["b.png"], 1) and tile.stat().st_mtime_ns == stamp
     assert "a red fox" in page_of(third.site, "a.png")  # the page was rewritten with the sidecar
     (folder / "b.png").unlink()
+    leftovers = [first.site / "tiles" / "_part-99999-a_files", first.site / "pages" / ".a.html.part-99999"]
+    leftovers[0].mkdir()
+    leftovers[1].write_text("half a page")  # what a killed build leaves
     fourth = build_site(folder)
+    assert not any(path.exists() for path in leftovers)
     assert "b.png" not in (fourth.site / "index.html").read_text()
     assert not list((fourth.site / "tiles").glob("b-*"))  # its pyramid left with it
+
+
+def test_claims_show_jobs_being_made_and_jobs_whose_task_died(renders: Path, tmp_path: Path) -> None:
+    from linfusion_cli.io.locks import host_name
+
+    folder = tmp_path / "farm"
+    folder.mkdir()
+    shutil.copyfile(next(renders.glob("00000_*.png")), folder / "00000_done.png")
+    (folder / ".00000_done.png.claim").write_text("")  # its image exists: not a pending job
+    (folder / ".00001_a-cat_7_128x128_0badc0de.png.claim").write_text(f"pid {os.getpid()} on {host_name()}\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".00002_a-dog_8_128x128_0badc0de.png.claim").write_text(f"pid {dead.stdout.strip()} on {host_name()}")
+    report = build_site(folder)
+    assert (report.unfinished_jobs, report.failed_jobs) == (2, 0)
+    sheet = (report.site / "index.html").read_text()
+    assert "job 1: being made" in sheet and f"(pid {os.getpid()} on {host_name()})" in sheet
+    assert "job 2: stopped" in sheet and "died before finishing" in sheet
+    assert "job 0" not in sheet
 
 
 def test_one_image_and_bad_input_exit_2_with_one_line(runner, renders: Path, tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ def _job_card(note: JobNote) -> str:
     seed = f" · seed {note.seed}" if note.seed is not None else ""
     bad = " bad" if note.status != "running" else ""
     return (
-        f'<article class="card failed" data-text="{esc(note.detail.lower())}">'
+        f'<article class="card job{" failed" if bad else ""}" data-text="{esc(note.detail.lower())}">'
         f'<div class="thumb empty">{esc(job)}: {esc(label)}</div><div class="text">'
         f'<span class="badge{bad}">{esc(label)}</span><span class="keys">{esc(job + seed)}</span>'
         f'<span class="file">{esc(note.detail)}</span></div></article>\n'

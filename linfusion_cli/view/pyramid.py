@@ -31,6 +31,7 @@ TILE_FORMATS = {"jpeg": "jpg", "webp": "webp"}  # --tiles value -> file suffix (
 # fit a tile too), so a thumbnail is always a shrink, never an enlargement.
 THUMB_SIDE = TILE_SIZE // 2 + 1
 THUMB_QUALITY = 80
+PART_PREFIX = "_part-"  # a pyramid being cut: `_part-PID-NAME.dzi` and `_part-PID-NAME_files/`
 WHITE_8, WHITE_16 = 255, 65535  # the background an alpha channel is flattened onto
 INSTALL_HINT = "linfusion view needs libvips: pip install 'linfusion-cli[view]'"
 
@@ -110,7 +111,7 @@ def cut_pyramid(image: Path, base: Path, tiles: str = "jpeg") -> Pyramid:
     leaves a half pyramid under the final name (a viewer would show grey holes)."""
     pyvips = load_pyvips()
     suffix = TILE_FORMATS[tiles]
-    part = base.with_name(f"_part-{os.getpid()}-{base.name}")  # no dot: libvips would take it for a suffix
+    part = base.with_name(f"{PART_PREFIX}{os.getpid()}-{base.name}")  # no dot: libvips would take it for a suffix
     shutil.rmtree(part.with_name(part.name + "_files"), ignore_errors=True)
     try:
         # fail_on="truncated": a cut-off PNG is an error, not an image with a grey bottom

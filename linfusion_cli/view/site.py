@@ -30,13 +30,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..core.errors import InputImageError, LinFusionError, OutputFolderError, UsageError
 from ..io.files import ParseError, load_json, quote, read_regular
 from .assets import install_viewer
 from .pages import Card, contact_sheet, image_page
-from .pyramid import TILE_FORMATS, ImageUnreadable, Pyramid, cut_pyramid, load_pyvips, make_thumbnail
+from .pyramid import PART_PREFIX, TILE_FORMATS, ImageUnreadable, Pyramid, cut_pyramid, load_pyvips, make_thumbnail
 from .records import IMAGE_SUFFIXES, JobNote, file_signature, list_folder, read_claims, read_job_logs, read_sidecar
 
 try:
@@ -93,6 +93,22 @@ class SiteReport:
         }
 
 
+class ImageFiles(NamedTuple):
+    """Where one image's files are in a site (see the module docstring)."""
+
+    base: Path  # the pyramid's name without suffix: base.dzi and base_files/
+    dzi: Path
+    tiles: Path
+    thumb: Path
+    page: Path
+
+
+def image_files(site: Path, slug: str) -> ImageFiles:
+    base = site / "tiles" / slug
+    return ImageFiles(base, base.with_name(f"{slug}.dzi"), base.with_name(f"{slug}_files"),
+                      site / "thumbs" / f"{slug}.jpg", site / "pages" / f"{slug}.html")  # fmt: skip
+
+
 def default_site(source: Path) -> Path:
     return (source if source.is_dir() else source.parent) / SITE_DIR
 
@@ -123,6 +139,7 @@ def build_site(
     _prepare(site)
     report = SiteReport(site, site / "index.html", site / "index.html", images=len(images), not_images=len(others))
     with _site_lock(site):
+        _remove_leftovers(site)
         viewer = install_viewer(site, viewer_js)
         state = _load_state(site)
         for image in images:
@@ -138,7 +155,7 @@ def build_site(
         _write_pages(site, cards, jobs, viewer, report, title=_title(source))
         _save_state(site, state)
     if source.is_file():
-        report.page = site / "pages" / f"{state[str(source)]['slug']}.html"
+        report.page = image_files(site, state[str(source)]["slug"]).page
     report.seconds = time.perf_counter() - started
     return report
 
@@ -184,6 +201,16 @@ def _site_lock(site: Path) -> Iterator[None]:
         handle.close()
 
 
+def _remove_leftovers(site: Path) -> None:
+    """Temp files and half-cut pyramids of a build that was killed: safe to remove while holding the site's lock,
+    since no other build of this site can be writing them."""
+    for part in [*site.glob(f"tiles/{PART_PREFIX}*"), *site.glob("*/.*.part-*"), *site.glob(".*.part-*")]:
+        if part.is_dir() and not part.is_symlink():
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            part.unlink(missing_ok=True)
+
+
 def slug_for(image: Path) -> str:
     """The image's name in the site: ASCII letters, digits, `-` and `_` only (so tile URLs need no escaping
     in HTML, file:// or a server), plus a hash of its full path (two folders' `a.png` stay apart)."""
@@ -201,7 +228,8 @@ def _refresh(
     entry = state.get(key) or {}
     signature = file_signature(image)
     slug = entry.get("slug") or slug_for(image)
-    cut_before = entry.get("damage") or (site / "tiles" / f"{slug}.dzi").is_file()
+    files = image_files(site, slug)
+    cut_before = entry.get("damage") or (files.dzi.is_file() and files.thumb.is_file())
     if entry.get("signature") == signature and cut_before:
         report.unchanged += 1
     else:
@@ -229,8 +257,9 @@ def _cut(
     """(pyramid, None), or (None, why) for an image libvips cannot read; the site's own disk errors raise."""
     started = time.perf_counter()
     try:
-        pyramid = cut_pyramid(image, site / "tiles" / slug, tiles)
-        make_thumbnail(pyramid, site / "tiles" / f"{slug}_files", site / "thumbs" / f"{slug}.jpg")
+        files = image_files(site, slug)
+        pyramid = cut_pyramid(image, files.base, tiles)
+        make_thumbnail(pyramid, files.tiles, files.thumb)
     except ImageUnreadable as exc:
         log.info("%s cannot be read as an image: %s", image.name, exc)  # the report lists it
         _remove(site, slug)
@@ -246,8 +275,9 @@ def _cut(
 
 def _remove(site: Path, slug: str) -> None:
     """A dropped image's files: only names this module made from its slug, inside the site."""
-    shutil.rmtree(site / "tiles" / f"{slug}_files", ignore_errors=True)
-    for path in (site / "tiles" / f"{slug}.dzi", site / "thumbs" / f"{slug}.jpg", site / "pages" / f"{slug}.html"):
+    files = image_files(site, slug)
+    shutil.rmtree(files.tiles, ignore_errors=True)
+    for path in (files.dzi, files.thumb, files.page):
         path.unlink(missing_ok=True)
 
 
@@ -281,7 +311,7 @@ def _write_pages(
         )
     for card in cards:
         if card.pyramid is not None:
-            report.pages_written += write_if_changed(site / "pages" / f"{card.slug}.html", image_page(card, viewer))
+            report.pages_written += write_if_changed(image_files(site, card.slug).page, image_page(card, viewer))
     report.pages_written += write_if_changed(site / "index.html", contact_sheet(title, cards, jobs, report.not_images))
 
 
