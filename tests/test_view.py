@@ -79,7 +79,8 @@ def site(renders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site") / "site"
     report = build_site(renders, out, viewer_js=_local_viewer_or_none())
     assert sorted(report.new) == sorted(p.name for p in renders.glob("*.png") if p.name != "damaged fox.png")
-    assert report.damaged == [("damaged fox.png", "vipspng: libpng read error")]
+    assert [name for name, _ in report.damaged] == ["damaged fox.png"]
+    assert "png" in report.damaged[0][1]  # libvips's reason ("vipspng: libpng read error" in 8.18)
     assert (report.failed_jobs, report.not_images) == (1, 1)  # notes.txt; sidecars and logs are not "other"
     return out
 
@@ -126,7 +127,7 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     assert "no sidecar: shown without its settings" in odd and "ünï côde 狐 lake.png" in odd
     sheet = (site / "index.html").read_text()
     assert "5 images, 1 damaged, 1 failed job, 1 other file skipped" in sheet
-    assert "damaged: vipspng: libpng read error" in sheet and "job 9: failed" in sheet
+    assert "damaged: vipspng: " in sheet and "job 9: failed" in sheet
     assert "out of &lt;b&gt;memory&lt;/b&gt;" in sheet  # the log's error, escaped
     assert "seed 5 · 128x128 · 2 steps · cfg 7.5 · ddim · sdedit · tiny" in sheet
     names = re.findall(r'<span class="file">([^<]*)</span>', sheet)
@@ -200,7 +201,7 @@ def test_one_image_and_bad_input_exit_2_with_one_line(runner, renders: Path, tmp
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cases = [
-        ([str(renders / "damaged fox.png")], "cannot be read as an image: vipspng: libpng read error"),
+        ([str(renders / "damaged fox.png")], "cannot be read as an image: vipspng: "),
         ([str(renders / "notes.txt")], "is not an image"),
         ([str(tmp_path / "nothing-here")], "does not exist"),
         ([str(fox), "--out", str(blocker / "site")], "cannot write the site folder"),
