@@ -16,6 +16,7 @@ COMMANDS = [
     ["batch"],
     ["replay"],
     ["distill"],
+    ["view"],
     ["info"],
     ["presets", "list"],
     ["presets", "show"],

@@ -49,6 +49,7 @@ from .options import (
 )
 from .render import render_plan, render_table
 from .report import Reporter, batch_table, stage_table
+from .view import VIEW_EXAMPLES, view_command
 
 if TYPE_CHECKING:
     from ..core.api import Generator, Result
@@ -65,6 +66,7 @@ presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_h
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
 app.command("distill", cls=Command)(distill_command)
+app.command("view", cls=Command, epilog=VIEW_EXAMPLES)(view_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
   linfusion generate "a lighthouse at dusk" --size 16k --aspect 2:1
