@@ -215,7 +215,7 @@ def attention_battery(comm: Comm, layer: LinFusionAttention, x: torch.Tensor, re
     rows = x.view(x.shape[0], sum(heights), WIDTH, -1)  # (B, H, W, C)
     for chunk in (None, 7):
         layer.token_chunk = chunk
-        layer.reducer = AttentionReduce(comm)
+        layer.reducer = AttentionReduce(comm, layer.heads)
         with torch.no_grad():
             band = layer(band_of(comm, rows, dim=1).flatten(1, 2))
         ref_band = band_of(comm, ref.view_as(rows), dim=1).flatten(1, 2)

@@ -105,7 +105,6 @@ def split_image(comm: Comm, *models: nn.Module) -> Iterator[SplitRun]:
     modules = list({id(m): m for model in models for m in model.modules()}.values())
     _check(modules)
     run, patches = SplitRun(comm), _Patches()
-    reducer = AttentionReduce(comm)
     try:
         for module in modules:
             if isinstance(module, nn.Conv2d):
@@ -113,7 +112,7 @@ def split_image(comm: Comm, *models: nn.Module) -> Iterator[SplitRun]:
             elif isinstance(module, nn.GroupNorm):
                 patches.set(module, "forward", functools.partial(run.norm, module))
             elif isinstance(module, LinFusionAttention):
-                patches.set(module, "reducer", reducer)
+                patches.set(module, "reducer", AttentionReduce(comm, module.heads))
             elif _is_softmax_self_attention(module):
                 patches.hook(cast(nn.Module, module.to_k), run.keys_values)
                 patches.hook(cast(nn.Module, module.to_v), run.keys_values)

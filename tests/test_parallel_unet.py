@@ -1,0 +1,225 @@
+"""Whole models split by bands (engine.parallel.split_image) equal the one-process forward's band.
+
+Tiny UNets with LinFusion (SD-1.x- and SDXL-shaped), demofusion's dilated global branch and blur, a ControlNet
+with its own softmax self-attention, and the VAE. Each world size is one launch of gloo processes forked after
+the models and references were built here; `plan.unet_comm_plan` is checked against the counted forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from parallel_harness import band_of, compare, launch, ok_results
+from torch import nn
+
+from linfusion_cli.core.errors import UsageError
+from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, split_image
+from linfusion_cli.engine.parallel.plan import unet_comm_plan
+from linfusion_cli.engine.refine import blur_matched, dilated, gaussian_kernel
+from linfusion_cli.linfusion.patching import apply_linfusion
+from linfusion_cli.models.archs import ARCHS
+
+MULTIPLE = 4  # the tiny UNets' total downsampling (3 levels)
+T = torch.tensor(500)
+
+
+@dataclass
+class Case:
+    """One forward to split: `run(band)` computes this band's output given `band(whole tensor)`."""
+
+    name: str
+    heights: list[int]
+    models: tuple[nn.Module, ...]
+    run: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+    dilation: int = 1
+
+
+def build_unet(name: str, linfusion: bool = True) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(ARCHS[name].unet).eval()
+    if linfusion:
+        apply_linfusion(unet, "random")
+    return unet
+
+
+def unet_call(unet: nn.Module, x: torch.Tensor, embeds: torch.Tensor, **kwargs: Any) -> Any:
+    def run(band: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return unet(band(x), T, embeds, **kwargs).sample
+
+    return run
+
+
+def controlnet_case(heights: list[int]) -> Case:
+    """A ControlNet copied from the unpatched UNet keeps softmax attn1 (gathered K/V); its residuals feed a
+    LinFusion UNet. Output convs seeded non-zero (trained ones start at zero and would change nothing)."""
+    unet = build_unet("tiny", linfusion=False)
+    torch.manual_seed(1)
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(std=0.2)
+    apply_linfusion(unet, "random")
+    x, embeds = torch.randn(2, 4, sum(heights), 24), torch.randn(2, 7, 32)
+    image = torch.rand(2, 3, sum(heights) * 8, 24 * 8)
+
+    def run(band: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        down, mid = controlnet(band(x), T, embeds, controlnet_cond=band(image), return_dict=False)
+        return unet(band(x), T, embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    return Case("controlnet", heights, (unet, controlnet), run)
+
+
+def vae_cases(heights: list[int]) -> list[Case]:
+    torch.manual_seed(2)
+    vae = AutoencoderKL.from_config(ARCHS["tiny"].vae).eval()
+    z, image = torch.randn(1, 4, sum(heights), 12), torch.rand(1, 3, sum(heights) * 8, 96) * 2 - 1
+    return [
+        Case("vae-decode", heights, (vae,), lambda band: vae.decode(band(z)).sample),
+        Case("vae-encode", heights, (vae,), lambda band: vae.encode(band(image)).latent_dist.mean),
+    ]
+
+
+def world_cases(world: int) -> list[Case]:
+    if world == 3:  # unequal; at the deepest level the bands are 2, 4, 2 rows and a 4x dilated conv reaches 8
+        heights = [8, 16, 8]
+        unet = build_unet("tiny")
+        x, embeds = torch.randn(2, 4, 32, 20), torch.randn(2, 7, 32)
+        return [
+            Case("tiny", heights, (unet,), unet_call(unet, x, embeds)),
+            Case("tiny-dilated-4", heights, (unet,), unet_call(unet, x, embeds), dilation=4),
+            controlnet_case(heights),
+            *vae_cases([4, 8, 4]),
+        ]
+    unet, sdxl = build_unet("tiny"), build_unet("tiny-sdxl")
+    x, embeds = torch.randn(2, 4, 64, 64), torch.randn(2, 7, 32)
+    small, xl_embeds = torch.randn(2, 4, 32, 24), torch.randn(2, 7, 64)
+    added = {"text_embeds": torch.randn(2, 48), "time_ids": torch.tensor([[256.0, 192, 0, 0, 256, 192]] * 2)}
+    return [
+        Case("tiny", [32, 32], (unet,), unet_call(unet, x, embeds)),
+        Case("tiny-sdxl", [16, 16], (sdxl,), unet_call(sdxl, small, xl_embeds, added_cond_kwargs=added)),
+        Case("tiny-dilated-2", [16, 16], (unet,), unet_call(unet, small, embeds), dilation=2),
+        controlnet_case([16, 16]),
+        *vae_cases([8, 8]),
+    ]
+
+
+def references(cases: list[Case]) -> list[torch.Tensor]:
+    refs = []
+    for case in cases:
+        with torch.no_grad(), dilated(nn.ModuleList(case.models), case.dilation):
+            refs.append(case.run(lambda t: t))
+    return refs
+
+
+def run_cases(comm: Comm, cases: list[Case], refs: list[torch.Tensor]) -> list[dict[str, Any]]:
+    out = []
+    for case, ref in zip(cases, refs, strict=True):
+        comm.bands, comm.stats = Bands.of_heights(case.heights, MULTIPLE), CommStats()
+        models = nn.ModuleList(case.models)
+        with torch.no_grad(), split_image(comm, *case.models) as split, dilated(models, case.dilation):
+            band = case.run(functools.partial(band_of, comm))
+        stats = comm.stats
+        out.append(
+            {
+                "case": case.name,
+                **compare(band, band_of(comm, ref)),
+                "ops": dict(split.ops),
+                "sent": dict(stats.sent),
+                "received": dict(stats.received),
+                "seconds": stats.seconds,
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def split_runs(request: pytest.FixtureRequest) -> tuple[int, list[list[dict[str, Any]]]]:
+    world = request.param
+    cases = world_cases(world)
+    refs = references(cases)
+    return world, ok_results(launch(world, run_cases, cases, refs, deadline_s=120))
+
+
+def test_split_models_equal_the_whole_forward(split_runs: tuple[int, list[list[dict[str, Any]]]]) -> None:
+    """fp32: convs are bit-exact; GroupNorm statistics and attention sums are added in another order, so
+    outputs agree to ~1e-6 of their scale (the max is reported by `-s` runs of the harness)."""
+    world, runs = split_runs
+    for rank, cases in enumerate(runs):
+        for case in cases:
+            assert case["rel"] < 1e-5, f"world {world} rank {rank}: {case}"
+
+
+def test_communication_plan_matches_the_counted_forward(split_runs: tuple[int, list[list[dict[str, Any]]]]) -> None:
+    world, runs = split_runs
+    if world != 2:
+        pytest.skip("the plan is checked on the 2-way 64x64 split")
+    plan = unet_comm_plan(ARCHS["tiny"].unet, 64, 64, 2, batch=2, dtype_bytes=4)
+    for rank, cases in enumerate(runs):
+        counted = next(c for c in cases if c["case"] == "tiny")
+        assert counted["ops"] == {"conv": plan.ops["conv"], "norm": plan.ops["norm"]}  # attention: via reducers
+        assert counted["sent"] == dict(plan.sent[rank])
+        assert counted["received"] == dict(plan.received[rank])
+
+
+def test_blur_matched_on_bands_equals_the_whole_blur() -> None:
+    torch.manual_seed(3)
+    latents = torch.randn(1, 4, 32, 20) * 2 + 0.5
+    cases = [(2, 0.8), (4, 1.0), (8, 0.6)]  # kernel 3, 7, 15: the last wider than a band at 3-way
+    refs = [blur_matched(latents, ratio, sigma) for ratio, sigma in cases]
+
+    def blur_all(comm: Comm) -> list[dict[str, Any]]:
+        comm.bands = Bands.of_heights([8, 16, 8], MULTIPLE)
+        results = []
+        for (ratio, sigma), ref in zip(cases, refs, strict=True):
+            kernel = gaussian_kernel(2 * ratio - 1, sigma)
+            results.append(compare(band_blur_matched(comm, band_of(comm, latents), kernel), band_of(comm, ref)))
+        return results
+
+    for result in itertools.chain(*ok_results(launch(3, blur_all))):
+        assert result["rel"] < 1e-5, result
+
+
+# --- installing and restoring -----------------------------------------------------------------------------------
+
+
+def module_state(model: nn.Module) -> list[tuple[str, list[str], int]]:
+    return [(name, sorted(vars(m)), len(m._forward_hooks)) for name, m in model.named_modules()]
+
+
+def test_split_image_restores_every_module_exactly_also_on_errors() -> None:
+    """One process (no group needed): what `split_image` installs is gone afterwards, the outputs are the same
+    bits, and refine.dilated composes in either order."""
+    unet = build_unet("tiny")
+    x, embeds = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    comm = Comm(bands=Bands.split(16, 1, MULTIPLE))
+    before = module_state(unet)
+    with torch.no_grad():
+        ref = unet(x, T, embeds).sample
+        with split_image(comm, unet, unet) as split:  # the same model twice: installed once
+            with dilated(unet, 2):
+                unet(x, T, embeds)
+            inside = unet(x, T, embeds).sample
+        assert split.installed == {"Conv2d": 49, "GroupNorm": 30, "LinFusionAttention": 7}
+        with pytest.raises(RuntimeError, match="boom"), dilated(unet, 2), split_image(comm, unet):
+            raise RuntimeError("boom")
+        after = unet(x, T, embeds).sample
+    assert module_state(unet) == before
+    assert all(m.dilation == (1, 1) for m in unet.modules() if isinstance(m, nn.Conv2d))
+    assert torch.equal(after, ref)
+    assert torch.allclose(inside, ref, rtol=0, atol=1e-5)  # one band: only GroupNorm's statistics differ
+
+
+def test_freeu_is_refused_before_anything_is_installed() -> None:
+    unet = build_unet("tiny")
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    before = module_state(unet)
+    with pytest.raises(UsageError, match="FreeU"), split_image(Comm(bands=Bands.split(16, 1)), unet):
+        pass
+    assert module_state(unet) == before
