@@ -103,5 +103,4 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float | bool]:
 
 
 def band_of(comm: Comm, whole: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    assert comm.bands is not None
-    return comm.bands.take(whole, comm.rank, dim)
+    return comm.band(whole, dim)

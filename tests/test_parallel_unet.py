@@ -39,6 +39,7 @@ class Case:
     models: tuple[nn.Module, ...]
     run: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
     dilation: int = 1
+    plan: tuple[str, int, int] | None = None  # a lone UNet: (arch, latent height, width) for unet_comm_plan
 
 
 def build_unet(name: str, linfusion: bool = True) -> UNet2DConditionModel:
@@ -92,8 +93,8 @@ def world_cases(world: int) -> list[Case]:
         unet = build_unet("tiny")
         x, embeds = torch.randn(2, 4, 32, 20), torch.randn(2, 7, 32)
         return [
-            Case("tiny", heights, (unet,), unet_call(unet, x, embeds)),
-            Case("tiny-dilated-4", heights, (unet,), unet_call(unet, x, embeds), dilation=4),
+            Case("tiny", heights, (unet,), unet_call(unet, x, embeds), plan=("tiny", 32, 20)),
+            Case("tiny-dilated-4", heights, (unet,), unet_call(unet, x, embeds), 4, ("tiny", 32, 20)),
             controlnet_case(heights),
             *vae_cases([4, 8, 4]),
         ]
@@ -102,9 +103,15 @@ def world_cases(world: int) -> list[Case]:
     small, xl_embeds = torch.randn(2, 4, 32, 24), torch.randn(2, 7, 64)
     added = {"text_embeds": torch.randn(2, 48), "time_ids": torch.tensor([[256.0, 192, 0, 0, 256, 192]] * 2)}
     return [
-        Case("tiny", [32, 32], (unet,), unet_call(unet, x, embeds)),
-        Case("tiny-sdxl", [16, 16], (sdxl,), unet_call(sdxl, small, xl_embeds, added_cond_kwargs=added)),
-        Case("tiny-dilated-2", [16, 16], (unet,), unet_call(unet, small, embeds), dilation=2),
+        Case("tiny", [32, 32], (unet,), unet_call(unet, x, embeds), plan=("tiny", 64, 64)),
+        Case(
+            "tiny-sdxl",
+            [16, 16],
+            (sdxl,),
+            unet_call(sdxl, small, xl_embeds, added_cond_kwargs=added),
+            plan=("tiny-sdxl", 32, 24),
+        ),
+        Case("tiny-dilated-2", [16, 16], (unet,), unet_call(unet, small, embeds), 2, ("tiny", 32, 24)),
         controlnet_case([16, 16]),
         *vae_cases([8, 8]),
     ]
@@ -131,6 +138,7 @@ def run_cases(comm: Comm, cases: list[Case], refs: list[torch.Tensor]) -> list[d
                 "case": case.name,
                 **compare(band, band_of(comm, ref)),
                 "ops": dict(split.ops),
+                "calls": dict(stats.calls),
                 "sent": dict(stats.sent),
                 "received": dict(stats.received),
                 "seconds": stats.seconds,
@@ -139,33 +147,42 @@ def run_cases(comm: Comm, cases: list[Case], refs: list[torch.Tensor]) -> list[d
     return out
 
 
+Runs = tuple[list[Case], list[list[dict[str, Any]]]]  # the cases, and per rank their results
+
+
 @pytest.fixture(scope="module", params=[2, 3])
-def split_runs(request: pytest.FixtureRequest) -> tuple[int, list[list[dict[str, Any]]]]:
-    world = request.param
-    cases = world_cases(world)
+def split_runs(request: pytest.FixtureRequest) -> Runs:
+    cases = world_cases(request.param)
     refs = references(cases)
-    return world, ok_results(launch(world, run_cases, cases, refs, deadline_s=120))
+    return cases, ok_results(launch(request.param, run_cases, cases, refs, deadline_s=120))
 
 
-def test_split_models_equal_the_whole_forward(split_runs: tuple[int, list[list[dict[str, Any]]]]) -> None:
+def test_split_models_equal_the_whole_forward(split_runs: Runs) -> None:
     """fp32: convs are bit-exact; GroupNorm statistics and attention sums are added in another order, so
-    outputs agree to ~1e-6 of their scale (the max is reported by `-s` runs of the harness)."""
-    world, runs = split_runs
-    for rank, cases in enumerate(runs):
-        for case in cases:
-            assert case["rel"] < 1e-5, f"world {world} rank {rank}: {case}"
+    outputs agree to ~1e-6 of their scale."""
+    for rank, results in enumerate(split_runs[1]):
+        for result in results:
+            assert result["rel"] < 1e-5, f"rank {rank}: {result}"
 
 
-def test_communication_plan_matches_the_counted_forward(split_runs: tuple[int, list[list[dict[str, Any]]]]) -> None:
-    world, runs = split_runs
-    if world != 2:
-        pytest.skip("the plan is checked on the 2-way 64x64 split")
-    plan = unet_comm_plan(ARCHS["tiny"].unet, 64, 64, 2, batch=2, dtype_bytes=4)
-    for rank, cases in enumerate(runs):
-        counted = next(c for c in cases if c["case"] == "tiny")
-        assert counted["ops"] == {"conv": plan.ops["conv"], "norm": plan.ops["norm"]}  # attention: via reducers
-        assert counted["sent"] == dict(plan.sent[rank])
-        assert counted["received"] == dict(plan.received[rank])
+def test_communication_plan_matches_the_counted_forward(split_runs: Runs) -> None:
+    """unet_comm_plan, from the config alone, predicts the ops and every rank's bytes per kind exactly, for
+    equal and unequal bands, with and without demofusion's dilation."""
+    cases, runs = split_runs
+    planned = [case for case in cases if case.plan]
+    assert len(planned) >= 2
+    for case in planned:
+        arch, height, width = case.plan  # type: ignore[misc]
+        bands = Bands.of_heights(case.heights, MULTIPLE)
+        plan = unet_comm_plan(
+            ARCHS[arch].unet, height, width, bands.world, dtype_bytes=4, dilation=case.dilation, bands=bands
+        )
+        for rank, results in enumerate(runs):
+            counted = next(r for r in results if r["case"] == case.name)
+            assert counted["ops"] == {"conv": plan.ops["conv"], "norm": plan.ops["norm"]}
+            assert counted["calls"]["attention"] == plan.ops["attention"]  # one all-reduce per LinFusion layer
+            assert counted["sent"] == dict(plan.sent[rank]), case.name
+            assert counted["received"] == dict(plan.received[rank]), case.name
 
 
 def test_blur_matched_on_bands_equals_the_whole_blur() -> None:

@@ -14,20 +14,19 @@ from .ops import (
     AttentionReduce,
     ConvSpec,
     band_blur_matched,
-    band_channel_stats,
     band_conv2d,
     band_group_norm,
-    band_match_stats,
-    combine_moments,
     gather_tokens,
-    local_moments,
 )
+from .plan import CommPlan, unet_comm_plan, unet_ops
+from .stats import band_channel_stats, band_match_stats, combine_moments, local_moments, pool_moments
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "AttentionReduce",
     "Bands",
     "Comm",
+    "CommPlan",
     "CommStats",
     "ConvRows",
     "ConvSpec",
@@ -47,5 +46,8 @@ __all__ = [
     "halo_transfers",
     "joined",
     "local_moments",
+    "pool_moments",
     "split_image",
+    "unet_comm_plan",
+    "unet_ops",
 ]

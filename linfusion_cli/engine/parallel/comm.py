@@ -90,6 +90,11 @@ class Comm:
             raise UsageError(f"bands for {self.bands.world} processes, but the group has {self.world}")
         return self.bands
 
+    def band(self, whole: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """This process's rows of a whole-image tensor at any scale, as a view: the noise every process draws
+        whole from the seed, an upscaled image, a ControlNet's conditioning image."""
+        return self.geometry().take(whole, self.rank, dim)
+
     def report(self) -> dict[str, object]:
         """The `parallel` section of a run report."""
         return {

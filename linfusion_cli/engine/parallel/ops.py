@@ -27,10 +27,7 @@ from torch import nn
 from ...core.errors import UsageError
 from .bands import ConvRows, Transfer, conv_rows, halo_transfers, width_padding
 from .comm import Comm
-
-STATS_CHUNK_BYTES = 1 << 28  # fp32 working copy of a half-precision GroupNorm input, at most this per chunk
-STD_EPS = 1e-6  # refine.STATS_EPS: a constant channel (std 0) must not divide by zero when re-matched
-
+from .stats import STATS_CHUNK_BYTES, band_channel_stats, band_match_stats, whole_moments
 
 # --- convolutions -------------------------------------------------------------------------------------------------
 
@@ -140,51 +137,6 @@ def _slab(
 # --- statistics ---------------------------------------------------------------------------------------------------
 
 
-def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) over the last dim of x (..., n), in fp32, without an fp32 copy of all of a half-precision
-    x at once. Returns count (scalar tensor) and mean, M2 of shape x.shape[:-1]."""
-    n = x.shape[-1]
-    if x.dtype == torch.float32:
-        var, mean = torch.var_mean(x, dim=-1, correction=0)
-        return torch.tensor(float(n)), mean, var * n
-    flat = x.reshape(-1, n)  # (R, n)
-    per_chunk = max(1, STATS_CHUNK_BYTES // (4 * n))
-    means, m2s = [], []
-    for part in flat.split(per_chunk):
-        var, mean = torch.var_mean(part.float(), dim=-1, correction=0)
-        means.append(mean)
-        m2s.append(var * n)
-    shape = x.shape[:-1]
-    return torch.tensor(float(n)), torch.cat(means).view(shape), torch.cat(m2s).view(shape)
-
-
-def combine_moments(
-    counts: Sequence[torch.Tensor], means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chan et al.'s pairwise combination of (count, mean, M2) parts, in fp64, in the given order (so every
-    process combining the same parts gets the same bits). Returns (count, mean, M2) in fp64.
-
-    Why not sums of x and x^2: var = E[x^2] - E[x]^2 cancels catastrophically in fp32 when |mean| >> std, and a
-    16K UNet level sums 4M elements per group; centred parts combine without cancellation."""
-    count, mean, m2 = counts[0].double(), means[0].double(), m2s[0].double()
-    for n_b, mean_b, m2_b in zip(counts[1:], means[1:], m2s[1:], strict=True):
-        n_b, mean_b, m2_b = n_b.double(), mean_b.double(), m2_b.double()
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta.square() * (count * n_b / total)
-        count = total
-    return count, mean, m2
-
-
-def whole_moments(comm: Comm, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, mean, M2) over the last dim of x, pooled over every process's band (fp64)."""
-    count, mean, m2 = local_moments(x)
-    packed = torch.stack([count.expand_as(mean).to(mean.device), mean, m2]).double()  # (3, ...)
-    parts = comm.all_gather(packed, kind)
-    return combine_moments([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
-
-
 def band_group_norm(comm: Comm, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """nn.GroupNorm of the whole image, on this band: x (B, C, h, W) or (B, C, n) tokens."""
     batch, channels = x.shape[:2]
@@ -257,21 +209,6 @@ def gather_tokens(comm: Comm, tokens: torch.Tensor, kind: str = "attention_kv") 
 
 
 # --- demofusion's global branch -------------------------------------------------------------------------------------
-
-
-def band_channel_stats(comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """refine.latent_stats of the whole image: per-channel mean and std (unbiased, as Tensor.std), (B, C, 1, 1)
-    fp32, from this band x (B, C, h, W)."""
-    count, mean, m2 = whole_moments(comm, x.flatten(2), "stats")  # (B, C)
-    std = (m2 / (count - 1)).sqrt()
-    return mean.float()[..., None, None], std.float()[..., None, None]
-
-
-def band_match_stats(comm: Comm, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """refine's statistics re-match on a band: the whole image's channels get `mean`/`std` (fp32)."""
-    x = x.float()
-    own_mean, own_std = band_channel_stats(comm, x)
-    return (x - own_mean) / (own_std + STD_EPS) * std + mean
 
 
 def band_blur_matched(comm: Comm, latents: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
