@@ -20,8 +20,9 @@ from parallel_harness import band_of, compare, launch, ok_results
 from torch import nn
 
 from linfusion_cli.core.errors import UsageError
-from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, split_image
+from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, band_upscale, split_image
 from linfusion_cli.engine.parallel.plan import unet_comm_plan
+from linfusion_cli.engine.pipeline import upscale
 from linfusion_cli.engine.refine import blur_matched, dilated, gaussian_kernel
 from linfusion_cli.linfusion.patching import apply_linfusion
 from linfusion_cli.models.archs import ARCHS
@@ -201,6 +202,20 @@ def test_blur_matched_on_bands_equals_the_whole_blur() -> None:
 
     for result in itertools.chain(*ok_results(launch(3, blur_all))):
         assert result["rel"] < 1e-5, result
+
+
+def test_upscale_on_bands_equals_the_whole_upscale() -> None:
+    """The stage hand-off: each band's decoded image upscaled 2x with two rows of its neighbours' context."""
+    torch.manual_seed(4)
+    image = torch.rand(1, 3, 32 * 8, 20 * 8) * 2 - 1
+    ref = upscale(image, 40 * 8, 64 * 8)
+
+    def up(comm: Comm) -> dict[str, Any]:
+        comm.bands = Bands.of_heights([8, 16, 8], MULTIPLE)
+        return compare(band_upscale(comm, band_of(comm, image), 40 * 8, 64 * 8), band_of(comm, ref))
+
+    for result in ok_results(launch(3, up)):
+        assert result["equal"], result
 
 
 # --- installing and restoring -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ library, the LinFusion layer and the error classes.
 
 from __future__ import annotations
 
-from .bands import Bands, ConvRows, Transfer, downsampling, halo_transfers
+from .bands import Bands, ConvRows, Transfer, downsampling, halo_transfers, row_transfers
 from .comm import DEFAULT_TIMEOUT_S, Comm, CommStats, LaunchEnv, ParallelError, gather_bands, joined
 from .install import SplitRun, split_image
 from .ops import (
@@ -16,7 +16,9 @@ from .ops import (
     band_blur_matched,
     band_conv2d,
     band_group_norm,
+    band_upscale,
     gather_tokens,
+    halo_rows,
 )
 from .plan import CommPlan, unet_comm_plan, unet_ops
 from .stats import band_channel_stats, band_match_stats, combine_moments, local_moments, pool_moments
@@ -39,14 +41,17 @@ __all__ = [
     "band_conv2d",
     "band_group_norm",
     "band_match_stats",
+    "band_upscale",
     "combine_moments",
     "downsampling",
     "gather_bands",
     "gather_tokens",
+    "halo_rows",
     "halo_transfers",
     "joined",
     "local_moments",
     "pool_moments",
+    "row_transfers",
     "split_image",
     "unet_comm_plan",
     "unet_ops",

@@ -159,9 +159,13 @@ def halo_transfers(rows: ConvRows, edges: Sequence[int]) -> list[Transfer]:
     """Every rank-to-rank message one conv's halo exchange sends: for each band, the input rows its output rows
     need that another band holds. Empty for 1x1 convs."""
     out = rows.out_edges(edges)
+    return row_transfers(edges, [rows.needs(out[r], out[r + 1]) for r in range(len(edges) - 1)])
+
+
+def row_transfers(edges: Sequence[int], needs: Sequence[tuple[int, int]]) -> list[Transfer]:
+    """The messages that give each band r the rows needs[r] = [lo, hi) held by other bands."""
     transfers = []
-    for dst in range(len(edges) - 1):
-        lo, hi = rows.needs(out[dst], out[dst + 1])
+    for dst, (lo, hi) in enumerate(needs):
         for src in range(len(edges) - 1):
             start, end = max(lo, edges[src]), min(hi, edges[src + 1])
             if src != dst and start < end:

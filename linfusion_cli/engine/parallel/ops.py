@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import UsageError
-from .bands import ConvRows, Transfer, conv_rows, halo_transfers, width_padding
+from .bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
 from .comm import Comm
 from .stats import STATS_CHUNK_BYTES, band_channel_stats, band_match_stats, whole_moments
+
+BICUBIC_REACH = 2  # source rows a bicubic (also antialiased, when upscaling) output row reads on each side
 
 # --- convolutions -------------------------------------------------------------------------------------------------
 
@@ -115,11 +118,17 @@ def _slab(
     out1: int,
 ) -> torch.Tensor:
     """Output rows [out0, out1) from the input rows they need, gathered from the band, the halo and zeros."""
-    lo, hi = spec.rows.needs(out0, out1)
+    return spec.run(_rows(x, halo, edges, rank, *spec.rows.needs(out0, out1)), 0)
+
+
+def _rows(
+    x: torch.Tensor, halo: dict[int, tuple[int, torch.Tensor]], edges: Sequence[int], rank: int, lo: int, hi: int
+) -> torch.Tensor:
+    """Image rows [lo, hi) at this level, from this band, the received halo, and zeros beyond the image."""
     height = edges[-1]
     pieces = []
     if lo < 0:
-        pieces.append(x.new_zeros((*x.shape[:2], -lo, x.shape[3])))
+        pieces.append(x.new_zeros((*x.shape[:2], -lo, *x.shape[3:])))
     for src in range(len(edges) - 1):
         start, end = max(lo, edges[src]), min(hi, edges[src + 1])
         if start >= end:
@@ -130,8 +139,34 @@ def _slab(
             first, rows = halo[src]
             pieces.append(rows[:, :, start - first : end - first])
     if hi > height:
-        pieces.append(x.new_zeros((*x.shape[:2], hi - height, x.shape[3])))
-    return spec.run(torch.cat(pieces, dim=2), 0)
+        pieces.append(x.new_zeros((*x.shape[:2], hi - height, *x.shape[3:])))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+def halo_rows(comm: Comm, x: torch.Tensor, above: int, below: int, kind: str = "rows") -> tuple[torch.Tensor, int]:
+    """This band x (B, C, h, W) with up to `above`/`below` more rows of the image from the bands around it (fewer
+    at the image's top and bottom), and how many were added on top: context for resampling, VAE windows..."""
+    bands = comm.geometry()
+    edges = bands.at(bands.scale_of(comm.rank, x.shape[-2]))
+    needs = [(max(0, a - above), min(edges[-1], b + below)) for a, b in itertools.pairwise(edges)]
+    halo = _exchange_halo(comm, x, row_transfers(edges, needs), edges, kind)
+    lo, hi = needs[comm.rank]
+    return _rows(x, halo, edges, comm.rank, lo, hi), edges[comm.rank] - lo
+
+
+def band_upscale(comm: Comm, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """pipeline.upscale (bicubic, antialiased) of the whole image, on this band: `height` must be a whole multiple
+    of the image's height; two rows of context each side (the kernel's reach) make it bit-exact."""
+    bands = comm.geometry()
+    factor = height / (bands.height * bands.scale_of(comm.rank, image.shape[-2]))
+    if factor.denominator != 1:
+        raise UsageError(f"a split image can only be upscaled by a whole factor in height, not {factor}")
+    context, top = halo_rows(comm, image, BICUBIC_REACH, BICUBIC_REACH, "upscale")
+    work = context if context.device.type == "cuda" else context.float()
+    rows = context.shape[-2] * int(factor)
+    out = F.interpolate(work, size=(rows, width), mode="bicubic", align_corners=False, antialias=True)
+    out = out[:, :, top * int(factor) : (top + image.shape[-2]) * int(factor)]
+    return out.clamp_(-1, 1).to(image.dtype)
 
 
 # --- statistics ---------------------------------------------------------------------------------------------------
