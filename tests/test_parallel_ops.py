@@ -25,12 +25,14 @@ from linfusion_cli.engine.parallel import (
     Comm,
     ConvRows,
     ConvSpec,
+    LaunchEnv,
     ParallelError,
     band_conv2d,
     band_group_norm,
     combine_moments,
     gather_bands,
     halo_transfers,
+    joined,
     local_moments,
     pool_moments,
 )
@@ -129,6 +131,20 @@ def test_bands_split_on_multiples_and_slice_any_scale() -> None:
         Bands.split(68, 2, multiple=8)
     with pytest.raises(UsageError, match="fewer than the 4 processes"):
         Bands.split(24, 4, multiple=8)
+
+
+def test_launch_environment_is_checked_and_one_process_needs_no_group() -> None:
+    assert LaunchEnv.read({}) == LaunchEnv(0, 1, 0)
+    with pytest.raises(UsageError, match="whole numbers"):
+        LaunchEnv.read({"WORLD_SIZE": "two"})
+    with pytest.raises(UsageError, match="not within"):
+        LaunchEnv.read({"WORLD_SIZE": "2", "RANK": "2"})
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
+        LaunchEnv.read({"WORLD_SIZE": "2", "RANK": "1"})
+    with joined(5.0, torch.device("cpu")) as comm:  # no launcher: one process, nothing sent
+        comm.bands = Bands.split(16, 1, 4)
+        report = comm.report()
+    assert (report["world_size"], report["backend"], report["comm_seconds"]) == (1, "local", 0.0)
 
 
 def test_grid_changing_conv_is_refused() -> None:

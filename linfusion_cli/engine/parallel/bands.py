@@ -21,6 +21,8 @@ import torch
 
 from ...core.errors import UsageError
 
+VAE_SCALE = 8  # image px per latent row (SD VAEs), for telling users which image heights split
+
 
 @dataclass(frozen=True)
 class Bands:
@@ -38,7 +40,7 @@ class Bands:
             raise UsageError(
                 f"a latent height of {height} rows cannot be split into bands: it must be a multiple of {multiple} "
                 "(the UNet's total downsampling); pick an image height that is a multiple of "
-                f"{multiple * 8} px"
+                f"{multiple * VAE_SCALE} px"
             )
         units = height // multiple
         if units < world:

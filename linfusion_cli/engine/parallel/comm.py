@@ -23,6 +23,7 @@ from datetime import timedelta
 from fractions import Fraction
 
 import torch
+import torch.distributed as td
 
 from ...core.errors import LinFusionError, UsageError
 from .bands import Bands
@@ -127,12 +128,10 @@ class Comm:
 
     def exchange(self, sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor], kind: str) -> None:
         """Point-to-point: send each `sends[peer]`, fill each `receives[peer]` buffer, all at once (one batch, so
-        the order of peers cannot deadlock). Every process must call it, with or without messages."""
+        the order of peers cannot deadlock). With nothing to send or receive it returns at once."""
         self.stats.add(kind, sum(t.nbytes for t in sends.values()), sum(t.nbytes for t in receives.values()))
         if not sends and not receives:
             return
-        import torch.distributed as td
-
         ops = [td.P2POp(td.isend, t.contiguous(), peer) for peer, t in sorted(sends.items())]
         ops += [td.P2POp(td.irecv, t, peer) for peer, t in sorted(receives.items())]
         with self._timed(kind):
@@ -144,8 +143,6 @@ class Comm:
         if self.world == 1:
             self.stats.add(kind, 0, 0)
             return tensor
-        import torch.distributed as td
-
         self.stats.add(kind, tensor.nbytes, tensor.nbytes)
         with self._timed(kind):
             td.all_reduce(tensor)
@@ -157,8 +154,6 @@ class Comm:
             self.stats.add(kind, 0, 0)
             return [tensor]
         self.stats.add(kind, tensor.nbytes, tensor.nbytes * (self.world - 1))
-        import torch.distributed as td
-
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         with self._timed(kind):
             td.all_gather(parts, tensor.contiguous())
@@ -166,8 +161,6 @@ class Comm:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as td
-
             with self._timed("barrier"):
                 td.barrier()
 
@@ -232,7 +225,8 @@ def joined(
     blocking_wait: bool = False,
     precise_timing: bool = False,
 ) -> Iterator[Comm]:
-    """Join the launcher's process group for the block, and leave it afterwards (also on errors).
+    """Join the launcher's process group for the block, and leave it afterwards (also on errors); a group that
+    is already up (the caller's) is used and left up.
 
     device: "cuda" (or None with CUDA available) means cuda:LOCAL_RANK and NCCL; otherwise the CPU and gloo.
     timeout_s bounds every operation. On NCCL a timed-out operation is aborted by the watchdog
@@ -247,23 +241,23 @@ def joined(
     if launch.world == 1:
         yield Comm(device=device, timeout_s=timeout_s, precise_timing=precise_timing)
         return
-    import torch.distributed as td
-
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if blocking_wait:
             os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
         torch.cuda.set_device(device)
+    owned = not td.is_initialized()
     try:
-        td.init_process_group(
-            backend,
-            init_method="env://",
-            rank=launch.rank,
-            world_size=launch.world,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
+        if owned:
+            td.init_process_group(
+                backend,
+                init_method="env://",
+                rank=launch.rank,
+                world_size=launch.world,
+                timeout=timedelta(seconds=timeout_s),
+                device_id=device if backend == "nccl" else None,
+            )
     except (RuntimeError, ValueError) as exc:
         raise ParallelError(
             f"process {launch.rank} of {launch.world} could not join the group ({_first_line(exc)})"
@@ -274,7 +268,7 @@ def joined(
         comm.stats = CommStats()
         yield comm
     finally:
-        if td.is_initialized():
+        if owned and td.is_initialized():
             td.destroy_process_group()
 
 
