@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from linfusion_cli.core.errors import UsageError
 from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, band_upscale, split_image
-from linfusion_cli.engine.parallel.plan import unet_comm_plan
+from linfusion_cli.engine.parallel.plan import Op, unet_comm_plan, unet_ops
 from linfusion_cli.engine.pipeline import upscale
 from linfusion_cli.engine.refine import blur_matched, dilated, gaussian_kernel
 from linfusion_cli.linfusion.patching import apply_linfusion
@@ -184,6 +185,26 @@ def test_communication_plan_matches_the_counted_forward(split_runs: Runs) -> Non
             assert counted["calls"]["attention"] == plan.ops["attention"]  # one all-reduce per LinFusion layer
             assert counted["sent"] == dict(plan.sent[rank]), case.name
             assert counted["received"] == dict(plan.received[rank]), case.name
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_communication_plan_walks_real_unets_as_diffusers_builds_them(arch: str) -> None:
+    """The config walk names every Conv2d (input channels, kernel, stride), GroupNorm (channels, groups) and attn1
+    (width, heads) of the real SD-1.5/2.1/SDXL UNets, built on the meta device (no weights, no forward)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(ARCHS[arch].unet)
+    modules = list(unet.named_modules())
+    ops = list(unet_ops(ARCHS[arch].unet))
+
+    def planned(kind: str, key: Callable[[Op], tuple[int, ...]]) -> Counter[tuple[int, ...]]:
+        return Counter(key(op) for op in ops if op.kind == kind)
+
+    convs = Counter((m.in_channels, m.kernel_size[0], m.stride[0]) for _, m in modules if isinstance(m, nn.Conv2d))
+    norms = Counter((m.num_channels, m.num_groups) for _, m in modules if isinstance(m, nn.GroupNorm))
+    attn1 = Counter((m.to_q.in_features, m.heads) for name, m in modules if name.endswith("attn1"))
+    assert convs == planned("conv", lambda op: (op.channels, op.kernel, op.stride))
+    assert norms == planned("norm", lambda op: (op.channels, op.groups))
+    assert attn1 == planned("attention", lambda op: (op.channels, op.groups))
 
 
 def test_blur_matched_on_bands_equals_the_whole_blur() -> None:

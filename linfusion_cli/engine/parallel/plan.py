@@ -60,75 +60,88 @@ class CommPlan:
 
 def unet_ops(config: Mapping[str, Any]) -> Iterator[Op]:
     """Every conv, GroupNorm and attn1 of one UNet pass, in forward order, from a UNet2DConditionModel config."""
-    channels = list(config["block_out_channels"])
-    levels = len(channels)
-    groups = int(config.get("norm_num_groups") or 32)
-    linear = bool(config.get("use_linear_projection", False))
-    per_block = _per_level(config.get("layers_per_block", 2), levels)
-    depth = _per_level(config.get("transformer_layers_per_block", 1), levels)
-    up_depth = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
-    # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the number of heads
-    heads = _per_level(config.get("num_attention_heads") or config.get("attention_head_dim") or 8, levels)
+    layout = _Layout(config)
+    yield Op("conv", 0, int(config.get("in_channels", 4)), kernel=int(config.get("conv_in_kernel", 3)))
+    yield from layout.down()
+    yield from layout.mid(config.get("mid_block_type", "UNetMidBlock2DCrossAttn"))
+    yield from layout.up()
+    if config.get("norm_num_groups", 32) is not None:
+        yield Op("norm", 0, layout.channels[0], groups=layout.groups)
+    yield Op("conv", 0, layout.channels[0], kernel=int(config.get("conv_out_kernel", 3)))
 
-    def resnet(level: int, c_in: int, c_out: int) -> Iterator[Op]:
-        yield Op("norm", level, c_in, groups=groups)
+
+class _Layout:
+    """The blocks of a UNet2DConditionModel, as diffusers builds them from its config."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.channels = list(config["block_out_channels"])
+        self.levels = len(self.channels)
+        if self.levels != len(config["up_block_types"]):
+            raise UsageError("the UNet config has different numbers of down and up blocks")
+        self.groups = int(config.get("norm_num_groups") or 32)
+        self.linear = bool(config.get("use_linear_projection", False))
+        self.per_block = _per_level(config.get("layers_per_block", 2), self.levels)
+        self.depth = _per_level(config.get("transformer_layers_per_block", 1), self.levels)
+        self.up_depth = config.get("reverse_transformer_layers_per_block") or list(reversed(self.depth))
+        # diffusers' naming quirk: without num_attention_heads, `attention_head_dim` is the number of heads
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+        self.heads = _per_level(heads, self.levels)
+
+    def resnet(self, level: int, c_in: int, c_out: int) -> Iterator[Op]:
+        yield Op("norm", level, c_in, groups=self.groups)
         yield Op("conv", level, c_in, kernel=3)
-        yield Op("norm", level, c_out, groups=groups)
+        yield Op("norm", level, c_out, groups=self.groups)
         yield Op("conv", level, c_out, kernel=3)
         if c_in != c_out:
             yield Op("conv", level, c_in)  # conv_shortcut, 1x1
 
-    def transformer(level: int, width: int, layers: int) -> Iterator[Op]:
-        yield Op("norm", level, width, groups=groups)
-        if not linear:
+    def transformer(self, level: int, width: int, layers: int) -> Iterator[Op]:
+        yield Op("norm", level, width, groups=self.groups)
+        if not self.linear:
             yield Op("conv", level, width)  # proj_in, 1x1
         for _ in range(layers):
-            yield Op("attention", level, width, groups=int(heads[level]))
-        if not linear:
+            yield Op("attention", level, width, groups=int(self.heads[level]))
+        if not self.linear:
             yield Op("conv", level, width)  # proj_out, 1x1
 
-    yield Op("conv", 0, int(config.get("in_channels", 4)), kernel=int(config.get("conv_in_kernel", 3)))
-    c_out = channels[0]
-    for i, block in enumerate(config["down_block_types"]):
-        attends = _block_kind(DOWN_BLOCKS, block)
-        c_in, c_out = c_out, channels[i]
-        for j in range(per_block[i]):
-            yield from resnet(i, c_in if j == 0 else c_out, c_out)
-            if attends:
-                yield from transformer(i, c_out, _layers(depth[i], j))
-        if i < levels - 1:
-            yield Op("conv", i, c_out, kernel=3, stride=2)
-    yield from _mid_block(config, levels - 1, channels[-1], depth[-1], resnet, transformer)
-    up_per_block = list(reversed(per_block))
-    reversed_channels = list(reversed(channels))
-    c_out = reversed_channels[0]
-    for i, block in enumerate(config["up_block_types"]):
-        attends = _block_kind(UP_BLOCKS, block)
-        level = levels - 1 - i
-        prev, c_out = c_out, reversed_channels[i]
-        skip_last = reversed_channels[min(i + 1, levels - 1)]
-        layers = up_per_block[i] + 1
-        for j in range(layers):
-            skip = skip_last if j == layers - 1 else c_out
-            yield from resnet(level, (prev if j == 0 else c_out) + skip, c_out)
-            if attends:
-                yield from transformer(level, c_out, _layers(up_depth[i], j))
-        if i < levels - 1:
-            yield Op("conv", level - 1, c_out, kernel=3)  # the upsampler's conv, after nearest 2x
-    if config.get("norm_num_groups", 32) is not None:
-        yield Op("norm", 0, channels[0], groups=groups)
-    yield Op("conv", 0, channels[0], kernel=int(config.get("conv_out_kernel", 3)))
+    def down(self) -> Iterator[Op]:
+        c_out = self.channels[0]
+        for i, block in enumerate(self.config["down_block_types"]):
+            attends = _block_kind(DOWN_BLOCKS, block)
+            c_in, c_out = c_out, self.channels[i]
+            for j in range(self.per_block[i]):
+                yield from self.resnet(i, c_in if j == 0 else c_out, c_out)
+                if attends:
+                    yield from self.transformer(i, c_out, _layers(self.depth[i], j))
+            if i < self.levels - 1:
+                yield Op("conv", i, c_out, kernel=3, stride=2)  # the downsampler
 
+    def mid(self, kind: str | None) -> Iterator[Op]:
+        if kind is None:
+            return
+        if kind != "UNetMidBlock2DCrossAttn":
+            raise UsageError(f"no communication model for a {kind} mid block")
+        level, width = self.levels - 1, self.channels[-1]
+        yield from self.resnet(level, width, width)
+        yield from self.transformer(level, width, _layers(self.depth[-1], 0))
+        yield from self.resnet(level, width, width)
 
-def _mid_block(config: Mapping[str, Any], level: int, width: int, layers: Any, resnet: Any, transformer: Any) -> Any:
-    kind = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if kind is None:
-        return
-    if kind != "UNetMidBlock2DCrossAttn":
-        raise UsageError(f"no communication model for a {kind} mid block")
-    yield from resnet(level, width, width)
-    yield from transformer(level, width, _layers(layers, 0))
-    yield from resnet(level, width, width)
+    def up(self) -> Iterator[Op]:
+        per_block, channels = list(reversed(self.per_block)), list(reversed(self.channels))
+        c_out = channels[0]
+        for i, block in enumerate(self.config["up_block_types"]):
+            attends = _block_kind(UP_BLOCKS, block)
+            level = self.levels - 1 - i
+            prev, c_out = c_out, channels[i]
+            layers = per_block[i] + 1
+            for j in range(layers):  # each resnet takes a skip: the last one the next block's width
+                skip = channels[min(i + 1, self.levels - 1)] if j == layers - 1 else c_out
+                yield from self.resnet(level, (prev if j == 0 else c_out) + skip, c_out)
+                if attends:
+                    yield from self.transformer(level, c_out, _layers(self.up_depth[i], j))
+            if i < self.levels - 1:
+                yield Op("conv", level - 1, c_out, kernel=3)  # the upsampler's conv, after nearest 2x
 
 
 def unet_comm_plan(
@@ -147,8 +160,6 @@ def unet_comm_plan(
     batch: 2 with classifier-free guidance in one call; dtype_bytes: the activations' (2 for fp16, 4 for fp32);
     dilation: demofusion's global branch (every conv's dilation and padding times r); bands: the split, by
     default `Bands.split` on the UNet's total downsampling."""
-    if len(config["block_out_channels"]) != len(config["up_block_types"]):
-        raise UsageError("the UNet config has different numbers of down and up blocks")
     bands = bands or Bands.split(latent_height, world, downsampling(config["block_out_channels"]))
     plan = CommPlan(sent=[Counter() for _ in range(world)], received=[Counter() for _ in range(world)])
     for op in unet_ops(config):
