@@ -12,7 +12,7 @@ trained at 512 px run at 16K. Cost is O(N C^2) instead of O(N^2 C).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,20 @@ from torch import nn
 
 LINEAR_ATTN_EPS = 1e-4
 LEAKY_RELU_SLOPE = 0.01  # nn.LeakyReLU's default, as in the official checkpoints
+
+
+class SummaryReducer(Protocol):
+    """Seam for one image split across processes by bands of tokens (engine.parallel): each process sums its
+    own tokens' summaries, scaled by the *whole* image's token count, and the reducer adds them up over processes.
+    """
+
+    def whole_tokens(self, tokens: int) -> int:
+        """The whole image's token count, given this process's."""
+        ...
+
+    def reduce(self, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, C) and (B, C) fp32 partial sums -> the same summed over every process."""
+        ...
 
 
 def feature_map_mlp(dim: int, mid_dim: int) -> nn.Sequential:
@@ -65,7 +79,11 @@ class LinFusionAttention(nn.Module):
     `token_chunk` bounds memory at huge N: K^T V is accumulated chunk by chunk (fp32), then queries are
     processed chunk by chunk. Peak extra memory is then O(chunk * C) instead of O(N * C). The math is the
     same either way; `None` means one chunk.
+
+    `reducer` (None: this call's tokens are the whole image) makes the layer one band of a split image.
     """
+
+    reducer: SummaryReducer | None = None
 
     def __init__(self, dim: int, heads: int, mid_dim: int | None = None) -> None:
         super().__init__()
@@ -104,7 +122,7 @@ class LinFusionAttention(nn.Module):
         chunk = self.token_chunk or tokens
         # Scaling phi(k) and v by N^-1/2 each makes K^T V the *mean* over tokens, so no fp16 sum overflows
         # (at 16K the top UNet level has N = 4,194,304 tokens; fp16 tops out at 65504).
-        scale = tokens**-0.5
+        scale = (tokens if self.reducer is None else self.reducer.whole_tokens(tokens)) ** -0.5
 
         # 1. Summaries over all tokens: kv = mean_j phi(k_j)^T v_j, k_mean = mean_j phi(k_j), in fp32.
         kv = x.new_zeros((batch, channels, channels), dtype=torch.float32)  # (B, C, C)
@@ -114,6 +132,8 @@ class LinFusionAttention(nn.Module):
             kv += torch.bmm(k.transpose(1, 2), v).float()  # (B, C, C), every head against every head
             k_sum += k.sum(dim=1, dtype=torch.float32)
             del k, v
+        if self.reducer is not None:
+            kv, k_sum = self.reducer.reduce(kv, k_sum)
         k_mean = k_sum * scale  # (B, C)
 
         # 2. One matrix W = [block-diagonal kv | k_mean per head] so a single GEMM per query chunk gives

@@ -1,0 +1,58 @@
+"""One image split exactly across processes by horizontal bands of its latent (issue 21).
+
+Every process runs the whole UNet on its band; the few ops that mix rows exchange what they need (see ops.py),
+so a seed gives the same image as one process, to fp32 reduction-order error. Imports only torch, the standard
+library, the LinFusion layer and the error classes.
+"""
+
+from __future__ import annotations
+
+from .bands import Bands, ConvRows, Transfer, downsampling, halo_transfers, row_transfers
+from .comm import DEFAULT_TIMEOUT_S, Comm, CommStats, LaunchEnv, ParallelError, gather_bands, joined
+from .install import SplitRun, split_image
+from .ops import (
+    AttentionReduce,
+    ConvSpec,
+    band_blur_matched,
+    band_conv2d,
+    band_group_norm,
+    band_upscale,
+    gather_tokens,
+    halo_rows,
+)
+from .plan import CommPlan, unet_comm_plan, unet_ops
+from .stats import band_channel_stats, band_match_stats, combine_moments, local_moments, pool_moments
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "AttentionReduce",
+    "Bands",
+    "Comm",
+    "CommPlan",
+    "CommStats",
+    "ConvRows",
+    "ConvSpec",
+    "LaunchEnv",
+    "ParallelError",
+    "SplitRun",
+    "Transfer",
+    "band_blur_matched",
+    "band_channel_stats",
+    "band_conv2d",
+    "band_group_norm",
+    "band_match_stats",
+    "band_upscale",
+    "combine_moments",
+    "downsampling",
+    "gather_bands",
+    "gather_tokens",
+    "halo_rows",
+    "halo_transfers",
+    "joined",
+    "local_moments",
+    "pool_moments",
+    "row_transfers",
+    "split_image",
+    "unet_comm_plan",
+    "unet_ops",
+]

@@ -1,0 +1,105 @@
+"""Statistics of the whole image from its bands: (count, mean, M2) per band, combined exactly.
+
+Why not all-reduced sums of x and x^2: var = E[x^2] - E[x]^2 cancels catastrophically in fp32 when |mean| >> std,
+and a 16K UNet level has 4M elements per group. Each band's (mean, M2) is measured in fp32 around its own mean,
+and the parts are combined by Chan et al.'s formula in fp64, in rank order, so every process gets the same bits
+(tests/test_parallel_ops.py: 4M elements, mean 300, std 0.5: 1e-7 vs fp32 sums' >1e-2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ...core.errors import UsageError
+from .comm import Comm
+
+STATS_CHUNK_BYTES = 1 << 28  # fp32 working copy of a half-precision input, at most this per chunk
+STD_EPS = 1e-6  # refine.STATS_EPS: a constant channel (std 0) must not divide by zero when re-matched
+
+
+def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) over the last dim of x (..., n), in fp32, without an fp32 copy of all of a half-precision
+    x at once. Returns count (scalar tensor) and mean, M2 of shape x.shape[:-1]."""
+    n = x.shape[-1]
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(x, dim=-1, correction=0)
+        return torch.tensor(float(n)), mean, var * n
+    flat = x.reshape(-1, n)  # (R, n)
+    per_chunk = max(1, STATS_CHUNK_BYTES // (4 * n))
+    means, m2s = [], []
+    for part in flat.split(per_chunk):
+        var, mean = torch.var_mean(part.float(), dim=-1, correction=0)
+        means.append(mean)
+        m2s.append(var * n)
+    shape = x.shape[:-1]
+    return torch.tensor(float(n)), torch.cat(means).view(shape), torch.cat(m2s).view(shape)
+
+
+def combine_moments(
+    counts: Sequence[torch.Tensor], means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s pairwise combination of (count, mean, M2) parts, in fp64, in the given order (so every
+    process combining the same parts gets the same bits). Returns (count, mean, M2) in fp64."""
+    count, mean, m2 = counts[0].double(), means[0].double(), m2s[0].double()
+    for n_b, mean_b, m2_b in zip(counts[1:], means[1:], m2s[1:], strict=True):
+        n_b, mean_b, m2_b = n_b.double(), mean_b.double(), m2_b.double()
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta.square() * (count * n_b / total)
+        count = total
+    return count, mean, m2
+
+
+def whole_moments(comm: Comm, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) over the last dim of x, pooled over every process's band (fp64)."""
+    count, mean, m2 = local_moments(x)
+    packed = torch.stack([count.expand_as(mean).to(mean.device), mean, m2]).double()  # (3, ...)
+    parts = comm.all_gather(packed, kind)
+    return combine_moments([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+
+
+def band_channel_stats(comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """refine.latent_stats of the whole image: per-channel mean and std (unbiased, as Tensor.std), (B, C, 1, 1)
+    fp32, from this band x (B, C, h, W)."""
+    count, mean, m2 = whole_moments(comm, x.flatten(2), "stats")  # (B, C)
+    std = (m2 / (count - 1)).sqrt()
+    return mean.float()[..., None, None], std.float()[..., None, None]
+
+
+def band_match_stats(comm: Comm, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """refine's statistics re-match on a band: the whole image's channels get `mean`/`std` (fp32)."""
+    x = x.float()
+    own_mean, own_std = band_channel_stats(comm, x)
+    return (x - own_mean) / (own_std + STD_EPS) * std + mean
+
+
+def pool_moments(comm: Comm, stats: Mapping[str, Any]) -> None:
+    """Pool named (count, mean, M2) statistics over processes, in place: every object gets the combined values.
+
+    Made for the tiled VAE's statistics pass (vae._NormControl.collected: name -> _Stats with count: float and
+    mean, m2: (G,) fp32): with each process running the windows of its own band, pooling them before the output
+    pass gives every band the whole image's GroupNorm statistics. Every process must hold the same names, each
+    with statistics (every band runs at least one window)."""
+    names = sorted(stats)
+    if any(stats[name].mean is None for name in names):
+        raise UsageError("pool_moments needs statistics under every name; a band ran no window")
+    packed = torch.cat(
+        [torch.cat([stats[n].mean.new_tensor([stats[n].count]), stats[n].mean, stats[n].m2]) for n in names]
+    ).double()  # [count, mean (G), M2 (G)] per name
+    lengths = comm.all_gather(torch.tensor([packed.numel()], device=packed.device), "stats")
+    if len({int(length) for length in lengths}) != 1:
+        raise UsageError("the processes hold statistics of different GroupNorms; they must run the same VAE")
+    parts = comm.all_gather(packed, "stats")
+    offset = 0
+    for name in names:
+        target, size = stats[name], stats[name].mean.numel()
+        pieces = [part[offset : offset + 1 + 2 * size] for part in parts]
+        offset += 1 + 2 * size
+        count, mean, m2 = combine_moments(
+            [p[0] for p in pieces], [p[1 : 1 + size] for p in pieces], [p[1 + size :] for p in pieces]
+        )
+        target.count, target.mean, target.m2 = float(count), mean.to(target.mean), m2.to(target.m2)
