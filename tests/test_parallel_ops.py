@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from parallel_harness import band_of, compare, launch, ok_results
 from torch import nn
 
-from linfusion_cli.core.errors import UsageError
+from linfusion_cli.base.errors import UsageError
 from linfusion_cli.engine.parallel import (
     AttentionReduce,
     Bands,

@@ -20,13 +20,13 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from parallel_harness import band_of, compare, launch, ok_results
 from torch import nn
 
-from linfusion_cli.core.errors import UsageError
+from linfusion_cli.base.errors import UsageError
 from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, band_upscale, split_image
 from linfusion_cli.engine.parallel.plan import Op, unet_comm_plan, unet_ops
-from linfusion_cli.engine.pipeline import upscale
-from linfusion_cli.engine.refine import blur_matched, dilated, gaussian_kernel
+from linfusion_cli.engine.refine.demofusion_ops import blur_matched, dilated, gaussian_kernel
 from linfusion_cli.linfusion.patching import apply_linfusion
 from linfusion_cli.models.archs import ARCHS
+from linfusion_cli.models.tensors import upscale
 
 MULTIPLE = 4  # the tiny UNets' total downsampling (3 levels)
 T = torch.tensor(500)

@@ -19,7 +19,7 @@ from fractions import Fraction
 
 import torch
 
-from ...core.errors import UsageError
+from ...base.errors import UsageError
 
 VAE_SCALE = 8  # image px per latent row (SD VAEs), for telling users which image heights split
 

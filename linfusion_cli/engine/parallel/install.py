@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import UsageError
+from ...base.errors import UsageError
 from ...linfusion.attention import LinFusionAttention
 from .comm import Comm
 from .ops import AttentionReduce, ConvSpec, band_conv2d, band_group_norm, gather_tokens

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from ...core.errors import UsageError
+from ...base.errors import UsageError
 from .bands import Bands, ConvRows, downsampling, halo_transfers
 
 STATS_BYTES = 8  # GroupNorm statistics travel as fp64

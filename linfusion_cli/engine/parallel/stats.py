@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ...core.errors import UsageError
+from ...base.errors import UsageError
 from .comm import Comm
 
 STATS_CHUNK_BYTES = 1 << 28  # fp32 working copy of a half-precision input, at most this per chunk
