@@ -2,7 +2,8 @@
 
 The library works without the CLI::
 
-    from linfusion_cli import apply_linfusion, TiledVAE
+    from linfusion_cli import Generator                  # the commands' Python API
+    from linfusion_cli import apply_linfusion, TiledVAE  # the pieces
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LinFusionAttention", "LinFusionPatch", "TiledVAE", "__version__", "apply_linfusion"]
+__all__ = ["Generator", "LinFusionAttention", "LinFusionPatch", "TiledVAE", "__version__", "apply_linfusion"]
 
 if TYPE_CHECKING:
+    from .core.api import Generator
     from .engine.vae import TiledVAE
     from .linfusion.attention import LinFusionAttention
     from .linfusion.patching import LinFusionPatch, apply_linfusion
 
 _LAZY = {
+    "Generator": "core.api",
     "LinFusionAttention": "linfusion.attention",
     "LinFusionPatch": "linfusion.patching",
     "apply_linfusion": "linfusion.patching",

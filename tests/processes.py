@@ -54,10 +54,10 @@ class Processes:
                 proc.communicate(timeout=30)
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The process's next stdout line, waiting at most `timeout` seconds (then the test fails, it never hangs;
-    the process is killed when the test ends)."""
-    stdout = proc.stdout
+def read_line(proc: subprocess.Popen[str], timeout: float, stream: str = "stdout") -> str:
+    """The process's next line on `stream` (stdout or stderr), waiting at most `timeout` seconds (then the test
+    fails, it never hangs; the process is killed when the test ends)."""
+    stdout = getattr(proc, stream)
     assert stdout is not None
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)

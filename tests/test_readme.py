@@ -45,3 +45,17 @@ def test_readme_command_runs(runner, line: str, tmp_path: Path, monkeypatch: pyt
             Image.new("RGB", (96, 64), (200, 120, 40)).save(word)
     result = runner.invoke(app, words[1:], catch_exceptions=False)
     assert result.exit_code == 0, f"{line}\n{result.stderr}"
+
+
+def readme_python() -> list[str]:
+    """The README's Python examples that run on the tiny model."""
+    return [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if '"tiny"' in block]
+
+
+def test_the_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = readme_python()
+    assert blocks, "the README shows the Python API on the tiny model"
+    monkeypatch.chdir(tmp_path)  # out="outputs" lands in a temporary folder
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+    assert len(list((tmp_path / "outputs").glob("*.png"))) == 2

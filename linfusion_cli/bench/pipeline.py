@@ -46,6 +46,7 @@ def bench_pipeline(
         result = engine.generate(job, prep.plan, prep.seed)
         meta = build_metadata(prep, engine, result)
         start = time.perf_counter()
+        assert result.image is not None  # one process: it has the image
         save_outputs(prep, result.image, meta)
         write_seconds = time.perf_counter() - start
     stages = [r.as_dict() for r in result.stages]

@@ -196,6 +196,39 @@ def bench_png_cmd(
         emit_json(report)
 
 
+@bench_app.command("parallel", cls=Command)
+def bench_parallel_cmd(
+    arch: ArchOpt = "tiny",
+    size: Annotated[str, typer.Option(help="Image size, N or WxH.")] = "1024",
+    nproc: Annotated[int, typer.Option(min=2, help="Processes to split the image over.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads per process (the reference gets N x this).")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed steps (median).")] = 3,
+    device: BenchDeviceOpt = "auto",
+    dtype: BenchDtypeOpt = "auto",
+) -> None:
+    """One UNet step split over N processes (gloo on CPUs, NCCL on GPUs) against one process: seconds per step
+    and bytes each process sends; JSON on stdout."""
+    from ..base.errors import UsageError
+    from ..bench.parallel import bench_parallel
+    from ..bench.units import parse_size
+
+    with boundary():
+        dev, dt = _bench_setup(arch, device, dtype)
+        try:
+            width, height = parse_size(size)
+        except ValueError as exc:
+            raise UsageError(f"--size: {exc}") from None
+        report = bench_parallel(arch, width, height, nproc, threads, repeats, dev, dt)
+        stderr.print(
+            f"{report['size']} ({arch}): one process x{nproc * threads} threads {report['one_process']['seconds']} s, "
+            f"{nproc} processes x{threads} {report['split']['seconds']} s ({report['speedup']}x); sent per step "
+            f"{[r['sent_bytes_per_step'] for r in report['split']['ranks']]} bytes",
+            markup=False,
+            highlight=False,
+        )
+        emit_json(report)
+
+
 @bench_app.command("pipeline", cls=Command)
 @with_settings(BENCH)
 def bench_pipeline_cmd(

@@ -173,11 +173,17 @@ def boundary() -> Iterator[None]:
     try:
         yield
     except LinFusionError as exc:
-        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(_who() + str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
         raise typer.Exit(EXIT_SIGINT) from None
+
+
+def _who() -> str:
+    """'rank N: ' in a group of processes (torchrun's, --gpus'), so a failure's line names its process."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"rank {rank}: " if world.isdigit() and int(world) > 1 else ""
 
 
 def emit_json(data: Any) -> None:

@@ -3,6 +3,7 @@ its declaration (options.with_settings); no torch at import time."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from rich.markup import escape
 from ..base.errors import EXIT_SIGINT
 from ..base.events import CancelToken
 from ..base.settings import BATCH, DEVICE_PANEL, GENERATE, OUTPUT_PANEL, PLAN, PROMPT_PANEL, SAMPLER_PANEL, UPSCALE
+from ..core.prepare import DEFAULT_TIMEOUT_S
 from ..core.presets import list_presets, load_preset
 from ..core.replay import job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
@@ -33,18 +35,22 @@ from .boundary import (
     stderr,
 )
 from .distill import distill as distill_command
+from .launch import launched, relaunch
 from .options import (
     FLAG,
     AllowPickleOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
+    GpusOpt,
     JsonOpt,
     MaxPixelsOpt,
     OutOpt,
     OverwriteOpt,
     QuietOpt,
     SaveStagesOpt,
+    SplitImageOpt,
+    TimeoutOpt,
     with_settings,
 )
 from .render import render_plan, render_table
@@ -136,12 +142,29 @@ def _run_one(
 ) -> None:
     """One image: its job resolved and checked (bad input: one line, before anything loads), then made with
     progress on stderr, then the table or JSON."""
-    generator = _generator(**run)
-    job = make_job(generator)
-    with _progress(mode) as (reporter, cancel):
-        generator.events = reporter
-        result = generator.run(job, dry_run=dry_run, cancel=cancel)
-    _render_result(result, mode, json_out, title)
+    with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
+        job = make_job(generator)
+        with _progress(mode) as (reporter, cancel):
+            generator.events = reporter
+            result = generator.run(job, dry_run=dry_run, cancel=cancel)
+    if first_process():
+        _render_result(result, mode, json_out, title)
+
+
+def first_process() -> bool:
+    """Whether this process speaks for a group (torchrun's or --gpus'): the others are silent unless they fail."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _mode(quiet: bool) -> str:
+    return output_mode(quiet) if first_process() else "quiet"
+
+
+def _relaunch_for(gpus: int | None, *extra: str) -> None:
+    """`--gpus N` outside a launcher: run this same command (with `extra` flags) in N processes and exit with
+    their result."""
+    if gpus is not None and gpus > 1 and not launched():
+        raise typer.Exit(relaunch(gpus, [*sys.argv[1:], *extra]))
 
 
 @app.callback()
@@ -174,17 +197,21 @@ def generate(
     quiet: QuietOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    gpus: GpusOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
-    mode = output_mode(quiet)
+    mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
+        _relaunch_for(gpus)
         run: dict[str, Any] = {
             "out": out,
             "device": device,
             "dtype": dtype,
             "overwrite": overwrite,
             "save_stages": save_stages,
+            "timeout_s": timeout,
         }
         _run_one(
             mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
@@ -206,13 +233,24 @@ def plan(
     out: OutOpt = Path("outputs"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    world_size: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="Plan one image split over N processes (torchrun, --gpus): each stage's bands and the memory of one.",
+            rich_help_panel=DEVICE_PANEL,
+        ),
+    ] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model. On stdout."""
     setup_logging(output_mode(False))
     with boundary():
         refuse_flag_value_as_prompt(prompt)
-        summary = _generator(out=out, device=device, dtype=dtype).plan(prompt, **(settings or {}))
+        summary = _generator(out=out, device=device, dtype=dtype).plan(
+            prompt, world_size=world_size, **(settings or {})
+        )
         render_plan(summary, json_out)
 
 
@@ -245,17 +283,21 @@ def upscale(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+    gpus: GpusOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
-    mode = output_mode(quiet)
+    mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
+        _relaunch_for(gpus)
         run: dict[str, Any] = {
             "out": out,
             "device": device,
             "dtype": dtype,
             "overwrite": overwrite,
             "save_stages": save_stages,
+            "timeout_s": timeout,
         }
         _run_one(
             mode,
@@ -313,11 +355,16 @@ def batch(
     ] = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    split_image: SplitImageOpt = False,
+    gpus: GpusOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
-    mode = output_mode(quiet)
+    split = split_image or (gpus is not None and gpus > 1)
+    mode = _mode(quiet) if split else output_mode(quiet)  # a split batch speaks through its first process
     setup_logging(mode)
     with boundary():
+        _relaunch_for(gpus, "--split-image")  # --gpus N: one image at a time, split over them
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
         run: dict[str, Any] = {
             "out": out,
@@ -325,16 +372,17 @@ def batch(
             "dtype": dtype,
             "overwrite": overwrite,
             "save_stages": save_stages,
+            "timeout_s": timeout,
         }
-        generator = _generator(allow_pickle=allow_pickle, **run, **settings)
-        with _progress(mode) as (reporter, cancel):
+        generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
+        with generator, _progress(mode) as (reporter, cancel):
             generator.events = reporter
             summary = generator.batch(
                 file,
                 base_seed=base_seed,
                 shard=shard,
                 fail_fast=fail_fast,
-                on_line=emit_json if json_out else None,
+                on_line=emit_json if json_out and (first_process() or not split) else None,
                 cancel=cancel,
             )
         if mode != "quiet":
@@ -360,13 +408,17 @@ def replay(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    gpus: GpusOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Regenerate an image from its sidecar: same settings, same seed."""
-    mode = output_mode(quiet)
+    mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
+        _relaunch_for(gpus)
         job, recorded_dtype = job_from_sidecar(sidecar)
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
+        run["timeout_s"] = timeout
         _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
 
 

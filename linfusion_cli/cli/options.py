@@ -145,3 +145,31 @@ MaxPixelsOpt = Annotated[
         rich_help_panel=OUTPUT_PANEL,
     ),
 ]
+GpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        help="Split the image over N processes on this machine, one per GPU, started for you (torch's launcher); "
+        "under torchrun it is split over torchrun's processes already.",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="How long the processes of a split image wait for each other before all stop with an error.",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+SplitImageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--split-image",
+        help="Under torchrun (or with --gpus): all processes make each job together, its image split over them, "
+        "instead of each taking its own jobs (for images that need every card's memory).",
+        rich_help_panel=DEVICE_PANEL,
+        **FLAG,
+    ),
+]

@@ -33,8 +33,13 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
         title_justify="left",
     )
-    for col in ("stage", "kind", "size", "strength", "steps", "UNet passes", "memory", "est. peak GiB", "VAE"):
+    split = summary.get("world_size", 1) > 1
+    columns = ["stage", "kind", "size", *(["per process"] if split else []), "strength", "steps", "UNet passes"]
+    for col in (*columns, "memory", "est. peak GiB", "VAE"):
         table.add_column(col)
+    if split:
+        title = f" split over {summary['world_size']} processes (memory per process)"
+        table.title = f"{table.title},{title}"
     method = str(summary.get("refine"))
     if method in REFINE_METHODS:
         table.caption = REFINE_METHODS.get(method).caption
@@ -43,6 +48,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             str(s["index"] + 1),
             s["kind"],
             s["size"],
+            *([s["per_rank"]] if split else []),
             "-" if s["strength"] is None else f"{s['strength']:g}",
             str(s["steps"]),
             str(s["unet_passes"]),

@@ -16,6 +16,7 @@ Imports torch (through the engine): the CLI imports this when a command runs, no
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..base.events import CancelToken, EventSink, ignore
+from ..engine.parallel import Comm, joined
 from ..io.images import load_rgb
 from . import run
 from .batch import BatchSummary, run_batch
 from .jobs import flags_layer, resolve_job
 from .plan_report import placement, plan_summary
-from .prepare import RunOptions, pick_seed, plan_for
+from .prepare import DEFAULT_TIMEOUT_S, RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
 from .run import EngineCache
 from .settings import JobSpec
@@ -63,24 +65,31 @@ class Generator:
         save_stages: bool = False,
         allow_pickle: bool = False,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        split: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         events: EventSink = ignore,
         **settings: Any,
     ) -> None:
         self.defaults = flags_layer(settings)  # checked now: a misspelt setting fails here, not at the first image
-        self.options = RunOptions(Path(out), device, dtype, overwrite, save_stages, allow_pickle, max_input_pixels)
+        self.options = RunOptions(
+            Path(out), device, dtype, overwrite, save_stages, allow_pickle, max_input_pixels, split, timeout_s
+        )
         self.events = events
         self._engines: EngineCache | None = None
+        self._group = contextlib.ExitStack()  # the process group of a split image, joined on first use
+        self._comm: Comm | None = None
 
     def job(self, prompt: str = "", *, require_prompt: bool = True, **settings: Any) -> JobSpec:
         """The job these settings make (preset, this generator's settings, the call's), validated."""
         given = flags_layer({"prompt": prompt or None, **settings})
         return resolve_job({**self.defaults, **given}, require_prompt=require_prompt)
 
-    def plan(self, prompt: str = "", **settings: Any) -> dict[str, Any]:
-        """The plan `linfusion plan` prints, as data: stages, memory, files; nothing loads."""
+    def plan(self, prompt: str = "", *, world_size: int = 1, **settings: Any) -> dict[str, Any]:
+        """The plan `linfusion plan` prints, as data: stages, memory, files (with `world_size` processes
+        splitting the image, each stage's bands and one process's memory); nothing loads."""
         job = self.job(prompt, require_prompt=False, **settings)
         prep = plan_for(job, self.options, seed=pick_seed(job))
-        return plan_summary(prep, *placement(self.options))
+        return plan_summary(prep, *placement(self.options), world_size)
 
     def generate(
         self, prompt: str, *, dry_run: bool = False, cancel: CancelToken | None = None, **settings: Any
@@ -111,6 +120,7 @@ class Generator:
             dry_run=dry_run,
             init_image=pixels,
             engines=self.engines(),
+            comm=self.group(),
         )
         return Result(done.report, done.image)
 
@@ -136,7 +146,17 @@ class Generator:
             on_line=on_line,
             cancel=cancel,
             engines=self.engines(),
+            comm=self.group(),
         )
+
+    def group(self) -> Comm | None:
+        """With `split` (one image split across the processes torchrun or `--gpus` started), this process's place
+        in their group, joined once and kept until `close`; None otherwise."""
+        if not self.options.split:
+            return None
+        if self._comm is None:
+            self._comm = self._group.enter_context(joined(self.options.timeout_s, self.engines().device))
+        return self._comm
 
     def engines(self) -> EngineCache:
         """The loaded model this generator keeps between calls (none loaded until a job needs it)."""
@@ -148,6 +168,8 @@ class Generator:
         """Let go of the loaded model (and the device memory it holds)."""
         if self._engines is not None:
             self._engines.close()
+        self._group.close()
+        self._comm = None
 
     def __enter__(self) -> Generator:
         return self

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from ..base.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_SIGINT,
     DiskFullError,
     InputImageError,
+    Interrupted,
     JobFileError,
     LinFusionError,
     UsageError,
@@ -31,6 +33,8 @@ from ..base.errors import (
 from ..base.events import CancelToken, EventSink, Note, ignore
 from ..base.text import plural
 from ..engine.memory import device_warnings
+from ..engine.parallel import Comm
+from ..engine.splitting import INTERRUPTS
 from ..engine.stages import GenerateResult
 from ..io.images import load_rgb, open_image
 from ..io.locks import Claim, try_claim
@@ -41,7 +45,7 @@ from .jobs import read_job_file, resolve_job
 from .plan_report import check_offline, placement
 from .prepare import Prepared, RunOptions, pick_seed, plan_for, replan_for
 from .resume import claim_name, list_outputs, resume_state
-from .run import SCHEMA, EngineCache, generate_one, save_outputs
+from .run import SCHEMA, EngineCache, from_first, generate_one, save_outputs
 from .settings import JobSpec
 from .shards import Shard, resolve_shard
 
@@ -181,15 +185,19 @@ def run_batch(
     on_line: JsonSink | None = None,
     cancel: CancelToken | None = None,
     engines: EngineCache | None = None,
+    comm: Comm | None = None,
 ) -> BatchSummary:
+    """Every job of a prompt file this task holds (its shard), resumable; with `comm` (--split-image), every
+    process of the group makes each job together instead of taking a shard of its own."""
     cancel = cancel or CancelToken()
-    shard = resolve_shard(shard_flag)
+    split = comm is not None and comm.world > 1
+    shard = Shard(0, 1, "every job, split over the group's processes") if split else resolve_shard(shard_flag)
     prepared = plan_batch(path, flags, options, base_seed)
     mine = [p for p in prepared if shard.holds(p.index or 0)]
     events(Note("info", f"{shard.describe()}: {len(mine)} of {plural(len(prepared), 'job')}"))
     summary = BatchSummary(shard, len(mine))
     prepare_folder(options.out)
-    removed = clean_stale_temps(options.out)
+    removed = clean_stale_temps(options.out) if comm is None or comm.rank == 0 else 0
     if removed:
         events(Note("info", f"removed {plural(removed, 'temp file')} left by a stopped run"))
 
@@ -214,7 +222,7 @@ def run_batch(
             Note("info", f"{plural(len(mine) - len(todo), 'job')} already finished: skipped (--overwrite redoes them)")
         )
     if todo:
-        _render(todo, options, fail_fast, events, record, cancel, engines)
+        _render(todo, options, fail_fast, events, record, cancel, engines, comm)
     summary.outcomes.sort(key=lambda o: o.index)
     return summary
 
@@ -233,10 +241,14 @@ def _render(
     record: Callable[[JobOutcome], None],
     cancel: CancelToken,
     engines: EngineCache | None = None,
+    comm: Comm | None = None,
 ) -> None:
     """Claim, run and save each job in turn; the model is loaded when the first job needs it (or reused from
-    `engines`, a Python caller's)."""
+    `engines`, a Python caller's). With `comm`, every process of the group makes each job's image together: the
+    first decides (claims, resume) and writes, the others follow; a failed job stops the batch, since the
+    processes must run the same exchanges."""
     own = engines is None
+    leader = comm is None or comm.rank == 0
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
     device = engines.device
     for warning in device_warnings(device, engines.dtype):
@@ -246,19 +258,24 @@ def _render(
     warned_unlocked = False
     try:
         for prep in todo:
-            cancel.check()
-            if disk_full or writer.error is not None:
+            code = from_first(comm, _stop_code(cancel, bool(disk_full) or writer.error is not None))
+            if code >= EXIT_SIGINT:  # asked to stop (on the first process, for a group): here, between jobs
+                raise Interrupted(INTERRUPTS.get(code, "a signal"), code)
+            if code:
                 break
             index = prep.index or 0
-            claim = try_claim(options.out / claim_name(prep))
-            if isinstance(claim, str):
-                events(Note("info", f"job {index}: being made by {claim}; left to it"))
-                record(JobOutcome(index, "claimed", None, None, error=f"being made by {claim}"))
+            path = options.out / claim_name(prep)
+            claim: Claim | str = try_claim(path) if leader else Claim(path, -1, True)  # the first claims
+            if not from_first(comm, isinstance(claim, Claim)):
+                if isinstance(claim, str):
+                    events(Note("info", f"job {index}: being made by {claim}; left to it"))
+                    record(JobOutcome(index, "claimed", None, None, error=f"being made by {claim}"))
                 continue
+            assert isinstance(claim, Claim)
             if not claim.locked and not warned_unlocked:
                 warned_unlocked = True
                 events(Note("warning", f"{options.out} offers no file locks: tasks sharing it may repeat a job"))
-            task = _Task(prep, claim, time.perf_counter(), engines, options, events, cancel, record, disk_full)
+            task = _Task(prep, claim, time.perf_counter(), engines, options, events, cancel, record, disk_full, comm)
             if not task.run(writer) and fail_fast:
                 break
             free_cached(device)  # VRAM and RSS must not creep over a long batch
@@ -285,19 +302,27 @@ class _Task:
     cancel: CancelToken
     record: Callable[[JobOutcome], None]
     disk_full: list[DiskFullError]
+    comm: Comm | None = None
 
     def run(self, writer: Writer) -> bool:
         """Generate and hand the job to the writer; False when it failed (reported)."""
         prep, index, handed_over = self.prep, self.prep.index or 0, False
+        leader = self.comm is None or self.comm.rank == 0
         try:
-            done, prep = (None, prep) if self.options.overwrite else resume_state(prep, self.options)
-            if done is not None:  # finished by another task since this one looked
-                self.record(_skipped(index, done))
+            done = None
+            if leader and not self.options.overwrite:
+                done, prep = resume_state(prep, self.options)
+            if from_first(self.comm, done is not None):  # finished by another task since this one looked
+                if done is not None:
+                    self.record(_skipped(index, done))
                 return True
-            problem = prep.paths.problem()
+            problem = prep.paths.problem() if leader else None
             if problem:
                 raise _JobProblem(problem)
+            prep = replace(prep, seed=from_first(self.comm, prep.seed, "seed"))  # a resumed job's seed
             prep, result, meta = self._generate(prep)
+            if result.image is None:  # another process of a split image: the first one writes
+                return True
             peak = None
             if self.engines.device.type == "cuda":
                 peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
@@ -309,6 +334,8 @@ class _Task:
         except (LinFusionError, OSError, torch.OutOfMemoryError, _JobProblem) as exc:
             if isinstance(exc, LinFusionError) and getattr(exc, "exit_code", 1) >= 128:
                 raise
+            if self.comm is not None and self.comm.world > 1:
+                raise  # the group's processes must run the same exchanges: the batch stops (a rerun resumes)
             if isinstance(exc, UsageError) and not isinstance(exc, InputImageError):
                 raise
             self.events(Note("warning", f"job {index} failed: {exc}"))
@@ -326,9 +353,14 @@ class _Task:
         self.events(Note("info", f"job {prep.index or 0}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
         init_image = _load_input(job, self.options) if job.image else None
         result, meta = generate_one(
-            engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image
+            engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image, comm=self.comm
         )
         return prep, result, meta
+
+
+def _stop_code(cancel: CancelToken, stopped: bool) -> int:
+    """Why this process would stop before the next job (0: it would not)."""
+    return cancel.reason[1] if cancel.reason else int(stopped)
 
 
 class _JobProblem(Exception):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..base.plan import StagePlan
     from ..engine.memory import MemoryChoice, MemoryPlanner
 
+LATENT_PX = 8  # image px per latent row
 DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
 DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
 BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
@@ -66,17 +67,18 @@ def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> 
     return prep.planner
 
 
-def plan_warnings(prep: Prepared, device: torch.device, dtype: torch.dtype) -> list[str]:
+def plan_warnings(prep: Prepared, device: torch.device, dtype: torch.dtype, world: int = 1) -> list[str]:
     """What a user should hear before the job starts: settings that work badly on this device, and the first
     stage that fits no memory settings."""
     from ..engine.memory import device_warnings
 
-    return device_warnings(device, dtype) + _over_budget(prep, memory_planner(prep, device, dtype))
+    return device_warnings(device, dtype) + _over_budget(prep, memory_planner(prep, device, dtype), world)
 
 
-def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world: int = 1) -> dict[str, Any]:
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
-    dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline)."""
+    dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline).
+    With `world` > 1 processes splitting the image, each stage's bands, and memory planned for the tallest."""
     from ..engine import memory
     from ..models.devices import vae_dtype as vae_dtype_for
 
@@ -84,10 +86,14 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> di
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     planner = memory_planner(prep, device, dtype)
     vae_dtype = vae_dtype_for(arch.vae, dtype, family)
-    warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family) + _over_budget(prep, planner)
+    over = _over_budget(prep, planner, world)
+    warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family) + over
     stages: list[dict[str, Any]] = []
+    multiple = _multiple(family)
     for stage in prep.plan.stages:
-        choice = planner.choose(stage.width, stage.height)
+        bands = _bands(stage.height // LATENT_PX, world, multiple)
+        rows = max(bands) * LATENT_PX if bands else stage.height
+        choice = planner.choose(stage.width, rows)
         tile = job.vae_tile or memory.auto_vae_tile(
             arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
         )
@@ -104,6 +110,7 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> di
                 "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
                 "fits": choice.fits,
                 "vae": "untiled" if tile is None else f"tiles of {tile} px",
+                **_per_rank(stage.width, rows, bands, world),
             }
         )
     budget = planner.budget
@@ -124,6 +131,7 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> di
         "dtype": dtype_flag(dtype),
         "dtypes": {"unet": dtype_flag(dtype), "vae": dtype_flag(vae_dtype), "text_encoder": dtype_flag(dtype)},
         "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
+        "world_size": world,
         "fits": all(s["fits"] for s in stages),
         "stages": stages,
         **{kind.name: kind.plan_entries(job) for kind in ADAPTER_KINDS},
@@ -134,10 +142,42 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype) -> di
     }
 
 
-def _over_budget(prep: Prepared, planner: MemoryPlanner) -> list[str]:
-    """The first stage that even the most frugal settings do not fit, what it needs and what would fit."""
+def _multiple(family: Family | None) -> int:
+    """The UNet's total downsampling: split stages' band edges sit on multiples of it."""
+    from ..engine.parallel import downsampling
+
+    return downsampling(list(ARCHS[family.arch if family else DEFAULT_ARCH].unet["block_out_channels"]))
+
+
+def _bands(latent_rows: int, world: int, multiple: int) -> list[int] | None:
+    """Latent rows per process of a split stage; None for one process, or a stage that runs whole on each."""
+    from ..base.errors import UsageError
+    from ..engine.parallel import Bands
+
+    if world == 1:
+        return None
+    try:
+        return Bands.split(latent_rows, world, multiple).heights()
+    except UsageError:
+        return None
+
+
+def _per_rank(width: int, rows: int, bands: list[int] | None, world: int) -> dict[str, Any]:
+    if world == 1:
+        return {}
+    if bands is None:
+        return {"per_rank": f"{width}x{rows} whole", "bands_px": None}  # too small to split: every process
+    return {"per_rank": f"{width}x{rows}", "bands_px": [b * LATENT_PX for b in bands]}
+
+
+def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list[str]:
+    """The first stage that even the most frugal settings do not fit (on one process of `world`), what it needs
+    and what would fit."""
+    family = prep.family
+    multiple = _multiple(family)
     for stage in prep.plan.stages:
-        choice = planner.choose(stage.width, stage.height)
+        bands = _bands(stage.height // LATENT_PX, world, multiple)
+        choice = planner.choose(stage.width, max(bands) * LATENT_PX if bands else stage.height)
         if not choice.fits:
             return [_over_budget_text(prep, stage, planner, choice)]
     return []

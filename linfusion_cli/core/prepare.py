@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..engine.memory import MemoryPlanner
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
+DEFAULT_TIMEOUT_S = 600.0  # a 16K UNet pass takes seconds: a process silent for ten minutes is gone
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
 WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
@@ -46,6 +47,8 @@ class RunOptions:
     save_stages: bool = False
     allow_pickle: bool = False
     max_input_pixels: int = 1_000_000_000
+    split: bool = False  # one image split across the launcher's processes (RANK/WORLD_SIZE), not one each
+    timeout_s: float = DEFAULT_TIMEOUT_S  # how long a process of a split image waits for the others
 
     def __post_init__(self) -> None:
         if self.dtype != AUTO and self.dtype not in PRECISIONS:

@@ -25,6 +25,7 @@ from ..base.precision import dtype_flag
 from ..base.settings import Job
 from ..base.text import plural
 from ..engine.memory import MemoryPlanner, device_budget
+from ..engine.parallel import Comm
 from ..engine.pipeline import Engine
 from ..engine.stages import GenerateResult
 from ..io.hashing import model_hash
@@ -62,6 +63,18 @@ class EngineCache:
         if self.engine is not None:
             self.engine = None
             free_cached(self.device)
+
+
+def from_first(comm: Comm | None, value: int, kind: str = "agree") -> int:
+    """The first process's `value`, on every process of a group: what they must agree on (a seed drawn at
+    random, whether a batch job is theirs to make)."""
+    if comm is None or comm.world == 1:
+        return value
+    return int(comm.all_gather(torch.tensor([value], dtype=torch.int64, device=comm.device), kind)[0].item())
+
+
+def shared_seed(comm: Comm | None, seed: int) -> int:
+    return from_first(comm, seed, "seed")
 
 
 def versions() -> dict[str, str]:
@@ -106,6 +119,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult) -> di
         "versions": versions(),
         "warnings": list(prep.notes) + list(result.warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"parallel": result.parallel} if result.parallel else {}),
     }
 
 
@@ -164,6 +178,7 @@ def generate_one(
     events: EventSink = ignore,
     cancel: CancelToken | None = None,
     init_image: np.ndarray | None = None,
+    comm: Comm | None = None,
 ) -> tuple[GenerateResult, dict[str, Any]]:
     """Generate one prepared job (nothing written yet): the result and its metadata."""
     result = engine.generate(
@@ -175,6 +190,7 @@ def generate_one(
         cancel=cancel,
         init_image=init_image,
         keep_stages=options.save_stages,
+        comm=comm,
     )
     return result, build_metadata(prep, engine, result)
 
@@ -197,35 +213,46 @@ def generate(
     dry_run: bool = False,
     init_image: np.ndarray | None = None,
     engines: EngineCache | None = None,
+    comm: Comm | None = None,
 ) -> Generated:
-    """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save."""
-    seed = pick_seed(job)
+    """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save.
+
+    With `comm` (a group of processes all running this same call) the image is split between them: they agree
+    on the seed, plan per band, and the first process alone writes the files (the others' reports carry no
+    path)."""
+    seed = shared_seed(comm, pick_seed(job))
     input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
     prep = plan_for(job, options, seed=seed, input_size=input_size, random_seed=job.seed is None)
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
     device, dtype = engines.device, engines.dtype
+    world = comm.world if comm is not None else 1
     if dry_run:
-        return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype)})
+        return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype, world)})
     check_offline(job, prep.family)
-    warnings = plan_warnings(prep, device, dtype)
+    warnings = plan_warnings(prep, device, dtype, world)
     for note in prep.notes:
         events(Note("warning" if any(word in note for word in WARNING_WORDS) else "info", note))
     for warning in warnings:
         events(Note("warning", warning))
     prep.notes.extend(warnings)
     prepare_folder(options.out)
-    clean_stale_temps(options.out)
+    writer = comm is None or comm.rank == 0
+    if writer:
+        clean_stale_temps(options.out)
     ensure_writable_target(prep, options.overwrite)
     events(
         Note(
             "info",
             f"seed {seed}; {plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
-            f" on {device} ({str(dtype).replace('torch.', '')})",
+            f" on {device} ({str(dtype).replace('torch.', '')})"
+            + (f", split over {plural(world, 'process', 'processes')}" if world > 1 else ""),
         )
     )
     engine = engines.engine_for(job, events)
     prep = replan_for(engine.comps.native_size, prep, options)
-    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image)
+    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image, comm=comm)
+    if result.image is None:  # another process of a split image: the first one writes
+        return Generated({"parallel": meta.get("parallel"), "seed": prep.seed})
     events(Working(f"writing {prep.paths.image}"))
     sidecar = save_outputs(prep, result.image, meta, result.stage_images)
     report = {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}

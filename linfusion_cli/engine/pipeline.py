@@ -27,7 +27,9 @@ from ..models.devices import place_text_encoders
 from ..models.loading import Components, load_components
 from ..models.tensors import to_device_image
 from . import memory
+from .parallel import Comm
 from .refine import REFINE_METHODS
+from .splitting import ImageSplit
 from .stages import GenerateResult, JobRun, check_image, run_stage
 from .text import Conditioning, encode_prompt
 
@@ -226,9 +228,12 @@ class Engine:
         cancel: CancelToken | None = None,
         init_image: np.ndarray | None = None,
         keep_stages: bool = False,
+        comm: Comm | None = None,
     ) -> GenerateResult:
         """Run every stage of `plan` for one job and return the final image as uint8. `planner` is the job's
-        memory planner (the engine's own when not given)."""
+        memory planner (the engine's own when not given). With `comm` (a group of processes that all run this
+        same call), the image is split between them (splitting.py): the first process gets the image, the
+        others None."""
         start = time.perf_counter()
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
@@ -247,6 +252,7 @@ class Engine:
             cancel or CancelToken(),
             base_width,
             REFINE_METHODS.get(plan.refine).start_job(job),
+            ImageSplit(comm, self.comps.unet.config),
         )
         image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
         records = []
@@ -258,9 +264,9 @@ class Engine:
             records.append(record)
             if out is not None:
                 final = out
-            elif keep_stages and image is not None:
+            elif keep_stages and image is not None and run.split.writes:
                 stage_images.append((stage, _to_uint8_array(image)))
-        if final is None:  # the last stage always decodes to uint8; an empty plan is a planner bug
+        if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
             raise RuntimeError("the plan has no stages")
         if run.fp32_retries:
             events(
@@ -270,8 +276,10 @@ class Engine:
                     "those tiles were redone in fp32",
                 )
             )
-        check_image(final)
-        return GenerateResult(final, records, time.perf_counter() - start, stage_images, run.cond.warnings)
+        if final is not None:
+            check_image(final)
+        seconds = time.perf_counter() - start
+        return GenerateResult(final, records, seconds, stage_images, run.cond.warnings, run.split.report())
 
     def _conditioning(self, job: Job, events: EventSink) -> Conditioning:
         """Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory while

@@ -21,10 +21,11 @@ from ..models.adapter_kind import UNetExtra
 from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
-from .memory import Meter
+from .memory import Meter, vae_budget
 from .refine import JobRefiner, StageGuide
 from .sampling import StageInputs, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
+from .splitting import ImageSplit
 from .text import Conditioning
 from .vae import LATENT_SCALE, TiledVAE
 
@@ -61,11 +62,12 @@ class StageRecord:
 
 @dataclass
 class GenerateResult:
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray | None  # (H, W, 3) uint8; None on every process of a split image but the first
     stages: list[StageRecord]
     seconds: float
     stage_images: list[tuple[StagePlan, np.ndarray]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    parallel: dict[str, Any] | None = None  # a split image's processes, bands and messages (splitting.py)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class JobRun:
     cancel: CancelToken
     base_width: int  # px of the base stage, or of the input image when upscaling: refine ratios count from it
     refiner: JobRefiner  # the refine method's state for this job
+    split: ImageSplit  # this process's part of the image (the whole image without a group)
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
 
 
@@ -89,8 +92,17 @@ def run_stage(
     run: JobRun, stage: StagePlan, image: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, np.ndarray | None, StageRecord]:
     """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
-    with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage."""
-    ladder, level, retried = run.planner.ladder, run.planner.choose(stage.width, stage.height).level, None
+    with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage.
+
+    A split image plans each process for its band, all processes take the most frugal settings any of them
+    needs (they must run the same exchanges), and an out-of-memory error is not retried: it ends the job (the
+    other processes stop when this one does)."""
+    split = run.split
+    split.begin_stage(stage.height // LATENT_SCALE)
+    split.check_cancel(run.cancel)
+    rows = split.band_pixels() if split.active else stage.height
+    ladder, retried = run.planner.ladder, None
+    level = split.agree_max(run.planner.choose(stage.width, rows).level)
     while True:
         settings = ladder[level]
         run.events(
@@ -111,7 +123,7 @@ def run_stage(
             break
         except torch.OutOfMemoryError as exc:
             free_cached(run.engine.device)
-            if retried is not None or level + 1 >= len(ladder):
+            if retried is not None or level + 1 >= len(ladder) or split.grouped:
                 raise OutOfMemoryError(
                     f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory even with the "
                     f"most frugal settings ({settings.describe()}); try --low-vram, a smaller --size, or "
@@ -120,16 +132,18 @@ def run_stage(
             level += 1
             retried = f"out of memory with {settings.describe()}; retried with {ladder[level].describe()}"
             run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
-    usage = meter.usage
-    run.events(StageFinished(stage.index, usage.seconds, usage.as_dict()))
+    usage = meter.usage.as_dict()
+    if split.grouped:  # every process's peak, in rank order
+        usage["peak_vram_allocated_gib_per_rank"] = split.gather_peaks(usage["peak_vram_allocated_gib"])
+    run.events(StageFinished(stage.index, meter.usage.seconds, usage))
     record = StageRecord(
         stage.index,
         stage.kind,
         stage.size_text,
         stage.strength,
         stage.steps,
-        usage.seconds,
-        usage.as_dict(),
+        meter.usage.seconds,
+        usage,
         settings.as_dict(),
         retried,
     )
@@ -137,24 +151,36 @@ def run_stage(
 
 
 def _stage_extras(run: JobRun, stage: StagePlan, control: torch.Tensor | None) -> tuple[UNetExtra, ...]:
-    extras = (adapter.stage_extra(stage, control) for adapter in run.engine.adapters)
-    return tuple(extra for extra in extras if extra is not None)
+    """The adapters' additions to this stage's UNet calls; on a split image, each on this process's rows (an
+    extra that reads the image, a ControlNet's, has `band(rows)`)."""
+    extras = [adapter.stage_extra(stage, control) for adapter in run.engine.adapters]
+    rows = run.split.pixel_rows()
+    return tuple(
+        extra.band(rows) if run.split.active and hasattr(extra, "band") else extra for extra in extras if extra
+    )
 
 
 def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> TiledVAE:
     """This stage's tiled VAE: its tile size and memory budget, progress as TilesDone events."""
 
     def on_tile(kind: str, done: int, total: int) -> None:
-        run.cancel.check()
+        if not run.split.grouped:  # a split image stops only where every process is (check_cancel)
+            run.cancel.check()
         run.events(TilesDone(stage.index, kind, done, total))
 
-    return TiledVAE(
+    tiler = TiledVAE(
         run.engine.comps.vae,
         tile=settings.vae_tile or run.job.vae_tile,
         on_tile=on_tile,
         memory_budget=settings.vae_budget,
         fp32_vae=run.engine.fp32_vae,
+        share=run.split.vae_share(),
     )
+    if run.split.grouped:  # every process cuts the same tiles and batches: the smallest any of them can afford
+        tiles = [t for t in run.split.agree_all(tiler.tile_for(stage.height, stage.width) or 0) if t]
+        tiler.tile = min(tiles) if tiles else -(-max(stage.width, stage.height) // LATENT_SCALE) * LATENT_SCALE
+        tiler.memory_budget = run.split.agree_min(vae_budget(run.engine.device, tiler.memory_budget))
+    return tiler
 
 
 def _run_stage(
@@ -179,19 +205,23 @@ def _run_stage(
 
         def on_step(step: int, total: int) -> None:
             run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(engine.device)))
-            run.cancel.check()
+            run.split.check_cancel(run.cancel)
 
-        latents = denoise(
-            engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, generator, on_step, start.guide
-        )
+        with run.split.models(engine.comps.unet, *engine.adapter_modules()), run.split.noise(scheduler):
+            latents = denoise(
+                engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, generator, on_step, start.guide
+            )
+        latents = run.split.whole(latents)  # a split image's bands put together, on every process
         if not bool(torch.isfinite(latents).all()):
             raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
         latents = run.refiner.finished(latents)
 
-        # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last.
+        # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last (on a
+        #    split image, each process decodes its rows and the first one gets the whole image).
         latents = latents.to(engine.vae_dtype())
         if stage is run.plan.stages[-1]:
-            return None, tiler.decode_to_uint8(latents).numpy()
+            pixels = tiler.decode_to_uint8(latents)
+            return None, None if pixels is None else pixels.numpy()
         return tiler.decode(latents), None
     finally:
         run.fp32_retries += tiler.fp32_retries
@@ -212,9 +242,10 @@ def _starting_latents(
     refine method's guide for the stage)."""
     engine, device, seed = run.engine, run.engine.device, run.seed
     latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
+    band = run.split.band  # noise and latents are drawn whole: each process keeps its rows
     if stage.strength is None:
         timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
-        latents = initial_noise(latent_shape, seed, device) * scheduler.init_noise_sigma
+        latents = band(initial_noise(latent_shape, seed, device)) * scheduler.init_noise_sigma
         return _Start(latents, timesteps, _stage_extras(run, stage, None))
     if image is None:
         raise RuntimeError(f"refine stage {stage.index} has no image to start from")
@@ -225,8 +256,9 @@ def _starting_latents(
     run.refiner.encoded(encoded)
     timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=True)
     if stage.steps == 0:
-        return _Start(encoded, timesteps[:0], extras)
-    noise = initial_noise(latent_shape, seed + stage.index, device)
+        return _Start(band(encoded), timesteps[:0], extras)
+    noise = band(initial_noise(latent_shape, seed + stage.index, device))
+    encoded = band(encoded)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = run.refiner.guide(
         max(1, round(stage.width / run.base_width)),
@@ -235,6 +267,7 @@ def _starting_latents(
         int(scheduler.config.num_train_timesteps),
         # a global pass dilates ControlNets with the UNet: their residuals must match it
         torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
+        run.split.blur(),
     )
     return _Start(latents, timesteps, extras, guide)
 

@@ -65,6 +65,34 @@ class Window:
         return (slice(round(top * scale), round(bottom * scale)), slice(round(left * scale), round(right * scale)))
 
 
+@dataclass(frozen=True)
+class WindowShare:
+    """One process's part of a split image's tiles: a contiguous run of tile rows, so what it writes is one band
+    of output rows. The statistics pass is the whole image's on every process (so tiles never show seams);
+    `combine` sums a tensor over the processes in place (each wrote its own rows, zeros elsewhere); `gather`
+    puts uint8 row bands (this process's rows [start, end)) together on the first process (None elsewhere)."""
+
+    rank: int
+    world: int
+    combine: Callable[[torch.Tensor], torch.Tensor]
+    gather: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor | None]
+
+    def mine(self, windows: list[Window], rank: int | None = None) -> set[int]:
+        """Indices of the windows a process writes (this one's by default): its chunk of the grid's rows."""
+        rank = self.rank if rank is None else rank
+        rows = sorted({w.y0 for w in windows})
+        start, end = (round(r * len(rows) / self.world) for r in (rank, rank + 1))
+        owned = set(rows[start:end])
+        return {i for i, w in enumerate(windows) if w.y0 in owned}
+
+    def rows(self, windows: list[Window], scale: int, rank: int) -> tuple[int, int]:
+        """The output rows [start, end) a process writes (scale: output px per window unit); empty if none."""
+        cores = [windows[i] for i in sorted(self.mine(windows, rank))]
+        if not cores:
+            return 0, 0
+        return (cores[0].y0 + cores[0].core[0]) * scale, (cores[-1].y0 + cores[-1].core[2]) * scale
+
+
 def _even_split(total: int, target: int, multiple: int) -> list[tuple[int, int]]:
     """Split [0, total) into ceil(total/target) near-equal parts whose boundaries are multiples of `multiple`."""
     count = max(1, math.ceil(total / target))
@@ -223,6 +251,8 @@ class TiledVAE:
     memory_budget: bytes the VAE may use when choosing automatic tiles and statistics batches.
     fp32_vae: returns an fp32 copy of the VAE for tiles that overflow in half precision (default: a deep copy
     made on first need); an engine that builds a tiler per stage passes one shared copy.
+    share: one process's part of a split image: only its tiles' outputs are written (elsewhere zeros; the
+    caller sums the processes' results), an untiled image only by process 0.
     `encode` takes images (B, 3, H, W) in [-1, 1] and returns scaled latents; `decode` is its inverse.
     """
 
@@ -234,8 +264,10 @@ class TiledVAE:
         on_tile: TileCallback | None = None,
         memory_budget: int | None = None,
         fp32_vae: Callable[[], Any] | None = None,
+        share: WindowShare | None = None,
     ) -> None:
         self.vae = vae
+        self.share = share
         self.tile = tile
         self.halo = DEFAULT_HALO_PX if overlap is None else overlap
         if self.halo < 0 or self.halo % LATENT_SCALE:
@@ -264,30 +296,42 @@ class TiledVAE:
         outs = []
         for z in latents:
             h, w = z.shape[-2] * LATENT_SCALE, z.shape[-1] * LATENT_SCALE
-            out = torch.empty((1, 3, h, w), device=z.device, dtype=self._dtype())
+            shared = self.share is not None and self.tile_for(h, w) is not None
+            out = (torch.zeros if shared else torch.empty)((1, 3, h, w), device=z.device, dtype=self._dtype())
 
             def write(ys: slice, xs: slice, pixels: torch.Tensor, _out: torch.Tensor = out) -> None:
                 _out[:, :, ys, xs] = pixels
 
             self._decode_one(z[None], write)
+            if shared and self.share is not None:
+                self.share.combine(out)  # each process decoded its rows: every process gets the whole image
             outs.append(out.clamp_(-1, 1) if clamp else out)
         return torch.cat(outs)
 
     @torch.no_grad()
-    def decode_to_uint8(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (1, 4, h, w) -> CPU uint8 image (H, W, 3), moved off the device tile by tile."""
+    def decode_to_uint8(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """Scaled latents (1, 4, h, w) -> CPU uint8 image (H, W, 3), moved off the device tile by tile. Shared
+        (a split image), each process decodes its rows and the first gets the whole image (None elsewhere)."""
         z = latents[:1]
         h, w = z.shape[-2] * LATENT_SCALE, z.shape[-1] * LATENT_SCALE
+        tile = self.tile_for(h, w)
+        share = self.share if tile is not None else None
+        bands = [(0, h)]
+        if share is not None:
+            windows = self._windows(h, w, tile or 0, grid=LATENT_SCALE)
+            bands = [share.rows(windows, LATENT_SCALE, rank) for rank in range(share.world)]
+        start, end = bands[share.rank if share is not None else 0]
         pin = z.device.type == "cuda"
-        out = torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=pin)
+        out = torch.empty((end - start, w, 3), dtype=torch.uint8, pin_memory=pin)
 
         def write(ys: slice, xs: slice, pixels: torch.Tensor) -> None:
-            out[ys, xs] = to_uint8(pixels)[0].permute(1, 2, 0).to("cpu", non_blocking=pin)
+            rows = slice(ys.start - start if ys.start is not None else None, ys.stop - start if ys.stop else None)
+            out[rows, xs] = to_uint8(pixels)[0].permute(1, 2, 0).to("cpu", non_blocking=pin)
 
         self._decode_one(z, write)
         if pin:
             torch.cuda.synchronize(z.device)
-        return out
+        return out if share is None else share.gather(out, bands)
 
     # geometry -----------------------------------------------------------------------------------------------
     def tile_for(self, height: int, width: int) -> int | None:
@@ -356,7 +400,8 @@ class TiledVAE:
             self._progress("encode", 1, 1)
         else:
             windows = self._windows(height, width, tile, grid=1)
-            mean = self._tiled(image, windows, grid=1, run=run, out_grid=LATENT_SCALE, kind="encode")
+            channels = int(self.vae.config.get("latent_channels", 4))
+            mean = self._tiled(image, windows, grid=1, run=run, out_grid=LATENT_SCALE, kind="encode", channels=channels)
         mean = mean.float()
         if shift is not None:
             mean = mean - shift
@@ -404,11 +449,19 @@ class TiledVAE:
         out_grid: float,
         kind: str,
         write: Callable[[slice, slice, torch.Tensor], None] | None = None,
+        channels: int = 0,
     ) -> torch.Tensor:
         """Statistics pass over a sample of windows, then every window with those statistics."""
         result: list[torch.Tensor] = []
+        mine = set(range(len(windows))) if self.share is None else self.share.mine(windows)
+        index = {id(w): i for i, w in enumerate(windows)}
+        if self.share is not None and write is None:  # shared: the others' rows stay 0 until combined
+            shape = (1, channels, round(x.shape[-2] / out_grid), round(x.shape[-1] / out_grid))
+            result.append(torch.zeros(shape, device=x.device, dtype=x.dtype))
 
         def emit(w: Window, tile_out: torch.Tensor) -> None:
+            if index[id(w)] not in mine:
+                return
             cy, cx = w.core_slices(1 / out_grid)
             piece = tile_out[:, :, cy, cx]
             oy = slice(round((w.y0 + w.core[0]) / out_grid), round((w.y0 + w.core[2]) / out_grid))
@@ -434,8 +487,11 @@ class TiledVAE:
             control.next_round("apply")
             with control.installed(self.vae):
                 for i, w in enumerate(windows):
-                    emit(w, self._apply_guarded(control, run, crop(w), kind))
+                    if i in mine:
+                        emit(w, self._apply_guarded(control, run, crop(w), kind))
                     self._progress(kind, i + 1, len(windows))
+        if self.share is not None and write is None:
+            self.share.combine(result[0])  # every process's rows, on every process
         return result[0] if result else x.new_empty(0)
 
     def _statistics(

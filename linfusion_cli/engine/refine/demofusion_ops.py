@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .method import Denoiser, JobRefiner
+from .method import Blur, Denoiser, JobRefiner
 
 if TYPE_CHECKING:
     from ...base.settings import Job
@@ -140,8 +140,10 @@ class DemoFusionGuide:
         noise: torch.Tensor,
         train_steps: int,
         model: nn.Module,
+        blur: Blur | None = None,
     ) -> None:
         self.params = params
+        self.blur: Blur = blur or blur_matched
         self.ratio = max(1, ratio)
         self.encoded = encoded
         self.noise = noise
@@ -175,7 +177,7 @@ class GlobalBranch:
         c2 = params.c2(factor)
         if c2 == 0.0:
             return local
-        blurred = blur_matched(latents, guide.ratio, params.gaussian_sigma * params.c3(factor))
+        blurred = guide.blur(latents, guide.ratio, params.gaussian_sigma * params.c3(factor))
         with dilated(guide.model, guide.ratio):
             global_: torch.Tensor = self.inner(blurred, t)
         return local * (1 - c2) + global_ * c2
@@ -193,9 +195,15 @@ class DemoFusionRefiner(JobRefiner):
             self.anchor = latent_stats(latents)
 
     def guide(
-        self, ratio: int, encoded: torch.Tensor, noise: torch.Tensor, train_steps: int, models: nn.Module
+        self,
+        ratio: int,
+        encoded: torch.Tensor,
+        noise: torch.Tensor,
+        train_steps: int,
+        models: nn.Module,
+        blur: Blur | None = None,
     ) -> DemoFusionGuide:
-        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models)
+        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models, blur)
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:
         # The official pipeline keeps every scale's latents at the base image's per-channel statistics.

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
     from ...base.settings import Job
 
-Denoiser = Any  # Callable[[latents, t], prediction]: see engine/denoisers.py
+Denoiser = Any  # Callable[[latents, t], prediction]: see engine/sampling.py
+Blur = Any  # Callable[[latents, ratio, sigma], blurred latents with the whole image's statistics]
 
 
 class StageGuide(Protocol):
@@ -37,10 +38,17 @@ class JobRefiner:
         """A refine stage encoded its upscaled image (before noise)."""
 
     def guide(
-        self, ratio: int, encoded: torch.Tensor, noise: torch.Tensor, train_steps: int, models: nn.Module
+        self,
+        ratio: int,
+        encoded: torch.Tensor,
+        noise: torch.Tensor,
+        train_steps: int,
+        models: nn.Module,
+        blur: Blur | None = None,
     ) -> StageGuide | None:
         """This refine stage's guide; `ratio` is its size over the base (or input) size, `models` what runs
-        in a UNet pass (the UNet and the models adapters run beside it)."""
+        in a UNet pass (the UNet and the models adapters run beside it), `blur` how to blur latents when they
+        are one band of a split image (None: the whole image's)."""
         return None
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ its residuals to every UNet call of the stage's steps in [start, end]."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -114,6 +114,10 @@ class ControlExtra:
     steps: int
     _step: int = -1
     _last_t: float | None = None
+
+    def band(self, rows: slice) -> ControlExtra:
+        """The same call for one band of a split image: the control image's rows `rows` (px)."""
+        return replace(self, cond=self.cond[:, :, rows])
 
     def active(self, t: torch.Tensor) -> bool:
         value = float(t)

@@ -1,0 +1,122 @@
+"""`linfusion bench parallel`: one UNet step (batch 2, as with guidance) on an image split over N processes,
+against one process with all their threads; time per step and what each process sent and received.
+
+The processes are started with torch's launcher (as `--gpus` does), each with `threads` torch threads; the
+one-process reference runs here with `nproc x threads` threads, so both use the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..engine.parallel import Bands, downsampling, joined, split_image, unet_comm_plan
+from ..linfusion.patching import apply_linfusion
+from ..models.loading import build_random
+from .units import environment
+
+TEXT_TOKENS = 77
+WARMUP = 1
+
+
+def _unet_inputs(comps: Any, width: int, height: int, device: torch.device) -> tuple[Any, ...]:
+    """Seeded latents (1, 4, h, w) for batch 2, a timestep, text states and SDXL's added conditioning."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, height // 8, width // 8, generator=generator).to(device)
+    width_text = int(comps.unet.config["cross_attention_dim"])
+    text = torch.randn(2, TEXT_TOKENS, width_text, generator=generator).to(device)
+    added = None
+    if comps.unet.config.get("addition_embed_type") == "text_time":
+        pooled = int(comps.text_encoders[-1].config.projection_dim)
+        added = {
+            "text_embeds": torch.randn(2, pooled, generator=generator).to(device),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32).to(device),
+        }
+    return latents, torch.tensor(500, device=device), text, added
+
+
+def _time_steps(unet: Any, inputs: tuple[Any, ...], repeats: int, device: torch.device) -> list[float]:
+    latents, t, text, added = inputs
+    times = []
+    with torch.no_grad():
+        for i in range(WARMUP + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            unet(latents.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype), added_cond_kwargs=added)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= WARMUP:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def split_step(arch: str, width: int, height: int, repeats: int, threads: int, dtype_name: str) -> dict[str, Any]:
+    """In a launched process: its band of one UNet step, timed, with what it sent (the launcher collects it)."""
+    torch.set_num_threads(threads)
+    with joined() as comm:
+        device = comm.device
+        dtype = getattr(torch, dtype_name)
+        comps = build_random(arch, device=device, dtype=dtype)
+        apply_linfusion(comps.unet, "random")
+        multiple = downsampling(list(comps.unet.config["block_out_channels"]))
+        comm.bands = Bands.split(height // 8, comm.world, multiple)
+        latents, t, text, added = _unet_inputs(comps, width, height, device)
+        band = comm.band(latents).contiguous()
+        with split_image(comm, comps.unet):
+            comm.barrier()
+            times = _time_steps(comps.unet, (band, t, text, added), repeats, device)
+        sent, received = sum(comm.stats.sent.values()), sum(comm.stats.received.values())
+        steps = WARMUP + repeats
+        return {
+            "rank": comm.rank,
+            "band_rows": comm.bands.heights()[comm.rank],
+            "seconds": round(statistics.median(times), 4),
+            "sent_bytes_per_step": sent // steps,
+            "received_bytes_per_step": received // steps,
+            "comm_seconds_per_step": round(comm.stats.seconds / steps, 4),
+            "calls_per_step": {k: v // steps for k, v in comm.stats.calls.items()},
+        }
+
+
+def bench_parallel(
+    arch: str, width: int, height: int, nproc: int, threads: int, repeats: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """One process with nproc x threads threads, then nproc launched processes; both on this machine."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # lazy: only this benchmark launches
+
+    torch.set_num_threads(nproc * threads)
+    comps = build_random(arch, device=device, dtype=dtype)
+    apply_linfusion(comps.unet, "random")
+    one = _time_steps(comps.unet, _unet_inputs(comps, width, height, device), repeats, device)
+    plan = unet_comm_plan(comps.unet.config, height // 8, width // 8, nproc, batch=2, dtype_bytes=dtype.itemsize)
+    del comps
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"linfusion-bench-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+    )
+    dtype_name = str(dtype).removeprefix("torch.")
+    ranks = elastic_launch(config, split_step)(arch, width, height, repeats, threads, dtype_name)
+    per_rank = [ranks[r] for r in sorted(ranks)]
+    split_seconds = max(r["seconds"] for r in per_rank)
+    return {
+        "bench": "parallel",
+        "arch": arch,
+        "size": f"{width}x{height}",
+        "nproc": nproc,
+        "threads_per_process": threads,
+        **environment(device, dtype),
+        "one_process": {"threads": nproc * threads, "seconds": round(statistics.median(one), 4)},
+        "split": {"seconds": split_seconds, "ranks": per_rank},
+        "speedup": round(statistics.median(one) / split_seconds, 3),
+        "planned": plan.as_dict(),  # the communication model of parallel/plan.py, for the same split
+    }

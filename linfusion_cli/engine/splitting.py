@@ -1,0 +1,233 @@
+"""One job's image split across the processes of a group (parallel/): what each stage does differently when it
+runs on a band of the image rather than the whole.
+
+- The UNet (and ControlNets beside it) run on this process's band of the latents; their convolutions,
+  GroupNorms and LinFusion attention exchange what they need (parallel.split_image), so the result is the
+  one-process result to fp32 reduction-order error.
+- Noise is drawn whole from the seed on every process, which keeps its band: a seed gives the same image.
+- Between stages the latents are put back together on every process (a few MB), and the VAE's statistics pass
+  runs on the whole image everywhere, while each process decodes or encodes its own rows of tiles, summed into
+  the whole image (intermediate stages) or gathered as uint8 on the first process (the last stage).
+- Everything every process must agree on (memory settings, VAE tiles, a request to stop) is agreed over the
+  group before it is used, so the processes always run the same sequence of exchanges.
+- A stage too small to split (a base image of 64 latent rows over 8 processes) or whose height is not a
+  multiple of the UNet's downsampling runs whole on every process: the same work, the same result; its cost is
+  small next to the stages that are split.
+
+With no group (or a group of one) every method is the identity: the one-process path is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base.errors import Interrupted, UsageError
+from ..base.events import CancelToken
+from .parallel import Bands, Comm, band_blur_matched, downsampling, split_image
+from .parallel.comm import GATHER_ROOT
+from .refine.demofusion_ops import gaussian_kernel
+from .vae import LATENT_SCALE, WindowShare
+
+INTERRUPTS = {130: "SIGINT", 143: "SIGTERM"}
+
+
+class ImageSplit:
+    """This process's part of one job's split image (see the module docstring)."""
+
+    def __init__(self, comm: Comm | None, unet_config: Any) -> None:
+        self.group = comm if comm is not None and comm.world > 1 else None  # the job's processes
+        self.comm: Comm | None = None  # the group while this stage is split; None while it runs whole
+        self.multiple = downsampling(list(unet_config["block_out_channels"]))
+        self.whole_stages: list[int] = []  # latent heights of the stages that ran whole on every process
+
+    @property
+    def active(self) -> bool:
+        """Whether this stage runs split (on bands)."""
+        return self.comm is not None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the job runs over a group of processes (whatever this stage does)."""
+        return self.group is not None
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank if self.group is not None else 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the job's files (the first one)."""
+        return self.rank == GATHER_ROOT
+
+    def begin_stage(self, latent_height: int) -> None:
+        """This stage's bands: its latent rows split evenly on multiples of the UNet's downsampling, or none
+        (the stage runs whole on every process) where that cannot be done."""
+        self.comm = None
+        if self.group is None:
+            return
+        try:
+            self.group.bands = Bands.split(latent_height, self.group.world, self.multiple)
+        except UsageError:
+            self.whole_stages.append(latent_height)
+            return
+        self.comm = self.group
+
+    def band_pixels(self) -> int:
+        """The most image rows any process's band holds in this stage (what its memory is planned for)."""
+        if self.comm is None or self.comm.bands is None:
+            raise RuntimeError("band_pixels before begin_stage")
+        return max(self.comm.bands.heights()) * LATENT_SCALE
+
+    def band(self, whole: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a whole-image tensor at any scale (noise, latents, a control image)."""
+        return whole if self.comm is None else self.comm.band(whole).contiguous()
+
+    def pixel_rows(self) -> slice:
+        """This process's rows of the stage's image, in px."""
+        if self.comm is None:
+            return slice(None)
+        start, end = self.comm.geometry().rows(self.comm.rank)
+        return slice(start * LATENT_SCALE, end * LATENT_SCALE)
+
+    def whole(self, band: torch.Tensor) -> torch.Tensor:
+        """The whole latents, on every process, from each process's band (unequal heights allowed)."""
+        if self.comm is None:
+            return band
+        heights = self.comm.geometry().heights()
+        padded = band.new_zeros((*band.shape[:-2], max(heights), band.shape[-1]))
+        padded[..., : band.shape[-2], :] = band
+        parts = self.comm.all_gather(padded, "latents")
+        return torch.cat([part[..., :h, :] for part, h in zip(parts, heights, strict=True)], dim=-2)
+
+    @contextlib.contextmanager
+    def models(self, *models: nn.Module) -> Iterator[None]:
+        """The UNet (and what runs beside it) on this process's band, for the block."""
+        if self.comm is None:
+            yield
+            return
+        with split_image(self.comm, *models):
+            yield
+
+    @contextlib.contextmanager
+    def noise(self, scheduler: Any) -> Iterator[None]:
+        """A sampler that draws noise at each step (Euler a) draws it for the whole image, each process keeping
+        its rows: the same draws as one process, so the same image."""
+        module = sys.modules.get(type(scheduler).__module__)
+        draw = getattr(module, "randn_tensor", None)
+        comm = self.comm
+        if comm is None or module is None or draw is None:
+            yield
+            return
+        whole_rows = comm.geometry().height
+
+        def banded(shape: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            """Noise shaped like this process's latents (1, C, band rows, W): drawn whole, this band kept."""
+            whole = draw((*shape[:-2], whole_rows, shape[-1]), *args, **kwargs)
+            return comm.band(whole).contiguous()
+
+        setattr(module, "randn_tensor", banded)  # noqa: B010 (the scheduler's module global, for this stage)
+        try:
+            yield
+        finally:
+            setattr(module, "randn_tensor", draw)  # noqa: B010
+
+    def blur(self) -> Callable[[torch.Tensor, int, float], torch.Tensor] | None:
+        """demofusion's Gaussian blur of the latents on a band (None: the whole-image one)."""
+        comm = self.comm
+        if comm is None:
+            return None
+
+        def blur(latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tensor:
+            return band_blur_matched(comm, latents, gaussian_kernel(2 * ratio - 1, sigma))
+
+        return blur
+
+    def vae_share(self) -> WindowShare | None:
+        comm = self.group
+        if comm is None:
+            return None
+
+        def combine(tensor: torch.Tensor) -> torch.Tensor:
+            return comm.all_reduce_(tensor, "vae")  # disjoint rows, zeros elsewhere: the sum is exact
+
+        def gather(band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
+            return _gather_rows(comm, band, rows)
+
+        return WindowShare(comm.rank, comm.world, combine, gather)
+
+    def agree_max(self, value: int) -> int:
+        """The largest of every process's `value` (memory settings: the most frugal any process needs)."""
+        return self._agree(value, max)
+
+    def agree_min(self, value: int) -> int:
+        return self._agree(value, min)
+
+    def _agree(self, value: int, pick: Callable[[list[int]], int]) -> int:
+        return pick(self.agree_all(value))
+
+    def check_cancel(self, cancel: CancelToken) -> None:
+        """Stop at a safe point: with a group, all processes stop at the same one when any was asked to."""
+        if self.group is None:
+            cancel.check()
+            return
+        code = self.agree_max(cancel.reason[1] if cancel.reason else 0)
+        if code:
+            raise Interrupted(INTERRUPTS.get(code, "a signal"), code)
+
+    def gather_peaks(self, peak: float | None) -> list[float | None]:
+        """Every process's peak device memory (GiB), for the report."""
+        if self.group is None:
+            return [peak]
+        mib = self.agree_all(round((peak or 0.0) * 1024))
+        return [m / 1024 if peak is not None else None for m in mib]
+
+    def agree_all(self, value: int) -> list[int]:
+        """Every process's `value`, in rank order."""
+        group = self.group
+        if group is None:
+            return [value]
+        parts = group.all_gather(torch.tensor([value], dtype=torch.int64, device=group.device), "agree")
+        return [int(p.item()) for p in parts]
+
+    def report(self) -> dict[str, Any] | None:
+        """The report's `parallel` section (None for one process): the last stage's bands (latent rows per
+        process), and what this process sent and received over the whole job."""
+        group = self.group
+        if group is None:
+            return None
+        stats = group.stats
+        return {
+            "world_size": group.world,
+            "backend": group.backend,
+            "bands": group.bands.heights() if group.bands and self.comm else None,
+            "stages_run_whole": len(self.whole_stages),
+            "comm_bytes": {"sent": sum(stats.sent.values()), "received": sum(stats.received.values())},
+            "comm_seconds": round(stats.seconds, 3),
+        }
+
+
+def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
+    """uint8 row bands (H_r, W, 3) on the CPU -> the whole image on the first process (None elsewhere)."""
+    band = band.to(comm.device)
+    if comm.rank != GATHER_ROOT:
+        if band.shape[0]:
+            comm.exchange({GATHER_ROOT: band}, {}, "gather")
+        return None
+    height = max(end for _, end in rows)
+    whole = torch.empty((height, *band.shape[1:]), dtype=band.dtype, device=band.device)
+    buffers = {
+        peer: torch.empty((end - start, *band.shape[1:]), dtype=band.dtype, device=band.device)
+        for peer, (start, end) in enumerate(rows)
+        if peer != GATHER_ROOT and end > start
+    }
+    comm.exchange({}, buffers, "gather")
+    for peer, (start, end) in enumerate(rows):
+        if end > start:
+            whole[start:end] = band if peer == GATHER_ROOT else buffers[peer]
+    return whole.cpu()

@@ -1,0 +1,127 @@
+"""One image split over several processes (gloo on the CPU, as torchrun starts them): the same image as one
+process, the same latents after every stage to fp32 reduction-order error, a killed process ending them all,
+and the plan per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from processes import Processes, read_line
+
+WORKER = str(Path(__file__).with_name("split_worker.py"))
+LAUNCH = ["-m", "torch.distributed.run", "--standalone"]
+LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: reduction-order error of fp32
+
+CASES = {
+    # 2 processes: ControlNet (its own attention and convs split too), LoRA, Euler a (noise drawn each step), the
+    # VAE tiled with several tiles per process
+    "tiny-controlnet-lora-euler-a": (
+        2,
+        {"model": "tiny", "size": 256, "steps": 6, "seed": 5, "controlnet": ["tiny"], "control_image": ["previous"]}
+        | {"lora": ["tiny:0.7"], "scheduler": "euler-a", "vae_tile": 64},
+    ),
+    # 3 processes, unequal bands (16, 16 then 12, 24, 12 latent rows): SDXL-shaped, demofusion's dilated global
+    # branch (its blur too), the base stage run whole on each (16 latent rows make fewer than 3 bands of 4)
+    "tiny-sdxl-demofusion": (3, {"model": "tiny-sdxl", "size": 384, "steps": 5, "seed": 3, "refine": "demofusion"}),
+}
+
+
+def _split(processes: Processes, out: Path, settings: dict[str, Any], nproc: int) -> None:
+    """The job in `nproc` processes started by torchrun (tests/split_worker.py)."""
+    args = [WORKER, str(out), json.dumps({"prompt": "a house", "name": "x", **settings})]
+    done = processes.finish(processes.start_python(*LAUNCH, "--nproc-per-node", str(nproc), *args), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _one_process(out: Path, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same job in this process, its latents recorded after each stage as the worker records them."""
+    from linfusion_cli.core.api import Generator
+    from linfusion_cli.engine.splitting import ImageSplit
+
+    stages: list[torch.Tensor] = []
+    whole = ImageSplit.whole
+    monkeypatch.setattr(ImageSplit, "whole", lambda self, band: stages.append(whole(self, band)) or stages[-1])
+    with Generator(out=out, split=True, name="x", **settings) as gen:
+        gen.generate("a house")
+    torch.save(stages, out / "latents-0.pt")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_image_equals_the_one_process_image(
+    processes: Processes, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nproc, settings = CASES[case]
+    _one_process(tmp_path / "one", settings, monkeypatch)
+    _split(processes, tmp_path / "split", settings, nproc)
+    with Image.open(tmp_path / "one" / "x.png") as a, Image.open(tmp_path / "split" / "x.png") as b:
+        one, split = np.asarray(a).astype(int), np.asarray(b).astype(int)
+    assert one.shape == split.shape and np.abs(one - split).max() <= 1  # within 1/255 per pixel
+    sidecars = [json.loads((tmp_path / d / "x.png.json").read_text()) for d in ("one", "split")]
+    assert sidecars[0]["key"] == sidecars[1]["key"] and "parallel" not in sidecars[0]
+    parallel = sidecars[1]["parallel"]
+    assert parallel["world_size"] == nproc and parallel["backend"] == "gloo" and len(parallel["bands"]) == nproc
+    assert parallel["comm_bytes"]["sent"] > 0
+    assert all(len(s["peak_vram_allocated_gib_per_rank"]) == nproc for s in sidecars[1]["stages"])
+    reference = torch.load(tmp_path / "one" / "latents-0.pt")
+    for rank in range(nproc):  # every process put the same whole latents together after each stage
+        latents = torch.load(tmp_path / "split" / f"latents-{rank}.pt")
+        assert len(latents) == len(reference)
+        for whole, mine in zip(reference, latents, strict=True):
+            assert (whole - mine).abs().max() <= LATENT_TOLERANCE * whole.abs().max()
+    assert not list((tmp_path / "split").glob("*.png.json"))[1:]  # one writer: one image, one sidecar
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's child process with RANK=rank (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
+        if parent == str(launcher) and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_process_ends_the_others_and_no_file_is_written(processes: Processes, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["generate", "a fox", "--model", "tiny", "--size", "1024", "--steps", "20", "--seed", "1"]
+    proc = processes.start_python(
+        *LAUNCH, "--nproc-per-node", "2", "-m", "linfusion_cli", *args, "--out", str(out), "--timeout", "30",
+        stdout=subprocess.DEVNULL, env=processes.env(PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    while "stage 2/" not in (line := read_line(proc, 120, "stderr")):  # rank 0's progress: the second stage
+        assert line, "the run ended before its second stage"
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None, "no process with RANK=1 under the launcher"
+    os.kill(victim, signal.SIGKILL)
+    start = time.time()
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.time() - start < 60  # all stopped, within a bounded time
+    assert not list(out.glob("*.png")) and not list(out.glob(".*part*"))  # no image, no partial file
+
+
+def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
+    from linfusion_cli.cli.commands import app
+
+    args = ["plan", "--size", "16k", "--aspect", "2:1", "--low-vram", "--json"]  # the same settings for both
+    one = json.loads(runner.invoke(app, args).stdout)
+    eight = json.loads(runner.invoke(app, [*args, "--world-size", "8"]).stdout)
+    assert eight["world_size"] == 8 and eight["stages"][0]["bands_px"] is None  # the base stage runs whole
+    last = eight["stages"][-1]
+    assert last["bands_px"] == [1024] * 8 and last["per_rank"] == "16384x1024"
+    assert last["estimated_peak_gib"] < one["stages"][-1]["estimated_peak_gib"] / 3
