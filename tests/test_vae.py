@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import linfusion_cli.engine.vae as vae_mod
-from linfusion_cli.engine.vae import TiledVAE, tile_windows, to_uint8
+from linfusion_cli.engine.vae import TiledVAE, to_uint8
+from linfusion_cli.engine.vae_tiles import tile_windows
 from linfusion_cli.models.archs import ARCHS
 
 SD_WIDTHS = [128, 256, 512, 512]  # REFERENCE.md's harness: SD-shaped

@@ -30,7 +30,7 @@ from . import memory
 from .parallel import Comm
 from .refine import REFINE_METHODS
 from .splitting import ImageSplit
-from .stages import GenerateResult, JobRun, check_image, run_stage
+from .stages import GenerateResult, JobRun, check_image, run_stages
 from .text import Conditioning, encode_prompt
 
 if TYPE_CHECKING:
@@ -255,19 +255,7 @@ class Engine:
             ImageSplit(comm, self.comps.unet.config),
         )
         image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
-        records = []
-        stage_images = []
-        final: np.ndarray | None = None
-        for stage in plan.stages:
-            run.cancel.check()
-            image, out, record = run_stage(run, stage, image)
-            records.append(record)
-            if out is not None:
-                final = out
-            elif keep_stages and image is not None and run.split.writes:
-                stage_images.append((stage, _to_uint8_array(image)))
-        if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
-            raise RuntimeError("the plan has no stages")
+        final, records, stage_images = run_stages(run, image, keep_stages)
         if run.fp32_retries:
             events(
                 Note(
@@ -294,12 +282,6 @@ class Engine:
         for warning in cond.warnings:
             events(Note("warning", warning))
         return cond
-
-
-def _to_uint8_array(image: torch.Tensor) -> np.ndarray:
-    from .vae import to_uint8
-
-    return to_uint8(image)[0].permute(1, 2, 0).cpu().numpy()
 
 
 def _describe_line(adapter: Adapter) -> str:

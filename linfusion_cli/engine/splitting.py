@@ -32,7 +32,8 @@ from ..base.events import CancelToken
 from .parallel import Bands, Comm, band_blur_matched, downsampling, split_image
 from .parallel.comm import GATHER_ROOT
 from .refine.demofusion_ops import gaussian_kernel
-from .vae import LATENT_SCALE, WindowShare
+from .vae import LATENT_SCALE
+from .vae_tiles import WindowShare
 
 INTERRUPTS = {130: "SIGINT", 143: "SIGTERM"}
 

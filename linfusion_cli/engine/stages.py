@@ -27,7 +27,7 @@ from .sampling import StageInputs, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .splitting import ImageSplit
 from .text import Conditioning
-from .vae import LATENT_SCALE, TiledVAE
+from .vae import LATENT_SCALE, TiledVAE, to_uint8
 
 if TYPE_CHECKING:
     from .pipeline import Engine
@@ -86,6 +86,26 @@ class JobRun:
     refiner: JobRefiner  # the refine method's state for this job
     split: ImageSplit  # this process's part of the image (the whole image without a group)
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
+
+
+def run_stages(
+    run: JobRun, image: torch.Tensor | None, keep_stages: bool
+) -> tuple[np.ndarray | None, list[StageRecord], list[tuple[StagePlan, np.ndarray]]]:
+    """Every stage of the job's plan in turn: the final uint8 image (None on a split image's other processes),
+    each stage's record, and (keep_stages) each intermediate image as uint8."""
+    records: list[StageRecord] = []
+    stage_images: list[tuple[StagePlan, np.ndarray]] = []
+    final: np.ndarray | None = None
+    for stage in run.plan.stages:
+        image, out, record = run_stage(run, stage, image)
+        records.append(record)
+        if out is not None:
+            final = out
+        elif keep_stages and image is not None and run.split.writes:
+            stage_images.append((stage, to_uint8(image)[0].permute(1, 2, 0).cpu().numpy()))
+    if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
+        raise RuntimeError("the plan has no stages")
+    return final, records, stage_images
 
 
 def run_stage(

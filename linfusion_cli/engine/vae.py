@@ -27,19 +27,17 @@ output is not finite (SDXL's VAE overflows in fp16) is redone with an fp32 copy 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import itertools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .memory import auto_vae_tile, vae_windows_per_batch
+from .vae_stats import NormControl
+from .vae_tiles import Window, WindowShare, spread, tile_windows
 
 LATENT_SCALE = 8  # SD VAEs: 3 downsamples
 DEFAULT_HALO_PX = 64  # context around each tile core, image px (8 latent px)
@@ -50,194 +48,7 @@ MAX_WINDOWS_PER_BATCH = 64
 TileCallback = Callable[[str, int, int], None]  # (kind "encode"/"decode"/"stats", done, total)
 
 
-@dataclass(frozen=True)
-class Window:
-    """One tile: its window (what the network sees) and core (what it owns), in units of one grid (px)."""
-
-    y0: int
-    x0: int
-    height: int
-    width: int
-    core: tuple[int, int, int, int]  # (top, left, bottom, right) relative to the window
-
-    def core_slices(self, scale: float = 1.0) -> tuple[slice, slice]:
-        top, left, bottom, right = self.core
-        return (slice(round(top * scale), round(bottom * scale)), slice(round(left * scale), round(right * scale)))
-
-
-@dataclass(frozen=True)
-class WindowShare:
-    """One process's part of a split image's tiles: a contiguous run of tile rows, so what it writes is one band
-    of output rows. The statistics pass is the whole image's on every process (so tiles never show seams);
-    `combine` sums a tensor over the processes in place (each wrote its own rows, zeros elsewhere); `gather`
-    puts uint8 row bands (this process's rows [start, end)) together on the first process (None elsewhere)."""
-
-    rank: int
-    world: int
-    combine: Callable[[torch.Tensor], torch.Tensor]
-    gather: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor | None]
-
-    def mine(self, windows: list[Window], rank: int | None = None) -> set[int]:
-        """Indices of the windows a process writes (this one's by default): its chunk of the grid's rows."""
-        rank = self.rank if rank is None else rank
-        rows = sorted({w.y0 for w in windows})
-        start, end = (round(r * len(rows) / self.world) for r in (rank, rank + 1))
-        owned = set(rows[start:end])
-        return {i for i, w in enumerate(windows) if w.y0 in owned}
-
-    def rows(self, windows: list[Window], scale: int, rank: int) -> tuple[int, int]:
-        """The output rows [start, end) a process writes (scale: output px per window unit); empty if none."""
-        cores = [windows[i] for i in sorted(self.mine(windows, rank))]
-        if not cores:
-            return 0, 0
-        return (cores[0].y0 + cores[0].core[0]) * scale, (cores[-1].y0 + cores[-1].core[2]) * scale
-
-
-def _even_split(total: int, target: int, multiple: int) -> list[tuple[int, int]]:
-    """Split [0, total) into ceil(total/target) near-equal parts whose boundaries are multiples of `multiple`."""
-    count = max(1, math.ceil(total / target))
-    units = total // multiple
-    bounds = [round(i * units / count) * multiple for i in range(count)] + [total]
-    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def tile_windows(height: int, width: int, core: int, halo: int, multiple: int = 1) -> list[Window]:
-    """Same-size windows covering a (height, width) grid: cores partition it, halos give context."""
-    rows = _even_split(height, core, multiple)
-    cols = _even_split(width, core, multiple)
-    win_h = min(height, max(b - a for a, b in rows) + 2 * halo)
-    win_w = min(width, max(b - a for a, b in cols) + 2 * halo)
-    windows = []
-    for r0, r1 in rows:
-        y0 = _place(r0, r1, halo, win_h, height, multiple)
-        for c0, c1 in cols:
-            x0 = _place(c0, c1, halo, win_w, width, multiple)
-            windows.append(Window(y0, x0, win_h, win_w, (r0 - y0, c0 - x0, r1 - y0, c1 - x0)))
-    return windows
-
-
-def _place(core_start: int, core_end: int, halo: int, size: int, total: int, multiple: int) -> int:
-    """Window start: `halo` before the core, centred when there is room to spare, kept inside [0, total)."""
-    spare = size - (core_end - core_start)
-    start = core_start - min(halo, spare // 2) if spare < 2 * halo else core_start - spare // 2
-    start = (max(0, min(start, total - size)) // multiple) * multiple
-    return max(0, min(start, total - size))
-
-
-def _spread(count: int, take: int) -> list[int]:
-    """`take` indices spread evenly over range(count)."""
-    if take >= count:
-        return list(range(count))
-    return sorted({min(count - 1, int((i + 0.5) * count / take)) for i in range(take)})
-
-
 # --- GroupNorm with external statistics ----------------------------------------------------------------------
-
-
-@dataclass
-class _Stats:
-    count: float = 0.0
-    mean: torch.Tensor | None = None  # (G,) fp32
-    m2: torch.Tensor | None = None  # (G,) fp32, sum of squared deviations
-
-    def add(self, count: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Chan et al.'s parallel combination of (count, mean, M2)."""
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
-        self.count = total
-
-    def variance(self) -> torch.Tensor:
-        assert self.m2 is not None
-        return self.m2 / max(self.count, 1.0)
-
-
-@dataclass
-class _NormControl:
-    """Swaps every GroupNorm's forward for one that collects or applies whole-image statistics.
-
-    Modes: "stream" collects into `collected` and normalises with it (running statistics: a batch normalises
-    with everything seen so far, itself included); "refine" collects afresh but normalises with the previous
-    round's `stats` pooled with what it collected so far; "apply" only normalises with `stats`. Statistics are keyed by the
-    norm's qualified name, so an fp32 copy of the VAE shares them.
-    """
-
-    mode: str = "stream"
-    windows: list[Window] = field(default_factory=list)  # the batch now running (stream/refine)
-    window_hw: tuple[int, int] = (1, 1)  # the input grid size of one window
-    stats: dict[str, _Stats] = field(default_factory=dict)  # what "refine"/"apply" normalise with
-    collected: dict[str, _Stats] = field(default_factory=dict)
-
-    def forward(self, name: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "apply":
-            return self._normalize(norm, x, self.stats[name])
-        batch = self._collect(norm, x)
-        collected = self.collected.setdefault(name, _Stats())
-        collected.add(batch.count, batch.mean, batch.m2)  # type: ignore[arg-type]
-        if self.mode == "stream" or name not in self.stats:
-            return self._normalize(norm, x, collected)
-        prior = self.stats[name]
-        pooled = _Stats(prior.count, prior.mean, prior.m2)
-        pooled.add(collected.count, collected.mean, collected.m2)  # type: ignore[arg-type]
-        return self._normalize(norm, x, pooled)
-
-    def next_round(self, mode: str) -> None:
-        self.stats, self.collected, self.mode = self.collected, {}, mode
-
-    def finite(self) -> bool:
-        return all(
-            bool(torch.isfinite(s.m2).all() & torch.isfinite(s.mean).all())  # type: ignore[arg-type]
-            for s in (*self.stats.values(), *self.collected.values())
-        )
-
-    def _grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, N) inputs (attention's group_norm) back to (B, C, h, w) of this level."""
-        if x.ndim == 4:
-            return x
-        win_h, win_w = self.window_hw
-        scale = math.sqrt(x.shape[-1] / (win_h * win_w))
-        h, w = round(win_h * scale), round(win_w * scale)
-        if h * w != x.shape[-1]:
-            raise RuntimeError(f"cannot map {x.shape[-1]} tokens onto a {win_h}x{win_w} window")
-        return x.unflatten(-1, (h, w))
-
-    def _collect(self, norm: nn.GroupNorm, x: torch.Tensor) -> _Stats:
-        grid = self._grid(x)  # (B, C, h, w)
-        scale = grid.shape[-2] / self.window_hw[0]
-        pooled = _Stats()
-        for b, window in enumerate(self.windows):
-            ys, xs = window.core_slices(scale)
-            core = grid[b, :, ys, xs].reshape(norm.num_groups, -1).float()  # (G, n)
-            var, mean = torch.var_mean(core, dim=1, correction=0)
-            pooled.add(float(core.shape[1]), mean, var * core.shape[1])
-        return pooled
-
-    @staticmethod
-    def _normalize(norm: nn.GroupNorm, x: torch.Tensor, stats: _Stats) -> torch.Tensor:
-        assert stats.mean is not None
-        channels = x.shape[1]
-        per_group = channels // norm.num_groups
-        rstd = torch.rsqrt(stats.variance() + norm.eps).repeat_interleave(per_group)  # (C,) fp32
-        mean = stats.mean.repeat_interleave(per_group)
-        scale = rstd * norm.weight.float() if norm.weight is not None else rstd
-        shift = (norm.bias.float() if norm.bias is not None else 0.0) - mean * scale
-        shape = (1, channels) + (1,) * (x.ndim - 2)
-        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-
-    @contextlib.contextmanager
-    def installed(self, module: nn.Module) -> Iterator[None]:
-        norms = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)]
-        for name, norm in norms:
-            norm.forward = functools.partial(self.forward, name, norm)  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            for _, norm in norms:
-                del norm.forward
 
 
 # --- the tiled VAE -------------------------------------------------------------------------------------------
@@ -357,7 +168,7 @@ class TiledVAE:
         core_px = sum((w.core[2] - w.core[0]) * (w.core[3] - w.core[1]) for w in windows) * grid * grid
         want_px = max(SAMPLE_MIN_PIXELS, core_px * SAMPLE_FRACTION)
         take = min(len(windows), max(1, math.ceil(want_px / (core_px / len(windows)))))
-        chosen = [windows[i] for i in _spread(len(windows), take)]
+        chosen = [windows[i] for i in spread(len(windows), take)]
         fit = vae_windows_per_batch(self.vae.config, self._dtype(), self._device(), win_px, self.memory_budget)
         per_batch = max(1, min(MAX_WINDOWS_PER_BATCH, fit))
         count = math.ceil(len(chosen) / per_batch)
@@ -502,7 +313,7 @@ class TiledVAE:
         emit: Callable[[Window, torch.Tensor], None] | None,
         kind: str,
         total: int,
-    ) -> tuple[_NormControl, bool]:
+    ) -> tuple[NormControl, bool]:
         """The statistics pass; with `emit` (one batch of every window), also the output.
 
         Several batches take two rounds: running statistics first, then the same windows again normalised
@@ -517,7 +328,7 @@ class TiledVAE:
                     break
                 self.fp32_retries += 1
                 vae, emit = self._fp32_vae(), None
-            control = _NormControl(window_hw=(batches[0][0].height, batches[0][0].width))
+            control = NormControl(window_hw=(batches[0][0].height, batches[0][0].width))
             wrote_all = emit is not None
             with control.installed(vae):
                 for r, mode in enumerate(rounds):
@@ -540,7 +351,7 @@ class TiledVAE:
 
     def _apply_guarded(
         self,
-        control: _NormControl,
+        control: NormControl,
         run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         crop: torch.Tensor,
         kind: str,

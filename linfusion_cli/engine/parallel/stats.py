@@ -80,7 +80,7 @@ def band_match_stats(comm: Comm, x: torch.Tensor, mean: torch.Tensor, std: torch
 def pool_moments(comm: Comm, stats: Mapping[str, Any]) -> None:
     """Pool named (count, mean, M2) statistics over processes, in place: every object gets the combined values.
 
-    Made for the tiled VAE's statistics pass (vae._NormControl.collected: name -> _Stats with count: float and
+    Made for the tiled VAE's statistics pass (vae_stats.NormControl.collected: name -> Stats with count: float and
     mean, m2: (G,) fp32): with each process running the windows of its own band, pooling them before the output
     pass gives every band the whole image's GroupNorm statistics. Every process must hold the same names, each
     with statistics (every band runs at least one window)."""
