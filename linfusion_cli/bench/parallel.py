@@ -7,7 +7,6 @@ one-process reference runs here with `nproc x threads` threads, so both use the 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from ..engine.parallel import Bands, downsampling, joined, split_image, unet_comm_plan
+from ..engine.parallel.launch import launch_here
 from ..linfusion.patching import apply_linfusion
 from ..models.loading import build_random
 from .units import environment
@@ -87,25 +87,14 @@ def bench_parallel(
     arch: str, width: int, height: int, nproc: int, threads: int, repeats: int, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Any]:
     """One process with nproc x threads threads, then nproc launched processes; both on this machine."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # lazy: only this benchmark launches
-
     torch.set_num_threads(nproc * threads)
     comps = build_random(arch, device=device, dtype=dtype)
     apply_linfusion(comps.unet, "random")
     one = _time_steps(comps.unet, _unet_inputs(comps, width, height, device), repeats, device)
     plan = unet_comm_plan(comps.unet.config, height // 8, width // 8, nproc, batch=2, dtype_bytes=dtype.itemsize)
     del comps
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"linfusion-bench-{os.getpid()}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,
-    )
     dtype_name = str(dtype).removeprefix("torch.")
-    ranks = elastic_launch(config, split_step)(arch, width, height, repeats, threads, dtype_name)
+    ranks = launch_here(nproc, split_step, arch, width, height, repeats, threads, dtype_name)
     per_rank = [ranks[r] for r in sorted(ranks)]
     split_seconds = max(r["seconds"] for r in per_rank)
     return {

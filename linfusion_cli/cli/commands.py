@@ -160,6 +160,20 @@ def _mode(quiet: bool) -> str:
     return output_mode(quiet) if first_process() else "quiet"
 
 
+def _run_options(
+    out: Path, device: str, dtype: str, overwrite: bool, save_stages: bool, timeout: float
+) -> dict[str, Any]:
+    """The run-level options every rendering command has, by the Generator's names."""
+    return {
+        "out": out,
+        "device": device,
+        "dtype": dtype,
+        "overwrite": overwrite,
+        "save_stages": save_stages,
+        "timeout_s": timeout,
+    }
+
+
 def _relaunch_for(gpus: int | None, *extra: str) -> None:
     """`--gpus N` outside a launcher: run this same command (with `extra` flags) in N processes and exit with
     their result."""
@@ -205,14 +219,7 @@ def generate(
     setup_logging(mode)
     with boundary():
         _relaunch_for(gpus)
-        run: dict[str, Any] = {
-            "out": out,
-            "device": device,
-            "dtype": dtype,
-            "overwrite": overwrite,
-            "save_stages": save_stages,
-            "timeout_s": timeout,
-        }
+        run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
         )
@@ -291,14 +298,7 @@ def upscale(
     setup_logging(mode)
     with boundary():
         _relaunch_for(gpus)
-        run: dict[str, Any] = {
-            "out": out,
-            "device": device,
-            "dtype": dtype,
-            "overwrite": overwrite,
-            "save_stages": save_stages,
-            "timeout_s": timeout,
-        }
+        run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode,
             json_out,
@@ -366,14 +366,7 @@ def batch(
     with boundary():
         _relaunch_for(gpus, "--split-image")  # --gpus N: one image at a time, split over them
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
-        run: dict[str, Any] = {
-            "out": out,
-            "device": device,
-            "dtype": dtype,
-            "overwrite": overwrite,
-            "save_stages": save_stages,
-            "timeout_s": timeout,
-        }
+        run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
         with generator, _progress(mode) as (reporter, cancel):
             generator.events = reporter

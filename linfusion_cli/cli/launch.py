@@ -12,7 +12,6 @@ from ..base.errors import UsageError
 
 GPUS_FLAG = "--gpus"
 LAUNCHED = "WORLD_SIZE"  # set by torchrun and by us for every process: a launched process never relaunches
-MONITOR_SECONDS = 0.5  # how often the launcher looks at its processes (a failure ends the others this soon)
 
 
 def launched() -> bool:
@@ -47,21 +46,12 @@ def relaunch(gpus: int, argv: Sequence[str]) -> int:
     """Run `linfusion ARGV` in `gpus` processes on this machine; the exit code is the first failure's (0: all
     succeeded). Their output is this process's: the first prints progress and results, the others errors only."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: see check_gpus
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from ..engine.parallel.launch import launch_here
 
     check_gpus(gpus)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=gpus,
-        run_id=f"linfusion-{os.getpid()}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,
-        monitor_interval=MONITOR_SECONDS,
-    )
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "linfusion_cli", *without_gpus(argv))
+        launch_here(gpus, sys.executable, "-m", "linfusion_cli", *without_gpus(argv))
     except ChildFailedError as exc:
         _, first = exc.get_first_failure()
         return first.exitcode if first.exitcode > 0 else 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from ..base.errors import LinFusionError
 from ..io.files import ParseError, load_json, read_regular
+from ..io.locks import host_name, pid_alive
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")  # what linfusion writes (--format)
 SIDECAR_SUFFIX = ".json"
@@ -163,26 +163,11 @@ def read_claims(folder: Path) -> list[JobNote]:
         except LinFusionError:
             continue
         found = _CLAIM_OWNER.fullmatch(owner)
-        if found and found.group(2) == _host() and not _alive(int(found.group(1))):
+        if found and found.group(2) == host_name() and not pid_alive(int(found.group(1))):
             notes.append(JobNote(index, "stopped", f"{name}: its task ({owner}) died before finishing"))
         else:
             notes.append(JobNote(index, "running", f"{name}: being made" + (f" ({owner})" if owner else "")))
     return notes
-
-
-def _host() -> str:
-    """This machine's name as a claim file spells it (letters, digits and dashes, at most 32)."""
-    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32].strip("-") or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
 
 
 def _text(value: Any) -> str:
