@@ -7,12 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
+from ..base.errors import UsageError
 from ..base.settings import BENCH
 from ..core.jobs import flags_layer
 from ..core.plan_report import check_device
+from ..models.archs import ARCHS
 from .boundary import Command, Group, boundary, emit_json, setup_logging, stderr
 from .options import FLAG, with_settings
 
+# The benchmarks' modules are imported inside the commands: they import torch, which --help never needs.
 bench_app = typer.Typer(
     cls=Group, help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True
 )
@@ -27,8 +30,6 @@ BenchDtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPUs, fp32 on th
 
 
 def _whole_numbers(text: str, flag: str) -> list[int]:
-    from ..base.errors import UsageError
-
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
@@ -36,8 +37,6 @@ def _whole_numbers(text: str, flag: str) -> list[int]:
 
 
 def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
-    from ..base.errors import UsageError
-    from ..models.archs import ARCHS
 
     if arch is not None and arch not in ARCHS:
         raise UsageError(f"--arch {arch!r}: must be one of {', '.join(ARCHS)}")
@@ -59,7 +58,6 @@ def bench_unet_cmd(
     ] = True,
 ) -> None:
     """Time one UNet step (batch 2, as with guidance) with LinFusion and with ordinary attention."""
-    from ..base.errors import UsageError
     from ..bench.units import bench_unet, parse_size
 
     with boundary():
@@ -134,7 +132,6 @@ def bench_vae_cmd(
     repeats: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Tiled VAE decode/encode against the untiled per-pixel floor and diffusers' tiling; or --fidelity."""
-    from ..base.errors import UsageError
     from ..bench.units import bench_vae, parse_size, vae_fidelity
 
     with boundary():
@@ -177,7 +174,6 @@ def bench_png_cmd(
     ] = True,
 ) -> None:
     """Time writing a big PNG (fsynced) with our encoder and with Pillow."""
-    from ..base.errors import UsageError
     from ..bench.units import bench_png, parse_size
 
     with boundary():
@@ -208,7 +204,6 @@ def bench_parallel_cmd(
 ) -> None:
     """One UNet step split over N processes (gloo on CPUs, NCCL on GPUs) against one process: seconds per step
     and bytes each process sends; JSON on stdout."""
-    from ..base.errors import UsageError
     from ..bench.parallel import bench_parallel
     from ..bench.units import parse_size
 

@@ -198,7 +198,7 @@ def show_version(value: bool) -> None:
     typer.echo(f"linfusion {__version__}")
     import torch  # lazy: torch only when --version asks about it
 
-    from ..core.run import describe_device, versions
+    from ..core.run import describe_device, versions  # lazy, as torch above
     from ..engine.memory import resolve_device
 
     found = versions()

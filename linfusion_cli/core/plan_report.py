@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..base.errors import ModelLoadError
+from ..base.errors import ModelLoadError, UsageError
 from ..base.precision import dtype_flag
 from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
@@ -44,7 +44,7 @@ def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.
 def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> MemoryPlanner:
     """The job's memory planner, from its family's weights and its adapters' (nothing loaded); kept on `prep` and
     refined with what the loaded engine measures."""
-    from ..engine import memory
+    from ..engine import memory  # lazy: torch stays out of CLI start-up
 
     if prep.planner is not None:
         return prep.planner
@@ -70,7 +70,7 @@ def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> 
 def plan_warnings(prep: Prepared, device: torch.device, dtype: torch.dtype, world: int = 1) -> list[str]:
     """What a user should hear before the job starts: settings that work badly on this device, and the first
     stage that fits no memory settings."""
-    from ..engine.memory import device_warnings
+    from ..engine.memory import device_warnings  # lazy: torch stays out of CLI start-up
 
     return device_warnings(device, dtype) + _over_budget(prep, memory_planner(prep, device, dtype), world)
 
@@ -79,7 +79,7 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
     dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline).
     With `world` > 1 processes splitting the image, each stage's bands, and memory planned for the tallest."""
-    from ..engine import memory
+    from ..engine import memory  # lazy: torch stays out of CLI start-up (as below)
     from ..models.devices import vae_dtype as vae_dtype_for
 
     job, family = prep.job, prep.family
@@ -144,15 +144,14 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
 
 def _multiple(family: Family | None) -> int:
     """The UNet's total downsampling: split stages' band edges sit on multiples of it."""
-    from ..engine.parallel import downsampling
+    from ..engine.parallel import downsampling  # lazy: torch stays out of CLI start-up
 
     return downsampling(list(ARCHS[family.arch if family else DEFAULT_ARCH].unet["block_out_channels"]))
 
 
 def _bands(latent_rows: int, world: int, multiple: int) -> list[int] | None:
     """Latent rows per process of a split stage; None for one process, or a stage that runs whole on each."""
-    from ..base.errors import UsageError
-    from ..engine.parallel import Bands
+    from ..engine.parallel import Bands  # lazy: torch stays out of CLI start-up
 
     if world == 1:
         return None
@@ -184,7 +183,7 @@ def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list
 
 
 def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice) -> str:
-    from ..engine.memory import GIB
+    from ..engine.memory import GIB  # lazy: torch stays out of CLI start-up
 
     text = (
         f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.1f} GiB even with the most "

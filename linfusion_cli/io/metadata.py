@@ -14,8 +14,10 @@ import numpy as np
 
 from ..base.errors import InputImageError
 from ..base.text import quote
+from . import pngfast
 from .files import load_json
 from .formats import OUTPUT_FORMATS
+from .images import open_image
 
 PNG_TEXT_KEY = "parameters"
 
@@ -72,9 +74,7 @@ def encode_image(
     out: IO[bytes] = handle if handle is not None else io.BytesIO()
     spec = OUTPUT_FORMATS.get(fmt)
     if spec.metadata == "png-text":
-        from .pngfast import write_png
-
-        (png_writer or write_png)(array, {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}, out)
+        (png_writer or pngfast.write_png)(array, {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}, out)
     else:
         image = Image.fromarray(array, "RGB")
         if spec.metadata == "tiff":
@@ -92,8 +92,6 @@ def encode_image(
 
 def read_metadata(path: Path, max_pixels: int = 1_000_000_000) -> dict[str, Any]:
     """The metadata we (or A1111) wrote into an image: {'parameters': str|None, 'linfusion': dict|None}."""
-    from .images import open_image
-
     with open_image(path, max_pixels) as image:
         try:
             return _metadata(image)

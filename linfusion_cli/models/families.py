@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import ModelLoadError, UnknownArchitectureError
+from .archs import ARCHS
+from .hub import model_source
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,6 @@ def peek_family(model: str) -> tuple[Family | None, str | None]:
     Returns (family, note); the family is None, with a note, when the config is not available locally.
     Raises ModelNotFoundError for a local path that does not exist.
     """
-    from .archs import ARCHS
-    from .hub import model_source
-
     kind = model_source(model)
     if kind == "builtin":
         return detect_family(ARCHS[model].unet), None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..base.errors import ModelLoadError, ModelNotFoundError
+from .archs import BUILTIN_MODELS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -33,8 +34,6 @@ def model_source(model: str) -> ModelSource:
 
     Raises ModelNotFoundError for a local path that does not exist (and does not look like a hub id).
     """
-    from .archs import BUILTIN_MODELS
-
     if model in BUILTIN_MODELS:
         return "builtin"
     path = Path(model).expanduser()

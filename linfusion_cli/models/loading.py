@@ -23,6 +23,7 @@ from .devices import vae_dtype
 from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
 from .hub import PICKLE_SUFFIXES, fetch_snapshot, model_source, resolve_local_or_hub
 from .modules import AttentionPatch
+from .shipped import write_pipeline_folder
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ def _load_single_file(model: str, path: Path, dtype: torch.dtype, allow_pickle: 
     except UnknownArchitectureError as exc:
         raise ModelLoadError(str(exc)) from None
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from .shipped import write_pipeline_folder
 
     is_xl = family.addition_embed_type == "text_time"
     pipe_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
