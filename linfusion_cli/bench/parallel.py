@@ -17,7 +17,7 @@ import torch
 from ..engine.parallel import Bands, downsampling, joined, split_image, unet_comm_plan
 from ..linfusion.patching import apply_linfusion
 from ..models.loading import build_random
-from .units import environment
+from .measure import environment
 
 TEXT_TOKENS = 77
 WARMUP = 1
