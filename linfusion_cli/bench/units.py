@@ -48,6 +48,7 @@ UNET_BATCH = 2  # classifier-free guidance
 
 
 def unet_inputs(comps: Any, width: int, height: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Seeded UNet inputs for one guided step at width x height (and SDXL's added conditioning)."""
     unet = comps.unet
     batch = UNET_BATCH
     cross = unet.config["cross_attention_dim"]
@@ -98,6 +99,7 @@ class UnetBench:
     last_sdpa: tuple[int, float] | None = None  # (tokens, seconds) of the last size ordinary attention ran at
 
     def row(self, text: str, planner: memory.MemoryPlanner, modes: tuple[str, ...]) -> dict[str, Any]:
+        """One size: each mode under the memory settings the planner picks for it, and their ratio."""
         width, height = parse_size(text)
         tokens = (width // 8) * (height // 8)
         settings = planner.choose(width, height).settings

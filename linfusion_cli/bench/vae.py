@@ -35,6 +35,7 @@ def smooth_latents(width: int, height: int, seed: int = 1, scaling: float = 0.18
 
 
 def random_vae(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """The architecture's VAE with seeded random weights, without disturbing the caller's random state."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         vae: Any = AutoencoderKL(**ARCHS[arch].vae)
@@ -42,6 +43,7 @@ def random_vae(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 
 
 
 def diffusers_tiled(vae: Any, tile: int) -> Any:
+    """`vae` with diffusers' own tiling at `tile` px: the baseline ours is measured against."""
     vae.enable_tiling()
     vae.tile_sample_min_size = tile
     vae.tile_latent_min_size = tile // 8

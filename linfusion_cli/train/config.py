@@ -55,12 +55,14 @@ class DistillConfig:
 
 
 def holdout_size(cfg: DistillConfig, count: int) -> int:
+    """How many of `count` samples --eval-only keeps aside: --holdout, else one in AUTO_HOLDOUT_SHARE, at most AUTO_HOLDOUT_MAX."""
     if cfg.holdout is not None:
         return cfg.holdout
     return min(AUTO_HOLDOUT_MAX, count // AUTO_HOLDOUT_SHARE)
 
 
 def load_samples(cfg: DistillConfig) -> list[Sample]:
+    """--data's samples; --data is optional on the command line only because --eval-data can replace it."""
     if cfg.data is None:
         raise UsageError("--data is required: a folder of images with captions, or a .jsonl/.csv")
     return find_samples(cfg.data)

@@ -51,6 +51,8 @@ __all__ = [
 
 @dataclass
 class DistillResult:
+    """What a finished run hands back: the summary the CLI prints (`as_dict`), and the trained patch still applied."""
+
     out: Path
     start_step: int
     steps: int

@@ -21,6 +21,8 @@ from ..engine.memory import resolve_device
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place among the launcher's: rank 0 alone writes checkpoints and reports."""
+
     world: int
     rank: int
     local_rank: int
@@ -85,5 +87,6 @@ def union(items: set[str], dist: Dist) -> list[str]:
 
 
 def barrier(dist: Dist) -> None:
+    """Wait for every rank: after rank 0 wrote a checkpoint, before any of them goes on or leaves."""
     if dist.world > 1:
         td.barrier()

@@ -127,6 +127,7 @@ class Trainer:
         raise Interrupted(name, code)
 
     def save(self, reason: str) -> None:
+        """A checkpoint of this step on every rank's say (the skipped images are gathered); rank 0 writes it."""
         skipped = skipped_images(self.stream, self.dist)  # every rank takes part in the gather
         state = {**self.meta, "step": self.step, "position": self.position, "skipped_images": skipped}
         path = self.writer.save(self.student.patch, self.optimizer, self.scaler, state)

@@ -67,6 +67,8 @@ class FeatureTap:
 
 @dataclass
 class Losses:
+    """One micro-batch's weighted total and its parts (`per_layer`: the attn1 MSE of each patched layer)."""
+
     total: torch.Tensor
     noise: torch.Tensor
     kd: torch.Tensor
@@ -145,6 +147,7 @@ class Student:
         *,
         train: bool,
     ) -> Losses:
+        """The losses at given noise and timesteps (eval fixes them); `train` runs the student with grad, through DDP."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.comps.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)
@@ -187,6 +190,7 @@ def resolve_init(init: str, comps: Components) -> str:
 
 
 def resolve_mixed_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 where the GPU has it (no loss scaling needed), else fp32; fp16 autocast needs a GPU."""
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     if name == "fp16" and device.type not in ("cuda", "mps"):
@@ -195,6 +199,7 @@ def resolve_mixed_precision(name: str, device: torch.device) -> str:
 
 
 def check_resolution(resolution: int, comps: Components) -> int:
+    """The crop side, refused unless the VAE's 8x and each UNet level's halving divide it evenly."""
     levels = len(comps.unet.config.block_out_channels)
     multiple = 8 * 2 ** (levels - 1)  # VAE 8x, then each UNet level halves
     if resolution < multiple or resolution % multiple:
