@@ -17,7 +17,7 @@ from ..engine.parallel import Bands, downsampling, joined, split_image, unet_com
 from ..engine.parallel.launch import launch_here
 from ..linfusion.patching import apply_linfusion
 from ..models.loading import build_random
-from .units import environment
+from .measure import environment
 
 TEXT_TOKENS = 77
 WARMUP = 1

@@ -9,17 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from PIL import Image
 
-from ..base.plan import Plan
+from ..base.plan import Plan, StagePlan
 from ..core.jobs import resolve_job
 from ..core.prepare import RunOptions, prepare
 from ..core.run import build_metadata, save_outputs
 from ..engine import memory
 from ..engine.pipeline import Engine
+from ..engine.schedulers import make_scheduler
 from ..models.devices import free_cached
 from ..models.loading import build_random
-from .units import environment
+from .measure import environment
 
 BENCH_PROMPT = "a lighthouse at dusk, highly detailed"
 BASELINE_VAE_TILE = 2048  # the notebooks' VAE tiling from 4K up
@@ -85,11 +88,27 @@ def _max(stages: list[dict[str, Any]], key: str) -> float | None:
 def published_recipe(comps: Any, job: Any, plan: Plan, device: torch.device) -> dict[str, Any]:
     """The reference: diffusers txt2img + img2img pipelines per stage, PIL resizes between stages, diffusers'
     VAE tiling (2048 px tiles) from 4K up, no feed-forward chunking; same components, same LinFusion layers."""
-    import diffusers
-    from PIL import Image
+    pipes = baseline_pipelines(comps, job)
+    memory.apply_settings(comps.unet, memory.settings_ladder()[0])  # the notebooks chunk nothing
+    stages = []
+    generator = torch.Generator("cpu").manual_seed(0)
+    image: Any = None
+    total = time.perf_counter()
+    for stage in plan.stages:
+        use_tiling = baseline_vae_tiling(comps.vae, stage)
+        with memory.Meter(device) as meter:
+            image = baseline_stage(pipes, job, plan, stage, image, generator)
+        stages.append({"size": stage.size_text, "vae_tiling": use_tiling, **meter.usage.as_dict()})
+    comps.vae.disable_tiling()
+    return {
+        "seconds": round(time.perf_counter() - total, 3),
+        "stages": stages,
+        "peak_vram_allocated_gib": _max(stages, "peak_vram_allocated_gib"),
+    }
 
-    from ..engine.schedulers import make_scheduler
 
+def baseline_pipelines(comps: Any, job: Any) -> tuple[Any, Any]:
+    """diffusers' (txt2img, img2img) pipelines of the family over our components, progress bars off."""
     scheduler = make_scheduler(job.scheduler, comps.scheduler_config)
     parts: dict[str, Any] = {
         "vae": comps.vae,
@@ -110,45 +129,43 @@ def published_recipe(comps: Any, job: Any, plan: Plan, device: torch.device) -> 
         img2img = diffusers.StableDiffusionImg2ImgPipeline(**parts)
     for pipe in (txt2img, img2img):
         pipe.set_progress_bar_config(disable=True)
-    memory.apply_settings(comps.unet, memory.settings_ladder()[0])  # the notebooks chunk nothing
-    stages = []
-    generator = torch.Generator("cpu").manual_seed(0)
-    image: Any = None
-    total = time.perf_counter()
-    for stage in plan.stages:
-        use_tiling = max(stage.width, stage.height) >= BASELINE_TILING_FROM
-        if use_tiling:
-            comps.vae.enable_tiling()
-            comps.vae.tile_sample_min_size = BASELINE_VAE_TILE
-            comps.vae.tile_latent_min_size = BASELINE_VAE_TILE // 8
-        else:
-            comps.vae.disable_tiling()
-        with memory.Meter(device) as meter:
-            if stage.strength is None:
-                image = txt2img(
-                    job.prompt,
-                    negative_prompt=job.negative,
-                    height=stage.height,
-                    width=stage.width,
-                    num_inference_steps=plan.schedule_steps,
-                    guidance_scale=job.guidance,
-                    generator=generator,
-                ).images[0]
-            else:
-                image = image.resize((stage.width, stage.height), Image.Resampling.LANCZOS)
-                image = img2img(
-                    job.prompt,
-                    negative_prompt=job.negative,
-                    image=image,
-                    strength=stage.strength,
-                    num_inference_steps=plan.schedule_steps,
-                    guidance_scale=job.guidance,
-                    generator=generator,
-                ).images[0]
-        stages.append({"size": stage.size_text, "vae_tiling": use_tiling, **meter.usage.as_dict()})
-    comps.vae.disable_tiling()
-    return {
-        "seconds": round(time.perf_counter() - total, 3),
-        "stages": stages,
-        "peak_vram_allocated_gib": _max(stages, "peak_vram_allocated_gib"),
-    }
+    return txt2img, img2img
+
+
+def baseline_vae_tiling(vae: Any, stage: StagePlan) -> bool:
+    """The notebooks' VAE tiling for a stage: BASELINE_VAE_TILE px tiles from BASELINE_TILING_FROM px up."""
+    use_tiling = max(stage.width, stage.height) >= BASELINE_TILING_FROM
+    if use_tiling:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = BASELINE_VAE_TILE
+        vae.tile_latent_min_size = BASELINE_VAE_TILE // 8
+    else:
+        vae.disable_tiling()
+    return use_tiling
+
+
+def baseline_stage(
+    pipes: tuple[Any, Any], job: Any, plan: Plan, stage: StagePlan, image: Any, generator: torch.Generator
+) -> Any:
+    """One stage the notebooks' way: txt2img for the first; a PIL Lanczos resize of `image` and img2img after."""
+    txt2img, img2img = pipes
+    if stage.strength is None:
+        return txt2img(
+            job.prompt,
+            negative_prompt=job.negative,
+            height=stage.height,
+            width=stage.width,
+            num_inference_steps=plan.schedule_steps,
+            guidance_scale=job.guidance,
+            generator=generator,
+        ).images[0]
+    image = image.resize((stage.width, stage.height), Image.Resampling.LANCZOS)
+    return img2img(
+        job.prompt,
+        negative_prompt=job.negative,
+        image=image,
+        strength=stage.strength,
+        num_inference_steps=plan.schedule_steps,
+        guidance_scale=job.guidance,
+        generator=generator,
+    ).images[0]

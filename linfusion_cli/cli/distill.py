@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from ..base.events import CancelToken
 from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL
 from ..core.plan_report import check_device
+from ..train.config import DistillConfig
 from .boundary import CHECKPOINT_PANEL, EVAL_PANEL, TRAIN_PANEL, boundary, emit_json, output_mode, setup_logging, stderr
 from .options import FLAG, AllowPickleOpt, QuietOpt
-
-if TYPE_CHECKING:
-    from ..train.distill import DistillConfig
+from .report_distill import DistillReporter, distill_table, eval_table
 
 
 def distill(
@@ -136,10 +136,9 @@ def distill(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Distil LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
-    from ..train.distill import DistillConfig
-
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first process prints
     mode = output_mode(quiet) if main_rank else "quiet"
+    json_lines = json_out and main_rank
     setup_logging(mode)
     with boundary():
         check_device(device)
@@ -164,15 +163,14 @@ def distill(
             eval_data=eval_data,
         )
         if eval_only:
-            _evaluate(cfg, mode, json_out and main_rank)
+            _evaluate(cfg, mode, json_lines)
         else:
-            _train(cfg, mode, json_out and main_rank, log_every)
+            _train(cfg, mode, json_lines, log_every)
 
 
 def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> None:
-    from ..base.events import CancelToken
-    from ..train.distill import distill as run_distill
-    from .report_distill import DistillReporter, distill_table
+    """The run, stopped cleanly by SIGTERM/SIGINT (it saves, then exits with the signal's code); rank 0 sums up."""
+    from ..train.distill import distill as run_distill  # here, not at the top: keeps torch out of CLI start-up
 
     cancel = CancelToken()
     restore = cancel.install()
@@ -191,8 +189,8 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
 
 
 def _evaluate(cfg: DistillConfig, mode: str, json_out: bool) -> None:
-    from ..train.distill_eval import evaluate
-    from .report_distill import DistillReporter, eval_table
+    """--eval-only: the init and distilled weights against the teacher on held-out samples."""
+    from ..train.distill_eval import evaluate  # here, not at the top: keeps torch out of CLI start-up
 
     with DistillReporter(stderr, mode) as reporter:
         report = evaluate(cfg, events=reporter)

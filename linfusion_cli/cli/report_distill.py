@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..train.distill import CheckpointSaved, DistillStarted, TrainStep
+from ..train.events import CheckpointSaved, DistillStarted, TrainStep
 from .report import Reporter
 
 

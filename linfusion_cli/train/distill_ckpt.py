@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .. import __version__
 from ..base.errors import OutputError, UsageError
@@ -157,7 +158,7 @@ class CheckpointWriter:
                 _publish(final / name, self.out / name)
         except BaseException as exc:
             shutil.rmtree(temp, ignore_errors=True)
-            if not isinstance(exc, (OSError, RuntimeError, *_safetensors_errors())):
+            if not isinstance(exc, (OSError, RuntimeError, SafetensorError)):
                 raise
             previous = latest_step(self.out)
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -173,12 +174,6 @@ class CheckpointWriter:
         steps = sorted(p for p in self.out.glob(f"{STEP_PREFIX}*") if p.is_dir())
         for old in steps[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _safetensors_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    return (SafetensorError,)
 
 
 def latest_step(out: Path) -> Path | None:

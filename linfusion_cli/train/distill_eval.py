@@ -14,23 +14,14 @@ import torch
 
 from ..base.errors import InputImageError, UsageError
 from ..base.events import Note
+from ..linfusion.patching import WEIGHTS_NAME
 from ..models.loading import load_components
-from .distill import (
-    Dist,
-    DistillConfig,
-    Student,
-    build_student,
-    dist_from_env,
-    drop,
-    find_samples,
-    holdout_size,
-    load_samples,
-    process_device,
-    resolve_init,
-    split_holdout,
-    step_generator,
-)
-from .distill_data import Sample, load_square
+from .config import DistillConfig, holdout_size, load_samples
+from .distill_ckpt import check_compatible, find_resume
+from .distill_data import Sample, find_samples, load_square, split_holdout
+from .events import DistillSink, drop
+from .group import Dist, dist_from_env, process_device
+from .student import Student, build_student, resolve_init, step_generator, unet_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +78,13 @@ def measure(student: Student, samples: list[Sample], seed: int) -> tuple[dict[st
     }, skipped
 
 
-def evaluate(cfg: DistillConfig, *, weights: str | None = None, events: Any = drop) -> dict[str, Any]:
+def evaluate(cfg: DistillConfig, *, weights: str | None = None, events: DistillSink = drop) -> dict[str, Any]:
     """Compare the init weights and the distilled ones (`weights`, default: the latest in --resume or --out)."""
-    from . import distill_ckpt as ckpt
-
     cfg.check()
-    saved = ckpt.find_resume(cfg.resume, cfg.out)
+    saved = find_resume(cfg.resume, cfg.out)
     final = weights or (str(saved.folder) if saved else None)
     if final is None:
-        if not (cfg.out / ckpt.WEIGHTS_NAME).is_file():
+        if not (cfg.out / WEIGHTS_NAME).is_file():
             raise UsageError(f"--eval-only: no distilled weights in '{cfg.out}'; run the distillation first")
         final = str(cfg.out)
     samples = held_out_samples(cfg, saved.state if saved else None)
@@ -104,9 +93,7 @@ def evaluate(cfg: DistillConfig, *, weights: str | None = None, events: Any = dr
     init = str(saved.state["init"]) if saved and "init" in saved.state else resolve_init(cfg.init, comps)
     seed = int(saved.state["seed"]) if saved else cfg.seed
     if saved is not None:
-        from .distill import unet_fingerprint
-
-        ckpt.check_compatible(saved, cfg, comps, unet_fingerprint(comps.unet))
+        check_compatible(saved, cfg, comps, unet_fingerprint(comps.unet))
     events(Note("info", f"evaluating on {len(samples)} held-out samples x {len(EVAL_TIMESTEP_FRACTIONS)} timesteps"))
 
     results: dict[str, Any] = {}
