@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from ..base.errors import UsageError
 
 GPUS_FLAG = "--gpus"
+SIGNAL_EXIT_BASE = 128  # a process stopped by signal N exits 128 + N, as shells report it
 LAUNCHED = "WORLD_SIZE"  # set by torchrun and by us for every process: a launched process never relaunches
 
 
@@ -45,13 +46,16 @@ def check_gpus(gpus: int) -> None:
 def relaunch(gpus: int, argv: Sequence[str]) -> int:
     """Run `linfusion ARGV` in `gpus` processes on this machine; the exit code is the first failure's (0: all
     succeeded). Their output is this process's: the first prints progress and results, the others errors only."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: see check_gpus
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # lazy: see check_gpus
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ..engine.parallel.launch import launch_here
 
     check_gpus(gpus)
     try:
         launch_here(gpus, sys.executable, "-m", "linfusion_cli", *without_gpus(argv))
+    except SignalException as exc:  # Ctrl-C or SIGTERM reached the launcher too: exit as one process would
+        return SIGNAL_EXIT_BASE + int(exc.sigval)
     except ChildFailedError as exc:
         _, first = exc.get_first_failure()
         return first.exitcode if first.exitcode > 0 else 1
