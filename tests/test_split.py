@@ -125,3 +125,20 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
     last = eight["stages"][-1]
     assert last["bands_px"] == [1024] * 8 and last["per_rank"] == "16384x1024"
     assert last["estimated_peak_gib"] < one["stages"][-1]["estimated_peak_gib"] / 3
+
+
+def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: Processes, tmp_path: Path) -> None:
+    """`--gpus 2` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
+    first writes it and alone prints its JSON line; a rerun skips them."""
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a fox\na cat\n")
+    args = ["batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "7", "--json"]
+    args += ["--out", str(tmp_path / "out"), "--gpus", "2"]
+    first = processes.run(*args, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [(r["index"], r["status"]) for r in lines] == [(0, "done"), (1, "done")]
+    sidecar = json.loads(Path(lines[0]["sidecar"]).read_text())
+    assert sidecar["parallel"]["world_size"] == 2
+    again = processes.run(*args, timeout=240)
+    assert [json.loads(line)["status"] for line in again.stdout.splitlines()] == ["skipped", "skipped"]
