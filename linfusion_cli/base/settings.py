@@ -82,12 +82,15 @@ class Setting:
 
     def read(self, value: Any, *, from_text: bool = False) -> Any:
         """A value as given (a flag's text, a YAML/JSON value, a CSV cell) -> the setting's value, or None for
-        'not set'. TypeError/ValueError say what is wrong with it, in words a person reads."""
+        'not set' (`from_text`: blank text is 'not set', as an empty CSV cell). TypeError/ValueError say what is
+        wrong with it, in words a person reads."""
         if value is None or (from_text and isinstance(value, str) and value.strip() == ""):
             return None
-        out = convert(self.kind, value, from_text)
+        out = convert(self.kind, value)
         if self.normalize is not None:
             out = self.normalize(out)
+        if self.choices is not None and isinstance(out, str):
+            out = any_case(out, self.choices())
         if out is not None:
             problem = self.problem(out)
             if problem:
@@ -103,8 +106,22 @@ class Setting:
         return self.check(value) if self.check is not None else None
 
 
+def any_case(value: str, options: tuple[str, ...]) -> str:
+    """`DemoFusion` -> `demofusion`: a value that is one of `options` but for its case, as the option; any other
+    value as it is (the check then names the options)."""
+    if value in options:
+        return value
+    folded = {option.lower(): option for option in options}
+    return folded.get(value.lower(), value)
+
+
+def number_text(value: float) -> str:
+    """A limit as a person writes it: whole numbers in plain digits (9223372036854775807, not 9.22337e+18)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def in_range(lo: float, hi: float) -> Check:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+    return lambda v: None if lo <= v <= hi else f"must be between {number_text(lo)} and {number_text(hi)}"
 
 
 def shown(value: Any) -> str:
@@ -116,8 +133,9 @@ def shown(value: Any) -> str:
     return quote(value)
 
 
-def convert(kind: str, value: Any, from_text: bool) -> Any:
-    """Read one value of `kind`; `from_text`: it comes as text (a flag, a CSV cell), so numbers are parsed."""
+def convert(kind: str, value: Any) -> Any:
+    """Read one value of `kind`. Numbers and on/off words given as text are read whatever the source (a flag, a
+    CSV cell, a quoted YAML value: a person writes `seed: "42"` and means 42)."""
     if kind == "str":
         if not isinstance(value, str):
             raise TypeError(f"must be text, got {type(value).__name__} {quote(value)}")
@@ -125,18 +143,13 @@ def convert(kind: str, value: Any, from_text: bool) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if from_text and isinstance(value, str) and value.strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
+        if isinstance(value, str) and value.strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
             return value.strip().lower() in TRUE_WORDS
         raise TypeError(f"must be true or false, got {quote(value)}")
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_text):
-            raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
-        try:
-            return int(value)
-        except ValueError:  # not digits, or more digits than Python converts
-            raise TypeError(f"must be a whole number, got {quote(value)}") from None
+        return _int(value)
     if kind == "float":
-        return _float(value, from_text)
+        return _float(value)
     if kind == "floats":
         return parse_floats(value)
     if kind == "px":
@@ -148,15 +161,33 @@ def convert(kind: str, value: Any, from_text: bool) -> Any:
     raise AssertionError(kind)
 
 
-def _float(value: Any, from_text: bool) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, str))
-        or (isinstance(value, str) and not from_text)
-    ):
+def _int(value: Any) -> int:
+    """A whole number from an int, a whole float (YAML's `steps: 20.0`) or text (a flag, a CSV cell, YAML's
+    `seed: "42"`): every source is read alike."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:  # not digits, or more digits than Python converts; "20.0" is still whole
+            try:
+                value = float(text)
+            except (ValueError, OverflowError):
+                raise TypeError(f"must be a whole number, got {quote(value)}") from None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
+        raise TypeError(f"must be a whole number, got {value:g}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
+    return value
+
+
+def _float(value: Any) -> float:
+    """A number from an int, a float or text, wherever it comes from."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"must be a number, got {type(value).__name__} {quote(value)}")
     try:
-        out = float(value)
+        out = float(value.strip() if isinstance(value, str) else value)
     except OverflowError:  # a whole number too large for a float
         raise ValueError(f"must be a finite number, got {quote(value)}") from None
     except ValueError:
@@ -177,6 +208,8 @@ def text_items(value: Any) -> list[str]:
 def parse_floats(value: Any) -> list[float]:
     """`0.4,0.3` or a list of numbers -> [0.4, 0.3]."""
     items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (int, float)) and not isinstance(items, bool):
+        items = [items]  # `strengths: 0.3`: a list of one
     if not isinstance(items, (list, tuple)):
         raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
     out = []
@@ -209,6 +242,8 @@ class AdapterRef:
                 scale = float(tail)
             except ValueError:
                 return cls(text.strip())
+            if _is_number(source.rpartition(":")[2]):
+                raise ValueError(f"too many ':' parts in {text!r}: give SRC or SRC:SCALE, one scale (e.g. tiny:0.8)")
             if not math.isfinite(scale) or not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
                 raise ValueError(f"scale must be a number between -10 and 10 (got {tail!r} in {text!r})")
             return cls(source, scale)
@@ -216,6 +251,14 @@ class AdapterRef:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.scale:g}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def adapter_refs(texts: list[str] | None) -> tuple[AdapterRef, ...]:

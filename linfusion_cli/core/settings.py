@@ -53,6 +53,8 @@ FLAGS = "command line"  # the `where` of the flags layer: errors then name the f
 def _prompt_ok(text: str) -> str | None:
     if len(text) > MAX_PROMPT_CHARS:
         return f"is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
+    if "\0" in text:  # PNG text chunks cannot hold it: the image would say another prompt than its sidecar
+        return "holds a NUL character; remove it"
     return None
 
 
@@ -72,6 +74,10 @@ def _strengths_ok(values: list[float]) -> str | None:
 
 def _random_seed(value: int) -> int | None:
     return None if value == RANDOM_SEED else value
+
+
+def _seed_ok(value: int) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"must be {RANDOM_SEED} (random) or 0 to {MAX_SEED}"
 
 
 def _side(name: str, help: str, commands: tuple[str, ...] = RENDER_COMMANDS, **more: Any) -> Setting:
@@ -120,7 +126,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         ONE_IMAGE,
         in_key=False,  # hashed on its own: only when it was chosen
         in_presets=False,
-        check=in_range(0, MAX_SEED),
+        check=_seed_ok,
         normalize=_random_seed,
     ),
     _side(
@@ -369,45 +375,67 @@ def _problem(where: str, key: str, message: str) -> UsageError:
     return UsageError(f"{where}: field '{key}' {message}")
 
 
+def setting_name(key: str, settings: Mapping[str, Setting]) -> str:
+    """A field as a person writes it (`Prompt` in a CSV header, `base-size`, ` seed `) -> the setting's name; a
+    name that is no setting's, as given."""
+    if key in settings:
+        return key
+    name = "_".join(key.strip().lower().replace("-", " ").split())
+    return name if name in settings else key
+
+
 def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     """Check (and, for text sources like flags, CSV or TXT, parse) one value; a UsageError naming `where`."""
     settings = table()
-    setting = settings.get(key)
+    setting = settings.get(setting_name(key, settings))
     if setting is None:
-        raise UsageError(
-            f"{where}: unknown field {quote(key)}{did_you_mean(key, settings)} (known: {', '.join(settings)})"
-        )
+        close = did_you_mean(key, settings)
+        known = close or f" (known: {', '.join(settings)})"
+        raise UsageError(f"{where}: unknown field {quote(key)}{known}")
     try:
         return setting.read(value, from_text=from_text)
     except (TypeError, ValueError) as exc:
-        raise _problem(where, key, str(exc)) from None
+        raise _problem(where, setting.name, str(exc)) from None
 
 
 def validate_layer(
-    data: Mapping[str, Any], *, where: str, from_text: bool = False, forbidden: tuple[str, ...] = ()
+    data: Mapping[str, Any],
+    *,
+    where: str,
+    from_text: bool = False,
+    forbidden: tuple[str, ...] = (),
+    field_where: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate one layer (preset, file defaults, a row, flags): known keys, right types, sane values."""
+    """Validate one layer (preset, file defaults, a row, flags): known keys (in any case), right types, sane
+    values. `field_where`: where each field is written (its own line), for messages about it."""
     if not isinstance(data, Mapping):
         raise UsageError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+    settings = table()
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in data.items():
         if not isinstance(key, str):
             raise UsageError(f"{where}: field names must be text, got {quote(key)}")
-        if key in forbidden:
-            raise UsageError(f"{where}: '{key}' cannot be set here")
-        if key == "size" and is_two_sides(value):
+        at = (field_where or {}).get(key, where)
+        name = setting_name(key, settings)
+        if name in spelled:
+            raise UsageError(f"{at}: {quote(spelled[name])} and {quote(key)} are the same field; keep one")
+        spelled[name] = key
+        if name in forbidden:
+            raise UsageError(f"{at}: '{key}' cannot be set here")
+        if name == "size" and is_two_sides(value):
             if "width" in data or "height" in data:
-                raise _problem(where, key, "is WxH already; leave out width and height")
+                raise _problem(at, name, "is WxH already; leave out width and height")
             try:
                 sides = split_size(value)
             except TypeError as exc:
-                raise _problem(where, key, str(exc)) from None
+                raise _problem(at, name, str(exc)) from None
             for side_key, side in zip(("width", "height"), sides, strict=True):
-                out[side_key] = coerce(key, side, where=where)
+                out[side_key] = coerce(name, side, where=at)
             continue
-        converted = coerce(key, value, where=where, from_text=from_text)
+        converted = coerce(name, value, where=at, from_text=from_text)
         if converted is not None:
-            out[key] = converted
+            out[name] = converted
     return out
 
 

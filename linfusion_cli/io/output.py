@@ -26,7 +26,11 @@ MAX_SIDECAR_BYTES = 16 << 20
 def inside(folder: Path, path: Path) -> bool:
     """`path` is an entry directly in `folder`. The entry itself is not resolved: a link planted at an output name
     is replaced by the rename, never written through."""
-    return path.name not in ("", ".", "..") and path.parent.resolve() == folder.resolve()
+    if path.name in ("", ".", ".."):
+        return False
+    # `folder / name` with a plain name is in it by construction; only other paths need the file system (a
+    # 50,000-job batch names 100,000 paths before its first job).
+    return path.parent == folder or path.parent.resolve() == folder.resolve()
 
 
 @dataclass(frozen=True)
