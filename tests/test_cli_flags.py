@@ -173,7 +173,7 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
     summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
     summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
     monkeypatch.setattr(api, "plan_for", fake_plan_for)
-    monkeypatch.setattr(api, "plan_summary", lambda prep, device, dtype: summary)
+    monkeypatch.setattr(api, "plan_anywhere", lambda prep, options: summary)
     _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")
     _assert_job(seen["job"], {"size": 8192, "aspect": "2:1", "low_vram": True, "max_vram": 20.0, "format": "tiff"})
 

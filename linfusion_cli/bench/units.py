@@ -48,7 +48,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     from ..base.precision import dtype_flag
-    from ..core.run import SCHEMA, describe_device, versions
+    from ..base.schema import SCHEMA
+    from ..core.run import describe_device, versions
 
     return {
         "schema": SCHEMA,
@@ -430,7 +431,7 @@ def bench_png(width: int, height: int, repeats: int = 3, pillow: bool = True) ->
             }
     if pillow:
         results["speedup"] = round(results["pillow_level1"]["seconds"] / results["linfusion"]["seconds"], 1)
-    from ..core.run import SCHEMA
+    from ..base.schema import SCHEMA
 
     return {
         "schema": SCHEMA,

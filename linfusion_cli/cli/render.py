@@ -47,7 +47,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             str(s["steps"]),
             str(s["unet_passes"]),
             s["memory"],
-            f"{s['estimated_peak_gib']:.1f}",
+            f"{s['estimated_peak_gib']:.2f}",  # as the notes say it
             s["vae"],
         )
     table.title = escape(str(table.title))

@@ -28,7 +28,7 @@ from ..io.images import load_rgb
 from . import run
 from .batch import BatchSummary, run_batch
 from .jobs import flags_layer, resolve_job
-from .plan_report import placement, plan_summary
+from .plan_report import placement, plan_anywhere
 from .prepare import RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
 from .run import EngineCache
@@ -79,8 +79,7 @@ class Generator:
     def plan(self, prompt: str = "", **settings: Any) -> dict[str, Any]:
         """The plan `linfusion plan` prints, as data: stages, memory, files; nothing loads."""
         job = self.job(prompt, require_prompt=False, **settings)
-        prep = plan_for(job, self.options, seed=pick_seed(job))
-        return plan_summary(prep, *placement(self.options))
+        return plan_anywhere(plan_for(job, self.options, seed=pick_seed(job)), self.options)
 
     def generate(
         self, prompt: str, *, dry_run: bool = False, cancel: CancelToken | None = None, **settings: Any

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from ..base.errors import UsageError
 from ..base.plan import Plan
-from ..base.precision import AUTO, PRECISIONS
+from ..base.precision import AUTO, PRECISIONS, precision_name
+from ..base.registry import did_you_mean
 from ..base.sizes import Target, resolve_target
 from ..io.formats import check_format_fits
 from ..io.names import output_stem
@@ -48,10 +49,14 @@ class RunOptions:
     max_input_pixels: int = 1_000_000_000
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", precision_name(self.dtype))  # float16, half... as fp16
+        object.__setattr__(self, "device", self.device.strip().lower())
         if self.dtype != AUTO and self.dtype not in PRECISIONS:
-            raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}")
+            hint = did_you_mean(self.dtype, (AUTO, *PRECISIONS))
+            raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}{hint}")
         if self.device != AUTO and self.device.split(":")[0] not in DEVICE_TYPES:
-            raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N")
+            hint = did_you_mean(self.device, (AUTO, *DEVICE_TYPES))
+            raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N{hint}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..base.errors import OutputError, OutputFolderError
 from ..base.events import CancelToken, EventSink, Note, Working, ignore
 from ..base.plan import StagePlan
 from ..base.precision import dtype_flag
+from ..base.schema import SCHEMA
 from ..base.settings import Job
 from ..base.text import plural
 from ..engine.memory import MemoryPlanner, device_budget
@@ -36,8 +37,6 @@ from .metadata import a1111_parameters
 from .plan_report import check_offline, memory_planner, placement, plan_summary, plan_warnings
 from .prepare import WARNING_WORDS, Prepared, RunOptions, pick_seed, plan_for, replan_for
 from .settings import JobSpec
-
-SCHEMA = 1  # the layout of every JSON we write (reports, batch lines, sidecars, benchmarks): see the README
 
 
 class EngineCache:

@@ -447,6 +447,7 @@ def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bo
             setattr(job, key, list(value) if isinstance(value, list) else value)
             job.sources[key] = label
     if require_prompt and not job.prompt.strip() and not job.image:
-        where = job.sources.get("prompt", "the job")
-        raise UsageError(f"{where}: the prompt is empty; give a prompt (or an image to upscale)")
+        where = job.sources.get("prompt", FLAGS)
+        prefix = "" if where == FLAGS else f"{where}: "
+        raise UsageError(f'{prefix}the prompt is empty: say what to draw, in quotes ("a red fox")')
     return job
