@@ -75,3 +75,22 @@ def test_plan_json_carries_the_schema_and_the_note_says_the_tables_gib(runner, n
     assert f"needs about {over['estimated_peak_gib']:.2f} GiB" in " ".join(plan["notes"])
     table = runner.invoke(app, args)
     assert f"{over['estimated_peak_gib']:.2f}" in table.stdout
+
+
+@pytest.mark.parametrize("out", [["--out", ""], ["--out="], ["-o", " "]])
+def test_an_empty_out_is_refused(runner, no_model_loads, tmp_path, monkeypatch, out: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--size", "256", *out])
+    assert result.exit_code == 2 and "is empty: give a folder or file name" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_checks_the_output_folder_and_writes_nothing(runner, no_model_loads, tmp_path) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("")
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--dry-run", "--out", str(file / "sub")])
+    assert result.exit_code == 2 and "cannot create output folder" in result.stderr
+    fresh = tmp_path / "new" / "deeper"
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--size", "256", "--dry-run", "--out", str(fresh)])
+    assert result.exit_code == 0, result.stderr
+    assert not (tmp_path / "new").exists()

@@ -15,7 +15,8 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import typer
 from rich.console import Console
@@ -96,18 +97,28 @@ class _OneLineErrors:
 
 
 def _refuse_option_as_value(command: Any, info_name: str | None, args: list[str]) -> None:
-    """`generate "x" --negative --dry-run`: an option that takes a value followed by another of the command's
-    options took it as its value (a real run started). Refused, as git does; `--negative=--dry-run` says it."""
+    """Words no option may take as its value, refused before parsing:
+    - another of the command's options (`generate "x" --negative --dry-run` took --dry-run as the negative prompt
+      and started a real run), as git does; `--negative=--dry-run` says it;
+    - empty text for a path (`--out ''` is the current folder once made a path, and the run wrote there)."""
     takes_value: set[str] = set()
+    paths: set[str] = set()
     names = {"-h", "--help"}
     for param in getattr(command, "params", []):
         if isinstance(param, TyperOption):
             names.update(param.opts + param.secondary_opts)
             if not param.is_flag and not param.count:
                 takes_value.update(param.opts)
-    for option, value in itertools.pairwise(args):
-        if option == "--":
+            if Path in (param.type_descriptor.annotation, *get_args(param.type_descriptor.annotation)):
+                paths.update(param.opts)
+    for option, value in itertools.pairwise(["", *args]):
+        if value == "--":
             return
+        name, sep, given = value.partition("=")
+        if value.startswith("--") and sep and name in paths:  # --out=PATH
+            option, value = name, given
+        if option in paths and not value.strip():
+            raise ClickUsageError(f"{option} is empty: give a folder or file name (. for the current folder)")
         if option in takes_value and value in names:
             raise ClickUsageError(
                 f"{option} needs a value, but the next word is the option {value}; give {option} its value first "

@@ -30,7 +30,7 @@ from ..engine.pipeline import Engine
 from ..engine.stages import GenerateResult
 from ..io.hashing import model_hash
 from ..io.metadata import encode_image
-from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
+from ..io.writes import atomic_file, check_folder, clean_stale_temps, prepare_folder, write_bytes_atomic
 from ..models.adapters import engine_spec
 from ..models.devices import free_cached
 from .metadata import a1111_parameters
@@ -204,6 +204,7 @@ def generate(
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
     device, dtype = engines.device, engines.dtype
     if dry_run:
+        check_folder(options.out)  # refused as the run would refuse it, nothing written
         return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype)})
     check_offline(job, prep.family)
     warnings = plan_warnings(prep, device, dtype)
