@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose pipe's reader went away
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -67,6 +68,12 @@ class OutputFolderError(UsageError):
 
 class DiskFullError(OutputError):
     """No space (or quota) left: not one job's fault, so a batch stops instead of failing every job in turn."""
+
+
+class OutputClosedError(LinFusionError):
+    """stdout was closed under us (`| head -1` read its line, or `>&-`): results can no longer be given."""
+
+    exit_code = EXIT_PIPE
 
 
 class InputImageError(UsageError):

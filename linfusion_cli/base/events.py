@@ -54,7 +54,7 @@ class Working:
 
 @dataclass(frozen=True)
 class Note:
-    level: str  # "info" | "warning"
+    level: str  # "info" | "warning" | "error" (shown even with --quiet)
     message: str
 
 

@@ -28,7 +28,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from .. import __version__
-from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, UsageError
+from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, OutputClosedError, UsageError
 from ..base.registry import did_you_mean
 from ..base.settings import (
     CONTROL_PANEL,
@@ -251,8 +251,25 @@ def boundary() -> Iterator[None]:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
-    sys.stdout.flush()
+    """One JSON line on stdout. A stdout closed under us (`| head -1` has read its line, or `>&-`) is an
+    OutputClosedError: the caller stops cleanly instead of a traceback."""
+    try:
+        if sys.stdout is None:  # started with stdout closed
+            raise BrokenPipeError
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError) as exc:  # ValueError: "I/O operation on closed file"
+        if isinstance(exc, ValueError) and "closed" not in str(exc):
+            raise
+        _quiet_stdout()
+        raise OutputClosedError("stdout was closed (its reader stopped, as | head does, or >&-)") from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not report the broken pipe once more."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def show_version(value: bool) -> None:

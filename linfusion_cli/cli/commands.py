@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from ..base.errors import EXIT_SIGINT
 from ..base.events import CancelToken
 from ..base.settings import BATCH, DEVICE_PANEL, GENERATE, OUTPUT_PANEL, PLAN, PROMPT_PANEL, SAMPLER_PANEL, UPSCALE
-from ..core.presets import list_presets, load_preset
+from ..core.presets import load_preset, scan_presets
 from ..core.replay import job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
 from ..io.metadata import read_metadata
@@ -32,6 +31,7 @@ from .boundary import (
     show_version,
     stderr,
 )
+from .distill import DISTILL_EXAMPLES
 from .distill import distill as distill_command
 from .options import (
     FLAG,
@@ -47,13 +47,24 @@ from .options import (
     SaveStagesOpt,
     with_settings,
 )
-from .render import render_plan, render_table
+from .render import render_batch_plan, render_plan, render_presets, render_table
 from .report import Reporter, batch_table, stage_table
 from .view import VIEW_EXAMPLES, view_command
 
 if TYPE_CHECKING:
     from ..core.api import Generator, Result
 
+REPLAY_EXAMPLES = """[bold]Examples[/]
+  linfusion replay renders/00003_a-fox_17_4096x4096_1c2d3e4f.png.json
+  [dim]# the same image on another machine, its model in another folder:[/]
+  linfusion replay fox.png.json --model /models/sd15 --out again"""
+INFO_EXAMPLES = """[bold]Examples[/]
+  linfusion info renders/00003_a-fox_17_4096x4096_1c2d3e4f.png
+  linfusion info fox.png.json --json | jq .settings"""
+PRESETS_EXAMPLES = """[bold]Examples[/]
+  linfusion presets list
+  linfusion presets show sdxl-16k
+  linfusion generate "a harbour" --preset sd15-16k"""
 app = typer.Typer(
     name="linfusion",
     cls=Group,
@@ -62,10 +73,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True)
+presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True, epilog=PRESETS_EXAMPLES)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
-app.command("distill", cls=Command)(distill_command)
+app.command("distill", cls=Command, epilog=DISTILL_EXAMPLES)(distill_command)
 app.command("view", cls=Command, epilog=VIEW_EXAMPLES)(view_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
@@ -91,7 +102,6 @@ BATCH_EXAMPLES = """[bold]Examples[/]
   [dim]# this machine takes jobs 0, 4, 8...:[/]
   linfusion batch prompts.csv --shard 0/4"""
 PROMPT_HELP = "What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word."
-PRESETS_WIDTH = 120
 
 
 def _generator(**options: Any) -> Generator:
@@ -245,6 +255,7 @@ def upscale(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
     mode = output_mode(quiet)
@@ -262,6 +273,7 @@ def upscale(
             json_out,
             lambda gen: gen.job(prompt, require_prompt=False, image=str(image), **settings),
             title="upscaled: ",
+            dry_run=dry_run,
             allow_pickle=allow_pickle,
             max_input_pixels=max_input_pixels,
             **run,
@@ -313,6 +325,15 @@ def batch(
     ] = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the whole file and print each job's plan; loads no model.",
+            rich_help_panel=OUTPUT_PANEL,
+            **FLAG,
+        ),
+    ] = False,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
     mode = output_mode(quiet)
@@ -327,6 +348,9 @@ def batch(
             "save_stages": save_stages,
         }
         generator = _generator(allow_pickle=allow_pickle, **run, **settings)
+        if dry_run:
+            render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
+            return
         with _progress(mode) as (reporter, cancel):
             generator.events = reporter
             summary = generator.batch(
@@ -342,7 +366,7 @@ def batch(
         raise typer.Exit(summary.exit_code)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, epilog=REPLAY_EXAMPLES)
 def replay(
     sidecar: Annotated[
         Path,
@@ -355,7 +379,10 @@ def replay(
     device: DeviceOpt = "auto",
     dtype: Annotated[
         str | None,
-        typer.Option(help="Precision \\[default: the one recorded in the sidecar].", rich_help_panel=DEVICE_PANEL),
+        typer.Option(
+            help="Precision: auto, fp16, bf16 or fp32 \\[default: the one recorded in the sidecar].",
+            rich_help_panel=DEVICE_PANEL,
+        ),
     ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -370,7 +397,7 @@ def replay(
         _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, epilog=INFO_EXAMPLES)
 def info(
     image: Annotated[
         Path,
@@ -392,21 +419,17 @@ def info(
             typer.echo("no generation parameters found in this image")
 
 
-@presets_app.command("list", cls=Command)
+@presets_app.command("list", cls=Command, epilog=PRESETS_EXAMPLES)
 def presets_list() -> None:
     """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
-    from rich.table import Table
-
     with boundary():
-        table = Table(title="presets", title_justify="left")
-        table.add_column("name", no_wrap=True)
-        table.add_column("description")
-        for preset in list_presets():
-            table.add_row(escape(preset.name), escape(preset.description))
-        Console(width=PRESETS_WIDTH, emoji=False).print(table)
+        presets, problems = scan_presets()
+        render_presets(presets)
+        for problem in problems:
+            stderr.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
 
 
-@presets_app.command("show", cls=Command)
+@presets_app.command("show", cls=Command, epilog=PRESETS_EXAMPLES)
 def presets_show(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML file.", show_default=False)],
 ) -> None:

@@ -16,6 +16,14 @@ from .options import FLAG, AllowPickleOpt, QuietOpt
 if TYPE_CHECKING:
     from ..train.distill import DistillConfig
 
+DISTILL_EXAMPLES = """[bold]Examples[/]
+  linfusion distill --model ./my-sd15-finetune --data ./images --out ./linfusion-mine --steps 5000
+  linfusion generate "a lighthouse" --model ./my-sd15-finetune --linfusion ./linfusion-mine --size 8k
+  [dim]# how close the distilled attention is to the model's own, on held-out images:[/]
+  linfusion distill --model ./my-sd15-finetune --data ./images --out ./linfusion-mine --eval-only
+  [dim]# 8 GPUs:[/]
+  torchrun --nproc-per-node 8 --no-python linfusion distill --model ./ft --data data.jsonl --out ./lf"""
+
 
 def distill(
     model: Annotated[
@@ -39,7 +47,8 @@ def distill(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Images with captions: a folder (metadata.jsonl, or name.txt beside name.png) or a .jsonl/.csv.",
+            help="Images with captions: a folder (metadata.jsonl, or name.txt beside name.png) or a .jsonl/.csv "
+            "\\[required; --eval-only can take --eval-data instead].",
             rich_help_panel=MODEL_PANEL,
         ),
     ] = None,
@@ -135,7 +144,7 @@ def distill(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Distil LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
+    """Distill LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
     from ..train.distill import DistillConfig
 
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any
 
@@ -10,9 +12,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..base.errors import EXIT_PIPE
 from ..engine.refine import REFINE_METHODS
 from ..models.adapters import ADAPTER_KINDS
 from .boundary import emit_json, stderr
+
+PIPE_WIDTH = 120  # results written to a file or pipe: wide enough for every table, as a log reader expects
+
+
+class StdoutConsole(Console):
+    """Results on stdout: as wide as the terminal (120 columns in a file or pipe). A reader that goes away
+    (`| head -1`) ends the command quietly with the shell's SIGPIPE status, as other tools end."""
+
+    def __init__(self) -> None:
+        super().__init__(width=None if sys.stdout.isatty() else PIPE_WIDTH, highlight=False, emoji=False)
+
+    def on_broken_pipe(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit: no complaint
+        raise SystemExit(EXIT_PIPE)
 
 
 def render_table(table: Any, mode: str, console: Console | None = None) -> None:
@@ -27,7 +45,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     if json_out:
         emit_json(summary)
         return
-    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False, emoji=False)
+    out = StdoutConsole()
     table = Table(
         title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
@@ -62,3 +80,42 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     for kind in ADAPTER_KINDS:
         for entry in summary.get(kind.name, []):
             out.print(kind.plan_line(entry), markup=False)
+
+
+def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:
+    """`batch --dry-run`: each job's plan, on stdout: one JSON line per job, or one table (a row per job)."""
+    if json_out:
+        for plan in plans:
+            emit_json(plan)
+        return
+    out = StdoutConsole()
+    table = Table(title=f"{len(plans)} jobs planned; nothing loaded", title_justify="left")
+    for col in ("job", "size", "stages", "steps", "est. peak GiB", "output"):
+        table.add_column(col, overflow="fold")
+    for plan in plans:
+        stages = " > ".join(s["size"] for s in plan["stages"])
+        peak = max((s["estimated_peak_gib"] for s in plan["stages"]), default=0.0)
+        steps = sum(s["steps"] for s in plan["stages"])
+        table.add_row(
+            str(plan["index"]),
+            f"{plan['width']}x{plan['height']}",
+            stages,
+            str(steps),
+            f"{peak:.2f}",
+            plan["output"] or "(named once its seed is drawn)",
+        )
+    render_table(table, "rich" if out.is_terminal else "plain", out)
+    for plan in plans:
+        for note in plan["notes"]:
+            stderr.print(f"note: job {plan['index']}: {note}", markup=False, highlight=False)
+
+
+def render_presets(presets: list[Any]) -> None:
+    """`presets list`: a name and a description per preset, on stdout, as wide as the terminal."""
+    table = Table(title="presets", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description")
+    for preset in presets:
+        table.add_row(escape(preset.name), escape(preset.description))
+    out = StdoutConsole()
+    render_table(table, "rich" if out.is_terminal else "plain", out)

@@ -132,7 +132,7 @@ class Reporter:
 
     # events --------------------------------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
-        if self.mode == "quiet":
+        if self.mode == "quiet" and not (isinstance(event, Note) and event.level == "error"):
             return
         if not isinstance(event, (Note, Working)):
             self._work_done()
@@ -150,13 +150,14 @@ class Reporter:
             self._stage_finished(event)
 
     def note(self, message: str, level: str = "info") -> None:
-        if self.mode == "quiet":
+        """A line of news; errors (a batch stopped on a full disk) also with --quiet."""
+        if self.mode == "quiet" and level != "error":
             return
-        prefix = "warning: " if level == "warning" else ""
-        if self.mode == "plain":
+        prefix = f"{level}: " if level in ("warning", "error") else ""
+        if self.mode != "rich":
             self._line(f"{prefix}{message}")
         else:
-            style = "yellow" if level == "warning" else "dim"
+            style = {"warning": "yellow", "error": "bold red"}.get(level, "dim")
             self.console.print(f"[{style}]{prefix}[/]{escape(message)}", highlight=False, soft_wrap=True)
 
     def _working(self, event: Working) -> None:
@@ -331,22 +332,24 @@ def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
 def batch_table(summary: BatchSummary) -> Table:
     """Counts, then every failed job with its reason (a farm log should say what to rerun)."""
     failed = [o for o in summary.outcomes if o.status == "failed"]
-    table = Table(title=escape(f"batch: {summary.shard.describe()}"), title_justify="left")
-    for name in ("jobs", "done", "skipped", "claimed", "failed", "seconds"):
+    where = "" if summary.out is None else f" -> {summary.out}"
+    table = Table(title=escape(f"batch: {summary.shard.describe()}{where}"), title_justify="left")
+    statuses = ("done", "skipped", "claimed", "failed", *(("stopped",) if summary.stopped else ()))
+    for name in ("jobs", *statuses, "seconds"):
         table.add_column(name, justify="right")
     table.add_row(
         str(summary.total_jobs),
-        str(summary.count("done")),
-        str(summary.count("skipped")),
-        str(summary.count("claimed")),
-        str(len(failed)),
+        *(str(summary.count(status)) for status in statuses),
         f"{sum(o.seconds.get('total', 0.0) for o in summary.outcomes):.1f}",
     )
+    lines = [f"stopped: {summary.stopped}"] if summary.stopped else []
     if failed:
-        table.caption = escape(
+        lines.append(
             "failed: "
-            + "; ".join(f"#{o.index}: {o.error}" for o in failed[:20])
+            + "; ".join(f"job {o.index}: {o.error}" for o in failed[:20])
             + (f" (+{len(failed) - 20} more)" if len(failed) > 20 else "")
         )
+    if lines:
+        table.caption = escape("\n".join(lines))
         table.caption_justify = "left"
     return table

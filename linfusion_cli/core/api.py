@@ -27,12 +27,14 @@ from ..base.events import CancelToken, EventSink, ignore
 from ..io.images import load_rgb
 from . import run
 from .batch import BatchSummary, run_batch
+from .batch_plan import batch_dry_run
 from .jobs import flags_layer, resolve_job
 from .plan_report import placement, plan_anywhere
 from .prepare import RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
 from .run import EngineCache
 from .settings import JobSpec
+from .shards import resolve_shard
 
 DEFAULT_MAX_INPUT_PIXELS = 1_000_000_000
 
@@ -136,6 +138,12 @@ class Generator:
             cancel=cancel,
             engines=self.engines(),
         )
+
+    def plan_batch(
+        self, file: str | Path, *, base_seed: int | None = None, shard: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`linfusion batch --dry-run`: every job of the file checked, this shard's planned; nothing loads."""
+        return batch_dry_run(Path(file), self.defaults, self.options, base_seed, resolve_shard(shard))
 
     def engines(self) -> EngineCache:
         """The loaded model this generator keeps between calls (none loaded until a job needs it)."""

@@ -55,7 +55,20 @@ def _files() -> dict[str, Path]:
 
 
 def list_presets() -> list[Preset]:
-    return [load_preset(str(path)) for path in _files().values()]
+    """Every preset that loads (see `scan_presets` for the ones that do not)."""
+    return scan_presets()[0]
+
+
+def scan_presets() -> tuple[list[Preset], list[str]]:
+    """(the presets that load, what is wrong with each that does not): one broken file of yours does not hide
+    the others."""
+    presets, problems = [], []
+    for path in _files().values():
+        try:
+            presets.append(load_preset(str(path)))
+        except UsageError as exc:
+            problems.append(str(exc))
+    return presets, problems
 
 
 def load_preset(name_or_file: str) -> Preset:
