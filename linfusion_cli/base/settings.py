@@ -76,10 +76,6 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def fresh_default(self) -> Any:
-        """The default, copied when it is a list (a job may change its own)."""
-        return list(self.default) if isinstance(self.default, list) else self.default
-
     def read(self, value: Any, *, from_text: bool = False) -> Any:
         """A value as given (a flag's text, a YAML/JSON value, a CSV cell) -> the setting's value, or None for
         'not set' (`from_text`: blank text is 'not set', as an empty CSV cell). TypeError/ValueError say what is

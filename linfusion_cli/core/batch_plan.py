@@ -10,7 +10,6 @@ is checked in seconds, and each task plans and names its own 50 in full.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +83,8 @@ def plan_batch(
 def _signature(job: JobSpec, input_size: tuple[int, int] | None) -> str:
     """What a job's checks depend on: its settings but the per-image ones, which layers set them (an upscale keeps
     its input's aspect unless one did), and its input image's size."""
-    settings = {k: v for k, v in job.settings().items() if k not in PER_IMAGE}
-    return json.dumps([settings, sorted(job.sources), input_size], sort_keys=True, default=str)
+    settings = [(k, v) for k, v in job.settings().items() if k not in PER_IMAGE]  # in the table's order
+    return repr([settings, sorted(job.sources), input_size])
 
 
 def _input_size(job: JobSpec, options: RunOptions) -> tuple[int, int]:

@@ -346,7 +346,10 @@ class JobSpec:
         unknown = sorted(set(values) - set(settings))
         if unknown:
             raise TypeError(f"not job settings: {', '.join(unknown)}")
-        merged = {name: setting.fresh_default() for name, setting in settings.items()}
+        merged = {name: setting.default for name, setting in settings.items()}
+        for name, value in merged.items():
+            if isinstance(value, list):  # a job may change its own
+                merged[name] = list(value)
         merged.update(values)
         object.__setattr__(self, "_values", merged)
         object.__setattr__(self, "sources", {})
