@@ -189,7 +189,9 @@ def test_batch_dry_run_plans_every_job_and_loads_nothing(runner, tmp_path: Path,
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text("- prompt: a\n  seed: 3\n- prompt: b\n  size: 512\n")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["batch", str(jobs), "--model", "tiny", "--size", "256", "--out", str(out), "--dry-run"])
+    result = runner.invoke(
+        app, ["batch", str(jobs), "--model", "tiny", "--size", "256", "--out", str(out), "--dry-run"]
+    )
     assert result.exit_code == 0, result.stderr
     assert "2 jobs planned; nothing loaded" in result.stdout and "00000_a_3_256x256_" in result.stdout
     result = runner.invoke(app, ["batch", str(jobs), "--model", "tiny", "--dry-run", "--json", "--out", str(out)])
@@ -221,4 +223,3 @@ def test_a_pipe_closed_under_plan_is_quiet(processes) -> None:
     _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err and "Exception ignored" not in err
     assert proc.returncode in (0, 141)
-

@@ -47,7 +47,11 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
-DEFAULT_REFINE = REFINE_METHODS.names()[0]  # the first method listed is the default
+DEFAULT_REFINE = REFINE_METHODS.names()[0]
+SIZE_CONDITIONING = (
+    "stage",
+    "target",
+)  # the default first: see sampling.conditioning_size  # the first method listed is the default
 FLAGS = "command line"  # the `where` of the flags layer: errors then name the flag itself
 
 
@@ -174,6 +178,18 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1].",
         SIZE_PANEL,
         check=_strengths_ok,
+    ),
+    Setting(
+        "size_cond",
+        "str",
+        SIZE_CONDITIONING[0],
+        "SDXL's size conditioning (time_ids) at each stage: stage (the stage's own size) or target (the final "
+        "output's at every stage, base included, as LinFusion's official SDXL pipeline does) \\[default: stage].",
+        SIZE_PANEL,
+        (*RENDER_COMMANDS, BENCH),
+        choices=lambda: SIZE_CONDITIONING,
+        key_if_default=False,  # added later: images made before it keep their names
+        metavar="stage|target",
     ),
     Setting(
         "scheduler",

@@ -22,8 +22,8 @@ from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
 from .memory import Meter
-from .refine import JobRefiner, StageGuide
-from .sampling import StageInputs, denoise, initial_noise, stage_timesteps
+from .refine import JobRefiner, StageGuide, refine_ratio
+from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .text import Conditioning
 from .vae import LATENT_SCALE, TiledVAE
@@ -173,9 +173,8 @@ def _run_stage(
         del image
 
         # 2. Denoise.
-        inputs = StageInputs(
-            run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split, extras=start.extras
-        )
+        size = conditioning_size(job, stage, run.plan)
+        inputs = StageInputs(run.cond, job.guidance, size, cfg_split=settings.cfg_split, extras=start.extras)
 
         def on_step(step: int, total: int) -> None:
             run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(engine.device)))
@@ -229,7 +228,7 @@ def _starting_latents(
     noise = initial_noise(latent_shape, seed + stage.index, device)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = run.refiner.guide(
-        max(1, round(stage.width / run.base_width)),
+        refine_ratio(stage, run.plan, run.base_width, engine.comps.native_size),
         encoded,
         noise,
         int(scheduler.config.num_train_timesteps),
