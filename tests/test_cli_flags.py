@@ -32,6 +32,8 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--seed", "42"], {"seed": 42}),
     (["--seed", "-1"], {"seed": None}),
     (["--scheduler", "euler"], {"scheduler": "euler"}),
+    (["--size-cond", "target"], {"size_cond": "target"}),
+    (["--refine", "DemoFusion"], {"refine": "demofusion"}),
     (["--scheduler", "DPM++ 2M Karras"], {"scheduler": "dpm++2m-karras"}),
     (["--scheduler", "Euler a"], {"scheduler": "euler-a"}),
     (["--strengths", "0.3,0.2"], {"strengths": [0.3, 0.2]}),
