@@ -56,6 +56,7 @@ class Setting:
     in_key: bool = True  # decides the pixels: enters the settings key that names outputs
     when: tuple[str, str] | None = None  # only in effect (and in the key) when setting when[0] is when[1]
     key_if_default: bool = True  # False for settings added after outputs were named: their default adds nothing
+    key_of: Callable[[Any], Any] | None = None  # what enters the key for a value (a file's content, not its path)
     in_presets: bool = True  # a preset may set it (not what belongs to one image: prompt, seed, name...)
     check: Check | None = None
     normalize: Callable[[Any], Any] | None = None  # the spelling a person types -> ours (None: not set)
@@ -63,7 +64,6 @@ class Setting:
     complete: Callable[[str], list[str]] | None = None  # tab completion where `choices` cannot say
     flags: tuple[str, ...] = ()  # more spellings of the flag (-s); `--name-with-dashes` is always one
     metavar: str | None = None
-    repeatable: bool = True  # "refs"/"texts": the flag may be given several times
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -194,11 +194,11 @@ def _float(value: Any) -> float:
 
 
 def text_items(value: Any) -> list[str]:
-    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them."""
-    items = value.split(";") if isinstance(value, str) else value
+    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them (each may hold several)."""
+    items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
         raise TypeError(f"must be text or a list of texts (got {value!r})")
-    return [i.strip() for i in items if i.strip()]
+    return [part.strip() for item in items for part in item.split(";") if part.strip()]
 
 
 def parse_floats(value: Any) -> list[float]:
@@ -302,5 +302,5 @@ def key_values(values: Mapping[str, Any], table: Mapping[str, Setting]) -> dict[
             continue
         if not setting.key_if_default and value == setting.default:
             continue
-        chosen[name] = value
+        chosen[name] = value if setting.key_of is None else setting.key_of(value)
     return chosen

@@ -13,7 +13,7 @@ from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
 from ..models.families import Family
 from ..models.hub import hub_offline, missing_from_cache, model_source
-from .prepare import Prepared, RunOptions
+from .prepare import BUILTIN_LINFUSION, Prepared, RunOptions
 from .settings import JobSpec
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
 DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
-BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
 
 
 def placement(options: RunOptions) -> tuple[torch.device, torch.dtype]:

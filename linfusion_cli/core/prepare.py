@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..base.errors import UsageError
+from ..base.errors import ModelNotFoundError, UsageError
 from ..base.plan import Plan
 from ..base.precision import AUTO, PRECISIONS, precision_name
 from ..base.registry import did_you_mean
@@ -22,6 +22,7 @@ from ..io.names import output_stem
 from ..io.output import OutputPaths
 from ..models.adapters import ADAPTER_KINDS, preflight
 from ..models.families import Family, peek_family
+from ..models.hub import looks_like_hub_id
 from .metadata import settings_key
 from .planning import make_plan
 from .settings import FLAGS, JobSpec
@@ -34,6 +35,8 @@ SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool a
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
 WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
 ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
+BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
+LINFUSION_FILES = "config.json + diffusion_pytorch_model.safetensors, the official format"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ def plan_for(
     """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
     job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
+    check_linfusion_source(job.linfusion)
     preflight(job, family, options.allow_pickle)
     native = family.native_size if family else ASSUMED_NATIVE
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
@@ -150,6 +154,22 @@ def plan_for(
     for kind in ADAPTER_KINDS:
         prep.notes.extend(kind.notes(job, size, len(prep.plan.stages)))
     return prep
+
+
+def check_linfusion_source(source: str) -> None:
+    """--linfusion PATH exists, as a folder, before the model loads (a hub id is found once fetched, or offline
+    by the plan's checks)."""
+    if source in BUILTIN_LINFUSION:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UsageError(f"--linfusion '{source}' is a file; give the checkpoint's folder ({LINFUSION_FILES})")
+    if not looks_like_hub_id(source):
+        raise ModelNotFoundError(
+            f"LinFusion checkpoint '{source}' does not exist: give a folder ({LINFUSION_FILES}), a hub id, auto or none"
+        )
 
 
 def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[str]:

@@ -99,12 +99,15 @@ def source_kind(source: str) -> str:
 
 
 def _family_label(cross: Any, addition: Any, widths: tuple[int, ...]) -> str:
-    """The family a ControlNet's signature matches (only the first block width may be known)."""
-    for family in FAMILIES:
-        if (family.cross_attention_dim, family.addition_embed_type) == (cross, addition) and (
-            widths == family.block_out_channels[: len(widths)]
-        ):
+    """The family a ControlNet's signature matches (only the first block width may be known); failing that, the
+    family whose text width and added embeddings it has (an SDXL-shaped one of other widths is still SDXL's)."""
+    shaped = [f for f in FAMILIES if (f.cross_attention_dim, f.addition_embed_type) == (cross, addition)]
+    for family in shaped:
+        if widths == family.block_out_channels[: len(widths)]:
             return family.label
+    if shaped:
+        embeds = f", {addition} embeddings" if addition else ""
+        return f"a model shaped like {shaped[0].label} (cross-attention width {cross}{embeds}, block widths {list(widths)})"
     return f"an unknown family (cross-attention width {cross}, block widths {list(widths)})"
 
 
@@ -242,6 +245,11 @@ def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: in
     """What a user should know about a job's control images: stretched to another shape, or never used."""
     if job.control_image and not job.controlnet:
         raise UsageError("--control-image needs a --controlnet to condition")
+    if job.control_stages and len(job.control_stages) > stages:
+        raise UsageError(
+            f"--control-stages gives {plural(len(job.control_stages), 'scale')} but the plan has "
+            f"{plural(stages, 'stage')}: give at most {stages} (the last one repeats)"
+        )
     notes: list[str] = []
     for ref, image in zip(refs, job.control_image or (), strict=False):
         if image == PREVIOUS:
