@@ -146,7 +146,7 @@ def test_sidecars_named_before_image_json_are_recognised(runner, tmp_path: Path)
 
 def test_slurm_count_without_min_max_is_refused() -> None:
     for task in ("2", "3"):
-        with pytest.raises(UsageError, match="inconsistent.*no MIN.*--shard K/N"):
+        with pytest.raises(UsageError, match=r"inconsistent.*no MIN.*--shard K/N"):
             resolve_shard(None, {"SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2"})
 
 
