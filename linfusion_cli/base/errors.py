@@ -83,6 +83,10 @@ class InputImageError(UsageError):
 class Interrupted(LinFusionError):
     """The run was stopped by SIGINT/SIGTERM at a safe point; exit_code says which."""
 
-    def __init__(self, signal_name: str, exit_code: int) -> None:
-        super().__init__(f"stopped by {signal_name}; finished outputs are kept, rerun the same command to resume")
+    def __init__(self, signal_name: str, exit_code: int, resumable: bool = False) -> None:
+        """`resumable`: rerunning the command picks up where it stopped (a batch, a distillation); one image with
+        a random seed cannot be "resumed", it is made again."""
+        tail = "finished outputs are kept: rerun the same command to resume" if resumable else "nothing was saved"
+        super().__init__(f"interrupted by {signal_name}; {tail}")
+        self.signal_name = signal_name
         self.exit_code = exit_code

@@ -39,6 +39,7 @@ DEVICE_PANEL = "Device"
 # The commands that take job settings as flags.
 GENERATE, PLAN, UPSCALE, BATCH, BENCH = "generate", "plan", "upscale", "batch", "bench pipeline"
 RENDER_COMMANDS = (GENERATE, PLAN, UPSCALE, BATCH)
+WITH_BENCH = (*RENDER_COMMANDS, BENCH)  # settings `bench pipeline` takes too: it times jobs as users run them
 
 Check = Callable[[Any], "str | None"]  # a problem description, or None
 

@@ -246,8 +246,15 @@ def boundary() -> Iterator[None]:
         stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
+        stderr.print("[bold red]interrupted[/]", highlight=False)
         raise typer.Exit(EXIT_SIGINT) from None
+
+
+def say_stopping(signal_name: str) -> None:
+    """At the first Ctrl-C (or SIGTERM): say at once that the command is stopping, straight to stderr's file
+    descriptor (a signal handler must not wait on the console's lock)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"\n{signal_name}: stopping at the next safe point (again: stop at once)\n".encode())
 
 
 def emit_json(data: Any) -> None:

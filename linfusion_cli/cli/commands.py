@@ -118,6 +118,7 @@ def _progress(mode: str) -> Iterator[tuple[Reporter, CancelToken]]:
     restore = cancel.install()
     try:
         with Reporter(stderr, mode) as reporter:
+            cancel.on_request = reporter.stopping
             yield reporter, cancel
     finally:
         restore()

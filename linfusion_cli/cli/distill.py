@@ -10,7 +10,17 @@ import typer
 
 from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL
 from ..core.plan_report import check_device
-from .boundary import CHECKPOINT_PANEL, EVAL_PANEL, TRAIN_PANEL, boundary, emit_json, output_mode, setup_logging, stderr
+from .boundary import (
+    CHECKPOINT_PANEL,
+    EVAL_PANEL,
+    TRAIN_PANEL,
+    boundary,
+    emit_json,
+    output_mode,
+    say_stopping,
+    setup_logging,
+    stderr,
+)
 from .options import FLAG, AllowPickleOpt, QuietOpt
 
 if TYPE_CHECKING:
@@ -183,7 +193,7 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
     from ..train.distill import distill as run_distill
     from .report_distill import DistillReporter, distill_table
 
-    cancel = CancelToken()
+    cancel = CancelToken(on_request=say_stopping)
     restore = cancel.install()
     try:
         with DistillReporter(stderr, mode, log_every, emit_json if json_out else None) as reporter:

@@ -17,6 +17,7 @@ from ..engine.refine import REFINE_METHODS
 from ..models.adapters import ADAPTER_KINDS
 from .boundary import emit_json, stderr
 
+UNBOUNDED = 100_000  # columns to measure a table's natural width in
 PIPE_WIDTH = 120  # results written to a file or pipe: wide enough for every table, as a log reader expects
 
 
@@ -33,9 +34,27 @@ class StdoutConsole(Console):
         raise SystemExit(EXIT_PIPE)
 
 
+def lines_if_wider(table: Table, width: int | None, console: Console) -> Table:
+    """`table` if it fits `width` columns (None: no limit); else the same rows as lines, `stage 2 refine: size
+    256x256, steps 3, ...`, wrapped at words. Squeezed into a narrow terminal, rich cuts cells ("128x..."): a
+    size or a number must never be cut."""
+    natural = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
+    if width is None or natural <= width:
+        return table
+    headers = [str(column.header) for column in table.columns]
+    lines = Table(title=table.title, title_justify="left", caption=table.caption, caption_justify="left", box=None)
+    lines.show_header = False
+    lines.add_column()
+    for first, *rest in zip(*(list(column.cells) for column in table.columns), strict=True):
+        head = str(first) if str(first) == "total" else f"{headers[0]} {first}"
+        fields = ", ".join(f"{name} {cell}" for name, cell in zip(headers[1:], rest, strict=True) if str(cell))
+        lines.add_row(f"{head}: {fields}")
+    return lines
+
+
 def render_table(table: Any, mode: str, console: Console | None = None) -> None:
     """A table on stderr (or `console`); plain ASCII in logs, where box drawing turns to mojibake."""
-    if mode == "plain":
+    if mode == "plain" and table.box is not None:
         table.box = box.ASCII
     (console or stderr).print(table)
 
@@ -69,7 +88,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             s["vae"],
         )
     table.title = escape(str(table.title))
-    render_table(table, "rich" if out.is_terminal else "plain", out)
+    render_table(lines_if_wider(table, out.width, out), "rich" if out.is_terminal else "plain", out)
     for note in summary["notes"]:
         stderr.print(f"note: {note}", markup=False, highlight=False)
     output = f"output: {summary['output']}; " if summary.get("output") else ""

@@ -26,6 +26,7 @@ from ..base.errors import (
     EXIT_PARTIAL,
     DiskFullError,
     InputImageError,
+    Interrupted,
     LinFusionError,
     OutputClosedError,
     UsageError,
@@ -193,7 +194,10 @@ def run_batch(
     record = _Outcomes(summary, on_line)
     todo = _to_make(plan.jobs, plan.unavailable, options, events, record)
     if todo:
-        summary.stopped = _render(todo, options, fail_fast, events, record, cancel, engines)
+        try:
+            summary.stopped = _render(todo, options, fail_fast, events, record, cancel, engines)
+        except Interrupted as exc:  # finished jobs are kept and found again: a rerun resumes
+            raise Interrupted(exc.signal_name, exc.exit_code, resumable=True) from None
     if summary.stopped:  # every job of the task gets its line, also those never started
         events(Note("error", summary.stopped))
         reached = {o.index for o in summary.outcomes}

@@ -33,6 +33,7 @@ from ..base.settings import (
     SAMPLER_PANEL,
     SIZE_PANEL,
     UPSCALE,
+    WITH_BENCH,
     Setting,
     in_range,
 )
@@ -137,7 +138,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     _side(
         "size",
         f"Long side of the output: 4096, 8k, 16K (x1024), or WxH like 4096x2048 \\[default: {DEFAULT_SIZE}].",
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         flags=("-s",),
         metavar="PX",
     ),
@@ -159,7 +160,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         50,
         "Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].",
         SAMPLER_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         check=in_range(1, 1000),
     ),
     Setting(
@@ -168,6 +169,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         7.5,
         "Classifier-free guidance scale \\[default: 7.5].",
         SAMPLER_PANEL,
+        WITH_BENCH,
         check=in_range(0.0, 50.0),
         flags=("-g",),
     ),
@@ -177,6 +179,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1].",
         SIZE_PANEL,
+        WITH_BENCH,
         check=_strengths_ok,
     ),
     Setting(
@@ -186,7 +189,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "SDXL's size conditioning (time_ids) at each stage: stage (the stage's own size) or target (the final "
         "output's at every stage, base included, as LinFusion's official SDXL pipeline does) \\[default: stage].",
         SIZE_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         choices=lambda: SIZE_CONDITIONING,
         key_if_default=False,  # added later: images made before it keep their names
         metavar="stage|target",
@@ -198,7 +201,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
         "\\[default: ddim].",
         SAMPLER_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         normalize=scheduler_name,
         choices=lambda: SCHEDULERS,
     ),
@@ -226,7 +229,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     _side(
         "base_size",
         "Long side of the base stage, px \\[default: the model's native size].",
-        NOT_UPSCALE,
+        (*NOT_UPSCALE, BENCH),
         metavar="PX",
         in_key=True,
     ),
@@ -256,7 +259,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "VAE tile side, px \\[default: automatic from free memory].",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         check=in_range(64, MAX_SIDE),
     ),
@@ -266,7 +269,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         False,
         "Most frugal memory settings (24 GB cards at 16K).",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
     ),
     Setting(
@@ -275,7 +278,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "Plan memory for at most this many GiB.",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         check=in_range(0.5, 4096),
         metavar="GIB",
@@ -287,6 +290,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         _strength_help,
         REFINE_PANEL,
+        WITH_BENCH,
         check=in_range(0.0, 1.0),
     ),
     Setting(
@@ -295,6 +299,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         DEFAULT_REFINE,
         _refine_help,
         REFINE_PANEL,
+        WITH_BENCH,
         choices=REFINE_METHODS.names,
         metavar="METHOD",
     ),
@@ -304,7 +309,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "A recipe of settings: a preset name (see `linfusion presets list`) or a YAML file.",
         PROMPT_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         in_presets=False,
         flags=("-p",),

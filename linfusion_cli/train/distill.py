@@ -565,7 +565,7 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
                         save("signal")
                     _barrier(dist)
                     name, code = cancel.reason if cancel is not None and cancel.reason else ("SIGTERM", EXIT_SIGTERM)
-                    raise Interrupted(name, code)
+                    raise Interrupted(name, code, resumable=True)
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     save("final" if step == cfg.steps else "every")
                     saved_step = step

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import ModelNotFoundError, UsageError
-from ...base.settings import CONTROL_PANEL, AdapterRef, Job, Setting, in_range
+from ...base.settings import CONTROL_PANEL, WITH_BENCH, AdapterRef, Job, Setting, in_range
 from ...base.text import plural
 from ...io.images import open_image
 from ..adapter_kind import AdapterKind
@@ -267,7 +267,9 @@ def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: in
 
 
 def _fraction(name: str, default: float, help: str) -> Setting:
-    return Setting(name, "float", default, help, CONTROL_PANEL, check=in_range(0.0, 1.0), metavar="FRACTION")
+    return Setting(
+        name, "float", default, help, CONTROL_PANEL, WITH_BENCH, check=in_range(0.0, 1.0), metavar="FRACTION"
+    )
 
 
 def _stage_scales_ok(values: list[float]) -> str | None:
@@ -288,6 +290,7 @@ class ControlNetKind(AdapterKind):
             help="A ControlNet (repeatable): diffusers folder, .safetensors file, hub id, or tiny (built-in, random); "
             ":SCALE weights it \\[default scale: 1]. Its own self-attention runs linear too (LinFusion).",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             metavar="SRC[:SCALE]",
         ),
         Setting(
@@ -296,6 +299,7 @@ class ControlNetKind(AdapterKind):
             help="One per --controlnet, in order: the image it follows (resized to every stage), or previous: each "
             "refine stage's upscaled previous image, what a tile ControlNet wants (base stages run without it).",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             metavar="FILE|previous",
         ),
         _fraction("control_start", 0.0, "ControlNets act from this fraction of each stage's steps \\[default: 0]."),
@@ -306,6 +310,7 @@ class ControlNetKind(AdapterKind):
             help="ControlNet scale per stage, first to last, the last repeating; 0,1 turns them off in the base "
             "stage \\[default: 1 everywhere].",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             check=_stage_scales_ok,
             metavar="SCALES",
         ),
