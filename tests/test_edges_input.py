@@ -114,3 +114,24 @@ def test_too_many_colon_parts_in_an_adapter(runner, no_model_loads, flag: str) -
 def test_a_size_of_x_says_what_a_size_is(tmp_path: Path) -> None:
     with pytest.raises(JobFileError, match=r"must be one side like 4096 or 16k, or WxH like 4096x2048, got 'x'"):
         read_job_file(write(tmp_path, "p.yaml", "- prompt: a\n  size: x\n"))
+
+
+def test_a_preset_mixed_with_your_size_says_what_it_still_sets_and_adapts_its_strengths(runner, no_model_loads) -> None:
+    result = runner.invoke(app, ["plan", "--preset", "sd15-16k", "--size", "4k", "--json"])
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert (plan["width"], plan["height"]) == (4096, 2048)
+    assert [s["strength"] for s in plan["stages"][1:]] == [0.4, 0.1]  # the preset's curve, first and last kept
+    notes = " ".join(plan["notes"])
+    assert "from preset sd15-16k: aspect 2:1, base_size 1024, strengths 0.4,0.3,0.2,0.1" in notes
+    assert "its size 16384 replaced by yours" in notes and "(--strengths chooses)" in notes
+
+
+def test_strengths_a_person_wrote_are_still_checked(runner, no_model_loads, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plan", "--size", "4k", "--strengths", "0.4,0.3"])
+    assert result.exit_code == 2 and "--strengths has 2 values but this plan has 3 refine stages" in result.stderr
+    jobs = write(tmp_path, "p.yaml", "- prompt: a\n  size: 1024\n  strengths: [0.4, 0.3, 0.2, 0.1, 0.05]\n")
+    bad = runner.invoke(app, ["batch", str(jobs), "--dry-run"])
+    assert bad.exit_code == 2 and "p.yaml line 1 (job 0) gives 5 strengths" in bad.stderr
+    one_stage = runner.invoke(app, ["plan", "--model", "tiny", "--size", "128", "--strengths", "0.3", "--json"])
+    assert one_stage.exit_code == 0 and "strengths ignored: one stage" in one_stage.stdout
