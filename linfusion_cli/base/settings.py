@@ -38,6 +38,7 @@ OUTPUT_PANEL = "Output"
 DEVICE_PANEL = "Device"
 # The commands that take job settings as flags.
 GENERATE, PLAN, UPSCALE, BATCH, BENCH = "generate", "plan", "upscale", "batch", "bench pipeline"
+REPLAY = "replay"  # takes the engine's settings (a model that moved): they replace the sidecar's
 RENDER_COMMANDS = (GENERATE, PLAN, UPSCALE, BATCH)
 WITH_BENCH = (*RENDER_COMMANDS, BENCH)  # settings `bench pipeline` takes too: it times jobs as users run them
 
@@ -58,6 +59,7 @@ class Setting:
     when: tuple[str, str] | None = None  # only in effect (and in the key) when setting when[0] is when[1]
     key_if_default: bool = True  # False for settings added after outputs were named: their default adds nothing
     key_of: Callable[[Any], Any] | None = None  # what enters the key for a value (a file's content, not its path)
+    path: bool = False  # a file the job reads: `replay` finds a relative one beside the sidecar
     in_presets: bool = True  # a preset may set it (not what belongs to one image: prompt, seed, name...)
     check: Check | None = None
     normalize: Callable[[Any], Any] | None = None  # the spelling a person types -> ours (None: not set)

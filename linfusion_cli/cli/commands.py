@@ -14,11 +14,20 @@ from rich.markup import escape
 
 from ..base.errors import EXIT_SIGINT
 from ..base.events import CancelToken
-from ..base.settings import BATCH, DEVICE_PANEL, GENERATE, OUTPUT_PANEL, PLAN, PROMPT_PANEL, SAMPLER_PANEL, UPSCALE
+from ..base.settings import (
+    BATCH,
+    DEVICE_PANEL,
+    GENERATE,
+    OUTPUT_PANEL,
+    PLAN,
+    PROMPT_PANEL,
+    REPLAY,
+    SAMPLER_PANEL,
+    UPSCALE,
+)
 from ..core.presets import load_preset, scan_presets
-from ..core.replay import job_from_sidecar
+from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
-from ..io.metadata import read_metadata
 from .bench import bench_app
 from .boundary import (
     Command,
@@ -368,6 +377,7 @@ def batch(
 
 
 @app.command(cls=Command, epilog=REPLAY_EXAMPLES)
+@with_settings(REPLAY)
 def replay(
     sidecar: Annotated[
         Path,
@@ -375,6 +385,7 @@ def replay(
             metavar="SIDECAR", help="A sidecar .json that linfusion wrote next to an image.", show_default=False
         ),
     ],
+    settings: dict[str, Any],
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
@@ -389,11 +400,12 @@ def replay(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Regenerate an image from its sidecar: same settings, same seed."""
+    """Regenerate an image from its sidecar: same settings, same seed (--model, --linfusion, --vae replace the
+    recorded ones: a model folder that moved)."""
     mode = output_mode(quiet)
     setup_logging(mode)
     with boundary():
-        job, recorded_dtype = job_from_sidecar(sidecar)
+        job, recorded_dtype = job_from_sidecar(sidecar, settings)  # --model and the like replace the recorded
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
         _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
 
@@ -402,14 +414,18 @@ def replay(
 def info(
     image: Annotated[
         Path,
-        typer.Argument(metavar="IMAGE", help="An image linfusion (or AUTOMATIC1111) wrote.", show_default=False),
+        typer.Argument(
+            metavar="IMAGE",
+            help="An image linfusion (or AUTOMATIC1111) wrote, or its sidecar (IMAGE.png.json).",
+            show_default=False,
+        ),
     ],
     json_out: JsonOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
-    """Print the generation parameters stored in an image (on stdout)."""
+    """Print the generation parameters stored in an image or its sidecar (on stdout)."""
     with boundary():
-        meta = read_metadata(image, max_input_pixels)
+        meta = describe(image, max_input_pixels)
         if json_out:
             emit_json(meta)
             return

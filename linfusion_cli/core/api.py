@@ -96,9 +96,10 @@ class Generator:
         job = self.job(prompt, require_prompt=False, image=str(image), **settings)
         return self.run(job, cancel=cancel)
 
-    def replay(self, sidecar: str | Path, *, cancel: CancelToken | None = None) -> Result:
-        """Make an image again from its sidecar: the same settings and seed (`linfusion replay`)."""
-        job, _ = job_from_sidecar(Path(sidecar))
+    def replay(self, sidecar: str | Path, *, cancel: CancelToken | None = None, **settings: Any) -> Result:
+        """Make an image again from its sidecar: the same settings and seed (`linfusion replay`); `settings`
+        (model=... where the model moved) replace the recorded ones."""
+        job, _ = job_from_sidecar(Path(sidecar), settings)
         return self.run(job, cancel=cancel)
 
     def run(self, job: JobSpec, *, dry_run: bool = False, cancel: CancelToken | None = None) -> Result:

@@ -30,6 +30,7 @@ from ..base.settings import (
     PROMPT_PANEL,
     REFINE_PANEL,
     RENDER_COMMANDS,
+    REPLAY,
     SAMPLER_PANEL,
     SIZE_PANEL,
     UPSCALE,
@@ -240,6 +241,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random "
         f"weights) \\[default: {DEFAULT_MODEL}].",
         MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
         flags=("-m",),
     ),
     Setting(
@@ -249,9 +251,15 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "LinFusion weights: auto (official for the model's family), none (ordinary attention), or a "
         "checkpoint folder / hub id \\[default: auto].",
         MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
     ),
     Setting(
-        "vae", "str", None, "Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.", MODEL_PANEL
+        "vae",
+        "str",
+        None,
+        "Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.",
+        MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
     ),
     Setting(
         "vae_tile",
@@ -283,7 +291,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         check=in_range(0.5, 4096),
         metavar="GIB",
     ),
-    Setting("image", "str", None, commands=(), in_presets=False),
+    Setting("image", "str", None, commands=(), in_presets=False, path=True),
     Setting(
         "strength",
         "float",

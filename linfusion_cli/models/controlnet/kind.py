@@ -301,6 +301,7 @@ class ControlNetKind(AdapterKind):
             panel=CONTROL_PANEL,
             commands=WITH_BENCH,
             metavar="FILE|previous",
+            path=True,
         ),
         _fraction("control_start", 0.0, "ControlNets act from this fraction of each stage's steps \\[default: 0]."),
         _fraction("control_end", 1.0, "ControlNets act up to this fraction of each stage's steps \\[default: 1]."),

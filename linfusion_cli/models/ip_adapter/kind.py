@@ -257,7 +257,8 @@ class IpAdapterKind(AdapterKind):
             panel=IP_PANEL,
             commands=WITH_BENCH,
             metavar="IMAGE",
-            key_of=content_digest,  # the image, not where it is: an edited file is another job, a moved one is not
+            key_of=content_digest,
+            path=True,  # the image, not where it is: an edited file is another job, a moved one is not
         ),
     )
     fields_rank = 1
