@@ -13,8 +13,9 @@ from typing import Any
 from ..base.errors import JobFileError, UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
+from .layers import merge_layers, validate_layer
 from .presets import load_preset
-from .settings import FLAGS, JobSpec, merge_layers, validate_layer
+from .settings import FLAGS, JobSpec
 
 
 def resolve_job(

@@ -13,7 +13,7 @@ from ..base.errors import UsageError
 from ..base.plan import Plan, StagePlan
 from ..base.sizes import Target, round_side
 from ..base.text import plural
-from ..engine.refine import REFINE_METHODS
+from ..engine.refine import REFINE_METHODS, RefineMethod
 from .presets import PRESET_LABEL  # a preset's layer: its strengths adapt to the size
 
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
@@ -90,7 +90,38 @@ def make_plan(
             what = f"--base-size {base_size}" if base_size else f"the model's native {native} px"
             notes.append(f"target is below {what}: one stage, no refinement")
 
-    count = len(refine_sizes)
+    chosen = _strengths(
+        method, target, base + refine_sizes, len(refine_sizes), strengths, first_strength, strengths_from, notes
+    )
+    stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
+    for (w, h), s in zip(refine_sizes, chosen, strict=True):
+        stages.append(StagePlan(len(stages), w, h, s, method.steps(schedule_steps, s)))
+    if target.note:
+        notes.insert(0, target.note)
+    return Plan(
+        target,
+        tuple(stages),
+        schedule_steps,
+        native,
+        input_size is not None,
+        refine,
+        tuple(notes),
+        method.passes_per_step,
+    )
+
+
+def _strengths(
+    method: RefineMethod,
+    target: Target,
+    route: list[tuple[int, int]],
+    count: int,
+    strengths: list[float] | None,
+    first_strength: float | None,
+    strengths_from: str | None,
+    notes: list[str],
+) -> list[float]:
+    """The refine stages' strengths: the method's schedule, or the ones given (refused when a person's do not fit
+    the plan; a preset's follow its curve at this size, with a note)."""
     if strengths is not None and first_strength is not None:
         notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
     if strengths is None:
@@ -101,8 +132,7 @@ def make_plan(
     else:
         chosen = list(strengths)
         if len(chosen) != count:
-            route = " -> ".join(f"{w}x{h}" for w, h in base + refine_sizes)
-            stages_text = f"{plural(count, 'refine stage')} ({route})"
+            stages_text = f"{plural(count, 'refine stage')} ({' -> '.join(f'{w}x{h}' for w, h in route)})"
             if strengths_from is None:
                 raise UsageError(
                     f"--strengths has {plural(len(chosen), 'value')} but this plan has {stages_text}; "
@@ -120,18 +150,4 @@ def make_plan(
                 f"{target.width}x{target.height} target has {stages_text}: {_values(chosen)}, the same curve "
                 "(--strengths chooses)"
             )
-    stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
-    for (w, h), s in zip(refine_sizes, chosen, strict=True):
-        stages.append(StagePlan(len(stages), w, h, s, method.steps(schedule_steps, s)))
-    if target.note:
-        notes.insert(0, target.note)
-    return Plan(
-        target,
-        tuple(stages),
-        schedule_steps,
-        native,
-        input_size is not None,
-        refine,
-        tuple(notes),
-        method.passes_per_step,
-    )
+    return chosen

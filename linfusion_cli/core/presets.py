@@ -13,7 +13,8 @@ from ..base.errors import UsageError
 from ..base.registry import did_you_mean
 from ..base.text import quote
 from ..io.files import ParseError, load_yaml, read_regular
-from .settings import not_in_presets, validate_layer
+from .layers import validate_layer
+from .settings import not_in_presets
 
 MAX_PRESET_BYTES = 1 << 20
 USER_DIR_ENV = "LINFUSION_HOME"

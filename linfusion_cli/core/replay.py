@@ -11,8 +11,9 @@ from ..base.precision import dtype_flag
 from ..base.schema import schema_problem
 from ..io.files import ParseError, load_json, read_regular
 from ..io.metadata import read_metadata
+from .layers import merge_layers, validate_layer
 from .metadata import a1111_parameters
-from .settings import FLAGS, JobSpec, merge_layers, table, validate_layer
+from .settings import FLAGS, JobSpec, table
 
 SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20

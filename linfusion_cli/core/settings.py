@@ -1,14 +1,10 @@
-"""Every job setting, and the precedence that merges them into one image's settings.
+"""Every job setting, declared once, and the table that holds them.
 
 The settings of the core (prompt, size, sampler, model, memory...) are declared here, once each; adapter kinds
 and refine methods declare theirs beside their code (`AdapterKind.settings`, `RefineMethod.settings`), and
-`table()` puts them together. From the table come job-file and preset validation, the settings key that names
-outputs (core/metadata.py) and every command's flags (cli/options.py).
-
-Precedence (lowest first): built-in defaults < preset < prompt-file defaults < job row < flags the user set.
-Every layer is a plain dict of the keys it sets; `validate_layer` rejects unknown keys, wrong types and
-impossible values with a message naming where the value came from. No torch here: everything is checked before
-any model loads.
+`table()` puts them together. From the table come job-file and preset validation (one value: `coerce`; a whole
+layer and the precedence of layers: core/layers.py), the settings key that names outputs (core/metadata.py) and
+every command's flags (cli/options.py). No torch here: everything is checked before any model loads.
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ from ..base.settings import (
     Setting,
     in_range,
 )
-from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, is_two_sides, parse_aspect, split_size
+from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
 from ..engine.refine import REFINE_METHODS
 from ..engine.schedulers import SCHEDULERS, scheduler_name
@@ -411,7 +407,8 @@ def not_in_presets() -> tuple[str, ...]:
     return tuple(name for name, setting in table().items() if not setting.in_presets)
 
 
-def _problem(where: str, key: str, message: str) -> UsageError:
+def problem(where: str, key: str, message: str) -> UsageError:
+    """A UsageError about one field: `--flag: ...` for the command line, `WHERE: field 'key' ...` elsewhere."""
     if where == FLAGS:
         return UsageError(f"--{key.replace('_', '-')}: {message}")
     return UsageError(f"{where}: field '{key}' {message}")
@@ -437,59 +434,4 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     try:
         return setting.read(value, from_text=from_text)
     except (TypeError, ValueError) as exc:
-        raise _problem(where, setting.name, str(exc)) from None
-
-
-def validate_layer(
-    data: Mapping[str, Any],
-    *,
-    where: str,
-    from_text: bool = False,
-    forbidden: tuple[str, ...] = (),
-    field_where: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Validate one layer (preset, file defaults, a row, flags): known keys (in any case), right types, sane
-    values. `field_where`: where each field is written (its own line), for messages about it."""
-    if not isinstance(data, Mapping):
-        raise UsageError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
-    settings = table()
-    out: dict[str, Any] = {}
-    spelled: dict[str, str] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise UsageError(f"{where}: field names must be text, got {quote(key)}")
-        at = (field_where or {}).get(key, where)
-        name = setting_name(key, settings)
-        if name in spelled:
-            raise UsageError(f"{at}: {quote(spelled[name])} and {quote(key)} are the same field; keep one")
-        spelled[name] = key
-        if name in forbidden:
-            raise UsageError(f"{at}: '{key}' cannot be set here")
-        if name == "size" and is_two_sides(value):
-            if "width" in data or "height" in data:
-                raise _problem(at, name, "is WxH already; leave out width and height")
-            try:
-                sides = split_size(value)
-            except TypeError as exc:
-                raise _problem(at, name, str(exc)) from None
-            for side_key, side in zip(("width", "height"), sides, strict=True):
-                out[side_key] = coerce(name, side, where=at)
-            continue
-        converted = coerce(name, value, where=at, from_text=from_text)
-        if converted is not None:
-            out[name] = converted
-    return out
-
-
-def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bool = True) -> JobSpec:
-    """Merge validated layers, lowest precedence first, into a JobSpec that remembers who set what."""
-    job = JobSpec()
-    for label, layer in layers:
-        for key, value in layer.items():
-            setattr(job, key, list(value) if isinstance(value, list) else value)
-            job.sources[key] = label
-    if require_prompt and not job.prompt.strip() and not job.image:
-        where = job.sources.get("prompt", FLAGS)
-        prefix = "" if where == FLAGS else f"{where}: "
-        raise UsageError(f'{prefix}the prompt is empty: say what to draw, in quotes ("a red fox")')
-    return job
+        raise problem(where, setting.name, str(exc)) from None
