@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from ..base.errors import EXIT_SIGINT
 from ..base.events import CancelToken
@@ -25,7 +24,6 @@ from ..base.settings import (
     SAMPLER_PANEL,
     UPSCALE,
 )
-from ..core.presets import load_preset, scan_presets
 from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
 from .bench import bench_app
@@ -56,7 +54,8 @@ from .options import (
     SaveStagesOpt,
     with_settings,
 )
-from .render import render_batch_plan, render_plan, render_presets, render_table
+from .presets import presets_app
+from .render import render_batch_plan, render_plan, render_table
 from .report import Reporter, batch_table, stage_table
 from .view import VIEW_EXAMPLES, view_command
 
@@ -70,10 +69,6 @@ REPLAY_EXAMPLES = """[bold]Examples[/]
 INFO_EXAMPLES = """[bold]Examples[/]
   linfusion info renders/00003_a-fox_17_4096x4096_1c2d3e4f.png
   linfusion info fox.png.json --json | jq .settings"""
-PRESETS_EXAMPLES = """[bold]Examples[/]
-  linfusion presets list
-  linfusion presets show sdxl-16k
-  linfusion generate "a harbour" --preset sd15-16k"""
 app = typer.Typer(
     name="linfusion",
     cls=Group,
@@ -82,7 +77,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True, epilog=PRESETS_EXAMPLES)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
 app.command("distill", cls=Command, epilog=DISTILL_EXAMPLES)(distill_command)
@@ -434,31 +428,6 @@ def info(
             typer.echo(meta["parameters"])
         else:
             typer.echo("no generation parameters found in this image")
-
-
-@presets_app.command("list", cls=Command, epilog=PRESETS_EXAMPLES)
-def presets_list() -> None:
-    """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
-    with boundary():
-        presets, problems = scan_presets()
-        render_presets(presets)
-        for problem in problems:
-            stderr.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
-
-
-@presets_app.command("show", cls=Command, epilog=PRESETS_EXAMPLES)
-def presets_show(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML file.", show_default=False)],
-) -> None:
-    """Print a preset's description and settings (as YAML)."""
-    import yaml
-
-    with boundary():
-        preset = load_preset(name)
-        typer.echo(f"# {preset.name} ({preset.path})")
-        for line in preset.description.splitlines():
-            typer.echo(f"# {line}")
-        typer.echo(yaml.safe_dump(preset.settings, sort_keys=False).rstrip())
 
 
 def main() -> None:
