@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..base.errors import EXIT_PIPE
+from ..base.errors import EXIT_PIPE, OutputClosedError
 from ..engine.refine import REFINE_METHODS
 from ..models.adapters import ADAPTER_KINDS
 from .boundary import emit_json, stderr
@@ -59,10 +59,19 @@ def render_table(table: Any, mode: str, console: Console | None = None) -> None:
     (console or stderr).print(table)
 
 
+def emit_result(data: dict[str, Any]) -> None:
+    """A result as JSON on stdout; a reader gone (`| head -1`) ends the command quietly, as a table does (nothing
+    is lost: a plan is made again in a moment)."""
+    try:
+        emit_json(data)
+    except OutputClosedError:
+        raise SystemExit(EXIT_PIPE) from None
+
+
 def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     """The plan is the command's result: on stdout, as JSON or a table."""
     if json_out:
-        emit_json(summary)
+        emit_result(summary)
         return
     out = StdoutConsole()
     table = Table(
@@ -105,7 +114,7 @@ def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:
     """`batch --dry-run`: each job's plan, on stdout: one JSON line per job, or one table (a row per job)."""
     if json_out:
         for plan in plans:
-            emit_json(plan)
+            emit_result(plan)
         return
     out = StdoutConsole()
     table = Table(title=f"{len(plans)} jobs planned; nothing loaded", title_justify="left")
