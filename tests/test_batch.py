@@ -101,7 +101,7 @@ def test_invalid_file_exits_2_before_loading(
     path.write_text("prompt,steps\na,10\nb,lots\n")
     result = run(runner, "batch", str(path), *FAST, "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "jobs.csv row 3: field 'steps' must be a whole number" in result.stderr
+    assert "jobs.csv line 3 (job 1): field 'steps' must be a whole number" in result.stderr
 
 
 def test_a_failing_job_does_not_stop_the_batch(runner, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--seed", "42"], {"seed": 42}),
     (["--seed", "-1"], {"seed": None}),
     (["--scheduler", "euler"], {"scheduler": "euler"}),
+    (["--size-cond", "target"], {"size_cond": "target"}),
+    (["--refine", "DemoFusion"], {"refine": "demofusion"}),
     (["--scheduler", "DPM++ 2M Karras"], {"scheduler": "dpm++2m-karras"}),
     (["--scheduler", "Euler a"], {"scheduler": "euler-a"}),
     (["--strengths", "0.3,0.2"], {"strengths": [0.3, 0.2]}),
@@ -173,7 +175,7 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
     summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
     summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
     monkeypatch.setattr(api, "plan_for", fake_plan_for)
-    monkeypatch.setattr(api, "plan_summary", lambda prep, device, dtype, world: summary)
+    monkeypatch.setattr(api, "plan_anywhere", lambda prep, options, world: summary)
     _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")
     _assert_job(seen["job"], {"size": 8192, "aspect": "2:1", "low_vram": True, "max_vram": 20.0, "format": "tiff"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -97,11 +98,12 @@ def test_parse_errors_are_one_line(runner, args, expected) -> None:
     assert expected in lines[0]
 
 
-def test_a_preset_that_does_not_fit_is_blamed(runner) -> None:
+def test_a_preset_that_does_not_fit_is_named_and_its_strengths_follow_the_size(runner) -> None:
     result = run(runner, "plan", "--preset", "sd15-16k", "--size", "2048", "--json")
-    assert result.exit_code == 2
-    assert "preset sd15-16k gives 4 strengths, but a 2048x1024 target has 1 refine stage " in result.stderr
-    assert "--strengths has" not in result.stderr
+    assert result.exit_code == 0
+    notes = " ".join(json.loads(result.stdout)["notes"])
+    assert "preset sd15-16k's 4 strengths (0.4, 0.3, 0.2, 0.1) are for its own size" in notes
+    assert "this 2048x1024 target has 1 refine stage" in notes and "--strengths has" not in notes
 
 
 def test_no_doubled_got(runner) -> None:

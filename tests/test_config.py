@@ -7,7 +7,8 @@ import pytest
 from linfusion_cli.base.errors import UsageError
 from linfusion_cli.base.sizes import parse_aspect, resolve_target
 from linfusion_cli.core.jobs import resolve_job
-from linfusion_cli.core.settings import FLAGS, merge_layers, validate_layer
+from linfusion_cli.core.layers import merge_layers, validate_layer
+from linfusion_cli.core.settings import FLAGS
 
 
 @pytest.mark.parametrize(

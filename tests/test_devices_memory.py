@@ -23,7 +23,6 @@ FAMILY = {f.key: f for f in FAMILIES}
 @pytest.mark.parametrize(
     "args",
     [
-        ["plan", "--size", "1024"],
         ["generate", "a fox", "--model", "tiny", "--dry-run"],
         ["generate", "a fox", "--model", "tiny"],
         ["generate", "a fox", "--model", "tiny", "--device", "cuda:1"],
@@ -63,7 +62,7 @@ def test_plan_says_when_nothing_fits_and_what_would(runner) -> None:
     first = over[0]
     (warning,) = [w for w in plan["warnings"] if "most frugal" in w]
     assert f"stage {first['index'] + 1} ({first['size']})" in warning and "0.5 GiB budget" in warning
-    assert f"{first['estimated_peak_gib']:.1f} GiB" in warning
+    assert f"{first['estimated_peak_gib']:.2f} GiB" in warning
     size = int(warning.split("--size ")[1].split()[0])
     smaller = json.loads(runner.invoke(app, [*args[:4], str(size), *args[5:]]).stdout)
     assert smaller["fits"] is True and smaller["warnings"] == []

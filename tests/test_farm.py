@@ -315,7 +315,8 @@ def test_a_failed_write_fails_its_job_and_a_full_disk_stops_the_batch(
     assert result.exit_code == 1 and "No space left on device" in result.stderr
     status = {r["index"]: r["status"] for r in lines(result)}
     assert status[0] == "failed" and status[1] == "done" and status[2] == "failed"
-    assert len(status) <= 4 and len(calls) <= 4  # stopped: not one failure per remaining job
+    assert len(calls) <= 4  # stopped: not one failure per remaining job
+    assert sorted(status) == list(range(6)) and "stopped" in status.values()  # but a line for each
 
 
 # --- 5, 6, 7. hostile files: no traceback, short messages, no hang, no unbounded read ------------------------------

@@ -20,7 +20,7 @@ def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
 def test_txt(tmp_path: Path) -> None:
     jobs = read_job_file(write(tmp_path, "p.txt", "# comment\n\na red fox\n  a blue bird  \n"))
     assert [r.values["prompt"] for r in jobs.rows] == ["a red fox", "a blue bird"]
-    assert jobs.rows[1].where == "p.txt line 4"
+    assert jobs.rows[1].where == "p.txt line 4 (job 1)"
 
 
 def test_yaml_list_and_defaults(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_yaml_list_and_defaults(tmp_path: Path) -> None:
     assert [r.values for r in jobs.rows] == [{"prompt": "a fox"}, {"prompt": "a bird", "seed": 3}]
     jobs = read_job_file(write(tmp_path, "q.yml", "defaults:\n  size: 1024\njobs:\n  - a fox\n  - prompt: b\n"))
     assert jobs.defaults == {"size": 1024} and len(jobs.rows) == 2
-    assert jobs.rows[1].where == "q.yml job 2 (line 5)"
+    assert jobs.rows[1].where == "q.yml line 5 (job 1)"
 
 
 def test_jsonl_and_csv(tmp_path: Path) -> None:
@@ -48,15 +48,19 @@ def test_bom_and_non_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("e.yaml", "- prompt: a\n- prompt: b\n  stepz: 3\n", r"e.yaml job 2 \(line 2\): unknown field 'stepz'"),
-        ("e.yaml", "- prompt: a\n  seed: lots\n", r"e.yaml job 1 \(line 1\): field 'seed' must be a whole number"),
-        ("e.yaml", "- prompt: ''\n", r"e.yaml job 1 \(line 1\): the prompt is empty"),
+        ("e.yaml", "- prompt: a\n- prompt: b\n  stepz: 3\n", r"e.yaml line 3 \(job 1\): unknown field 'stepz'"),
+        ("e.yaml", "- prompt: a\n  seed: lots\n", r"e.yaml line 2 \(job 0\): field 'seed' must be a whole number"),
+        ("e.yaml", "- prompt: ''\n", r"e.yaml line 1 \(job 0\): the prompt is empty"),
         ("e.yaml", "defaults: {}\njob: []\n", r"unknown top-level key"),
         ("e.yaml", "- [unclosed\n", r"e.yaml line 2: not valid YAML"),
-        ("e.jsonl", '{"prompt": "a"}\n{"prompt": "b", "guidance": "high"}\n', r"e.jsonl line 2: field 'guidance'"),
-        ("e.jsonl", '{"prompt": "a"}\nnot json\n', r"e.jsonl line 2: not valid JSON"),
-        ("e.csv", "prompt,steps\na,10\nb,ten\n", r"e.csv row 3: field 'steps' must be a whole number"),
-        ("e.csv", "prompt,colour\na,red\n", r"e.csv row 2: unknown field 'colour'"),
+        (
+            "e.jsonl",
+            '{"prompt": "a"}\n{"prompt": "b", "guidance": "high"}\n',
+            r"e.jsonl line 2 \(job 1\): field 'guidance'",
+        ),
+        ("e.jsonl", '{"prompt": "a"}\nnot json\n', r"e.jsonl line 2 \(job 1\): not valid JSON"),
+        ("e.csv", "prompt,steps\na,10\nb,ten\n", r"e.csv line 3 \(job 1\): field 'steps' must be a whole number"),
+        ("e.csv", "prompt,colour\na,red\n", r"e.csv line 2 \(job 0\): unknown field 'colour'"),
         ("e.txt", "# nothing\n\n", r"e.txt: no jobs in the file .*: nothing to do"),
         ("e.toml", "x", r"unknown prompt file type"),
         ("e.yaml", "- prompt: a\n  size: 0\n", r"field 'size' must be between 64 and 65536"),

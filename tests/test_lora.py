@@ -231,7 +231,7 @@ def test_a_bad_lora_in_a_batch_names_its_job_before_anything_runs(runner, tmp_pa
     jobs.write_text(f"- prompt: good\n- prompt: bad\n  lora: {tmp_path / 'bad.safetensors'}\n")
     result = runner.invoke(app, ["batch", str(jobs), *FAST[:4], "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "jobs.yaml job 2 (line 2)" in result.stderr and "not a readable safetensors file" in result.stderr
+    assert "jobs.yaml line 2 (job 1)" in result.stderr and "not a readable safetensors file" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
 
 

@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose pipe's reader went away
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -69,6 +70,12 @@ class DiskFullError(OutputError):
     """No space (or quota) left: not one job's fault, so a batch stops instead of failing every job in turn."""
 
 
+class OutputClosedError(LinFusionError):
+    """stdout was closed under us (`| head -1` read its line, or `>&-`): results can no longer be given."""
+
+    exit_code = EXIT_PIPE
+
+
 class InputImageError(UsageError):
     """An input image that cannot be read: not an image, truncated, too many pixels."""
 
@@ -76,6 +83,10 @@ class InputImageError(UsageError):
 class Interrupted(LinFusionError):
     """The run was stopped by SIGINT/SIGTERM at a safe point; exit_code says which."""
 
-    def __init__(self, signal_name: str, exit_code: int) -> None:
-        super().__init__(f"stopped by {signal_name}; finished outputs are kept, rerun the same command to resume")
+    def __init__(self, signal_name: str, exit_code: int, resumable: bool = False) -> None:
+        """`resumable`: rerunning the command picks up where it stopped (a batch, a distillation); one image with
+        a random seed cannot be "resumed", it is made again."""
+        tail = "finished outputs are kept: rerun the same command to resume" if resumable else "nothing was saved"
+        super().__init__(f"interrupted by {signal_name}; {tail}")
+        self.signal_name = signal_name
         self.exit_code = exit_code

@@ -54,7 +54,7 @@ class Working:
 
 @dataclass(frozen=True)
 class Note:
-    level: str  # "info" | "warning"
+    level: str  # "info" | "warning" | "error" (shown even with --quiet)
     message: str
 
 
@@ -69,9 +69,11 @@ def ignore(_: Event) -> None:
 class CancelToken:
     """Set by a signal handler; the core calls `check()` at safe points (between steps and tiles)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_request: Callable[[str], None] | None = None) -> None:
         self.reason: tuple[str, int] | None = None
         self._lock = threading.Lock()
+        # said at once when a signal asks to stop: the next safe point may be seconds away (a model loading)
+        self.on_request = on_request
 
     def request(self, name: str, exit_code: int) -> None:
         with self._lock:
@@ -99,6 +101,8 @@ class CancelToken:
                 if self.requested:  # a second signal: stop now
                     raise Interrupted(_name, _code)
                 self.request(_name, _code)
+                if self.on_request is not None:
+                    self.on_request(_name)
 
             signal.signal(sig, handler)
 

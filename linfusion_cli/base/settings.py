@@ -38,7 +38,9 @@ OUTPUT_PANEL = "Output"
 DEVICE_PANEL = "Device"
 # The commands that take job settings as flags.
 GENERATE, PLAN, UPSCALE, BATCH, BENCH = "generate", "plan", "upscale", "batch", "bench pipeline"
+REPLAY = "replay"  # takes the engine's settings (a model that moved): they replace the sidecar's
 RENDER_COMMANDS = (GENERATE, PLAN, UPSCALE, BATCH)
+WITH_BENCH = (*RENDER_COMMANDS, BENCH)  # settings `bench pipeline` takes too: it times jobs as users run them
 
 Check = Callable[[Any], "str | None"]  # a problem description, or None
 
@@ -56,6 +58,8 @@ class Setting:
     in_key: bool = True  # decides the pixels: enters the settings key that names outputs
     when: tuple[str, str] | None = None  # only in effect (and in the key) when setting when[0] is when[1]
     key_if_default: bool = True  # False for settings added after outputs were named: their default adds nothing
+    key_of: Callable[[Any], Any] | None = None  # what enters the key for a value (a file's content, not its path)
+    path: bool = False  # a file the job reads: `replay` finds a relative one beside the sidecar
     in_presets: bool = True  # a preset may set it (not what belongs to one image: prompt, seed, name...)
     check: Check | None = None
     normalize: Callable[[Any], Any] | None = None  # the spelling a person types -> ours (None: not set)
@@ -63,7 +67,6 @@ class Setting:
     complete: Callable[[str], list[str]] | None = None  # tab completion where `choices` cannot say
     flags: tuple[str, ...] = ()  # more spellings of the flag (-s); `--name-with-dashes` is always one
     metavar: str | None = None
-    repeatable: bool = True  # "refs"/"texts": the flag may be given several times
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -76,18 +79,17 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def fresh_default(self) -> Any:
-        """The default, copied when it is a list (a job may change its own)."""
-        return list(self.default) if isinstance(self.default, list) else self.default
-
     def read(self, value: Any, *, from_text: bool = False) -> Any:
         """A value as given (a flag's text, a YAML/JSON value, a CSV cell) -> the setting's value, or None for
-        'not set'. TypeError/ValueError say what is wrong with it, in words a person reads."""
+        'not set' (`from_text`: blank text is 'not set', as an empty CSV cell). TypeError/ValueError say what is
+        wrong with it, in words a person reads."""
         if value is None or (from_text and isinstance(value, str) and value.strip() == ""):
             return None
-        out = convert(self.kind, value, from_text)
+        out = convert(self.kind, value)
         if self.normalize is not None:
             out = self.normalize(out)
+        if self.choices is not None and isinstance(out, str):
+            out = any_case(out, self.choices())
         if out is not None:
             problem = self.problem(out)
             if problem:
@@ -103,8 +105,22 @@ class Setting:
         return self.check(value) if self.check is not None else None
 
 
+def any_case(value: str, options: tuple[str, ...]) -> str:
+    """`DemoFusion` -> `demofusion`: a value that is one of `options` but for its case, as the option; any other
+    value as it is (the check then names the options)."""
+    if value in options:
+        return value
+    folded = {option.lower(): option for option in options}
+    return folded.get(value.lower(), value)
+
+
+def number_text(value: float) -> str:
+    """A limit as a person writes it: whole numbers in plain digits (9223372036854775807, not 9.22337e+18)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def in_range(lo: float, hi: float) -> Check:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+    return lambda v: None if lo <= v <= hi else f"must be between {number_text(lo)} and {number_text(hi)}"
 
 
 def shown(value: Any) -> str:
@@ -116,8 +132,9 @@ def shown(value: Any) -> str:
     return quote(value)
 
 
-def convert(kind: str, value: Any, from_text: bool) -> Any:
-    """Read one value of `kind`; `from_text`: it comes as text (a flag, a CSV cell), so numbers are parsed."""
+def convert(kind: str, value: Any) -> Any:
+    """Read one value of `kind`. Numbers and on/off words given as text are read whatever the source (a flag, a
+    CSV cell, a quoted YAML value: a person writes `seed: "42"` and means 42)."""
     if kind == "str":
         if not isinstance(value, str):
             raise TypeError(f"must be text, got {type(value).__name__} {quote(value)}")
@@ -125,18 +142,13 @@ def convert(kind: str, value: Any, from_text: bool) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if from_text and isinstance(value, str) and value.strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
+        if isinstance(value, str) and value.strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
             return value.strip().lower() in TRUE_WORDS
         raise TypeError(f"must be true or false, got {quote(value)}")
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_text):
-            raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
-        try:
-            return int(value)
-        except ValueError:  # not digits, or more digits than Python converts
-            raise TypeError(f"must be a whole number, got {quote(value)}") from None
+        return _int(value)
     if kind == "float":
-        return _float(value, from_text)
+        return _float(value)
     if kind == "floats":
         return parse_floats(value)
     if kind == "px":
@@ -148,15 +160,33 @@ def convert(kind: str, value: Any, from_text: bool) -> Any:
     raise AssertionError(kind)
 
 
-def _float(value: Any, from_text: bool) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, str))
-        or (isinstance(value, str) and not from_text)
-    ):
+def _int(value: Any) -> int:
+    """A whole number from an int, a whole float (YAML's `steps: 20.0`) or text (a flag, a CSV cell, YAML's
+    `seed: "42"`): every source is read alike."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:  # not digits, or more digits than Python converts; "20.0" is still whole
+            try:
+                value = float(text)
+            except (ValueError, OverflowError):
+                raise TypeError(f"must be a whole number, got {quote(value)}") from None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
+        raise TypeError(f"must be a whole number, got {value:g}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"must be a whole number, got {type(value).__name__} {quote(value)}")
+    return value
+
+
+def _float(value: Any) -> float:
+    """A number from an int, a float or text, wherever it comes from."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"must be a number, got {type(value).__name__} {quote(value)}")
     try:
-        out = float(value)
+        out = float(value.strip() if isinstance(value, str) else value)
     except OverflowError:  # a whole number too large for a float
         raise ValueError(f"must be a finite number, got {quote(value)}") from None
     except ValueError:
@@ -167,16 +197,18 @@ def _float(value: Any, from_text: bool) -> float:
 
 
 def text_items(value: Any) -> list[str]:
-    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them."""
-    items = value.split(";") if isinstance(value, str) else value
+    """One text (`SRC[:SCALE]`, a file...), several separated by ';', or a list of them (each may hold several)."""
+    items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
         raise TypeError(f"must be text or a list of texts (got {value!r})")
-    return [i.strip() for i in items if i.strip()]
+    return [part.strip() for item in items for part in item.split(";") if part.strip()]
 
 
 def parse_floats(value: Any) -> list[float]:
     """`0.4,0.3` or a list of numbers -> [0.4, 0.3]."""
     items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (int, float)) and not isinstance(items, bool):
+        items = [items]  # `strengths: 0.3`: a list of one
     if not isinstance(items, (list, tuple)):
         raise TypeError(f"must be a list of numbers like 0.4,0.3 (got {quote(value)})")
     out = []
@@ -209,6 +241,8 @@ class AdapterRef:
                 scale = float(tail)
             except ValueError:
                 return cls(text.strip())
+            if _is_number(source.rpartition(":")[2]):
+                raise ValueError(f"too many ':' parts in {text!r}: give SRC or SRC:SCALE, one scale (e.g. tiny:0.8)")
             if not math.isfinite(scale) or not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
                 raise ValueError(f"scale must be a number between -10 and 10 (got {tail!r} in {text!r})")
             return cls(source, scale)
@@ -216,6 +250,14 @@ class AdapterRef:
 
     def __str__(self) -> str:
         return f"{self.source}:{self.scale:g}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def adapter_refs(texts: list[str] | None) -> tuple[AdapterRef, ...]:
@@ -263,5 +305,5 @@ def key_values(values: Mapping[str, Any], table: Mapping[str, Setting]) -> dict[
             continue
         if not setting.key_if_default and value == setting.default:
             continue
-        chosen[name] = value
+        chosen[name] = value if setting.key_of is None else setting.key_of(value)
     return chosen

@@ -48,9 +48,13 @@ def is_two_sides(value: Any) -> bool:
 def split_size(value: str) -> tuple[int, int]:
     """ "4096x2048" (or "8kx4k") -> (4096, 2048)."""
     parts = value.lower().split("x")
-    if len(parts) != 2:
-        raise TypeError(f"must be one side like 4096 or 16k, or WxH like 4096x2048, got {value!r}")
-    return parse_px(parts[0]), parse_px(parts[1])
+    problem = f"must be one side like 4096 or 16k, or WxH like 4096x2048, got {value!r}"
+    if len(parts) != 2 or not all(part.strip() for part in parts):
+        raise TypeError(problem)
+    try:
+        return parse_px(parts[0]), parse_px(parts[1])
+    except TypeError:
+        raise TypeError(problem) from None
 
 
 def parse_aspect(text: str) -> tuple[float, float]:

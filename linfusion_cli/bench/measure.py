@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..base.precision import dtype_flag
-from ..core.run import SCHEMA, describe_device, versions
+from ..base.schema import SCHEMA
+from ..core.run import describe_device, versions
 from ..engine import memory
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..core.run import build_metadata, save_outputs
 from ..engine import memory
 from ..engine.pipeline import Engine
 from ..engine.schedulers import make_scheduler
+from ..models.adapters import engine_spec, preflight
 from ..models.devices import free_cached
 from ..models.loading import build_random
 from .measure import environment
@@ -41,7 +43,10 @@ def bench_pipeline(
     job = resolve_job({"prompt": BENCH_PROMPT, **flags})
     with memory.Meter(device) as load:
         comps = build_random(arch, device=device, dtype=dtype)
+        preflight(job, comps.family)  # the adapters' inputs (control images, one IP image) as a run checks them
         engine = Engine.from_components(comps, "random", device, dtype)
+        # the job's adapters on the random-weight model (tiny ones are random too), as a run would load them
+        engine.use(replace(engine.spec, adapters=engine_spec(job).adapters))
     with tempfile.TemporaryDirectory() as scratch:
         folder = out or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,9 @@ def bench_pipeline(
         "steps": job.steps,
         "low_vram": job.low_vram,
         "max_vram_gib": job.max_vram,
+        "refine": job.refine,
+        "size_cond": job.size_cond,
+        "adapters": meta["adapters"],
         **environment(device, dtype),
         "seconds": {  # the sidecar's layout; generate: prompt to decoded uint8 image
             "model_load": round(load.usage.seconds, 3),

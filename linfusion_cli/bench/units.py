@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.run import SCHEMA
+from ..base.schema import SCHEMA
 from ..engine import memory
 from ..io.pngfast import deflate_name, write_png
 from ..linfusion.attention import LinFusionAttention, phi

@@ -16,8 +16,16 @@ from .boundary import Command, Group, boundary, emit_json, setup_logging, stderr
 from .options import FLAG, with_settings
 
 # The benchmarks' modules are imported inside the commands: they import torch, which --help never needs.
+BENCH_EXAMPLES = """[bold]Examples[/]
+  linfusion bench unet --arch sd15 --sizes 1024,4096
+  linfusion bench pipeline --arch sdxl --preset sdxl-16k > sdxl-16k.json
+  linfusion bench pipeline --arch tiny --size 512 --steps 4 --lora tiny --controlnet tiny --control-image previous
+  linfusion bench png --size 16384x8192"""
 bench_app = typer.Typer(
-    cls=Group, help="Benchmarks with random weights (no download); JSON on stdout.", no_args_is_help=True
+    cls=Group,
+    help="Benchmarks with random weights (no download); JSON on stdout.",
+    no_args_is_help=True,
+    epilog=BENCH_EXAMPLES,
 )
 
 
@@ -44,7 +52,7 @@ def _bench_setup(arch: str | None, device: str, dtype: str) -> tuple[Any, Any]:
     return check_device(device, dtype)
 
 
-@bench_app.command("unet", cls=Command)
+@bench_app.command("unet", cls=Command, epilog=BENCH_EXAMPLES)
 def bench_unet_cmd(
     arch: ArchOpt = "tiny",
     sizes: Annotated[
@@ -85,7 +93,7 @@ def bench_unet_cmd(
         emit_json(bench_unet(arch, size_list, dev, dt, repeats=repeats, modes=modes, on_result=show))
 
 
-@bench_app.command("attention", cls=Command)
+@bench_app.command("attention", cls=Command, epilog=BENCH_EXAMPLES)
 def bench_attention_cmd(
     tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "4096,16384,65536",
     dim: Annotated[int, typer.Option(help="Channels (SD-1.5's top level: 320).")] = 320,
@@ -110,7 +118,7 @@ def bench_attention_cmd(
         emit_json(report)
 
 
-@bench_app.command("vae", cls=Command)
+@bench_app.command("vae", cls=Command, epilog=BENCH_EXAMPLES)
 def bench_vae_cmd(
     arch: Annotated[str, typer.Option(help="VAE shape: sd15 (SD-1.x/2.x VAE), sdxl, tiny.")] = "sd15",
     sizes: Annotated[str, typer.Option(help="Comma-separated output sizes, N or WxH.")] = "2048,4096",
@@ -165,7 +173,7 @@ def bench_vae_cmd(
         emit_json(report)
 
 
-@bench_app.command("png", cls=Command)
+@bench_app.command("png", cls=Command, epilog=BENCH_EXAMPLES)
 def bench_png_cmd(
     size: Annotated[str, typer.Option(help="Image size, WxH.")] = "16384x8192",
     repeats: Annotated[int, typer.Option(min=1)] = 3,
@@ -224,7 +232,7 @@ def bench_parallel_cmd(
         emit_json(report)
 
 
-@bench_app.command("pipeline", cls=Command)
+@bench_app.command("pipeline", cls=Command, epilog=BENCH_EXAMPLES)
 @with_settings(BENCH)
 def bench_pipeline_cmd(
     settings: dict[str, Any],

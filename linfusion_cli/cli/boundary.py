@@ -7,6 +7,7 @@ No torch at import time: `linfusion --help` and usage errors stay instant.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -14,19 +15,21 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 # typer carries its own copy of click; its parse errors are these classes.
-from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import BadParameter, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from .. import __version__
-from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, UsageError
+from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, OutputClosedError, UsageError
+from ..base.registry import did_you_mean
 from ..base.settings import (
     CONTROL_PANEL,
     DEVICE_PANEL,
@@ -39,7 +42,7 @@ from ..base.settings import (
     SAMPLER_PANEL,
     SIZE_PANEL,
 )
-from ..base.text import plural
+from ..base.text import plural, quote
 
 # Farm logs are not terminals; rich would wrap them at 80 columns.
 # emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
@@ -87,9 +90,40 @@ class _OneLineErrors:
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         try:
+            _refuse_option_as_value(self, info_name, args)
             return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
         except ClickUsageError as exc:
             raise _one_line(exc) from None
+
+
+def _refuse_option_as_value(command: Any, info_name: str | None, args: list[str]) -> None:
+    """Words no option may take as its value, refused before parsing:
+    - another of the command's options (`generate "x" --negative --dry-run` took --dry-run as the negative prompt
+      and started a real run), as git does; `--negative=--dry-run` says it;
+    - empty text for a path (`--out ''` is the current folder once made a path, and the run wrote there)."""
+    takes_value: set[str] = set()
+    paths: set[str] = set()
+    names = {"-h", "--help"}
+    for param in getattr(command, "params", []):
+        if isinstance(param, TyperOption):
+            names.update(param.opts + param.secondary_opts)
+            if not param.is_flag and not param.count:
+                takes_value.update(param.opts)
+            if Path in (param.type_descriptor.annotation, *get_args(param.type_descriptor.annotation)):
+                paths.update(param.opts)
+    for option, value in itertools.pairwise(["", *args]):
+        if value == "--":
+            return
+        name, sep, given = value.partition("=")
+        if value.startswith("--") and sep and name in paths:  # --out=PATH
+            option, value = name, given
+        if option in paths and not value.strip():
+            raise ClickUsageError(f"{option} is empty: give a folder or file name (. for the current folder)")
+        if option in takes_value and value in names:
+            raise ClickUsageError(
+                f"{option} needs a value, but the next word is the option {value}; give {option} its value first "
+                f"(to mean the text itself, write {option}={value})"
+            )
 
 
 class Command(_OneLineErrors, TyperCommand):
@@ -106,6 +140,11 @@ class Group(_OneLineErrors, TyperGroup):
         try:
             return super().resolve_command(ctx, args)
         except ClickUsageError as exc:
+            if args and not args[0].startswith("-") and exc.ctx is not None:
+                names = self.list_commands(ctx)
+                close = [name for name in names if name.startswith(args[0].lower())] or [args[0]]
+                hint = did_you_mean(close[0], names)
+                exc = ClickUsageError(f"no such command '{args[0]}'{hint}", ctx=exc.ctx)
             raise _one_line(exc) from None
 
 
@@ -114,7 +153,7 @@ def _one_line(exc: ClickUsageError) -> BaseException:
     if isinstance(exc, NoArgsIsHelpError):
         return exc  # help was printed; the caller only needs the exit
     ctx = exc.ctx
-    message = exc.format_message().rstrip(".")
+    message = _plain_words(exc) or exc.format_message().rstrip(".")
     extra = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
     if extra and set(extra.group(1).lower().split()) <= ON_OFF_WORDS:
         message = f"unexpected '{extra.group(1)}': on/off flags take no value (--low-vram alone turns it on)" + (
@@ -126,10 +165,41 @@ def _one_line(exc: ClickUsageError) -> BaseException:
             f"unexpected extra words '{extra.group(1)}'; a prompt with spaces goes in quotes: "
             f'{ctx.command_path} "{words}"'
         )
+    elif message.lower().startswith("no such option: --prompt") and ctx is not None and _prompt_argument(ctx):
+        message = f'the prompt is the first argument, in quotes: {ctx.command_path} "a red fox" (no --prompt)'
     elif ctx is not None:
         message = f"{message[:1].lower()}{message[1:]} (see {ctx.command_path} --help)"
+    else:
+        message = f"{message[:1].lower()}{message[1:]}"
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
+
+
+def _prompt_argument(ctx: Any) -> bool:
+    """The command takes the prompt as an argument (generate, plan), not as --prompt (upscale)."""
+    return any(p.name == "prompt" and p.param_type_name == "argument" for p in ctx.command.params)
+
+
+# The validation library's words for a value typer could not convert -> ours (the same as a job setting's).
+PLAIN_PROBLEMS = {
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _plain_words(exc: ClickUsageError) -> str | None:
+    """`--max-input-pixels: must be a whole number, got '1.5'` instead of the validation library's "Input should be
+    a valid integer, unable to parse string as an integer"."""
+    errors = getattr(exc.__cause__, "errors", None)
+    param = getattr(exc, "param", None)
+    if not isinstance(exc, BadParameter) or not callable(errors) or param is None:
+        return None
+    first = errors()[0]
+    words = PLAIN_PROBLEMS.get(first.get("type", ""), str(first.get("msg", "is not valid")).lower())
+    name = param.opts[0] if getattr(param, "opts", None) else param.human_readable_name
+    return f"{name}: {words}, got {quote(first.get('input'))}"
 
 
 def refuse_flag_value_as_prompt(prompt: str) -> None:
@@ -176,7 +246,7 @@ def boundary() -> Iterator[None]:
         stderr.print(f"[bold red]error:[/] {escape(_who() + str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]; finished outputs are kept", highlight=False)
+        stderr.print("[bold red]interrupted[/]", highlight=False)
         raise typer.Exit(EXIT_SIGINT) from None
 
 
@@ -186,9 +256,33 @@ def _who() -> str:
     return f"rank {rank}: " if world.isdigit() and int(world) > 1 else ""
 
 
+def say_stopping(signal_name: str) -> None:
+    """At the first Ctrl-C (or SIGTERM): say at once that the command is stopping, straight to stderr's file
+    descriptor (a signal handler must not wait on the console's lock)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"\n{signal_name}: stopping at the next safe point (again: stop at once)\n".encode())
+
+
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
-    sys.stdout.flush()
+    """One JSON line on stdout. A stdout closed under us (`| head -1` has read its line, or `>&-`) is an
+    OutputClosedError: the caller stops cleanly instead of a traceback."""
+    try:
+        if sys.stdout is None:  # started with stdout closed
+            raise BrokenPipeError
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError) as exc:  # ValueError: "I/O operation on closed file"
+        if isinstance(exc, ValueError) and "closed" not in str(exc):
+            raise
+        _quiet_stdout()
+        raise OutputClosedError("stdout was closed (its reader stopped, as | head does, or >&-)") from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not report the broken pipe once more."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def show_version(value: bool) -> None:

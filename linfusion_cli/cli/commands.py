@@ -11,17 +11,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from ..base.errors import EXIT_SIGINT
 from ..base.events import CancelToken
-from ..base.settings import BATCH, DEVICE_PANEL, GENERATE, OUTPUT_PANEL, PLAN, PROMPT_PANEL, SAMPLER_PANEL, UPSCALE
+from ..base.settings import (
+    BATCH,
+    DEVICE_PANEL,
+    GENERATE,
+    OUTPUT_PANEL,
+    PLAN,
+    PROMPT_PANEL,
+    REPLAY,
+    SAMPLER_PANEL,
+    UPSCALE,
+)
 from ..core.prepare import DEFAULT_TIMEOUT_S
-from ..core.presets import list_presets, load_preset
-from ..core.replay import job_from_sidecar
+from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
-from ..io.metadata import read_metadata
 from .bench import bench_app
 from .boundary import (
     Command,
@@ -34,6 +40,7 @@ from .boundary import (
     show_version,
     stderr,
 )
+from .distill import DISTILL_EXAMPLES
 from .distill import distill as distill_command
 from .launch import launched, relaunch
 from .options import (
@@ -53,13 +60,21 @@ from .options import (
     TimeoutOpt,
     with_settings,
 )
-from .render import render_plan, render_table
+from .presets import presets_app
+from .render import render_batch_plan, render_plan, render_table
 from .report import Reporter, batch_table, stage_table
 from .view import VIEW_EXAMPLES, view_command
 
 if TYPE_CHECKING:
     from ..core.api import Generator, Result
 
+REPLAY_EXAMPLES = """[bold]Examples[/]
+  linfusion replay renders/00003_a-fox_17_4096x4096_1c2d3e4f.png.json
+  [dim]# the same image on another machine, its model in another folder:[/]
+  linfusion replay fox.png.json --model /models/sd15 --out again"""
+INFO_EXAMPLES = """[bold]Examples[/]
+  linfusion info renders/00003_a-fox_17_4096x4096_1c2d3e4f.png
+  linfusion info fox.png.json --json | jq .settings"""
 app = typer.Typer(
     name="linfusion",
     cls=Group,
@@ -68,10 +83,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-presets_app = typer.Typer(cls=Group, help="List and show presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
-app.command("distill", cls=Command)(distill_command)
+app.command("distill", cls=Command, epilog=DISTILL_EXAMPLES)(distill_command)
 app.command("view", cls=Command, epilog=VIEW_EXAMPLES)(view_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
@@ -97,7 +111,6 @@ BATCH_EXAMPLES = """[bold]Examples[/]
   [dim]# this machine takes jobs 0, 4, 8...:[/]
   linfusion batch prompts.csv --shard 0/4"""
 PROMPT_HELP = "What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word."
-PRESETS_WIDTH = 120
 
 
 def _generator(**options: Any) -> Generator:
@@ -114,6 +127,7 @@ def _progress(mode: str) -> Iterator[tuple[Reporter, CancelToken]]:
     restore = cancel.install()
     try:
         with Reporter(stderr, mode) as reporter:
+            cancel.on_request = reporter.stopping
             yield reporter, cancel
     finally:
         restore()
@@ -218,7 +232,7 @@ def generate(
     mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
-        _relaunch_for(gpus)
+        _relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
@@ -290,6 +304,7 @@ def upscale(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+    dry_run: DryRunOpt = False,
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
@@ -297,13 +312,14 @@ def upscale(
     mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
-        _relaunch_for(gpus)
+        _relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode,
             json_out,
             lambda gen: gen.job(prompt, require_prompt=False, image=str(image), **settings),
             title="upscaled: ",
+            dry_run=dry_run,
             allow_pickle=allow_pickle,
             max_input_pixels=max_input_pixels,
             **run,
@@ -358,16 +374,29 @@ def batch(
     split_image: SplitImageOpt = False,
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the whole file and print each job's plan; loads no model.",
+            rich_help_panel=OUTPUT_PANEL,
+            **FLAG,
+        ),
+    ] = False,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
     split = split_image or (gpus is not None and gpus > 1)
     mode = _mode(quiet) if split else output_mode(quiet)  # a split batch speaks through its first process
     setup_logging(mode)
     with boundary():
-        _relaunch_for(gpus, "--split-image")  # --gpus N: one image at a time, split over them
+        _relaunch_for(None if dry_run else gpus, "--split-image")  # --gpus N: one image at a time, split over them
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
+        if dry_run:
+            with generator:
+                render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
+            return
         with generator, _progress(mode) as (reporter, cancel):
             generator.events = reporter
             summary = generator.batch(
@@ -383,7 +412,8 @@ def batch(
         raise typer.Exit(summary.exit_code)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, epilog=REPLAY_EXAMPLES)
+@with_settings(REPLAY)
 def replay(
     sidecar: Annotated[
         Path,
@@ -391,12 +421,16 @@ def replay(
             metavar="SIDECAR", help="A sidecar .json that linfusion wrote next to an image.", show_default=False
         ),
     ],
+    settings: dict[str, Any],
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: Annotated[
         str | None,
-        typer.Option(help="Precision \\[default: the one recorded in the sidecar].", rich_help_panel=DEVICE_PANEL),
+        typer.Option(
+            help="Precision: auto, fp16, bf16 or fp32 \\[default: the one recorded in the sidecar].",
+            rich_help_panel=DEVICE_PANEL,
+        ),
     ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -404,29 +438,34 @@ def replay(
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """Regenerate an image from its sidecar: same settings, same seed."""
+    """Regenerate an image from its sidecar: same settings, same seed (--model, --linfusion, --vae replace the
+    recorded ones: a model folder that moved)."""
     mode = _mode(quiet)
     setup_logging(mode)
     with boundary():
         _relaunch_for(gpus)
-        job, recorded_dtype = job_from_sidecar(sidecar)
+        job, recorded_dtype = job_from_sidecar(sidecar, settings)  # --model and the like replace the recorded
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
         run["timeout_s"] = timeout
         _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, epilog=INFO_EXAMPLES)
 def info(
     image: Annotated[
         Path,
-        typer.Argument(metavar="IMAGE", help="An image linfusion (or AUTOMATIC1111) wrote.", show_default=False),
+        typer.Argument(
+            metavar="IMAGE",
+            help="An image linfusion (or AUTOMATIC1111) wrote, or its sidecar (IMAGE.png.json).",
+            show_default=False,
+        ),
     ],
     json_out: JsonOpt = False,
     max_input_pixels: MaxPixelsOpt = 1_000_000_000,
 ) -> None:
-    """Print the generation parameters stored in an image (on stdout)."""
+    """Print the generation parameters stored in an image or its sidecar (on stdout)."""
     with boundary():
-        meta = read_metadata(image, max_input_pixels)
+        meta = describe(image, max_input_pixels)
         if json_out:
             emit_json(meta)
             return
@@ -435,35 +474,6 @@ def info(
             typer.echo(meta["parameters"])
         else:
             typer.echo("no generation parameters found in this image")
-
-
-@presets_app.command("list", cls=Command)
-def presets_list() -> None:
-    """Shipped presets and your own (in $LINFUSION_HOME/presets or ~/.config/linfusion/presets)."""
-    from rich.table import Table
-
-    with boundary():
-        table = Table(title="presets", title_justify="left")
-        table.add_column("name", no_wrap=True)
-        table.add_column("description")
-        for preset in list_presets():
-            table.add_row(escape(preset.name), escape(preset.description))
-        Console(width=PRESETS_WIDTH, emoji=False).print(table)
-
-
-@presets_app.command("show", cls=Command)
-def presets_show(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Preset name or YAML file.", show_default=False)],
-) -> None:
-    """Print a preset's description and settings (as YAML)."""
-    import yaml
-
-    with boundary():
-        preset = load_preset(name)
-        typer.echo(f"# {preset.name} ({preset.path})")
-        for line in preset.description.splitlines():
-            typer.echo(f"# {line}")
-        typer.echo(yaml.safe_dump(preset.settings, sort_keys=False).rstrip())
 
 
 def main() -> None:

@@ -12,9 +12,27 @@ from ..base.events import CancelToken
 from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL
 from ..core.plan_report import check_device
 from ..train.config import DistillConfig
-from .boundary import CHECKPOINT_PANEL, EVAL_PANEL, TRAIN_PANEL, boundary, emit_json, output_mode, setup_logging, stderr
+from .boundary import (
+    CHECKPOINT_PANEL,
+    EVAL_PANEL,
+    TRAIN_PANEL,
+    boundary,
+    emit_json,
+    output_mode,
+    say_stopping,
+    setup_logging,
+    stderr,
+)
 from .options import FLAG, AllowPickleOpt, QuietOpt
 from .report_distill import DistillReporter, distill_table, eval_table
+
+DISTILL_EXAMPLES = """[bold]Examples[/]
+  linfusion distill --model ./my-sd15-finetune --data ./images --out ./linfusion-mine --steps 5000
+  linfusion generate "a lighthouse" --model ./my-sd15-finetune --linfusion ./linfusion-mine --size 8k
+  [dim]# how close the distilled attention is to the model's own, on held-out images:[/]
+  linfusion distill --model ./my-sd15-finetune --data ./images --out ./linfusion-mine --eval-only
+  [dim]# 8 GPUs:[/]
+  torchrun --nproc-per-node 8 --no-python linfusion distill --model ./ft --data data.jsonl --out ./lf"""
 
 
 def distill(
@@ -39,7 +57,8 @@ def distill(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Images with captions: a folder (metadata.jsonl, or name.txt beside name.png) or a .jsonl/.csv.",
+            help="Images with captions: a folder (metadata.jsonl, or name.txt beside name.png) or a .jsonl/.csv "
+            "\\[required; --eval-only can take --eval-data instead].",
             rich_help_panel=MODEL_PANEL,
         ),
     ] = None,
@@ -135,7 +154,7 @@ def distill(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Distil LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
+    """Distill LinFusion for a model (e.g. a fine-tune): trains only the attention modules; torchrun for many GPUs."""
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first process prints
     mode = output_mode(quiet) if main_rank else "quiet"
     json_lines = json_out and main_rank
@@ -172,7 +191,7 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
     """The run, stopped cleanly by SIGTERM/SIGINT (it saves, then exits with the signal's code); rank 0 sums up."""
     from ..train.distill import distill as run_distill  # here, not at the top: keeps torch out of CLI start-up
 
-    cancel = CancelToken()
+    cancel = CancelToken(on_request=say_stopping)
     restore = cancel.install()
     try:
         with DistillReporter(stderr, mode, log_every, emit_json if json_out else None) as reporter:

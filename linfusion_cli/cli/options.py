@@ -24,7 +24,8 @@ SETTINGS_PARAM = "settings"
 
 
 def _annotation(setting: Setting) -> Any:
-    """The Typer option of one setting: text (read by the setting), a list for repeatable ones, a flag for bools."""
+    """The Typer option of one setting: text (read by the setting), a list for adapters and texts, a flag for
+    bools."""
     names = [setting.flag, *setting.flags]
     help_text = setting.help_text()
     common: dict[str, Any] = {"help": help_text, "rich_help_panel": setting.panel, "show_default": False}
@@ -34,7 +35,7 @@ def _annotation(setting: Setting) -> Any:
     completion = _completion(setting)
     if completion is not None:
         common["autocompletion"] = completion
-    if setting.kind in ("refs", "texts") and setting.repeatable:
+    if setting.kind in ("refs", "texts"):  # every time the flag is given reaches the check: none silently lost
         return Annotated[list[str] | None, typer.Option(*names, metavar=metavar, **common)]
     return Annotated[str | None, typer.Option(*names, metavar=metavar, **common)]
 

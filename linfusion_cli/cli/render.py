@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any
 
@@ -10,24 +12,68 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..base.errors import EXIT_PIPE, OutputClosedError
 from ..engine.refine import REFINE_METHODS
 from ..models.adapters import ADAPTER_KINDS
 from .boundary import emit_json, stderr
 
+UNBOUNDED = 100_000  # columns to measure a table's natural width in
+PIPE_WIDTH = 120  # results written to a file or pipe: wide enough for every table, as a log reader expects
+
+
+class StdoutConsole(Console):
+    """Results on stdout: as wide as the terminal (120 columns in a file or pipe). A reader that goes away
+    (`| head -1`) ends the command quietly with the shell's SIGPIPE status, as other tools end."""
+
+    def __init__(self) -> None:
+        super().__init__(width=None if sys.stdout.isatty() else PIPE_WIDTH, highlight=False, emoji=False)
+
+    def on_broken_pipe(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit: no complaint
+        raise SystemExit(EXIT_PIPE)
+
+
+def lines_if_wider(table: Table, width: int | None, console: Console) -> Table:
+    """`table` if it fits `width` columns (None: no limit); else the same rows as lines, `stage 2 refine: size
+    256x256, steps 3, ...`, wrapped at words. Squeezed into a narrow terminal, rich cuts cells ("128x..."): a
+    size or a number must never be cut."""
+    natural = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
+    if width is None or natural <= width:
+        return table
+    headers = [str(column.header) for column in table.columns]
+    lines = Table(title=table.title, title_justify="left", caption=table.caption, caption_justify="left", box=None)
+    lines.show_header = False
+    lines.add_column()
+    for first, *rest in zip(*(list(column.cells) for column in table.columns), strict=True):
+        head = str(first) if str(first) == "total" else f"{headers[0]} {first}"
+        fields = ", ".join(f"{name} {cell}" for name, cell in zip(headers[1:], rest, strict=True) if str(cell))
+        lines.add_row(f"{head}: {fields}")
+    return lines
+
 
 def render_table(table: Any, mode: str, console: Console | None = None) -> None:
     """A table on stderr (or `console`); plain ASCII in logs, where box drawing turns to mojibake."""
-    if mode == "plain":
+    if mode == "plain" and table.box is not None:
         table.box = box.ASCII
     (console or stderr).print(table)
+
+
+def emit_result(data: dict[str, Any]) -> None:
+    """A result as JSON on stdout; a reader gone (`| head -1`) ends the command quietly, as a table does (nothing
+    is lost: a plan is made again in a moment)."""
+    try:
+        emit_json(data)
+    except OutputClosedError:
+        raise SystemExit(EXIT_PIPE) from None
 
 
 def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     """The plan is the command's result: on stdout, as JSON or a table."""
     if json_out:
-        emit_json(summary)
+        emit_result(summary)
         return
-    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False, emoji=False)
+    out = StdoutConsole()
     table = Table(
         title=f"{summary['width']}x{summary['height']} with {summary['model']} ({summary['family']}, "
         f"native {summary['native']} px) on {summary['device']}, {summary['dtype']}",
@@ -53,11 +99,11 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             str(s["steps"]),
             str(s["unet_passes"]),
             s["memory"],
-            f"{s['estimated_peak_gib']:.1f}",
+            f"{s['estimated_peak_gib']:.2f}",  # as the notes say it
             s["vae"],
         )
     table.title = escape(str(table.title))
-    render_table(table, "rich" if out.is_terminal else "plain", out)
+    render_table(lines_if_wider(table, out.width, out), "rich" if out.is_terminal else "plain", out)
     for note in summary["notes"]:
         stderr.print(f"note: {note}", markup=False, highlight=False)
     output = f"output: {summary['output']}; " if summary.get("output") else ""
@@ -68,3 +114,42 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     for kind in ADAPTER_KINDS:
         for entry in summary.get(kind.name, []):
             out.print(kind.plan_line(entry), markup=False)
+
+
+def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:
+    """`batch --dry-run`: each job's plan, on stdout: one JSON line per job, or one table (a row per job)."""
+    if json_out:
+        for plan in plans:
+            emit_result(plan)
+        return
+    out = StdoutConsole()
+    table = Table(title=f"{len(plans)} jobs planned; nothing loaded", title_justify="left")
+    for col in ("job", "size", "stages", "steps", "est. peak GiB", "output"):
+        table.add_column(col, overflow="fold")
+    for plan in plans:
+        stages = " > ".join(s["size"] for s in plan["stages"])
+        peak = max((s["estimated_peak_gib"] for s in plan["stages"]), default=0.0)
+        steps = sum(s["steps"] for s in plan["stages"])
+        table.add_row(
+            str(plan["index"]),
+            f"{plan['width']}x{plan['height']}",
+            stages,
+            str(steps),
+            f"{peak:.2f}",
+            plan["output"] or "(named once its seed is drawn)",
+        )
+    render_table(table, "rich" if out.is_terminal else "plain", out)
+    for plan in plans:
+        for note in plan["notes"]:
+            stderr.print(f"note: job {plan['index']}: {note}", markup=False, highlight=False)
+
+
+def render_presets(presets: list[Any]) -> None:
+    """`presets list`: a name and a description per preset, on stdout, as wide as the terminal."""
+    table = Table(title="presets", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description")
+    for preset in presets:
+        table.add_row(escape(preset.name), escape(preset.description))
+    out = StdoutConsole()
+    render_table(table, "rich" if out.is_terminal else "plain", out)

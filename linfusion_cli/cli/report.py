@@ -14,18 +14,26 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from ..base.events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 from ..base.text import plural
+from .boundary import stderr
+from .render import lines_if_wider
 
 if TYPE_CHECKING:
     from ..core.batch import BatchSummary
 
+WIDE_ENOUGH = 90  # columns a progress row needs with its ETA and s/step; narrower terminals get the ETA alone
 PLAIN_EVERY = 0.25  # plain mode: a line per quarter of a stage's steps or tiles
 PLAIN_TIME = "%Y-%m-%d %H:%M:%S"
 TILE_KINDS = {"encode": "VAE encode", "decode": "VAE decode", "stats": "VAE statistics"}
+
+
+def stderr_width() -> int | None:
+    """The terminal's width when stderr is one (tables on stderr follow it), else None."""
+    return stderr.width if stderr.is_terminal else None
 
 
 def _gib(value: float | None) -> str:
@@ -72,15 +80,22 @@ class _Counter(ProgressColumn):
 
 
 class _Rate(ProgressColumn):
-    """ETA and seconds per item (s/step is what a 16K user compares between runs)."""
+    """ETA and seconds per item (s/step is what a 16K user compares between runs). In a narrow terminal the ETA
+    alone: the row must not wrap, and a number is never cut (the stage's summary line gives s/step)."""
+
+    def __init__(self, compact: bool) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
+        self.compact = compact
 
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit")
         if not unit or not task.speed or task.finished:
             return Text("")
-        seconds_each = 1 / task.speed
-        remaining = "" if task.time_remaining is None else f"ETA {_duration(task.time_remaining)}, "
-        return Text(f"{remaining}{seconds_each:.2f} s/{unit.rstrip('s')}", style="cyan")
+        rate = f"{1 / task.speed:.2f} s/{unit.rstrip('s')}"
+        if task.time_remaining is None:
+            return Text("" if self.compact else rate, style="cyan")
+        eta = f"ETA {_duration(task.time_remaining)}"
+        return Text(eta if self.compact else f"{eta}, {rate}", style="cyan")
 
 
 class _StageProgress(Progress):
@@ -117,7 +132,7 @@ class Reporter:
                 BarColumn(bar_width=32),
                 _Counter(),
                 TimeElapsedColumn(),
-                _Rate(),
+                _Rate(compact=self.console.width < WIDE_ENOUGH),
                 console=self.console,
                 transient=True,
             )
@@ -132,7 +147,7 @@ class Reporter:
 
     # events --------------------------------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
-        if self.mode == "quiet":
+        if self.mode == "quiet" and not (isinstance(event, Note) and event.level == "error"):
             return
         if not isinstance(event, (Note, Working)):
             self._work_done()
@@ -149,15 +164,20 @@ class Reporter:
         elif isinstance(event, StageFinished):
             self._stage_finished(event)
 
+    def stopping(self, signal_name: str) -> None:
+        """The first Ctrl-C (or SIGTERM): said at once, though the next safe point may be seconds away."""
+        self.note(f"{signal_name}: stopping at the next safe point (once more: stop at once)", "warning")
+
     def note(self, message: str, level: str = "info") -> None:
-        if self.mode == "quiet":
+        """A line of news; errors (a batch stopped on a full disk) also with --quiet."""
+        if self.mode == "quiet" and level != "error":
             return
-        prefix = "warning: " if level == "warning" else ""
-        if self.mode == "plain":
+        prefix = f"{level}: " if level in ("warning", "error") else ""
+        if self.mode != "rich":
             self._line(f"{prefix}{message}")
         else:
-            style = "yellow" if level == "warning" else "dim"
-            self.console.print(f"[{style}]{prefix}[/]{escape(message)}", highlight=False, soft_wrap=True)
+            style = {"warning": "yellow", "error": "bold red"}.get(level, "dim")
+            self.console.print(f"[{style}]{prefix}[/]{escape(message)}", highlight=False)  # wrapped at words
 
     def _working(self, event: Working) -> None:
         """No dead stretches: an uncounted piece of work (a model load) gets a pulsing bar and a clock."""
@@ -239,7 +259,7 @@ class Reporter:
             return
         progress = self._require_progress()
         self._advance_stages(1.0)
-        progress.console.print(f"[green]done[/] {escape(summary)}", highlight=False, soft_wrap=True)
+        progress.console.print(f"[green]done[/] {escape(summary)}", highlight=False)
 
     # helpers -------------------------------------------------------------------------------------------------
     def _summary(self, event: StageFinished) -> str:
@@ -279,74 +299,79 @@ class Reporter:
         return self.progress
 
 
-def stage_table(sidecar: dict[str, Any], title: str | None = None) -> Table:
-    """Per-stage size, steps, seconds and peak memory, then totals; load and write time in the caption."""
+def stage_table(sidecar: dict[str, Any], title: str | None = None, width: int | None = None) -> Table:
+    """Per-stage size, steps, seconds and peak memory, then totals; load and write time in the caption. In a
+    terminal narrower than the table (`width`, default the terminal's), a line per stage (lines_if_wider)."""
     stages = sidecar.get("stages", [])
     on_gpu = any(s.get("peak_vram_allocated_gib") is not None for s in stages)
+    columns = _stage_columns(stages, sidecar, on_gpu)
+    table = Table(
+        title=None if title is None else escape(title),
+        title_justify="left",
+        caption=_stage_caption(sidecar, on_gpu),
+        caption_justify="left",
+    )
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("stage", "size", "memory") else "right")
+    rows = list(zip(*columns.values(), strict=True))
+    for row in rows[:-1]:
+        table.add_row(*map(escape, row))
+    table.add_row(*rows[-1], style="bold")
+    return lines_if_wider(table, width if width is not None else stderr_width(), stderr)
+
+
+def _stage_columns(stages: list[dict[str, Any]], sidecar: dict[str, Any], on_gpu: bool) -> dict[str, list[str]]:
+    """The table's columns: header -> one cell per stage, then the total."""
+
+    def peak(key: str) -> str:
+        return _gib(max((s[key] or 0 for s in stages), default=0))
+
+    columns: dict[str, list[str]] = {
+        "stage": [f"{s['index'] + 1} {s['kind']}" for s in stages] + ["total"],
+        "size": [s["size"] for s in stages] + [f"{sidecar.get('width')}x{sidecar.get('height')}"],
+        "strength": ["-" if s["strength"] is None else f"{s['strength']:g}" for s in stages] + [""],
+        "steps": [str(s["steps"]) for s in stages] + [str(sum(s["steps"] for s in stages))],
+        "seconds": [f"{s['seconds']:.2f}" for s in stages] + [f"{sum(s['seconds'] for s in stages):.2f}"],
+    }
+    keys = {"VRAM alloc GiB": "peak_vram_allocated_gib", "VRAM reserved GiB": "peak_vram_reserved_gib"}
+    for name, key in [*(keys.items() if on_gpu else []), ("peak RSS GiB", "peak_rss_gib")]:
+        columns[name] = [_gib(s[key]) for s in stages] + [peak(key)]
+    names = [s["memory_settings"]["name"] + (" (retried)" if s.get("retried") else "") for s in stages]
+    columns["memory"] = [*names, ""]
+    return columns
+
+
+def _stage_caption(sidecar: dict[str, Any], on_gpu: bool) -> str:
     secs = sidecar.get("seconds", {})
     caption = f"model load {secs.get('model_load', 0):.1f} s, file write {secs.get('write', 0):.1f} s"
     if sidecar.get("dtypes"):
         caption += "; " + ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in sidecar["dtypes"].items())
     if not on_gpu:
         caption += "; VRAM: not applicable (CPU run), RSS is the process's resident memory"
-    table = Table(
-        title=None if title is None else escape(title),
-        title_justify="left",
-        caption=caption,
-        caption_justify="left",
-    )
-    columns = ["stage", "size", "strength", "steps", "seconds"]
-    columns += ["VRAM alloc GiB", "VRAM reserved GiB"] if on_gpu else []
-    columns += ["peak RSS GiB", "memory"]
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("stage", "size", "memory") else "right")
-    for s in stages:
-        row = [
-            f"{s['index'] + 1} {s['kind']}",
-            s["size"],
-            "-" if s["strength"] is None else f"{s['strength']:g}",
-            str(s["steps"]),
-            f"{s['seconds']:.2f}",
-        ]
-        row += [_gib(s["peak_vram_allocated_gib"]), _gib(s["peak_vram_reserved_gib"])] if on_gpu else []
-        row += [_gib(s["peak_rss_gib"]), s["memory_settings"]["name"] + (" (retried)" if s.get("retried") else "")]
-        table.add_row(*map(escape, row))
-    totals = [
-        "total",
-        f"{sidecar.get('width')}x{sidecar.get('height')}",
-        "",
-        str(sum(s["steps"] for s in stages)),
-        f"{sum(s['seconds'] for s in stages):.2f}",
-    ]
-    if on_gpu:
-        totals += [
-            _gib(max(s["peak_vram_allocated_gib"] or 0 for s in stages)),
-            _gib(max(s["peak_vram_reserved_gib"] or 0 for s in stages)),
-        ]
-    totals += [_gib(max((s["peak_rss_gib"] or 0 for s in stages), default=0)), ""]
-    table.add_row(*totals, style="bold")
-    return table
+    return caption
 
 
 def batch_table(summary: BatchSummary) -> Table:
     """Counts, then every failed job with its reason (a farm log should say what to rerun)."""
     failed = [o for o in summary.outcomes if o.status == "failed"]
-    table = Table(title=escape(f"batch: {summary.shard.describe()}"), title_justify="left")
-    for name in ("jobs", "done", "skipped", "claimed", "failed", "seconds"):
+    where = "" if summary.out is None else f" -> {summary.out}"
+    table = Table(title=escape(f"batch: {summary.shard.describe()}{where}"), title_justify="left")
+    statuses = ("done", "skipped", "claimed", "failed", *(("stopped",) if summary.stopped else ()))
+    for name in ("jobs", *statuses, "seconds"):
         table.add_column(name, justify="right")
     table.add_row(
         str(summary.total_jobs),
-        str(summary.count("done")),
-        str(summary.count("skipped")),
-        str(summary.count("claimed")),
-        str(len(failed)),
+        *(str(summary.count(status)) for status in statuses),
         f"{sum(o.seconds.get('total', 0.0) for o in summary.outcomes):.1f}",
     )
+    lines = [f"stopped: {summary.stopped}"] if summary.stopped else []
     if failed:
-        table.caption = escape(
+        lines.append(
             "failed: "
-            + "; ".join(f"#{o.index}: {o.error}" for o in failed[:20])
+            + "; ".join(f"job {o.index}: {o.error}" for o in failed[:20])
             + (f" (+{len(failed) - 20} more)" if len(failed) > 20 else "")
         )
+    if lines:
+        table.caption = escape("\n".join(lines))
         table.caption_justify = "left"
     return table

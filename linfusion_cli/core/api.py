@@ -29,12 +29,14 @@ from ..engine.parallel import Comm, joined
 from ..io.images import load_rgb
 from . import run
 from .batch import BatchSummary, run_batch
+from .batch_plan import batch_dry_run
 from .jobs import flags_layer, resolve_job
-from .plan_report import placement, plan_summary
+from .plan_report import placement, plan_anywhere
 from .prepare import DEFAULT_TIMEOUT_S, RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
 from .run import EngineCache
 from .settings import JobSpec
+from .shards import resolve_shard
 
 DEFAULT_MAX_INPUT_PIXELS = 1_000_000_000
 
@@ -88,8 +90,7 @@ class Generator:
         """The plan `linfusion plan` prints, as data: stages, memory, files (with `world_size` processes
         splitting the image, each stage's bands and one process's memory); nothing loads."""
         job = self.job(prompt, require_prompt=False, **settings)
-        prep = plan_for(job, self.options, seed=pick_seed(job))
-        return plan_summary(prep, *placement(self.options), world_size)
+        return plan_anywhere(plan_for(job, self.options, seed=pick_seed(job)), self.options, world_size)
 
     def generate(
         self, prompt: str, *, dry_run: bool = False, cancel: CancelToken | None = None, **settings: Any
@@ -104,9 +105,10 @@ class Generator:
         job = self.job(prompt, require_prompt=False, image=str(image), **settings)
         return self.run(job, cancel=cancel)
 
-    def replay(self, sidecar: str | Path, *, cancel: CancelToken | None = None) -> Result:
-        """Make an image again from its sidecar: the same settings and seed (`linfusion replay`)."""
-        job, _ = job_from_sidecar(Path(sidecar))
+    def replay(self, sidecar: str | Path, *, cancel: CancelToken | None = None, **settings: Any) -> Result:
+        """Make an image again from its sidecar: the same settings and seed (`linfusion replay`); `settings`
+        (model=... where the model moved) replace the recorded ones."""
+        job, _ = job_from_sidecar(Path(sidecar), settings)
         return self.run(job, cancel=cancel)
 
     def run(self, job: JobSpec, *, dry_run: bool = False, cancel: CancelToken | None = None) -> Result:
@@ -157,6 +159,12 @@ class Generator:
         if self._comm is None:
             self._comm = self._group.enter_context(joined(self.options.timeout_s, self.engines().device))
         return self._comm
+
+    def plan_batch(
+        self, file: str | Path, *, base_seed: int | None = None, shard: str | None = None
+    ) -> list[dict[str, Any]]:
+        """`linfusion batch --dry-run`: every job of the file checked, this shard's planned; nothing loads."""
+        return batch_dry_run(Path(file), self.defaults, self.options, base_seed, resolve_shard(shard))
 
     def engines(self) -> EngineCache:
         """The loaded model this generator keeps between calls (none loaded until a job needs it)."""

@@ -1,8 +1,10 @@
 """`linfusion batch`: a prompt file run as a queue a farm can trust.
 
-Validated whole before any model loads; the model loaded once per model; seeds and names that never depend
-on sharding or on what is already in the folder; resumable (finished jobs are skipped); failures reported
-while the batch goes on; saving in a background worker while the next job generates.
+Validated whole before any model loads (batch_plan.py); the model loaded once per model; seeds and names that
+never depend on sharding or on what is already in the folder; resumable (finished jobs are skipped); failures
+reported while the batch goes on; saving in a background worker while the next job generates. Every job of the
+task gets one outcome (a JSON line with --json), also those a stop (a full disk) left unstarted; a closed stdout
+(`| head -1`) stops the batch after the job being made is saved.
 """
 
 from __future__ import annotations
@@ -26,26 +28,27 @@ from ..base.errors import (
     DiskFullError,
     InputImageError,
     Interrupted,
-    JobFileError,
     LinFusionError,
+    OutputClosedError,
     UsageError,
 )
 from ..base.events import CancelToken, EventSink, Note, ignore
+from ..base.schema import SCHEMA
 from ..base.text import plural
 from ..engine.memory import device_warnings
 from ..engine.parallel import Comm
 from ..engine.splitting import INTERRUPTS
 from ..engine.stages import GenerateResult
-from ..io.images import load_rgb, open_image
+from ..io.images import load_rgb
 from ..io.locks import Claim, try_claim
 from ..io.output import SIDECAR_SUFFIX, OutputPaths
 from ..io.writes import clean_stale_temps, prepare_folder
 from ..models.devices import free_cached
-from .jobs import read_job_file, resolve_job
-from .plan_report import check_offline, placement
-from .prepare import Prepared, RunOptions, pick_seed, plan_for, replan_for
+from .batch_plan import plan_batch
+from .plan_report import placement
+from .prepare import Prepared, RunOptions, replan_for
 from .resume import claim_name, list_outputs, resume_state
-from .run import SCHEMA, EngineCache, from_first, generate_one, save_outputs
+from .run import EngineCache, from_first, generate_one, save_outputs
 from .settings import JobSpec
 from .shards import Shard, resolve_shard
 
@@ -55,7 +58,9 @@ JsonSink = Callable[[dict[str, Any]], None]
 @dataclass
 class JobOutcome:
     index: int
-    status: str  # "done" | "skipped" (finished before) | "claimed" (another live task has it) | "failed"
+    # "done" | "skipped" (finished before) | "claimed" (another live task has it) | "failed" | "stopped" (not
+    # started: the batch stopped before it, on a full disk)
+    status: str
     path: str | None
     seed: int | None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -83,6 +88,8 @@ class BatchSummary:
     shard: Shard
     total_jobs: int
     outcomes: list[JobOutcome] = field(default_factory=list)
+    out: Path | None = None  # the output folder
+    stopped: str | None = None  # why the batch stopped before its end (a full disk), if it did
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -90,48 +97,40 @@ class BatchSummary:
     @property
     def exit_code(self) -> int:
         failed, done = self.count("failed"), self.count("done")
+        if self.stopped:
+            return EXIT_FAILURE
         if not failed:
             return EXIT_OK
         return EXIT_PARTIAL if (done or self.count("skipped")) else EXIT_FAILURE
 
 
-def plan_batch(path: Path, flags: dict[str, Any], options: RunOptions, base_seed: int | None) -> list[Prepared]:
-    """Every job of the file resolved, planned and named, and every input image's header read, before any
-    model loads."""
-    job_file = read_job_file(path)
-    prepared: list[Prepared] = []
-    stems: dict[str, int] = {}
-    for row in job_file.rows:
-        try:
-            job = resolve_job(
-                flags,
-                file_defaults=job_file.defaults,
-                row=row.values,
-                row_label=row.where,
-                defaults_label=f"{path.name} defaults",
-            )
-            seed = pick_seed(job, row.index, base_seed)
-            input_size = _input_size(job, options) if job.image else None
-            random_seed = job.seed is None and base_seed is None
-            prep = plan_for(job, options, seed=seed, index=row.index, input_size=input_size, random_seed=random_seed)
-        except UsageError as exc:
-            message = str(exc)
-            raise JobFileError(message if message.startswith(row.where) else f"{row.where}: {message}") from None
-        # Two jobs asking for the same name: later ones get -2, -3... in file order, the same in every shard.
-        stem = prep.paths.image.stem
-        seen = stems.get(stem, 0)
-        stems[stem] = seen + 1
-        if seen:
-            prep.paths = OutputPaths.for_stem(options.out, f"{stem}-{seen + 1}", job.format)
-        check_offline(job, prep.family, f"{row.where}: ")  # offline and not cached: said before any model loads
-        prepared.append(prep)
-    return prepared
+class _Outcomes:
+    """Each job's one outcome, kept and printed as a JSON line as it comes (from this thread or the writer's). A
+    stdout closed under us is noticed, not raised in the writer: the batch stops after the job being made."""
 
+    def __init__(self, summary: BatchSummary, on_line: JsonSink | None) -> None:
+        self.summary = summary
+        self.on_line = on_line
+        self.closed: OutputClosedError | None = None
+        self._lock = threading.Lock()
 
-def _input_size(job: JobSpec, options: RunOptions) -> tuple[int, int]:
-    assert job.image is not None
-    with open_image(job.image, options.max_input_pixels) as image:
-        return image.width, image.height
+    def __call__(self, outcome: JobOutcome) -> None:
+        with self._lock:
+            self.summary.outcomes.append(outcome)
+            if self.on_line is None or self.closed is not None:
+                return
+            try:
+                self.on_line(outcome.as_line())
+            except OutputClosedError as exc:
+                self.closed = exc
+
+    def check_open(self) -> None:
+        """Raise if stdout closed: every job started is saved by now; the message says up to where."""
+        if self.closed is None:
+            return
+        saved = [o.index for o in self.summary.outcomes if o.status == "done"]
+        last = f"after saving job {max(saved)}" if saved else "before any job was saved"
+        raise OutputClosedError(f"{self.closed}: stopped {last}; rerun the same command to resume")
 
 
 # --- resume: a job is what it is (index and settings), whatever seed a previous run drew ----------------------
@@ -192,39 +191,61 @@ def run_batch(
     cancel = cancel or CancelToken()
     split = comm is not None and comm.world > 1
     shard = Shard(0, 1, "every job, split over the group's processes") if split else resolve_shard(shard_flag)
-    prepared = plan_batch(path, flags, options, base_seed)
-    mine = [p for p in prepared if shard.holds(p.index or 0)]
-    events(Note("info", f"{shard.describe()}: {len(mine)} of {plural(len(prepared), 'job')}"))
-    summary = BatchSummary(shard, len(mine))
+    plan = plan_batch(path, flags, options, base_seed, shard)
+    events(Note("info", f"{shard.describe()}: {len(plan.jobs)} of {plural(plan.total, 'job')}"))
+    summary = BatchSummary(shard, len(plan.jobs), out=options.out)
     prepare_folder(options.out)
     removed = clean_stale_temps(options.out) if comm is None or comm.rank == 0 else 0
     if removed:
         events(Note("info", f"removed {plural(removed, 'temp file')} left by a stopped run"))
+    record = _Outcomes(summary, on_line)
+    todo = _to_make(plan.jobs, plan.unavailable, options, events, record)
+    if todo:
+        try:
+            summary.stopped = _render(todo, options, fail_fast, events, record, cancel, engines, comm)
+        except Interrupted as exc:  # finished jobs are kept and found again: a rerun resumes
+            raise Interrupted(exc.signal_name, exc.exit_code, resumable=True) from None
+    if summary.stopped:  # every job of the task gets its line, also those never started
+        events(Note("error", summary.stopped))
+        reached = {o.index for o in summary.outcomes}
+        for prep in todo:
+            if (prep.index or 0) not in reached:
+                record(JobOutcome(prep.index or 0, "stopped", None, None, error=f"not started: {summary.stopped}"))
+    summary.outcomes.sort(key=lambda o: o.index)
+    record.check_open()
+    return summary
 
-    lock = threading.Lock()
 
-    def record(outcome: JobOutcome) -> None:
-        with lock:
-            summary.outcomes.append(outcome)
-            if on_line is not None:
-                on_line(outcome.as_line())
-
+def _to_make(
+    jobs: list[Prepared],
+    unavailable: dict[int, str],
+    options: RunOptions,
+    events: EventSink,
+    record: Callable[[JobOutcome], None],
+) -> list[Prepared]:
+    """The jobs still to make: those finished before are recorded as skipped (found in one listing of the folder),
+    those whose weights cannot be had here as failed; a damaged output is said before it is made again."""
     todo: list[Prepared] = []
     listing = list_outputs(options.out)
-    for prep in mine:
+    for prep in jobs:
+        index = prep.index or 0
+        if index in unavailable:
+            events(Note("warning", f"job {index} failed: {unavailable[index]}"))
+            record(JobOutcome(index, "failed", None, prep.seed, error=unavailable[index]))
+            continue
         done, prep = (None, prep) if options.overwrite else resume_state(prep, options, listing)
         if done is not None:
-            record(_skipped(prep.index or 0, done))
-        else:
-            todo.append(prep)
-    if len(todo) < len(mine):
-        events(
-            Note("info", f"{plural(len(mine) - len(todo), 'job')} already finished: skipped (--overwrite redoes them)")
-        )
-    if todo:
-        _render(todo, options, fail_fast, events, record, cancel, engines, comm)
-    summary.outcomes.sort(key=lambda o: o.index)
-    return summary
+            record(_skipped(index, done))
+            continue
+        sidecar = prep.paths.found_sidecar()
+        if sidecar is not None and not options.overwrite:  # at 16K a silent redo costs an hour of GPU
+            problem = prep.paths.unfinished(prep.key)
+            events(Note("warning", f"job {index}: sidecar {sidecar.name} unusable ({problem}): redoing job {index}"))
+        todo.append(prep)
+    if len(todo) + len(unavailable) < len(jobs):
+        skipped = len(jobs) - len(todo) - len(unavailable)
+        events(Note("info", f"{plural(skipped, 'job')} already finished: skipped (--overwrite redoes them)"))
+    return todo
 
 
 def _skipped(index: int, done: OutputPaths) -> JobOutcome:
@@ -238,15 +259,15 @@ def _render(
     options: RunOptions,
     fail_fast: bool,
     events: EventSink,
-    record: Callable[[JobOutcome], None],
+    record: _Outcomes,
     cancel: CancelToken,
     engines: EngineCache | None = None,
     comm: Comm | None = None,
-) -> None:
+) -> str | None:
     """Claim, run and save each job in turn; the model is loaded when the first job needs it (or reused from
     `engines`, a Python caller's). With `comm`, every process of the group makes each job's image together: the
     first decides (claims, resume) and writes, the others follow; a failed job stops the batch, since the
-    processes must run the same exchanges."""
+    processes must run the same exchanges. Returns why the batch stopped early (a full disk), or None."""
     own = engines is None
     leader = comm is None or comm.rank == 0
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
@@ -258,7 +279,8 @@ def _render(
     warned_unlocked = False
     try:
         for prep in todo:
-            code = from_first(comm, _stop_code(cancel, bool(disk_full) or writer.error is not None))
+            stopped = bool(disk_full) or writer.error is not None or record.closed is not None
+            code = from_first(comm, _stop_code(cancel, stopped))
             if code >= EXIT_SIGINT:  # asked to stop (on the first process, for a group): here, between jobs
                 raise Interrupted(INTERRUPTS.get(code, "a signal"), code)
             if code:
@@ -286,7 +308,8 @@ def _render(
     if unexpected is not None:
         raise unexpected
     if disk_full:
-        raise DiskFullError(f"{disk_full[0]}; stopped: free some space and rerun the same command to resume")
+        return f"{disk_full[0]}; stopped: free some space and rerun the same command to resume"
+    return None
 
 
 @dataclass
@@ -320,6 +343,7 @@ class _Task:
             if problem:
                 raise _JobProblem(problem)
             prep = replace(prep, seed=from_first(self.comm, prep.seed, "seed"))  # a resumed job's seed
+            loaded = self.engines.engine
             prep, result, meta = self._generate(prep)
             if result.image is None:  # another process of a split image: the first one writes
                 return True
@@ -327,9 +351,10 @@ class _Task:
             if self.engines.device.type == "cuda":
                 peak = max((s.usage.get("peak_vram_allocated_gib") or 0 for s in result.stages), default=None)
             elapsed = time.perf_counter() - self.start
-            handed_over = writer.submit(
-                _writer_job(prep, result, meta, elapsed, peak, self.claim, self.record, self.disk_full)
-            )
+            # the model's load time goes in the line of the job that loaded it, once: a sum over lines is right
+            load = self.engines.engine is not loaded
+            job = _writer_job(prep, result, meta, (elapsed, load), peak, self.claim, self.record, self.disk_full)
+            handed_over = writer.submit(job)
             return True
         except (LinFusionError, OSError, torch.OutOfMemoryError, _JobProblem) as exc:
             if isinstance(exc, LinFusionError) and getattr(exc, "exit_code", 1) >= 128:
@@ -371,13 +396,15 @@ def _writer_job(
     prep: Prepared,
     result: Any,
     meta: dict[str, Any],
-    seconds: float,
+    seconds: tuple[float, bool],
     peak: float | None,
     claim: Claim,
     record: Callable[[JobOutcome], None],
     disk_full: list[DiskFullError],
 ) -> Callable[[], None]:
-    """The background write of one job: save, release its claim, then record exactly one outcome."""
+    """The background write of one job: save, release its claim, then record exactly one outcome. `seconds`: the
+    job's time so far, and whether it loaded the model (only then its line counts the load)."""
+    elapsed, loaded = seconds
 
     def write() -> None:
         index = prep.index or 0
@@ -386,9 +413,11 @@ def _writer_job(
         except (LinFusionError, OSError) as exc:  # a failed write fails this job, not the batch
             if isinstance(exc, DiskFullError):
                 disk_full.append(exc)
-            outcome = JobOutcome(index, "failed", None, prep.seed, {"total": seconds}, peak, f"could not save: {exc}")
+            outcome = JobOutcome(index, "failed", None, prep.seed, {"total": elapsed}, peak, f"could not save: {exc}")
         else:
-            timings = {**sidecar.get("seconds", {}), "total": seconds + sidecar["seconds"].get("write", 0.0)}
+            timings = {**sidecar.get("seconds", {}), "total": elapsed + sidecar["seconds"].get("write", 0.0)}
+            if not loaded:
+                timings.pop("model_load", None)
             outcome = JobOutcome(index, "done", str(prep.paths.image), prep.seed, timings, peak)
         finally:
             claim.release()

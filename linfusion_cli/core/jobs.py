@@ -13,8 +13,9 @@ from typing import Any
 from ..base.errors import JobFileError, UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
+from .layers import merge_layers, validate_layer
 from .presets import load_preset
-from .settings import FLAGS, JobSpec, merge_layers, validate_layer
+from .settings import FLAGS, JobSpec
 
 
 def resolve_job(
@@ -45,11 +46,15 @@ def flags_layer(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- prompt files ---------------------------------------------------------------------------------------------
+# One numbering everywhere: a job is counted from 0, as its index in file names, logs, JSON lines and --shard;
+# a line is counted from 1, as an editor shows it (a CSV's header is line 1). Messages say both:
+# "prompts.yaml line 7 (job 2): field 'steps' ...", the line being the bad field's own where it has one.
 
 MAX_FILE_BYTES = 64 << 20
 MAX_JOBS = 1_000_000
 TOP_LEVEL_KEYS = ("defaults", "jobs")
 FORMATS_BY_SUFFIX = {".txt": "txt", ".yaml": "yaml", ".yml": "yaml", ".jsonl": "jsonl", ".csv": "csv"}
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # Windows' "Unicode" text files
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,22 @@ class JobFile:
     rows: list[JobRow]
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A job as parsed: the line it starts on, its fields, the line of each field where known, and whether its
+    values are text (TXT lines, CSV cells: blank means unset)."""
+
+    line: int | str
+    values: Any
+    field_lines: dict[str, int]
+    from_text: bool
+
+
+def job_where(file: Path, line: int | str, index: int | None) -> str:
+    """`prompts.csv line 3 (job 1)`: the file, the line as an editor counts it, the job as file names count it."""
+    return f"{file.name} line {line}" + ("" if index is None else f" (job {index})")
+
+
 def read_job_file(path: str | Path) -> JobFile:
     """Parse and validate a whole prompt file; any problem is a JobFileError naming file, line and field."""
     file = Path(path)
@@ -75,10 +96,10 @@ def read_job_file(path: str | Path) -> JobFile:
         raise JobFileError(f"{file}: unknown prompt file type '{file.suffix}'; use .txt, .yaml, .yml, .jsonl or .csv")
     text = _read_text(file)
     defaults: dict[str, Any] = {}
-    raw: list[tuple[str, Any, bool]]  # (where, row, from_text)
+    raw: list[_Raw]
     if kind == "txt":
         raw = [
-            (f"{file.name} line {n}", {"prompt": line.strip()}, True)
+            _Raw(n, {"prompt": line.strip()}, {}, True)
             for n, line in enumerate(text.splitlines(), 1)
             if line.strip() and not line.lstrip().startswith("#")
         ]
@@ -88,73 +109,91 @@ def read_job_file(path: str | Path) -> JobFile:
         raw = _csv_rows(file, text)
     else:
         raw, defaults_raw = _yaml_rows(file, text)
-        defaults = _validate(defaults_raw, f"{file.name} defaults", from_text=False)
+        defaults = _validate(file, defaults_raw, None, "defaults")
     if not raw:
         raise JobFileError(f"{file}: no jobs in the file (only blank lines or comments): nothing to do")
     if len(raw) > MAX_JOBS:
         raise JobFileError(f"{file}: {len(raw)} jobs; the limit is {MAX_JOBS} per file (split it)")
-    rows = [JobRow(i, where, _validate(values, where, from_text)) for i, (where, values, from_text) in enumerate(raw)]
+    rows = [JobRow(i, job_where(file, r.line, i), _validate(file, r, i)) for i, r in enumerate(raw)]
     for row in rows:
         if not str(row.values.get("prompt", defaults.get("prompt", ""))).strip() and not row.values.get("image"):
             raise JobFileError(f"{row.where}: the prompt is empty")
     return JobFile(defaults, rows)
 
 
-def _validate(values: Any, where: str, from_text: bool) -> dict[str, Any]:
+def _validate(file: Path, raw: _Raw | Any, index: int | None, label: str | None = None) -> dict[str, Any]:
+    """A row's (or the defaults') fields checked; an error names the line of the bad field where it is known."""
+    if not isinstance(raw, _Raw):  # YAML defaults: a mapping whose lines are kept on the side
+        raw = _Raw(0, raw, getattr(raw, "field_lines", {}), False)
+    tail = f" ({label})" if label else ""
+    where = f"{file.name} {label}" if label and not raw.line else job_where(file, raw.line, index) + tail
+    field_where = {key: job_where(file, line, index) + tail for key, line in raw.field_lines.items()}
     try:
-        return validate_layer(values, where=where, from_text=from_text)
+        return validate_layer(raw.values, where=where, from_text=raw.from_text, field_where=field_where)
     except UsageError as exc:
         raise JobFileError(str(exc)) from None
 
 
 def _read_text(file: Path) -> str:
+    """The file as text: UTF-8 (a BOM is fine) or UTF-16 with its BOM; anything else, or a NUL byte (binary, or
+    UTF-16 without a BOM), refused naming the line."""
     data = read_regular(file, MAX_FILE_BYTES, "prompt file", JobFileError)
+    encoding = "utf-16" if data.startswith(UTF16_BOMS) else "utf-8-sig"
     try:
-        return data.decode("utf-8-sig")  # a BOM is fine
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise JobFileError(
             f"{file.name} line {line}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8"
         ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise JobFileError(
+            f"{file.name} line {line}: a NUL byte: this is not UTF-8 text (UTF-16 without a byte-order mark, or a "
+            "binary file); re-save the file as UTF-8"
+        )
+    return text
 
 
-def _jsonl_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
-    rows = []
+def _jsonl_rows(file: Path, text: str) -> list[_Raw]:
+    rows: list[_Raw] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{file.name} line {n}"
+        where = job_where(file, n, len(rows))
         try:
             value = load_json(line)
         except ParseError as exc:
             raise JobFileError(f"{where}: {exc}") from None
         if not isinstance(value, dict):
             raise JobFileError(f'{where}: each line must be a JSON object like {{"prompt": "..."}}')
-        rows.append((where, value, False))
+        rows.append(_Raw(n, value, {}, False))
     return rows
 
 
-def _csv_rows(file: Path, text: str) -> list[tuple[str, Any, bool]]:
+def _csv_rows(file: Path, text: str) -> list[_Raw]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames:
         raise JobFileError(f"{file.name}: empty CSV; the first row must name the fields (prompt, seed, ...)")
-    names = [name.strip() for name in reader.fieldnames]
+    names = [name.strip().lower() for name in reader.fieldnames]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         columns = "the column" if len(twice) == 1 else "the columns"
-        raise JobFileError(f"{file.name} row 1: {columns} {quote(twice)} appear twice; keep one of each")
-    rows = []
-    for n, record in enumerate(reader, 2):
-        where = f"{file.name} row {n}"
+        raise JobFileError(f"{file.name} line 1: {columns} {quote(twice)} appear twice; keep one of each")
+    rows: list[_Raw] = []
+    for record in reader:
+        # the line the record starts on, as an editor counts (a quoted cell may hold line breaks)
+        line = reader.line_num - sum(str(v).count("\n") for v in record.values() if isinstance(v, str))
         if None in record:
-            raise JobFileError(f"{where}: more cells than header fields")
+            raise JobFileError(f"{job_where(file, line, len(rows))}: more cells than header fields")
         values = {key.strip(): value for key, value in record.items() if value is not None and value.strip() != ""}
         if values:
-            rows.append((where, values, True))
+            rows.append(_Raw(line, values, {}, True))
     return rows
 
 
-def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict[str, Any]]:
+def _yaml_rows(file: Path, text: str) -> tuple[list[_Raw], Any]:
     import yaml
 
     try:
@@ -172,16 +211,33 @@ def _yaml_rows(file: Path, text: str) -> tuple[list[tuple[str, Any, bool]], dict
             )
         defaults = data.get("defaults") or {}
         jobs = data.get("jobs")
-        jobs_node = next((v for k, v in getattr(root, "value", []) if getattr(k, "value", None) == "jobs"), None)
+        jobs_node = _value_node(root, "jobs")
+        defaults_node = _value_node(root, "defaults")
+        if isinstance(defaults, dict) and defaults_node is not None:
+            defaults = _Raw(defaults_node.start_mark.line + 1, defaults, _field_lines(defaults_node), False)
     else:
         jobs = data
     if jobs is None:
         jobs = []
     if not isinstance(jobs, list):
         raise JobFileError(f"{file.name}: expected a list of jobs (or {{defaults: ..., jobs: [...]}})")
-    lines = [item.start_mark.line + 1 for item in jobs_node.value] if isinstance(jobs_node, yaml.SequenceNode) else []
+    nodes = list(jobs_node.value) if isinstance(jobs_node, yaml.SequenceNode) else []
     rows = []
     for i, item in enumerate(jobs):
-        where = f"{file.name} job {i + 1} (line {lines[i] if i < len(lines) else '?'})"
-        rows.append((where, {"prompt": item} if isinstance(item, str) else item, False))
+        node = nodes[i] if i < len(nodes) else None
+        line = node.start_mark.line + 1 if node is not None else "?"
+        rows.append(_Raw(line, {"prompt": item} if isinstance(item, str) else item, _field_lines(node), False))
     return rows, defaults
+
+
+def _value_node(root: Any, key: str) -> Any:
+    return next((v for k, v in getattr(root, "value", []) if getattr(k, "value", None) == key), None)
+
+
+def _field_lines(node: Any) -> dict[str, int]:
+    """A YAML mapping's keys and the line each is written on."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}

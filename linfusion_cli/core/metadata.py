@@ -47,6 +47,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("LinFusion", meta["linfusion"]),
         ("Stages", f'"{stages}"'),
         *_refine_fields(s),
+        *([("Size conditioning", s["size_cond"])] if s.get("size_cond", "stage") != "stage" else []),
         *(field for kind in kinds for field in kind.a1111_fields(by_kind[kind.name])),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]

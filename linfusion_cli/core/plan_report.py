@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.errors import ModelLoadError, UsageError
 from ..base.precision import dtype_flag
+from ..base.schema import SCHEMA
 from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
 from ..models.families import Family
 from ..models.hub import hub_offline, missing_from_cache, model_source
-from .prepare import Prepared, RunOptions
+from .prepare import BUILTIN_LINFUSION, Prepared, RunOptions
 from .settings import JobSpec
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 LATENT_PX = 8  # image px per latent row
 DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
 DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
-BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
 
 
 def placement(options: RunOptions) -> tuple[torch.device, torch.dtype]:
@@ -33,6 +33,28 @@ def placement(options: RunOptions) -> tuple[torch.device, torch.dtype]:
 
     device = resolve_device(options.device)
     return device, resolve_dtype(options.dtype, device)
+
+
+def plan_anywhere(prep: Prepared, options: RunOptions, world: int = 1) -> dict[str, Any]:
+    """The plan `plan` prints (plan_summary, for `world` processes splitting the image), for this machine's device
+    or for one it does not have (a login node planning for its farm's GPU nodes), with a note saying so. Only a
+    run needs the device to be here."""
+    try:
+        return plan_summary(prep, *placement(options), world)
+    except UsageError:
+        if options.device in ("auto", "cpu"):
+            raise
+    import torch  # lazy: torch stays out of CLI start-up
+
+    from ..engine.memory import resolve_dtype
+
+    try:
+        device = torch.device(options.device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {options.device!r}: {exc}") from None
+    memory = "its memory from --max-vram" if prep.job.max_vram else "give --max-vram GB for its memory"
+    prep.notes.append(f"a plan for {device}, which this machine does not have ({memory})")
+    return plan_summary(prep, device, resolve_dtype(options.dtype, device), world)
 
 
 def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -115,6 +137,7 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
         )
     budget = planner.budget
     return {
+        "schema": SCHEMA,
         "prompt": job.prompt,
         "model": job.model,
         "family": family.label if family else "not downloaded yet: assuming SD-1.x",
@@ -186,7 +209,7 @@ def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, 
     from ..engine.memory import GIB  # lazy: torch stays out of CLI start-up
 
     text = (
-        f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.1f} GiB even with the most "
+        f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.2f} GiB even with the most "
         f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "
         "GiB budget"
     )

@@ -13,11 +13,28 @@ from ..base.errors import UsageError
 from ..base.plan import Plan, StagePlan
 from ..base.sizes import Target, round_side
 from ..base.text import plural
-from ..engine.refine import REFINE_METHODS
+from ..engine.refine import REFINE_METHODS, RefineMethod
+from .presets import PRESET_LABEL  # a preset's layer: its strengths adapt to the size
 
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
 # 2.15x stage rather than 512 -> 1024 -> 1100), so every refine step is between 1.25x and 2.5x.
 MIN_LAST_STEP = 1.25
+
+
+def resample(values: list[float], count: int) -> list[float]:
+    """`values` as a curve from first to last, read at `count` evenly spaced points (first and last kept)."""
+    if count == 1 or len(values) == 1:
+        return [values[0]] * count
+    out = []
+    for i in range(count):
+        x = i * (len(values) - 1) / (count - 1)
+        low = min(int(x), len(values) - 2)
+        out.append(round(values[low] + (values[low + 1] - values[low]) * (x - low), 4))
+    return out
+
+
+def _values(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _scaled(target: Target, long_side: int) -> tuple[int, int]:
@@ -73,25 +90,9 @@ def make_plan(
             what = f"--base-size {base_size}" if base_size else f"the model's native {native} px"
             notes.append(f"target is below {what}: one stage, no refinement")
 
-    count = len(refine_sizes)
-    if strengths is not None and first_strength is not None:
-        notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
-    if strengths is None:
-        chosen = method.strengths(count, first_strength if first_strength is not None else method.first_strength)
-    else:
-        chosen = list(strengths)
-        if len(chosen) != count:
-            route = " -> ".join(f"{w}x{h}" for w, h in base + refine_sizes)
-            stages_text = f"{plural(count, 'refine stage')} ({route})"
-            if strengths_from is None:
-                raise UsageError(
-                    f"--strengths has {plural(len(chosen), 'value')} but this plan has {stages_text}; "
-                    f"give exactly {count}"
-                )
-            raise UsageError(
-                f"{strengths_from} gives {plural(len(chosen), 'strength')}, but a {target.width}x{target.height} "
-                f"target has {stages_text}; pass --strengths with {plural(count, 'value')}, or a size that fits"
-            )
+    chosen = _strengths(
+        method, target, base + refine_sizes, len(refine_sizes), strengths, first_strength, strengths_from, notes
+    )
     stages = [StagePlan(0, w, h, None, schedule_steps) for w, h in base]
     for (w, h), s in zip(refine_sizes, chosen, strict=True):
         stages.append(StagePlan(len(stages), w, h, s, method.steps(schedule_steps, s)))
@@ -107,3 +108,46 @@ def make_plan(
         tuple(notes),
         method.passes_per_step,
     )
+
+
+def _strengths(
+    method: RefineMethod,
+    target: Target,
+    route: list[tuple[int, int]],
+    count: int,
+    strengths: list[float] | None,
+    first_strength: float | None,
+    strengths_from: str | None,
+    notes: list[str],
+) -> list[float]:
+    """The refine stages' strengths: the method's schedule, or the ones given (refused when a person's do not fit
+    the plan; a preset's follow its curve at this size, with a note)."""
+    if strengths is not None and first_strength is not None:
+        notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
+    if strengths is None:
+        chosen = method.strengths(count, first_strength if first_strength is not None else method.first_strength)
+    elif count == 0:
+        chosen = []
+        notes.append(f"{strengths_from or '--strengths'}: strengths ignored: one stage, no refinement")
+    else:
+        chosen = list(strengths)
+        if len(chosen) != count:
+            stages_text = f"{plural(count, 'refine stage')} ({' -> '.join(f'{w}x{h}' for w, h in route)})"
+            if strengths_from is None:
+                raise UsageError(
+                    f"--strengths has {plural(len(chosen), 'value')} but this plan has {stages_text}; "
+                    f"give exactly {count}"
+                )
+            if not strengths_from.startswith(PRESET_LABEL):
+                raise UsageError(
+                    f"{strengths_from} gives {plural(len(chosen), 'strength')}, but a {target.width}x{target.height} "
+                    f"target has {stages_text}; give {plural(count, 'value')}, or a size that fits"
+                )
+            # A preset's strengths are a curve for its own size: the same curve at this size's stage count.
+            given, chosen = chosen, resample(chosen, count)
+            notes.append(
+                f"{strengths_from}'s {len(given)} strengths ({_values(given)}) are for its own size; this "
+                f"{target.width}x{target.height} target has {stages_text}: {_values(chosen)}, the same curve "
+                "(--strengths chooses)"
+            )
+    return chosen

@@ -12,17 +12,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..base.errors import UsageError
+from ..base.errors import ModelNotFoundError, UsageError
 from ..base.plan import Plan
-from ..base.precision import AUTO, PRECISIONS
+from ..base.precision import AUTO, PRECISIONS, precision_name
+from ..base.registry import did_you_mean
+from ..base.settings import shown
 from ..base.sizes import Target, resolve_target
 from ..io.formats import check_format_fits
 from ..io.names import output_stem
 from ..io.output import OutputPaths
 from ..models.adapters import ADAPTER_KINDS, preflight
 from ..models.families import Family, peek_family
+from ..models.hub import looks_like_hub_id
 from .metadata import settings_key
 from .planning import make_plan
+from .presets import load_preset
 from .settings import FLAGS, JobSpec
 
 if TYPE_CHECKING:
@@ -34,6 +38,9 @@ SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool a
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
 WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
 ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
+SHAPING = ("size", "aspect", "width", "height", "base_size", "strengths", "strength", "refine")  # a preset's, noted
+BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
+LINFUSION_FILES = "config.json + diffusion_pytorch_model.safetensors, the official format"
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,14 @@ class RunOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S  # how long a process of a split image waits for the others
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", precision_name(self.dtype))  # float16, half... as fp16
+        object.__setattr__(self, "device", self.device.strip().lower())
         if self.dtype != AUTO and self.dtype not in PRECISIONS:
-            raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}")
+            hint = did_you_mean(self.dtype, (AUTO, *PRECISIONS))
+            raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}{hint}")
         if self.device != AUTO and self.device.split(":")[0] not in DEVICE_TYPES:
-            raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N")
+            hint = did_you_mean(self.device, (AUTO, *DEVICE_TYPES))
+            raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N{hint}")
 
 
 @dataclass
@@ -122,7 +133,7 @@ def prepare(
     key = settings_key(job.settings(), target.width, target.height, None if random_seed else seed)
     stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=job.name, index=index)
     paths = OutputPaths.for_stem(options.out, stem, job.format)
-    notes = list(plan.notes) + _stretch_note(input_size, target)
+    notes = _preset_notes(job) + list(plan.notes) + _stretch_note(input_size, target)
     return Prepared(job, target, plan, seed, paths, index, input_size, notes, random_seed, key)
 
 
@@ -138,6 +149,7 @@ def plan_for(
     """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
     job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
+    check_linfusion_source(job.linfusion)
     preflight(job, family, options.allow_pickle)
     native = family.native_size if family else ASSUMED_NATIVE
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
@@ -148,6 +160,41 @@ def plan_for(
     for kind in ADAPTER_KINDS:
         prep.notes.extend(kind.notes(job, size, len(prep.plan.stages)))
     return prep
+
+
+def _preset_notes(job: JobSpec) -> list[str]:
+    """A preset mixed with your own size (`--preset sd15-16k --size 4k`): what still comes from the preset and
+    shapes the output (its 2:1 aspect, its strengths), said once, so a 4096x2048 image is no surprise."""
+    if not job.preset:
+        return []
+    preset = load_preset(job.preset)
+    yours = [key for key in preset.settings if job.sources.get(key) != preset.label]
+    kept = [key for key in SHAPING if key in preset.settings and key not in yours]
+    if not yours or not kept:
+        return []
+    theirs = ", ".join(f"{key} {_text(preset.settings[key])}" for key in kept)
+    replaced = ", ".join(f"{key} {_text(preset.settings[key])}" for key in yours)
+    return [f"from {preset.label}: {theirs} (its {replaced} replaced by yours)"]
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else shown(value)
+
+
+def check_linfusion_source(source: str) -> None:
+    """--linfusion PATH exists, as a folder, before the model loads (a hub id is found once fetched, or offline
+    by the plan's checks)."""
+    if source in BUILTIN_LINFUSION:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UsageError(f"--linfusion '{source}' is a file; give the checkpoint's folder ({LINFUSION_FILES})")
+    if not looks_like_hub_id(source):
+        raise ModelNotFoundError(
+            f"LinFusion checkpoint '{source}' does not exist: give a folder ({LINFUSION_FILES}), a hub id, auto or none"
+        )
 
 
 def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -9,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import UsageError
+from ..base.registry import did_you_mean
 from ..base.text import quote
 from ..io.files import ParseError, load_yaml, read_regular
-from .settings import not_in_presets, validate_layer
+from .layers import validate_layer
+from .settings import not_in_presets
 
 MAX_PRESET_BYTES = 1 << 20
 USER_DIR_ENV = "LINFUSION_HOME"
 SUFFIXES = (".yaml", ".yml")
+PRESET_LABEL = "preset "  # how a preset's settings are labelled among a job's layers
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Preset:
 
     @property
     def label(self) -> str:
-        return f"preset {self.name}"
+        return f"{PRESET_LABEL}{self.name}"
 
 
 def shipped_dir() -> Path:
@@ -55,18 +59,42 @@ def _files() -> dict[str, Path]:
 
 
 def list_presets() -> list[Preset]:
-    return [load_preset(str(path)) for path in _files().values()]
+    """Every preset that loads (see `scan_presets` for the ones that do not)."""
+    return scan_presets()[0]
+
+
+def scan_presets() -> tuple[list[Preset], list[str]]:
+    """(the presets that load, what is wrong with each that does not): one broken file of yours does not hide
+    the others."""
+    presets, problems = [], []
+    for path in _files().values():
+        try:
+            presets.append(load_preset(str(path)))
+        except UsageError as exc:
+            problems.append(str(exc))
+    return presets, problems
 
 
 def load_preset(name_or_file: str) -> Preset:
-    """A preset by name (shipped or user) or by path to a YAML file; unknown keys and bad values refused."""
+    """A preset by name (shipped or user) or by path to a YAML file; unknown keys and bad values refused. Read
+    once per file version: every job of a 50,000-line prompt file may name it."""
     path = Path(name_or_file).expanduser()
     if not (path.suffix in SUFFIXES and path.is_file()):
         files = _files()
         if name_or_file not in files:
-            known = ", ".join(sorted(files)) or "none"
-            raise UsageError(f"unknown preset {quote(name_or_file)} (known: {known}); or give a path to a .yaml file")
+            close = did_you_mean(name_or_file, files)
+            known = close or f" (known: {', '.join(sorted(files)) or 'none'})"
+            raise UsageError(f"unknown preset {quote(name_or_file)}{known}; or give a path to a .yaml file")
         path = files[name_or_file]
+    try:
+        version = path.stat().st_mtime_ns
+    except OSError:
+        version = 0  # read_regular says what is wrong
+    return _load(path, version)
+
+
+@functools.lru_cache(maxsize=64)
+def _load(path: Path, version: int) -> Preset:
     try:
         data, _ = load_yaml(read_regular(path, MAX_PRESET_BYTES, "preset file").decode("utf-8-sig"))
     except (ParseError, UnicodeDecodeError) as exc:

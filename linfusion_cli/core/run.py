@@ -22,6 +22,7 @@ from ..base.errors import OutputError, OutputFolderError
 from ..base.events import CancelToken, EventSink, Note, Working, ignore
 from ..base.plan import StagePlan
 from ..base.precision import dtype_flag
+from ..base.schema import SCHEMA
 from ..base.settings import Job
 from ..base.text import plural
 from ..engine.memory import MemoryPlanner, device_budget
@@ -30,15 +31,13 @@ from ..engine.pipeline import Engine
 from ..engine.stages import GenerateResult
 from ..io.hashing import model_hash
 from ..io.metadata import encode_image
-from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
+from ..io.writes import atomic_file, check_folder, clean_stale_temps, prepare_folder, write_bytes_atomic
 from ..models.adapters import engine_spec
 from ..models.devices import free_cached
 from .metadata import a1111_parameters
 from .plan_report import check_offline, memory_planner, placement, plan_summary, plan_warnings
 from .prepare import WARNING_WORDS, Prepared, RunOptions, pick_seed, plan_for, replan_for
 from .settings import JobSpec
-
-SCHEMA = 1  # the layout of every JSON we write (reports, batch lines, sidecars, benchmarks): see the README
 
 
 class EngineCache:
@@ -227,6 +226,7 @@ def generate(
     device, dtype = engines.device, engines.dtype
     world = comm.world if comm is not None else 1
     if dry_run:
+        check_folder(options.out)  # refused as the run would refuse it, nothing written
         return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype, world)})
     check_offline(job, prep.family)
     warnings = plan_warnings(prep, device, dtype, world)

@@ -1,19 +1,16 @@
-"""Every job setting, and the precedence that merges them into one image's settings.
+"""Every job setting, declared once, and the table that holds them.
 
 The settings of the core (prompt, size, sampler, model, memory...) are declared here, once each; adapter kinds
 and refine methods declare theirs beside their code (`AdapterKind.settings`, `RefineMethod.settings`), and
-`table()` puts them together. From the table come job-file and preset validation, the settings key that names
-outputs (core/metadata.py) and every command's flags (cli/options.py).
-
-Precedence (lowest first): built-in defaults < preset < prompt-file defaults < job row < flags the user set.
-Every layer is a plain dict of the keys it sets; `validate_layer` rejects unknown keys, wrong types and
-impossible values with a message naming where the value came from. No torch here: everything is checked before
-any model loads.
+`table()` puts them together. From the table come job-file and preset validation (one value: `coerce`; a whole
+layer and the precedence of layers: core/layers.py), the settings key that names outputs (core/metadata.py) and
+every command's flags (cli/options.py). No torch here: everything is checked before any model loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..base.errors import UsageError
@@ -29,13 +26,15 @@ from ..base.settings import (
     PROMPT_PANEL,
     REFINE_PANEL,
     RENDER_COMMANDS,
+    REPLAY,
     SAMPLER_PANEL,
     SIZE_PANEL,
     UPSCALE,
+    WITH_BENCH,
     Setting,
     in_range,
 )
-from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, is_two_sides, parse_aspect, split_size
+from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
 from ..engine.refine import REFINE_METHODS
 from ..engine.schedulers import SCHEDULERS, scheduler_name
@@ -46,13 +45,19 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
-DEFAULT_REFINE = REFINE_METHODS.names()[0]  # the first method listed is the default
+DEFAULT_REFINE = REFINE_METHODS.names()[0]
+SIZE_CONDITIONING = (
+    "stage",
+    "target",
+)  # the default first: see sampling.conditioning_size  # the first method listed is the default
 FLAGS = "command line"  # the `where` of the flags layer: errors then name the flag itself
 
 
 def _prompt_ok(text: str) -> str | None:
     if len(text) > MAX_PROMPT_CHARS:
         return f"is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}"
+    if "\0" in text:  # PNG text chunks cannot hold it: the image would say another prompt than its sidecar
+        return "holds a NUL character; remove it"
     return None
 
 
@@ -72,6 +77,10 @@ def _strengths_ok(values: list[float]) -> str | None:
 
 def _random_seed(value: int) -> int | None:
     return None if value == RANDOM_SEED else value
+
+
+def _seed_ok(value: int) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"must be {RANDOM_SEED} (random) or 0 to {MAX_SEED}"
 
 
 def _side(name: str, help: str, commands: tuple[str, ...] = RENDER_COMMANDS, **more: Any) -> Setting:
@@ -120,13 +129,13 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         ONE_IMAGE,
         in_key=False,  # hashed on its own: only when it was chosen
         in_presets=False,
-        check=in_range(0, MAX_SEED),
+        check=_seed_ok,
         normalize=_random_seed,
     ),
     _side(
         "size",
         f"Long side of the output: 4096, 8k, 16K (x1024), or WxH like 4096x2048 \\[default: {DEFAULT_SIZE}].",
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         flags=("-s",),
         metavar="PX",
     ),
@@ -148,7 +157,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         50,
         "Full schedule steps; a stage at strength s runs about s*steps \\[default: 50].",
         SAMPLER_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         check=in_range(1, 1000),
     ),
     Setting(
@@ -157,6 +166,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         7.5,
         "Classifier-free guidance scale \\[default: 7.5].",
         SAMPLER_PANEL,
+        WITH_BENCH,
         check=in_range(0.0, 50.0),
         flags=("-g",),
     ),
@@ -166,7 +176,20 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "Refine-stage strengths, first to last, e.g. 0.4,0.3,0.2,0.1 \\[default: 0.4 falling linearly to 0.1].",
         SIZE_PANEL,
+        WITH_BENCH,
         check=_strengths_ok,
+    ),
+    Setting(
+        "size_cond",
+        "str",
+        SIZE_CONDITIONING[0],
+        "SDXL's size conditioning (time_ids) at each stage: stage (the stage's own size) or target (the final "
+        "output's at every stage, base included, as LinFusion's official SDXL pipeline does) \\[default: stage].",
+        SIZE_PANEL,
+        WITH_BENCH,
+        choices=lambda: SIZE_CONDITIONING,
+        key_if_default=False,  # added later: images made before it keep their names
+        metavar="stage|target",
     ),
     Setting(
         "scheduler",
@@ -175,7 +198,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
         "\\[default: ddim].",
         SAMPLER_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         normalize=scheduler_name,
         choices=lambda: SCHEDULERS,
     ),
@@ -194,7 +217,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "name",
         "str",
         None,
-        "Output file name without extension \\[default: prompt slug, seed and size].",
+        "Output file name without extension \\[default: prompt slug, seed, size and a hash of the other settings].",
         OUTPUT_PANEL,
         ONE_IMAGE,
         in_key=False,
@@ -203,7 +226,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     _side(
         "base_size",
         "Long side of the base stage, px \\[default: the model's native size].",
-        NOT_UPSCALE,
+        (*NOT_UPSCALE, BENCH),
         metavar="PX",
         in_key=True,
     ),
@@ -214,6 +237,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "Hub id, diffusers folder, .safetensors file, or tiny / tiny-sd2 / tiny-sdxl (built-in, random "
         f"weights) \\[default: {DEFAULT_MODEL}].",
         MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
         flags=("-m",),
     ),
     Setting(
@@ -223,9 +247,15 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "LinFusion weights: auto (official for the model's family), none (ordinary attention), or a "
         "checkpoint folder / hub id \\[default: auto].",
         MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
     ),
     Setting(
-        "vae", "str", None, "Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.", MODEL_PANEL
+        "vae",
+        "str",
+        None,
+        "Replacement VAE (diffusers folder or hub id), e.g. an fp16-fixed SDXL VAE.",
+        MODEL_PANEL,
+        (*RENDER_COMMANDS, REPLAY),
     ),
     Setting(
         "vae_tile",
@@ -233,7 +263,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "VAE tile side, px \\[default: automatic from free memory].",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         check=in_range(64, MAX_SIDE),
     ),
@@ -243,7 +273,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         False,
         "Most frugal memory settings (24 GB cards at 16K).",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
     ),
     Setting(
@@ -252,18 +282,19 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "Plan memory for at most this many GiB.",
         MEMORY_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         check=in_range(0.5, 4096),
         metavar="GIB",
     ),
-    Setting("image", "str", None, commands=(), in_presets=False),
+    Setting("image", "str", None, commands=(), in_presets=False, path=True),
     Setting(
         "strength",
         "float",
         None,
         _strength_help,
         REFINE_PANEL,
+        WITH_BENCH,
         check=in_range(0.0, 1.0),
     ),
     Setting(
@@ -272,6 +303,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         DEFAULT_REFINE,
         _refine_help,
         REFINE_PANEL,
+        WITH_BENCH,
         choices=REFINE_METHODS.names,
         metavar="METHOD",
     ),
@@ -281,7 +313,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         None,
         "A recipe of settings: a preset name (see `linfusion presets list`) or a YAML file.",
         PROMPT_PANEL,
-        (*RENDER_COMMANDS, BENCH),
+        WITH_BENCH,
         in_key=False,
         in_presets=False,
         flags=("-p",),
@@ -290,16 +322,25 @@ CORE_SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def table() -> dict[str, Setting]:
+def table() -> Mapping[str, Setting]:
     """Every setting by name: the core's, then each refine method's and each adapter kind's (in their registries'
-    order). Built on each call, so a method or kind registered later (a plug-in, a test's toy one) is in it."""
+    order). Made again whenever what declares settings changed, so a method or kind registered later (a plug-in, a
+    test's toy one) is in it; kept otherwise (a 50,000-job prompt file asks for it 150,000 times)."""
+    owners = (*REFINE_METHODS, *ADAPTER_KINDS)
+    stamp = (tuple((o, o.settings) for o in owners), tuple(EXTRA_SETTINGS))  # held: no id is reused
+    if _TABLE and _TABLE[0][0] == stamp:
+        return _TABLE[0][1]
     found: dict[str, Setting] = {}
-    owned = (s for owner in (*REFINE_METHODS, *ADAPTER_KINDS) for s in owner.settings)
+    owned = (s for owner in owners for s in owner.settings)
     for setting in (*CORE_SETTINGS, *EXTRA_SETTINGS, *owned):
         if setting.name in found:
             raise ValueError(f"setting {setting.name!r} is declared twice")
         found[setting.name] = setting
-    return found
+    _TABLE[:] = [(stamp, MappingProxyType(found))]
+    return _TABLE[0][1]
+
+
+_TABLE: list[tuple[Any, Mapping[str, Setting]]] = []  # the last table made, with what it was made from
 
 
 EXTRA_SETTINGS: list[Setting] = []  # settings added from outside (a plug-in, a test): `add_setting`
@@ -330,7 +371,10 @@ class JobSpec:
         unknown = sorted(set(values) - set(settings))
         if unknown:
             raise TypeError(f"not job settings: {', '.join(unknown)}")
-        merged = {name: setting.fresh_default() for name, setting in settings.items()}
+        merged = {name: setting.default for name, setting in settings.items()}
+        for name, value in merged.items():
+            if isinstance(value, list):  # a job may change its own
+                merged[name] = list(value)
         merged.update(values)
         object.__setattr__(self, "_values", merged)
         object.__setattr__(self, "sources", {})
@@ -363,62 +407,31 @@ def not_in_presets() -> tuple[str, ...]:
     return tuple(name for name, setting in table().items() if not setting.in_presets)
 
 
-def _problem(where: str, key: str, message: str) -> UsageError:
+def problem(where: str, key: str, message: str) -> UsageError:
+    """A UsageError about one field: `--flag: ...` for the command line, `WHERE: field 'key' ...` elsewhere."""
     if where == FLAGS:
         return UsageError(f"--{key.replace('_', '-')}: {message}")
     return UsageError(f"{where}: field '{key}' {message}")
 
 
+def setting_name(key: str, settings: Mapping[str, Setting]) -> str:
+    """A field as a person writes it (`Prompt` in a CSV header, `base-size`, ` seed `) -> the setting's name; a
+    name that is no setting's, as given."""
+    if key in settings:
+        return key
+    name = "_".join(key.strip().lower().replace("-", " ").split())
+    return name if name in settings else key
+
+
 def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     """Check (and, for text sources like flags, CSV or TXT, parse) one value; a UsageError naming `where`."""
     settings = table()
-    setting = settings.get(key)
+    setting = settings.get(setting_name(key, settings))
     if setting is None:
-        raise UsageError(
-            f"{where}: unknown field {quote(key)}{did_you_mean(key, settings)} (known: {', '.join(settings)})"
-        )
+        close = did_you_mean(key, settings)
+        known = close or f" (known: {', '.join(settings)})"
+        raise UsageError(f"{where}: unknown field {quote(key)}{known}")
     try:
         return setting.read(value, from_text=from_text)
     except (TypeError, ValueError) as exc:
-        raise _problem(where, key, str(exc)) from None
-
-
-def validate_layer(
-    data: Mapping[str, Any], *, where: str, from_text: bool = False, forbidden: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Validate one layer (preset, file defaults, a row, flags): known keys, right types, sane values."""
-    if not isinstance(data, Mapping):
-        raise UsageError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise UsageError(f"{where}: field names must be text, got {quote(key)}")
-        if key in forbidden:
-            raise UsageError(f"{where}: '{key}' cannot be set here")
-        if key == "size" and is_two_sides(value):
-            if "width" in data or "height" in data:
-                raise _problem(where, key, "is WxH already; leave out width and height")
-            try:
-                sides = split_size(value)
-            except TypeError as exc:
-                raise _problem(where, key, str(exc)) from None
-            for side_key, side in zip(("width", "height"), sides, strict=True):
-                out[side_key] = coerce(key, side, where=where)
-            continue
-        converted = coerce(key, value, where=where, from_text=from_text)
-        if converted is not None:
-            out[key] = converted
-    return out
-
-
-def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bool = True) -> JobSpec:
-    """Merge validated layers, lowest precedence first, into a JobSpec that remembers who set what."""
-    job = JobSpec()
-    for label, layer in layers:
-        for key, value in layer.items():
-            setattr(job, key, list(value) if isinstance(value, list) else value)
-            job.sources[key] = label
-    if require_prompt and not job.prompt.strip() and not job.image:
-        where = job.sources.get("prompt", "the job")
-        raise UsageError(f"{where}: the prompt is empty; give a prompt (or an image to upscale)")
-    return job
+        raise problem(where, setting.name, str(exc)) from None

@@ -23,6 +23,7 @@ class Shard:
         return f"shard {self.index}/{self.count} ({self.source})"
 
 
+WHOLE_FILE = Shard(0, 1, "whole file")
 SLURM_VARS = ("ID", "MIN", "MAX", "STEP", "COUNT")
 
 
@@ -43,7 +44,7 @@ def resolve_shard(flag: str | None, env: Mapping[str, str] | None = None) -> Sha
         except ValueError:
             raise UsageError("RANK/WORLD_SIZE are not whole numbers") from None
     else:
-        return Shard(0, 1, "whole file")
+        return WHOLE_FILE
     if shard.count < 1 or not 0 <= shard.index < shard.count:
         raise UsageError(f"{shard.source}: shard {shard.index}/{shard.count} is impossible (need 0 <= K < N)")
     return shard
@@ -62,6 +63,9 @@ def slurm_shard(env: Mapping[str, str]) -> Shard:
             except ValueError:
                 raise UsageError(f"SLURM_ARRAY_TASK_{name}={text[:20]!r} is not a whole number") from None
     task = values["ID"]
+    how = "set the shard yourself with --shard K/N (K = this task's position among the N tasks, from 0)"
+    if values.get("COUNT", 1) > 1 and "MIN" not in values:  # every task would take itself for the first
+        raise UsageError(f"the Slurm array variables are inconsistent ({_slurm_text(values)}: no MIN); {how}")
     low, count, step_given = values.get("MIN", task), values.get("COUNT"), values.get("STEP")
     if "MAX" in values:
         high = values["MAX"]
@@ -69,7 +73,6 @@ def slurm_shard(env: Mapping[str, str]) -> Shard:
             count = (high - low) // step_given + 1
     else:
         high = low + ((count or 1) - 1) * (step_given or 1)
-    how = "set the shard yourself with --shard K/N (K = this task's position among the N tasks, from 0)"
     if count is None or count < 1 or not low <= task <= high:
         raise UsageError(f"the Slurm array variables are inconsistent ({_slurm_text(values)}); {how}")
     if count == 1:

@@ -97,6 +97,8 @@ def available_bytes(device: torch.device) -> int | None:
     MemAvailable on Linux, else the free physical pages where the OS reports them.
     """
     if device.type == "cuda":
+        if not torch.cuda.is_available():  # a plan for a GPU this machine does not have
+            return None
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "mps":

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.plan import Plan, StagePlan
+from ..base.settings import Job
 from ..models.adapter_kind import UNetExtra
 from .refine import StageGuide
 from .text import Conditioning
@@ -23,18 +25,28 @@ class StageInputs:
 
     cond: Conditioning
     guidance: float
-    size: tuple[int, int]  # (width, height) px, for SDXL's size conditioning
+    size: tuple[int, int]  # (width, height) px SDXL's size conditioning names: conditioning_size
     cfg_split: bool = False  # guidance as two batch-1 UNet calls instead of one batch of 2
     extras: tuple[UNetExtra, ...] = ()  # adapters' per-call conditioning, see UNetExtra
+
+
+def conditioning_size(job: Job, stage: StagePlan, plan: Plan) -> tuple[int, int]:
+    """The (width, height) SDXL's size conditioning names at a stage (`size_cond`):
+    - stage (the default): the stage's own size, what diffusers' SDXL pipelines pass for a generation of that
+      size; it is what every image made before the setting existed was made with, so it keeps their pixels;
+    - target: the final output's size at every stage, base included: LinFusion's official high-resolution SDXL
+      pipeline passes original_size = target_size = the output's size (and its super-resolution pipeline the
+      same), so the base image is laid out as the 16K picture it will become. The sdxl-16k preset uses it."""
+    last = plan.stages[-1]
+    return (last.width, last.height) if job.size_cond == "target" else (stage.width, stage.height)
 
 
 def _added_cond(inputs: StageInputs, rows: slice, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
     if inputs.cond.pooled is None:
         return None
     width, height = inputs.size
-    # SDXL micro-conditioning: original_size = target_size = this stage's size, crop (0, 0). This is what
-    # diffusers' SDXL pipelines pass for a generation of that size, and what LinFusion-XL's high-resolution
-    # results were made with; claiming a smaller "original" size at 8K-16K makes SDXL paint blur.
+    # SDXL micro-conditioning: original_size = target_size = `inputs.size` (conditioning_size), crop (0, 0), as
+    # (h, w, top, left, h, w). Claiming an "original" size smaller than the target at 8K-16K makes SDXL paint blur.
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
     pooled = inputs.cond.pooled[rows]
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.repeat(pooled.shape[0], 1)}

@@ -22,8 +22,8 @@ from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
 from .memory import Meter, vae_budget
-from .refine import JobRefiner, StageGuide
-from .sampling import StageInputs, denoise, initial_noise, stage_timesteps
+from .refine import JobRefiner, StageGuide, refine_ratio
+from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .splitting import ImageSplit
 from .text import Conditioning
@@ -219,9 +219,8 @@ def _run_stage(
         del image
 
         # 2. Denoise.
-        inputs = StageInputs(
-            run.cond, job.guidance, (stage.width, stage.height), cfg_split=settings.cfg_split, extras=start.extras
-        )
+        size = conditioning_size(job, stage, run.plan)
+        inputs = StageInputs(run.cond, job.guidance, size, cfg_split=settings.cfg_split, extras=start.extras)
 
         def on_step(step: int, total: int) -> None:
             run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(engine.device)))
@@ -281,7 +280,7 @@ def _starting_latents(
     encoded = band(encoded)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = run.refiner.guide(
-        max(1, round(stage.width / run.base_width)),
+        refine_ratio(stage, run.plan, run.base_width, engine.comps.native_size),
         encoded,
         noise,
         int(scheduler.config.num_train_timesteps),

@@ -4,10 +4,13 @@ seconds, so hashes are cached on disk by path, size and modification time, as A1
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
+
+from ..base.errors import UsageError
 
 SHORT_HASH_CHARS = 10
 CACHE_FILE = "model-hashes.json"
@@ -26,6 +29,21 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(READ_BYTES):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def content_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes (an input image's: two images at one path are two inputs), remembered per
+    path, size and modification time within a run; a file that cannot be read is a UsageError naming it."""
+    try:
+        info = os.stat(path)
+        return _content_digest(str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def model_hash(model: str) -> str | None:

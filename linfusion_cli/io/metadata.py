@@ -1,14 +1,16 @@
 """Image metadata as viewers read it: the AUTOMATIC1111 `parameters` text (a PNG text chunk, EXIF
-UserComment for JPEG/WebP, ImageDescription for TIFF) and our settings as JSON, written with the pixels and read
-back."""
+UserComment for JPEG/WebP, ImageDescription for TIFF, with an XMP copy when the text is not ASCII) and our
+settings as JSON, written with the pixels and read back."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+from xml.sax.saxutils import escape, unescape
 
 import numpy as np
 
@@ -32,6 +34,15 @@ EXIF_USER_COMMENT = 0x9286
 
 
 TIFF_DESCRIPTION = 270
+
+
+TIFF_XMP = 700  # XMLPacket: UTF-8
+
+
+RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+
+
+XMP_DESCRIPTION = re.compile(r"<dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">(.*?)</rdf:li>", re.DOTALL)
 
 
 _UNICODE_PREFIX = b"UNICODE\x00"
@@ -60,6 +71,23 @@ def _decode_user_comment(raw: Any) -> str | None:
     return raw[8:].decode("utf-8", errors="replace")
 
 
+def _xmp(text: str) -> bytes:
+    """An XMP packet holding `text` as dc:description: TIFF's ImageDescription is ASCII, XMP is UTF-8."""
+    return (
+        f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{RDF_NS}"><rdf:Description rdf:about="" '
+        f'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:description><rdf:Alt><rdf:li xml:lang="x-default">'
+        f"{escape(text)}</rdf:li></rdf:Alt></dc:description></rdf:Description></rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def _xmp_text(raw: Any) -> str | None:
+    """The dc:description `_xmp` wrote (read as text, not parsed: no XML entity is ever expanded)."""
+    if not isinstance(raw, bytes):
+        return None
+    found = XMP_DESCRIPTION.search(raw.decode("utf-8", errors="replace"))
+    return unescape(found.group(1)) if found else None
+
+
 def encode_image(
     array: np.ndarray,
     fmt: str,
@@ -79,6 +107,8 @@ def encode_image(
         image = Image.fromarray(array, "RGB")
         if spec.metadata == "tiff":
             extra: dict[str, Any] = {"tiffinfo": {TIFF_DESCRIPTION: parameters}}
+            if not parameters.isascii():  # ImageDescription is ASCII ("a caf?"): the exact text goes in XMP too
+                extra["tiffinfo"][TIFF_XMP] = _xmp(parameters)
         else:
             exif = Image.Exif()
             exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = _user_comment(parameters)
@@ -115,7 +145,7 @@ def _metadata(image: Any) -> dict[str, Any]:
             with contextlib.suppress(ValueError):
                 info["linfusion"] = load_json(raw_json)
     elif where == "tiff":
-        info["parameters"] = image.tag_v2.get(TIFF_DESCRIPTION)
+        info["parameters"] = _xmp_text(image.tag_v2.get(TIFF_XMP)) or image.tag_v2.get(TIFF_DESCRIPTION)
     else:
         raw = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
         info["parameters"] = _decode_user_comment(raw)

@@ -41,6 +41,22 @@ def prepare_folder(folder: Path) -> Path:
     return folder
 
 
+def check_folder(folder: Path) -> None:
+    """What `prepare_folder` proves (the folder can be made and written), leaving nothing behind: a dry run
+    refuses what the run would refuse, and writes nothing."""
+    made: list[Path] = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    try:
+        prepare_folder(folder)
+    finally:
+        for path in made:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 def _temp_owner() -> str:
     return f"{host_name()}-{os.getpid()}"
 

@@ -3,6 +3,7 @@
 For tokens x (B, N, C), h heads of width d = C / h:
 
     q = W_q (x + f_q(x))      k = W_k (x + f_k(x))      v = W_v x
+    (f_q, f_k small MLPs; the identity in checkpoints with projection_mid_dim -1, as the official code has it)
     phi(t) = elu(t) + 1
     out_i = phi(q_i) . [mean_j phi(k_j)^T v_j]  /  (phi(q_i) . mean_j phi(k_j) + eps)
 
@@ -20,6 +21,9 @@ from torch import nn
 
 LINEAR_ATTN_EPS = 1e-4
 LEAKY_RELU_SLOPE = 0.01  # nn.LeakyReLU's default, as in the official checkpoints
+# projection_mid_dim -1: the official code's "no feature MLP": f_q and f_k are nn.Identity, so q = W_q (x + x)
+# and k = W_k (x + x), and the checkpoint has no to_q_ / to_k_ keys.
+NO_FEATURE_MLP = -1
 
 
 class SummaryReducer(Protocol):
@@ -91,13 +95,15 @@ class LinFusionAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim = dim
         self.heads = heads
+        if mid_dim is not None and mid_dim != NO_FEATURE_MLP and mid_dim < 1:
+            raise ValueError(f"projection_mid_dim {mid_dim}: must be None, {NO_FEATURE_MLP} or a positive width")
         self.mid_dim = mid_dim if mid_dim is not None else dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
-        self.to_q_ = feature_map_mlp(dim, self.mid_dim)
-        self.to_k_ = feature_map_mlp(dim, self.mid_dim)
+        self.to_q_: nn.Module = nn.Identity() if mid_dim == NO_FEATURE_MLP else feature_map_mlp(dim, self.mid_dim)
+        self.to_k_: nn.Module = nn.Identity() if mid_dim == NO_FEATURE_MLP else feature_map_mlp(dim, self.mid_dim)
         self.token_chunk: int | None = None
 
     def extra_repr(self) -> str:

@@ -4,7 +4,8 @@ Official format (a folder or hub repo):
   config.json                         {"_class_name": "LinFusion", "modules_list": [{"module_name": ..., "dim_n": C,
                                         "heads": h, "projection_mid_dim": m or null}, ...]}
   diffusion_pytorch_model.safetensors entry i owns `{i}.to_q.weight`, `{i}.to_k.weight`, `{i}.to_v.weight`,
-                                        `{i}.to_out.0.weight/.bias`, `{i}.to_q_.{0,1,3}.weight/.bias`, same for to_k_.
+                                        `{i}.to_out.0.weight/.bias`, `{i}.to_q_.{0,1,3}.weight/.bias`, same for to_k_
+                                        (none of those two with projection_mid_dim -1: identity feature maps).
 Entries are matched to layers by `module_name`, never by position.
 """
 
@@ -142,9 +143,10 @@ def _init_from_original(module: LinFusionAttention, original: Any, generator: to
         out.weight.copy_(original.to_out[0].weight)
         out.bias.copy_(original.to_out[0].bias)
         for mlp in (module.to_q_, module.to_k_):
-            last: Any = mlp[3]
-            last.weight.zero_()
-            last.bias.zero_()
+            if isinstance(mlp, nn.Sequential):  # an identity feature map (projection_mid_dim -1) has no weights
+                last: Any = mlp[3]
+                last.weight.zero_()
+                last.bias.zero_()
 
 
 def _randomize(module: LinFusionAttention, generator: torch.Generator) -> None:
@@ -247,6 +249,12 @@ def load_checkpoint(source: str, unet: nn.Module) -> tuple[list[LayerSpec], dict
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: modules_list[{i}] is malformed ({exc})") from exc
+        mid = spec.projection_mid_dim
+        if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or (mid < 1 and mid != -1)):
+            raise CheckpointError(
+                f"{config_path}: modules_list[{i}] has projection_mid_dim {mid!r}; the official code reads null (the "
+                "layer's width), -1 (no feature MLP) or a positive width"
+            )
         attn = unet_layers.get(spec.module_name)
         if attn is None:
             raise CheckpointError(f"checkpoint module '{spec.module_name}' is not an attn1 of this UNet: {mismatch}")

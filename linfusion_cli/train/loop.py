@@ -124,7 +124,7 @@ class Trainer:
             self.save("signal")
         barrier(self.dist)
         name, code = cancel.reason if cancel is not None and cancel.reason else ("SIGTERM", EXIT_SIGTERM)
-        raise Interrupted(name, code)
+        raise Interrupted(name, code, resumable=True)
 
     def save(self, reason: str) -> None:
         """A checkpoint of this step on every rank's say (the skipped images are gathered); rank 0 writes it."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from ...base.registry import Registry
 from .demofusion import DEMOFUSION
-from .method import JobRefiner, RefineMethod, StageGuide
+from .method import JobRefiner, RefineMethod, StageGuide, refine_ratio
 from .sdedit import SDEDIT
 
 REFINE_METHODS: Registry[RefineMethod] = Registry("refine method", [SDEDIT, DEMOFUSION])
 
-__all__ = ["REFINE_METHODS", "JobRefiner", "RefineMethod", "StageGuide"]
+__all__ = ["REFINE_METHODS", "JobRefiner", "RefineMethod", "StageGuide", "refine_ratio"]

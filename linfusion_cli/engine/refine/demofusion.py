@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ...base.settings import REFINE_PANEL, Setting, in_range
+from ...base.settings import REFINE_PANEL, WITH_BENCH, Setting, in_range
 from .method import JobRefiner, RefineMethod
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def _parameter(name: str, default: float, help: str, check: Any = None) -> Setti
         default,
         help,
         REFINE_PANEL,
+        WITH_BENCH,
         when=IN_EFFECT,
         check=check or in_range(0.0, 1e6),
     )

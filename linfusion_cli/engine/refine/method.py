@@ -7,9 +7,11 @@ help are made before any model loads; a method's torch side is imported when a j
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ...base.plan import Plan, StagePlan
 from ...base.settings import Setting
 
 if TYPE_CHECKING:
@@ -20,6 +22,17 @@ if TYPE_CHECKING:
 
 Denoiser = Any  # Callable[[latents, t], prediction]: see engine/sampling.py
 Blur = Any  # Callable[[latents, ratio, sigma], blurred latents with the whole image's statistics]
+
+
+def refine_ratio(stage: StagePlan, plan: Plan, base_width: int, native: int) -> int:
+    """How many times the scale the model works at a refine stage is (demofusion dilates its global pass that
+    much). A generated image counts from its base stage: r = 2, 4, 8..., as the official high-resolution
+    pipeline. An upscaled one counts from the model's native size, as the official super-resolution pipeline
+    takes r = output size / native size, rounded up: an input of any size is seen at the scale the model was
+    trained at, not at its own."""
+    if plan.from_image:
+        return max(1, math.ceil(max(stage.width, stage.height) / native))
+    return max(1, round(stage.width / base_width))
 
 
 class StageGuide(Protocol):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import ModelNotFoundError, UsageError
-from ...base.settings import CONTROL_PANEL, AdapterRef, Job, Setting, in_range
+from ...base.settings import CONTROL_PANEL, WITH_BENCH, AdapterRef, Job, Setting, in_range
 from ...base.text import plural
 from ...io.images import open_image
 from ..adapter_kind import AdapterKind
@@ -99,12 +99,15 @@ def source_kind(source: str) -> str:
 
 
 def _family_label(cross: Any, addition: Any, widths: tuple[int, ...]) -> str:
-    """The family a ControlNet's signature matches (only the first block width may be known)."""
-    for family in FAMILIES:
-        if (family.cross_attention_dim, family.addition_embed_type) == (cross, addition) and (
-            widths == family.block_out_channels[: len(widths)]
-        ):
+    """The family a ControlNet's signature matches (only the first block width may be known); failing that, the
+    family whose text width and added embeddings it has (an SDXL-shaped one of other widths is still SDXL's)."""
+    shaped = [f for f in FAMILIES if (f.cross_attention_dim, f.addition_embed_type) == (cross, addition)]
+    for family in shaped:
+        if widths == family.block_out_channels[: len(widths)]:
             return family.label
+    if shaped:
+        embeds = f", {addition} embeddings" if addition else ""
+        return f"a model shaped like {shaped[0].label} (cross-attention width {cross}{embeds}, block widths {list(widths)})"
     return f"an unknown family (cross-attention width {cross}, block widths {list(widths)})"
 
 
@@ -242,6 +245,11 @@ def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: in
     """What a user should know about a job's control images: stretched to another shape, or never used."""
     if job.control_image and not job.controlnet:
         raise UsageError("--control-image needs a --controlnet to condition")
+    if job.control_stages and len(job.control_stages) > stages:
+        raise UsageError(
+            f"--control-stages gives {plural(len(job.control_stages), 'scale')} but the plan has "
+            f"{plural(stages, 'stage')}: give at most {stages} (the last one repeats)"
+        )
     notes: list[str] = []
     for ref, image in zip(refs, job.control_image or (), strict=False):
         if image == PREVIOUS:
@@ -259,7 +267,9 @@ def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: in
 
 
 def _fraction(name: str, default: float, help: str) -> Setting:
-    return Setting(name, "float", default, help, CONTROL_PANEL, check=in_range(0.0, 1.0), metavar="FRACTION")
+    return Setting(
+        name, "float", default, help, CONTROL_PANEL, WITH_BENCH, check=in_range(0.0, 1.0), metavar="FRACTION"
+    )
 
 
 def _stage_scales_ok(values: list[float]) -> str | None:
@@ -280,6 +290,7 @@ class ControlNetKind(AdapterKind):
             help="A ControlNet (repeatable): diffusers folder, .safetensors file, hub id, or tiny (built-in, random); "
             ":SCALE weights it \\[default scale: 1]. Its own self-attention runs linear too (LinFusion).",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             metavar="SRC[:SCALE]",
         ),
         Setting(
@@ -288,7 +299,9 @@ class ControlNetKind(AdapterKind):
             help="One per --controlnet, in order: the image it follows (resized to every stage), or previous: each "
             "refine stage's upscaled previous image, what a tile ControlNet wants (base stages run without it).",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             metavar="FILE|previous",
+            path=True,
         ),
         _fraction("control_start", 0.0, "ControlNets act from this fraction of each stage's steps \\[default: 0]."),
         _fraction("control_end", 1.0, "ControlNets act up to this fraction of each stage's steps \\[default: 1]."),
@@ -298,6 +311,7 @@ class ControlNetKind(AdapterKind):
             help="ControlNet scale per stage, first to last, the last repeating; 0,1 turns them off in the base "
             "stage \\[default: 1 everywhere].",
             panel=CONTROL_PANEL,
+            commands=WITH_BENCH,
             check=_stage_scales_ok,
             metavar="SCALES",
         ),

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
-from ...base.settings import IP_PANEL, AdapterRef, Job, Setting
+from ...base.settings import IP_PANEL, WITH_BENCH, AdapterRef, Job, Setting
+from ...io.hashing import content_digest
 from ...io.images import open_image
 from ..adapter_kind import AdapterKind
 from ..families import Family, family_of_width, safetensors_shapes
@@ -245,16 +246,19 @@ class IpAdapterKind(AdapterKind):
             "layout or that hub id (the file for the model's family is picked), a .safetensors weight file with its "
             "image_encoder/ folder beside it, or tiny (built-in, random); :SCALE weights it \\[default scale: 1].",
             panel=IP_PANEL,
-            check=lambda v: None if len(v) <= 1 else "takes one IP-Adapter",
+            commands=WITH_BENCH,
+            check=lambda v: None if len(v) <= 1 else "takes one IP-Adapter per image; give it once",
             metavar="SRC[:SCALE]",
-            repeatable=False,
         ),
         Setting(
             "ip_image",
             "str",
             help="The reference image the --ip-adapter reads (embedded once per image, for every stage).",
             panel=IP_PANEL,
+            commands=WITH_BENCH,
             metavar="IMAGE",
+            key_of=content_digest,
+            path=True,  # the image, not where it is: an edited file is another job, a moved one is not
         ),
     )
     fields_rank = 1

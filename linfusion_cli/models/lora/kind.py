@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import ModelLoadError, UsageError
-from ...base.settings import MODEL_PANEL, AdapterRef, Job, Setting
+from ...base.settings import MODEL_PANEL, WITH_BENCH, AdapterRef, Job, Setting
 from ..adapter_kind import AdapterKind
 from ..families import Family, family_of_width, safetensors_shapes
 from ..hub import looks_like_hub_id, resolve_local_or_hub
@@ -107,6 +107,7 @@ class LoraKind(AdapterKind):
             help="A LoRA to fuse into the model (repeatable): .safetensors file, folder or hub id in kohya/A1111 or "
             "diffusers format, or tiny (built-in, random); :SCALE weights it \\[default scale: 1].",
             panel=MODEL_PANEL,
+            commands=WITH_BENCH,
             metavar="SRC[:SCALE]",
         ),
     )
