@@ -100,9 +100,12 @@ def distill(cfg: DistillConfig, *, events: DistillSink = drop, cancel: CancelTok
         trainer = start_trainer(cfg, dist, student, data, mixed, events)
         events(started(trainer, data, mixed))
         # 3. Optimizer steps.
-        trainer.run(cancel)
-        barrier(dist)
-        skipped = skipped_images(trainer.stream, dist)
+        try:
+            trainer.run(cancel)
+            barrier(dist)
+            skipped = skipped_images(trainer.stream, dist)
+        finally:
+            student.drop_wrapper()  # before the group goes (see there)
     student.student_tap.close()
     student.teacher_tap.close()
     return DistillResult(

@@ -9,7 +9,9 @@ trained ones stay fp32 masters.
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -102,6 +104,17 @@ class Student:
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for m in self.patch.modules for p in m.parameters()]
+
+    def drop_wrapper(self) -> None:
+        """Let go of the DDP wrapper while the process group is still up. Its reducer holds the group; were the
+        reducer the last holder, the group would be destroyed inside the reducer's destructor, which keeps the GIL
+        while waiting for gloo's worker threads, and a worker still releasing a finished collective's tensors needs
+        the GIL: both would wait forever (seen at the end of two-process runs under load). Destroyed by
+        `destroy_process_group`, the group lets go of the GIL first."""
+        if self.model is self.unet:
+            return
+        self.model = self.unet
+        gc.collect()  # DDP's hooks make reference cycles
 
     def amp(self) -> Any:
         if self.autocast is None:
@@ -231,7 +244,10 @@ def build_student(
     model: nn.Module = unet
     if dist.world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(unet, device_ids=ids, broadcast_buffers=False)
+        # buffers are the same on every process (same weights); no sync before each forward (the newer keyword where torch has it)
+        quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        model = DistributedDataParallel(unet, device_ids=ids, **no_sync)
     scheduler = DDPMScheduler.from_config({k: v for k, v in comps.scheduler_config.items() if not k.startswith("_")})
     resolution = check_resolution(cfg.resolution or comps.native_size, comps)
     return Student(
