@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Processes:
-    """Processes a test starts: offline, one torch thread, this checkout first on the path, and every one still
-    running when the test ends killed (a failing test leaks none)."""
+    """Processes a test starts: offline, one torch thread, this checkout first on the path, each in a session of
+    its own, and every one still running when the test ends killed with all it started (a failing test leaks
+    none: not even a torchrun worker whose launcher is gone)."""
 
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[str]] = []
@@ -34,6 +36,7 @@ class Processes:
         """`python ARGS` (`-c CODE`, `-m torch.distributed.run ...`)."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
+        popen.setdefault("start_new_session", True)
         proc = subprocess.Popen([sys.executable, *args], text=True, env=env or self.env(), **popen)
         self.started.append(proc)
         return proc
@@ -48,10 +51,29 @@ class Processes:
 
     def kill_all(self) -> None:
         for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
+            doomed = [proc.pid, *_descendants(proc.pid)]  # torchrun starts its workers in sessions of their own
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its session: the children too, also once it has exited
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.communicate(timeout=30)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float, stream: str = "stdout") -> str:
