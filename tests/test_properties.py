@@ -8,7 +8,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from linfusion_cli.base.errors import JobFileError, UsageError
@@ -112,6 +112,8 @@ def test_jsonl_rows_round_trip(rows: list[dict]) -> None:
 
 @FAST
 @given(st.binary(max_size=600), st.sampled_from([".txt", ".yaml", ".jsonl", ".csv"]))
+@example(b"\r\x01", ".csv")  # a lone carriage return once escaped as the csv module's own error
+@example(b"prompt\r\na cat\rdog\r", ".csv")
 def test_any_bytes_parse_or_fail_cleanly(data: bytes, suffix: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"jobs{suffix}"

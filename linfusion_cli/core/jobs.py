@@ -173,7 +173,14 @@ def _jsonl_rows(file: Path, text: str) -> list[_Raw]:
 
 
 def _csv_rows(file: Path, text: str) -> list[_Raw]:
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # the csv module reads \r, \n and \r\n line ends itself
+    try:
+        return _csv_records(file, reader)
+    except csv.Error as exc:  # e.g. a stray quote or carriage return the dialect cannot read
+        raise JobFileError(f"{file.name} line {reader.line_num}: not readable as CSV ({exc})") from None
+
+
+def _csv_records(file: Path, reader: csv.DictReader[str]) -> list[_Raw]:
     if not reader.fieldnames:
         raise JobFileError(f"{file.name}: empty CSV; the first row must name the fields (prompt, seed, ...)")
     names = [name.strip().lower() for name in reader.fieldnames]
