@@ -115,3 +115,9 @@ def processes() -> Iterator[Processes]:
         yield started
     finally:
         started.kill_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (order kept otherwise): the workers then finish together instead of one of them running a
+    long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

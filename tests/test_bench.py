@@ -40,6 +40,7 @@ def test_bench_attention_matches_the_straightforward_form(runner) -> None:
     assert set(report["results"][0]["ours"]) == {"seconds", "peak_vram_allocated_gib"}  # the shared layout
 
 
+@pytest.mark.slow
 def test_bench_vae_and_fidelity(runner) -> None:
     report = bench(runner, "vae", "--arch", "tiny", "--sizes", "512", "--tile", "128", "--no-diffusers")
     row = report["results"][0]

@@ -16,6 +16,7 @@ def run(runner, *args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
     result = run(
         runner,

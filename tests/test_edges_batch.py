@@ -34,6 +34,7 @@ def finished_pairs(out: Path) -> tuple[list[Path], list[Path]]:
     return images, [image for image in images if not Path(f"{image}.json").exists()]
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_stops_the_batch_after_saving_the_job_being_made(processes, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = processes.start("batch", str(prompts(tmp_path, 6)), *FAST, "--seed", "1", "--out", str(out), "--json")

@@ -73,6 +73,7 @@ def test_a_narrow_progress_row_shows_the_eta_alone() -> None:
     assert Reporter(Console(width=WIDE_ENOUGH), "rich").__enter__().progress.columns[-1].compact is False  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_said_at_once_and_a_single_image_is_not_resumed(processes, tmp_path) -> None:
     args = ["generate", "a fox", "--model", "tiny", "--size", "1024", "--steps", "50", "--out", str(tmp_path)]
     proc = processes.start(*args, stderr=subprocess.STDOUT)

@@ -160,6 +160,7 @@ def test_claims_exclude_and_die_with_their_process(processes: Processes, tmp_pat
     taken.release()
 
 
+@pytest.mark.slow
 def test_two_tasks_on_one_folder_make_every_job_exactly_once(processes: Processes, tmp_path: Path) -> None:
     jobs, out = prompts(tmp_path, 6), tmp_path / "out"
     tasks = [processes.start("batch", str(jobs), *FAST, "--out", str(out), "--json") for _ in "ab"]

@@ -56,6 +56,7 @@ def _one_process(out: Path, settings: dict[str, Any], monkeypatch: pytest.Monkey
     torch.save(stages, out / "latents-0.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_image_equals_the_one_process_image(
     processes: Processes, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
@@ -97,6 +98,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_others_and_no_file_is_written(processes: Processes, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["generate", "a fox", "--model", "tiny", "--size", "1024", "--steps", "20", "--seed", "1"]
@@ -127,6 +129,7 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
     assert last["estimated_peak_gib"] < one["stages"][-1]["estimated_peak_gib"] / 3
 
 
+@pytest.mark.slow
 def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: Processes, tmp_path: Path) -> None:
     """`--gpus 2` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
     first writes it and alone prints its JSON line; a rerun skips them."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,7 @@ def test_windows_align_to_the_latent_grid() -> None:
         assert w.y0 % 8 == 0 and w.x0 % 8 == 0 and all(c % 8 == 0 for c in w.core[:2])
 
 
+@pytest.mark.slow
 def test_decode_fidelity_sd_shaped() -> None:
     """SD-shaped random VAE (128/256/512/512), tiles with whole-image statistics: >= 42 dB against untiled
     (REFERENCE.md: diffusers' tiling gives 34.5 dB on this harness)."""
@@ -70,33 +73,41 @@ def test_decode_fidelity_sd_shaped() -> None:
     assert psnr(ours, ref) >= 42.0
 
 
-def _odd_latents(kind: str) -> torch.Tensor:
+ODD = (30, 46)  # latent size: 240x368 px, which 128 px tiles do not divide
+
+
+@functools.cache
+def _odd_case(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Odd-aspect latents and their untiled decode by the NARROW VAE (shared by the tests that compare to it)."""
     torch.manual_seed(3)
     if kind == "smooth":
-        return F.interpolate(torch.randn(1, 4, 10, 14), size=(44, 68), mode="bicubic") * 0.18215
-    return torch.randn(1, 4, 44, 68) * 0.18215
+        latents = F.interpolate(torch.randn(1, 4, 10, 14), size=ODD, mode="bicubic") * 0.18215
+    else:
+        latents = torch.randn(1, 4, *ODD) * 0.18215
+    return latents, untiled_decode(make_vae(NARROW), latents)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["smooth", "noise"])
 def test_decode_fidelity_odd_aspect_partial_tiles(kind: str) -> None:
     vae = make_vae(NARROW)
-    latents = _odd_latents(kind)  # 352x544 px: tiles do not divide it
-    ref = untiled_decode(vae, latents)
+    latents, ref = _odd_case(kind)
     assert psnr(TiledVAE(vae, tile=128, overlap=96).decode(latents, clamp=False), ref) >= 42.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "floor"), [("smooth", 45.0), ("noise", 40.0)])
 def test_decode_fidelity_streamed_statistics(kind: str, floor: float) -> None:
     """With memory for one window at a time, statistics are streamed over batches: a little below the
     one-batch result, far above per-tile statistics."""
     vae = make_vae(NARROW)
-    latents = _odd_latents(kind)
-    ref = untiled_decode(vae, latents)
+    latents, ref = _odd_case(kind)
     tiler = TiledVAE(vae, tile=128, overlap=96, memory_budget=48 << 20)
-    assert len(tiler._sample(tiler._windows(352, 544, 128, 8), 8)) > 1  # really several batches
+    assert len(tiler._sample(tiler._windows(ODD[0] * 8, ODD[1] * 8, 128, 8), 8)) > 1  # really several batches
     assert psnr(tiler.decode(latents, clamp=False), ref) >= floor
 
 
+@pytest.mark.slow
 def test_encode_fidelity() -> None:
     vae = make_vae(NARROW)
     torch.manual_seed(4)
@@ -115,6 +126,7 @@ def test_untiled_when_it_fits_is_exact() -> None:
     assert torch.allclose(TiledVAE(vae).decode(latents, clamp=False), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_seams_at_tile_boundaries() -> None:
     """The step across a tile boundary is no larger than steps elsewhere in the image."""
     vae = make_vae(NARROW)
@@ -126,6 +138,7 @@ def test_no_seams_at_tile_boundaries() -> None:
     assert all(steps[b] < 3 * typical for b in boundaries), (steps[boundaries], typical)
 
 
+@pytest.mark.slow
 def test_sampled_statistics_for_huge_images(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the sampling threshold only some tiles feed the statistics; the result stays close."""
     monkeypatch.setattr(vae_mod, "SAMPLE_MIN_PIXELS", 64 * 64)
