@@ -38,3 +38,35 @@ def test_cli_start_up_imports_neither_torch_nor_diffusers() -> None:
     code = "import sys, linfusion_cli.cli; print(sorted({'torch', 'diffusers', 'pyvips'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _layout_rows() -> list[tuple[list[str], list[str]]]:
+    """README's Code layout table: each row's packages and the names it gives in backticks."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        packages = [p.strip("/") for p in re.findall(r"`([a-z_]+/)`", cells[0])]
+        names = [n.strip("/") for n in re.findall(r"`([a-z_]+/?)`", cells[1])]
+        rows.append((packages, names))
+    return rows
+
+
+def test_readme_code_layout_names_modules_that_exist() -> None:
+    """Every package the floor plan names exists, every package exists in it, and every module it names in a
+    row is a module (or subpackage) of that row's packages."""
+    rows = _layout_rows()
+    named = {p for packages, _ in rows for p in packages}
+    actual = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert named == actual
+    wrong = []
+    for packages, names in rows:
+        for name in names:
+            if not any((PACKAGE / p / f"{name}.py").exists() or (PACKAGE / p / name).is_dir() for p in packages):
+                wrong.append(f"{name} (row {', '.join(packages)})")
+    assert not wrong, "README Code layout names modules that do not exist: " + ", ".join(wrong)
