@@ -13,6 +13,10 @@ EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose pipe's
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+# How long the processes of one split image wait for each other before all of them stop with an error: a 16K UNet
+# pass takes seconds, so a process silent for ten minutes is gone.
+DEFAULT_TIMEOUT_S = 600.0
+
 
 class LinFusionError(Exception):
     """Base class of every error linfusion raises on purpose."""

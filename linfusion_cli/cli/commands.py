@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..base.errors import EXIT_SIGINT
+from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT
 from ..base.events import CancelToken
 from ..base.settings import (
     BATCH,
@@ -25,7 +25,6 @@ from ..base.settings import (
     SAMPLER_PANEL,
     UPSCALE,
 )
-from ..core.prepare import DEFAULT_TIMEOUT_S
 from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
 from .bench import bench_app

@@ -160,7 +160,9 @@ TimeoutOpt = Annotated[
     typer.Option(
         "--timeout",
         metavar="SECONDS",
-        help="How long the processes of a split image wait for each other before all stop with an error.",
+        help="How long the processes of a split image wait for each other before all stop with an error "
+        "\\[default: 600].",
+        show_default=False,
         rich_help_panel=DEVICE_PANEL,
     ),
 ]

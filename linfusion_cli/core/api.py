@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..base.errors import DEFAULT_TIMEOUT_S
 from ..base.events import CancelToken, EventSink, ignore
 from ..engine.parallel import Comm, joined
 from ..io.images import load_rgb
@@ -32,7 +33,7 @@ from .batch import BatchSummary, run_batch
 from .batch_plan import batch_dry_run
 from .jobs import flags_layer, resolve_job
 from .plan_report import placement, plan_anywhere
-from .prepare import DEFAULT_TIMEOUT_S, RunOptions, pick_seed, plan_for
+from .prepare import RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
 from .run import EngineCache
 from .settings import JobSpec

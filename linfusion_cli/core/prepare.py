@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..base.errors import ModelNotFoundError, UsageError
+from ..base.errors import DEFAULT_TIMEOUT_S, ModelNotFoundError, UsageError
 from ..base.plan import Plan
 from ..base.precision import AUTO, PRECISIONS, precision_name
 from ..base.registry import did_you_mean
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from ..engine.memory import MemoryPlanner
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
-DEFAULT_TIMEOUT_S = 600.0  # a 16K UNet pass takes seconds: a process silent for ten minutes is gone
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
 WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want

@@ -246,7 +246,7 @@ def build_student(
         ids = [device.index] if device.type == "cuda" else None
         # buffers are the same on every process (same weights); no sync before each forward (the newer keyword where torch has it)
         quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        no_sync = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        no_sync: dict[str, Any] = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
         model = DistributedDataParallel(unet, device_ids=ids, **no_sync)
     scheduler = DDPMScheduler.from_config({k: v for k, v in comps.scheduler_config.items() if not k.startswith("_")})
     resolution = check_resolution(cfg.resolution or comps.native_size, comps)

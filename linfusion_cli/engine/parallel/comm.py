@@ -25,10 +25,9 @@ from fractions import Fraction
 import torch
 import torch.distributed as td
 
-from ...base.errors import LinFusionError, UsageError
+from ...base.errors import DEFAULT_TIMEOUT_S, LinFusionError, UsageError
 from .bands import Bands
 
-DEFAULT_TIMEOUT_S = 600.0  # a 16K UNet pass takes seconds; a peer silent for ten minutes is gone
 GATHER_ROOT = 0
 
 
