@@ -68,11 +68,27 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture
-def runner():
-    from typer.testing import CliRunner
+_COMMANDS: dict[int, tuple[Any, Any, Any]] = {}  # id(app) -> (app, the settings table it was built from, command)
 
-    return CliRunner()
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch):
+    """Typer's CliRunner, building each app's Click command once per settings table instead of at every invoke
+    (Typer reads every command's signature each time: ~0.1 s; a toy setting makes a new table, so a new build)."""
+    import typer.testing
+    from typer.main import get_command
+
+    from linfusion_cli.core.settings import table
+
+    def cached(app: Any) -> Any:
+        current = table()
+        built = _COMMANDS.get(id(app))
+        if built is None or built[0] is not app or built[1] is not current:
+            built = _COMMANDS[id(app)] = (app, current, get_command(app))
+        return built[2]
+
+    monkeypatch.setattr(typer.testing, "_get_command", cached)
+    return typer.testing.CliRunner()
 
 
 # --- model loads ------------------------------------------------------------------------------------------------

@@ -196,8 +196,9 @@ def test_resume_after_a_stop_ends_where_an_unbroken_run_does(images: Path, tmp_p
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(
-    processes: Processes, images: Path, tmp_path: Path
+    processes: Processes, runner, images: Path, tmp_path: Path
 ) -> None:
+    """Stopped in its own process; the same command then resumes (in this process: it reads only the checkpoint)."""
     import signal
 
     out = tmp_path / "out"
@@ -214,8 +215,8 @@ def test_sigterm_saves_and_exits_143_then_the_same_command_resumes(
     assert len(saved) == 1 and (saved[0] / STATE_PT).is_file()
     step = json.loads((saved[0] / STATE_JSON).read_text())["step"]
 
-    rerun = processes.run(*cmd, "--steps", str(step + 2), timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = runner.invoke(app, [*cmd, "--steps", str(step + 2)])
+    assert rerun.exit_code == 0, rerun.stderr
     lines = [json.loads(line) for line in rerun.stdout.splitlines()]
     assert [e["step"] for e in lines if e["event"] == "step"] == [step + 1, step + 2]
     assert f"resuming from {saved[0]} at step {step}" in rerun.stderr

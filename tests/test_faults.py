@@ -20,9 +20,13 @@ from linfusion_cli.cli.commands import app
 FAST = ["--model", "tiny", "--size", "256", "--steps", "6"]
 
 
+def batch_args(jobs: Path, out: Path) -> list[str]:
+    return ["batch", str(jobs), *FAST, "--seed", "1", "--out", str(out), "--json"]
+
+
 def start_batch(processes: Processes, jobs: Path, out: Path) -> subprocess.Popen[str]:
-    args = ["batch", str(jobs), *FAST, "--seed", "1", "--out", str(out), "--json"]
-    return processes.start(*args, stderr=subprocess.DEVNULL)  # one torch thread: two would spin beside xdist's workers
+    # stderr unread, one torch thread: two would spin beside xdist's workers
+    return processes.start(*batch_args(jobs, out), stderr=subprocess.DEVNULL)
 
 
 def wait_for_first_line(proc: subprocess.Popen[str], timeout: float = 120) -> dict:
@@ -49,7 +53,9 @@ def make_jobs(tmp_path: Path, count: int) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT"])
-def test_stopped_batch_resumes_without_losing_anything(processes: Processes, tmp_path: Path, how: str) -> None:
+def test_stopped_batch_resumes_without_losing_anything(processes: Processes, runner, tmp_path: Path, how: str) -> None:
+    """A batch stopped in its own process; the same command then resumes it (in this process: resuming reads only
+    what the stopped one left on disk)."""
     jobs, out = make_jobs(tmp_path, 5), tmp_path / "out"
     proc = start_batch(processes, jobs, out)
     wait_for_first_line(proc)
@@ -62,8 +68,8 @@ def test_stopped_batch_resumes_without_losing_anything(processes: Processes, tmp
         assert code == -signal.SIGKILL
     done_before = check_outputs(out)
     assert 1 <= len(done_before) < 5
-    rerun = start_batch(processes, jobs, out)
-    assert rerun.communicate(timeout=300)[0] and rerun.returncode == 0
+    rerun = runner.invoke(app, batch_args(jobs, out))
+    assert rerun.stdout and rerun.exit_code == 0, rerun.stderr
     assert len(check_outputs(out)) == 5
     assert not [p for p in out.iterdir() if ".part-" in p.name]  # the rerun cleared any stale temp file
 

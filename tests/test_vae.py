@@ -63,12 +63,12 @@ def test_windows_align_to_the_latent_grid() -> None:
 
 @pytest.mark.slow
 def test_decode_fidelity_sd_shaped() -> None:
-    """SD-shaped random VAE (128/256/512/512), tiles with whole-image statistics: >= 42 dB against untiled
-    (REFERENCE.md: diffusers' tiling gives 34.5 dB on this harness)."""
+    """SD-shaped random VAE (128/256/512/512), four tiles with whole-image statistics: >= 42 dB against untiled
+    (REFERENCE.md: diffusers' tiling gives 34.5 dB on this harness at 768 px; 53 dB here at 192 px)."""
     vae = make_vae(SD_WIDTHS)
-    latents = smooth_latent(256)
+    latents = smooth_latent(192)
     ref = untiled_decode(vae, latents)
-    ours = TiledVAE(vae, tile=128, overlap=32).decode(latents, clamp=False)
+    ours = TiledVAE(vae, tile=96, overlap=32).decode(latents, clamp=False)
     assert ours.shape == ref.shape
     assert psnr(ours, ref) >= 42.0
 
@@ -130,10 +130,10 @@ def test_untiled_when_it_fits_is_exact() -> None:
 def test_no_seams_at_tile_boundaries() -> None:
     """The step across a tile boundary is no larger than steps elsewhere in the image."""
     vae = make_vae(NARROW)
-    latents = smooth_latent(512)
+    latents = smooth_latent(384)
     out = TiledVAE(vae, tile=128).decode(latents, clamp=False)[0].mean(0)  # (H, W)
     steps = (out[:, 1:] - out[:, :-1]).abs().mean(0)  # mean |step| between columns x and x+1
-    boundaries = [c - 1 for c in (128, 256, 384)]
+    boundaries = [c - 1 for c in (128, 256)]
     typical = steps.median()
     assert all(steps[b] < 3 * typical for b in boundaries), (steps[boundaries], typical)
 
@@ -145,11 +145,11 @@ def test_sampled_statistics_for_huge_images(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(vae_mod, "SAMPLE_FRACTION", 0.5)
     vae = make_vae(NARROW)
     torch.manual_seed(5)
-    latents = torch.randn(1, 4, 64, 64) * 0.18215
+    latents = torch.randn(1, 4, 48, 48) * 0.18215
     ref = untiled_decode(vae, latents)
     tiler = TiledVAE(vae, tile=128)
-    batches = tiler._sample(tiler._windows(512, 512, 128, 8), 8)
-    assert sum(len(b) for b in batches) < 16  # a sample, not every tile
+    windows = tiler._windows(384, 384, 128, 8)
+    assert sum(len(b) for b in tiler._sample(windows, 8)) < len(windows) == 9  # a sample, not every tile
     assert psnr(tiler.decode(latents, clamp=False), ref) >= 35.0
 
 

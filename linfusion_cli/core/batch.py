@@ -300,7 +300,7 @@ def _render(
             task = _Task(prep, claim, time.perf_counter(), engines, options, events, cancel, record, disk_full, comm)
             if not task.run(writer) and fail_fast:
                 break
-            free_cached(device)  # VRAM and RSS must not creep over a long batch
+            free_cached(device)  # the device cache must not creep over a long batch
     finally:
         unexpected = writer.close()
         if own:
