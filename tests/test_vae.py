@@ -102,7 +102,7 @@ def test_decode_fidelity_streamed_statistics(kind: str, floor: float) -> None:
     one-batch result, far above per-tile statistics."""
     vae = make_vae(NARROW)
     latents, ref = _odd_case(kind)
-    tiler = TiledVAE(vae, tile=128, overlap=96, memory_budget=48 << 20)
+    tiler = TiledVAE(vae, tile=128, overlap=64, memory_budget=48 << 20)
     assert len(tiler._sample(tiler._windows(ODD[0] * 8, ODD[1] * 8, 128, 8), 8)) > 1  # really several batches
     assert psnr(tiler.decode(latents, clamp=False), ref) >= floor
 
@@ -111,11 +111,11 @@ def test_decode_fidelity_streamed_statistics(kind: str, floor: float) -> None:
 def test_encode_fidelity() -> None:
     vae = make_vae(NARROW)
     torch.manual_seed(4)
-    images = F.interpolate(torch.rand(1, 3, 20, 28) * 2 - 1, size=(400, 560), mode="bicubic").clamp(-1, 1)
+    images = F.interpolate(torch.rand(1, 3, 20, 28) * 2 - 1, size=(272, 400), mode="bicubic").clamp(-1, 1)
     with torch.no_grad():
         ref = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
     ours = TiledVAE(vae, tile=128).encode(images)
-    assert ours.shape == ref.shape == (1, 4, 50, 70)
+    assert ours.shape == ref.shape == (1, 4, 34, 50)  # 128 px tiles do not divide it
     assert psnr(ours, ref) >= 42.0
 
 
@@ -157,7 +157,7 @@ def test_half_precision_overflow_is_redone_in_fp32() -> None:
     vae = make_vae([16, 16, 32, 32])
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(3e4)  # outputs far beyond fp16's 65504
-    latents = smooth_latent(192)
+    latents = smooth_latent(128)  # four tiles
     tiler = TiledVAE(vae.half(), tile=64)
     out = tiler.decode(latents.half())
     assert torch.isfinite(out).all() and tiler.fp32_retries > 0

@@ -62,6 +62,7 @@ from .options import (
 from .presets import presets_app
 from .render import render_batch_plan, render_plan, render_table
 from .report import Reporter, batch_table, stage_table
+from .startup import started, starting
 from .view import VIEW_EXAMPLES, view_command
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def _generator(**options: Any) -> Generator:
     """The Python API every command is a client of, with this run's options (and, for a batch, the flags)."""
     from ..core.api import Generator  # lazy: the API imports torch, which --help and usage errors never need
 
+    started()
     return Generator(**options)
 
 
@@ -476,6 +478,7 @@ def info(
 
 
 def main() -> None:
+    starting()
     try:
         app()
     except KeyboardInterrupt:

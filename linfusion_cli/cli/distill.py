@@ -25,6 +25,7 @@ from .boundary import (
 )
 from .options import FLAG, AllowPickleOpt, QuietOpt
 from .report_distill import DistillReporter, distill_table, eval_table
+from .startup import started
 
 DISTILL_EXAMPLES = """[bold]Examples[/]
   linfusion distill --model ./my-sd15-finetune --data ./images --out ./linfusion-mine --steps 5000
@@ -191,6 +192,8 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
     """The run, stopped cleanly by SIGTERM/SIGINT (it saves, then exits with the signal's code); rank 0 sums up."""
     from ..train.distill import distill as run_distill  # here, not at the top: keeps torch out of CLI start-up
 
+    started()
+
     cancel = CancelToken(on_request=say_stopping)
     restore = cancel.install()
     try:
@@ -210,6 +213,8 @@ def _train(cfg: DistillConfig, mode: str, json_out: bool, log_every: int) -> Non
 def _evaluate(cfg: DistillConfig, mode: str, json_out: bool) -> None:
     """--eval-only: the init and distilled weights against the teacher on held-out samples."""
     from ..train.distill_eval import evaluate  # here, not at the top: keeps torch out of CLI start-up
+
+    started()
 
     with DistillReporter(stderr, mode) as reporter:
         report = evaluate(cfg, events=reporter)
