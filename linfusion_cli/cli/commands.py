@@ -3,17 +3,14 @@ its declaration (options.with_settings); no torch at import time."""
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT
-from ..base.events import CancelToken
 from ..base.settings import (
     BATCH,
     DEVICE_PANEL,
@@ -37,11 +34,10 @@ from .boundary import (
     refuse_flag_value_as_prompt,
     setup_logging,
     show_version,
-    stderr,
 )
 from .distill import DISTILL_EXAMPLES
 from .distill import distill as distill_command
-from .launch import launched, relaunch
+from .launch import first_process, process_mode, relaunch_for
 from .options import (
     FLAG,
     AllowPickleOpt,
@@ -61,7 +57,7 @@ from .options import (
 )
 from .presets import presets_app
 from .render import render_batch_plan, render_plan, render_table
-from .report import Reporter, batch_table, stage_table
+from .report import batch_table, progress, stage_table
 from .startup import started, starting
 from .view import VIEW_EXAMPLES, view_command
 
@@ -121,19 +117,6 @@ def _generator(**options: Any) -> Generator:
     return Generator(**options)
 
 
-@contextmanager
-def _progress(mode: str) -> Iterator[tuple[Reporter, CancelToken]]:
-    """Progress on stderr while a command runs; SIGINT/SIGTERM stop it at a safe point."""
-    cancel = CancelToken()
-    restore = cancel.install()
-    try:
-        with Reporter(stderr, mode) as reporter:
-            cancel.on_request = reporter.stopping
-            yield reporter, cancel
-    finally:
-        restore()
-
-
 def _render_result(result: Result, mode: str, json_out: bool, title: str = "") -> None:
     report = result.report
     if report.get("dry_run"):
@@ -159,20 +142,11 @@ def _run_one(
     progress on stderr, then the table or JSON."""
     with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
         job = make_job(generator)
-        with _progress(mode) as (reporter, cancel):
+        with progress(mode) as (reporter, cancel):
             generator.events = reporter
             result = generator.run(job, dry_run=dry_run, cancel=cancel)
     if first_process():
         _render_result(result, mode, json_out, title)
-
-
-def first_process() -> bool:
-    """Whether this process speaks for a group (torchrun's or --gpus'): the others are silent unless they fail."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _mode(quiet: bool) -> str:
-    return output_mode(quiet) if first_process() else "quiet"
 
 
 def _run_options(
@@ -187,13 +161,6 @@ def _run_options(
         "save_stages": save_stages,
         "timeout_s": timeout,
     }
-
-
-def _relaunch_for(gpus: int | None, *extra: str) -> None:
-    """`--gpus N` outside a launcher: run this same command (with `extra` flags) in N processes and exit with
-    their result."""
-    if gpus is not None and gpus > 1 and not launched():
-        raise typer.Exit(relaunch(gpus, [*sys.argv[1:], *extra]))
 
 
 @app.callback()
@@ -230,10 +197,10 @@ def generate(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
-    mode = _mode(quiet)
+    mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        _relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
+        relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
@@ -310,10 +277,10 @@ def upscale(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
-    mode = _mode(quiet)
+    mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        _relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
+        relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode,
@@ -387,10 +354,10 @@ def batch(
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
     split = split_image or (gpus is not None and gpus > 1)
-    mode = _mode(quiet) if split else output_mode(quiet)  # a split batch speaks through its first process
+    mode = process_mode(quiet) if split else output_mode(quiet)  # a split batch speaks through its first process
     setup_logging(mode)
     with boundary():
-        _relaunch_for(None if dry_run else gpus, "--split-image")  # --gpus N: one image at a time, split over them
+        relaunch_for(None if dry_run else gpus, "--split-image")  # --gpus N: one image at a time, split over them
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
@@ -398,7 +365,7 @@ def batch(
             with generator:
                 render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
             return
-        with generator, _progress(mode) as (reporter, cancel):
+        with generator, progress(mode) as (reporter, cancel):
             generator.events = reporter
             summary = generator.batch(
                 file,
@@ -441,10 +408,10 @@ def replay(
 ) -> None:
     """Regenerate an image from its sidecar: same settings, same seed (--model, --linfusion, --vae replace the
     recorded ones: a model folder that moved)."""
-    mode = _mode(quiet)
+    mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        _relaunch_for(gpus)
+        relaunch_for(gpus)
         job, recorded_dtype = job_from_sidecar(sidecar, settings)  # --model and the like replace the recorded
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
         run["timeout_s"] = timeout

@@ -8,7 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+import typer
+
 from ..base.errors import UsageError
+from .boundary import output_mode
 
 GPUS_FLAG = "--gpus"
 SIGNAL_EXIT_BASE = 128  # a process stopped by signal N exits 128 + N, as shells report it
@@ -17,6 +20,23 @@ LAUNCHED = "WORLD_SIZE"  # set by torchrun and by us for every process: a launch
 
 def launched() -> bool:
     return LAUNCHED in os.environ
+
+
+def first_process() -> bool:
+    """Whether this process speaks for a group (torchrun's or --gpus'): the others are silent unless they fail."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def process_mode(quiet: bool) -> str:
+    """The output mode of a command that may run in a group: the first process's, quiet for the others."""
+    return output_mode(quiet) if first_process() else "quiet"
+
+
+def relaunch_for(gpus: int | None, *extra: str) -> None:
+    """`--gpus N` outside a launcher: run this same command (with `extra` flags) in N processes and exit with
+    their result."""
+    if gpus is not None and gpus > 1 and not launched():
+        raise typer.Exit(relaunch(gpus, [*sys.argv[1:], *extra]))
 
 
 def without_gpus(argv: Sequence[str]) -> list[str]:

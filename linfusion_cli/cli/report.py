@@ -8,7 +8,8 @@ sees it: `[fast]` or a prompt with brackets would otherwise be read as markup an
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, Tex
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..base.events import Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
+from ..base.events import CancelToken, Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 from ..base.text import plural
 from .boundary import stderr
 from .render import lines_if_wider
@@ -375,3 +376,16 @@ def batch_table(summary: BatchSummary) -> Table:
         table.caption = escape("\n".join(lines))
         table.caption_justify = "left"
     return table
+
+
+@contextmanager
+def progress(mode: str) -> Iterator[tuple[Reporter, CancelToken]]:
+    """Progress on stderr while a command runs; SIGINT/SIGTERM stop it at a safe point."""
+    cancel = CancelToken()
+    restore = cancel.install()
+    try:
+        with Reporter(stderr, mode) as reporter:
+            cancel.on_request = reporter.stopping
+            yield reporter, cancel
+    finally:
+        restore()

@@ -205,8 +205,43 @@ def apply_linfusion(unet: nn.Module, source: str = "auto") -> LinFusionPatch:
 def load_checkpoint(source: str, unet: nn.Module) -> tuple[list[LayerSpec], dict[str, dict[str, torch.Tensor]]]:
     """Read and strictly validate an official-format checkpoint against `unet`.
 
-    Returns the layer specs (in the checkpoint's order) and, per module name, its state dict.
+    Returns the layer specs (in the UNet's order) and, per module name, its state dict.
     """
+    config_path, entries, state = _read_checkpoint(source)
+    unet_layers = dict(self_attention_layers(unet))
+    unet_family = family_or_none(getattr(unet, "config", {}))
+    unet_label = unet_family.label if unet_family else "an unknown architecture"
+    guess = guess_family_of_checkpoint(entries)
+    mismatch = f"the checkpoint seems to be for {guess}; this UNet is {unet_label} ({len(unet_layers)} attn1 layers)"
+
+    specs: list[LayerSpec] = []
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for i, entry in enumerate(entries):
+        spec = _entry_spec(config_path, i, entry)
+        attn = unet_layers.get(spec.module_name)
+        if attn is None:
+            raise CheckpointError(f"checkpoint module '{spec.module_name}' is not an attn1 of this UNet: {mismatch}")
+        specs.append(spec)
+        weights[spec.module_name] = _layer_weights(state, i, spec, attn, mismatch)
+
+    seen_keys = {f"{i}.{key}" for i, spec in enumerate(specs) for key in weights[spec.module_name]}
+    unexpected = sorted(set(state) - seen_keys)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected keys {unexpected[:5]}: {mismatch}")
+    missing = [name for name in unet_layers if name not in weights]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint covers {len(weights)} of the UNet's {len(unet_layers)} attn1 layers; missing "
+            f"'{missing[0]}' and {len(missing) - 1} more: {mismatch}"
+        )
+    # Keep the UNet's module order (entries may come in any order).
+    order = {name: i for i, name in enumerate(unet_layers)}
+    specs.sort(key=lambda s: order[s.module_name])
+    return specs, weights
+
+
+def _read_checkpoint(source: str) -> tuple[Path, list[Any], dict[str, torch.Tensor]]:
+    """The official folder's config path, its `modules_list` entries and its tensors, or a CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -232,64 +267,45 @@ def load_checkpoint(source: str, unet: nn.Module) -> tuple[list[LayerSpec], dict
         raise CheckpointError(
             f"{weights_path}: unreadable safetensors file ({exc}); re-download or re-save it"
         ) from exc
+    return config_path, entries, state
 
-    guess = guess_family_of_checkpoint(entries)
-    unet_layers = dict(self_attention_layers(unet))
-    unet_family = family_or_none(getattr(unet, "config", {}))
-    unet_label = unet_family.label if unet_family else "an unknown architecture"
-    mismatch = f"the checkpoint seems to be for {guess}; this UNet is {unet_label} ({len(unet_layers)} attn1 layers)"
 
-    specs: list[LayerSpec] = []
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    seen_keys: set[str] = set()
-    for i, entry in enumerate(entries):
-        try:
-            spec = LayerSpec(
-                str(entry["module_name"]), int(entry["dim_n"]), int(entry["heads"]), entry.get("projection_mid_dim")
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{config_path}: modules_list[{i}] is malformed ({exc})") from exc
-        mid = spec.projection_mid_dim
-        if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or (mid < 1 and mid != -1)):
-            raise CheckpointError(
-                f"{config_path}: modules_list[{i}] has projection_mid_dim {mid!r}; the official code reads null (the "
-                "layer's width), -1 (no feature MLP) or a positive width"
-            )
-        attn = unet_layers.get(spec.module_name)
-        if attn is None:
-            raise CheckpointError(f"checkpoint module '{spec.module_name}' is not an attn1 of this UNet: {mismatch}")
-        dim, heads = attn.to_q.in_features, int(attn.heads)
-        if (spec.dim_n, spec.heads) != (dim, heads):
-            raise CheckpointError(
-                f"'{spec.module_name}': checkpoint has dim {spec.dim_n} x {spec.heads} heads, the UNet {dim} x "
-                f"{heads}: {mismatch}"
-            )
-        template = LinFusionAttention(dim, heads, spec.projection_mid_dim).state_dict()
-        layer: dict[str, torch.Tensor] = {}
-        for key, shape_like in template.items():
-            full = f"{i}.{key}"
-            if full not in state:
-                raise CheckpointError(f"checkpoint key '{full}' ({spec.module_name}) is missing: {mismatch}")
-            if tuple(state[full].shape) != tuple(shape_like.shape):
-                raise CheckpointError(
-                    f"checkpoint key '{full}' has shape {tuple(state[full].shape)}, expected "
-                    f"{tuple(shape_like.shape)} for {spec.module_name}: {mismatch}"
-                )
-            layer[key] = state[full]
-            seen_keys.add(full)
-        specs.append(spec)
-        weights[spec.module_name] = layer
-
-    unexpected = sorted(set(state) - seen_keys)
-    if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected keys {unexpected[:5]}: {mismatch}")
-    missing = [name for name in unet_layers if name not in weights]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint covers {len(weights)} of the UNet's {len(unet_layers)} attn1 layers; missing "
-            f"'{missing[0]}' and {len(missing) - 1} more: {mismatch}"
+def _entry_spec(config_path: Path, i: int, entry: Any) -> LayerSpec:
+    """One `modules_list` entry as a LayerSpec, its projection_mid_dim read as the official code reads it."""
+    try:
+        spec = LayerSpec(
+            str(entry["module_name"]), int(entry["dim_n"]), int(entry["heads"]), entry.get("projection_mid_dim")
         )
-    # Keep the UNet's module order (entries may come in any order).
-    order = {name: i for i, name in enumerate(unet_layers)}
-    specs.sort(key=lambda s: order[s.module_name])
-    return specs, weights
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config_path}: modules_list[{i}] is malformed ({exc})") from exc
+    mid = spec.projection_mid_dim
+    if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or (mid < 1 and mid != -1)):
+        raise CheckpointError(
+            f"{config_path}: modules_list[{i}] has projection_mid_dim {mid!r}; the official code reads null (the "
+            "layer's width), -1 (no feature MLP) or a positive width"
+        )
+    return spec
+
+
+def _layer_weights(
+    state: dict[str, torch.Tensor], i: int, spec: LayerSpec, attn: Any, mismatch: str
+) -> dict[str, torch.Tensor]:
+    """Entry i's tensors (keys `i.<param>`), checked against the attn1 layer it replaces."""
+    dim, heads = attn.to_q.in_features, int(attn.heads)
+    if (spec.dim_n, spec.heads) != (dim, heads):
+        raise CheckpointError(
+            f"'{spec.module_name}': checkpoint has dim {spec.dim_n} x {spec.heads} heads, the UNet {dim} x "
+            f"{heads}: {mismatch}"
+        )
+    layer: dict[str, torch.Tensor] = {}
+    for key, shape_like in LinFusionAttention(dim, heads, spec.projection_mid_dim).state_dict().items():
+        full = f"{i}.{key}"
+        if full not in state:
+            raise CheckpointError(f"checkpoint key '{full}' ({spec.module_name}) is missing: {mismatch}")
+        if tuple(state[full].shape) != tuple(shape_like.shape):
+            raise CheckpointError(
+                f"checkpoint key '{full}' has shape {tuple(state[full].shape)}, expected "
+                f"{tuple(shape_like.shape)} for {spec.module_name}: {mismatch}"
+            )
+        layer[key] = state[full]
+    return layer
