@@ -14,7 +14,7 @@ import torch
 from ..base.precision import dtype_flag
 from ..base.schema import SCHEMA
 from ..core.run import describe_device, versions
-from ..engine import memory
+from ..engine.meter import Meter, Usage
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -43,12 +43,12 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> tuple[float, memory.Usage, Any]:
+def timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> tuple[float, Usage, Any]:
     """Median seconds over `repeats` runs after one warm-up; peak memory over all of them."""
     fn()  # warm-up: kernels, allocator, lazy init
     times = []
     out = None
-    with memory.Meter(device) as meter:
+    with Meter(device) as meter:
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -60,6 +60,6 @@ def timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> tuple[fl
     return statistics.median(times), meter.usage, out
 
 
-def measured(seconds: float, usage: memory.Usage, digits: int = 4) -> dict[str, Any]:
+def measured(seconds: float, usage: Usage, digits: int = 4) -> dict[str, Any]:
     """One measurement in the layout every report shares: seconds and peak_vram_allocated_gib."""
     return {"seconds": round(seconds, digits), "peak_vram_allocated_gib": usage.as_dict()["peak_vram_allocated_gib"]}

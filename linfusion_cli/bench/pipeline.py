@@ -19,6 +19,7 @@ from ..core.jobs import resolve_job
 from ..core.prepare import RunOptions, prepare
 from ..core.run import build_metadata, save_outputs
 from ..engine import memory
+from ..engine.meter import Meter
 from ..engine.pipeline import Engine
 from ..engine.schedulers import make_scheduler
 from ..models.adapters import engine_spec, preflight
@@ -41,7 +42,7 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Model load, every stage (seconds, peak VRAM, memory settings) and the file write, listed separately."""
     job = resolve_job({"prompt": BENCH_PROMPT, **flags})
-    with memory.Meter(device) as load:
+    with Meter(device) as load:
         comps = build_random(arch, device=device, dtype=dtype)
         preflight(job, comps.family)  # the adapters' inputs (control images, one IP image) as a run checks them
         engine = Engine.from_components(comps, "random", device, dtype)
@@ -104,7 +105,7 @@ def published_recipe(comps: Any, job: Any, plan: Plan, device: torch.device) -> 
     total = time.perf_counter()
     for stage in plan.stages:
         use_tiling = baseline_vae_tiling(comps.vae, stage)
-        with memory.Meter(device) as meter:
+        with Meter(device) as meter:
             image = baseline_stage(pipes, job, plan, stage, image, generator)
         stages.append({"size": stage.size_text, "vae_tiling": use_tiling, **meter.usage.as_dict()})
     comps.vae.disable_tiling()

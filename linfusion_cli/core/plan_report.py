@@ -110,31 +110,8 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
     vae_dtype = vae_dtype_for(arch.vae, dtype, family)
     over = _over_budget(prep, planner, world)
     warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family) + over
-    stages: list[dict[str, Any]] = []
     multiple = _multiple(family)
-    for stage in prep.plan.stages:
-        bands = _bands(stage.height // LATENT_PX, world, multiple)
-        rows = max(bands) * LATENT_PX if bands else stage.height
-        choice = planner.choose(stage.width, rows)
-        tile = job.vae_tile or memory.auto_vae_tile(
-            arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
-        )
-        stages.append(
-            {
-                "index": stage.index,
-                "kind": stage.kind,
-                "size": stage.size_text,
-                "strength": stage.strength,
-                "steps": stage.steps,
-                "unet_passes": prep.plan.unet_passes(stage),
-                "memory": choice.settings.name,
-                "memory_settings": choice.settings.as_dict(),
-                "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
-                "fits": choice.fits,
-                "vae": "untiled" if tile is None else f"tiles of {tile} px",
-                **_per_rank(stage.width, rows, bands, world),
-            }
-        )
+    stages = [_stage_entry(prep, stage, planner, vae_dtype, device, world, multiple) for stage in prep.plan.stages]
     budget = planner.budget
     return {
         "schema": SCHEMA,
@@ -162,6 +139,42 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
         "output": None if job.seed is None else str(prep.paths.image),
         "notes": [*prep.notes, *warnings],
         "warnings": warnings,
+    }
+
+
+def _stage_entry(
+    prep: Prepared,
+    stage: StagePlan,
+    planner: MemoryPlanner,
+    vae_dtype: torch.dtype,
+    device: torch.device,
+    world: int,
+    multiple: int,
+) -> dict[str, Any]:
+    """One stage's line of the plan: its memory settings for the tallest band and its VAE tiling."""
+    from ..engine import memory  # lazy: torch stays out of CLI start-up
+
+    job, family = prep.job, prep.family
+    arch = ARCHS[family.arch if family else DEFAULT_ARCH]
+    bands = _bands(stage.height // LATENT_PX, world, multiple)
+    rows = max(bands) * LATENT_PX if bands else stage.height
+    choice = planner.choose(stage.width, rows)
+    tile = job.vae_tile or memory.auto_vae_tile(
+        arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
+    )
+    return {
+        "index": stage.index,
+        "kind": stage.kind,
+        "size": stage.size_text,
+        "strength": stage.strength,
+        "steps": stage.steps,
+        "unet_passes": prep.plan.unet_passes(stage),
+        "memory": choice.settings.name,
+        "memory_settings": choice.settings.as_dict(),
+        "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
+        "fits": choice.fits,
+        "vae": "untiled" if tile is None else f"tiles of {tile} px",
+        **_per_rank(stage.width, rows, bands, world),
     }
 
 

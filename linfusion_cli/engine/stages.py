@@ -21,7 +21,8 @@ from ..models.adapter_kind import UNetExtra
 from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
-from .memory import Meter, vae_budget
+from .memory import vae_budget
+from .meter import Meter, peak_vram_gib
 from .refine import JobRefiner, StageGuide, refine_ratio
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
@@ -223,7 +224,7 @@ def _run_stage(
         inputs = StageInputs(run.cond, job.guidance, size, cfg_split=settings.cfg_split, extras=start.extras)
 
         def on_step(step: int, total: int) -> None:
-            run.events(StepDone(stage.index, step, total, memory.peak_vram_gib(engine.device)))
+            run.events(StepDone(stage.index, step, total, peak_vram_gib(engine.device)))
             run.split.check_cancel(run.cancel)
 
         with run.split.models(engine.comps.unet, *engine.adapter_modules()), run.split.noise(scheduler):
