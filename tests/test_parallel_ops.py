@@ -10,6 +10,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -40,7 +41,8 @@ from linfusion_cli.linfusion.attention import LinFusionAttention
 
 WIDTH = 10
 KERNELS = (1, 3, 5, 7)
-HEIGHTS = {2: ([8, 8], [4, 12]), 3: ([4, 4, 4], [2, 6, 4])}  # equal and unequal bands (latent rows)
+# equal, unequal and ragged bands (latent rows; ragged: the height is no multiple of 2, the last band has the rest)
+HEIGHTS = {2: ([8, 8], [4, 12], [4, 9]), 3: ([4, 4, 4], [2, 6, 4], [2, 6, 3])}
 BIG_DILATION = 9  # reach 18+ rows: more than any band here, and more than two bands of the 3-way splits
 
 
@@ -74,6 +76,11 @@ def conv_battery(comm: Comm, whole: dict[str, torch.Tensor]) -> list[dict[str, A
         for i, case in enumerate(conv_cases()):
             conv, extra = make_conv(*case, seed=i)
             with torch.no_grad():
+                if extra and sum(heights) % 2:  # the VAE's pad-below conv floors an odd height: not splittable
+                    with pytest.raises(UsageError, match="grid-keeping"):
+                        band_conv2d(comm, ConvSpec.of(conv, extra_bottom=1), F.pad(band_of(comm, x), (0, 1)))
+                    out.append({"case": (*case, tuple(heights)), "equal": True, "refused": True})
+                    continue
                 if extra:
                     ref = conv(F.pad(x, (0, 1, 0, 1)))  # diffusers' Downsample2D(padding=0): a row and a column
                     spec = ConvSpec.of(conv, extra_bottom=1)  # the band pads the column; the row is the image's
@@ -93,21 +100,27 @@ def whole_inputs(world: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_halo_conv_equals_whole_conv_bit_for_bit(world: int) -> None:
     """Same arithmetic per output row, so equal bits (fp32, CPU), for every kernel, stride, dilation, padding and
-    band shape, including halos reaching past a neighbour's whole band."""
+    band shape, including halos reaching past a neighbour's whole band (ragged heights: to reduction order)."""
     results = ok_results(launch(world, conv_battery, whole_inputs(world)))
     for rank, cases in enumerate(results):
-        assert len(cases) == len(conv_cases()) * 2
+        assert len(cases) == len(conv_cases()) * len(HEIGHTS[world])
         for case in cases:
-            assert case["equal"], f"rank {rank} {case}"
+            # a ragged image's whole-height 1x1 strided conv may take another CPU kernel: reduction-order error
+            ragged = sum(case["case"][-1]) % 2 == 1
+            assert case["equal"] or (ragged and case["rel"] <= 1e-6), f"rank {rank} {case}"
 
 
 def test_conv_rows_agree_with_brute_force() -> None:
     """The halo plan: each band receives the rows its outputs read that another band holds; exactly those when
     the conv is not dilated, else the contiguous range spanning them (a dilated kernel's gaps come along)."""
-    for (k, s, d, padding), heights in itertools.product(conv_cases(), [[4, 12], [2, 6, 4], [6, 2, 2, 6]]):
+    for (k, s, d, padding), heights in itertools.product(
+        conv_cases(), [[4, 12], [2, 6, 4], [6, 2, 2, 6], [4, 9], [2, 6, 3]]
+    ):
         conv, extra = make_conv(k, s, d, padding, seed=0)
         rows = ConvSpec.of(conv, extra).rows
         edges = Bands.of_heights(heights, 2).edges
+        if extra and edges[-1] % 2:
+            continue  # refused (conv_battery)
         transfers = halo_transfers(rows, edges)
         out = rows.out_edges(edges)
         for dst in range(len(heights)):
@@ -127,8 +140,15 @@ def test_bands_split_on_multiples_and_slice_any_scale() -> None:
     image = torch.arange(64 * 8).view(64 * 8, 1)  # pixel rows: 8x the latent's
     assert bands.take(torch.zeros(1, 4, 72, 5), 1).shape[-2] == 24
     assert Bands.split(64, 2, 4).take(image, 1, dim=0)[0, 0].item() == 32 * 8
-    with pytest.raises(UsageError, match="multiple of 8"):
-        Bands.split(68, 2, multiple=8)
+    ragged = Bands.split(68, 2, multiple=8, width=9)  # the last band takes the 4 rows over a multiple of 8
+    assert ragged.edges == (0, 32, 68) and ragged.ragged and not bands.ragged
+    assert ragged.at(Fraction(1, 8)) == (0, 4, 9)  # 68 -> 34 -> 17 -> 9 rows: each level rounds up
+    assert ragged.scale_of(1, 5) == Fraction(1, 8) and ragged.scale_of(0, 4) == Fraction(1, 8)
+    assert ragged.scale_of(1, 36 * 8) == 8 and ragged.scale_of_whole(17) == Fraction(1, 4)
+    assert ragged.token_level(1, 9 * 3) == (Fraction(1, 4), 3)  # 9 rows of 17, 3 columns of ceil(9 / 4)
+    assert ragged.take(torch.zeros(1, 4, 17, 3), 1).shape[-2] == 9
+    with pytest.raises(UsageError, match="multiples of 8"):
+        Bands.of_heights([36, 32], 8)  # only the last band may be ragged
     with pytest.raises(UsageError, match="fewer than the 4 processes"):
         Bands.split(24, 4, multiple=8)
 

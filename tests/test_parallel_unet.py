@@ -42,6 +42,7 @@ class Case:
     run: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
     dilation: int = 1
     plan: tuple[str, int, int] | None = None  # a lone UNet: (arch, latent height, width) for unet_comm_plan
+    width: int | None = None  # latent columns, which a ragged split (height no multiple of 4) needs
 
 
 def build_unet(name: str, linfusion: bool = True) -> UNet2DConditionModel:
@@ -59,7 +60,7 @@ def unet_call(unet: nn.Module, x: torch.Tensor, embeds: torch.Tensor, **kwargs: 
     return run
 
 
-def controlnet_case(heights: list[int]) -> Case:
+def controlnet_case(heights: list[int], width: int = 24) -> Case:
     """A ControlNet copied from the unpatched UNet keeps softmax attn1 (gathered K/V); its residuals feed a
     LinFusion UNet. Output convs seeded non-zero (trained ones start at zero and would change nothing)."""
     unet = build_unet("tiny", linfusion=False)
@@ -69,14 +70,15 @@ def controlnet_case(heights: list[int]) -> Case:
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(std=0.2)
     apply_linfusion(unet, "random")
-    x, embeds = torch.randn(2, 4, sum(heights), 24), torch.randn(2, 7, 32)
-    image = torch.rand(2, 3, sum(heights) * 8, 24 * 8)
+    x, embeds = torch.randn(2, 4, sum(heights), width), torch.randn(2, 7, 32)
+    image = torch.rand(2, 3, sum(heights) * 8, width * 8)
 
     def run(band: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         down, mid = controlnet(band(x), T, embeds, controlnet_cond=band(image), return_dict=False)
         return unet(band(x), T, embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-    return Case("controlnet", heights, (unet, controlnet), run)
+    name = "controlnet-ragged" if sum(heights) % MULTIPLE else "controlnet"
+    return Case(name, heights, (unet, controlnet), run, width=width)
 
 
 def vae_cases(heights: list[int]) -> list[Case]:
@@ -94,11 +96,16 @@ def world_cases(world: int) -> list[Case]:
         heights = [8, 16, 8]
         unet = build_unet("tiny")
         x, embeds = torch.randn(2, 4, 32, 20), torch.randn(2, 7, 32)
+        # ragged: 31 rows, no multiple of 4; the last band's 7 rows are 4 then 2 at the levels below (31, 16, 8)
+        ragged, odd = [8, 16, 7], torch.randn(2, 4, 31, 18)
         return [
             Case("tiny", heights, (unet,), unet_call(unet, x, embeds), plan=("tiny", 32, 20)),
             Case("tiny-dilated-4", heights, (unet,), unet_call(unet, x, embeds), 4, ("tiny", 32, 20)),
             controlnet_case(heights),
             *vae_cases([4, 8, 4]),
+            Case("tiny-ragged", ragged, (unet,), unet_call(unet, odd, embeds), plan=("tiny", 31, 18), width=18),
+            Case("tiny-ragged-dilated-2", ragged, (unet,), unet_call(unet, odd, embeds), 2, ("tiny", 31, 18), 18),
+            controlnet_case([8, 8, 5], width=14),
         ]
     unet, sdxl = build_unet("tiny"), build_unet("tiny-sdxl")
     x, embeds = torch.randn(2, 4, 64, 64), torch.randn(2, 7, 32)
@@ -116,6 +123,14 @@ def world_cases(world: int) -> list[Case]:
         Case("tiny-dilated-2", [16, 16], (unet,), unet_call(unet, small, embeds), 2, ("tiny", 32, 24)),
         controlnet_case([16, 16]),
         *vae_cases([8, 8]),
+        Case(
+            "tiny-sdxl-ragged",
+            [16, 13],
+            (sdxl,),
+            unet_call(sdxl, small[:, :, :29], xl_embeds, added_cond_kwargs=added),
+            plan=("tiny-sdxl", 29, 24),
+            width=24,
+        ),
     ]
 
 
@@ -130,7 +145,7 @@ def references(cases: list[Case]) -> list[torch.Tensor]:
 def run_cases(comm: Comm, cases: list[Case], refs: list[torch.Tensor]) -> list[dict[str, Any]]:
     out = []
     for case, ref in zip(cases, refs, strict=True):
-        comm.bands, comm.stats = Bands.of_heights(case.heights, MULTIPLE), CommStats()
+        comm.bands, comm.stats = Bands.of_heights(case.heights, MULTIPLE, case.width), CommStats()
         models = nn.ModuleList(case.models)
         with torch.no_grad(), split_image(comm, *case.models) as split, dilated(models, case.dilation):
             band = case.run(functools.partial(band_of, comm))

@@ -24,11 +24,12 @@ LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: reduction-ord
 
 CASES = {
     # 2 processes: ControlNet (its own attention and convs split too), LoRA, Euler a (noise drawn each step), the
-    # VAE tiled with several tiles per process
+    # VAE tiled with several tiles per process; 3:2 makes the last stage ragged (21 latent rows, no multiple of 4:
+    # bands of 8 and 13 rows)
     "tiny-controlnet-lora-euler-a": (
         2,
-        {"model": "tiny", "size": 256, "steps": 6, "seed": 5, "controlnet": ["tiny"], "control_image": ["previous"]}
-        | {"lora": ["tiny:0.7"], "scheduler": "euler-a", "vae_tile": 64},
+        {"model": "tiny", "size": 256, "aspect": "3:2", "steps": 6, "seed": 5, "controlnet": ["tiny"]}
+        | {"control_image": ["previous"], "lora": ["tiny:0.7"], "scheduler": "euler-a", "vae_tile": 64},
     ),
     # 3 processes, unequal bands (16, 16 then 12, 24, 12 latent rows): SDXL-shaped, demofusion's dilated global
     # branch (its blur too), the base stage run whole on each (16 latent rows make fewer than 3 bands of 4)
@@ -71,6 +72,7 @@ def test_split_image_equals_the_one_process_image(
     assert sidecars[0]["key"] == sidecars[1]["key"] and "parallel" not in sidecars[0]
     parallel = sidecars[1]["parallel"]
     assert parallel["world_size"] == nproc and parallel["backend"] == "gloo" and len(parallel["bands"]) == nproc
+    assert sum(parallel["bands"]) * 8 == one.shape[0]  # the last stage split, ragged or not
     assert parallel["comm_bytes"]["sent"] > 0
     assert all(len(s["peak_vram_allocated_gib_per_rank"]) == nproc for s in sidecars[1]["stages"])
     reference = torch.load(tmp_path / "one" / "latents-0.pt")

@@ -64,7 +64,7 @@ def split_step(arch: str, width: int, height: int, repeats: int, threads: int, d
         comps = build_random(arch, device=device, dtype=dtype)
         apply_linfusion(comps.unet, "random")
         multiple = downsampling(list(comps.unet.config["block_out_channels"]))
-        comm.bands = Bands.split(height // 8, comm.world, multiple)
+        comm.bands = Bands.split(height // 8, comm.world, multiple, width // 8)
         latents, t, text, added = _unet_inputs(comps, width, height, device)
         band = comm.band(latents).contiguous()
         with split_image(comm, comps.unet):

@@ -10,9 +10,9 @@ runs on a band of the image rather than the whole.
   the whole image (intermediate stages) or gathered as uint8 on the first process (the last stage).
 - Everything every process must agree on (memory settings, VAE tiles, a request to stop) is agreed over the
   group before it is used, so the processes always run the same sequence of exchanges.
-- A stage too small to split (a base image of 64 latent rows over 8 processes) or whose height is not a
-  multiple of the UNet's downsampling runs whole on every process: the same work, the same result; its cost is
-  small next to the stages that are split.
+- A stage too small to split (a base image of 64 latent rows over 8 processes: fewer than one multiple of the
+  UNet's downsampling each) runs whole on every process: the same work, the same result; its cost is small next
+  to the stages that are split. A height that is not such a multiple splits too, the last band taking the rest.
 
 With no group (or a group of one) every method is the identity: the one-process path is unchanged.
 """
@@ -66,14 +66,15 @@ class ImageSplit:
         """Whether this process writes the job's files (the first one)."""
         return self.rank == GATHER_ROOT
 
-    def begin_stage(self, latent_height: int) -> None:
-        """This stage's bands: its latent rows split evenly on multiples of the UNet's downsampling, or none
-        (the stage runs whole on every process) where that cannot be done."""
+    def begin_stage(self, latent_height: int, latent_width: int) -> None:
+        """This stage's bands: its latent rows split evenly on multiples of the UNet's downsampling (the last
+        band taking any remainder), or none (the stage runs whole on every process) where the image is too
+        short for a band each."""
         self.comm = None
         if self.group is None:
             return
         try:
-            self.group.bands = Bands.split(latent_height, self.group.world, self.multiple)
+            self.group.bands = Bands.split(latent_height, self.group.world, self.multiple, latent_width)
         except UsageError:
             self.whole_stages.append(latent_height)
             return

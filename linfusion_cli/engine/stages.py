@@ -119,7 +119,7 @@ def run_stage(
     needs (they must run the same exchanges), and an out-of-memory error is not retried: it ends the job (the
     other processes stop when this one does)."""
     split = run.split
-    split.begin_stage(stage.height // LATENT_SCALE)
+    split.begin_stage(stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
     split.check_cancel(run.cancel)
     rows = split.band_pixels() if split.active else stage.height
     ladder, retried = run.planner.ladder, None

@@ -4,7 +4,10 @@ Geometry is kept in latent rows. Every UNet level (and the VAE's and a ControlNe
 same bands scaled by its own factor: a process holding `rows` latent rows holds `rows * f` rows at a level of
 scale f, so the level's scale is read off the local tensor's height and never has to be passed down.
 Inner band edges sit on multiples of the UNet's total downsampling, so every level's edges are whole rows and
-every stride-2 convolution's output band starts where its input band does, halved.
+every stride-2 convolution's output band starts where its input band does, halved. An image whose height is not
+such a multiple ("ragged": 1365 latent rows at 16384x10920) is split too: the last band carries the remainder,
+and at each level down the image's height rounds up (as a stride-2 conv's output does), which only the last
+band sees. Its level is then found among the powers of two, the scales every UNet, VAE and ControlNet level has.
 
 Convolution rows: output rows [o0, o1) of a conv (kernel k, stride s, dilation d, top padding p) need input
 rows [o0 s - p, (o1 - 1) s - p + d (k - 1) + 1); rows outside [0, H) are the conv's own zero padding.
@@ -13,7 +16,8 @@ rows [o0 s - p, (o1 - 1) s - p + d (k - 1) + 1); rows outside [0, H) are the con
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -21,42 +25,41 @@ import torch
 
 from ...base.errors import UsageError
 
-VAE_SCALE = 8  # image px per latent row (SD VAEs), for telling users which image heights split
+LEVELS_UP = 3  # the largest scale a band is seen at: 2**3, the image rows of SD VAEs and ControlNet inputs
 
 
 @dataclass(frozen=True)
 class Bands:
-    """Latent row edges: process r holds rows [edges[r], edges[r + 1]); `multiple` divides every inner edge."""
+    """Latent row edges: process r holds rows [edges[r], edges[r + 1]); `multiple` divides every inner edge.
+    `width` (latent columns) is needed only to count a ragged image's tokens (see the module docstring)."""
 
     edges: tuple[int, ...]
     multiple: int = 1
+    width: int | None = None
 
     @classmethod
-    def split(cls, height: int, world: int, multiple: int = 1) -> Bands:
-        """`height` latent rows in `world` near-equal bands whose edges are multiples of `multiple`."""
+    def split(cls, height: int, world: int, multiple: int = 1, width: int | None = None) -> Bands:
+        """`height` latent rows in `world` near-equal bands whose inner edges are multiples of `multiple` (the
+        last band also takes the remainder of a ragged height)."""
         if world < 1:
             raise UsageError(f"a split needs at least one process, got {world}")
-        if height % multiple:
-            raise UsageError(
-                f"a latent height of {height} rows cannot be split into bands: it must be a multiple of {multiple} "
-                "(the UNet's total downsampling); pick an image height that is a multiple of "
-                f"{multiple * VAE_SCALE} px"
-            )
         units = height // multiple
         if units < world:
             raise UsageError(
                 f"a latent height of {height} rows gives at most {units} bands of {multiple} rows, "
                 f"fewer than the {world} processes; use a taller image or fewer processes"
             )
-        edges = tuple(round(i * units / world) * multiple for i in range(world + 1))
-        return cls(edges, multiple)
+        inner = tuple(round(i * units / world) * multiple for i in range(world))
+        return cls((*inner, height), multiple, width)
 
     @classmethod
-    def of_heights(cls, heights: Sequence[int], multiple: int = 1) -> Bands:
-        """Bands of the given heights, top to bottom (unequal splits, tests)."""
-        if any(h <= 0 or h % multiple for h in heights):
+    def of_heights(cls, heights: Sequence[int], multiple: int = 1, width: int | None = None) -> Bands:
+        """Bands of the given heights, top to bottom (unequal splits, tests); only the last may be ragged, and
+        then it must hold at least `multiple` rows."""
+        *inner, last = heights
+        if any(h <= 0 or h % multiple for h in inner) or last < (multiple if last % multiple else 1):
             raise UsageError(f"band heights {list(heights)} must be positive multiples of {multiple}")
-        return cls((0, *itertools.accumulate(heights)), multiple)
+        return cls((0, *itertools.accumulate(heights)), multiple, width)
 
     @property
     def world(self) -> int:
@@ -65,6 +68,11 @@ class Bands:
     @property
     def height(self) -> int:
         return self.edges[-1]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the height is not a multiple of `multiple`: levels round up, the last band sees it."""
+        return self.height % self.multiple != 0
 
     def rows(self, rank: int) -> tuple[int, int]:
         return self.edges[rank], self.edges[rank + 1]
@@ -75,23 +83,57 @@ class Bands:
     def scale_of(self, rank: int, local_rows: int) -> Fraction:
         """The level's scale, read off this process's local height there."""
         start, end = self.rows(rank)
-        return Fraction(local_rows, end - start)
+        if not self.ragged or rank < self.world - 1:
+            return Fraction(local_rows, end - start)
+        return self._level(lambda s: self._rows_at(s)[rank] == local_rows, f"{local_rows} rows of band {rank}")
+
+    def scale_of_whole(self, whole_rows: int) -> Fraction:
+        """The level's scale, read off the whole image's height there."""
+        if not self.ragged:
+            return Fraction(whole_rows, self.height)
+        return self._level(lambda s: math.ceil(self.height * s) == whole_rows, f"{whole_rows} rows of the image")
+
+    def token_level(self, rank: int, tokens: int) -> tuple[Fraction, int]:
+        """(scale, columns) of the level at which this band holds `tokens` tokens (full-width rows)."""
+        width = self.width
+        if width is None:
+            raise UsageError("a ragged split image needs its width to count tokens: Bands(..., width=...)")
+        scale = self._level(
+            lambda s: self._rows_at(s)[rank] * math.ceil(width * s) == tokens, f"{tokens} tokens of band {rank}"
+        )
+        return scale, math.ceil(width * scale)
 
     def at(self, scale: Fraction | int) -> tuple[int, ...]:
-        """Row edges at a level of this scale (latent rows times `scale`); they must be whole rows."""
-        edges = [e * Fraction(scale) for e in self.edges]
-        if any(e.denominator != 1 for e in edges):
+        """Row edges at a level of this scale (latent rows times `scale`); inner ones must be whole rows, the
+        image's height rounds up."""
+        scale = Fraction(scale)
+        inner = [e * scale for e in self.edges[:-1]]
+        if any(e.denominator != 1 for e in inner) or (not self.ragged and (self.height * scale).denominator != 1):
             raise UsageError(f"bands {list(self.edges)} have no whole-row edges at scale {scale}")
-        return tuple(int(e) for e in edges)
+        return (*(int(e) for e in inner), math.ceil(self.height * scale))
 
     def take(self, x: torch.Tensor, rank: int, dim: int = -2) -> torch.Tensor:
         """This process's band of a whole-image tensor at any scale (latents, noise, an image): a view."""
-        scale = Fraction(x.shape[dim], self.height)
-        edges = self.at(scale)
+        edges = self.at(self.scale_of_whole(x.shape[dim]))
         return x.narrow(dim, edges[rank], edges[rank + 1] - edges[rank])
 
     def as_dict(self) -> dict[str, object]:
         return {"edges": list(self.edges), "heights": self.heights(), "multiple": self.multiple}
+
+    def _scales(self) -> Iterator[Fraction]:
+        """The levels a ragged band can be seen at: 1/multiple (the UNet's deepest) up to 2**LEVELS_UP."""
+        deepest = self.multiple.bit_length() - 1
+        return (Fraction(2) ** k for k in range(-deepest, LEVELS_UP + 1))
+
+    def _rows_at(self, scale: Fraction) -> list[int]:
+        edges = self.at(scale)
+        return [b - a for a, b in itertools.pairwise(edges)]
+
+    def _level(self, matches: Callable[[Fraction], bool], what: str) -> Fraction:
+        found = next((s for s in self._scales() if matches(s)), None)
+        if found is None:
+            raise UsageError(f"{what} are at no level of bands {list(self.edges)} (multiple {self.multiple})")
+        return found
 
 
 def downsampling(block_out_channels: Sequence[int]) -> int:
@@ -124,16 +166,17 @@ class ConvRows:
         return out0 * self.stride - self.pad_top, (out1 - 1) * self.stride - self.pad_top + self.reach + 1
 
     def out_edges(self, edges: Sequence[int]) -> tuple[int, ...]:
-        """Output band edges: input edges over the stride. Only for convs that keep the grid (every UNet/VAE conv):
-        output height = input height / stride; anything else would move rows between bands."""
+        """Output band edges: input edges over the stride (the image's height rounded up). Only for convs that
+        keep the grid (every UNet/VAE conv): output height = input height / stride, rounded up as a stride-2 conv
+        with padding 1 rounds it; anything else would move rows between bands."""
         height = edges[-1]
-        if any(e % self.stride for e in edges) or self.out_height(height) != height // self.stride:
+        if any(e % self.stride for e in edges[:-1]) or self.out_height(height) != -(-height // self.stride):
             raise UsageError(
                 f"a conv (kernel {self.kernel}, stride {self.stride}, dilation {self.dilation}, padding "
                 f"{self.pad_top}/{self.pad_bottom}) maps {height} rows to {self.out_height(height)}, not "
-                f"{height}/{self.stride}: only grid-keeping convolutions can be split into bands"
+                f"{height}/{self.stride} (rounded up): only grid-keeping convolutions can be split into bands"
             )
-        return tuple(e // self.stride for e in edges)
+        return (*(e // self.stride for e in edges[:-1]), -(-height // self.stride))
 
     def edge_rows(self, edges: Sequence[int], rank: int) -> tuple[int, int]:
         """(top, bottom): how many of this band's first/last output rows read rows of another band; the rest

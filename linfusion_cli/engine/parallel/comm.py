@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from fractions import Fraction
 
 import torch
 import torch.distributed as td
@@ -168,8 +167,7 @@ def gather_bands(comm: Comm, band: torch.Tensor, dim: int = 0) -> torch.Tensor |
     """The whole image on rank 0 (None elsewhere) from every process's band along `dim`, bands of unequal heights
     allowed: e.g. uint8 (h, W, 3) image bands, at any scale of the latent bands. Transfers on `comm.device`."""
     bands = comm.geometry()
-    start, end = bands.rows(comm.rank)
-    edges = bands.at(Fraction(band.shape[dim], end - start))
+    edges = bands.at(bands.scale_of(comm.rank, band.shape[dim]))
     band = band.to(comm.device)
     if comm.rank != GATHER_ROOT:
         comm.exchange({GATHER_ROOT: band}, {}, "gather")

@@ -213,6 +213,9 @@ class AttentionReduce:
 
     def whole_tokens(self, tokens: int) -> int:
         bands = self.comm.geometry()
+        if bands.ragged:  # levels round the image's height up: count its rows at this band's level
+            scale, columns = bands.token_level(self.comm.rank, tokens)
+            return bands.at(scale)[-1] * columns
         start, end = bands.rows(self.comm.rank)
         whole = Fraction(tokens * bands.height, end - start)  # full-width bands: tokens scale with rows
         if whole.denominator != 1:
@@ -234,9 +237,13 @@ def gather_tokens(comm: Comm, tokens: torch.Tensor, kind: str = "attention_kv") 
     """(B, n, C) tokens of this band -> (B, N, C) of the whole image, in image order (bands padded to the
     tallest for the all-gather, then trimmed)."""
     bands = comm.geometry()
-    heights = bands.heights()
-    own = heights[comm.rank]
-    counts = [tokens.shape[1] * h // own for h in heights]
+    if bands.ragged:  # levels round the image's height up: each band's rows at this band's level
+        scale, columns = bands.token_level(comm.rank, tokens.shape[1])
+        edges = bands.at(scale)
+        counts = [(b - a) * columns for a, b in itertools.pairwise(edges)]
+    else:
+        heights = bands.heights()
+        counts = [tokens.shape[1] * h // heights[comm.rank] for h in heights]
     padded = tokens.new_zeros((tokens.shape[0], max(counts), tokens.shape[2]))
     padded[:, : tokens.shape[1]] = tokens
     parts = comm.all_gather(padded, kind)
