@@ -14,7 +14,7 @@ from ..base.errors import UsageError
 from ..base.precision import AUTO, PRECISIONS
 from ..base.text import plural
 from ..linfusion.attention import LinFusionAttention
-from .meter import GIB
+from .meter import GIB, proc_bytes
 from .refine import REFINE_METHODS
 
 VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
@@ -101,13 +101,9 @@ def available_bytes(device: torch.device) -> int | None:
             return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory()))
         except (AttributeError, RuntimeError):
             return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):

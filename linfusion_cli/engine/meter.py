@@ -13,16 +13,22 @@ import torch
 GIB = 1024**3
 
 
-def _rss_bytes() -> int:
-    """Peak RSS since the last reset (VmHWM), falling back to the process lifetime peak."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def _rss_bytes() -> int:
+    """Peak RSS since the last reset (VmHWM), falling back to the process lifetime peak."""
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _reset_rss_peak() -> None:

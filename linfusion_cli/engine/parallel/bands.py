@@ -77,15 +77,16 @@ class Bands:
     def rows(self, rank: int) -> tuple[int, int]:
         return self.edges[rank], self.edges[rank + 1]
 
-    def heights(self) -> list[int]:
-        return [b - a for a, b in itertools.pairwise(self.edges)]
+    def heights(self, scale: Fraction | int = 1) -> list[int]:
+        """Each band's rows at a level of this scale (latent rows by default)."""
+        return [b - a for a, b in itertools.pairwise(self.at(scale))]
 
     def scale_of(self, rank: int, local_rows: int) -> Fraction:
         """The level's scale, read off this process's local height there."""
         start, end = self.rows(rank)
         if not self.ragged or rank < self.world - 1:
             return Fraction(local_rows, end - start)
-        return self._level(lambda s: self._rows_at(s)[rank] == local_rows, f"{local_rows} rows of band {rank}")
+        return self._level(lambda s: self.heights(s)[rank] == local_rows, f"{local_rows} rows of band {rank}")
 
     def scale_of_whole(self, whole_rows: int) -> Fraction:
         """The level's scale, read off the whole image's height there."""
@@ -99,9 +100,20 @@ class Bands:
         if width is None:
             raise UsageError("a ragged split image needs its width to count tokens: Bands(..., width=...)")
         scale = self._level(
-            lambda s: self._rows_at(s)[rank] * math.ceil(width * s) == tokens, f"{tokens} tokens of band {rank}"
+            lambda s: self.heights(s)[rank] * math.ceil(width * s) == tokens, f"{tokens} tokens of band {rank}"
         )
         return scale, math.ceil(width * scale)
+
+    def token_counts(self, rank: int, tokens: int) -> list[int]:
+        """Every band's token count at the level where this band holds `tokens` (full-width rows of tokens)."""
+        if self.ragged:  # levels round the image's height up: count each band's rows at this band's level
+            scale, columns = self.token_level(rank, tokens)
+            return [rows * columns for rows in self.heights(scale)]
+        heights = self.heights()
+        start, end = self.rows(rank)
+        if any(tokens * h % heights[rank] for h in heights):
+            raise UsageError(f"{tokens} tokens are not a whole band of rows {start}-{end} of {self.height}")
+        return [tokens * h // heights[rank] for h in heights]
 
     def at(self, scale: Fraction | int) -> tuple[int, ...]:
         """Row edges at a level of this scale (latent rows times `scale`); inner ones must be whole rows, the
@@ -124,10 +136,6 @@ class Bands:
         """The levels a ragged band can be seen at: 1/multiple (the UNet's deepest) up to 2**LEVELS_UP."""
         deepest = self.multiple.bit_length() - 1
         return (Fraction(2) ** k for k in range(-deepest, LEVELS_UP + 1))
-
-    def _rows_at(self, scale: Fraction) -> list[int]:
-        edges = self.at(scale)
-        return [b - a for a, b in itertools.pairwise(edges)]
 
     def _level(self, matches: Callable[[Fraction], bool], what: str) -> Fraction:
         found = next((s for s in self._scales() if matches(s)), None)

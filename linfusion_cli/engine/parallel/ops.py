@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -212,15 +211,7 @@ class AttentionReduce:
         self.heads = heads
 
     def whole_tokens(self, tokens: int) -> int:
-        bands = self.comm.geometry()
-        if bands.ragged:  # levels round the image's height up: count its rows at this band's level
-            scale, columns = bands.token_level(self.comm.rank, tokens)
-            return bands.at(scale)[-1] * columns
-        start, end = bands.rows(self.comm.rank)
-        whole = Fraction(tokens * bands.height, end - start)  # full-width bands: tokens scale with rows
-        if whole.denominator != 1:
-            raise UsageError(f"{tokens} tokens are not a whole band of rows {start}-{end} of {bands.height}")
-        return int(whole)
+        return sum(self.comm.geometry().token_counts(self.comm.rank, tokens))
 
     def reduce(self, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = kv.shape[-1] // self.heads
@@ -236,14 +227,7 @@ class AttentionReduce:
 def gather_tokens(comm: Comm, tokens: torch.Tensor, kind: str = "attention_kv") -> torch.Tensor:
     """(B, n, C) tokens of this band -> (B, N, C) of the whole image, in image order (bands padded to the
     tallest for the all-gather, then trimmed)."""
-    bands = comm.geometry()
-    if bands.ragged:  # levels round the image's height up: each band's rows at this band's level
-        scale, columns = bands.token_level(comm.rank, tokens.shape[1])
-        edges = bands.at(scale)
-        counts = [(b - a) * columns for a, b in itertools.pairwise(edges)]
-    else:
-        heights = bands.heights()
-        counts = [tokens.shape[1] * h // heights[comm.rank] for h in heights]
+    counts = comm.geometry().token_counts(comm.rank, tokens.shape[1])
     padded = tokens.new_zeros((tokens.shape[0], max(counts), tokens.shape[2]))
     padded[:, : tokens.shape[1]] = tokens
     parts = comm.all_gather(padded, kind)
