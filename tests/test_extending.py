@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,77 @@ def test_a_new_adapter_kind_plans_loads_records_and_replays(runner, toy_kind, tm
     again = runner.invoke(app, ["replay", report["sidecar"], "--out", str(tmp_path / "b"), "--json"])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["settings"]["toy"] == ["a:0.5"] and len(toy_kind.loaded) == 2
+
+
+class ToyBlurGuide:
+    """Before each step, half of the latents become their 3x3 box blur with the image's statistics given back:
+    a filter and statistics that read across rows, through the split-aware ops the engine hands the method."""
+
+    def __init__(self, ops: Any) -> None:
+        self.ops = ops
+        ToyBlur.ops_seen.append(type(ops).__name__)
+
+    def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        ops = self.ops
+        blurred = ops.filter2d(latents.float(), torch.full((3, 3), 1 / 9))
+        return 0.5 * latents + 0.5 * ops.match_stats(blurred, *ops.channel_stats(latents))
+
+    def wrap(self, denoiser: Any) -> Any:
+        return denoiser
+
+
+class ToyBlurRefiner(JobRefiner):
+    def guide(self, ratio, encoded, noise, train_steps, models, ops) -> ToyBlurGuide:  # type: ignore[no-untyped-def]
+        return ToyBlurGuide(ops)
+
+
+class ToyBlur(RefineMethod):
+    name = "toy-blur"
+    summary = "a test's split-aware method"
+    ops_seen: ClassVar[list[str]] = []
+
+    def strengths(self, count: int, first: float) -> list[float]:
+        return [0.5] * count
+
+    def steps(self, schedule_steps: int, strength: float) -> int:
+        return 2
+
+    def start_job(self, job: Any) -> JobRefiner:
+        return ToyBlurRefiner()
+
+
+TOY_BLUR_JOB = {"model": "tiny", "size": 256, "steps": 3, "seed": 4, "refine": "toy-blur", "name": "x"}
+
+
+def _toy_blur_split(comm: Any, out: Path) -> tuple[Any, Any, list[str]]:
+    """One process of the 2-process split (tests/parallel_harness.py): its image (the first's), its `parallel`
+    record and which ops its method was handed."""
+    from linfusion_cli import Generator
+
+    with Generator(out=out, split=True) as gen:
+        result = gen.generate("a house", **TOY_BLUR_JOB)
+    return result.image, result.report.get("parallel"), ToyBlur.ops_seen
+
+
+def test_a_new_refine_method_with_a_blur_gives_the_same_image_split_over_two_processes(tmp_path: Path) -> None:
+    from parallel_harness import launch, ok_results
+
+    from linfusion_cli import Generator
+
+    method = REFINE_METHODS.register(ToyBlur())
+    try:
+        with Generator(out=tmp_path / "one") as gen:
+            one = gen.generate("a house", **TOY_BLUR_JOB).image
+        assert ToyBlur.ops_seen == ["LatentOps"]  # one process: the whole image's ops
+        ToyBlur.ops_seen.clear()
+        (first, parallel, ops), (other, _, _) = ok_results(launch(2, _toy_blur_split, tmp_path / "two", deadline_s=120))
+    finally:
+        REFINE_METHODS.unregister(method.name)
+    assert ops == ["BandOps"] and other is None  # its refine stage ran on bands; the first process has the image
+    assert parallel["world_size"] == 2 and parallel["bands"] == [16, 16] and parallel["comm_bytes"]["sent"] > 0
+    assert parallel["comm_bytes"]["by_kind"]["filter"]["calls"] == 2  # the blur crossed the band edge each step
+    assert one is not None and first is not None
+    diff = np.abs(one.astype(int) - first.astype(int))
+    assert diff.max() <= 1, diff.max()  # the one-process image, to fp32 reduction order
+    with_blur = Generator(out=tmp_path / "plain").generate("a house", **{**TOY_BLUR_JOB, "refine": "sdedit"}).image
+    assert np.abs(with_blur.astype(int) - one.astype(int)).max() > 8  # and the blur does something

@@ -21,9 +21,11 @@ from parallel_harness import band_of, compare, launch, ok_results
 from torch import nn
 
 from linfusion_cli.base.errors import UsageError
-from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_blur_matched, band_upscale, split_image
+from linfusion_cli.engine.latent_ops import WHOLE_IMAGE
+from linfusion_cli.engine.parallel import Bands, Comm, CommStats, band_upscale, split_image
 from linfusion_cli.engine.parallel.plan import Op, unet_comm_plan, unet_ops
-from linfusion_cli.engine.refine.demofusion_ops import blur_matched, dilated, gaussian_kernel
+from linfusion_cli.engine.refine.demofusion_ops import blur_matched, dilated
+from linfusion_cli.engine.splitting import BandOps
 from linfusion_cli.linfusion.patching import apply_linfusion
 from linfusion_cli.models.archs import ARCHS
 from linfusion_cli.models.tensors import upscale
@@ -226,14 +228,14 @@ def test_blur_matched_on_bands_equals_the_whole_blur() -> None:
     torch.manual_seed(3)
     latents = torch.randn(1, 4, 32, 20) * 2 + 0.5
     cases = [(2, 0.8), (4, 1.0), (8, 0.6)]  # kernel 3, 7, 15: the last wider than a band at 3-way
-    refs = [blur_matched(latents, ratio, sigma) for ratio, sigma in cases]
+    refs = [blur_matched(WHOLE_IMAGE, latents, ratio, sigma) for ratio, sigma in cases]
 
     def blur_all(comm: Comm) -> list[dict[str, Any]]:
         comm.bands = Bands.of_heights([8, 16, 8], MULTIPLE)
         results = []
         for (ratio, sigma), ref in zip(cases, refs, strict=True):
-            kernel = gaussian_kernel(2 * ratio - 1, sigma)
-            results.append(compare(band_blur_matched(comm, band_of(comm, latents), kernel), band_of(comm, ref)))
+            blurred = blur_matched(BandOps(comm), band_of(comm, latents), ratio, sigma)
+            results.append(compare(blurred, band_of(comm, ref)))
         return results
 
     for result in itertools.chain(*ok_results(launch(3, blur_all))):

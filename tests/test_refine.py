@@ -12,6 +12,7 @@ from torch import nn
 from linfusion_cli.base.sizes import resolve_target
 from linfusion_cli.core.jobs import resolve_job
 from linfusion_cli.core.planning import make_plan
+from linfusion_cli.engine.latent_ops import WHOLE_IMAGE
 from linfusion_cli.engine.refine.demofusion import demofusion_steps, demofusion_strengths
 from linfusion_cli.engine.refine.demofusion_ops import (
     DemoFusionGuide,
@@ -51,18 +52,18 @@ def test_gaussian_kernel_and_blur_keep_statistics() -> None:
     kernel = gaussian_kernel(7, 1.3)
     assert kernel.sum().item() == pytest.approx(1.0) and torch.equal(kernel, kernel.T)
     x = torch.randn(1, 4, 64, 48, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    blurred = blur_matched(x, ratio=4, sigma=1.0)
+    blurred = blur_matched(WHOLE_IMAGE, x, ratio=4, sigma=1.0)
     assert torch.allclose(blurred.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=1e-5)
     assert torch.allclose(blurred.std(dim=(2, 3)), x.std(dim=(2, 3)), atol=1e-4)
     assert blurred.diff(dim=-1).abs().mean() < x.diff(dim=-1).abs().mean()  # smoother, same statistics
-    assert torch.equal(blur_matched(x, ratio=1, sigma=1.0), x)  # a 1-wide kernel is the identity
+    assert torch.equal(blur_matched(WHOLE_IMAGE, x, ratio=1, sigma=1.0), x)  # a 1-wide kernel is the identity
 
 
 def test_blur_is_finite_on_a_huge_half_precision_latent() -> None:
     """A 16K-sized latent in fp16 with values whose plain fp16 sums overflow: statistics are taken in fp32."""
     x = (torch.rand(1, 4, 2048, 2048, generator=torch.Generator().manual_seed(1)) * 3e4).half()
     assert not torch.isfinite(x.sum(dim=(2, 3), dtype=torch.float16)).all()  # the hazard is real
-    out = blur_matched(x, ratio=2, sigma=0.8)
+    out = blur_matched(WHOLE_IMAGE, x, ratio=2, sigma=0.8)
     assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())
 
 
@@ -107,7 +108,7 @@ def _stage_denoise(comps, cond, guide_params: DemoFusionParams | None):
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = None
     if guide_params is not None:
-        guide = DemoFusionGuide(guide_params, 2, encoded, noise, 1000, comps.unet)
+        guide = DemoFusionGuide(guide_params, 2, encoded, noise, 1000, comps.unet, WHOLE_IMAGE)
     calls = []
 
     def on_step(done: int, total: int) -> None:

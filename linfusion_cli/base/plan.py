@@ -30,8 +30,8 @@ class Plan:
     stages: tuple[StagePlan, ...]
     schedule_steps: int
     native: int
+    refine: str  # the refine method's name
     from_image: bool = False
-    refine: str = "sdedit"
     notes: tuple[str, ...] = field(default_factory=tuple)
     refine_passes: int = 1  # UNet passes per refine step and guidance half (the refine method's)
 

@@ -80,7 +80,7 @@ class Generator:
         self.events = events
         self._engines: EngineCache | None = None
         self._group = contextlib.ExitStack()  # the process group of a split image, joined on first use
-        self._comm: Comm | None = None
+        self._joined: Comm | None = None
 
     def job(self, prompt: str = "", *, require_prompt: bool = True, **settings: Any) -> JobSpec:
         """The job these settings make (preset, this generator's settings, the call's), validated."""
@@ -123,7 +123,7 @@ class Generator:
             dry_run=dry_run,
             init_image=pixels,
             engines=self.engines(),
-            comm=self.group(),
+            group=self.group(),
         )
         return Result(done.report, done.image)
 
@@ -149,7 +149,7 @@ class Generator:
             on_line=on_line,
             cancel=cancel,
             engines=self.engines(),
-            comm=self.group(),
+            group=self.group(),
         )
 
     def group(self) -> Comm | None:
@@ -157,9 +157,9 @@ class Generator:
         in their group, joined once and kept until `close`; None otherwise."""
         if not self.options.split:
             return None
-        if self._comm is None:
-            self._comm = self._group.enter_context(joined(self.options.timeout_s, self.engines().device))
-        return self._comm
+        if self._joined is None:
+            self._joined = self._group.enter_context(joined(self.options.timeout_s, self.engines().device))
+        return self._joined
 
     def plan_batch(
         self, file: str | Path, *, base_seed: int | None = None, shard: str | None = None
@@ -178,7 +178,7 @@ class Generator:
         if self._engines is not None:
             self._engines.close()
         self._group.close()
-        self._comm = None
+        self._joined = None
 
     def __enter__(self) -> Generator:
         return self

@@ -48,7 +48,7 @@ from .batch_plan import plan_batch
 from .plan_report import placement
 from .prepare import Prepared, RunOptions, replan_for
 from .resume import claim_name, list_outputs, resume_state
-from .run import EngineCache, from_first, generate_one, save_outputs
+from .run import EngineCache, generate_one, save_outputs
 from .settings import JobSpec
 from .shards import Shard, resolve_shard
 
@@ -184,25 +184,26 @@ def run_batch(
     on_line: JsonSink | None = None,
     cancel: CancelToken | None = None,
     engines: EngineCache | None = None,
-    comm: Comm | None = None,
+    group: Comm | None = None,
 ) -> BatchSummary:
-    """Every job of a prompt file this task holds (its shard), resumable; with `comm` (--split-image), every
-    process of the group makes each job together instead of taking a shard of its own."""
+    """Every job of a prompt file this task holds (its shard), resumable; with a `group` of processes (a split
+    image), every process of the group makes each job together instead of taking a shard of its own."""
     cancel = cancel or CancelToken()
-    split = comm is not None and comm.world > 1
+    group = group or Comm()
+    split = group.world > 1
     shard = Shard(0, 1, "every job, split over the group's processes") if split else resolve_shard(shard_flag)
     plan = plan_batch(path, flags, options, base_seed, shard)
     events(Note("info", f"{shard.describe()}: {len(plan.jobs)} of {plural(plan.total, 'job')}"))
     summary = BatchSummary(shard, len(plan.jobs), out=options.out)
     prepare_folder(options.out)
-    removed = clean_stale_temps(options.out) if comm is None or comm.rank == 0 else 0
+    removed = clean_stale_temps(options.out) if group.writes else 0
     if removed:
         events(Note("info", f"removed {plural(removed, 'temp file')} left by a stopped run"))
     record = _Outcomes(summary, on_line)
     todo = _to_make(plan.jobs, plan.unavailable, options, events, record)
     if todo:
         try:
-            summary.stopped = _render(todo, options, fail_fast, events, record, cancel, engines, comm)
+            summary.stopped = _render(todo, options, fail_fast, events, record, cancel, group, engines)
         except Interrupted as exc:  # finished jobs are kept and found again: a rerun resumes
             raise Interrupted(exc.signal_name, exc.exit_code, resumable=True) from None
     if summary.stopped:  # every job of the task gets its line, also those never started
@@ -261,15 +262,14 @@ def _render(
     events: EventSink,
     record: _Outcomes,
     cancel: CancelToken,
+    group: Comm,
     engines: EngineCache | None = None,
-    comm: Comm | None = None,
 ) -> str | None:
     """Claim, run and save each job in turn; the model is loaded when the first job needs it (or reused from
-    `engines`, a Python caller's). With `comm`, every process of the group makes each job's image together: the
+    `engines`, a Python caller's). With a group of several, every process of the group makes each job's image together: the
     first decides (claims, resume) and writes, the others follow; a failed job stops the batch, since the
     processes must run the same exchanges. Returns why the batch stopped early (a full disk), or None."""
     own = engines is None
-    leader = comm is None or comm.rank == 0
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
     device = engines.device
     for warning in device_warnings(device, engines.dtype):
@@ -280,15 +280,15 @@ def _render(
     try:
         for prep in todo:
             stopped = bool(disk_full) or writer.error is not None or record.closed is not None
-            code = from_first(comm, _stop_code(cancel, stopped))
+            code = group.agree(_stop_code(cancel, stopped))
             if code >= EXIT_SIGINT:  # asked to stop (on the first process, for a group): here, between jobs
                 raise Interrupted(INTERRUPTS.get(code, "a signal"), code)
             if code:
                 break
             index = prep.index or 0
             path = options.out / claim_name(prep)
-            claim: Claim | str = try_claim(path) if leader else Claim(path, -1, True)  # the first claims
-            if not from_first(comm, isinstance(claim, Claim)):
+            claim: Claim | str = try_claim(path) if group.writes else Claim(path, -1, True)  # the first claims
+            if not group.agree(isinstance(claim, Claim)):
                 if isinstance(claim, str):
                     events(Note("info", f"job {index}: being made by {claim}; left to it"))
                     record(JobOutcome(index, "claimed", None, None, error=f"being made by {claim}"))
@@ -297,7 +297,7 @@ def _render(
             if not claim.locked and not warned_unlocked:
                 warned_unlocked = True
                 events(Note("warning", f"{options.out} offers no file locks: tasks sharing it may repeat a job"))
-            task = _Task(prep, claim, time.perf_counter(), engines, options, events, cancel, record, disk_full, comm)
+            task = _Task(prep, claim, time.perf_counter(), engines, options, events, cancel, record, disk_full, group)
             if not task.run(writer) and fail_fast:
                 break
             free_cached(device)  # the device cache must not creep over a long batch
@@ -325,27 +325,27 @@ class _Task:
     cancel: CancelToken
     record: Callable[[JobOutcome], None]
     disk_full: list[DiskFullError]
-    comm: Comm | None = None
+    group: Comm
 
     def run(self, writer: Writer) -> bool:
         """Generate and hand the job to the writer; False when it failed (reported)."""
         prep, index, handed_over = self.prep, self.prep.index or 0, False
-        leader = self.comm is None or self.comm.rank == 0
+        group = self.group
         try:
             done = None
-            if leader and not self.options.overwrite:
+            if group.writes and not self.options.overwrite:
                 done, prep = resume_state(prep, self.options)
-            if from_first(self.comm, done is not None):  # finished by another task since this one looked
+            if group.agree(done is not None):  # finished by another task since this one looked
                 if done is not None:
                     self.record(_skipped(index, done))
                 return True
-            problem = prep.paths.problem() if leader else None
+            problem = prep.paths.problem() if group.writes else None
             if problem:
                 raise _JobProblem(problem)
-            prep = replace(prep, seed=from_first(self.comm, prep.seed, "seed"))  # a resumed job's seed
+            prep = replace(prep, seed=group.agree(prep.seed, "seed"))  # a resumed job's seed
             loaded = self.engines.engine
             prep, result, meta = self._generate(prep)
-            if result.image is None:  # another process of a split image: the first one writes
+            if not group.writes or result.image is None:  # another process of a split image: the first writes
                 return True
             peak = None
             if self.engines.device.type == "cuda":
@@ -359,7 +359,7 @@ class _Task:
         except (LinFusionError, OSError, torch.OutOfMemoryError, _JobProblem) as exc:
             if isinstance(exc, LinFusionError) and getattr(exc, "exit_code", 1) >= 128:
                 raise
-            if self.comm is not None and self.comm.world > 1:
+            if group.world > 1:
                 raise  # the group's processes must run the same exchanges: the batch stops (a rerun resumes)
             if isinstance(exc, UsageError) and not isinstance(exc, InputImageError):
                 raise
@@ -378,7 +378,7 @@ class _Task:
         self.events(Note("info", f"job {prep.index or 0}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
         init_image = _load_input(job, self.options) if job.image else None
         result, meta = generate_one(
-            engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image, comm=self.comm
+            engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image, group=self.group
         )
         return prep, result, meta
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..base.settings import key_values
-from ..engine.refine import REFINE_METHODS
+from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
 from ..engine.schedulers import A1111_SAMPLERS
 from ..io.names import KEY_LENGTH
 from ..models.adapters import ADAPTER_KINDS
@@ -66,8 +66,8 @@ def _denoising_strength(stages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _refine_fields(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The refine method's fields (sidecars from before methods existed name none: sdedit)."""
-    name = settings.get("refine", "sdedit")
+    """The refine method's fields (sidecars from before methods existed name none: the default)."""
+    name = settings.get("refine", DEFAULT_REFINE)
     if name not in REFINE_METHODS:
         return [("Refine", str(name))]
     return REFINE_METHODS.get(name).a1111_fields(settings)

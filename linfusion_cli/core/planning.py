@@ -13,7 +13,7 @@ from ..base.errors import UsageError
 from ..base.plan import Plan, StagePlan
 from ..base.sizes import Target, round_side
 from ..base.text import plural
-from ..engine.refine import REFINE_METHODS, RefineMethod
+from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS, RefineMethod
 from .presets import PRESET_LABEL  # a preset's layer: its strengths adapt to the size
 
 # A last refine step smaller than this ratio is folded into the one before it (e.g. 512 -> 1100 is one
@@ -61,7 +61,7 @@ def make_plan(
     input_size: tuple[int, int] | None = None,
     first_strength: float | None = None,
     strengths_from: str | None = None,
-    refine: str = "sdedit",
+    refine: str = DEFAULT_REFINE,
 ) -> Plan:
     """Plan the stages for `target`.
 
@@ -103,10 +103,10 @@ def make_plan(
         tuple(stages),
         schedule_steps,
         native,
-        input_size is not None,
         refine,
-        tuple(notes),
-        method.passes_per_step,
+        from_image=input_size is not None,
+        notes=tuple(notes),
+        refine_passes=method.passes_per_step,
     )
 
 

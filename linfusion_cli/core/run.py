@@ -64,18 +64,6 @@ class EngineCache:
             free_cached(self.device)
 
 
-def from_first(comm: Comm | None, value: int, kind: str = "agree") -> int:
-    """The first process's `value`, on every process of a group: what they must agree on (a seed drawn at
-    random, whether a batch job is theirs to make)."""
-    if comm is None or comm.world == 1:
-        return value
-    return int(comm.all_gather(torch.tensor([value], dtype=torch.int64, device=comm.device), kind)[0].item())
-
-
-def shared_seed(comm: Comm | None, seed: int) -> int:
-    return from_first(comm, seed, "seed")
-
-
 def versions() -> dict[str, str]:
     return {
         "linfusion": __version__,
@@ -177,7 +165,7 @@ def generate_one(
     events: EventSink = ignore,
     cancel: CancelToken | None = None,
     init_image: np.ndarray | None = None,
-    comm: Comm | None = None,
+    group: Comm | None = None,
 ) -> tuple[GenerateResult, dict[str, Any]]:
     """Generate one prepared job (nothing written yet): the result and its metadata."""
     result = engine.generate(
@@ -189,7 +177,7 @@ def generate_one(
         cancel=cancel,
         init_image=init_image,
         keep_stages=options.save_stages,
-        comm=comm,
+        comm=group,
     )
     return result, build_metadata(prep, engine, result)
 
@@ -212,19 +200,18 @@ def generate(
     dry_run: bool = False,
     init_image: np.ndarray | None = None,
     engines: EngineCache | None = None,
-    comm: Comm | None = None,
+    group: Comm | None = None,
 ) -> Generated:
     """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save.
 
-    With `comm` (a group of processes all running this same call) the image is split between them: they agree
-    on the seed, plan per band, and the first process alone writes the files (the others' reports carry no
-    path)."""
-    seed = shared_seed(comm, pick_seed(job))
+    With `group` (processes all running this same call) the image is split between them: they agree on the
+    seed, plan per band, and the first process alone writes the files (the others' reports carry no path)."""
+    group = group or Comm()
+    seed = group.agree(pick_seed(job), "seed")
     input_size = None if init_image is None else (init_image.shape[1], init_image.shape[0])
     prep = plan_for(job, options, seed=seed, input_size=input_size, random_seed=job.seed is None)
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
-    device, dtype = engines.device, engines.dtype
-    world = comm.world if comm is not None else 1
+    device, dtype, world = engines.device, engines.dtype, group.world
     if dry_run:
         check_folder(options.out)  # refused as the run would refuse it, nothing written
         return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype, world)})
@@ -236,8 +223,7 @@ def generate(
         events(Note("warning", warning))
     prep.notes.extend(warnings)
     prepare_folder(options.out)
-    writer = comm is None or comm.rank == 0
-    if writer:
+    if group.writes:
         clean_stale_temps(options.out)
     ensure_writable_target(prep, options.overwrite)
     events(
@@ -250,8 +236,8 @@ def generate(
     )
     engine = engines.engine_for(job, events)
     prep = replan_for(engine.comps.native_size, prep, options)
-    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image, comm=comm)
-    if result.image is None:  # another process of a split image: the first one writes
+    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image, group=group)
+    if not group.writes or result.image is None:  # another process of a split image: the first one writes
         return Generated({"parallel": meta.get("parallel"), "seed": prep.seed})
     events(Working(f"writing {prep.paths.image}"))
     sidecar = save_outputs(prep, result.image, meta, result.stage_images)

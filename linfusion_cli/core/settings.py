@@ -36,7 +36,7 @@ from ..base.settings import (
 )
 from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
-from ..engine.refine import REFINE_METHODS
+from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
 from ..engine.schedulers import SCHEDULERS, scheduler_name
 from ..io.formats import OUTPUT_FORMATS, format_name
 from ..models.adapters import ADAPTER_KINDS
@@ -45,7 +45,6 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
-DEFAULT_REFINE = REFINE_METHODS.names()[0]
 SIZE_CONDITIONING = (
     "stage",
     "target",

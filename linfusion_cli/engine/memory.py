@@ -15,7 +15,7 @@ from ..base.precision import AUTO, PRECISIONS
 from ..base.text import plural
 from ..linfusion.attention import LinFusionAttention
 from .meter import GIB, proc_bytes
-from .refine import REFINE_METHODS
+from .refine import DEFAULT_REFINE, REFINE_METHODS
 
 VAE_BUDGET_CAP = int(2.5 * GIB)  # a 16K decode should stay within a few GiB, whatever is free
 VAE_SAFETY = 1.25  # allocator slack over the activation estimate
@@ -282,7 +282,7 @@ class MemoryPlanner:
         top_width: int,
         dtype: torch.dtype,
         weights: int,
-        refine: str = "sdedit",
+        refine: str = DEFAULT_REFINE,
         control_channels: float = 0.0,
     ) -> MemoryPlanner:
         return cls(

@@ -1,7 +1,7 @@
 """The denoising loop of one stage (text-to-image or SDEdit img2img), and the model it calls, composed per stage
 from small wrappers in the manner of k-diffusion (`CFGDenoiser`): the scheduler's input scaling around
 classifier-free guidance around the one UNet call (adapters' extras merged in); a refine method's guide adds one
-more wrapper (demofusion's global branch) and adjusts the latents before each step."""
+more wrapper (a second, dilated pass, say) and adjusts the latents before each step."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def denoise(
 
     The stage's model is composed here: input scaling around guidance around the UNet, and the guide's wrapper
     around that. on_step(done, total) counts steps; a step with a guide includes all of its UNet passes
-    (demofusion's local and global branch), so a step's time in the progress bar is what a step costs.
+    (a method's second pass included), so a step's time in the progress bar is what a step costs.
     """
     total = len(timesteps)
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = Scaled(Guided(unet, inputs), scheduler)

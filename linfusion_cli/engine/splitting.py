@@ -29,9 +29,9 @@ from torch import nn
 
 from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
-from .parallel import Bands, Comm, band_blur_matched, downsampling, split_image
+from .latent_ops import WHOLE_IMAGE, LatentOps
+from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, split_image
 from .parallel.comm import GATHER_ROOT
-from .refine.demofusion_ops import gaussian_kernel
 from .vae import LATENT_SCALE
 from .vae_tiles import WindowShare
 
@@ -58,13 +58,9 @@ class ImageSplit:
         return self.group is not None
 
     @property
-    def rank(self) -> int:
-        return self.group.rank if self.group is not None else 0
-
-    @property
     def writes(self) -> bool:
         """Whether this process writes the job's files (the first one)."""
-        return self.rank == GATHER_ROOT
+        return self.group is None or self.group.writes
 
     def begin_stage(self, latent_height: int, latent_width: int) -> None:
         """This stage's bands: its latent rows split evenly on multiples of the UNet's downsampling (the last
@@ -139,16 +135,10 @@ class ImageSplit:
         finally:
             setattr(module, "randn_tensor", draw)  # noqa: B010
 
-    def blur(self) -> Callable[[torch.Tensor, int, float], torch.Tensor] | None:
-        """demofusion's Gaussian blur of the latents on a band (None: the whole-image one)."""
-        comm = self.comm
-        if comm is None:
-            return None
-
-        def blur(latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tensor:
-            return band_blur_matched(comm, latents, gaussian_kernel(2 * ratio - 1, sigma))
-
-        return blur
+    def latent_ops(self) -> LatentOps:
+        """The ops a refine method runs on this stage's latents: on this process's band while the stage is split,
+        on the whole image otherwise (latent_ops.py)."""
+        return WHOLE_IMAGE if self.comm is None else BandOps(self.comm)
 
     def vae_share(self) -> WindowShare | None:
         comm = self.group
@@ -191,27 +181,27 @@ class ImageSplit:
 
     def agree_all(self, value: int) -> list[int]:
         """Every process's `value`, in rank order."""
-        group = self.group
-        if group is None:
-            return [value]
-        parts = group.all_gather(torch.tensor([value], dtype=torch.int64, device=group.device), "agree")
-        return [int(p.item()) for p in parts]
+        return [value] if self.group is None else self.group.agree_all(value)
 
     def report(self) -> dict[str, Any] | None:
-        """The report's `parallel` section (None for one process): the last stage's bands (latent rows per
-        process), and what this process sent and received over the whole job."""
-        group = self.group
-        if group is None:
+        """The report's `parallel` section (None for one process): the group's record (Comm.report)."""
+        if self.group is None:
             return None
-        stats = group.stats
-        return {
-            "world_size": group.world,
-            "backend": group.backend,
-            "bands": group.bands.heights() if group.bands and self.comm else None,
-            "stages_run_whole": len(self.whole_stages),
-            "comm_bytes": {"sent": sum(stats.sent.values()), "received": sum(stats.received.values())},
-            "comm_seconds": round(stats.seconds, 3),
-        }
+        return self.group.report(split=self.comm is not None, stages_run_whole=len(self.whole_stages))
+
+
+class BandOps(LatentOps):
+    """LatentOps on this process's band of a split stage: the filter a halo conv, the statistics the whole
+    image's (combined over the bands), so a refine method's result is the one-process result."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+
+    def filter2d(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return band_filter2d(self.comm, x, kernel)
+
+    def channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return band_channel_stats(self.comm, x.float())
 
 
 def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:

@@ -287,7 +287,7 @@ def _starting_latents(
         int(scheduler.config.num_train_timesteps),
         # a global pass dilates ControlNets with the UNet: their residuals must match it
         torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
-        run.split.blur(),
+        run.split.latent_ops(),
     )
     return _Start(latents, timesteps, extras, guide)
 

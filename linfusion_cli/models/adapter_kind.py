@@ -86,6 +86,9 @@ class AdapterKind:
     def preflight(self, job: Job, family: Family | None, allow_pickle: bool) -> None:
         """Everything about the job's adapters of this kind that can be refused before the model loads."""
 
+    def refuse_orphans(self, job: Job) -> None:
+        """The job has no adapter of this kind: refuse its settings that need one (before the model loads)."""
+
     def notes(self, job: Job, target: tuple[int, int], stages: int) -> list[str]:
         """What a user should know about the job's use of this kind (before anything loads)."""
         return []

@@ -4,7 +4,6 @@ package plus a row here, or `ADAPTER_KINDS.register(...)` from outside."""
 
 from __future__ import annotations
 
-from ..base.errors import UsageError
 from ..base.registry import Registry
 from ..base.settings import EngineSpec, Job
 from .adapter_kind import AdapterKind
@@ -25,8 +24,8 @@ def engine_spec(job: Job) -> EngineSpec:
 def preflight(job: Job, family: Family | None, allow_pickle: bool = False) -> None:
     """Before any model loads: the checks of each kind the job asks for (missing inputs, pickles refused, weights
     made for another family), so bad input exits 2 early."""
-    if job.ip_image and not job.ip_adapter:
-        raise UsageError("--ip-image is the IP-Adapter's reference image: give --ip-adapter too")
     for kind in ADAPTER_KINDS:
         if kind.refs(job):
             kind.preflight(job, family, allow_pickle)
+        else:
+            kind.refuse_orphans(job)

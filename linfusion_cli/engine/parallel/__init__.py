@@ -1,4 +1,4 @@
-"""One image split exactly across processes by horizontal bands of its latent (issue 21).
+"""One image split exactly across processes by horizontal bands of its latent.
 
 Every process runs the whole UNet on its band; the few ops that mix rows exchange what they need (see ops.py),
 so a seed gives the same image as one process, to fp32 reduction-order error. Imports only torch, the standard
@@ -13,15 +13,15 @@ from .install import SplitRun, split_image
 from .ops import (
     AttentionReduce,
     ConvSpec,
-    band_blur_matched,
     band_conv2d,
+    band_filter2d,
     band_group_norm,
     band_upscale,
     gather_tokens,
     halo_rows,
 )
 from .plan import CommPlan, unet_comm_plan, unet_ops
-from .stats import band_channel_stats, band_match_stats, combine_moments, local_moments, pool_moments
+from .stats import band_channel_stats, combine_moments, local_moments, pool_moments
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -36,11 +36,10 @@ __all__ = [
     "ParallelError",
     "SplitRun",
     "Transfer",
-    "band_blur_matched",
     "band_channel_stats",
     "band_conv2d",
+    "band_filter2d",
     "band_group_norm",
-    "band_match_stats",
     "band_upscale",
     "combine_moments",
     "downsampling",

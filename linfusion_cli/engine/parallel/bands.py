@@ -129,9 +129,6 @@ class Bands:
         edges = self.at(self.scale_of_whole(x.shape[dim]))
         return x.narrow(dim, edges[rank], edges[rank + 1] - edges[rank])
 
-    def as_dict(self) -> dict[str, object]:
-        return {"edges": list(self.edges), "heights": self.heights(), "multiple": self.multiple}
-
     def _scales(self) -> Iterator[Fraction]:
         """The levels a ragged band can be seen at: 1/multiple (the UNet's deepest) up to 2**LEVELS_UP."""
         deepest = self.multiple.bit_length() - 1

@@ -94,15 +94,35 @@ class Comm:
         whole from the seed, an upscaled image, a ControlNet's conditioning image."""
         return self.geometry().take(whole, self.rank, dim)
 
-    def report(self) -> dict[str, object]:
-        """The `parallel` section of a run report."""
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the job's files: the first of the group (the only one, alone)."""
+        return self.rank == GATHER_ROOT
+
+    def agree(self, value: int, kind: str = "agree") -> int:
+        """The first process's `value`, on every process: what they must agree on (a seed drawn at random,
+        whether a batch job is theirs to make)."""
+        return value if self.world == 1 else self.agree_all(value, kind)[GATHER_ROOT]
+
+    def agree_all(self, value: int, kind: str = "agree") -> list[int]:
+        """Every process's `value`, in rank order."""
+        if self.world == 1:
+            return [value]
+        parts = self.all_gather(torch.tensor([value], dtype=torch.int64, device=self.device), kind)
+        return [int(p.item()) for p in parts]
+
+    def report(self, split: bool = True, stages_run_whole: int = 0) -> dict[str, object]:
+        """The `parallel` section of a run report: the group, the bands of its last stage (latent rows per
+        process; None when that stage ran whole on every process, `split` False), and what this process sent
+        and received over the whole job."""
         return {
             "world_size": self.world,
             "rank": self.rank,
             "backend": self.backend,
-            "bands": self.bands.as_dict() if self.bands else None,
+            "bands": self.bands.heights() if self.bands and split else None,
+            "stages_run_whole": stages_run_whole,
             "comm_bytes": self.stats.as_dict(),
-            "comm_seconds": round(self.stats.seconds, 6),
+            "comm_seconds": round(self.stats.seconds, 3),
         }
 
     # --- operations ---------------------------------------------------------------------------------------------

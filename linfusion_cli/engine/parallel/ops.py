@@ -11,7 +11,7 @@
   (`AttentionReduce`, the `reducer` seam of LinFusionAttention); queries stay local.
 - Ordinary (softmax) self-attention: keys and values gathered from every band (`gather_tokens`): exact, but
   O(N C) memory per process and O(N^2) work; the VAE's mid-block is one.
-- demofusion's global branch: the Gaussian blur is a halo conv, its mean/std re-match uses combined statistics.
+- A refine method's filters (latent_ops: a Gaussian blur) are halo convs; statistics combine as GroupNorm's do.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from ...base.errors import UsageError
 from .bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
 from .comm import Comm
-from .stats import STATS_CHUNK_BYTES, band_channel_stats, band_match_stats, whole_moments
+from .stats import STATS_CHUNK_BYTES, whole_moments
 
 BICUBIC_REACH = 2  # source rows a bicubic (also antialiased, when upscaling) output row reads on each side
 
@@ -234,19 +234,15 @@ def gather_tokens(comm: Comm, tokens: torch.Tensor, kind: str = "attention_kv") 
     return torch.cat([part[:, :n] for part, n in zip(parts, counts, strict=True)], dim=1)
 
 
-# --- demofusion's global branch -------------------------------------------------------------------------------------
+# --- filters ---------------------------------------------------------------------------------------------------
 
 
-def band_blur_matched(comm: Comm, latents: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """refine.blur_matched on a band: the depthwise Gaussian `kernel` (k, k) (refine.gaussian_kernel) as a halo
-    conv, then the whole image's per-channel mean and std given back. fp32 inside, like the unsplit one."""
+def band_filter2d(comm: Comm, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """latent_ops.LatentOps.filter2d on a band: each channel of x (B, C, h, W) convolved with the (k, k) `kernel`
+    (k odd), zero-padded, as a halo conv: this band's rows of the whole image's filter."""
     size = kernel.shape[-1]
-    if size <= 1:
-        return latents
-    x = latents.float()
     channels = x.shape[1]
-    weight = kernel.to(x.device, torch.float32)[None, None].repeat(channels, 1, 1, 1)  # (C, 1, k, k)
+    weight = kernel.to(x.device, x.dtype)[None, None].repeat(channels, 1, 1, 1)  # (C, 1, k, k)
     half = size // 2
     spec = ConvSpec(weight, None, ConvRows(size, 1, 1, half, half), (1, 1), (1, 1), channels, (half, half))
-    blurred = band_conv2d(comm, spec, x, "blur")
-    return band_match_stats(comm, blurred, *band_channel_stats(comm, x)).to(latents.dtype)
+    return band_conv2d(comm, spec, x, "filter")

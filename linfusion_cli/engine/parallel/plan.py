@@ -158,7 +158,7 @@ def unet_comm_plan(
     """Ops and bytes of one UNet pass split over `world` processes.
 
     batch: 2 with classifier-free guidance in one call; dtype_bytes: the activations' (2 for fp16, 4 for fp32);
-    dilation: demofusion's global branch (every conv's dilation and padding times r); bands: the split, by
+    dilation: a refine method's dilated pass (every conv's dilation and padding times r); bands: the split, by
     default `Bands.split` on the UNet's total downsampling."""
     bands = bands or Bands.split(latent_height, world, downsampling(config["block_out_channels"]))
     plan = CommPlan(sent=[Counter() for _ in range(world)], received=[Counter() for _ in range(world)])

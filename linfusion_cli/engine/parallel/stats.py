@@ -17,7 +17,6 @@ from ...base.errors import UsageError
 from .comm import Comm
 
 STATS_CHUNK_BYTES = 1 << 28  # fp32 working copy of a half-precision input, at most this per chunk
-STD_EPS = 1e-6  # refine.STATS_EPS: a constant channel (std 0) must not divide by zero when re-matched
 
 
 def local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,18 +62,11 @@ def whole_moments(comm: Comm, x: torch.Tensor, kind: str) -> tuple[torch.Tensor,
 
 
 def band_channel_stats(comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """refine.latent_stats of the whole image: per-channel mean and std (unbiased, as Tensor.std), (B, C, 1, 1)
+    """latent_ops.LatentOps.channel_stats of the whole image: per-channel mean and std (unbiased, as Tensor.std), (B, C, 1, 1)
     fp32, from this band x (B, C, h, W)."""
     count, mean, m2 = whole_moments(comm, x.flatten(2), "stats")  # (B, C)
     std = (m2 / (count - 1)).sqrt()
     return mean.float()[..., None, None], std.float()[..., None, None]
-
-
-def band_match_stats(comm: Comm, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """refine's statistics re-match on a band: the whole image's channels get `mean`/`std` (fp32)."""
-    x = x.float()
-    own_mean, own_std = band_channel_stats(comm, x)
-    return (x - own_mean) / (own_std + STD_EPS) * std + mean
 
 
 def pool_moments(comm: Comm, stats: Mapping[str, Any]) -> None:

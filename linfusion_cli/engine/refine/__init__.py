@@ -10,5 +10,6 @@ from .method import JobRefiner, RefineMethod, StageGuide, refine_ratio
 from .sdedit import SDEDIT
 
 REFINE_METHODS: Registry[RefineMethod] = Registry("refine method", [SDEDIT, DEMOFUSION])
+DEFAULT_REFINE = SDEDIT.name  # plain img2img: what a job, or a sidecar from before methods existed, names none of
 
-__all__ = ["REFINE_METHODS", "JobRefiner", "RefineMethod", "StageGuide", "refine_ratio"]
+__all__ = ["DEFAULT_REFINE", "REFINE_METHODS", "JobRefiner", "RefineMethod", "StageGuide", "refine_ratio"]

@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .method import Blur, Denoiser, JobRefiner
+from ..latent_ops import WHOLE_IMAGE, LatentOps
+from .method import Denoiser, JobRefiner
 
 if TYPE_CHECKING:
     from ...base.settings import Job
-
-STATS_EPS = 1e-6  # keeps a constant latent (std 0) from dividing by zero when statistics are re-matched
 
 
 # --- schedules ----------------------------------------------------------------------------------------------
@@ -76,32 +74,26 @@ def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-def _match_stats(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """x with each channel's spatial mean/std set to `mean`/`std` (all fp32)."""
-    return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + STATS_EPS) * std + mean
-
-
-def blur_matched(latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tensor:
+def blur_matched(ops: LatentOps, latents: torch.Tensor, ratio: int, sigma: float) -> torch.Tensor:
     """Gaussian-filter latents (1, C, h, w) with a (2r - 1)-wide kernel, then give each channel back its mean
-    and std. Computed in fp32 whatever the latents' dtype: a 16K latent's statistics overflow fp16 sums."""
+    and std. Computed in fp32 whatever the latents' dtype: a 16K latent's statistics overflow fp16 sums. `ops`
+    filter and measure the whole image, also when the latents are one band of it."""
     x = latents.float()
     size = 2 * ratio - 1
     if size <= 1:
         return latents
-    channels = x.shape[1]
-    kernel = gaussian_kernel(size, sigma).to(x.device)[None, None].repeat(channels, 1, 1, 1)  # (C, 1, k, k)
-    blurred = F.conv2d(x, kernel, padding=size // 2, groups=channels)
-    return _match_stats(blurred, *latent_stats(x)).to(latents.dtype)
+    blurred = ops.filter2d(x, gaussian_kernel(size, sigma))
+    return ops.match_stats(blurred, *ops.channel_stats(x)).to(latents.dtype)
 
 
 def rematch(latents: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Latents with the anchor's per-channel mean and std (fp32)."""
-    return _match_stats(latents.float(), *anchor).to(latents.dtype)
+    """The whole latents with the anchor's per-channel mean and std (fp32)."""
+    return WHOLE_IMAGE.match_stats(latents.float(), *anchor).to(latents.dtype)
 
 
 def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = latents.float()
-    return x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
+    """The whole latents' per-channel mean and std (fp32)."""
+    return WHOLE_IMAGE.channel_stats(latents)
 
 
 @contextlib.contextmanager
@@ -129,7 +121,8 @@ class DemoFusionGuide:
 
     encoded: the upscaled image's latents (fp32, before noise); noise: the stage's noise, the same draw that
     noised the starting latents. ratio: the stage's size over the base (or input) size, a whole number. model:
-    what a UNet pass runs (the UNet and any ControlNet beside it), dilated together.
+    what a UNet pass runs (the UNet and any ControlNet beside it), dilated together. ops: the blur and statistics
+    of the whole image, also while these latents are one band of it.
     """
 
     def __init__(
@@ -140,10 +133,10 @@ class DemoFusionGuide:
         noise: torch.Tensor,
         train_steps: int,
         model: nn.Module,
-        blur: Blur | None = None,
+        ops: LatentOps,
     ) -> None:
         self.params = params
-        self.blur: Blur = blur or blur_matched
+        self.ops = ops
         self.ratio = max(1, ratio)
         self.encoded = encoded
         self.noise = noise
@@ -177,7 +170,7 @@ class GlobalBranch:
         c2 = params.c2(factor)
         if c2 == 0.0:
             return local
-        blurred = guide.blur(latents, guide.ratio, params.gaussian_sigma * params.c3(factor))
+        blurred = blur_matched(guide.ops, latents, guide.ratio, params.gaussian_sigma * params.c3(factor))
         with dilated(guide.model, guide.ratio):
             global_: torch.Tensor = self.inner(blurred, t)
         return local * (1 - c2) + global_ * c2
@@ -201,9 +194,9 @@ class DemoFusionRefiner(JobRefiner):
         noise: torch.Tensor,
         train_steps: int,
         models: nn.Module,
-        blur: Blur | None = None,
+        ops: LatentOps,
     ) -> DemoFusionGuide:
-        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models, blur)
+        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models, ops)
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:
         # The official pipeline keeps every scale's latents at the base image's per-channel statistics.

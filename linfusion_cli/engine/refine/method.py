@@ -8,8 +8,8 @@ help are made before any model loads; a method's torch side is imported when a j
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ...base.plan import Plan, StagePlan
 from ...base.settings import Setting
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ...base.settings import Job
+    from ..latent_ops import LatentOps
 
-Denoiser = Any  # Callable[[latents, t], prediction]: see engine/sampling.py
-Blur = Any  # Callable[[latents, ratio, sigma], blurred latents with the whole image's statistics]
+Denoiser: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"  # (latents, t) -> prediction
 
 
 def refine_ratio(stage: StagePlan, plan: Plan, base_width: int, native: int) -> int:
@@ -57,11 +57,12 @@ class JobRefiner:
         noise: torch.Tensor,
         train_steps: int,
         models: nn.Module,
-        blur: Blur | None = None,
+        ops: LatentOps,
     ) -> StageGuide | None:
         """This refine stage's guide; `ratio` is its size over the base (or input) size, `models` what runs
-        in a UNet pass (the UNet and the models adapters run beside it), `blur` how to blur latents when they
-        are one band of a split image (None: the whole image's)."""
+        in a UNet pass (the UNet and the models adapters run beside it). `encoded`, `noise` and the latents the
+        guide sees are this process's band while a split image's stage runs split: whatever reads across rows
+        (a blur, the image's statistics) goes through `ops`, which give the whole image's result either way."""
         return None
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:

@@ -266,6 +266,10 @@ class IpAdapterKind(AdapterKind):
     def preflight(self, job: Job, family: Family | None, allow_pickle: bool) -> None:
         _preflight(self.refs(job), job, family, allow_pickle)
 
+    def refuse_orphans(self, job: Job) -> None:
+        if job.ip_image:
+            raise UsageError("--ip-image is the IP-Adapter's reference image: give --ip-adapter too")
+
     def hub_files(self, job: Job, family: Family | None) -> list[tuple[str, str, str]]:
         return _hub_files(self.refs(job), family)
 
