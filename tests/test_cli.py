@@ -117,7 +117,7 @@ def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
         (["--aspect", "0:1"], "--aspect"),
         (["--size", "70000"], "65536"),
         (["--size", "1024", "--strengths", "0.3"], "give exactly 3"),
-        (["--scheduler", "plms"], "must be one of ddim"),
+        (["--scheduler", "klms"], "must be a sampler `linfusion samplers` lists"),
         (["--model", "./no/such/folder"], "does not exist"),
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--dtype", "fp8"], "--dtype"),

@@ -157,7 +157,10 @@ def test_panels_come_in_one_order(runner, command) -> None:
 @pytest.mark.parametrize(
     ("words", "expected"),
     [
-        ("linfusion generate x --scheduler dpm", ["dpm++2m", "dpm++2m-karras"]),
+        (
+            "linfusion generate x --scheduler dpm++2m-sde-h",
+            ["dpm++2m-sde-heun", "dpm++2m-sde-heun-exp", "dpm++2m-sde-heun-karras"],
+        ),
         ("linfusion plan --format t", ["tiff"]),
         ("linfusion generate x --preset sdxl", ["sdxl-16k"]),
     ],

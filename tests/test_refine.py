@@ -13,6 +13,7 @@ from linfusion_cli.base.sizes import resolve_target
 from linfusion_cli.core.jobs import resolve_job
 from linfusion_cli.core.planning import make_plan
 from linfusion_cli.engine.latent_ops import WHOLE_IMAGE
+from linfusion_cli.engine.noise import NoiseSource
 from linfusion_cli.engine.refine.demofusion import demofusion_steps, demofusion_strengths
 from linfusion_cli.engine.refine.demofusion_ops import (
     DemoFusionGuide,
@@ -115,7 +116,14 @@ def _stage_denoise(comps, cond, guide_params: DemoFusionParams | None):
         calls.append((done, total))
 
     out = denoise(
-        comps.unet, scheduler, latents, timesteps, StageInputs(cond, 7.5, (128, 128)), torch.Generator(), on_step, guide
+        comps.unet,
+        scheduler,
+        latents,
+        timesteps,
+        StageInputs(cond, 7.5, (128, 128)),
+        NoiseSource(torch.Generator()),
+        on_step,
+        guide,
     )
     return out, calls
 

@@ -23,13 +23,14 @@ LAUNCH = ["-m", "torch.distributed.run", "--standalone"]
 LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: reduction-order error of fp32
 
 CASES = {
-    # 2 processes: ControlNet (its own attention and convs split too), LoRA, Euler a (noise drawn each step), the
+    # 2 processes: ControlNet (its own attention and convs split too), LoRA, DPM++ 2M SDE Karras (noise drawn each
+    # step, handed to it by the stage: every stochastic sampler is checked band by band in test_samplers.py), the
     # VAE tiled with several tiles per process; 3:2 makes the last stage ragged (21 latent rows, no multiple of 4:
     # bands of 8 and 13 rows)
-    "tiny-controlnet-lora-euler-a": (
+    "tiny-controlnet-lora-sde": (
         2,
         {"model": "tiny", "size": 256, "aspect": "3:2", "steps": 6, "seed": 5, "controlnet": ["tiny"]}
-        | {"control_image": ["previous"], "lora": ["tiny:0.7"], "scheduler": "euler-a", "vae_tile": 64},
+        | {"control_image": ["previous"], "lora": ["tiny:0.7"], "scheduler": "DPM++ 2M SDE Karras", "vae_tile": 64},
     ),
     # 3 processes, unequal bands (16, 16 then 12, 24, 12 latent rows): SDXL-shaped, demofusion's dilated global
     # branch (its blur too), the base stage run whole on each (16 latent rows make fewer than 3 bands of 4)

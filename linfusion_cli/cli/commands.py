@@ -58,6 +58,7 @@ from .options import (
 from .presets import presets_app
 from .render import render_batch_plan, render_plan, render_table
 from .report import batch_table, progress, stage_table
+from .samplers import SAMPLERS_EXAMPLES, samplers_command
 from .startup import started, starting
 from .view import VIEW_EXAMPLES, view_command
 
@@ -83,6 +84,7 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(bench_app, name="bench")
 app.command("distill", cls=Command, epilog=DISTILL_EXAMPLES)(distill_command)
 app.command("view", cls=Command, epilog=VIEW_EXAMPLES)(view_command)
+app.command("samplers", cls=Command, epilog=SAMPLERS_EXAMPLES)(samplers_command)
 
 GENERATE_EXAMPLES = """[bold]Examples[/]
   linfusion generate "a lighthouse at dusk" --size 16k --aspect 2:1

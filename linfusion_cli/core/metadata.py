@@ -11,7 +11,7 @@ from typing import Any
 
 from ..base.settings import key_values
 from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
-from ..engine.schedulers import A1111_SAMPLERS
+from ..engine.schedulers import a1111_name
 from ..io.names import KEY_LENGTH
 from ..models.adapters import ADAPTER_KINDS
 from .settings import table
@@ -37,7 +37,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     by_kind = {kind.name: [a for a in adapters if a.get("kind") == kind.described_as] for kind in kinds}
     fields = [
         ("Steps", s["steps"]),
-        ("Sampler", A1111_SAMPLERS.get(s["scheduler"], s["scheduler"])),
+        ("Sampler", a1111_name(s["scheduler"])),
         ("CFG scale", f"{s['guidance']:g}"),
         ("Seed", meta["seed"]),
         ("Size", f"{meta['width']}x{meta['height']}"),

@@ -18,6 +18,7 @@ from ..base.precision import AUTO, PRECISIONS, precision_name
 from ..base.registry import did_you_mean
 from ..base.settings import shown
 from ..base.sizes import Target, resolve_target
+from ..engine.schedulers import check_sampler
 from ..io.formats import check_format_fits
 from ..io.names import output_stem
 from ..io.output import OutputPaths
@@ -149,6 +150,7 @@ def plan_for(
     job_target(job, input_size)  # size and format refused before even the model's config is read
     family, note = peek_family(job.model)
     check_linfusion_source(job.linfusion)
+    check_sampler(job.scheduler, job.steps)
     preflight(job, family, options.allow_pickle)
     native = family.native_size if family else ASSUMED_NATIVE
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)

@@ -37,7 +37,7 @@ from ..base.settings import (
 from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
 from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
-from ..engine.schedulers import SCHEDULERS, scheduler_name
+from ..engine.schedulers import DEFAULT_SAMPLER, SAMPLERS, sampler_problem, scheduler_name
 from ..io.formats import OUTPUT_FORMATS, format_name
 from ..models.adapters import ADAPTER_KINDS
 
@@ -193,13 +193,15 @@ CORE_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "scheduler",
         "str",
-        "ddim",
-        f'Sampler: {", ".join(SCHEDULERS)}, or its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a") '
-        "\\[default: ddim].",
+        DEFAULT_SAMPLER,
+        'Sampler, by its AUTOMATIC1111 name ("DPM++ 2M Karras", "Euler a", "DPM++ SDE Karras") or ours '
+        f"(dpm++2m-karras, euler-a); `linfusion samplers` lists them \\[default: {DEFAULT_SAMPLER}].",
         SAMPLER_PANEL,
         WITH_BENCH,
         normalize=scheduler_name,
-        choices=lambda: SCHEDULERS,
+        check=sampler_problem,
+        complete=lambda incomplete: [name for name in SAMPLERS.names() if name.startswith(incomplete)],
+        flags=("--sampler",),
     ),
     Setting(
         "format",

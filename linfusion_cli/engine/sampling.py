@@ -15,6 +15,7 @@ from torch import nn
 from ..base.plan import Plan, StagePlan
 from ..base.settings import Job
 from ..models.adapter_kind import UNetExtra
+from .noise import NoiseSource
 from .refine import StageGuide
 from .text import Conditioning
 
@@ -148,14 +149,14 @@ def denoise(
     latents: torch.Tensor,
     timesteps: torch.Tensor,
     inputs: StageInputs,
-    generator: torch.Generator,
+    noise: NoiseSource,
     on_step: Callable[[int, int], None],
     guide: StageGuide | None = None,
 ) -> torch.Tensor:
     """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
 
     The stage's model is composed here: input scaling around guidance around the UNet, and the guide's wrapper
-    around that. on_step(done, total) counts steps; a step with a guide includes all of its UNet passes
+    around that. A stochastic sampler's noise comes from `noise`. on_step(done, total) counts steps; a step with a guide includes all of its UNet passes
     (a method's second pass included), so a step's time in the progress bar is what a step costs.
     """
     total = len(timesteps)
@@ -166,7 +167,7 @@ def denoise(
         if guide is not None:
             latents = guide.before_step(scheduler, t, latents)
         prediction = model(latents, t)
-        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+        latents = noise.step(scheduler, prediction, t, latents)
         on_step(i + 1, total)
     return latents
 

@@ -20,7 +20,6 @@ With no group (or a group of one) every method is the identity: the one-process 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
 from .latent_ops import WHOLE_IMAGE, LatentOps
+from .noise import NoiseSource
 from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, split_image
 from .parallel.comm import GATHER_ROOT
 from .vae import LATENT_SCALE
@@ -112,28 +112,12 @@ class ImageSplit:
         with split_image(self.comm, *models):
             yield
 
-    @contextlib.contextmanager
-    def noise(self, scheduler: Any) -> Iterator[None]:
-        """A sampler that draws noise at each step (Euler a) draws it for the whole image, each process keeping
-        its rows: the same draws as one process, so the same image."""
-        module = sys.modules.get(type(scheduler).__module__)
-        draw = getattr(module, "randn_tensor", None)
-        comm = self.comm
-        if comm is None or module is None or draw is None:
-            yield
-            return
-        whole_rows = comm.geometry().height
-
-        def banded(shape: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-            """Noise shaped like this process's latents (1, C, band rows, W): drawn whole, this band kept."""
-            whole = draw((*shape[:-2], whole_rows, shape[-1]), *args, **kwargs)
-            return comm.band(whole).contiguous()
-
-        setattr(module, "randn_tensor", banded)  # noqa: B010 (the scheduler's module global, for this stage)
-        try:
-            yield
-        finally:
-            setattr(module, "randn_tensor", draw)  # noqa: B010
+    def noise(self, generator: torch.Generator) -> NoiseSource:
+        """The stage's noise source for a sampler that draws noise at each step (Euler a): on a split stage
+        drawn for the whole image, each process keeping its rows: the same draws as one process, the same image."""
+        if self.comm is None:
+            return NoiseSource(generator)
+        return NoiseSource(generator, self.comm.geometry().height, self.band)
 
     def latent_ops(self) -> LatentOps:
         """The ops a refine method runs on this stage's latents: on this process's band while the stage is split,

@@ -227,9 +227,10 @@ def _run_stage(
             run.events(StepDone(stage.index, step, total, peak_vram_gib(engine.device)))
             run.split.check_cancel(run.cancel)
 
-        with run.split.models(engine.comps.unet, *engine.adapter_modules()), run.split.noise(scheduler):
+        noise = run.split.noise(generator)  # a stochastic sampler's draws: for the whole image, this band kept
+        with run.split.models(engine.comps.unet, *engine.adapter_modules()):
             latents = denoise(
-                engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, generator, on_step, start.guide
+                engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, noise, on_step, start.guide
             )
         latents = run.split.whole(latents)  # a split image's bands put together, on every process
         if not bool(torch.isfinite(latents).all()):
