@@ -33,6 +33,8 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
         str(tmp_path),
         "--seed",
         "7",
+        "--vae-tile",
+        "256",
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is exactly one JSON object
@@ -44,6 +46,12 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
         assert "Denoising strength: 0.4, " in image.text["parameters"]
     assert [s["size"] for s in report["stages"]] == ["128x72", "256x144", "512x288", "1024x576"]
     assert [s["steps"] for s in report["stages"]] == [50, 20, 12, 5]
+    tiles = [s["memory_settings"]["vae_tile"] for s in report["stages"]]
+    assert tiles == [None, None, 256, 256]  # the tile each stage decoded with: none where it fits in one
+    plan_args = ["plan", "x", "--model", "tiny", "--size", "1024", "--aspect", "16:9", "--vae-tile", "256", "--json"]
+    planned = json.loads(run(runner, *plan_args).stdout)["stages"]
+    assert [s["memory_settings"]["vae_tile"] for s in planned] == tiles  # the plan says what the run does
+    assert [s["vae"] for s in planned] == ["untiled", "untiled", "tiles of 256 px", "tiles of 256 px"]
     assert report["seed"] == 7 and report["linfusion_layers"] == 7
     assert report["settings"]["scheduler"] == "ddim" and report["versions"]["linfusion"]
     sidecar = json.loads(Path(report["sidecar"]).read_text())

@@ -78,3 +78,18 @@ def test_precedence_preset_then_flags() -> None:
     assert job.size == 16384 and job.base_size == 1024  # from the preset
     assert job.steps == 20 and job.sources["steps"] == FLAGS  # the flag wins
     assert job.sources["size"] == "preset sd15-16k"
+
+
+def test_the_typed_view_of_a_job_lists_every_setting_with_its_type() -> None:
+    """base/job.py is what mypy reads `job.<setting>` against: it must list the table as it is (rewrite it with
+    `python -m linfusion_cli.core.job_types` after declaring a setting)."""
+    from linfusion_cli.base.job import Job
+    from linfusion_cli.core.job_types import JOB_MODULE, job_module
+    from linfusion_cli.core.settings import JobSpec, table
+
+    assert JOB_MODULE.read_text() == job_module(), "base/job.py is stale: python -m linfusion_cli.core.job_types"
+    job = JobSpec(steps=20)
+    assert job.steps == 20 and job.value("steps") == 20 and job.seed is None
+    assert set(Job.__annotations__) == set(table())
+    with pytest.raises(AttributeError, match="no job setting 'cosine_scale1'"):
+        _ = job.cosine_scale1

@@ -98,10 +98,12 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
 def test_notes_name_what_is_ignored_and_the_right_reason() -> None:
     target = resolve_target(2048, "1:1")
     plan = make_plan(target, native=512, strengths=[0.3, 0.2], first_strength=0.5)
-    assert any("--strength 0.5 is ignored" in note for note in plan.notes)
+    assert [n.level for n in plan.notes if "--strength 0.5 is ignored" in n.message] == ["warning"]
     single = make_plan(target, native=512, base_size=4096)
-    assert any("below --base-size 4096" in note for note in single.notes)
-    assert not any("native" in note for note in single.notes)
+    assert [n.level for n in single.notes if "below --base-size 4096" in n.message] == ["info"]
+    rounded = make_plan(resolve_target(1000, "16:9"), native=512)
+    assert [n.level for n in rounded.notes if "rounded to" in n.message] == ["warning"]  # each note's own level
+    assert not any("native" in note.message for note in single.notes)
 
 
 def test_an_upscale_to_another_shape_says_it_stretches() -> None:
@@ -115,7 +117,7 @@ def test_an_upscale_to_another_shape_says_it_stretches() -> None:
         seed=1,
         input_size=(200, 160),
     )
-    assert any("is stretched to 512x512" in note for note in stretched.notes)
+    assert any("is stretched to 512x512" in note.message for note in stretched.notes)
     kept = prepare(
         resolve_job({"prompt": "", "size": 512}, require_prompt=False),
         RunOptions(),
@@ -123,4 +125,4 @@ def test_an_upscale_to_another_shape_says_it_stretches() -> None:
         seed=1,
         input_size=(200, 160),
     )
-    assert not any("stretched" in note for note in kept.notes)
+    assert not any("stretched" in note.message for note in kept.notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .events import Note
 from .sizes import Target
 
 
@@ -32,7 +33,7 @@ class Plan:
     native: int
     refine: str  # the refine method's name
     from_image: bool = False
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[Note, ...] = field(default_factory=tuple)  # each with its level, given where it is made
     refine_passes: int = 1  # UNet passes per refine step and guidance half (the refine method's)
 
     @property

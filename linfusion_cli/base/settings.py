@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .registry import did_you_mean
 from .sizes import parse_px
@@ -281,15 +281,6 @@ class EngineSpec:
 
     def refs(self, kind: str) -> tuple[AdapterRef, ...]:
         return tuple(ref for k, ref in self.adapters if k == kind)
-
-
-class Job(Protocol):
-    """One image's resolved settings as the engine and adapters read them (`core.settings.JobSpec`): each
-    declared setting is an attribute."""
-
-    def __getattr__(self, name: str) -> Any: ...
-
-    def settings(self) -> dict[str, Any]: ...
 
 
 def key_values(values: Mapping[str, Any], table: Mapping[str, Setting]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..base.errors import ModelLoadError, UsageError
+from ..base.events import Note
 from ..base.precision import dtype_flag
 from ..base.schema import SCHEMA
 from ..models.adapters import ADAPTER_KINDS
@@ -53,7 +54,7 @@ def plan_anywhere(prep: Prepared, options: RunOptions, world: int = 1) -> dict[s
     except RuntimeError as exc:
         raise UsageError(f"--device {options.device!r}: {exc}") from None
     memory = "its memory from --max-vram" if prep.job.max_vram else "give --max-vram GB for its memory"
-    prep.notes.append(f"a plan for {device}, which this machine does not have ({memory})")
+    prep.notes.append(Note("info", f"a plan for {device}, which this machine does not have ({memory})"))
     return plan_summary(prep, device, resolve_dtype(options.dtype, device), world)
 
 
@@ -137,7 +138,7 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
         **{kind.name: kind.plan_entries(job) for kind in ADAPTER_KINDS},
         "linfusion": job.linfusion,
         "output": None if job.seed is None else str(prep.paths.image),
-        "notes": [*prep.notes, *warnings],
+        "notes": [*(note.message for note in prep.notes), *warnings],
         "warnings": warnings,
     }
 
@@ -159,9 +160,10 @@ def _stage_entry(
     bands = _bands(stage.height // LATENT_PX, world, multiple)
     rows = max(bands) * LATENT_PX if bands else stage.height
     choice = planner.choose(stage.width, rows)
-    tile = job.vae_tile or memory.auto_vae_tile(
+    asked = job.vae_tile or memory.auto_vae_tile(
         arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
     )
+    tile = memory.tile_used(asked, stage.height, stage.width)
     return {
         "index": stage.index,
         "kind": stage.kind,
@@ -170,7 +172,7 @@ def _stage_entry(
         "steps": stage.steps,
         "unet_passes": prep.plan.unet_passes(stage),
         "memory": choice.settings.name,
-        "memory_settings": choice.settings.as_dict(),
+        "memory_settings": {**choice.settings.as_dict(), "vae_tile": tile},
         "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
         "fits": choice.fits,
         "vae": "untiled" if tile is None else f"tiles of {tile} px",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ..base.errors import UsageError
+from ..base.events import Note
 from ..base.plan import Plan, StagePlan
 from ..base.sizes import Target, round_side
 from ..base.text import plural
@@ -71,7 +72,7 @@ def make_plan(
     refine: the refine method, which sets the default strengths and how a stage's steps are counted.
     """
     method = REFINE_METHODS.get(refine)
-    notes: list[str] = []
+    notes: list[Note] = []
     if input_size is not None:
         in_long = max(input_size)
         if target.long_side < in_long:
@@ -88,7 +89,7 @@ def make_plan(
         base, refine_sizes = sizes[:1], sizes[1:]
         if (base_size or native) > target.long_side:
             what = f"--base-size {base_size}" if base_size else f"the model's native {native} px"
-            notes.append(f"target is below {what}: one stage, no refinement")
+            notes.append(Note("info", f"target is below {what}: one stage, no refinement"))
 
     chosen = _strengths(
         method, target, base + refine_sizes, len(refine_sizes), strengths, first_strength, strengths_from, notes
@@ -97,7 +98,7 @@ def make_plan(
     for (w, h), s in zip(refine_sizes, chosen, strict=True):
         stages.append(StagePlan(len(stages), w, h, s, method.steps(schedule_steps, s)))
     if target.note:
-        notes.insert(0, target.note)
+        notes.insert(0, Note("warning", target.note))
     return Plan(
         target,
         tuple(stages),
@@ -118,17 +119,19 @@ def _strengths(
     strengths: list[float] | None,
     first_strength: float | None,
     strengths_from: str | None,
-    notes: list[str],
+    notes: list[Note],
 ) -> list[float]:
     """The refine stages' strengths: the method's schedule, or the ones given (refused when a person's do not fit
     the plan; a preset's follow its curve at this size, with a note)."""
     if strengths is not None and first_strength is not None:
-        notes.append(f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
+        notes.append(
+            Note("warning", f"--strength {first_strength:g} is ignored: the stage strengths are given one by one")
+        )
     if strengths is None:
         chosen = method.strengths(count, first_strength if first_strength is not None else method.first_strength)
     elif count == 0:
         chosen = []
-        notes.append(f"{strengths_from or '--strengths'}: strengths ignored: one stage, no refinement")
+        notes.append(Note("warning", f"{strengths_from or '--strengths'}: strengths ignored: one stage, no refinement"))
     else:
         chosen = list(strengths)
         if len(chosen) != count:
@@ -146,8 +149,11 @@ def _strengths(
             # A preset's strengths are a curve for its own size: the same curve at this size's stage count.
             given, chosen = chosen, resample(chosen, count)
             notes.append(
-                f"{strengths_from}'s {len(given)} strengths ({_values(given)}) are for its own size; this "
-                f"{target.width}x{target.height} target has {stages_text}: {_values(chosen)}, the same curve "
-                "(--strengths chooses)"
+                Note(
+                    "info",
+                    f"{strengths_from}'s {len(given)} strengths ({_values(given)}) are for its own size; this "
+                    f"{target.width}x{target.height} target has {stages_text}: {_values(chosen)}, the same curve "
+                    "(--strengths chooses)",
+                )
             )
     return chosen

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.errors import DEFAULT_TIMEOUT_S, ModelNotFoundError, UsageError
+from ..base.events import Note
 from ..base.plan import Plan
 from ..base.precision import AUTO, PRECISIONS, precision_name
 from ..base.registry import did_you_mean
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 DEVICE_TYPES = ("cuda", "cpu", "mps")
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
-WARNING_WORDS = ("rounded", "stretched", "ignored")  # plan notes that tell of something the user may not want
 ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
 SHAPING = ("size", "aspect", "width", "height", "base_size", "strengths", "strength", "refine")  # a preset's, noted
 BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
@@ -79,7 +79,7 @@ class Prepared:
     paths: OutputPaths
     index: int | None = None
     input_size: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)  # the plan's, each with its level
     random_seed: bool = False  # picked at random this run (batch resume then matches by index and key, not name)
     key: str = ""  # settings_key: what decides the image, the seed only when it was chosen
     family: Family | None = None  # the model's family as its config says (None: not known before loading)
@@ -156,14 +156,14 @@ def plan_for(
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
     prep.family = family
     if note:
-        prep.notes.append(note)
+        prep.notes.append(Note("info", note))
     size = (prep.target.width, prep.target.height)
     for kind in ADAPTER_KINDS:
         prep.notes.extend(kind.notes(job, size, len(prep.plan.stages)))
     return prep
 
 
-def _preset_notes(job: JobSpec) -> list[str]:
+def _preset_notes(job: JobSpec) -> list[Note]:
     """A preset mixed with your own size (`--preset sd15-16k --size 4k`): what still comes from the preset and
     shapes the output (its 2:1 aspect, its strengths), said once, so a 4096x2048 image is no surprise."""
     if not job.preset:
@@ -175,7 +175,7 @@ def _preset_notes(job: JobSpec) -> list[str]:
         return []
     theirs = ", ".join(f"{key} {_text(preset.settings[key])}" for key in kept)
     replaced = ", ".join(f"{key} {_text(preset.settings[key])}" for key in yours)
-    return [f"from {preset.label}: {theirs} (its {replaced} replaced by yours)"]
+    return [Note("info", f"from {preset.label}: {theirs} (its {replaced} replaced by yours)")]
 
 
 def _text(value: object) -> str:
@@ -198,7 +198,7 @@ def check_linfusion_source(source: str) -> None:
         )
 
 
-def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[str]:
+def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[Note]:
     """An upscale whose target has another shape than its input stretches it: say so, and how to keep it."""
     if input_size is None:
         return []
@@ -206,8 +206,11 @@ def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[st
     if abs(after - before) / before <= ASPECT_TOLERANCE:
         return []
     return [
-        f"the input {input_size[0]}x{input_size[1]} is stretched to {target.width}x{target.height} (another shape); "
-        "give --size N alone to keep its shape"
+        Note(
+            "warning",
+            f"the input {input_size[0]}x{input_size[1]} is stretched to {target.width}x{target.height} (another "
+            "shape); give --size N alone to keep its shape",
+        )
     ]
 
 

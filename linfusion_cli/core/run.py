@@ -20,10 +20,10 @@ import transformers
 from .. import __version__
 from ..base.errors import OutputError, OutputFolderError
 from ..base.events import CancelToken, EventSink, Note, Working, ignore
+from ..base.job import Job
 from ..base.plan import StagePlan
 from ..base.precision import dtype_flag
 from ..base.schema import SCHEMA
-from ..base.settings import Job
 from ..base.text import plural
 from ..engine.memory import MemoryPlanner, device_budget
 from ..engine.parallel import Comm
@@ -36,7 +36,7 @@ from ..models.adapters import engine_spec
 from ..models.devices import free_cached
 from .metadata import a1111_parameters
 from .plan_report import check_offline, memory_planner, placement, plan_summary, plan_warnings
-from .prepare import WARNING_WORDS, Prepared, RunOptions, pick_seed, plan_for, replan_for
+from .prepare import Prepared, RunOptions, pick_seed, plan_for, replan_for
 from .settings import JobSpec
 
 
@@ -104,7 +104,7 @@ def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult) -> di
         "dtype": dtype_flag(engine.dtype),
         "dtypes": engine.comps.dtypes(),
         "versions": versions(),
-        "warnings": list(prep.notes) + list(result.warnings),
+        "warnings": [note.message for note in prep.notes] + list(result.warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"parallel": result.parallel} if result.parallel else {}),
     }
@@ -217,11 +217,9 @@ def generate(
         return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype, world)})
     check_offline(job, prep.family)
     warnings = plan_warnings(prep, device, dtype, world)
+    prep.notes.extend(Note("warning", warning) for warning in warnings)
     for note in prep.notes:
-        events(Note("warning" if any(word in note for word in WARNING_WORDS) else "info", note))
-    for warning in warnings:
-        events(Note("warning", warning))
-    prep.notes.extend(warnings)
+        events(note)
     prepare_folder(options.out)
     if group.writes:
         clean_stale_temps(options.out)

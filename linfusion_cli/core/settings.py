@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base.errors import UsageError
+from ..base.job import Job
 from ..base.registry import did_you_mean
 from ..base.settings import (
     BATCH,
@@ -363,9 +364,12 @@ def job_keys() -> tuple[str, ...]:
     return tuple(table())
 
 
-class JobSpec:
+class JobSpec(Job):
     """One image's fully resolved settings: every declared setting as an attribute (its default unless a layer
-    set it), and `sources`: which layer set each key."""
+    set it), typed as base/job.py lists them, and `sources`: which layer set each key."""
+
+    _values: dict[str, Any]
+    sources: dict[str, str]
 
     def __init__(self, **values: Any) -> None:
         settings = table()
@@ -380,9 +384,18 @@ class JobSpec:
         object.__setattr__(self, "_values", merged)
         object.__setattr__(self, "sources", {})
 
-    def __getattr__(self, name: str) -> Any:
+    if not TYPE_CHECKING:  # mypy reads the attributes' types from `Job`: a misspelt setting is an error there
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return self.__dict__["_values"][name]
+            except KeyError:
+                raise AttributeError(f"no job setting {name!r}") from None
+
+    def value(self, name: str) -> Any:
+        """A setting by name (one a plug-in declared, which `Job` does not list)."""
         try:
-            return self.__dict__["_values"][name]
+            return self._values[name]
         except KeyError:
             raise AttributeError(f"no job setting {name!r}") from None
 

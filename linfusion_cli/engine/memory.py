@@ -152,6 +152,12 @@ def auto_vae_tile(
     return max(MIN_TILE, side // TILE_STEP * TILE_STEP)
 
 
+def tile_used(tile: int | None, height: int, width: int) -> int | None:
+    """The VAE tile a stage of this size runs with, from the tile asked for (--vae-tile, else `auto_vae_tile`):
+    None (untiled) where there is none or the image fits in one tile. The plan and the run both ask this."""
+    return None if tile is None or (height <= tile and width <= tile) else tile
+
+
 def vae_windows_per_batch(
     vae_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device, window_px: int, budget: int | None
 ) -> int:
@@ -180,7 +186,6 @@ class MemorySettings:
     cfg_split: bool = False  # guidance as two batch-1 UNet calls
     ff_chunk: int | None = None  # feed-forward token rows per chunk
     attn_chunk: int | None = None  # LinFusion token rows per chunk
-    vae_tile: int | None = None  # None: automatic
     vae_budget: int | None = None  # bytes the VAE may use (None: automatic)
 
     def describe(self) -> str:
@@ -199,7 +204,6 @@ class MemorySettings:
             "cfg_split": self.cfg_split,
             "ff_chunk": self.ff_chunk,
             "attn_chunk": self.attn_chunk,
-            "vae_tile": self.vae_tile,
             "vae_budget_gib": None if self.vae_budget is None else round(self.vae_budget / GIB, 2),
         }
 

@@ -17,8 +17,9 @@ import torch
 
 from ..base.errors import UsageError
 from ..base.events import CancelToken, EventSink, Note, Working, ignore
+from ..base.job import Job
 from ..base.plan import Plan
-from ..base.settings import EngineSpec, Job
+from ..base.settings import EngineSpec
 from ..base.text import plural
 from ..linfusion.patching import LinFusionPatch, apply_linfusion
 from ..models.adapter_kind import Adapter

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.job import Job
 from ..base.plan import Plan, StagePlan
-from ..base.settings import Job
 from ..models.adapter_kind import UNetExtra
 from .noise import NoiseSource
 from .refine import StageGuide

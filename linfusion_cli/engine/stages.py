@@ -15,8 +15,8 @@ import torch
 
 from ..base.errors import NumericalError, OutOfMemoryError
 from ..base.events import CancelToken, EventSink, Note, StageFinished, StageStarted, StepDone, TilesDone
+from ..base.job import Job
 from ..base.plan import Plan, StagePlan
-from ..base.settings import Job
 from ..models.adapter_kind import UNetExtra
 from ..models.devices import free_cached
 from ..models.tensors import upscale
@@ -140,7 +140,7 @@ def run_stage(
         try:
             with Meter(run.engine.device) as meter:
                 memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
-                image, out = _run_stage(run, stage, image, settings)
+                image, out, vae_tile = _run_stage(run, stage, image, settings)
             break
         except torch.OutOfMemoryError as exc:
             free_cached(run.engine.device)
@@ -165,7 +165,7 @@ def run_stage(
         stage.steps,
         meter.usage.seconds,
         usage,
-        settings.as_dict(),
+        {**settings.as_dict(), "vae_tile": vae_tile},
         retried,
     )
     return image, out, record
@@ -191,7 +191,7 @@ def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> Ti
 
     tiler = TiledVAE(
         run.engine.comps.vae,
-        tile=settings.vae_tile or run.job.vae_tile,
+        tile=run.job.vae_tile,  # None: the tiler picks one from free memory, as the plan does
         on_tile=on_tile,
         memory_budget=settings.vae_budget,
         fp32_vae=run.engine.fp32_vae,
@@ -206,12 +206,13 @@ def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> Ti
 
 def _run_stage(
     run: JobRun, stage: StagePlan, image: torch.Tensor | None, settings: memory.MemorySettings
-) -> tuple[torch.Tensor | None, np.ndarray | None]:
+) -> tuple[torch.Tensor | None, np.ndarray | None, int | None]:
     """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
-    for the next stage, or for the last stage the CPU uint8 image."""
+    for the next stage, or for the last stage the CPU uint8 image, and the VAE tile it used (None: untiled)."""
     engine, job = run.engine, run.job
     memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules())
     tiler = _tiler(run, stage, settings)
+    vae_tile = tiler.tile_for(stage.height, stage.width)
     scheduler = make_scheduler(job.scheduler, engine.comps.scheduler_config)
     generator = torch.Generator("cpu").manual_seed(run.seed + stage.index)
     try:
@@ -242,8 +243,8 @@ def _run_stage(
         latents = latents.to(engine.vae_dtype())
         if stage is run.plan.stages[-1]:
             pixels = tiler.decode_to_uint8(latents)
-            return None, None if pixels is None else pixels.numpy()
-        return tiler.decode(latents), None
+            return None, None if pixels is None else pixels.numpy(), vae_tile
+        return tiler.decode(latents), None, vae_tile
     finally:
         run.fp32_retries += tiler.fp32_retries
 

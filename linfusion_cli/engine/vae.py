@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import auto_vae_tile, vae_windows_per_batch
+from .memory import auto_vae_tile, tile_used, vae_windows_per_batch
 from .vae_stats import NormControl
 from .vae_tiles import Window, WindowShare, spread, tile_windows
 
@@ -152,9 +152,7 @@ class TiledVAE:
             tile = auto_vae_tile(
                 self.vae.config, self._dtype(), self._device(), height, width, self.memory_budget, self.halo
             )
-        if tile is None or (height <= tile and width <= tile):
-            return None
-        return tile
+        return tile_used(tile, height, width)
 
     def _windows(self, height: int, width: int, tile: int, grid: int) -> list[Window]:
         """Windows on a grid where one unit is `grid` image px (8 for latents, 1 for images)."""

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..base.settings import AdapterRef, Job, Setting, adapter_refs
+from ..base.events import Note
+from ..base.job import Job
+from ..base.settings import AdapterRef, Setting, adapter_refs
 
 if TYPE_CHECKING:
     import torch
@@ -89,8 +91,9 @@ class AdapterKind:
     def refuse_orphans(self, job: Job) -> None:
         """The job has no adapter of this kind: refuse its settings that need one (before the model loads)."""
 
-    def notes(self, job: Job, target: tuple[int, int], stages: int) -> list[str]:
-        """What a user should know about the job's use of this kind (before anything loads)."""
+    def notes(self, job: Job, target: tuple[int, int], stages: int) -> list[Note]:
+        """What a user should know about the job's use of this kind (before anything loads), each note with its
+        level: a warning where the image may not be what the user wants."""
         return []
 
     def hub_files(self, job: Job, family: Family | None) -> list[Offline]:

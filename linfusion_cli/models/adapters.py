@@ -4,8 +4,9 @@ package plus a row here, or `ADAPTER_KINDS.register(...)` from outside."""
 
 from __future__ import annotations
 
+from ..base.job import Job
 from ..base.registry import Registry
-from ..base.settings import EngineSpec, Job
+from ..base.settings import EngineSpec
 from .adapter_kind import AdapterKind
 from .controlnet import CONTROLNET
 from .families import Family

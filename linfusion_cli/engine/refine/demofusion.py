@@ -18,7 +18,7 @@ from ...base.settings import REFINE_PANEL, WITH_BENCH, Setting, in_range
 from .method import JobRefiner, RefineMethod
 
 if TYPE_CHECKING:
-    from ...base.settings import Job
+    from ...base.job import Job
 
 NAME = "demofusion"
 FIRST_STRENGTH = 0.32  # the official high-resolution pipeline's `upscale_strength`

@@ -31,7 +31,7 @@ from ..latent_ops import WHOLE_IMAGE, LatentOps
 from .method import Denoiser, JobRefiner
 
 if TYPE_CHECKING:
-    from ...base.settings import Job
+    from ...base.job import Job
 
 
 # --- schedules ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ...base.settings import Job
+    from ...base.job import Job
     from ..latent_ops import LatentOps
 
 Denoiser: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"  # (latents, t) -> prediction

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ...base.errors import UsageError
-from ...base.settings import AdapterRef, Job, adapter_refs
+from ...base.job import Job
+from ...base.settings import AdapterRef, adapter_refs
 from ...io.images import load_rgb
 from ..tensors import to_device_image, upscale
 from .kind import KIND, PREVIOUS

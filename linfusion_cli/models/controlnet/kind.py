@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import ModelNotFoundError, UsageError
-from ...base.settings import CONTROL_PANEL, WITH_BENCH, AdapterRef, Job, Setting, in_range
+from ...base.events import Note
+from ...base.job import Job
+from ...base.settings import CONTROL_PANEL, WITH_BENCH, AdapterRef, Setting, in_range
 from ...base.text import plural
 from ...io.images import open_image
 from ..adapter_kind import AdapterKind
@@ -241,7 +243,7 @@ def _preflight(refs: list[AdapterRef], job: Job, family: Family | None) -> None:
                 pass
 
 
-def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: int) -> list[str]:
+def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: int) -> list[Note]:
     """What a user should know about a job's control images: stretched to another shape, or never used."""
     if job.control_image and not job.controlnet:
         raise UsageError("--control-image needs a --controlnet to condition")
@@ -250,18 +252,26 @@ def _notes(refs: list[AdapterRef], job: Job, target: tuple[int, int], stages: in
             f"--control-stages gives {plural(len(job.control_stages), 'scale')} but the plan has "
             f"{plural(stages, 'stage')}: give at most {stages} (the last one repeats)"
         )
-    notes: list[str] = []
+    notes: list[Note] = []
     for ref, image in zip(refs, job.control_image or (), strict=False):
         if image == PREVIOUS:
             if stages < 2 and not job.image:
-                notes.append(f"ControlNet {ref.source} conditions on the previous stage's image: one stage, never runs")
+                notes.append(
+                    Note(
+                        "info",
+                        f"ControlNet {ref.source} conditions on the previous stage's image: one stage, never runs",
+                    )
+                )
             continue
         with open_image(image) as opened:
             width, height = opened.width, opened.height
         if abs(width / height - target[0] / target[1]) > ASPECT_TOLERANCE:
             notes.append(
-                f"control image {Path(image).name} is {width}x{height}, another shape than the {target[0]}x{target[1]} "
-                "output: it is stretched to every stage's size"
+                Note(
+                    "warning",
+                    f"control image {Path(image).name} is {width}x{height}, another shape than the "
+                    f"{target[0]}x{target[1]} output: it is stretched to every stage's size",
+                )
             )
     return notes
 
@@ -321,7 +331,7 @@ class ControlNetKind(AdapterKind):
     def preflight(self, job: Job, family: Family | None, allow_pickle: bool) -> None:
         _preflight(self.refs(job), job, family)
 
-    def notes(self, job: Job, target: tuple[int, int], stages: int) -> list[str]:
+    def notes(self, job: Job, target: tuple[int, int], stages: int) -> list[Note]:
         return _notes(self.refs(job), job, target, stages)
 
     def hub_files(self, job: Job, family: Family | None) -> list[tuple[str, str, str]]:

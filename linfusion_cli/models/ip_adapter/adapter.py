@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ...base.errors import ModelLoadError, UsageError
-from ...base.settings import AdapterRef, Job
+from ...base.job import Job
+from ...base.settings import AdapterRef
 from ...io.images import load_rgb
 from ..devices import place_text_encoders
 from ..hub import PICKLE_SUFFIXES

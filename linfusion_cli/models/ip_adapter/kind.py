@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import InputImageError, ModelLoadError, UnsafeFileError, UsageError
-from ...base.settings import IP_PANEL, WITH_BENCH, AdapterRef, Job, Setting
+from ...base.job import Job
+from ...base.settings import IP_PANEL, WITH_BENCH, AdapterRef, Setting
 from ...io.hashing import content_digest
 from ...io.images import open_image
 from ..adapter_kind import AdapterKind

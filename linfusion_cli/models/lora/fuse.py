@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ...base.errors import ModelLoadError, UsageError
-from ...base.settings import AdapterRef, Job
+from ...base.job import Job
+from ...base.settings import AdapterRef
 from ..modules import listen_to_swaps, stop_listening
 from .kind import TINY, a1111_lora_hash, lora_file
 

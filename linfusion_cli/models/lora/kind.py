@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...base.errors import ModelLoadError, UsageError
-from ...base.settings import MODEL_PANEL, WITH_BENCH, AdapterRef, Job, Setting
+from ...base.job import Job
+from ...base.settings import MODEL_PANEL, WITH_BENCH, AdapterRef, Setting
 from ..adapter_kind import AdapterKind
 from ..families import Family, family_of_width, safetensors_shapes
 from ..hub import looks_like_hub_id, resolve_local_or_hub
