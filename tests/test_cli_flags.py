@@ -74,21 +74,6 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
 ]
 
 
-@pytest.fixture
-def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """run.generate replaced by a recorder: what the CLI hands the core, and nothing run."""
-    import linfusion_cli.core.run as runner
-
-    calls: dict[str, Any] = {}
-
-    def fake_generate(job: Any, options: Any, **kwargs: Any) -> Any:
-        calls.update(job=job, options=options, **kwargs)
-        return runner.Generated({"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}})
-
-    monkeypatch.setattr(runner, "generate", fake_generate)
-    return calls
-
-
 def _invoke(runner: Any, *args: str) -> Any:
     result = runner.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
@@ -142,7 +127,7 @@ def test_generate_run_options(runner, core, tmp_path: Path) -> None:
     options = core["options"]
     assert (options.out, options.overwrite, options.save_stages) == (tmp_path, True, True)
     assert (options.device, options.dtype, options.allow_pickle) == ("cpu", "fp32", True)
-    assert core["dry_run"] is False and core["init_image"] is None
+    assert "dry_run" not in core and core["init_image"] is None  # a dry run never reaches the run
 
 
 def test_upscale_flags(runner, core, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -181,14 +166,21 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.core.api as batch  # where the API calls it
+    import linfusion_cli.core.api as api  # where the API checks the file
+    import linfusion_cli.core.batch as batch
 
     seen: dict[str, Any] = {}
+    checked = object()
 
-    def fake_run_batch(path: Path, flags: dict[str, Any], options: Any, **kwargs: Any) -> Any:
-        seen.update(path=path, flags=flags, options=options, **kwargs)
+    def fake_plan_batch(path: Path, flags: dict[str, Any], options: Any, base_seed: Any, shard: Any) -> Any:
+        seen.update(path=path, flags=flags, options=options, base_seed=base_seed, shard=shard)
+        return checked
+
+    def fake_run_batch(plan: Any, options: Any, **kwargs: Any) -> Any:
+        seen.update(plan=plan, **kwargs)
         return SimpleNamespace(exit_code=0)
 
+    monkeypatch.setattr(api, "plan_batch", fake_plan_batch)
     monkeypatch.setattr(batch, "run_batch", fake_run_batch)
     prompts = tmp_path / "p.txt"
     _invoke(
@@ -197,18 +189,19 @@ def test_batch_flags(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     )  # fmt: skip
     # --seed is the base seed here, not a job setting
     assert seen["flags"] == {"size": 4096, "steps": 20, "format": "jpeg", "low_vram": True}
-    assert (seen["base_seed"], seen["shard_flag"], seen["fail_fast"]) == (1000, "1/4", True)
+    assert (seen["base_seed"], seen["shard"].index, seen["shard"].count, seen["fail_fast"]) == (1000, 1, 4, True)
+    assert seen["plan"] is checked  # checked once, before the engine's imports, and run as checked
 
 
 def test_batch_random_base_seed(runner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import linfusion_cli.core.api as batch  # where the API calls it
+    import linfusion_cli.core.api as api  # where the API checks the file
+    import linfusion_cli.core.batch as batch
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(
-        batch, "run_batch", lambda path, flags, options, **kw: seen.update(kw) or SimpleNamespace(exit_code=0)
-    )
+    monkeypatch.setattr(api, "plan_batch", lambda path, flags, options, base_seed, shard: seen.update(seed=base_seed))
+    monkeypatch.setattr(batch, "run_batch", lambda plan, options, **kw: SimpleNamespace(exit_code=0))
     _invoke(runner, "batch", str(tmp_path / "p.txt"), "--quiet", "--seed", "-1")
-    assert seen["base_seed"] is None
+    assert seen["seed"] is None
 
 
 def test_bench_pipeline_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:

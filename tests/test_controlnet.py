@@ -277,7 +277,7 @@ def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], m
 
 
 def test_estimates_count_each_controlnets_residuals_and_image() -> None:
-    from linfusion_cli.engine.memory import MemoryPlanner, settings_ladder
+    from linfusion_cli.engine.memory_plan import MemoryPlanner, settings_ladder
     from linfusion_cli.models.archs import ARCHS
     from linfusion_cli.models.controlnet.kind import activation_channels, residual_channels
 
@@ -317,15 +317,16 @@ def test_plan_includes_controlnets(runner, control_png: Path) -> None:
 
 def test_memory_settings_chunk_the_controlnet_like_the_unet(engine: Engine) -> None:
     from linfusion_cli.engine import memory
+    from linfusion_cli.engine.memory_plan import settings_ladder
 
     engine.use(engine_spec(_job(controlnet=["tiny"])))
-    frugal = memory.settings_ladder(low_vram=True)[0]
+    frugal = settings_ladder(low_vram=True)[0]
     memory.apply_settings(engine.comps.unet, frugal, *engine.adapter_modules())
     model = engine.adapters[0].model
     attention = [m for m in model.modules() if isinstance(m, LinFusionAttention)]
     assert len(attention) == 3 and all(m.token_chunk == frugal.attn_chunk for m in attention)
     assert all("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "FeedForward")
-    memory.apply_settings(engine.comps.unet, memory.settings_ladder()[0], *engine.adapter_modules())
+    memory.apply_settings(engine.comps.unet, settings_ladder()[0], *engine.adapter_modules())
     assert all(m.token_chunk is None for m in attention)
     engine.use(EngineSpec("tiny"))
 

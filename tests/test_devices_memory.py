@@ -11,7 +11,7 @@ import torch
 from processes import Processes
 
 from linfusion_cli.cli.commands import app
-from linfusion_cli.engine import memory
+from linfusion_cli.engine import memory, memory_plan
 from linfusion_cli.models.devices import vae_dtype
 from linfusion_cli.models.families import FAMILIES, family_or_none
 from linfusion_cli.models.hub import model_source
@@ -69,7 +69,7 @@ def test_plan_says_when_nothing_fits_and_what_would(runner) -> None:
 
 
 def test_generate_reports_over_budget_before_it_starts(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "device_budget", lambda device, max_vram: 1024)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
     args = ["generate", "a fox", "--model", "tiny", "--size", "256", "--steps", "2"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path), "--json", "--seed", "1"])
     assert result.exit_code == 0, result.stderr
@@ -87,15 +87,21 @@ def test_unmeasurable_free_memory_is_unknown_not_invented(monkeypatch: pytest.Mo
     cpu = torch.device("cpu")
     assert memory.available_bytes(cpu) is None
     assert memory.device_budget(cpu, None) is None
-    assert memory.device_budget(cpu, 3.0) == 3 * memory.GIB
-    planner = memory.MemoryPlanner.for_job(
-        low_vram=False, max_vram=None, guidance=7.5, device=cpu, top_width=320, dtype=torch.float16, weights=0
+    assert memory.device_budget(cpu, 3.0) == 3 * memory_plan.GIB
+    planner = memory_plan.MemoryPlanner.for_job(
+        low_vram=False,
+        max_vram=None,
+        guidance=7.5,
+        budget=memory.device_budget(cpu, None),
+        top_width=320,
+        dtype_bytes=2,
+        weights=0,
     )
     choice = planner.choose(16384, 16384)
     chosen = choice.settings
     assert choice.fits and planner.budget is None
     assert chosen.name == "fast"  # unknown: the fastest, with the out-of-memory retry behind it
-    assert memory.vae_budget(cpu, None) == memory.VAE_BUDGET_CAP
+    assert memory.vae_budget(cpu, None) == memory_plan.VAE_BUDGET_CAP
 
 
 @pytest.mark.parametrize(
@@ -169,3 +175,40 @@ def test_fp16_on_cpu_warns_in_generate_and_batch(runner, tmp_path: Path) -> None
         result = runner.invoke(app, [*args, *common, "--out", str(tmp_path / args[0])])
         assert result.exit_code == 0, result.stderr
         assert "fp16 on the CPU is many times slower" in result.stderr.replace("\n", " ")
+
+
+# --- where a job runs, without torch where no GPU can be ------------------------------------------------------
+
+
+def test_placement_without_torch_where_no_gpu_can_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    from linfusion_cli.base.errors import UsageError
+    from linfusion_cli.engine import placement
+
+    monkeypatch.setattr(placement, "gpu_possible", lambda: False)
+    cpu = placement.without_gpu("auto", "auto", here_only=True)
+    assert cpu is not None and (cpu.device, cpu.precision, cpu.here) == ("cpu", "fp32", True)
+    assert cpu.free is not None and cpu.budget(2.0) == 2 * memory_plan.GIB
+    farm = placement.without_gpu("cuda:1", "auto", here_only=False)  # a plan for a farm's GPU, from its login node
+    assert farm is not None and (farm.device, farm.precision, farm.here, farm.free) == ("cuda:1", "fp16", False, None)
+    with pytest.raises(UsageError, match="CUDA is not available here"):
+        placement.without_gpu("cuda", "auto", here_only=True)  # a run (or a dry run) needs it here
+    assert placement.without_gpu("cpu", "fp16", here_only=True).warnings()  # type: ignore[union-attr]
+    monkeypatch.setattr(placement, "gpu_possible", lambda: True)
+    assert placement.without_gpu("auto", "auto", here_only=True) is None  # a GPU may be here: torch is asked
+
+
+def test_version_reads_the_gpus_and_torch_build_without_importing_torch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from linfusion_cli.cli import version
+
+    build = version.torch_build()
+    assert build["__version__"] == torch.__version__ and build["cuda"] == torch.version.cuda  # read as text
+    for index, model in enumerate(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"]):
+        (tmp_path / f"0000:0{index}:00.0").mkdir()
+        (tmp_path / f"0000:0{index}:00.0" / "information").write_text(f"Model: \t\t {model}\nIRQ: 1\n")
+    monkeypatch.setattr(version, "NVIDIA_GPUS", tmp_path)
+    monkeypatch.setattr(version, "torch_build", lambda: {"__version__": "2.13.0", "cuda": "12.8"})
+    lines = version.version_lines()
+    assert lines[2].endswith("CUDA: 12.8, 2 GPUs (NVIDIA H100 80GB HBM3)")
+    assert lines[3] == "device: cuda:0 (NVIDIA H100 80GB HBM3)"

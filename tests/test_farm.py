@@ -469,6 +469,7 @@ def test_pillow_bomb_guard_is_left_as_it_was(tmp_path: Path) -> None:
 
 def test_writer_never_records_a_job_twice_nor_hides_a_broken_stream(tmp_path: Path) -> None:
     from linfusion_cli.core.batch import run_batch
+    from linfusion_cli.core.batch_plan import plan_batch
     from linfusion_cli.core.jobs import flags_layer
     from linfusion_cli.core.prepare import RunOptions
 
@@ -479,8 +480,9 @@ def test_writer_never_records_a_job_twice_nor_hides_a_broken_stream(tmp_path: Pa
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
     flags = flags_layer({"model": "tiny", "size": 64, "steps": 1})
+    options = RunOptions(out=tmp_path / "out", device="cpu")
     with pytest.raises(BrokenPipeError):
-        run_batch(prompts(tmp_path, 2), flags, RunOptions(out=tmp_path / "out", device="cpu"), on_line=broken_stdout)
+        run_batch(plan_batch(prompts(tmp_path, 2), flags, options, None), options, on_line=broken_stdout)
     assert [line["status"] for line in seen] == ["done"]  # not also "failed", and the next job is not blamed
     assert not list((tmp_path / "out").glob(".*.claim"))
 

@@ -440,21 +440,6 @@ def test_stacks_with_lora_and_controlnet_and_comes_off_exactly(tmp_path: Path) -
     assert np.array_equal(_generate(engine, _job(None, ip=None, steps=2)), plain)
 
 
-@pytest.fixture
-def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """run.generate replaced by a recorder: the job the CLI hands the core."""
-    import linfusion_cli.core.run as runner_module
-
-    calls: dict[str, Any] = {}
-
-    def fake_generate(job: Any, options: Any, **kwargs: Any) -> Any:
-        calls.update(job=job, **kwargs)
-        return runner_module.Generated({"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}})
-
-    monkeypatch.setattr(runner_module, "generate", fake_generate)
-    return calls
-
-
 def test_flags_presets_and_upscale_fill_the_job(runner: Any, tmp_path: Path, core: dict[str, Any]) -> None:
     ref = _ref_image(tmp_path / "ref.png")
     preset = tmp_path / "style.yaml"

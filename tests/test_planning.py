@@ -81,12 +81,13 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     from linfusion_cli.core.plan_report import plan_summary
     from linfusion_cli.core.prepare import RunOptions, plan_for
     from linfusion_cli.core.run import job_planner
+    from linfusion_cli.engine.memory import placed
     from linfusion_cli.engine.pipeline import Engine
     from linfusion_cli.models.loading import build_random
 
     job = resolve_job({"prompt": "p", "model": "tiny", "size": 4096, "max_vram": 0.75})
     prep = plan_for(job, RunOptions(), seed=1)
-    shown = [s["memory"] for s in plan_summary(prep, torch.device("cpu"), torch.float32)["stages"]]
+    shown = [s["memory"] for s in plan_summary(prep, placed(torch.device("cpu"), torch.float32))["stages"]]
     engine = Engine.from_components(build_random("tiny"), "none", torch.device("cpu"), torch.float32)
     planner = job_planner(prep, engine)  # the planner the run uses: the plan's, with what the engine measured
     used = [planner.choose(s.width, s.height).settings.name for s in prep.plan.stages]

@@ -19,6 +19,7 @@ from ..core.jobs import resolve_job
 from ..core.prepare import RunOptions, prepare
 from ..core.run import build_metadata, save_outputs
 from ..engine import memory
+from ..engine.memory_plan import settings_ladder
 from ..engine.meter import Meter
 from ..engine.pipeline import Engine
 from ..engine.schedulers import make_scheduler
@@ -98,7 +99,7 @@ def published_recipe(comps: Any, job: Any, plan: Plan, device: torch.device) -> 
     """The reference: diffusers txt2img + img2img pipelines per stage, PIL resizes between stages, diffusers'
     VAE tiling (2048 px tiles) from 4K up, no feed-forward chunking; same components, same LinFusion layers."""
     pipes = baseline_pipelines(comps, job)
-    memory.apply_settings(comps.unet, memory.settings_ladder()[0])  # the notebooks chunk nothing
+    memory.apply_settings(comps.unet, settings_ladder()[0])  # the notebooks chunk nothing
     stages = []
     generator = torch.Generator("cpu").manual_seed(0)
     image: Any = None

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..base.schema import SCHEMA
 from ..engine import memory
+from ..engine.memory_plan import MemoryPlanner, MemorySettings
 from ..io.pngfast import deflate_name, write_png
 from ..linfusion.attention import LinFusionAttention, phi
 from ..linfusion.patching import LinFusionPatch, apply_linfusion
@@ -71,16 +72,16 @@ def unet_step(unet: Any, inputs: dict[str, Any]) -> torch.Tensor:
     return unet(**inputs, return_dict=False)[0]
 
 
-def unet_planner(comps: Any, device: torch.device, dtype: torch.dtype) -> memory.MemoryPlanner:
+def unet_planner(comps: Any, device: torch.device, dtype: torch.dtype) -> MemoryPlanner:
     """A generate job's memory planner cut to its first two rungs: at most feed-forward chunking, so that the
     numbers compare the attention and not the memory settings."""
-    planner = memory.MemoryPlanner.for_job(
+    planner = MemoryPlanner.for_job(
         low_vram=False,
         max_vram=None,
         guidance=2.0,  # bench compares attention at batch 2: at most feed-forward chunking
-        device=device,
+        budget=memory.device_budget(device, None),
         top_width=comps.unet.config["block_out_channels"][0],
-        dtype=dtype,
+        dtype_bytes=memory.dtype_bytes(dtype),
         weights=memory.module_bytes(comps.unet),
     )
     return replace(planner, ladder=planner.ladder[:2])
@@ -98,7 +99,7 @@ class UnetBench:
     patch: LinFusionPatch | None = None  # LinFusion, while it is patched in
     last_sdpa: tuple[int, float] | None = None  # (tokens, seconds) of the last size ordinary attention ran at
 
-    def row(self, text: str, planner: memory.MemoryPlanner, modes: tuple[str, ...]) -> dict[str, Any]:
+    def row(self, text: str, planner: MemoryPlanner, modes: tuple[str, ...]) -> dict[str, Any]:
         """One size: each mode under the memory settings the planner picks for it, and their ratio."""
         width, height = parse_size(text)
         tokens = (width // 8) * (height // 8)
@@ -112,9 +113,7 @@ class UnetBench:
             row["sdpa_over_linfusion"] = round(sd["seconds"] / lin["seconds"], 2)
         return row
 
-    def measure(
-        self, mode: str, tokens: int, settings: memory.MemorySettings, inputs: dict[str, Any]
-    ) -> dict[str, Any]:
+    def measure(self, mode: str, tokens: int, settings: MemorySettings, inputs: dict[str, Any]) -> dict[str, Any]:
         """One step's time and peak memory with `mode`'s attention; a reason instead where it cannot run."""
         too_slow = self.sdpa_too_slow(tokens) if mode == "sdpa" else None
         if too_slow is not None:

@@ -27,7 +27,6 @@ from typer._click.exceptions import BadParameter, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from .. import __version__
 from ..base.errors import EXIT_SIGINT, EXIT_USAGE, LinFusionError, OutputClosedError, UsageError
 from ..base.registry import did_you_mean
 from ..base.settings import (
@@ -42,7 +41,8 @@ from ..base.settings import (
     SAMPLER_PANEL,
     SIZE_PANEL,
 )
-from ..base.text import plural, quote
+from ..base.text import quote
+from .version import version_lines
 
 # Farm logs are not terminals; rich would wrap them at 80 columns.
 # emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
@@ -286,24 +286,9 @@ def _quiet_stdout() -> None:
 
 
 def show_version(value: bool) -> None:
-    """`--version`: ours, then what a bug report needs (torch, diffusers, CUDA, the device `auto` picks)."""
+    """`--version`: ours, then what a bug report needs (version.py: no torch import, so it is instant)."""
     if not value:
         return
-    typer.echo(f"linfusion {__version__}")
-    import torch  # lazy: torch only when --version asks about it
-
-    from ..core.run import describe_device, versions  # lazy, as torch above
-    from ..engine.memory import resolve_device
-
-    found = versions()
-    cuda = torch.version.cuda
-    if cuda is None:
-        cuda_line = "CUDA: none (this torch is built for the CPU)"
-    elif torch.cuda.is_available():
-        cuda_line = f"CUDA: {cuda}, {plural(torch.cuda.device_count(), 'GPU')}"
-    else:
-        cuda_line = f"CUDA: {cuda}, but no GPU is visible"
-    typer.echo(f"torch {found['torch']}, diffusers {found['diffusers']}, transformers {found['transformers']}")
-    typer.echo(f"python {found['python']}; {cuda_line}")
-    typer.echo(f"device: {describe_device(resolve_device('auto'))}")
+    for line in version_lines():
+        typer.echo(line)
     raise typer.Exit()

@@ -3,6 +3,7 @@ its declaration (options.with_settings); no torch at import time."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -113,10 +114,16 @@ PROMPT_HELP = "What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3
 
 def _generator(**options: Any) -> Generator:
     """The Python API every command is a client of, with this run's options (and, for a batch, the flags)."""
-    from ..core.api import Generator  # lazy: the API imports torch, which --help and usage errors never need
+    from ..core.api import Generator  # lazy: its imports cost ~0.3 s, which --help and usage errors never need
 
-    started()
     return Generator(**options)
+
+
+def _import_engine() -> None:
+    """Once a job is checked and will load a model: the engine's imports (torch, diffusers: seconds, paid only
+    now, so a refused value costs none of them), then the collector as usual (startup.py)."""
+    importlib.import_module("linfusion_cli.core.run")
+    started()
 
 
 def _render_result(result: Result, mode: str, json_out: bool, title: str = "") -> None:
@@ -144,6 +151,9 @@ def _run_one(
     progress on stderr, then the table or JSON."""
     with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
         job = make_job(generator)
+        if not dry_run:
+            generator.check(job)  # bad input: one line, before the engine's imports
+            _import_engine()
         with progress(mode) as (reporter, cancel):
             generator.events = reporter
             result = generator.run(job, dry_run=dry_run, cancel=cancel)
@@ -367,12 +377,15 @@ def batch(
             with generator:
                 render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
             return
+        checked = generator.check_batch(file, base_seed=base_seed, shard=shard)  # the whole file, before the engine
+        _import_engine()
         with generator, progress(mode) as (reporter, cancel):
             generator.events = reporter
             summary = generator.batch(
                 file,
                 base_seed=base_seed,
                 shard=shard,
+                checked=checked,
                 fail_fast=fail_fast,
                 on_line=emit_json if json_out and (first_process() or not split) else None,
                 cancel=cancel,

@@ -11,7 +11,8 @@ job files (`--base-size` is `base_size`), the same validation and the same error
 
 The model loads on the first call that needs it and stays loaded for every later call naming the same model,
 LinFusion weights and VAE; LoRAs, ControlNets and IP-Adapters switch between calls without reloading it.
-Imports torch (through the engine): the CLI imports this when a command runs, not at start-up.
+Importing this costs no torch: a plan, a dry run and every check of a job run without it, and the engine (torch,
+diffusers: seconds) is imported when a job is about to load its model.
 """
 
 from __future__ import annotations
@@ -20,24 +21,27 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..base.errors import DEFAULT_TIMEOUT_S
 from ..base.events import CancelToken, EventSink, ignore
-from ..engine.parallel import Comm, joined
+from ..engine.placement import world_from_env
 from ..io.images import load_rgb
-from . import run
-from .batch import BatchSummary, run_batch
-from .batch_plan import batch_dry_run
+from . import preflight
+from .batch_plan import EVERY_JOB, BatchPlan, batch_dry_run, plan_batch
 from .jobs import flags_layer, resolve_job
 from .plan_report import placement, plan_anywhere
-from .prepare import RunOptions, pick_seed, plan_for
+from .prepare import Prepared, RunOptions, pick_seed, plan_for
 from .replay import job_from_sidecar
-from .run import EngineCache
 from .settings import JobSpec
 from .shards import resolve_shard
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..engine.parallel import Comm
+    from .batch import BatchSummary
+    from .run import EngineCache
 
 DEFAULT_MAX_INPUT_PIXELS = 1_000_000_000
 
@@ -112,15 +116,24 @@ class Generator:
         job, _ = job_from_sidecar(Path(sidecar), settings)
         return self.run(job, cancel=cancel)
 
+    def check(self, job: JobSpec) -> Prepared:
+        """Everything a run of `job` checks before its model loads, loading and writing nothing: bad input raises
+        here (the commands check before importing the engine, and `--gpus` before starting its processes)."""
+        return preflight.check_run(job, self.options, self._world())
+
     def run(self, job: JobSpec, *, dry_run: bool = False, cancel: CancelToken | None = None) -> Result:
-        """One resolved job: its input image read (an upscale), then planned, run and saved."""
+        """One resolved job: its input image read (an upscale), then planned, run and saved; or (`dry_run`) its
+        plan in `report["plan"]`, nothing loaded."""
+        if dry_run:
+            return Result({"dry_run": True, "plan": preflight.dry_run(job, self.options, self._world())})
+        from . import run  # lazy: the engine imports torch, which a plan or a refused job never needs
+
         pixels = None if job.image is None else load_rgb(job.image, self.options.max_input_pixels)
         done = run.generate(
             job,
             self.options,
             events=self.events,
             cancel=cancel,
-            dry_run=dry_run,
             init_image=pixels,
             engines=self.engines(),
             group=self.group(),
@@ -136,14 +149,16 @@ class Generator:
         fail_fast: bool = False,
         on_line: Callable[[dict[str, Any]], None] | None = None,
         cancel: CancelToken | None = None,
+        checked: BatchPlan | None = None,
     ) -> BatchSummary:
-        """A prompt file's jobs (`linfusion batch`), this generator's settings as the command line's flags."""
+        """A prompt file's jobs (`linfusion batch`), this generator's settings as the command line's flags.
+        `checked`: the file as `check_batch` checked it with the same arguments (else it is checked here)."""
+        plan = checked or self.check_batch(file, base_seed=base_seed, shard=shard)
+        from .batch import run_batch  # lazy: as in `run`
+
         return run_batch(
-            Path(file),
-            self.defaults,
+            plan,
             self.options,
-            base_seed=base_seed,
-            shard_flag=shard,
             fail_fast=fail_fast,
             events=self.events,
             on_line=on_line,
@@ -158,8 +173,23 @@ class Generator:
         if not self.options.split:
             return None
         if self._joined is None:
+            from ..engine.parallel import joined  # lazy: as in `run`
+
             self._joined = self._group.enter_context(joined(self.options.timeout_s, self.engines().device))
         return self._joined
+
+    def _world(self) -> int:
+        """How many processes a split image of this generator is made by (torchrun's or --gpus', from WORLD_SIZE),
+        known before joining their group: what a plan and the checks count with."""
+        return world_from_env() if self.options.split else 1
+
+    def check_batch(self, file: str | Path, *, base_seed: int | None = None, shard: str | None = None) -> BatchPlan:
+        """Every job of a prompt file checked (bad input raises here), this task's jobs planned and named, nothing
+        loaded: what `batch` runs. A split image's processes (`split`) make every job together."""
+        every = self.options.split and self._world() > 1
+        return plan_batch(
+            Path(file), self.defaults, self.options, base_seed, EVERY_JOB if every else resolve_shard(shard)
+        )
 
     def plan_batch(
         self, file: str | Path, *, base_seed: int | None = None, shard: str | None = None
@@ -170,6 +200,8 @@ class Generator:
     def engines(self) -> EngineCache:
         """The loaded model this generator keeps between calls (none loaded until a job needs it)."""
         if self._engines is None:
+            from .run import EngineCache  # lazy: as in `run`
+
             self._engines = EngineCache(*placement(self.options), self.options.allow_pickle)
         return self._engines
 

@@ -44,13 +44,13 @@ from ..io.locks import Claim, try_claim
 from ..io.output import SIDECAR_SUFFIX, OutputPaths
 from ..io.writes import clean_stale_temps, prepare_folder
 from ..models.devices import free_cached
-from .batch_plan import plan_batch
+from .batch_plan import BatchPlan
 from .plan_report import placement
 from .prepare import Prepared, RunOptions, replan_for
 from .resume import claim_name, list_outputs, resume_state
 from .run import EngineCache, generate_one, save_outputs
 from .settings import JobSpec
-from .shards import Shard, resolve_shard
+from .shards import Shard
 
 JsonSink = Callable[[dict[str, Any]], None]
 
@@ -173,12 +173,9 @@ class Writer:
 
 
 def run_batch(
-    path: Path,
-    flags: dict[str, Any],
+    plan: BatchPlan,
     options: RunOptions,
     *,
-    base_seed: int | None = None,
-    shard_flag: str | None = None,
     fail_fast: bool = False,
     events: EventSink = ignore,
     on_line: JsonSink | None = None,
@@ -186,13 +183,12 @@ def run_batch(
     engines: EngineCache | None = None,
     group: Comm | None = None,
 ) -> BatchSummary:
-    """Every job of a prompt file this task holds (its shard), resumable; with a `group` of processes (a split
-    image), every process of the group makes each job together instead of taking a shard of its own."""
+    """Every job of a checked prompt file this task holds (`plan`: batch_plan.plan_batch, for its shard),
+    resumable; with a `group` of processes (a split image), every process of the group makes each job together
+    (the plan then holds every job: batch_plan.EVERY_JOB)."""
     cancel = cancel or CancelToken()
     group = group or Comm()
-    split = group.world > 1
-    shard = Shard(0, 1, "every job, split over the group's processes") if split else resolve_shard(shard_flag)
-    plan = plan_batch(path, flags, options, base_seed, shard)
+    shard = plan.shard
     events(Note("info", f"{shard.describe()}: {len(plan.jobs)} of {plural(plan.total, 'job')}"))
     summary = BatchSummary(shard, len(plan.jobs), out=options.out)
     prepare_folder(options.out)

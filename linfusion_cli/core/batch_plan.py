@@ -25,6 +25,7 @@ from .settings import JobSpec
 from .shards import WHOLE_FILE, Shard
 
 PER_IMAGE = ("prompt", "negative", "seed", "name")  # what one job's checks never depend on
+EVERY_JOB = Shard(0, 1, "every job, split over the group's processes")  # --split-image: all make each job
 
 
 @dataclass
@@ -33,6 +34,7 @@ class BatchPlan:
 
     jobs: list[Prepared]
     total: int
+    shard: Shard = WHOLE_FILE
     # index -> why its weights cannot be had here (offline and not cached): that job fails, the batch goes on
     unavailable: dict[int, str] = field(default_factory=dict)
 
@@ -45,7 +47,7 @@ def plan_batch(
     job_file = read_job_file(path)
     checked: dict[str, str] = {}  # a job's settings (PER_IMAGE aside) -> what it lacks offline ("" for nothing)
     stems: dict[str, int] = {}
-    plan = BatchPlan([], len(job_file.rows))
+    plan = BatchPlan([], len(job_file.rows), shard)
     for row in job_file.rows:
         try:
             job = resolve_job(

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.errors import ModelLoadError, UsageError
 from ..base.events import Note
-from ..base.precision import dtype_flag
 from ..base.schema import SCHEMA
+from ..engine.bands import Bands, downsampling
+from ..engine.memory_plan import GIB, PRECISION_BYTES, MemoryChoice, MemoryPlanner, tile_used, vae_share, vae_tile_for
+from ..engine.placement import Placement, without_gpu
 from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
-from ..models.families import Family
+from ..models.families import Family, vae_precision
 from ..models.hub import hub_offline, missing_from_cache, model_source
 from .prepare import BUILTIN_LINFUSION, Prepared, RunOptions
 from .settings import JobSpec
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..base.plan import StagePlan
-    from ..engine.memory import MemoryChoice, MemoryPlanner
 
 LATENT_PX = 8  # image px per latent row
 DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
@@ -29,33 +30,33 @@ DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
 
 
 def placement(options: RunOptions) -> tuple[torch.device, torch.dtype]:
-    """The device and precision a run uses (resolved once per run)."""
+    """The device and precision a run uses (resolved once per run; imports torch)."""
     from ..engine.memory import resolve_device, resolve_dtype  # lazy: torch stays out of CLI start-up
 
     device = resolve_device(options.device)
     return device, resolve_dtype(options.dtype, device)
 
 
+def where(options: RunOptions, *, here_only: bool = True) -> Placement:
+    """The device and precision a job would run with, and the memory free there, without torch where no GPU can
+    be here (placement.without_gpu). `here_only`: a device this machine does not have is a usage error, as for a
+    run; otherwise a plan for it (a login node planning for its farm's GPU nodes)."""
+    found = without_gpu(options.device, options.dtype, here_only=here_only)
+    if found is not None:
+        return found
+    from ..engine.memory import placement_for  # lazy: only where a GPU may be here does torch get asked
+
+    return placement_for(options.device, options.dtype, here_only=here_only)
+
+
 def plan_anywhere(prep: Prepared, options: RunOptions, world: int = 1) -> dict[str, Any]:
     """The plan `plan` prints (plan_summary, for `world` processes splitting the image), for this machine's device
-    or for one it does not have (a login node planning for its farm's GPU nodes), with a note saying so. Only a
-    run needs the device to be here."""
-    try:
-        return plan_summary(prep, *placement(options), world)
-    except UsageError:
-        if options.device in ("auto", "cpu"):
-            raise
-    import torch  # lazy: torch stays out of CLI start-up
-
-    from ..engine.memory import resolve_dtype
-
-    try:
-        device = torch.device(options.device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {options.device!r}: {exc}") from None
-    memory = "its memory from --max-vram" if prep.job.max_vram else "give --max-vram GB for its memory"
-    prep.notes.append(Note("info", f"a plan for {device}, which this machine does not have ({memory})"))
-    return plan_summary(prep, device, resolve_dtype(options.dtype, device), world)
+    or for one it does not have, with a note saying so. Only a run needs the device to be here."""
+    placed = where(options, here_only=False)
+    if not placed.here:
+        memory = "its memory from --max-vram" if prep.job.max_vram else "give --max-vram GB for its memory"
+        prep.notes.append(Note("info", f"a plan for {placed.device}, which this machine does not have ({memory})"))
+    return plan_summary(prep, placed, world)
 
 
 def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -64,11 +65,9 @@ def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.
     return placement(RunOptions(device=device, dtype=dtype))
 
 
-def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> MemoryPlanner:
+def memory_planner(prep: Prepared, placed: Placement) -> MemoryPlanner:
     """The job's memory planner, from its family's weights and its adapters' (nothing loaded); kept on `prep` and
     refined with what the loaded engine measures."""
-    from ..engine import memory  # lazy: torch stays out of CLI start-up
-
     if prep.planner is not None:
         return prep.planner
     job, family = prep.job, prep.family
@@ -76,43 +75,38 @@ def memory_planner(prep: Prepared, device: torch.device, dtype: torch.dtype) -> 
     family_gib = family.weights_gib_fp16 if family else DEFAULT_FAMILY_GIB
     extra_gib = sum(kind.planned_gib_fp16(job, family, family_gib) for kind in ADAPTER_KINDS)
     channels = sum(kind.activation_channels(arch.unet, len(kind.refs(job))) for kind in ADAPTER_KINDS if kind.refs(job))
-    prep.planner = memory.MemoryPlanner.for_job(
+    prep.planner = MemoryPlanner.for_job(
         low_vram=job.low_vram,
         max_vram=job.max_vram,
         guidance=job.guidance,
-        device=device,
+        budget=placed.budget(job.max_vram),
         top_width=arch.unet["block_out_channels"][0],
-        dtype=dtype,
-        weights=int((family_gib + extra_gib) * memory.GIB * memory.dtype_bytes(dtype) / 2),
+        dtype_bytes=placed.itemsize,
+        weights=int((family_gib + extra_gib) * GIB * placed.itemsize / 2),
         refine=job.refine,
         control_channels=channels,
     )
     return prep.planner
 
 
-def plan_warnings(prep: Prepared, device: torch.device, dtype: torch.dtype, world: int = 1) -> list[str]:
+def plan_warnings(prep: Prepared, placed: Placement, world: int = 1) -> list[str]:
     """What a user should hear before the job starts: settings that work badly on this device, and the first
     stage that fits no memory settings."""
-    from ..engine.memory import device_warnings  # lazy: torch stays out of CLI start-up
-
-    return device_warnings(device, dtype) + _over_budget(prep, memory_planner(prep, device, dtype), world)
+    return placed.warnings() + _over_budget(prep, memory_planner(prep, placed), world)
 
 
-def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world: int = 1) -> dict[str, Any]:
+def plan_summary(prep: Prepared, placed: Placement, world: int = 1) -> dict[str, Any]:
     """The plan as data: stages with expected peak memory and VAE tiling on the chosen device, each component's
     dtype, and warnings (a stage that fits no memory settings, fp16 on a CPU, weights not available offline).
     With `world` > 1 processes splitting the image, each stage's bands, and memory planned for the tallest."""
-    from ..engine import memory  # lazy: torch stays out of CLI start-up (as below)
-    from ..models.devices import vae_dtype as vae_dtype_for
-
     job, family = prep.job, prep.family
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
-    planner = memory_planner(prep, device, dtype)
-    vae_dtype = vae_dtype_for(arch.vae, dtype, family)
+    planner = memory_planner(prep, placed)
+    vae = vae_precision(arch.vae, placed.precision, family)
     over = _over_budget(prep, planner, world)
-    warnings = memory.device_warnings(device, dtype) + offline_gaps(job, family) + over
+    warnings = placed.warnings() + offline_gaps(job, family) + over
     multiple = _multiple(family)
-    stages = [_stage_entry(prep, stage, planner, vae_dtype, device, world, multiple) for stage in prep.plan.stages]
+    stages = [_stage_entry(prep, stage, planner, vae, placed, world, multiple) for stage in prep.plan.stages]
     budget = planner.budget
     return {
         "schema": SCHEMA,
@@ -128,10 +122,10 @@ def plan_summary(prep: Prepared, device: torch.device, dtype: torch.dtype, world
         "refine": job.refine,
         "schedule_steps": job.steps,
         "guidance": job.guidance,
-        "device": str(device),
-        "dtype": dtype_flag(dtype),
-        "dtypes": {"unet": dtype_flag(dtype), "vae": dtype_flag(vae_dtype), "text_encoder": dtype_flag(dtype)},
-        "memory_budget_gib": None if budget is None else round(budget / memory.GIB, 1),
+        "device": placed.device,
+        "dtype": placed.precision,
+        "dtypes": {"unet": placed.precision, "vae": vae, "text_encoder": placed.precision},
+        "memory_budget_gib": None if budget is None else round(budget / GIB, 1),
         "world_size": world,
         "fits": all(s["fits"] for s in stages),
         "stages": stages,
@@ -147,23 +141,20 @@ def _stage_entry(
     prep: Prepared,
     stage: StagePlan,
     planner: MemoryPlanner,
-    vae_dtype: torch.dtype,
-    device: torch.device,
+    vae_precision: str,
+    placed: Placement,
     world: int,
     multiple: int,
 ) -> dict[str, Any]:
     """One stage's line of the plan: its memory settings for the tallest band and its VAE tiling."""
-    from ..engine import memory  # lazy: torch stays out of CLI start-up
-
     job, family = prep.job, prep.family
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     bands = _bands(stage.height // LATENT_PX, world, multiple)
     rows = max(bands) * LATENT_PX if bands else stage.height
     choice = planner.choose(stage.width, rows)
-    asked = job.vae_tile or memory.auto_vae_tile(
-        arch.vae, vae_dtype, device, stage.height, stage.width, choice.settings.vae_budget
-    )
-    tile = memory.tile_used(asked, stage.height, stage.width)
+    limit = choice.settings.vae_budget or vae_share(placed.kind, placed.free)
+    asked = job.vae_tile or vae_tile_for(arch.vae, PRECISION_BYTES[vae_precision], stage.height, stage.width, limit)
+    tile = tile_used(asked, stage.height, stage.width)
     return {
         "index": stage.index,
         "kind": stage.kind,
@@ -173,7 +164,7 @@ def _stage_entry(
         "unet_passes": prep.plan.unet_passes(stage),
         "memory": choice.settings.name,
         "memory_settings": {**choice.settings.as_dict(), "vae_tile": tile},
-        "estimated_peak_gib": round(choice.estimate / memory.GIB, 2),
+        "estimated_peak_gib": round(choice.estimate / GIB, 2),
         "fits": choice.fits,
         "vae": "untiled" if tile is None else f"tiles of {tile} px",
         **_per_rank(stage.width, rows, bands, world),
@@ -182,15 +173,11 @@ def _stage_entry(
 
 def _multiple(family: Family | None) -> int:
     """The UNet's total downsampling: split stages' band edges sit on multiples of it."""
-    from ..engine.parallel import downsampling  # lazy: torch stays out of CLI start-up
-
     return downsampling(list(ARCHS[family.arch if family else DEFAULT_ARCH].unet["block_out_channels"]))
 
 
 def _bands(latent_rows: int, world: int, multiple: int) -> list[int] | None:
     """Latent rows per process of a split stage; None for one process, or a stage that runs whole on each."""
-    from ..engine.parallel import Bands  # lazy: torch stays out of CLI start-up
-
     if world == 1:
         return None
     try:
@@ -221,8 +208,6 @@ def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list
 
 
 def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice) -> str:
-    from ..engine.memory import GIB  # lazy: torch stays out of CLI start-up
-
     text = (
         f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.2f} GiB even with the most "
         f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "

@@ -32,7 +32,7 @@ from .presets import load_preset
 from .settings import FLAGS, JobSpec
 
 if TYPE_CHECKING:
-    from ..engine.memory import MemoryPlanner
+    from ..engine.memory_plan import MemoryPlanner
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts

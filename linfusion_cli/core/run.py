@@ -18,24 +18,25 @@ import torch
 import transformers
 
 from .. import __version__
-from ..base.errors import OutputError, OutputFolderError
 from ..base.events import CancelToken, EventSink, Note, Working, ignore
 from ..base.job import Job
 from ..base.plan import StagePlan
 from ..base.precision import dtype_flag
 from ..base.schema import SCHEMA
 from ..base.text import plural
-from ..engine.memory import MemoryPlanner, device_budget
+from ..engine.memory import device_budget, placed
+from ..engine.memory_plan import MemoryPlanner
 from ..engine.parallel import Comm
 from ..engine.pipeline import Engine
 from ..engine.stages import GenerateResult
 from ..io.hashing import model_hash
 from ..io.metadata import encode_image
-from ..io.writes import atomic_file, check_folder, clean_stale_temps, prepare_folder, write_bytes_atomic
+from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
 from ..models.adapters import engine_spec
 from ..models.devices import free_cached
 from .metadata import a1111_parameters
-from .plan_report import check_offline, memory_planner, placement, plan_summary, plan_warnings
+from .plan_report import check_offline, memory_planner, placement, plan_warnings
+from .preflight import ensure_writable_target
 from .prepare import Prepared, RunOptions, pick_seed, plan_for, replan_for
 from .settings import JobSpec
 
@@ -137,18 +138,10 @@ def save_outputs(
     return sidecar
 
 
-def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
-    problem = prep.paths.problem()
-    if problem:
-        raise OutputError(problem)
-    if prep.paths.image.exists() and not overwrite:  # before any model loads: bad input, exit 2
-        raise OutputFolderError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
-
-
 def job_planner(prep: Prepared, engine: Engine) -> MemoryPlanner:
     """The job's memory planner (made before loading) with what the loaded engine measures: its weights, its
     UNet's width, its adapters' activations, and the memory free now."""
-    planner = memory_planner(prep, engine.device, engine.dtype)
+    planner = memory_planner(prep, placed(engine.device, engine.dtype))
     return planner.measured(
         engine.weight_bytes(),
         int(engine.comps.unet.config["block_out_channels"][0]),
@@ -184,8 +177,8 @@ def generate_one(
 
 @dataclass(frozen=True)
 class Generated:
-    """What a job gave: its report (the sidecar's data, with the output paths; or the plan, for a dry run) and
-    the image itself (None for a dry run)."""
+    """What a job gave: its report (the sidecar's data, with the output paths) and the image itself (None on a
+    split image's other processes)."""
 
     report: dict[str, Any]
     image: np.ndarray | None = None
@@ -197,12 +190,12 @@ def generate(
     *,
     events: EventSink = ignore,
     cancel: CancelToken | None = None,
-    dry_run: bool = False,
     init_image: np.ndarray | None = None,
     engines: EngineCache | None = None,
     group: Comm | None = None,
 ) -> Generated:
-    """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save.
+    """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save
+    (a dry run stops before all this: preflight.dry_run).
 
     With `group` (processes all running this same call) the image is split between them: they agree on the
     seed, plan per band, and the first process alone writes the files (the others' reports carry no path)."""
@@ -212,11 +205,8 @@ def generate(
     prep = plan_for(job, options, seed=seed, input_size=input_size, random_seed=job.seed is None)
     engines = engines or EngineCache(*placement(options), options.allow_pickle)
     device, dtype, world = engines.device, engines.dtype, group.world
-    if dry_run:
-        check_folder(options.out)  # refused as the run would refuse it, nothing written
-        return Generated({"dry_run": True, "plan": plan_summary(prep, device, dtype, world)})
     check_offline(job, prep.family)
-    warnings = plan_warnings(prep, device, dtype, world)
+    warnings = plan_warnings(prep, placed(device, dtype), world)
     prep.notes.extend(Note("warning", warning) for warning in warnings)
     for note in prep.notes:
         events(note)

@@ -10,19 +10,7 @@ from typing import Any
 
 import torch
 
-GIB = 1024**3
-
-
-def proc_bytes(path: str, key: str) -> int | None:
-    """A "Key:   N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from .memory_plan import GIB, proc_bytes
 
 
 def _rss_bytes() -> int:

@@ -28,6 +28,7 @@ from ..models.devices import place_text_encoders
 from ..models.loading import Components, load_components
 from ..models.tensors import to_device_image
 from . import memory
+from .memory_plan import MemoryPlanner
 from .parallel import Comm
 from .refine import REFINE_METHODS
 from .splitting import ImageSplit
@@ -188,21 +189,21 @@ class Engine:
         return memory.module_bytes(comps.unet, comps.vae, *comps.text_encoders, *self.adapter_modules())
 
     def control_channels(self) -> float:
-        """What the loaded adapters hold during a UNet call (memory.MemoryPlanner.control_channels)."""
+        """What the loaded adapters hold during a UNet call (MemoryPlanner.control_channels)."""
         config = self.comps.unet.config
         counts = {kind.name: sum(a.kind == kind.name for a in self.adapters) for kind in ADAPTER_KINDS}
         return sum(kind.activation_channels(config, counts[kind.name]) for kind in ADAPTER_KINDS if counts[kind.name])
 
-    def memory_planner(self, job: Job) -> memory.MemoryPlanner:
+    def memory_planner(self, job: Job) -> MemoryPlanner:
         """The memory settings chooser for a job on this engine, from what is loaded (the core plans the same from
         the family before loading, then hands its planner here refined with these measurements)."""
-        return memory.MemoryPlanner.for_job(
+        return MemoryPlanner.for_job(
             low_vram=job.low_vram,
             max_vram=job.max_vram,
             guidance=job.guidance,
-            device=self.device,
+            budget=memory.device_budget(self.device, job.max_vram),
             top_width=int(self.comps.unet.config["block_out_channels"][0]),
-            dtype=self.dtype,
+            dtype_bytes=memory.dtype_bytes(self.dtype),
             weights=self.weight_bytes(),
             refine=job.refine,
             control_channels=self.control_channels(),
@@ -224,7 +225,7 @@ class Engine:
         plan: Plan,
         seed: int,
         *,
-        planner: memory.MemoryPlanner | None = None,
+        planner: MemoryPlanner | None = None,
         events: EventSink = ignore,
         cancel: CancelToken | None = None,
         init_image: np.ndarray | None = None,

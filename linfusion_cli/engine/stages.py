@@ -22,6 +22,7 @@ from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
 from .memory import vae_budget
+from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
 from .refine import JobRefiner, StageGuide, refine_ratio
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
@@ -80,7 +81,7 @@ class JobRun:
     plan: Plan
     seed: int
     cond: Conditioning
-    planner: memory.MemoryPlanner
+    planner: MemoryPlanner
     events: EventSink
     cancel: CancelToken
     base_width: int  # px of the base stage, or of the input image when upscaling: refine ratios count from it
@@ -181,7 +182,7 @@ def _stage_extras(run: JobRun, stage: StagePlan, control: torch.Tensor | None) -
     )
 
 
-def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> TiledVAE:
+def _tiler(run: JobRun, stage: StagePlan, settings: MemorySettings) -> TiledVAE:
     """This stage's tiled VAE: its tile size and memory budget, progress as TilesDone events."""
 
     def on_tile(kind: str, done: int, total: int) -> None:
@@ -205,7 +206,7 @@ def _tiler(run: JobRun, stage: StagePlan, settings: memory.MemorySettings) -> Ti
 
 
 def _run_stage(
-    run: JobRun, stage: StagePlan, image: torch.Tensor | None, settings: memory.MemorySettings
+    run: JobRun, stage: StagePlan, image: torch.Tensor | None, settings: MemorySettings
 ) -> tuple[torch.Tensor | None, np.ndarray | None, int | None]:
     """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
     for the next stage, or for the last stage the CPU uint8 image, and the VAE tile it used (None: untiled)."""

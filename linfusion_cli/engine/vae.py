@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import auto_vae_tile, tile_used, vae_windows_per_batch
+from .memory import auto_vae_tile, vae_windows_per_batch
+from .memory_plan import tile_used
 from .vae_stats import NormControl
 from .vae_tiles import Window, WindowShare, spread, tile_windows
 

@@ -107,7 +107,7 @@ class AdapterKind:
 
     def activation_channels(self, unet_config: Mapping[str, Any], count: int) -> float:
         """What `count` loaded adapters of this kind hold during a UNet call besides its own activations, in
-        channels per top-level latent token and batch element (memory.MemoryPlanner.control_channels)."""
+        channels per top-level latent token and batch element (memory_plan.MemoryPlanner.control_channels)."""
         return 0.0
 
     def plan_entries(self, job: Job) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import Family
+from ..base.precision import dtype_flag
+from .families import Family, vae_precision
 
 
 def free_cached(device: torch.device) -> None:
@@ -41,14 +42,6 @@ def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_devi
 
 
 def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype, family: Family | None) -> torch.dtype:
-    """The VAE's dtype for a run in `dtype`.
-
-    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
-    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
-    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
-    memory and time. A tile that overflows anyway is redone in fp32 (vae.py). An unknown family follows its config.
-    """
-    if dtype != torch.float16:
-        return dtype
-    wants = family.vae_upcast if family is not None else True
-    return torch.float32 if wants and vae_config.get("force_upcast", True) else dtype
+    """The VAE's dtype for a run in `dtype` (families.vae_precision: fp16 upcast where the family needs it)."""
+    upcast = dtype == torch.float16 and vae_precision(vae_config, dtype_flag(dtype), family) == "fp32"
+    return torch.float32 if upcast else dtype

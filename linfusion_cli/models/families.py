@@ -152,6 +152,21 @@ PLANNING_HINTS: dict[str, str] = {
 }
 
 
+def vae_precision(vae_config: Mapping[str, Any], precision: str, family: Family | None) -> str:
+    """The VAE's precision (as --dtype spells it) for a run in `precision`.
+
+    Only fp16 is ever upcast, and only where the family needs it: SDXL's VAE overflows in fp16 and runs in fp32
+    unless its config says `force_upcast: false` (the fp16-fix VAE). SD-1.x/2.x VAEs run in fp16, as in
+    diffusers' own pipelines: their configs predate `force_upcast`, whose default (True) would double the VAE's
+    memory and time. A tile that overflows anyway is redone in fp32 (engine/vae.py). An unknown family follows its
+    config.
+    """
+    if precision != "fp16":
+        return precision
+    wants = family.vae_upcast if family is not None else True
+    return "fp32" if wants and vae_config.get("force_upcast", True) else precision
+
+
 def known_families_text() -> str:
     return ", ".join(f.label for f in FAMILIES if f.linfusion_repo)
 

@@ -7,7 +7,7 @@ library, the LinFusion layer and the error classes.
 
 from __future__ import annotations
 
-from .bands import Bands, ConvRows, Transfer, downsampling, halo_transfers, row_transfers
+from ..bands import Bands, ConvRows, Transfer, downsampling, halo_transfers, row_transfers
 from .comm import DEFAULT_TIMEOUT_S, Comm, CommStats, LaunchEnv, ParallelError, gather_bands, joined
 from .install import SplitRun, split_image
 from .ops import (

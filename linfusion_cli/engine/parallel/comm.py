@@ -25,7 +25,7 @@ import torch
 import torch.distributed as td
 
 from ...base.errors import DEFAULT_TIMEOUT_S, LinFusionError, UsageError
-from .bands import Bands
+from ..bands import Bands
 
 GATHER_ROOT = 0
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base.errors import UsageError
-from .bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
+from ..bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
 from .comm import Comm
 from .stats import STATS_CHUNK_BYTES, whole_moments
 

@@ -19,7 +19,7 @@ from fractions import Fraction
 from typing import Any
 
 from ...base.errors import UsageError
-from .bands import Bands, ConvRows, downsampling, halo_transfers
+from ..bands import Bands, ConvRows, downsampling, halo_transfers
 
 STATS_BYTES = 8  # GroupNorm statistics travel as fp64
 SUMMARY_BYTES = 4  # LinFusion's K^T V and sum phi(k) travel as fp32

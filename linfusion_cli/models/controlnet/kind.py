@@ -208,7 +208,7 @@ def residual_channels(unet_config: Mapping[str, Any]) -> float:
 
 def activation_channels(unet_config: Mapping[str, Any], count: int) -> float:
     """What `count` ControlNets add to a UNet call, in channels per top-level latent token and batch element
-    (memory.MemoryPlanner.control_channels): each one's residuals, their running sum when there are several,
+    (memory_plan.MemoryPlanner.control_channels): each one's residuals, their running sum when there are several,
     and each control image at the stage's pixel size."""
     if count == 0:
         return 0.0

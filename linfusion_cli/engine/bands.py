@@ -20,10 +20,12 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import torch
+from ..base.errors import UsageError
 
-from ...base.errors import UsageError
+if TYPE_CHECKING:  # annotations only: the band arithmetic runs without torch (`plan --world-size`)
+    import torch
 
 LEVELS_UP = 3  # the largest scale a band is seen at: 2**3, the image rows of SD VAEs and ControlNet inputs
 
