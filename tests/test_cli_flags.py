@@ -71,6 +71,13 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     ),
     (["--control-start", "0.2", "--control-end", "0.9"], {"control_start": 0.2, "control_end": 0.9}),
     (["--control-stages", "0,1"], {"control_stages": [0.0, 1.0]}),
+    # AUTOMATIC1111's names for them
+    (["--clip-skip", "2"], {"clip_skip": 2}),
+    (["--cfg-scale", "5"], {"guidance": 5.0}),
+    (["--sampler", "DPM++ SDE Karras"], {"scheduler": "dpm++sde-karras"}),
+    (["--negative-prompt", "blurry"], {"negative": "blurry"}),
+    (["--denoising-strength", "0.3"], {"strength": 0.3}),
+    (["--denoise", "0.2"], {"strength": 0.2}),
 ]
 
 

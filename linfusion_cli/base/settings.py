@@ -66,6 +66,7 @@ class Setting:
     choices: Callable[[], tuple[str, ...]] | None = None  # the values a "str" setting may take
     complete: Callable[[str], list[str]] | None = None  # tab completion where `choices` cannot say
     flags: tuple[str, ...] = ()  # more spellings of the flag (-s); `--name-with-dashes` is always one
+    aliases: tuple[str, ...] = ()  # other names for it (A1111's `cfg_scale`): each a job field and a flag too
     metavar: str | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +79,11 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def all_flags(self) -> tuple[str, ...]:
+        """Every spelling of its flag: `--name`, the aliases' (`--cfg-scale`) and the short ones (`-g`)."""
+        return (self.flag, *("--" + alias.replace("_", "-") for alias in self.aliases), *self.flags)
 
     def read(self, value: Any, *, from_text: bool = False) -> Any:
         """A value as given (a flag's text, a YAML/JSON value, a CSV cell) -> the setting's value, or None for

@@ -66,6 +66,17 @@ PANEL_ORDER = (
     OUTPUT_PANEL,
     DEVICE_PANEL,
 )
+# Flags of other tools (AUTOMATIC1111's API and scripts, ComfyUI) with no flag of that name here: what to use
+# instead, said in place of the closest spelling, which would name an unrelated flag.
+FOREIGN_FLAGS = {
+    "--hr-scale": "the output size is --size; every stage up to it refines, as A1111's hires fix does once",
+    "--hr-upscaler": "each stage upscales on the GPU (bicubic) before it refines; there is no upscaler to pick",
+    "--hr-second-pass-steps": "each refine stage runs about --strength x --steps steps (see `linfusion plan`)",
+    "--n-iter": "that is --batch-count N here (seeds counting up)",
+    "--batch-size": "images are made one at a time; --batch-count N makes N of them (seeds counting up)",
+    "--enable-hr": "every image over the model's native size is refined in stages up to --size",
+    "--restore-faces": "there is no face restoration here",
+}
 # What people type after a flag that takes none.
 ON_OFF_WORDS = {"true", "false", "yes", "no", "on", "off"}
 
@@ -154,6 +165,9 @@ def _one_line(exc: ClickUsageError) -> BaseException:
         return exc  # help was printed; the caller only needs the exit
     ctx = exc.ctx
     message = _plain_words(exc) or exc.format_message().rstrip(".")
+    foreign = re.match(r"No such option: (\S+)", message)
+    if foreign and foreign.group(1) in FOREIGN_FLAGS:
+        message = f"No such option: {foreign.group(1)}: {FOREIGN_FLAGS[foreign.group(1)]}"
     extra = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
     if extra and set(extra.group(1).lower().split()) <= ON_OFF_WORDS:
         message = f"unexpected '{extra.group(1)}': on/off flags take no value (--low-vram alone turns it on)" + (

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT
+from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT, UsageError
 from ..base.settings import (
     BATCH,
     DEVICE_PANEL,
@@ -42,6 +42,7 @@ from .launch import first_process, process_mode, relaunch_for
 from .options import (
     FLAG,
     AllowPickleOpt,
+    BatchCountOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -145,10 +146,13 @@ def _run_one(
     *,
     title: str = "",
     dry_run: bool = False,
+    count: int = 1,
     **run: Any,
 ) -> None:
-    """One image: its job resolved and checked (bad input: one line, before anything loads), then made with
-    progress on stderr, then the table or JSON."""
+    """One job: resolved and checked (bad input: one line, before anything loads), then its image (`count`
+    images, seeds counting up) made with progress on stderr, then the table or JSON of each."""
+    if count < 1:
+        raise UsageError(f"--batch-count: must be at least 1 (got {count})")
     with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
         job = make_job(generator)
         if not dry_run:
@@ -156,9 +160,9 @@ def _run_one(
             _import_engine()
         with progress(mode) as (reporter, cancel):
             generator.events = reporter
-            result = generator.run(job, dry_run=dry_run, cancel=cancel)
-    if first_process():
-        _render_result(result, mode, json_out, title)
+            for result in generator.runs(job, count, dry_run=dry_run, cancel=cancel):
+                if first_process():
+                    _render_result(result, mode, json_out, title)
 
 
 def _run_options(
@@ -207,6 +211,7 @@ def generate(
     dtype: DtypeOpt = "auto",
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+    batch_count: BatchCountOpt = 1,
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
     mode = process_mode(quiet)
@@ -215,7 +220,13 @@ def generate(
         relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
-            mode, json_out, lambda gen: gen.job(prompt, **settings), dry_run=dry_run, allow_pickle=allow_pickle, **run
+            mode,
+            json_out,
+            lambda gen: gen.job(prompt, **settings),
+            dry_run=dry_run,
+            count=batch_count,
+            allow_pickle=allow_pickle,
+            **run,
         )
 
 
@@ -287,6 +298,7 @@ def upscale(
     dry_run: DryRunOpt = False,
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
+    batch_count: BatchCountOpt = 1,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
     mode = process_mode(quiet)
@@ -300,6 +312,7 @@ def upscale(
             lambda gen: gen.job(prompt, require_prompt=False, image=str(image), **settings),
             title="upscaled: ",
             dry_run=dry_run,
+            count=batch_count,
             allow_pickle=allow_pickle,
             max_input_pixels=max_input_pixels,
             **run,

@@ -26,7 +26,7 @@ SETTINGS_PARAM = "settings"
 def _annotation(setting: Setting) -> Any:
     """The Typer option of one setting: text (read by the setting), a list for adapters and texts, a flag for
     bools."""
-    names = [setting.flag, *setting.flags]
+    names = list(setting.all_flags)
     help_text = setting.help_text()
     common: dict[str, Any] = {"help": help_text, "rich_help_panel": setting.panel, "show_default": False}
     if setting.kind == "bool":
@@ -164,6 +164,17 @@ TimeoutOpt = Annotated[
         "\\[default: 600].",
         show_default=False,
         rich_help_panel=DEVICE_PANEL,
+    ),
+]
+BatchCountOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-count",
+        metavar="N",
+        help="Make N images of it, one after another, seeds counting up from --seed (AUTOMATIC1111's batch count) "
+        "\\[default: 1].",
+        show_default=False,
+        rich_help_panel=OUTPUT_PANEL,
     ),
 ]
 SplitImageOpt = Annotated[

@@ -18,7 +18,7 @@ diffusers: seconds) is imported when a job is about to load its model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,6 +139,18 @@ class Generator:
             group=self.group(),
         )
         return Result(done.report, done.image)
+
+    def runs(
+        self, job: JobSpec, count: int, *, dry_run: bool = False, cancel: CancelToken | None = None
+    ) -> Iterator[Result]:
+        """`count` images of one job, as AUTOMATIC1111's batch count makes them: seeds counting up from the job's
+        (or from one drawn at random, once, when it has none)."""
+        if count > 1 and not dry_run:
+            job.seed = (self.group() or Comm()).agree(pick_seed(job), "seed")
+        for index in range(1 if dry_run else count):
+            if index:
+                job.seed += 1
+            yield self.run(job, dry_run=dry_run, cancel=cancel)
 
     def batch(
         self,

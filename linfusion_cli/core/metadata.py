@@ -44,6 +44,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         *([("Model hash", meta["model_hash"])] if meta.get("model_hash") else []),
         ("Model", meta["model"]),
         *_denoising_strength(meta.get("stages", [])),
+        *([("Clip skip", s["clip_skip"])] if s.get("clip_skip", 1) > 1 else []),
         ("LinFusion", meta["linfusion"]),
         ("Stages", f'"{stages}"'),
         *_refine_fields(s),

@@ -46,6 +46,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
+MAX_CLIP_SKIP = 12  # SD-1.x's CLIP has 12 layers; a deeper skip than the model's own is refused when it loads
 SIZE_CONDITIONING = (
     "stage",
     "target",
@@ -119,6 +120,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         (GENERATE, UPSCALE, BATCH),
         check=_prompt_ok,
         flags=("-n",),
+        aliases=("negative_prompt",),
     ),
     Setting(
         "seed",
@@ -169,6 +171,19 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         WITH_BENCH,
         check=in_range(0.0, 50.0),
         flags=("-g",),
+        aliases=("cfg_scale", "cfg"),
+    ),
+    Setting(
+        "clip_skip",
+        "int",
+        1,
+        "Stop CLIP this many layers from the end, as AUTOMATIC1111's Clip skip: 2 is its penultimate layer (what "
+        "many SD-1.5 fine-tunes are made for); SDXL always uses its penultimate layer \\[default: 1].",
+        PROMPT_PANEL,
+        WITH_BENCH,
+        check=in_range(1, MAX_CLIP_SKIP),
+        key_if_default=False,  # added later: images made before it keep their names
+        metavar="N",
     ),
     Setting(
         "strengths",
@@ -202,7 +217,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         normalize=scheduler_name,
         check=sampler_problem,
         complete=lambda incomplete: [name for name in SAMPLERS.names() if name.startswith(incomplete)],
-        flags=("--sampler",),
+        aliases=("sampler", "sampler_name"),
     ),
     Setting(
         "format",
@@ -298,6 +313,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         REFINE_PANEL,
         WITH_BENCH,
         check=in_range(0.0, 1.0),
+        aliases=("denoising_strength", "denoise"),
     ),
     Setting(
         "refine",
@@ -338,6 +354,9 @@ def table() -> Mapping[str, Setting]:
         if setting.name in found:
             raise ValueError(f"setting {setting.name!r} is declared twice")
         found[setting.name] = setting
+    names = known_names(found)
+    if len(names) != len(set(names)):
+        raise ValueError(f"a setting name or alias is declared twice: {sorted(n for n in names if names.count(n) > 1)}")
     _TABLE[:] = [(stamp, MappingProxyType(found))]
     return _TABLE[0][1]
 
@@ -429,12 +448,19 @@ def problem(where: str, key: str, message: str) -> UsageError:
 
 
 def setting_name(key: str, settings: Mapping[str, Setting]) -> str:
-    """A field as a person writes it (`Prompt` in a CSV header, `base-size`, ` seed `) -> the setting's name; a
-    name that is no setting's, as given."""
+    """A field as a person writes it (`Prompt` in a CSV header, `base-size`, ` seed `, A1111's `CFG Scale` or
+    `Negative prompt`) -> the setting's name; a name that is no setting's, as given."""
     if key in settings:
         return key
     name = "_".join(key.strip().lower().replace("-", " ").split())
-    return name if name in settings else key
+    if name in settings:
+        return name
+    return next((s.name for s in settings.values() if name in s.aliases), key)
+
+
+def known_names(settings: Mapping[str, Setting]) -> list[str]:
+    """Every name a field may be written as (settings' names and their aliases): what a did-you-mean offers."""
+    return [name for s in settings.values() for name in (s.name, *s.aliases)]
 
 
 def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
@@ -442,7 +468,7 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     settings = table()
     setting = settings.get(setting_name(key, settings))
     if setting is None:
-        close = did_you_mean(key, settings)
+        close = did_you_mean(key, known_names(settings))
         known = close or f" (known: {', '.join(settings)})"
         raise UsageError(f"{where}: unknown field {quote(key)}{known}")
     try:

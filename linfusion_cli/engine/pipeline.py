@@ -276,7 +276,7 @@ class Engine:
         the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16)."""
         encoders = self.comps.text_encoders
         place_text_encoders(encoders, self.device, on_device=True)
-        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device)
+        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device, clip_skip=job.clip_skip)
         if job.low_vram:
             place_text_encoders(encoders, self.device, on_device=False)
         for note in cond.notes:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..base.errors import UsageError
 from ..base.text import plural
 from ..models.loading import Components
 
@@ -157,8 +158,20 @@ def _emphasize(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
     return weighted * (original_mean / weighted.float().mean()).to(hidden.dtype)
 
 
+def _hidden(encoder: Any, batch: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """SD-1.x/2.x conditioning: CLIP's last hidden state, or with clip skip N (A1111's `Clip skip`) the hidden
+    state N - 1 layers before the last, through the final layer norm as the last one is (A1111's
+    `FrozenCLIPEmbedderWithCustomWords.encode_with_transformers`; diffusers' `clip_skip` counts one less)."""
+    if clip_skip <= 1:
+        return encoder(batch)[0]
+    states = encoder(batch, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    if clip_skip >= len(states):
+        raise UsageError(f"--clip-skip {clip_skip}: this model's text encoder has {len(states) - 1} layers")
+    return getattr(encoder, "text_model", encoder).final_layer_norm(states[-clip_skip])
+
+
 def _encode_chunks(
-    comps: Components, text: str, device: torch.device, chunks_wanted: int
+    comps: Components, text: str, device: torch.device, chunks_wanted: int, clip_skip: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(1, 77 * chunks_wanted, D) embeddings and the pooled embedding (SDXL). A prompt with fewer chunks is
     padded with the empty prompt's chunk; one with more is cut."""
@@ -178,7 +191,7 @@ def _encode_chunks(
                 if c == 0 and i == len(comps.text_encoders) - 1:
                     pooled = out[0]
             else:
-                hidden = encoder(batch)[0]
+                hidden = _hidden(encoder, batch, clip_skip)
             pieces.append(_emphasize(hidden, weights))
         per_encoder.append(torch.cat(pieces, dim=1))  # (1, 77 * chunks, D_i)
     return torch.cat(per_encoder, dim=-1), pooled
@@ -196,13 +209,17 @@ def encode_prompt(
     guidance: float,
     device: torch.device,
     max_chunks: int | None = None,
+    clip_skip: int = 1,
 ) -> Conditioning:
     """Embeddings for the prompt (and the negative, with guidance). max_chunks=1 keeps CLIP's single window
-    (training batches need one length); the cut is then reported as a warning."""
+    (training batches need one length); the cut is then reported as a warning. `clip_skip`: see `_hidden` (SDXL
+    conditions on its penultimate layer whatever it says, as A1111 does)."""
     found = max(count_chunks(comps, prompt), count_chunks(comps, negative) if guidance > 1.0 else 1)
     chunks = found if max_chunks is None else min(found, max_chunks)
-    positive, pooled = _encode_chunks(comps, prompt, device, chunks)
+    positive, pooled = _encode_chunks(comps, prompt, device, chunks, clip_skip)
     notes, warnings = [], []
+    if comps.is_sdxl and clip_skip > 1:
+        notes.append(f"clip skip {clip_skip}: SDXL conditions on its penultimate layer whatever it says, as A1111 does")
     if chunks < found:
         warnings.append(f"prompt is longer than {plural(chunks * CHUNK_TOKENS, 'token')}: the rest is ignored")
     elif chunks > 1:
@@ -216,6 +233,6 @@ def encode_prompt(
         # SDXL's pipeline default (force_zeros_for_empty_prompt): an empty negative prompt is all zeros.
         neg, neg_pooled = torch.zeros_like(positive), (torch.zeros_like(pooled) if pooled is not None else None)
     else:
-        neg, neg_pooled = _encode_chunks(comps, negative, device, chunks)
+        neg, neg_pooled = _encode_chunks(comps, negative, device, chunks, clip_skip)
     both_pooled = torch.cat([neg_pooled, pooled]) if pooled is not None and neg_pooled is not None else None
     return Conditioning(torch.cat([neg, positive]), both_pooled, warnings, notes)
