@@ -30,6 +30,7 @@ from .metadata import settings_key
 from .planning import make_plan
 from .presets import load_preset
 from .settings import FLAGS, JobSpec
+from .tags import expand_prompt_tags
 
 if TYPE_CHECKING:
     from ..engine.memory_plan import MemoryPlanner
@@ -148,6 +149,7 @@ def plan_for(
 ) -> Prepared:
     """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
     job_target(job, input_size)  # size and format refused before even the model's config is read
+    tag_notes = expand_prompt_tags(job)  # <lora:NAME:W> -> the job's LoRAs, out of the prompt
     family, note = peek_family(job.model)
     check_linfusion_source(job.linfusion)
     check_sampler(job.scheduler, job.steps)
@@ -155,6 +157,7 @@ def plan_for(
     native = family.native_size if family else ASSUMED_NATIVE
     prep = prepare(job, options, native=native, seed=seed, index=index, input_size=input_size, random_seed=random_seed)
     prep.family = family
+    prep.notes.extend(tag_notes)
     if note:
         prep.notes.append(Note("info", note))
     size = (prep.target.width, prep.target.height)

@@ -81,9 +81,17 @@ class AdapterKind:
     ref_setting = ""  # the setting that lists a job's adapters of this kind (SRC[:SCALE] each)
     settings: tuple[Setting, ...] = ()
     fields_rank = 0  # where its fields go among the kinds' in the image's parameters text
+    tag_names: tuple[str, ...] = ()  # AUTOMATIC1111 prompt tags that name one of this kind (`lora`: <lora:NAME:W>)
 
     def refs(self, job: Job) -> list[AdapterRef]:
         return list(adapter_refs(getattr(job, self.ref_setting)))
+
+    def resolve(self, job: Job, tags: list[tuple[str, float]]) -> None:
+        """Before anything else reads the job: add the adapters its prompt's tags name ((NAME, weight) pairs) to
+        its refs, and make refs by a short name concrete (the file it names), so that a tag and the same ref
+        given as a flag are the same job."""
+        if tags:
+            raise NotImplementedError(f"{self.label} has no prompt tags")
 
     def preflight(self, job: Job, family: Family | None, allow_pickle: bool) -> None:
         """Everything about the job's adapters of this kind that can be refused before the model loads."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ...base.errors import ModelLoadError, UsageError
 from ...base.job import Job
 from ...base.settings import MODEL_PANEL, WITH_BENCH, AdapterRef, Setting
+from ...io.folders import files_by_name, find_by_name, search_folders
 from ..adapter_kind import AdapterKind
 from ..families import Family, family_of_width, safetensors_shapes
 from ..hub import looks_like_hub_id, resolve_local_or_hub
@@ -22,9 +23,30 @@ if TYPE_CHECKING:
     from ..loading import Components
 
 TINY = "tiny"  # the built-in random LoRA on every attention projection
-
-
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors",)  # diffusers' name; else the folder's one .safetensors
+LORA_DIR_ENV = "LINFUSION_LORA_DIR"
+LORA_DIR_DEFAULT = "loras"  # under the user's linfusion folder: ~/.config/linfusion/loras
+LORA_SUFFIXES = (".safetensors",)
+
+
+def lora_folders(job: Job) -> list[Path]:
+    return search_folders(job.lora_dir, LORA_DIR_ENV, LORA_DIR_DEFAULT)
+
+
+def _by_name(job: Job, name: str, found: dict[str, Path] | None = None) -> Path:
+    folders = lora_folders(job)
+    return find_by_name(name, files_by_name(folders, LORA_SUFFIXES) if found is None else found, "LoRA", folders)
+
+
+def _concrete(job: Job, ref: AdapterRef) -> AdapterRef:
+    """A ref naming a LoRA by its file name (`--lora NAME`, as a tag does): the file in the LoRA folders. A path, a
+    hub id or the built-in `tiny` as it is."""
+    source = ref.source
+    if source == TINY or looks_like_hub_id(source) or Path(source).expanduser().exists():
+        return ref
+    if "/" in source or ":" in source or source.endswith(".safetensors"):
+        return ref  # a path that does not exist (or a scale that is no number): the preflight says which
+    return AdapterRef(str(_by_name(job, source)), ref.scale)
 
 
 def _preflight(job: Job, family: Family | None) -> None:
@@ -55,13 +77,28 @@ def _preflight(job: Job, family: Family | None) -> None:
             )
 
 
+# The parts whose second side is a cross-attention key projection's input width (the text encoder's), or a factor
+# of it (LoKr: the two factors' second sides multiply).
+WIDTH_PARTS = ("lora_down_weight", "lora_A_weight", "hada_w1_b", "diff")
+LOKR_FIRST, LOKR_SECOND = ("lokr_w1", "lokr_w1_b"), ("lokr_w2", "lokr_w2_b")
+
+
 def lora_cross_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """The text width a LoRA was trained against: the input width of a cross-attention key projection's down
-    (A) weight, in kohya (`..._attn2_to_k.lora_down.weight`) or diffusers (`...attn2.to_k.lora_A.weight`) names."""
+    """The text width a LoRA was trained against: the input width of a cross-attention key projection, from its
+    down (A) weight in kohya (`..._attn2_to_k.lora_down.weight`) or diffusers (`...attn2.to_k.lora_A.weight`) names,
+    or from a LyCORIS network's factors (LoHa, LoKr, full)."""
+    lokr: dict[str, int] = {}
     for key, shape in shapes.items():
         flat = key.replace(".", "_")
-        if "attn2_to_k" in flat and flat.endswith(("lora_down_weight", "lora_A_weight")) and len(shape) == 2:
+        if "attn2_to_k" not in flat or len(shape) != 2:
+            continue
+        if flat.endswith(WIDTH_PARTS):
             return int(shape[1])
+        for half, parts in (("first", LOKR_FIRST), ("second", LOKR_SECOND)):
+            if flat.endswith(parts):
+                lokr[half] = int(shape[1])
+        if len(lokr) == 2:
+            return lokr["first"] * lokr["second"]
     return None
 
 
@@ -101,6 +138,7 @@ class LoraKind(AdapterKind):
     label = "LoRA"
     described_as = "lora"
     ref_setting = "lora"
+    tag_names = ("lora", "lyco")
     settings = (
         Setting(
             "lora",
@@ -111,8 +149,35 @@ class LoraKind(AdapterKind):
             commands=WITH_BENCH,
             metavar="SRC[:SCALE]",
         ),
+        Setting(
+            "lora_dir",
+            "texts",
+            None,
+            help="A folder of LoRAs (repeatable) where a prompt's <lora:NAME:WEIGHT> tags and --lora NAME find "
+            f"NAME.safetensors, sub-folders too; then ${LORA_DIR_ENV}, then ~/.config/linfusion/{LORA_DIR_DEFAULT}.",
+            panel=MODEL_PANEL,
+            commands=WITH_BENCH,
+            in_key=False,  # the files it finds are what the key records (lora)
+            path=True,
+            metavar="DIR",
+        ),
     )
     fields_rank = 0
+
+    def resolve(self, job: Job, tags: list[tuple[str, float]]) -> None:
+        """Tags (`<lora:NAME:W>`, `<lyco:...>`) become refs to the files they name, after the job's own; refs by
+        name become their files (the built-in `tiny` is a tag's last resort, for the tiny models)."""
+        refs = [str(_concrete(job, ref)) for ref in self.refs(job)]
+        found = files_by_name(lora_folders(job), LORA_SUFFIXES) if tags else {}
+        for name, weight in tags:
+            try:
+                path = str(_by_name(job, name, found))
+            except UsageError:
+                if name != TINY:
+                    raise
+                path = TINY
+            refs.append(str(AdapterRef(path, weight)))
+        setattr(job, self.ref_setting, refs or getattr(job, self.ref_setting))
 
     def preflight(self, job: Job, family: Family | None, allow_pickle: bool) -> None:
         _preflight(job, family)

@@ -1,0 +1,57 @@
+"""AUTOMATIC1111's extra-network tags in a prompt (`<lora:NAME:WEIGHT>`, `<lyco:...>`): taken out of the text CLIP
+sees (and the name of the output), each handed to the adapter kind that owns its tag name, which adds the adapter
+it names to the job as if it had been given as a flag. A tag of a kind this tool does not have (`<hypernet:...>`)
+is taken out too, with a warning, as A1111 skips an unknown one. Runs once per job, before anything reads it."""
+
+from __future__ import annotations
+
+import re
+
+from ..base.errors import UsageError
+from ..base.text import quote
+from ..models.adapter_kind import AdapterKind
+from ..models.adapters import ADAPTER_KINDS
+from .settings import JobSpec
+
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's own pattern (modules/extra_networks.py)
+DEFAULT_WEIGHT = 1.0  # A1111's, for a tag without one
+
+
+def _weight(tag: str, args: list[str]) -> float:
+    if len(args) == 1:
+        return DEFAULT_WEIGHT
+    if len(args) > 2:
+        raise UsageError(
+            f"{quote(tag)}: separate text-encoder and UNet weights (or named arguments) are not supported; "
+            "give one weight: <lora:NAME:0.8>"
+        )
+    try:
+        return float(args[1])
+    except ValueError:
+        raise UsageError(f"{quote(tag)}: the weight '{args[1]}' is not a number (<lora:NAME:0.8>)") from None
+
+
+def expand_prompt_tags(job: JobSpec) -> list[str]:
+    """Take the job's tags out of its prompt and add what they name (see the module docstring); what is worth
+    telling (an unknown kind, a tag in the negative prompt) comes back as notes."""
+    notes: list[str] = []
+    found: dict[str, list[tuple[str, float]]] = {}
+    kinds: dict[str, AdapterKind] = {name: kind for kind in ADAPTER_KINDS for name in kind.tag_names}
+
+    def take(match: re.Match[str]) -> str:
+        tag, kind = match.group(0), kinds.get(match.group(1).lower())
+        if kind is None:
+            notes.append(f"{tag} ignored: this tool has no '{match.group(1)}' networks")
+            return ""
+        args = [arg.strip() for arg in match.group(2).split(":")]
+        found.setdefault(kind.name, []).append((args[0], _weight(tag, args)))
+        return ""
+
+    job.prompt = EXTRA_NETWORK.sub(take, job.prompt)
+    negative = EXTRA_NETWORK.findall(job.negative or "")
+    if negative:
+        job.negative = EXTRA_NETWORK.sub("", job.negative)
+        notes.append(f"{len(negative)} tag(s) in the negative prompt ignored: <lora:...> tags go in the prompt")
+    for kind in ADAPTER_KINDS:
+        kind.resolve(job, found.get(kind.name, []))
+    return notes
