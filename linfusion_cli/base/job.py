@@ -19,6 +19,7 @@ class Job:
     height: int | None
     steps: int
     guidance: float
+    clip_skip: int
     strengths: list[float] | None
     size_cond: str
     scheduler: str
@@ -40,6 +41,7 @@ class Job:
     cosine_scale_3: float
     gaussian_sigma: float
     lora: list[str] | None
+    lora_dir: list[str] | None
     controlnet: list[str] | None
     control_image: list[str] | None
     control_start: float

@@ -145,12 +145,13 @@ class Generator:
     ) -> Iterator[Result]:
         """`count` images of one job, as AUTOMATIC1111's batch count makes them: seeds counting up from the job's
         (or from one drawn at random, once, when it has none)."""
-        if count > 1 and not dry_run:
-            job.seed = (self.group() or Comm()).agree(pick_seed(job), "seed")
-        for index in range(1 if dry_run else count):
-            if index:
-                job.seed += 1
+        if count == 1 or dry_run:
             yield self.run(job, dry_run=dry_run, cancel=cancel)
+            return
+        first = (self.group() or Comm()).agree(pick_seed(job), "seed")
+        for index in range(count):
+            job.seed = first + index
+            yield self.run(job, cancel=cancel)
 
     def batch(
         self,

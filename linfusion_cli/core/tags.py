@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from ..base.errors import UsageError
+from ..base.events import Note
 from ..base.text import quote
 from ..models.adapter_kind import AdapterKind
 from ..models.adapters import ADAPTER_KINDS
@@ -31,17 +32,17 @@ def _weight(tag: str, args: list[str]) -> float:
         raise UsageError(f"{quote(tag)}: the weight '{args[1]}' is not a number (<lora:NAME:0.8>)") from None
 
 
-def expand_prompt_tags(job: JobSpec) -> list[str]:
+def expand_prompt_tags(job: JobSpec) -> list[Note]:
     """Take the job's tags out of its prompt and add what they name (see the module docstring); what is worth
     telling (an unknown kind, a tag in the negative prompt) comes back as notes."""
-    notes: list[str] = []
+    notes: list[Note] = []
     found: dict[str, list[tuple[str, float]]] = {}
     kinds: dict[str, AdapterKind] = {name: kind for kind in ADAPTER_KINDS for name in kind.tag_names}
 
     def take(match: re.Match[str]) -> str:
         tag, kind = match.group(0), kinds.get(match.group(1).lower())
         if kind is None:
-            notes.append(f"{tag} ignored: this tool has no '{match.group(1)}' networks")
+            notes.append(Note("warning", f"{tag} ignored: this tool has no '{match.group(1)}' networks"))
             return ""
         args = [arg.strip() for arg in match.group(2).split(":")]
         found.setdefault(kind.name, []).append((args[0], _weight(tag, args)))
@@ -51,7 +52,9 @@ def expand_prompt_tags(job: JobSpec) -> list[str]:
     negative = EXTRA_NETWORK.findall(job.negative or "")
     if negative:
         job.negative = EXTRA_NETWORK.sub("", job.negative)
-        notes.append(f"{len(negative)} tag(s) in the negative prompt ignored: <lora:...> tags go in the prompt")
+        notes.append(
+            Note("warning", f"{len(negative)} tag(s) in the negative prompt ignored: <lora:...> tags go in the prompt")
+        )
     for kind in ADAPTER_KINDS:
         kind.resolve(job, found.get(kind.name, []))
     return notes
