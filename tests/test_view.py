@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def make_pattern(path: Path) -> None:
         "model": "pattern-model",
         "created": PATTERN_CREATED,
         "complete": True,
-        "settings": {"prompt": "a red and blue flag", "negative": "blurry", "steps": 30, "scheduler": "euler"},
+        "settings": {"prompt": "a red and blue flag", "negative": "blurry", "steps": 30, "scheduler": "euler"}
+        | {"lora": ["tiny:0.7", "ink.safetensors:0.3"]},
         "seconds": {"generate": 12.5, "write": 0.25},
         "stages": [{"kind": "base", "size": "2048x1024", "steps": 30, "seconds": 12.0}],
     }
@@ -65,6 +67,7 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(app, ["batch", str(prompts), *FAST, "--out", str(folder), "--json", "-q"])
     assert result.exit_code == 0, result.stderr
     failed = {"schema": 1, "index": 9, "status": "failed", "path": None, "seed": 14, "error": "out of <b>memory</b>"}
+    failed["prompt"] = "a lost <i>fox</i>"
     (folder / "night.jsonl").write_text(result.stdout + json.dumps(failed) + "\n")
     fox = next(folder.glob("00000_*.png"))
     (folder / "damaged fox.png").write_bytes(fox.read_bytes()[: fox.stat().st_size // 2])
@@ -77,17 +80,12 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def site(renders: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site") / "site"
-    report = build_site(renders, out, viewer_js=_local_viewer_or_none())
+    report = build_site(renders, out)  # OpenSeadragon: the copy shipped in the package
     assert sorted(report.new) == sorted(p.name for p in renders.glob("*.png") if p.name != "damaged fox.png")
     assert [name for name, _ in report.damaged] == ["damaged fox.png"]
     assert "png" in report.damaged[0][1]  # libvips's reason ("vipspng: libpng read error" in 8.18)
     assert (report.failed_jobs, report.not_images) == (1, 1)  # notes.txt; sidecars and logs are not "other"
     return out
-
-
-def _local_viewer_or_none() -> Path | None:
-    value = os.environ.get(VIEWER_JS_ENV)
-    return Path(value) if value else None
 
 
 def page_of(site: Path, image_name: str) -> str:
@@ -122,6 +120,7 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     flag = page_of(site, "flag.png")
     for text in ("a red and blue flag", "blurry", "42", "2048x1024 (2.1 MP)", "pattern-model", "euler", "12.5"):
         assert text in flag, text
+    assert "viewer: OpenSeadragon 6.1.1, shipped with linfusion (assets/openseadragon.min.js: works offline)" in flag
     assert '"Width": "2048"' in flag and f'"TileSize": "{TILE_SIZE}"' in flag  # the inline tile source
     odd = page_of(site, ODD_NAME)
     assert "no sidecar: shown without its settings" in odd and "ünï côde 狐 lake.png" in odd
@@ -129,9 +128,12 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     assert "5 images, 1 damaged, 1 failed job, 1 other file skipped" in sheet
     assert "damaged: vipspng: " in sheet and "job 9: failed" in sheet
     assert "out of &lt;b&gt;memory&lt;/b&gt;" in sheet  # the log's error, escaped
+    assert '<p class="prompt">a lost &lt;i&gt;fox&lt;/i&gt;</p>' in sheet  # the failed job's prompt, from its line
+    assert "<dt>lora</dt><dd>tiny:0.7, ink.safetensors:0.3</dd>" in flag  # a list as a person writes it
     assert "seed 5 · 128x128 · 2 steps · cfg 7.5 · ddim · sdedit · tiny" in sheet
-    names = re.findall(r'<span class="file">([^<]*)</span>', sheet)
+    names = [name.replace("<wbr>", "") for name in re.findall(r'<span class="file">(.*?)</span>', sheet)]
     assert names[0] == "flag.png"  # newest first: its sidecar says 2030
+    assert re.search(r'<span class="file">00000_<wbr>a-<wbr>red-<wbr>fox_<wbr>5_<wbr>128x128_<wbr>\w+\.<wbr>png', sheet)
     assert '<span class="badge">no sidecar</span>' in sheet
 
 
@@ -145,6 +147,29 @@ def test_hostile_prompt_is_text_everywhere(site: Path, renders: Path) -> None:
     assert page.count("</title>") == 1
     config = re.search(r'<script type="application/json" id="view-config">(.*?)</script>', page, re.S)
     assert config is not None and "<" not in config.group(1)
+
+
+def test_images_in_sub_folders_are_shown_under_their_path(renders: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "nights"
+    fox = next(renders.glob("00000_*.png"))
+    for where in ("night-1/a.png", "night-2/task-0/b.png"):
+        (folder / where).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fox, folder / where)
+    first = build_site(folder)
+    again = build_site(folder)  # the site (folder/view) is a sub-folder now: never taken for images
+    assert (first.images, again.images, again.not_images, sorted(first.new)) == (2, 2, 0, ["a.png", "b.png"])
+    sheet = (again.site / "index.html").read_text().replace("<wbr>", "")
+    assert sorted(re.findall(r'<span class="file">(.*?)</span>', sheet)) == ["night-1/a.png", "night-2/task-0/b.png"]
+
+
+def test_small_images_say_their_megapixels() -> None:
+    from linfusion_cli.view.pages import megapixels
+
+    assert [megapixels(*size) for size in [(256, 168), (2048, 1024), (16384, 16384)]] == [
+        "0.043 MP",
+        "2.1 MP",
+        "268.4 MP",
+    ]
 
 
 def test_rerun_adds_only_what_is_new(renders: Path, tmp_path: Path) -> None:
@@ -223,35 +248,52 @@ def test_without_pyvips_one_line_says_what_to_install(runner, renders: Path, mon
     assert not (renders / "view").exists()  # nothing written
 
 
-def test_viewer_from_the_pinned_cdn_or_a_local_copy(renders: Path, tmp_path: Path, monkeypatch) -> None:
+def test_viewer_shipped_by_default_or_cdn_url_or_local_copy(renders: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(VIEWER_JS_ENV, raising=False)
     fox = next(renders.glob("00000_*.png"))
-    cdn = build_site(fox, tmp_path / "cdn").page.read_text()
+    shipped = build_site(fox, tmp_path / "shipped")
+    page = shipped.page.read_text()
+    assert 'src="../assets/openseadragon.min.js">' in page and '"buttons": "../assets/images/"' in page
+    assert (shipped.site / "assets" / "images" / "home_rest.png").is_file()  # the buttons came along
+    cdn = build_site(fox, tmp_path / "cdn", viewer_js="CDN").page.read_text()
     assert f'src="{OSD_CDN}openseadragon.min.js" integrity="{OSD_INTEGRITY}" crossorigin="anonymous"' in cdn
+    assert "viewer: OpenSeadragon 6.1.1 from jsDelivr, pinned by its integrity hash (needs the internet)" in cdn
+    url = "https://example.org/osd/openseadragon.min.js"
+    elsewhere = build_site(fox, tmp_path / "url", viewer_js=url).page.read_text()
+    assert f'src="{url}">' in elsewhere and '"buttons": "https://example.org/osd/images/"' in elsewhere
     package = tmp_path / "package" / "build" / "openseadragon"  # the npm package's layout
     (package / "images").mkdir(parents=True)
     (package / "openseadragon.min.js").write_text("window.OpenSeadragon = function () {};")
     (package / "images" / "home_rest.png").write_bytes(b"png")
     local = build_site(fox, tmp_path / "local", viewer_js=tmp_path / "package")
     assert 'src="../assets/openseadragon.min.js">' in local.page.read_text()
-    assert (local.site / "assets" / "images" / "home_rest.png").is_file()
-    assert '"buttons": "../assets/images/"' in local.page.read_text()
-    again = build_site(fox, tmp_path / "local")  # no flag: the site keeps its local copy (offline stays offline)
-    assert "../assets/openseadragon.min.js" in again.page.read_text()
+    assert (local.site / "assets" / "images" / "home_rest.png").read_bytes() == b"png"
+    again = build_site(fox, tmp_path / "local")  # no flag: the site keeps the copy it was given
+    assert (again.site / "assets" / "openseadragon.min.js").read_text().startswith("window.OpenSeadragon")
+    assert "viewer: the site&#x27;s local copy of OpenSeadragon" in again.page.read_text()
 
 
-@pytest.mark.skipif(not os.environ.get(VIEWER_JS_ENV), reason=f"{VIEWER_JS_ENV} is not set (.ci/run sets it)")
-def test_pinned_integrity_hash_is_the_npm_file() -> None:
-    """The CDN pin and the local copy CI tests with are the same bytes: the SRI hash is the npm file's."""
+def test_shipped_viewer_is_the_npm_package_files() -> None:
+    """The copy in the package is OpenSeadragon's npm package at the pinned version, byte for byte: its script has
+    the pinned SRI hash (the one jsDelivr serves it under), every file matches the manifest .ci/vendor-openseadragon
+    wrote, the licence is there; and where CI unpacked the npm package ($LINFUSION_VIEWER_JS), the same bytes."""
     import base64
     import hashlib
 
     from linfusion_cli.view.assets import OSD_VERSION
 
-    path = Path(os.environ[VIEWER_JS_ENV])
-    digest = base64.b64encode(hashlib.sha384(path.read_bytes()).digest()).decode()
-    assert f"sha384-{digest}" == OSD_INTEGRITY
-    assert path.read_text().startswith(f"//! openseadragon {OSD_VERSION}\n")  # the build banner names its version
+    shipped = Path(__file__).parents[1] / "linfusion_cli" / "view" / "openseadragon"
+    script = (shipped / "openseadragon.min.js").read_bytes()
+    assert f"sha384-{base64.b64encode(hashlib.sha384(script).digest()).decode()}" == OSD_INTEGRITY
+    assert script.startswith(f"//! openseadragon {OSD_VERSION}\n".encode())  # the build banner names its version
+    manifest = dict(line.split()[::-1] for line in (shipped / "MANIFEST.sha256").read_text().splitlines())
+    files = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file())
+    assert sorted(manifest) == [f for f in files if f != "MANIFEST.sha256"] and len(manifest) == 42
+    for name, digest in manifest.items():
+        assert hashlib.sha256((shipped / name).read_bytes()).hexdigest() == digest, name
+    assert "Redistribution and use in source and binary forms" in (shipped / "LICENSE.txt").read_text()
+    if os.environ.get(VIEWER_JS_ENV):
+        assert Path(os.environ[VIEWER_JS_ENV]).read_bytes() == script
 
 
 def test_served_site_and_port_in_use(site: Path) -> None:
@@ -264,8 +306,13 @@ def test_served_site_and_port_in_use(site: Path) -> None:
         dzi = next((site / "tiles").glob("*.dzi")).name
         with urllib.request.urlopen(site_url(server, f"tiles/{dzi}")) as response:
             assert response.headers["Content-Type"] == "application/xml"
-        with pytest.raises(UsageError, match="is in use"):
+        with pytest.raises(UsageError, match="is in use") as busy:
             open_server(site, server.server_address[1])
+        assert f"--port {server.server_address[1] + 1}" in str(busy.value)  # advice the CLI takes
+        for folder in ("pages/", "tiles/", "assets/"):  # no listing of a folder's files
+            with pytest.raises(urllib.error.HTTPError) as listing:
+                urllib.request.urlopen(site_url(server, folder))
+            assert listing.value.code == 404
     finally:
         server.shutdown()
         server.server_close()
@@ -332,8 +379,6 @@ def _browser_missing() -> str | None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return "the playwright package is not installed (pip install '.[test]')"
-    if not os.environ.get(VIEWER_JS_ENV):
-        return f"no local OpenSeadragon: set {VIEWER_JS_ENV} (npm pack openseadragon@6.1.1; .ci/run does it)"
     return None
 
 
@@ -399,6 +444,11 @@ def test_pages_in_headless_chromium_from_file_and_served(site: Path, tmp_path: P
                 str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
                 viewport=VIEWPORT,
             )  # fmt: skip
+            # the network is off: anything but the site itself (file://, this server) is refused and reported
+            context.route(
+                re.compile(r"^https?://(?!127\.0\.0\.1[:/])"),
+                lambda route: (problems.append(f"network: {route.request.url}"), route.abort()),
+            )
             page = context.new_page()
             page.on("console", lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None)
             page.on("pageerror", lambda exc: problems.append(str(exc)))

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ..base.settings import OUTPUT_PANEL
 from ..view import DEFAULT_PORT
+from ..view.records import IMAGE_SUFFIXES
 from .boundary import boundary, emit_json, output_mode, setup_logging, stderr
 from .options import FLAG, QuietOpt
 
@@ -25,8 +26,8 @@ VIEW_EXAMPLES = """[bold]Examples[/]
   linfusion view renders                       [dim]# renders/view/index.html; rerun to add new images[/]
   linfusion view renders --serve               [dim]# and open http://127.0.0.1:8000/index.html[/]
   linfusion view lighthouse.png --out /tmp/site --tiles webp
-  [dim]# offline: a local OpenSeadragon instead of the pinned CDN file (npm pack openseadragon@6.1.1):[/]
-  linfusion view renders --viewer-js ./package/build/openseadragon/openseadragon.min.js
+  [dim]# OpenSeadragon from jsDelivr instead of the copy shipped with linfusion (a lighter site):[/]
+  linfusion view renders --viewer-js cdn
   [dim]# mark a batch's failed jobs on the sheet:[/]
   linfusion view renders --jobs logs/task-0.jsonl --jobs logs/task-1.jsonl"""
 
@@ -48,12 +49,14 @@ def view_command(
         ),
     ] = None,
     viewer_js: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--viewer-js",
             envvar="LINFUSION_VIEWER_JS",
-            help="A local OpenSeadragon (openseadragon.min.js, its folder, or the npm package), copied into the "
-            "site so it works offline \\[default: OpenSeadragon 6.1.1 from jsDelivr, pinned by an integrity hash].",
+            metavar="cdn|URL|PATH",
+            help="Where pages get OpenSeadragon: cdn (6.1.1 from jsDelivr, pinned by an integrity hash; needs the "
+            "internet), a URL, or a local copy (openseadragon.min.js, its folder, the npm package) \\[default: "
+            "the copy shipped with linfusion, copied into the site: works offline].",
             rich_help_panel=VIEW_PANEL,
         ),
     ] = None,
@@ -103,7 +106,7 @@ def view_command(
         report = build_site(
             source, out, viewer_js=viewer_js, tiles=tiles, job_logs=tuple(jobs or ()), progress=_progress(mode)
         )
-        _render(report, mode, json_out)
+        _render(report, mode, json_out, source)
         if serve:
             page = report.page.relative_to(report.site).as_posix()
             try:
@@ -123,10 +126,16 @@ def _progress(mode: str) -> Callable[[Path, Pyramid | None, float], None]:
     return show
 
 
-def _render(report: SiteReport, mode: str, json_out: bool) -> None:
+def _render(report: SiteReport, mode: str, json_out: bool, source: Path) -> None:
     for name, why in report.damaged:
         stderr.print(
             f"[yellow]warning:[/] {escape(name)} cannot be read ({escape(why)}); listed as damaged", highlight=False
+        )
+    if report.images == 0 and not report.failed_jobs:
+        stderr.print(
+            f"[yellow]warning:[/] no images ({', '.join(IMAGE_SUFFIXES)}) in {escape(str(source))} or its sub-folders",
+            highlight=False,
+            soft_wrap=True,
         )
     if json_out:
         emit_json(report.as_dict())

@@ -66,6 +66,7 @@ class JobOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_vram_allocated_gib: float | None = None
     error: str | None = None
+    prompt: str | None = None  # a job with no image (failed, stopped): what it was, for a log or a contact sheet
 
     def as_line(self) -> dict[str, Any]:
         line: dict[str, Any] = {
@@ -80,6 +81,8 @@ class JobOutcome:
         }
         if self.error:
             line["error"] = self.error
+        if self.prompt is not None:
+            line["prompt"] = self.prompt
         return line
 
 
@@ -207,7 +210,16 @@ def run_batch(
         reached = {o.index for o in summary.outcomes}
         for prep in todo:
             if (prep.index or 0) not in reached:
-                record(JobOutcome(prep.index or 0, "stopped", None, None, error=f"not started: {summary.stopped}"))
+                record(
+                    JobOutcome(
+                        prep.index or 0,
+                        "stopped",
+                        None,
+                        None,
+                        error=f"not started: {summary.stopped}",
+                        prompt=prep.job.prompt,
+                    )
+                )
     summary.outcomes.sort(key=lambda o: o.index)
     record.check_open()
     return summary
@@ -228,7 +240,7 @@ def _to_make(
         index = prep.index or 0
         if index in unavailable:
             events(Note("warning", f"job {index} failed: {unavailable[index]}"))
-            record(JobOutcome(index, "failed", None, prep.seed, error=unavailable[index]))
+            record(JobOutcome(index, "failed", None, prep.seed, error=unavailable[index], prompt=prep.job.prompt))
             continue
         done, prep = (None, prep) if options.overwrite else resume_state(prep, options, listing)
         if done is not None:
@@ -361,7 +373,7 @@ class _Task:
                 raise
             self.events(Note("warning", f"job {index} failed: {exc}"))
             seconds = {"total": time.perf_counter() - self.start}
-            self.record(JobOutcome(index, "failed", None, prep.seed, seconds, None, str(exc)))
+            self.record(JobOutcome(index, "failed", None, prep.seed, seconds, None, str(exc), prep.job.prompt))
             return False
         finally:
             if not handed_over:
@@ -409,7 +421,9 @@ def _writer_job(
         except (LinFusionError, OSError) as exc:  # a failed write fails this job, not the batch
             if isinstance(exc, DiskFullError):
                 disk_full.append(exc)
-            outcome = JobOutcome(index, "failed", None, prep.seed, {"total": elapsed}, peak, f"could not save: {exc}")
+            outcome = JobOutcome(
+                index, "failed", None, prep.seed, {"total": elapsed}, peak, f"could not save: {exc}", prep.job.prompt
+            )
         else:
             timings = {**sidecar.get("seconds", {}), "total": elapsed + sidecar["seconds"].get("write", 0.0)}
             if not loaded:

@@ -1,18 +1,21 @@
-"""Where the pages get OpenSeadragon (the deep-zoom viewer) from: a pinned CDN file, or a local copy in the site.
+"""Where the pages get OpenSeadragon (the deep-zoom viewer) from: by default the copy shipped inside this package,
+copied into the site, so a site works with no network (a render node, a laptop on a train, CI).
 
-The default is one pinned version on jsDelivr with a Subresource Integrity hash, so a browser runs exactly the
-file this project tested and nothing else; the hash is the SHA-384 of `build/openseadragon/openseadragon.min.js`
-in the npm package of that version (jsDelivr serves npm files byte for byte). A site that must work offline
-(`file://` on an air-gapped machine, CI) gets a local copy instead: `--viewer-js PATH` or `$LINFUSION_VIEWER_JS`
-names the file, its folder, or the unpacked npm package (`npm pack openseadragon@6.1.1`), and the file and its
-button images are copied into `SITE/assets/`. Once a site has a local copy, later runs keep using it.
+The shipped copy is OpenSeadragon's npm package at `OSD_VERSION`, byte for byte (`openseadragon/`: the minified
+script, its button images, its BSD-3-Clause licence; `.ci/vendor-openseadragon` refreshes it and writes
+`MANIFEST.sha256`); its script's SHA-384 is the Subresource Integrity hash below, the one jsDelivr serves the same
+file under. `--viewer-js` (or `$LINFUSION_VIEWER_JS`) chooses otherwise: `cdn` (that pinned jsDelivr file, checked
+by the browser against the hash; needs the internet), a URL, or a local copy (the file, its folder, or an unpacked
+npm package). A site keeps a local copy it already holds when run again without the flag.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ..base.errors import UsageError
@@ -22,7 +25,10 @@ OSD_VERSION = "6.1.1"
 OSD_CDN = f"https://cdn.jsdelivr.net/npm/openseadragon@{OSD_VERSION}/build/openseadragon/"
 OSD_FILE = "openseadragon.min.js"
 OSD_INTEGRITY = "sha384-KKly+4vqqBHitr2XfNKWa3+0asIVpzYs2HijkM/zz0X6rgnyLuQEVERX9HqkM5/P"
+SHIPPED_DIR = "openseadragon"  # inside this package
 VIEWER_JS_ENV = "LINFUSION_VIEWER_JS"
+CDN_CHOICE = "cdn"
+URL_PREFIXES = ("https://", "http://")
 ASSETS_DIR = "assets"
 MAX_VIEWER_JS_BYTES = 8 << 20  # the 6.x file is 0.35 MiB; anything far larger is not it
 MAX_BUTTON_BYTES = 1 << 20
@@ -38,17 +44,24 @@ _PACKAGE_PATHS = (
 class Viewer:
     """How a page at depth 1 under the site root (`pages/x.html`) loads the viewer.
 
-    `script` is the `src` of its script tag, `integrity` the SRI hash when it comes from the CDN, and
-    `buttons` the URL prefix of the navigation buttons' images (None: the site has none, so the page hides them).
-    """
+    `script` is the `src` of its script tag, `integrity` the SRI hash when it comes from the CDN, `buttons` the
+    URL prefix of the navigation buttons' images (None: the site has none, so the page hides them), and `source`
+    what the page says of it."""
 
     script: str
     integrity: str | None
     buttons: str | None
     local: bool
+    source: str = ""
 
 
-CDN_VIEWER = Viewer(OSD_CDN + OSD_FILE, OSD_INTEGRITY, OSD_CDN + "images/", local=False)
+CDN_VIEWER = Viewer(
+    OSD_CDN + OSD_FILE,
+    OSD_INTEGRITY,
+    OSD_CDN + "images/",
+    local=False,
+    source=f"OpenSeadragon {OSD_VERSION} from jsDelivr, pinned by its integrity hash (needs the internet)",
+)
 
 
 def find_viewer_file(given: Path) -> Path:
@@ -59,30 +72,56 @@ def find_viewer_file(given: Path) -> Path:
                 return given / relative
         raise UsageError(f"--viewer-js: no {OSD_FILE} in the folder {quote(str(given))} (nor in build/openseadragon/)")
     if not given.exists():
-        raise UsageError(f"--viewer-js: {quote(str(given))} does not exist")
+        raise UsageError(
+            f"--viewer-js: {quote(str(given))} does not exist (give cdn, a URL, or a local openseadragon.min.js)"
+        )
     return given
 
 
-def install_viewer(site: Path, given: Path | None) -> Viewer:
+def install_viewer(site: Path, given: str | Path | None) -> Viewer:
     """Put the viewer where the site's pages will load it from, and say how they load it.
 
-    `given` (the flag, else the environment variable) is copied in; without it, a copy the site already holds is
-    kept (a rerun must not silently make an offline site depend on the network); else the pinned CDN file."""
-    if given is None and os.environ.get(VIEWER_JS_ENV):
-        given = Path(os.environ[VIEWER_JS_ENV]).expanduser()
-    assets = site / ASSETS_DIR
-    if given is not None:
-        source = find_viewer_file(given)
-        code = read_regular(source, MAX_VIEWER_JS_BYTES, "the viewer's JavaScript")
-        if b"OpenSeadragon" not in code:
-            raise UsageError(f"--viewer-js: {quote(str(source))} is not OpenSeadragon's JavaScript")
-        assets.mkdir(parents=True, exist_ok=True)
-        (assets / OSD_FILE).write_bytes(code)
-        _copy_buttons(source.parent / "images", assets / "images")
-    if not (assets / OSD_FILE).is_file():
+    `given` (the flag, else the environment variable): `cdn`, a URL, or a local copy, copied in. Without it, a
+    copy the site already holds is kept, else the copy shipped in this package is copied in."""
+    choice = str(given if given is not None else os.environ.get(VIEWER_JS_ENV) or "").strip()
+    if choice.lower() == CDN_CHOICE:
         return CDN_VIEWER
+    if choice.lower().startswith(URL_PREFIXES):
+        folder = choice.rsplit("/", 1)[0] + "/"
+        return Viewer(choice, None, folder + "images/", local=False, source=f"OpenSeadragon from {choice}")
+    assets = site / ASSETS_DIR
+    if choice:
+        _copy_viewer(find_viewer_file(Path(choice).expanduser()), assets)
+        source = f"a local copy of OpenSeadragon ({ASSETS_DIR}/{OSD_FILE}, from {choice})"
+    elif (assets / OSD_FILE).is_file():
+        source = f"the site's local copy of OpenSeadragon ({ASSETS_DIR}/{OSD_FILE})"
+    else:
+        with ExitStack() as stack:
+            shipped = stack.enter_context(resources.as_file(resources.files(__package__) / SHIPPED_DIR / OSD_FILE))
+            _copy_viewer(shipped, assets)
+        source = f"a local copy of OpenSeadragon ({ASSETS_DIR}/{OSD_FILE})"
+    if _is_shipped(assets / OSD_FILE):
+        source = f"OpenSeadragon {OSD_VERSION}, shipped with linfusion ({ASSETS_DIR}/{OSD_FILE}: works offline)"
     buttons = f"../{ASSETS_DIR}/images/" if (assets / "images").is_dir() else None
-    return Viewer(f"../{ASSETS_DIR}/{OSD_FILE}", None, buttons, local=True)
+    return Viewer(f"../{ASSETS_DIR}/{OSD_FILE}", None, buttons, local=True, source=source)
+
+
+def _copy_viewer(source: Path, assets: Path) -> None:
+    code = read_regular(source, MAX_VIEWER_JS_BYTES, "the viewer's JavaScript")
+    if b"OpenSeadragon" not in code:
+        raise UsageError(f"--viewer-js: {quote(str(source))} is not OpenSeadragon's JavaScript")
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / OSD_FILE).write_bytes(code)
+    _copy_buttons(source.parent / "images", assets / "images")
+
+
+def _is_shipped(path: Path) -> bool:
+    """Whether the site's copy is the one this package ships (the page then names its version)."""
+    shipped = resources.files(__package__) / SHIPPED_DIR / OSD_FILE
+    try:
+        return path.stat().st_size == len(data := shipped.read_bytes()) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _copy_buttons(source: Path, target: Path) -> None:

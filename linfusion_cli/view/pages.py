@@ -47,12 +47,26 @@ def esc(value: Any) -> str:
 
 
 def _plain(value: Any) -> str:
-    """A setting as a person reads it: strings bare, None as a dash, the rest as compact JSON."""
+    """A setting as a person reads it: strings bare, None as a dash, a list of plain values (LoRAs, strengths)
+    joined by commas, anything else as compact JSON."""
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and all(isinstance(item, str | int | float) for item in value):
+        return ", ".join(_plain(item) for item in value) or "-"
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+
+
+def megapixels(width: int, height: int) -> str:
+    """268.4 MP, 4.2 MP, 0.04 MP: two significant figures at least, so a small image is not "0.0 MP"."""
+    mp = width * height / 1e6
+    return f"{mp:.1f} MP" if mp >= 1 else f"{mp:.2g} MP"
+
+
+def file_name(name: str) -> str:
+    """A file name as HTML that wraps after its `_`, `-` and `.` (a batch's long names), never inside a word."""
+    return "".join(esc(char) + ("<wbr>" if char in "_-." else "") for char in name)
 
 
 def script_json(data: Any) -> str:
@@ -113,7 +127,8 @@ def image_page(card: Card, viewer: Viewer) -> str:
         '<div id="zoom-readout"></div></div>\n'
         f'<aside class="meta">\n<p><a href="../index.html">&larr; all images</a></p>\n'
         f"<h1>{esc(card.sidecar.prompt or card.name)}</h1>\n{_notes(card)}{_facts(card)}{_settings(card)}"
-        f"{_timings(card.sidecar.data)}{_all_settings(card.sidecar.settings)}</aside>\n</main>\n"
+        f"{_timings(card.sidecar.data)}{_all_settings(card.sidecar.settings)}"
+        f'<p class="viewer-source">viewer: {esc(viewer.source)}</p>\n</aside>\n</main>\n'
         f'<script src="{esc(viewer.script)}"{integrity}></script>\n'
         f'<script type="application/json" id="view-config">{script_json(config)}</script>\n'
         '<script src="../assets/zoom.js"></script>'
@@ -134,8 +149,8 @@ def _dl(rows: Iterable[tuple[str, Any]]) -> str:
 def _facts(card: Card) -> str:
     data, pyramid = card.sidecar.data, card.pyramid
     assert pyramid is not None
-    megapixels = pyramid.width * pyramid.height / 1e6
-    rows: list[tuple[str, Any]] = [("file", card.name), ("size", f"{_size_text(card)} ({megapixels:.1f} MP)")]
+    size = f"{_size_text(card)} ({megapixels(pyramid.width, pyramid.height)})"
+    rows: list[tuple[str, Any]] = [("file", card.name), ("size", size)]
     rows += [(key, data[key]) for key in ("seed", "model", "family", "linfusion", "device", "dtype") if key in data]
     rows += [("created", data["created"])] if "created" in data else []
     levels = pyramid.top_level + 1
@@ -228,7 +243,7 @@ def _card(card: Card) -> str:
     caption = f'<p class="prompt">{esc(prompt)}</p>' if prompt else ""
     return (
         f'<article class="card{kind}" data-text="{esc(text)}">{thumb}<div class="text">{badge}{caption}'
-        f'<span class="keys">{esc(_key_settings(card))}</span><span class="file">{esc(card.name)}</span>'
+        f'<span class="keys">{esc(_key_settings(card))}</span><span class="file">{file_name(card.name)}</span>'
         "</div></article>\n"
     )
 
@@ -244,9 +259,11 @@ def _job_card(note: JobNote) -> str:
     job = f"job {note.index}" if note.index is not None else "a job"
     seed = f" · seed {note.seed}" if note.seed is not None else ""
     bad = " bad" if note.status != "running" else ""
+    caption = f'<p class="prompt">{esc(note.prompt)}</p>' if note.prompt else ""
+    text = f"{note.prompt} {note.detail}".lower()
     return (
-        f'<article class="card job{" failed" if bad else ""}" data-text="{esc(note.detail.lower())}">'
+        f'<article class="card job{" failed" if bad else ""}" data-text="{esc(text)}">'
         f'<div class="thumb empty">{esc(job)}: {esc(label)}</div><div class="text">'
-        f'<span class="badge{bad}">{esc(label)}</span><span class="keys">{esc(job + seed)}</span>'
+        f'<span class="badge{bad}">{esc(label)}</span>{caption}<span class="keys">{esc(job + seed)}</span>'
         f'<span class="file">{esc(note.detail)}</span></div></article>\n'
     )

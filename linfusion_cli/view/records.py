@@ -28,6 +28,8 @@ MAX_CLAIM_BYTES = 512
 CLAIM_SUFFIX = ".claim"  # `.NAME.claim`: held (flock) by the batch task making NAME, removed when it is done
 CREATED_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # the sidecar's `created`
 _CLAIM_OWNER = re.compile(r"pid (\d+) on (\S+)")
+MAX_DEPTH = 4  # sub-folders looked into below a source folder (renders/2026-12-06/night-1/...)
+SITE_MARKER = "site.json"  # a folder holding one is a site (ours, or another run's), not images to show
 
 
 @dataclass
@@ -63,6 +65,7 @@ class JobNote:
     status: str  # "failed" | "running" | "stopped"
     detail: str
     seed: int | None = None
+    prompt: str = ""  # the job's prompt, where its log line says it
 
 
 def file_signature(path: Path) -> list[int] | None:
@@ -74,12 +77,31 @@ def file_signature(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns]
 
 
-def list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(images, other files) directly in `folder`, by name. Hidden files are a batch's temp files and claims;
-    sidecars and JSON logs are ours, so not "other"; sub-folders (the site itself, by default) are not entered."""
+def image_folders(folder: Path, skip: Path | None = None) -> list[Path]:
+    """`folder` and its sub-folders, by name, down to MAX_DEPTH: what a batch per night or per task leaves. Hidden
+    folders, links to folders, sites (a `site.json`: the default `view/` among them) and `skip` (the site being
+    built) are not entered."""
+    found = [folder]
+    for depth in range(MAX_DEPTH):
+        level = [found[i] for i in range(len(found)) if len(found[i].relative_to(folder).parts) == depth]
+        for parent in level:
+            with os.scandir(parent) as entries:
+                subs = sorted(
+                    Path(entry.path)
+                    for entry in entries
+                    if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+                )
+            found += [sub for sub in subs if sub != skip and not (sub / SITE_MARKER).is_file()]
+    return found
+
+
+def list_folder(folder: Path, skip: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(images, other files) in `folder` and its sub-folders (image_folders), by path. Hidden files are a batch's
+    temp files and claims; sidecars and JSON logs are ours, so not "other"."""
     files: list[Path] = []
-    with os.scandir(folder) as entries:
-        files = sorted(Path(entry.path) for entry in entries if not entry.name.startswith(".") and entry.is_file())
+    for where in image_folders(folder, skip):
+        with os.scandir(where) as entries:
+            files += sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_file())
     images = [path for path in files if path.name.lower().endswith(IMAGE_SUFFIXES)]
     ours = {sidecar for image in images for sidecar in _sidecar_names(image)}
     others = [path for path in files if path not in images and path not in ours and path.suffix != ".jsonl"]
@@ -128,7 +150,8 @@ def read_job_logs(logs: list[Path]) -> list[JobNote]:
                 finished.add(index)
             elif status == "failed":
                 seed = line.get("seed") if isinstance(line.get("seed"), int) else None
-                failed[index] = JobNote(index, "failed", _text(line.get("error")) or "failed", seed)
+                prompt = _text(line.get("prompt"))
+                failed[index] = JobNote(index, "failed", _text(line.get("error")) or "failed", seed, prompt)
     return [note for index, note in sorted(failed.items()) if index not in finished]
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,14 @@ CONTENT_TYPES = {
 
 
 class _SiteHandler(SimpleHTTPRequestHandler):
-    """Files of the site; requests go to our log at debug level instead of one stderr line each."""
+    """Files of the site, never a folder's listing (a folder with an index.html gets that page, as usual; any
+    other is "not found"); requests go to our log at debug level instead of one stderr line each."""
 
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **CONTENT_TYPES}  # noqa: RUF012 - the base's own
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        self.send_error(HTTPStatus.NOT_FOUND, "No such page")
+        return None
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -52,7 +59,8 @@ def open_server(site: Path, port: int = DEFAULT_PORT) -> ThreadingHTTPServer:
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(
-                f"port {port} is in use on {HOST}: give another, --serve {port + 1}, or --serve 0"
+                f"port {port} is in use on {HOST}: give another with --port (--port {port + 1}), or --port 0 for "
+                "any free one"
             ) from None
         raise UsageError(f"cannot serve on {HOST}:{port}: {exc.strerror or exc}") from None
 

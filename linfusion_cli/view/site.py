@@ -6,7 +6,7 @@ A site is a folder:
     pages/SLUG.html         one deep-zoom page per image
     tiles/SLUG.dzi          its pyramid's descriptor, and the tiles in tiles/SLUG_files/LEVEL/COL_ROW.jpg
     thumbs/SLUG.jpg         its thumbnail, cut from the pyramid
-    assets/                 styles, scripts, and the viewer when a local copy was given
+    assets/                 styles, scripts, and the viewer (OpenSeadragon, with its button images)
     site.json               what was built from which file, so that a rerun only adds what is new
 
 Reruns are incremental: an image whose bytes and mtime match site.json keeps its pyramid, so a batch that is still
@@ -37,7 +37,16 @@ from ..io.files import ParseError, load_json, quote, read_regular
 from .assets import install_viewer
 from .pages import Card, contact_sheet, image_page
 from .pyramid import PART_PREFIX, TILE_FORMATS, ImageUnreadable, Pyramid, cut_pyramid, load_pyvips, make_thumbnail
-from .records import IMAGE_SUFFIXES, JobNote, file_signature, list_folder, read_claims, read_job_logs, read_sidecar
+from .records import (
+    IMAGE_SUFFIXES,
+    JobNote,
+    file_signature,
+    image_folders,
+    list_folder,
+    read_claims,
+    read_job_logs,
+    read_sidecar,
+)
 
 try:
     import fcntl
@@ -117,7 +126,7 @@ def build_site(
     source: Path,
     out: Path | None = None,
     *,
-    viewer_js: Path | None = None,
+    viewer_js: str | Path | None = None,
     tiles: str = "jpeg",
     job_logs: tuple[Path, ...] = (),
     progress: Progress | None = None,
@@ -125,7 +134,8 @@ def build_site(
     """Build or update the site for `source` (an image or a folder of them) in `out` (default: `view/` beside).
 
     This is what `linfusion view` runs, and what `generate --view` / `batch --view` call with their output
-    (the output folder, or the finished image). `viewer_js` is a local OpenSeadragon (see `assets`); `job_logs`
+    (the output folder, or the finished image). `viewer_js`: where pages get OpenSeadragon (`assets`: by default
+    the copy this package ships, copied into the site); `job_logs`
     are `batch --json` logs whose failed jobs the contact sheet lists (a folder's own `*.jsonl` logs are read
     too). Raises UsageError for a missing source, OutputFolderError for a site folder that cannot be written,
     InputImageError when the one image given cannot be read; a damaged image in a folder is listed instead."""
@@ -133,9 +143,9 @@ def build_site(
     if tiles not in TILE_FORMATS:
         raise UsageError(f"--tiles must be one of {', '.join(TILE_FORMATS)}, not {quote(tiles)}")
     source = source.expanduser().absolute()
-    images, others = _sources(source)
-    load_pyvips()  # before anything is written: without libvips there is nothing to build
     site = (out or default_site(source)).expanduser().absolute()
+    images, others = _sources(source, site)
+    load_pyvips()  # before anything is written: without libvips there is nothing to build
     _prepare(site)
     report = SiteReport(site, site / "index.html", site / "index.html", images=len(images), not_images=len(others))
     with _site_lock(site):
@@ -148,8 +158,8 @@ def build_site(
             _save_state(site, state)
             raise InputImageError(f"{quote(source.name)} cannot be read as an image: {state[str(source)]['damage']}")
         _forget_missing(site, state)
-        cards = [_card(Path(key), entry) for key, entry in state.items()]
-        jobs = _job_notes(source, job_logs)
+        cards = [_card(Path(key), entry, source) for key, entry in state.items()]
+        jobs = _job_notes(source, job_logs, site)
         report.failed_jobs = sum(note.status == "failed" for note in jobs)
         report.unfinished_jobs = len(jobs) - report.failed_jobs
         _write_pages(site, cards, jobs, viewer, report, title=_title(source))
@@ -160,11 +170,11 @@ def build_site(
     return report
 
 
-def _sources(source: Path) -> tuple[list[Path], list[Path]]:
-    """(images, other files) to build from: the folder's, or the one image."""
+def _sources(source: Path, site: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other files) to build from: the folder's (and its sub-folders', but the site's), or the one image."""
     if source.is_dir():
         try:
-            return list_folder(source)
+            return list_folder(source, skip=site)
         except OSError as exc:
             raise UsageError(f"cannot list the folder {quote(str(source))}: {exc.strerror or exc}") from None
     if not source.exists():
@@ -242,13 +252,15 @@ def _refresh(
         report.damaged.append((image.name, entry["damage"]))
 
 
-def _card(image: Path, entry: dict[str, Any]) -> Card:
-    """The image as the pages show it: what site.json holds of its pyramid, and its sidecar as it is now."""
+def _card(image: Path, entry: dict[str, Any], source: Path) -> Card:
+    """The image as the pages show it: what site.json holds of its pyramid, and its sidecar as it is now; named by
+    its path below the source folder (`night-2/00003_....png`)."""
     pyramid = Pyramid(**entry["pyramid"]) if isinstance(entry.get("pyramid"), dict) else None
     sidecar = read_sidecar(image)
     signature = entry.get("signature")
     when = sidecar.created() or (signature[1] / 1e9 if signature else 0.0)
-    return Card(image.name, entry["slug"], pyramid, sidecar, entry.get("damage"), when)
+    name = image.relative_to(source).as_posix() if source.is_dir() and image.is_relative_to(source) else image.name
+    return Card(name, entry["slug"], pyramid, sidecar, entry.get("damage"), when)
 
 
 def _cut(
@@ -287,15 +299,16 @@ def _forget_missing(site: Path, state: dict[str, Any]) -> None:
         _remove(site, state.pop(key)["slug"])
 
 
-def _job_notes(source: Path, job_logs: tuple[Path, ...]) -> list[JobNote]:
+def _job_notes(source: Path, job_logs: tuple[Path, ...], site: Path) -> list[JobNote]:
     """Failed jobs from the logs given and the folder's own `*.jsonl`, and jobs claimed but not finished."""
     for log_file in job_logs:
         if not log_file.is_file():
             raise UsageError(f"--jobs: {quote(str(log_file))} is not a file")
     if not source.is_dir():
         return read_job_logs(list(job_logs))
-    own = sorted(path for path in source.glob("*.jsonl") if path.is_file())
-    return read_job_logs([*job_logs, *own]) + read_claims(source)
+    folders = image_folders(source, skip=site)
+    own = [path for folder in folders for path in sorted(folder.glob("*.jsonl")) if path.is_file()]
+    return read_job_logs([*job_logs, *own]) + [note for folder in folders for note in read_claims(folder)]
 
 
 def _title(source: Path) -> str:

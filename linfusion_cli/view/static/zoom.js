@@ -9,7 +9,7 @@
   if (typeof OpenSeadragon === "undefined") {
     box.classList.add("missing");
     box.textContent = "The viewer's JavaScript did not load from " + config.script +
-      " (offline?). Rebuild the site with a local copy: linfusion view ... --viewer-js PATH (see linfusion view --help).";
+      " (offline?). Rebuild the site without --viewer-js: the copy shipped with linfusion works offline.";
     return;
   }
   var viewer = OpenSeadragon({
