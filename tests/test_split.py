@@ -134,12 +134,12 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
 
 @pytest.mark.slow
 def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: Processes, tmp_path: Path) -> None:
-    """`--gpus 2` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
+    """`--gpus 2 --device cpu` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
     first writes it and alone prints its JSON line; a rerun skips them."""
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("a fox\na cat\n")
     args = ["batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "7", "--json"]
-    args += ["--out", str(tmp_path / "out"), "--gpus", "2"]
+    args += ["--out", str(tmp_path / "out"), "--gpus", "2", "--device", "cpu"]  # CPU processes: asked for
     first = processes.run(*args, timeout=240)
     assert first.returncode == 0, first.stderr[-2000:]
     lines = [json.loads(line) for line in first.stdout.splitlines()]

@@ -38,7 +38,7 @@ from .boundary import (
 )
 from .distill import DISTILL_EXAMPLES
 from .distill import distill as distill_command
-from .launch import first_process, process_mode, relaunch_for
+from .launch import die_with_launcher, first_process, process_mode, relaunch_for
 from .options import (
     FLAG,
     AllowPickleOpt,
@@ -147,16 +147,19 @@ def _run_one(
     title: str = "",
     dry_run: bool = False,
     count: int = 1,
+    gpus: int | None = None,
     **run: Any,
 ) -> None:
-    """One job: resolved and checked (bad input: one line, before anything loads), then its image (`count`
-    images, seeds counting up) made with progress on stderr, then the table or JSON of each."""
+    """One job: resolved and checked (bad input: one line, before anything loads, and before `--gpus` starts its
+    processes), then its image (`count` images, seeds counting up) made with progress on stderr, then the table or
+    JSON of each."""
     if count < 1:
         raise UsageError(f"--batch-count: must be at least 1 (got {count})")
     with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
         job = make_job(generator)
-        if not dry_run:
-            generator.check(job)  # bad input: one line, before the engine's imports
+        if not dry_run:  # a dry run plans here, in one process
+            generator.check(job, world=gpus)  # bad input: one line, before the engine's imports
+            relaunch_for(gpus, run["device"])
             _import_engine()
         with progress(mode) as (reporter, cancel):
             generator.events = reporter
@@ -217,7 +220,6 @@ def generate(
     mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode,
@@ -225,6 +227,7 @@ def generate(
             lambda gen: gen.job(prompt, **settings),
             dry_run=dry_run,
             count=batch_count,
+            gpus=gpus,
             allow_pickle=allow_pickle,
             **run,
         )
@@ -304,7 +307,6 @@ def upscale(
     mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        relaunch_for(None if dry_run else gpus)  # a dry run plans here, in one process
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         _run_one(
             mode,
@@ -313,6 +315,7 @@ def upscale(
             title="upscaled: ",
             dry_run=dry_run,
             count=batch_count,
+            gpus=gpus,
             allow_pickle=allow_pickle,
             max_input_pixels=max_input_pixels,
             **run,
@@ -382,7 +385,6 @@ def batch(
     mode = process_mode(quiet) if split else output_mode(quiet)  # a split batch speaks through its first process
     setup_logging(mode)
     with boundary():
-        relaunch_for(None if dry_run else gpus, "--split-image")  # --gpus N: one image at a time, split over them
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
         generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
@@ -391,6 +393,7 @@ def batch(
                 render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
             return
         checked = generator.check_batch(file, base_seed=base_seed, shard=shard)  # the whole file, before the engine
+        relaunch_for(gpus, device, "--split-image")  # --gpus N: one image at a time, split over them
         _import_engine()
         with generator, progress(mode) as (reporter, cancel):
             generator.events = reporter
@@ -439,11 +442,10 @@ def replay(
     mode = process_mode(quiet)
     setup_logging(mode)
     with boundary():
-        relaunch_for(gpus)
         job, recorded_dtype = job_from_sidecar(sidecar, settings)  # --model and the like replace the recorded
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
         run["timeout_s"] = timeout
-        _run_one(mode, json_out, lambda gen: job, title="replayed: ", allow_pickle=allow_pickle, **run)
+        _run_one(mode, json_out, lambda gen: job, title="replayed: ", gpus=gpus, allow_pickle=allow_pickle, **run)
 
 
 @app.command(cls=Command, epilog=INFO_EXAMPLES)
@@ -473,6 +475,7 @@ def info(
 
 
 def main() -> None:
+    die_with_launcher()  # a process of a split image: not one second longer than the launcher that started it
     starting()
     try:
         app()

@@ -116,10 +116,11 @@ class Generator:
         job, _ = job_from_sidecar(Path(sidecar), settings)
         return self.run(job, cancel=cancel)
 
-    def check(self, job: JobSpec) -> Prepared:
+    def check(self, job: JobSpec, *, world: int | None = None) -> Prepared:
         """Everything a run of `job` checks before its model loads, loading and writing nothing: bad input raises
-        here (the commands check before importing the engine, and `--gpus` before starting its processes)."""
-        return preflight.check_run(job, self.options, self._world())
+        here (the commands check before importing the engine, and `--gpus` before starting its processes).
+        `world`: the processes that will split the image (default: those that started this one)."""
+        return preflight.check_run(job, self.options, world or self._world())
 
     def run(self, job: JobSpec, *, dry_run: bool = False, cancel: CancelToken | None = None) -> Result:
         """One resolved job: its input image read (an upscale), then planned, run and saved; or (`dry_run`) its
