@@ -11,7 +11,7 @@ import torch
 from processes import Processes
 
 from linfusion_cli.cli.commands import app
-from linfusion_cli.engine import memory, memory_plan
+from linfusion_cli.engine import memory, memory_plan, pipeline
 from linfusion_cli.models.devices import vae_dtype
 from linfusion_cli.models.families import FAMILIES, family_or_none
 from linfusion_cli.models.hub import model_source
@@ -31,7 +31,9 @@ FAMILY = {f.key: f for f in FAMILIES}
 def test_cuda_without_cuda_is_one_line_exit_2(runner, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = []
-    monkeypatch.setattr("linfusion_cli.models.loading.load_components", lambda *a, **k: loaded.append(a))
+    # Where the engine looks it up (patching models.loading's name would also bind it into an engine module
+    # imported for the first time during this test, for every later test).
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: loaded.append(a))
     device = [] if "--device" in args else ["--device", "cuda"]
     result = runner.invoke(app, [*args, *device])
     assert result.exit_code == 2

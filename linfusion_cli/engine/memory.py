@@ -5,7 +5,7 @@ which needs no torch; the functions here hand it what they measure."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,9 +14,11 @@ from torch import nn
 from ..base.errors import UsageError
 from ..base.precision import AUTO, PRECISIONS, dtype_flag
 from ..base.text import plural
-from ..linfusion.attention import LinFusionAttention
+from ..linfusion.attention import LinFusionAttention, every_chunk
 from .memory_plan import GIB, MemorySettings, cpu_available_bytes, vae_share, vae_tile_for, vae_windows_for
 from .placement import Placement, missing_device
+
+ChunkLoop = Callable[..., Any]  # engine/host.Host.each: how a loop over chunks of one shape runs
 
 
 def _mps_available() -> bool:
@@ -139,17 +141,22 @@ def vae_windows_per_batch(
     return vae_windows_for(vae_config, dtype_bytes(dtype), window_px, vae_budget(device, budget))
 
 
-def apply_settings(unet: nn.Module, settings: MemorySettings, *more: nn.Module) -> None:
+def apply_settings(unet: nn.Module, settings: MemorySettings, *more: nn.Module, each: ChunkLoop | None = None) -> None:
     """Switch feed-forward and LinFusion chunking on the UNet (and `more` models that run beside it, such as
-    ControlNets) to `settings` (undoable: None restores)."""
+    ControlNets) to `settings` (undoable: None restores). `each` is how their chunk loops run (engine/host.Host.each;
+    every chunk by default)."""
     for module in (m for model in (unet, *more) for m in model.modules()):
         if isinstance(module, LinFusionAttention):
             module.token_chunk = settings.attn_chunk
+            if each is None:
+                module.__dict__.pop("each", None)
+            else:
+                module.each = each
         elif type(module).__name__ == "FeedForward":
-            set_ff_chunk(module, settings.ff_chunk)
+            set_ff_chunk(module, settings.ff_chunk, each or every_chunk)
 
 
-def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
+def set_ff_chunk(ff: nn.Module, chunk: int | None, each: ChunkLoop = every_chunk) -> None:
     """Run a feed-forward module over token chunks of `chunk` rows (any remainder included)."""
     if "forward" in ff.__dict__:
         del ff.forward  # back to the class's forward
@@ -165,7 +172,8 @@ def set_ff_chunk(ff: nn.Module, chunk: int | None) -> None:
         out = hidden_states.new_empty(hidden_states.shape[:2] + pieces[0].shape[2:])
         out[:, :chunk] = pieces[0]
         del pieces
-        for start in range(chunk, tokens, chunk):
+        starts = range(chunk, tokens, chunk)
+        for start in each(starts, [min(chunk, tokens - s) for s in starts]):
             out[:, start : start + chunk] = plain(ff, hidden_states[:, start : start + chunk], *args, **kwargs)
         return out
 

@@ -28,6 +28,7 @@ from ..models.devices import place_text_encoders
 from ..models.loading import Components, load_components
 from ..models.tensors import to_device_image
 from . import memory
+from .host import Host
 from .memory_plan import MemoryPlanner
 from .parallel import Comm
 from .refine import REFINE_METHODS
@@ -91,6 +92,7 @@ class Engine:
             self.stack.push(patch)
         self._base_depth = len(self.stack)  # what `use` never takes off
         self._fp32_vae_copy: torch.nn.Module | None = None
+        self.host = Host()  # what the device path asks of the host; a memory simulation swaps in its own
 
     @classmethod
     def load(
@@ -211,6 +213,11 @@ class Engine:
 
     def vae_dtype(self) -> torch.dtype:
         return next(self.comps.vae.parameters()).dtype
+
+    @property
+    def fp32_vae_copy(self) -> torch.nn.Module | None:
+        """The fp32 VAE copy, if a tile has needed it yet."""
+        return self._fp32_vae_copy
 
     def fp32_vae(self) -> torch.nn.Module:
         """One fp32 copy of the VAE for tiles that overflow in half precision, made on first need."""

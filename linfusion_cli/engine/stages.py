@@ -104,7 +104,8 @@ def run_stages(
         if out is not None:
             final = out
         elif keep_stages and image is not None and run.split.writes:
-            stage_images.append((stage, to_uint8(image)[0].permute(1, 2, 0).cpu().numpy()))
+            host = run.engine.host
+            stage_images.append((stage, host.to_numpy(host.download(to_uint8(image)[0].permute(1, 2, 0), False))))
     if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
         raise RuntimeError("the plan has no stages")
     return final, records, stage_images
@@ -197,6 +198,7 @@ def _tiler(run: JobRun, stage: StagePlan, settings: MemorySettings) -> TiledVAE:
         memory_budget=settings.vae_budget,
         fp32_vae=run.engine.fp32_vae,
         share=run.split.vae_share(),
+        host=run.engine.host,
     )
     if run.split.grouped:  # every process cuts the same tiles and batches: the smallest any of them can afford
         tiles = [t for t in run.split.agree_all(tiler.tile_for(stage.height, stage.width) or 0) if t]
@@ -210,8 +212,8 @@ def _run_stage(
 ) -> tuple[torch.Tensor | None, np.ndarray | None, int | None]:
     """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
     for the next stage, or for the last stage the CPU uint8 image, and the VAE tile it used (None: untiled)."""
-    engine, job = run.engine, run.job
-    memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules())
+    engine, job, host = run.engine, run.job, run.engine.host
+    memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules(), each=host.each)
     tiler = _tiler(run, stage, settings)
     vae_tile = tiler.tile_for(stage.height, stage.width)
     scheduler = make_scheduler(job.scheduler, engine.comps.scheduler_config)
@@ -230,22 +232,30 @@ def _run_stage(
             run.split.check_cancel(run.cancel)
 
         noise = run.split.noise(generator)  # a stochastic sampler's draws: for the whole image, this band kept
-        with run.split.models(engine.comps.unet, *engine.adapter_modules()):
+        with host.phase("unet"), run.split.models(engine.comps.unet, *engine.adapter_modules()):
             latents = denoise(
-                engine.comps.unet, scheduler, start.latents, start.timesteps, inputs, noise, on_step, start.guide
+                engine.comps.unet,
+                scheduler,
+                start.latents,
+                host.each(start.timesteps),
+                inputs,
+                noise,
+                on_step,
+                start.guide,
             )
         latents = run.split.whole(latents)  # a split image's bands put together, on every process
-        if not bool(torch.isfinite(latents).all()):
+        if not host.all_finite(latents):
             raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
         latents = run.refiner.finished(latents)
 
         # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last (on a
         #    split image, each process decodes its rows and the first one gets the whole image).
         latents = latents.to(engine.vae_dtype())
-        if stage is run.plan.stages[-1]:
-            pixels = tiler.decode_to_uint8(latents)
-            return None, None if pixels is None else pixels.numpy(), vae_tile
-        return tiler.decode(latents), None, vae_tile
+        with host.phase("vae decode"):
+            if stage is run.plan.stages[-1]:
+                pixels = tiler.decode_to_uint8(latents)
+                return None, None if pixels is None else host.to_numpy(pixels), vae_tile
+            return tiler.decode(latents), None, vae_tile
     finally:
         run.fp32_retries += tiler.fp32_retries
 
@@ -263,21 +273,24 @@ def _starting_latents(
 ) -> _Start:
     """A base stage's noise, or a refine stage's upscaled image encoded and noised to its strength (with the
     refine method's guide for the stage)."""
-    engine, device, seed = run.engine, run.engine.device, run.seed
+    engine, device, seed, host = run.engine, run.engine.device, run.seed, run.engine.host
+    clock = host.timestep_device(device)  # where the scheduler's timesteps live
     latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
     band = run.split.band  # noise and latents are drawn whole: each process keeps its rows
     if stage.strength is None:
-        timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=False)
+        timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, clock, img2img=False)
         latents = band(initial_noise(latent_shape, seed, device)) * scheduler.init_noise_sigma
         return _Start(latents, timesteps, _stage_extras(run, stage, None))
     if image is None:
         raise RuntimeError(f"refine stage {stage.index} has no image to start from")
-    image = upscale(image, stage.width, stage.height)
+    with host.phase("upscale"):
+        image = upscale(image, stage.width, stage.height)
     extras = _stage_extras(run, stage, image)  # a tile ControlNet conditions on the upscaled image
-    encoded = tiler.encode(image).float()
+    with host.phase("vae encode"):
+        encoded = tiler.encode(image).float()
     del image
     run.refiner.encoded(encoded)
-    timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, device, img2img=True)
+    timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, clock, img2img=True)
     if stage.steps == 0:
         return _Start(band(encoded), timesteps[:0], extras)
     noise = band(initial_noise(latent_shape, seed + stage.index, device))

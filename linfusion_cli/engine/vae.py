@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .host import Host
 from .memory import auto_vae_tile, vae_windows_per_batch
 from .memory_plan import tile_used
 from .vae_stats import NormControl
@@ -65,6 +66,7 @@ class TiledVAE:
     made on first need); an engine that builds a tiler per stage passes one shared copy.
     share: one process's part of a split image: only its tiles' outputs are written (elsewhere zeros; the
     caller sums the processes' results), an untiled image only by process 0.
+    host: what the work asks of the host (finite checks, copies to CPU memory, loops; engine/host.py).
     `encode` takes images (B, 3, H, W) in [-1, 1] and returns scaled latents; `decode` is its inverse.
     """
 
@@ -77,8 +79,10 @@ class TiledVAE:
         memory_budget: int | None = None,
         fp32_vae: Callable[[], Any] | None = None,
         share: WindowShare | None = None,
+        host: Host | None = None,
     ) -> None:
         self.vae = vae
+        self.host = host or Host()
         self.share = share
         self.tile = tile
         self.halo = DEFAULT_HALO_PX if overlap is None else overlap
@@ -134,11 +138,11 @@ class TiledVAE:
             bands = [share.rows(windows, LATENT_SCALE, rank) for rank in range(share.world)]
         start, end = bands[share.rank if share is not None else 0]
         pin = z.device.type == "cuda"
-        out = torch.empty((end - start, w, 3), dtype=torch.uint8, pin_memory=pin)
+        out = self.host.host_buffer((end - start, w, 3), torch.uint8, pin)
 
         def write(ys: slice, xs: slice, pixels: torch.Tensor) -> None:
             rows = slice(ys.start - start if ys.start is not None else None, ys.stop - start if ys.stop else None)
-            out[rows, xs] = to_uint8(pixels)[0].permute(1, 2, 0).to("cpu", non_blocking=pin)
+            out[rows, xs] = self.host.download(to_uint8(pixels)[0].permute(1, 2, 0), pin)
 
         self._decode_one(z, write)
         if pin:
@@ -244,7 +248,7 @@ class TiledVAE:
     ) -> torch.Tensor:
         """Run the VAE; if the result is not finite in half precision, run it again in fp32."""
         out = run(self.vae, x)
-        if x.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+        if x.dtype != torch.float32 and not self.host.all_finite(out):
             self.fp32_retries += 1
             out = run(self._fp32_vae(), x.float()).to(x.dtype)
         return out
@@ -292,14 +296,18 @@ class TiledVAE:
         # When one batch holds every window, its pooled statistics *are* the whole image's, so the
         # statistics pass already produced the output: no second pass.
         whole = len(batches) == 1 and len(batches[0]) == len(windows)
-        control, wrote_all = self._statistics(batches, crop, run, emit if whole else None, kind, len(windows))
+        with self.host.phase("stats"):
+            control, wrote_all = self._statistics(batches, crop, run, emit if whole else None, kind, len(windows))
         if not wrote_all:
             control.next_round("apply")
-            with control.installed(self.vae):
-                for i, w in enumerate(windows):
-                    if i in mine:
-                        emit(w, self._apply_guarded(control, run, crop(w), kind))
-                    self._progress(kind, i + 1, len(windows))
+            with control.installed(self.vae), self.host.phase("windows"):
+                done = 0
+                for i in self.host.each(sorted(mine)):  # the windows this process owns (all, unsplit)
+                    emit(windows[i], self._apply_guarded(control, run, crop(windows[i]), kind))
+                    done = i + 1
+                    self._progress(kind, done, len(windows))
+                if done < len(windows):
+                    self._progress(kind, len(windows), len(windows))
         if self.share is not None and write is None:
             self.share.combine(result[0])  # every process's rows, on every process
         return result[0] if result else x.new_empty(0)
@@ -330,21 +338,21 @@ class TiledVAE:
             control = NormControl(window_hw=(batches[0][0].height, batches[0][0].width))
             wrote_all = emit is not None
             with control.installed(vae):
-                for r, mode in enumerate(rounds):
+                for r, mode in enumerate(self.host.each(rounds)):
                     if r:
                         control.next_round(mode)
-                    for i, batch in enumerate(batches):
+                    for i, batch in enumerate(self.host.each(batches, [len(b) for b in batches])):
                         control.windows = batch
                         crops = torch.cat([crop(w) for w in batch])
                         outs = run(vae, crops.to(next(vae.parameters()).dtype))
-                        if emit is not None and bool(torch.isfinite(outs).all()):
+                        if emit is not None and self.host.all_finite(outs):
                             for w, out in zip(batch, outs.to(crops.dtype).split(1), strict=True):
                                 emit(w, out)
                             self._progress(kind, len(batch), total)
                         else:
                             wrote_all = False  # the output pass retries overflowing tiles in fp32
                             self._progress("stats", r * len(batches) + i + 1, len(rounds) * len(batches))
-            if control.finite():
+            if all(self.host.all_finite(t) for t in control.tensors()):
                 return control, wrote_all
         raise FloatingPointError(f"VAE {kind} statistics are not finite even in fp32: the input has NaN/inf")
 
@@ -356,7 +364,7 @@ class TiledVAE:
         kind: str,
     ) -> torch.Tensor:
         out = run(self.vae, crop)
-        if crop.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+        if crop.dtype != torch.float32 and not self.host.all_finite(out):
             self.fp32_retries += 1
             fp32 = self._fp32_vae()
             with control.installed(fp32):

@@ -69,11 +69,10 @@ class NormControl:
     def next_round(self, mode: str) -> None:
         self.stats, self.collected, self.mode = self.collected, {}, mode
 
-    def finite(self) -> bool:
-        return all(
-            bool(torch.isfinite(s.m2).all() & torch.isfinite(s.mean).all())  # type: ignore[arg-type]
-            for s in (*self.stats.values(), *self.collected.values())
-        )
+    def tensors(self) -> list[torch.Tensor]:
+        """Every mean and M2 held (to check that they are finite)."""
+        held = (*self.stats.values(), *self.collected.values())
+        return [t for s in held for t in (s.mean, s.m2) if t is not None]
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, N) inputs (attention's group_norm) back to (B, C, h, w) of this level."""

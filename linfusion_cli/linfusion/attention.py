@@ -13,6 +13,7 @@ trained at 512 px run at 16K. Cost is O(N C^2) instead of O(N^2 C).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +39,11 @@ class SummaryReducer(Protocol):
     def reduce(self, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, C) and (B, C) fp32 partial sums -> the same summed over every process."""
         ...
+
+
+def every_chunk(items: Any, work: Sequence[float] | None = None) -> Any:
+    """The chunk loop of a real run: every chunk. (A memory simulation runs one and counts the others' work.)"""
+    return items
 
 
 def feature_map_mlp(dim: int, mid_dim: int) -> nn.Sequential:
@@ -88,6 +94,7 @@ class LinFusionAttention(nn.Module):
     """
 
     reducer: SummaryReducer | None = None
+    each: Callable[..., Any] = staticmethod(every_chunk)  # the seam engine/host.Host.each fills in
 
     def __init__(self, dim: int, heads: int, mid_dim: int | None = None) -> None:
         super().__init__()
@@ -133,7 +140,8 @@ class LinFusionAttention(nn.Module):
         # 1. Summaries over all tokens: kv = mean_j phi(k_j)^T v_j, k_mean = mean_j phi(k_j), in fp32.
         kv = x.new_zeros((batch, channels, channels), dtype=torch.float32)  # (B, C, C)
         k_sum = x.new_zeros((batch, channels), dtype=torch.float32)  # (B, C)
-        for xs in x.split(chunk, dim=1):
+        pieces = x.split(chunk, dim=1)
+        for xs in self.each(pieces, [p.shape[1] for p in pieces]):
             k, v = self._keys_values(xs, scale)
             kv += torch.bmm(k.transpose(1, 2), v).float()  # (B, C, C), every head against every head
             k_sum += k.sum(dim=1, dtype=torch.float32)
@@ -150,7 +158,8 @@ class LinFusionAttention(nn.Module):
         if chunk >= tokens:
             return self.to_out[1](self._attend(x, weights))
         out = torch.empty_like(x)  # (B, N, C)
-        for start in range(0, tokens, chunk):
+        starts = range(0, tokens, chunk)
+        for start in self.each(starts, [min(chunk, tokens - s) for s in starts]):
             out[:, start : start + chunk] = self._attend(x[:, start : start + chunk], weights)
         return self.to_out[1](out)
 

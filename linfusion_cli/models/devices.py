@@ -29,9 +29,19 @@ def free_cached(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+PARKED = "linfusion_parked"  # attribute of a meta-device module that a real run would have moved to CPU memory
+
+
 def place_text_encoders(encoders: list[nn.Module], device: torch.device, on_device: bool) -> None:
-    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs)."""
+    """Move the text encoders to the device (to encode a prompt) or off it (while the UNet runs).
+
+    On the meta device (a memory simulation: engine/simulate) weights cannot move to CPU memory: an encoder is
+    marked as parked instead, and the simulation leaves it out of the device's weights."""
     if device.type == "cpu":
+        return
+    if device.type == "meta":
+        for encoder in encoders:
+            setattr(encoder, PARKED, not on_device)
         return
     target = device if on_device else torch.device("cpu")
     for encoder in encoders:

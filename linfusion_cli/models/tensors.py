@@ -8,11 +8,17 @@ import torch
 import torch.nn.functional as F
 
 
+def resamples_in_half(device: torch.device) -> bool:
+    """Whether bicubic resampling runs in the image's own (half) precision: on CUDA, and on the meta device a
+    memory simulation stands in for it with; elsewhere half-precision resampling is slow or missing (fp32)."""
+    return device.type in ("cuda", "meta")
+
+
 def upscale(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Bicubic resize on the device (antialiased, so it also works downwards), clamped to [-1, 1]."""
     if image.shape[-1] == width and image.shape[-2] == height:
         return image
-    work = image if image.device.type == "cuda" else image.float()
+    work = image if resamples_in_half(image.device) else image.float()
     out = F.interpolate(work, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     return out.clamp_(-1, 1).to(image.dtype)
 

@@ -150,11 +150,8 @@ class Comm:
         self.stats.add(kind, sum(t.nbytes for t in sends.values()), sum(t.nbytes for t in receives.values()))
         if not sends and not receives:
             return
-        ops = [td.P2POp(td.isend, t.contiguous(), peer) for peer, t in sorted(sends.items())]
-        ops += [td.P2POp(td.irecv, t, peer) for peer, t in sorted(receives.items())]
         with self._timed(kind):
-            for work in td.batch_isend_irecv(ops):
-                work.wait()
+            self._send_receive(sends, receives)
 
     def all_reduce_(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
         """Sum over processes, in place."""
@@ -163,7 +160,7 @@ class Comm:
             return tensor
         self.stats.add(kind, tensor.nbytes, tensor.nbytes)
         with self._timed(kind):
-            td.all_reduce(tensor)
+            self._sum(tensor)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, kind: str) -> list[torch.Tensor]:
@@ -174,13 +171,26 @@ class Comm:
         self.stats.add(kind, tensor.nbytes, tensor.nbytes * (self.world - 1))
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         with self._timed(kind):
-            td.all_gather(parts, tensor.contiguous())
+            self._gather(parts, tensor.contiguous())
         return parts
 
     def barrier(self) -> None:
         if self.world > 1:
             with self._timed("barrier"):
                 td.barrier()
+
+    # --- the transport (torch.distributed); a simulated group (engine/simulate) sends nothing -----------------
+    def _send_receive(self, sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor]) -> None:
+        ops = [td.P2POp(td.isend, t.contiguous(), peer) for peer, t in sorted(sends.items())]
+        ops += [td.P2POp(td.irecv, t, peer) for peer, t in sorted(receives.items())]
+        for work in td.batch_isend_irecv(ops):
+            work.wait()
+
+    def _sum(self, tensor: torch.Tensor) -> None:
+        td.all_reduce(tensor)
+
+    def _gather(self, parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        td.all_gather(parts, tensor)
 
 
 def gather_bands(comm: Comm, band: torch.Tensor, dim: int = 0) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base.errors import UsageError
+from ...models.tensors import resamples_in_half
 from ..bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
 from .comm import Comm
 from .stats import STATS_CHUNK_BYTES, whole_moments
@@ -161,7 +162,7 @@ def band_upscale(comm: Comm, image: torch.Tensor, width: int, height: int) -> to
     if factor.denominator != 1:
         raise UsageError(f"a split image can only be upscaled by a whole factor in height, not {factor}")
     context, top = halo_rows(comm, image, BICUBIC_REACH, BICUBIC_REACH, "upscale")
-    work = context if context.device.type == "cuda" else context.float()
+    work = context if resamples_in_half(context.device) else context.float()
     rows = context.shape[-2] * int(factor)
     out = F.interpolate(work, size=(rows, width), mode="bicubic", align_corners=False, antialias=True)
     out = out[:, :, top * int(factor) : (top + image.shape[-2]) * int(factor)]
