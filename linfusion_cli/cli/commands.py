@@ -257,6 +257,24 @@ def plan(
             rich_help_panel=DEVICE_PANEL,
         ),
     ] = 1,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            "--simulate",
+            help="Also run the job on PyTorch's meta device as a CUDA GPU would (no GPU, nothing downloaded): each "
+            "stage's simulated peak memory and its parts, and its TFLOP. Seconds; about a minute at 16K.",
+            rich_help_panel=DEVICE_PANEL,
+        ),
+    ] = False,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            metavar="CARD",
+            help="The GPU to plan for: h200, h100, a100, l40s, 4090, 3090 (its memory is the budget unless "
+            "--max-vram gives one), or its dense fp16 TFLOPS; --simulate then gives each stage's time floor on it.",
+            rich_help_panel=DEVICE_PANEL,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model. On stdout."""
@@ -264,7 +282,7 @@ def plan(
     with boundary():
         refuse_flag_value_as_prompt(prompt)
         summary = _generator(out=out, device=device, dtype=dtype).plan(
-            prompt, world_size=world_size, **(settings or {})
+            prompt, world_size=world_size, simulate=simulate, gpu=gpu, **(settings or {})
         )
         render_plan(summary, json_out)
 

@@ -114,6 +114,38 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     for kind in ADAPTER_KINDS:
         for entry in summary.get(kind.name, []):
             out.print(kind.plan_line(entry), markup=False)
+    if "simulation" in summary:
+        _render_simulation(summary, out)
+
+
+def _render_simulation(summary: dict[str, Any], out: Console) -> None:
+    """`plan --simulate`: per stage the estimate beside the simulated peak, where the peak is and what it holds,
+    and the work; then where the configs came from and the notes."""
+    simulation = summary["simulation"]
+    card = simulation["card"]
+    on = f", time floor on an {card['name']} ({card['tflops_fp16']:g} TFLOPS fp16)" if card else ""
+    title = f"simulated on the meta device as a CUDA GPU{on} (in {simulation['seconds']} s)"
+    table = Table(title=title, title_justify="left")
+    columns = ["stage", "size", "memory", "est. GiB", "sim. GiB", "est./sim.", "peak in", "weights GiB", "TFLOP/step"]
+    for col in (*columns, "TFLOP", *(["floor s"] if card else [])):
+        table.add_column(col)
+    for s in summary["stages"]:
+        sim = s["simulated"]
+        row = [
+            str(s["index"] + 1),
+            s["size"],
+            sim["memory"],
+            f"{s['estimated_peak_gib']:.2f}",
+            f"{sim['peak_gib']:.2f}",
+        ]
+        row += [f"{sim['estimate_over_simulated']:.2f}", sim["peak_phase"], f"{sum(sim['weights_gib'].values()):.2f}"]
+        row += [f"{sim['tflop_step']:.1f}", f"{sim['tflop_stage']:.1f}"]
+        row += [f"{sim['floor_seconds']:.2f}"] if card else []
+        table.add_row(*row)
+    render_table(lines_if_wider(table, out.width, out), "rich" if out.is_terminal else "plain", out)
+    out.print(f"configs: {simulation['configs']}", markup=False)
+    for note in simulation["notes"]:
+        stderr.print(f"note: {note}", markup=False, highlight=False)
 
 
 def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,11 +91,32 @@ class Generator:
         given = flags_layer({"prompt": prompt or None, **settings})
         return resolve_job({**self.defaults, **given}, require_prompt=require_prompt)
 
-    def plan(self, prompt: str = "", *, world_size: int = 1, **settings: Any) -> dict[str, Any]:
+    def plan(
+        self, prompt: str = "", *, world_size: int = 1, simulate: bool = False, gpu: str | None = None, **settings: Any
+    ) -> dict[str, Any]:
         """The plan `linfusion plan` prints, as data: stages, memory, files (with `world_size` processes
-        splitting the image, each stage's bands and one process's memory); nothing loads."""
+        splitting the image, each stage's bands and one process's memory); nothing loads.
+
+        simulate: also run the job on PyTorch's meta device as a CUDA GPU would (core/simulation.py): each stage's
+        simulated peak, its parts and its TFLOP, beside the estimate (tens of seconds at 16K). gpu: a card
+        (`h200`, `4090`...) or its fp16 TFLOPS, for the time floor; its memory is the budget unless max_vram
+        is given."""
         job = self.job(prompt, require_prompt=False, **settings)
-        return plan_anywhere(plan_for(job, self.options, seed=pick_seed(job)), self.options, world_size)
+        options = self.options
+        if simulate or gpu:
+            from .simulation import card_budget
+
+            if gpu and job.max_vram is None:
+                job.max_vram = card_budget(gpu)
+            if options.device in ("auto", "cpu"):  # a simulation is of a GPU: plan for one
+                options = replace(options, device="cuda")
+        prep = plan_for(job, options, seed=pick_seed(job))
+        summary = plan_anywhere(prep, options, world_size)
+        if simulate:
+            from .simulation import simulate_plan
+
+            simulate_plan(prep, summary, world_size, gpu)
+        return summary
 
     def generate(
         self, prompt: str, *, dry_run: bool = False, cancel: CancelToken | None = None, **settings: Any

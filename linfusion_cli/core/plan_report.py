@@ -105,7 +105,7 @@ def plan_summary(prep: Prepared, placed: Placement, world: int = 1) -> dict[str,
     vae = vae_precision(arch.vae, placed.precision, family)
     over = _over_budget(prep, planner, world)
     warnings = placed.warnings() + offline_gaps(job, family) + over
-    multiple = _multiple(family)
+    multiple = multiple_of(family)
     stages = [_stage_entry(prep, stage, planner, vae, placed, world, multiple) for stage in prep.plan.stages]
     budget = planner.budget
     return {
@@ -171,7 +171,7 @@ def _stage_entry(
     }
 
 
-def _multiple(family: Family | None) -> int:
+def multiple_of(family: Family | None) -> int:
     """The UNet's total downsampling: split stages' band edges sit on multiples of it."""
     return downsampling(list(ARCHS[family.arch if family else DEFAULT_ARCH].unet["block_out_channels"]))
 
@@ -198,7 +198,7 @@ def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list
     """The first stage that even the most frugal settings do not fit (on one process of `world`), what it needs
     and what would fit."""
     family = prep.family
-    multiple = _multiple(family)
+    multiple = multiple_of(family)
     for stage in prep.plan.stages:
         bands = _bands(stage.height // LATENT_PX, world, multiple)
         choice = planner.choose(stage.width, max(bands) * LATENT_PX if bands else stage.height)

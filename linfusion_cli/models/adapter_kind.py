@@ -136,3 +136,11 @@ class AdapterKind:
 
     def load(self, comps: Components, ref: AdapterRef) -> Adapter:
         raise NotImplementedError
+
+    # A memory simulation (plan --simulate) builds adapters of the shapes a load would give, on the meta device,
+    # onto components on the meta device whose UNet has its LinFusion patch; kinds that cannot say why not.
+    simulates = False
+    simulation_note = "not simulated (its memory and work are left out)"
+
+    def simulated(self, comps: Components, ref: AdapterRef) -> Adapter:
+        raise NotImplementedError

@@ -10,6 +10,7 @@ image is simulated (the tallest band's, and the first process's too: it alone re
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -197,19 +198,20 @@ def simulate_job(
     planner: MemoryPlanner,
     *,
     linfusion: str = "random",
-    adapters: list[Any] | None = None,
+    adapters: Callable[[Components], list[Any]] | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> JobSimulation:
     """Run `plan` for `job` on `comps` (on the meta device) under the traces; see the module docstring.
-    `adapters` are adapters already built on the meta device (their kinds' `simulated`)."""
+    `adapters` builds the job's adapters on the meta device once LinFusion is on the UNet (their kinds'
+    `simulated`)."""
     start = time.perf_counter()
     device = torch.device("meta")
     dtype = next(comps.unet.parameters()).dtype
     trace, flops = MemoryTrace(block_bytes), FlopTrace()
     trace.flops = flops
     engine = Engine.from_components(comps, linfusion, device, dtype)
-    for adapter in adapters or []:
+    for adapter in adapters(comps) if adapters else []:
         engine.stack.push(adapter)
     engine.host = MetaHost(trace)
     comm = SimulatedComm(rank, world) if world > 1 else None
@@ -228,7 +230,7 @@ def simulate_job(
     finally:
         for hook in hooks:
             hook.remove()
-        while engine.stack.above(1 if engine.patch is not None else 0):
+        while len(engine.stack):  # adapters, then LinFusion: the components are as they came
             engine.stack.pop()
     return JobSimulation(recorder.stages, rank, world, time.perf_counter() - start, notes=recorder.notes)
 

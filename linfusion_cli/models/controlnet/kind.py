@@ -369,5 +369,12 @@ class ControlNetKind(AdapterKind):
 
         return load(comps, ref)
 
+    simulates = True
+
+    def simulated(self, comps: Components, ref: AdapterRef) -> Adapter:
+        from .load import build_meta  # lazy: torch stays out of CLI start-up
+
+        return build_meta(comps, ref)
+
 
 CONTROLNET = ControlNetKind()

@@ -55,6 +55,41 @@ def load(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
     return ControlNetAdapter(ref, model, name, patch)
 
 
+def build_meta(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
+    """The ControlNet `ref` names, of the shape a load would give, on the meta device (a memory simulation): its
+    own config where it is local (a folder, or a hub repo in the cache), else the full ControlNet a UNet's encoder
+    makes (`from_unet`: what SD-1.5's and SDXL's full ControlNets are); patched like a loaded one."""
+    from diffusers import ControlNetModel
+
+    config = _local_config(ref.source)
+    patch = comps.linfusion
+    own_attention = patch.original_attention() if patch is not None else contextlib.nullcontext()
+    with quiet_libraries(), torch.device("meta"), own_attention:
+        if config is not None:
+            model = ControlNetModel.from_config(config)
+        else:
+            model = ControlNetModel.from_unet(comps.unet, load_weights_from_unet=False)
+    model.to(dtype=next(comps.unet.parameters()).dtype).eval().requires_grad_(False)
+    name = ref.source.split("/")[-1]
+    return ControlNetAdapter(ref, model, name, ControlNetPatch.apply(model, comps.linfusion))
+
+
+def _local_config(source: str) -> dict[str, Any] | None:
+    """A ControlNet's config.json from its folder or the hub cache, without fetching anything."""
+    import json
+
+    path = Path(source).expanduser()
+    if source_kind(source) == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, CONFIG_NAME)
+        path = Path(cached).parent if isinstance(cached, str) else path
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        return None
+    return {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+
+
 def _load_folder(source: str, dtype: torch.dtype) -> Any:
     """A diffusers ControlNet folder or hub repo, in safetensors: for an fp16 run its `.fp16.` weights where it has
     them (half the download), else the plain ones."""
