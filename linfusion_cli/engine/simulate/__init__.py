@@ -5,7 +5,7 @@ the run answered by host.py, a split image's group by comm.py, a job's stages by
 from __future__ import annotations
 
 from .cuda import ALLOCATOR_FACTOR, CARDS, Card, card, device_bytes, fused_attention
-from .run import JobSimulation, StageSimulation, simulate_job
+from .run import JobSimulation, StageSimulation, StepTrace, resident_bytes, simulate_job, simulate_unet_step
 from .trace import FlopTrace, MemoryTrace, PhaseRecord
 
 __all__ = [
@@ -17,8 +17,11 @@ __all__ = [
     "MemoryTrace",
     "PhaseRecord",
     "StageSimulation",
+    "StepTrace",
     "card",
     "device_bytes",
     "fused_attention",
+    "resident_bytes",
     "simulate_job",
+    "simulate_unet_step",
 ]

@@ -79,6 +79,9 @@ def card(value: str) -> Card:
     return Card(f"{tflops:g}", f"a card of {tflops:g} TFLOPS", tflops, 0)
 
 
+PLAIN_SDPA = F.scaled_dot_product_attention
+
+
 def _fused_sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -89,7 +92,10 @@ def _fused_sdpa(
     scale: float | None = None,
     **_: Any,
 ) -> torch.Tensor:
-    """What CUDA's fused kernels allocate and compute for F.scaled_dot_product_attention (see the docstring)."""
+    """What CUDA's fused kernels allocate and compute for F.scaled_dot_product_attention (see the docstring);
+    tensors that are not on the meta device (a real run traced for comparison) take the usual path."""
+    if query.device.type != "meta":
+        return PLAIN_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     if attn_mask is None:
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale
@@ -104,9 +110,8 @@ def _fused_sdpa(
 @contextlib.contextmanager
 def fused_attention() -> Iterator[None]:
     """F.scaled_dot_product_attention as CUDA's fused kernels run it, for the block (restored after)."""
-    plain = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _fused_sdpa  # type: ignore[assignment]
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = plain
+        F.scaled_dot_product_attention = PLAIN_SDPA

@@ -9,6 +9,8 @@ image is simulated (the tallest band's, and the first process's too: it alone re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from torch import nn
 from ...base.events import Event, Note, StageFinished, StageStarted
 from ...base.job import Job
 from ...base.plan import Plan
+from ...models.adapters import ADAPTER_KINDS
 from ...models.devices import PARKED
-from ..memory_plan import GIB, MemoryPlanner
+from ..memory_plan import GIB, MemoryPlanner, MemorySettings
 from ..pipeline import Engine
 from .comm import SimulatedComm
 from .cuda import Card, block_bytes, device_bytes, fused_attention
@@ -186,8 +189,8 @@ class _Recorder:
     def leave(self, *_: Any) -> None:
         self.trace.end()
 
-    def adapter_enter(self, *_: Any) -> None:
-        self.trace.begin("adapter")
+    def enter(self, name: str, *_: Any) -> None:
+        self.trace.begin(name)
 
 
 def simulate_job(
@@ -201,15 +204,16 @@ def simulate_job(
     adapters: Callable[[Components], list[Any]] | None = None,
     rank: int = 0,
     world: int = 1,
+    count_flops: bool = True,
 ) -> JobSimulation:
     """Run `plan` for `job` on `comps` (on the meta device) under the traces; see the module docstring.
     `adapters` builds the job's adapters on the meta device once LinFusion is on the UNet (their kinds'
-    `simulated`)."""
+    `simulated`). Without `count_flops` the work is not counted (a third of the time saved)."""
     start = time.perf_counter()
-    device = torch.device("meta")
+    device = next(comps.unet.parameters()).device  # meta; the CPU to compare with a real run
     dtype = next(comps.unet.parameters()).dtype
     trace, flops = MemoryTrace(block_bytes), FlopTrace()
-    trace.flops = flops
+    trace.flops = flops if count_flops else None
     engine = Engine.from_components(comps, linfusion, device, dtype)
     for adapter in adapters(comps) if adapters else []:
         engine.stack.push(adapter)
@@ -220,11 +224,14 @@ def simulate_job(
         engine.comps.unet.register_forward_pre_hook(recorder.unet_enter),
         engine.comps.unet.register_forward_hook(recorder.leave),
     ]
-    for module in engine.adapter_modules():
-        hooks.append(module.register_forward_pre_hook(recorder.adapter_enter))
-        hooks.append(module.register_forward_hook(recorder.leave))
+    for adapter in engine.adapters:
+        label = ADAPTER_KINDS.get(adapter.kind).label
+        for module in adapter.modules:
+            hooks.append(module.register_forward_pre_hook(functools.partial(recorder.enter, label)))
+            hooks.append(module.register_forward_hook(recorder.leave))
     try:
-        with torch.no_grad(), fused_attention(), flops.counter, trace:
+        counting = flops.counter if count_flops else contextlib.nullcontext()
+        with torch.no_grad(), fused_attention(), counting, trace:
             trace.begin("conditioning")
             engine.generate(job, plan, seed, planner=planner, events=_first_stage_ends(trace, recorder), comm=comm)
     finally:
@@ -244,3 +251,42 @@ def _first_stage_ends(trace: MemoryTrace, recorder: _Recorder) -> Any:
         recorder(event)
 
     return sink
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One UNet call traced: the peak of live tensors it made (inputs and weights not included) and its FLOPs."""
+
+    activations: int
+    flops: float
+    inputs: int  # bytes of the call's inputs (latents, text embeddings)
+
+
+def simulate_unet_step(
+    unet: nn.Module, width: int, height: int, batch: int, settings: MemorySettings | None = None
+) -> StepTrace:
+    """One guided UNet call of `batch` samples at width x height px (a UNet on the meta device, its LinFusion patch
+    on or not), under `settings` (fastest when None): the unit the H200 measurements in docs/memory.md were made
+    on."""
+    from ..memory import apply_settings
+    from ..memory_plan import settings_ladder
+
+    config = unet.config
+    dtype = next(unet.parameters()).dtype
+    trace, flops = MemoryTrace(block_bytes), FlopTrace()
+    trace.flops = flops
+    apply_settings(unet, settings or settings_ladder()[0], each=MetaHost(trace).each)
+    meta = torch.device("meta")
+    sample = torch.empty(batch, int(config["in_channels"]), height // 8, width // 8, device=meta, dtype=dtype)
+    text = torch.empty(batch, 77, int(config["cross_attention_dim"]), device=meta, dtype=dtype)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        pooled = int(config["projection_class_embeddings_input_dim"]) - 6 * int(config["addition_time_embed_dim"])
+        added = {
+            "text_embeds": torch.empty(batch, pooled, device=meta, dtype=dtype),
+            "time_ids": torch.empty(batch, 6, device=meta, dtype=dtype),
+        }
+    with torch.no_grad(), fused_attention(), flops.counter, trace:
+        unet(sample, torch.tensor(500), encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)
+    inputs = sample.numel() * sample.element_size() + text.numel() * text.element_size()
+    return StepTrace(trace.peak, flops.total(), inputs)

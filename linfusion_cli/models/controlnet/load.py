@@ -56,7 +56,7 @@ def load(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
 
 
 def build_meta(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
-    """The ControlNet `ref` names, of the shape a load would give, on the meta device (a memory simulation): its
+    """The ControlNet `ref` names, of the shape a load would give, on the UNet's (meta) device (a simulation): its
     own config where it is local (a folder, or a hub repo in the cache), else the full ControlNet a UNet's encoder
     makes (`from_unet`: what SD-1.5's and SDXL's full ControlNets are); patched like a loaded one."""
     from diffusers import ControlNetModel
@@ -64,7 +64,8 @@ def build_meta(comps: Components, ref: AdapterRef) -> ControlNetAdapter:
     config = _local_config(ref.source)
     patch = comps.linfusion
     own_attention = patch.original_attention() if patch is not None else contextlib.nullcontext()
-    with quiet_libraries(), torch.device("meta"), own_attention:
+    device = next(comps.unet.parameters()).device  # meta; a real device gives random weights (tests compare)
+    with quiet_libraries(), device, own_attention:
         if config is not None:
             model = ControlNetModel.from_config(config)
         else:
