@@ -271,7 +271,7 @@ def simulate_unet_step(
     from ..memory import apply_settings
     from ..memory_plan import settings_ladder
 
-    config = unet.config
+    config: Any = unet.config
     dtype = next(unet.parameters()).dtype
     trace, flops = MemoryTrace(block_bytes), FlopTrace()
     trace.flops = flops
