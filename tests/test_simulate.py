@@ -20,6 +20,7 @@ from linfusion_cli.cli.render import render_plan
 from linfusion_cli.core.plan_report import memory_planner
 from linfusion_cli.core.prepare import plan_for
 from linfusion_cli.engine import memory_plan as memory
+from linfusion_cli.engine.placement import Placement
 from linfusion_cli.engine.simulate import (
     ALLOCATOR_FACTOR,
     FlopTrace,
@@ -83,7 +84,7 @@ def test_a_simulated_stage_holds_what_the_same_stage_holds_for_real() -> None:
     """The same tiny job (with a ControlNet) traced twice by the same dispatch mode: on the meta device, and with
     real tensors on the CPU; every stage's and every phase's peak agree within 5%."""
     job, prep = _tiny_job(controlnet=["tiny"], control_image=["previous"])
-    planner = memory_planner(prep, torch.device("cpu"), torch.float32)
+    planner = memory_planner(prep, Placement("cpu", "fp32"))
     controlnet = ADAPTER_KINDS.get("controlnets")
     runs = []
     for comps in (meta_components("tiny", prep.family, torch.float32)[0], build_random("tiny")):
