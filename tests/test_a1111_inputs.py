@@ -72,12 +72,12 @@ def tiny():
 def test_clip_skip_is_the_encoder_without_its_last_layers(tiny) -> None:
     """A1111's Clip skip N: CLIP's hidden state N - 1 layers before the last, through the final layer norm, which
     is what the same encoder with its last N - 1 layers removed gives as its last hidden state."""
-    from linfusion_cli.engine.text import encode_prompt
+    from linfusion_cli.engine.text import TextOptions, encode_prompt
 
     cpu = torch.device("cpu")
     full = encode_prompt(tiny, "a red fox", "", 1.0, cpu).embeds
-    skipped = encode_prompt(tiny, "a red fox", "", 1.0, cpu, clip_skip=2).embeds
-    assert torch.equal(encode_prompt(tiny, "a red fox", "", 1.0, cpu, clip_skip=1).embeds, full)
+    skipped = encode_prompt(tiny, "a red fox", "", 1.0, cpu, options=TextOptions(clip_skip=2)).embeds
+    assert torch.equal(encode_prompt(tiny, "a red fox", "", 1.0, cpu, options=TextOptions(clip_skip=1)).embeds, full)
     shorter = copy.deepcopy(tiny)
     encoder = shorter.text_encoders[0]
     encoder.encoder.layers = encoder.encoder.layers[:-1]

@@ -79,6 +79,7 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--denoising-strength", "0.3"], {"strength": 0.3}),
     (["--denoise", "0.2"], {"strength": 0.2}),
     (["--lora-dir", "loras", "--lora-dir", "more"], {"lora_dir": ["loras", "more"]}),
+    (["--embeddings", "embeddings"], {"embeddings": ["embeddings"]}),
 ]
 
 

@@ -20,6 +20,8 @@ class Job:
     steps: int
     guidance: float
     clip_skip: int
+    embeddings: list[str] | None
+    ti_hashes: list[str] | None
     strengths: list[float] | None
     size_cond: str
     scheduler: str

@@ -50,6 +50,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         *_refine_fields(s),
         *([("Size conditioning", s["size_cond"])] if s.get("size_cond", "stage") != "stage" else []),
         *(field for kind in kinds for field in kind.a1111_fields(by_kind[kind.name])),
+        *([("TI hashes", f'"{", ".join(s["ti_hashes"])}"')] if s.get("ti_hashes") else []),
         ("Version", f"linfusion {meta['versions']['linfusion']}"),
     ]
     tags = [tag for kind in kinds for tag in kind.prompt_tags(by_kind[kind.name])]

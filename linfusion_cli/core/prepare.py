@@ -30,7 +30,7 @@ from .metadata import settings_key
 from .planning import make_plan
 from .presets import load_preset
 from .settings import FLAGS, JobSpec
-from .tags import expand_prompt_tags
+from .tags import expand_prompt_tags, record_embeddings
 
 if TYPE_CHECKING:
     from ..engine.memory_plan import MemoryPlanner
@@ -150,6 +150,7 @@ def plan_for(
     """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
     job_target(job, input_size)  # size and format refused before even the model's config is read
     tag_notes = expand_prompt_tags(job)  # <lora:NAME:W> -> the job's LoRAs, out of the prompt
+    record_embeddings(job)
     family, note = peek_family(job.model)
     check_linfusion_source(job.linfusion)
     check_sampler(job.scheduler, job.steps)

@@ -37,6 +37,7 @@ from ..base.settings import (
 )
 from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
+from ..engine.embeddings import EMBEDDINGS_DEFAULT, EMBEDDINGS_ENV
 from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
 from ..engine.schedulers import DEFAULT_SAMPLER, SAMPLERS, sampler_problem, scheduler_name
 from ..io.formats import OUTPUT_FORMATS, format_name
@@ -184,6 +185,27 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         check=in_range(1, MAX_CLIP_SKIP),
         key_if_default=False,  # added later: images made before it keep their names
         metavar="N",
+    ),
+    Setting(
+        "embeddings",
+        "texts",
+        None,
+        "A folder of textual-inversion embeddings (repeatable; sub-folders too): a prompt word equal to a file's "
+        f"name uses its vectors, as AUTOMATIC1111 does; then ${EMBEDDINGS_ENV}, then "
+        f"~/.config/linfusion/{EMBEDDINGS_DEFAULT}.",
+        PROMPT_PANEL,
+        WITH_BENCH,
+        in_key=False,  # what decides the pixels is the embeddings a prompt uses: ti_hashes
+        path=True,
+        metavar="DIR",
+    ),
+    Setting(
+        "ti_hashes",
+        "texts",
+        None,
+        commands=(),  # found from the prompt and the embedding folders when the job is planned
+        in_presets=False,
+        key_if_default=False,
     ),
     Setting(
         "strengths",

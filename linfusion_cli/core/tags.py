@@ -1,7 +1,12 @@
-"""AUTOMATIC1111's extra-network tags in a prompt (`<lora:NAME:WEIGHT>`, `<lyco:...>`): taken out of the text CLIP
-sees (and the name of the output), each handed to the adapter kind that owns its tag name, which adds the adapter
-it names to the job as if it had been given as a flag. A tag of a kind this tool does not have (`<hypernet:...>`)
-is taken out too, with a warning, as A1111 skips an unknown one. Runs once per job, before anything reads it."""
+"""What a prompt names besides its words, found once per job before anything reads it:
+
+- AUTOMATIC1111's extra-network tags (`<lora:NAME:WEIGHT>`, `<lyco:...>`): taken out of the text CLIP sees (and
+  the name of the output), each handed to the adapter kind that owns its tag name, which adds the adapter it names
+  to the job as if it had been given as a flag. A tag of a kind this tool does not have (`<hypernet:...>`) is taken
+  out too, with a warning, as A1111 skips an unknown one.
+- Textual-inversion embeddings: the files in the embedding folders whose names the prompt or negative uses, with
+  A1111's hashes (`ti_hashes`: what the image records and its name is keyed by; the engine puts their vectors in).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import re
 from ..base.errors import UsageError
 from ..base.events import Note
 from ..base.text import quote
+from ..engine.embeddings import EMBEDDING_SUFFIXES, embedding_folders, ti_hash
+from ..io.folders import files_by_name
 from ..models.adapter_kind import AdapterKind
 from ..models.adapters import ADAPTER_KINDS
 from .settings import JobSpec
@@ -58,3 +65,18 @@ def expand_prompt_tags(job: JobSpec) -> list[Note]:
     for kind in ADAPTER_KINDS:
         kind.resolve(job, found.get(kind.name, []))
     return notes
+
+
+def record_embeddings(job: JobSpec) -> None:
+    """`job.ti_hashes`: `NAME: HASH` of each embedding the prompt or negative names (as a word: A1111 finds it by its
+    tokens, which a word's are), in the order they first appear."""
+    files = files_by_name(embedding_folders(job.embeddings), EMBEDDING_SUFFIXES)
+    text = f"{job.prompt}\n{job.negative or ''}".casefold()
+    at = {name: _word_at(text, name.casefold()) for name in files}
+    used = sorted((name for name, where in at.items() if where >= 0), key=lambda name: at[name])
+    job.ti_hashes = [f"{name}: {ti_hash(files[name])}" for name in used] or None
+
+
+def _word_at(text: str, word: str) -> int:
+    found = re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text)
+    return found.start() if found else -1

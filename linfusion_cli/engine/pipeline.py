@@ -28,13 +28,14 @@ from ..models.devices import place_text_encoders
 from ..models.loading import Components, load_components
 from ..models.tensors import to_device_image
 from . import memory
+from .embeddings import EmbeddingLibrary, embedding_folders, embedding_library
 from .host import Host
 from .memory_plan import MemoryPlanner
 from .parallel import Comm
 from .refine import REFINE_METHODS
 from .splitting import ImageSplit
 from .stages import GenerateResult, JobRun, check_image, run_stages
-from .text import Conditioning, encode_prompt
+from .text import Conditioning, TextOptions, encode_prompt
 
 if TYPE_CHECKING:
     from torch import nn
@@ -278,12 +279,19 @@ class Engine:
         seconds = time.perf_counter() - start
         return GenerateResult(final, records, seconds, stage_images, run.cond.warnings, run.split.report())
 
+    def embeddings(self, job: Job) -> EmbeddingLibrary:
+        """The textual-inversion embeddings a job's prompts may name (its folders'), checked against this model's
+        text encoders."""
+        widths = [int(encoder.config.hidden_size) for encoder in self.comps.text_encoders]
+        return embedding_library(embedding_folders(job.embeddings), widths, self.comps.allow_pickle)
+
     def _conditioning(self, job: Job, events: EventSink) -> Conditioning:
         """Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory while
         the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16)."""
         encoders = self.comps.text_encoders
         place_text_encoders(encoders, self.device, on_device=True)
-        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device, clip_skip=job.clip_skip)
+        options = TextOptions(job.clip_skip, self.embeddings(job))
+        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device, options=options)
         if job.low_vram:
             place_text_encoders(encoders, self.device, on_device=False)
         for note in cond.notes:

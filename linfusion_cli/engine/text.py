@@ -15,7 +15,9 @@ Prompts are read the way AUTOMATIC1111 reads them, since that is what its users'
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 from ..base.errors import UsageError
 from ..base.text import plural
 from ..models.loading import Components
+from .embeddings import Embedding, EmbeddingLibrary
 
 CHUNK_TOKENS = 75  # tokens per chunk, without the start and end tokens (CLIP's window is 77)
 COMMA_BACKTRACK = 20  # a full chunk breaks after its last comma if that is at most this many tokens back
@@ -104,10 +107,19 @@ def parse_weights(text: str) -> list[tuple[str, float | None]]:
 class _Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)  # (position, embedding) of its vectors
+
+    def cut(self, at: int) -> _Chunk:
+        """The tokens from `at` on, taken out into a chunk of their own (with the embeddings among them)."""
+        moved = _Chunk(self.tokens[at:], self.weights[at:], [(p - at, e) for p, e in self.fixes if p >= at])
+        self.tokens, self.weights = self.tokens[:at], self.weights[:at]
+        self.fixes = [(p, e) for p, e in self.fixes if p < at]
+        return moved
 
 
-def chunk_tokens(tokenizer: Any, text: str) -> list[_Chunk]:
-    """The prompt's tokens with their weights, in chunks of at most 75 (A1111's rules, see the module doc)."""
+def chunk_tokens(tokenizer: Any, text: str, embeddings: EmbeddingLibrary | None = None) -> list[_Chunk]:
+    """The prompt's tokens with their weights, in chunks of at most 75 (A1111's rules, see the module doc); an
+    embedding's name in the tokens takes one position per vector, in one chunk (embeddings.py)."""
     comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
     chunks: list[_Chunk] = []
     chunk = _Chunk()
@@ -122,19 +134,31 @@ def chunk_tokens(tokenizer: Any, text: str) -> list[_Chunk]:
         if weight is None:
             close()
             continue
-        for token in tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+        tokens = tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK_TOKENS and last_comma >= CHUNK_TOKENS - COMMA_BACKTRACK:
-                cut = last_comma + 1  # break after the comma; the words after it start the next chunk
-                moved = _Chunk(chunk.tokens[cut:], chunk.weights[cut:])
-                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                moved = chunk.cut(last_comma + 1)  # break after the comma; the words after it start the next chunk
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK_TOKENS:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            found = embeddings.match(tokenizer, tokens, position) if embeddings is not None else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+                position += 1
+                continue
+            embedding, length = found
+            if len(chunk.tokens) + embedding.count > CHUNK_TOKENS:  # an embedding is never split over chunks
+                close()
+            chunk.fixes.append((len(chunk.tokens), embedding))
+            chunk.tokens += [token] * embedding.count  # stand-ins: their embeddings are replaced by its vectors
+            chunk.weights += [weight] * embedding.count
+            position += length
     if chunk.tokens or not chunks:
         close()
     return chunks
@@ -170,35 +194,65 @@ def _hidden(encoder: Any, batch: torch.Tensor, clip_skip: int) -> torch.Tensor:
     return getattr(encoder, "text_model", encoder).final_layer_norm(states[-clip_skip])
 
 
+@contextlib.contextmanager
+def _vectors_in(encoder: Any, fixes: list[tuple[int, torch.Tensor]]) -> Iterator[None]:
+    """While the block runs, the encoder's token embeddings at each fix's positions (after the start token) are the
+    fix's vectors: how an embedding's vectors enter CLIP, as A1111's EmbeddingsWithFixes puts them."""
+    if not fixes:
+        yield
+        return
+
+    def replace(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for position, vectors in fixes:
+            output[:, 1 + position : 1 + position + vectors.shape[0]] = vectors.to(output)
+        return output
+
+    handle = getattr(encoder, "text_model", encoder).embeddings.token_embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _encode_chunks(
-    comps: Components, text: str, device: torch.device, chunks_wanted: int, clip_skip: int = 1
+    comps: Components, text: str, device: torch.device, chunks_wanted: int, options: TextOptions
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(1, 77 * chunks_wanted, D) embeddings and the pooled embedding (SDXL). A prompt with fewer chunks is
     padded with the empty prompt's chunk; one with more is cut."""
     per_encoder: list[torch.Tensor] = []
     pooled = None
     for i, (encoder, tokenizer) in enumerate(zip(comps.text_encoders, comps.tokenizers, strict=True)):
-        chunks = chunk_tokens(tokenizer, text)[:chunks_wanted]
+        chunks = chunk_tokens(tokenizer, text, options.embeddings)[:chunks_wanted]
         chunks += [_Chunk()] * (chunks_wanted - len(chunks))
         pieces = []
         for c, chunk in enumerate(chunks):
             ids, weights = _chunk_ids(tokenizer, chunk)
             batch = torch.tensor([ids], device=device)
-            if comps.is_sdxl:
-                # SDXL conditions on the penultimate hidden layer of both encoders, pooled from the second.
-                out = encoder(batch, output_hidden_states=True)
-                hidden = out.hidden_states[-2]
-                if c == 0 and i == len(comps.text_encoders) - 1:
-                    pooled = out[0]
-            else:
-                hidden = _hidden(encoder, batch, clip_skip)
+            with _vectors_in(encoder, [(p, e.vectors[i]) for p, e in chunk.fixes]):
+                if comps.is_sdxl:
+                    # SDXL conditions on the penultimate hidden layer of both encoders, pooled from the second.
+                    out = encoder(batch, output_hidden_states=True)
+                    hidden = out.hidden_states[-2]
+                    if c == 0 and i == len(comps.text_encoders) - 1:
+                        pooled = out[0]
+                else:
+                    hidden = _hidden(encoder, batch, options.clip_skip)
             pieces.append(_emphasize(hidden, weights))
         per_encoder.append(torch.cat(pieces, dim=1))  # (1, 77 * chunks, D_i)
     return torch.cat(per_encoder, dim=-1), pooled
 
 
-def count_chunks(comps: Components, text: str) -> int:
-    return len(chunk_tokens(comps.tokenizers[0], text))
+def count_chunks(comps: Components, text: str, embeddings: EmbeddingLibrary | None = None) -> int:
+    return len(chunk_tokens(comps.tokenizers[0], text, embeddings))
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How prompts are read besides their text: A1111's clip skip, and the embeddings a prompt may name."""
+
+    clip_skip: int = 1
+    embeddings: EmbeddingLibrary | None = None
 
 
 @torch.no_grad()
@@ -209,14 +263,15 @@ def encode_prompt(
     guidance: float,
     device: torch.device,
     max_chunks: int | None = None,
-    clip_skip: int = 1,
+    options: TextOptions = TextOptions(),
 ) -> Conditioning:
     """Embeddings for the prompt (and the negative, with guidance). max_chunks=1 keeps CLIP's single window
-    (training batches need one length); the cut is then reported as a warning. `clip_skip`: see `_hidden` (SDXL
-    conditions on its penultimate layer whatever it says, as A1111 does)."""
-    found = max(count_chunks(comps, prompt), count_chunks(comps, negative) if guidance > 1.0 else 1)
+    (training batches need one length); the cut is then reported as a warning. `options.clip_skip`: see `_hidden`
+    (SDXL conditions on its penultimate layer whatever it says, as A1111 does)."""
+    library, clip_skip = options.embeddings, options.clip_skip
+    found = max(count_chunks(comps, prompt, library), count_chunks(comps, negative, library) if guidance > 1.0 else 1)
     chunks = found if max_chunks is None else min(found, max_chunks)
-    positive, pooled = _encode_chunks(comps, prompt, device, chunks, clip_skip)
+    positive, pooled = _encode_chunks(comps, prompt, device, chunks, options)
     notes, warnings = [], []
     if comps.is_sdxl and clip_skip > 1:
         notes.append(f"clip skip {clip_skip}: SDXL conditions on its penultimate layer whatever it says, as A1111 does")
@@ -233,6 +288,6 @@ def encode_prompt(
         # SDXL's pipeline default (force_zeros_for_empty_prompt): an empty negative prompt is all zeros.
         neg, neg_pooled = torch.zeros_like(positive), (torch.zeros_like(pooled) if pooled is not None else None)
     else:
-        neg, neg_pooled = _encode_chunks(comps, negative, device, chunks, clip_skip)
+        neg, neg_pooled = _encode_chunks(comps, negative, device, chunks, options)
     both_pooled = torch.cat([neg_pooled, pooled]) if pooled is not None and neg_pooled is not None else None
     return Conditioning(torch.cat([neg, positive]), both_pooled, warnings, notes)
