@@ -200,10 +200,10 @@ def test_user_preset_file_is_validated(runner, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown field 'stepz'" in result.stderr
 
 
-def test_replay_of_the_image_itself_points_at_its_sidecar(runner, tmp_path: Path) -> None:
+def test_replay_of_an_image_that_records_nothing_says_so(runner, tmp_path: Path) -> None:
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     result = run(runner, "replay", str(tmp_path / "x.png"))
     assert result.exit_code == 2
-    assert "is an image; replay reads its sidecar" in result.stderr and "x.png.json" in result.stderr
+    assert "x.png records no generation parameters (no sidecar beside it" in result.stderr

@@ -123,7 +123,9 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     assert "viewer: OpenSeadragon 6.1.1, shipped with linfusion (assets/openseadragon.min.js: works offline)" in flag
     assert '"Width": "2048"' in flag and f'"TileSize": "{TILE_SIZE}"' in flag  # the inline tile source
     odd = page_of(site, ODD_NAME)
-    assert "no sidecar: shown without its settings" in odd and "ünï côde 狐 lake.png" in odd
+    # a copy without its sidecar: the settings its own metadata chunk records
+    assert "no sidecar: settings as ünï côde 狐 lake.png (its linfusion metadata) records them" in odd
+    assert "a red fox" in odd
     sheet = (site / "index.html").read_text()
     assert "5 images, 1 damaged, 1 failed job, 1 other file skipped" in sheet
     assert "damaged: vipspng: " in sheet and "job 9: failed" in sheet
@@ -134,7 +136,7 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     names = [name.replace("<wbr>", "") for name in re.findall(r'<span class="file">(.*?)</span>', sheet)]
     assert names[0] == "flag.png"  # newest first: its sidecar says 2030
     assert re.search(r'<span class="file">00000_<wbr>a-<wbr>red-<wbr>fox_<wbr>5_<wbr>128x128_<wbr>\w+\.<wbr>png', sheet)
-    assert '<span class="badge">no sidecar</span>' in sheet
+    assert '<span class="badge">settings from the image</span>' in sheet
 
 
 def test_hostile_prompt_is_text_everywhere(site: Path, renders: Path) -> None:

@@ -35,6 +35,7 @@ class Job:
     low_vram: bool
     max_vram: float | None
     image: str | None
+    source_image: str | None
     strength: float | None
     refine: str
     preset: str | None

@@ -302,8 +302,8 @@ def upscale(
     prompt: Annotated[
         str,
         typer.Option(
-            help="What the image shows. Optional: with one, the refine stages add detail that fits it; "
-            "without, generic texture.",
+            help="What the image shows. Optional: with one, the refine stages add detail that fits it; without, "
+            "the prompt the image records (its sidecar, linfusion's or A1111's metadata), else generic texture.",
             rich_help_panel=PROMPT_PANEL,
         ),
     ] = "",
@@ -435,7 +435,10 @@ def replay(
     sidecar: Annotated[
         Path,
         typer.Argument(
-            metavar="SIDECAR", help="A sidecar .json that linfusion wrote next to an image.", show_default=False
+            metavar="SIDECAR",
+            help="A sidecar .json that linfusion wrote next to an image, or the image itself (its sidecar if "
+            "beside it, else what it records: linfusion's metadata or AUTOMATIC1111's parameters).",
+            show_default=False,
         ),
     ],
     settings: dict[str, Any],

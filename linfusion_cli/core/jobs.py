@@ -13,6 +13,7 @@ from typing import Any
 from ..base.errors import JobFileError, UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
+from .image_settings import from_image
 from .layers import merge_layers, validate_layer
 from .presets import load_preset
 from .settings import FLAGS, JobSpec
@@ -36,7 +37,10 @@ def resolve_job(
         preset = load_preset(preset_name)
         layers.append((preset.label, preset.settings))
     layers += [(defaults_label, file_defaults), (row_label, row), (FLAGS, flags)]
-    return merge_layers(layers, require_prompt=require_prompt)
+    job = merge_layers(layers, require_prompt=require_prompt)
+    if job.image:
+        from_image(job)  # an upscale's image: its recorded prompt, seed... where no layer set them (noted when planned)
+    return job
 
 
 def flags_layer(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ..io.output import OutputPaths
 from ..models.adapters import ADAPTER_KINDS, preflight
 from ..models.families import Family, peek_family
 from ..models.hub import looks_like_hub_id
+from .image_settings import from_image
 from .metadata import settings_key
 from .planning import make_plan
 from .presets import load_preset
@@ -149,7 +150,8 @@ def plan_for(
 ) -> Prepared:
     """Plan a job from the model's config alone (no weights loaded), with every check its adapters make."""
     job_target(job, input_size)  # size and format refused before even the model's config is read
-    tag_notes = expand_prompt_tags(job)  # <lora:NAME:W> -> the job's LoRAs, out of the prompt
+    tag_notes = from_image(job)  # upscale IMAGE: the prompt, seed... its image records, where not given
+    tag_notes += expand_prompt_tags(job)  # <lora:NAME:W> -> the job's LoRAs, out of the prompt
     record_embeddings(job)
     family, note = peek_family(job.model)
     check_linfusion_source(job.linfusion)

@@ -9,8 +9,10 @@ from typing import Any
 from ..base.errors import UsageError
 from ..base.precision import dtype_flag
 from ..base.schema import schema_problem
+from ..io.a1111 import parse_parameters
 from ..io.files import ParseError, load_json, read_regular
 from ..io.metadata import read_metadata
+from .image_settings import a1111_settings, readable, recorded_settings, sidecar_beside
 from .layers import merge_layers, validate_layer
 from .metadata import a1111_parameters
 from .settings import FLAGS, JobSpec, table
@@ -44,8 +46,46 @@ def job_from_sidecar(path: Path, overrides: Mapping[str, Any] | None = None) -> 
     """The recorded settings (seed included) as a JobSpec, and the recorded precision as its flag (fp16...).
     `overrides` (flags: the model's folder moved) replace recorded settings; a relative path the job reads (an
     IP-Adapter's image, a control image) is found beside the sidecar, where it was when the sidecar was written
-    relative to its folder, else where it is from here."""
-    data = read_sidecar(path)
+    relative to its folder, else where it is from here. An image instead of a sidecar: `job_from_image`."""
+    if is_image(path):
+        return job_from_image(path, overrides)
+    return _job_from_record(read_sidecar(path), f"sidecar {path.name}", path, overrides)
+
+
+def job_from_image(path: Path, overrides: Mapping[str, Any] | None = None) -> tuple[JobSpec, str]:
+    """`replay IMAGE`: the job its sidecar records when one is beside it; else what the image itself records (this
+    tool's own metadata chunk, the whole sidecar; or AUTOMATIC1111's parameters: prompt, negative, seed, sampler,
+    steps, CFG, clip skip and size, LoRA tags in the prompt)."""
+    sidecar = sidecar_beside(path)
+    if sidecar is not None:
+        return job_from_sidecar(sidecar, overrides)
+    recorded = recorded_settings(path)
+    if recorded is None:
+        raise UsageError(
+            f"{path} records no generation parameters (no sidecar beside it, no A1111 parameters, no linfusion "
+            "metadata): nothing to replay"
+        )
+    if recorded.data is not None:
+        return _job_from_record(recorded.data, recorded.where, path, overrides)
+    values, _ = readable(recorded)  # what cannot be taken is said again when the job is planned
+    flags = validate_layer({k: v for k, v in (overrides or {}).items() if v is not None}, where=FLAGS, from_text=True)
+    job = merge_layers([(recorded.where, {**values, "source_image": str(path)}), (FLAGS, flags)])
+    return job, dtype_flag("auto")
+
+
+def is_image(path: Path) -> bool:
+    """Whether a file starts as an image does (PNG, JPEG, WebP, TIFF), whatever its size or name."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8).startswith(IMAGE_SIGNATURES)
+    except OSError:
+        return False
+
+
+def _job_from_record(
+    data: dict[str, Any], where: str, path: Path, overrides: Mapping[str, Any] | None
+) -> tuple[JobSpec, str]:
+    """A job from a sidecar's data (read from the sidecar `path`, or from the image `path` that carries it)."""
     settings, seed, file = data.get("settings"), data.get("seed"), data.get("file")
     if not isinstance(settings, dict) or isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"{path} is not a linfusion sidecar (needs 'settings' and a whole-number 'seed')")
@@ -54,7 +94,8 @@ def job_from_sidecar(path: Path, overrides: Mapping[str, Any] | None = None) -> 
     name = file.get("name") if isinstance(file, dict) else None
     if isinstance(name, str) and Path(name).stem:
         settings["name"] = Path(name).stem
-    where = f"sidecar {path.name}"
+    if is_image(path):
+        settings["source_image"] = str(path)
     layer = validate_layer({k: v for k, v in settings.items() if k not in SIDECAR_ONLY}, where=where)
     layer = beside(layer, path.parent)
     flags = validate_layer({k: v for k, v in (overrides or {}).items() if v is not None}, where=FLAGS, from_text=True)
@@ -80,8 +121,13 @@ def _found(value: str, folder: Path) -> str:
 def describe(path: Path, max_pixels: int) -> dict[str, Any]:
     """What `info` prints about an image (the parameters it carries), or about a sidecar (the same text, made
     from its settings)."""
-    if path.suffix.lower() != ".json":
-        return read_metadata(path, max_pixels)
+    if path.suffix.lower() != ".json" or is_image(path):
+        meta = read_metadata(path, max_pixels)
+        if meta.get("parameters"):
+            params = parse_parameters(meta["parameters"])
+            meta["a1111"] = params.as_dict()
+            meta["a1111"]["settings"], _ = a1111_settings(params)
+        return meta
     data = read_sidecar(path)
     try:
         parameters = a1111_parameters(data)

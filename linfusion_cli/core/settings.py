@@ -327,6 +327,8 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         metavar="GIB",
     ),
     Setting("image", "str", None, commands=(), in_presets=False, path=True),
+    # replay IMAGE: the image whose recorded settings the job was made from (what plan notes and checks read)
+    Setting("source_image", "str", None, commands=(), in_key=False, in_presets=False, path=True),
     Setting(
         "strength",
         "float",

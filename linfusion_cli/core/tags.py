@@ -23,6 +23,7 @@ from .settings import JobSpec
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's own pattern (modules/extra_networks.py)
 DEFAULT_WEIGHT = 1.0  # A1111's, for a tag without one
+RECORDED = ("image ", "sidecar ")  # where-labels of settings read from an image (image_settings.py)
 
 
 def _weight(tag: str, args: list[str]) -> float:
@@ -62,8 +63,17 @@ def expand_prompt_tags(job: JobSpec) -> list[Note]:
         notes.append(
             Note("warning", f"{len(negative)} tag(s) in the negative prompt ignored: <lora:...> tags go in the prompt")
         )
+    recorded = str(job.sources.get("prompt", "")).startswith(RECORDED)
     for kind in ADAPTER_KINDS:
-        kind.resolve(job, found.get(kind.name, []))
+        if not recorded:
+            kind.resolve(job, found.get(kind.name, []))
+            continue
+        kind.resolve(job, [])
+        for tag in found.get(kind.name, []):  # a prompt read from an image may name what you do not have
+            try:
+                kind.resolve(job, [tag])
+            except UsageError as exc:
+                notes.append(Note("warning", f"{exc}: left out (the image's prompt names it)"))
     return notes
 
 

@@ -250,7 +250,7 @@ def _card(card: Card) -> str:
 
 def _badge(sidecar: Sidecar) -> str:
     if sidecar.signature is None:
-        return "no sidecar"
+        return "settings from the image" if sidecar.data else "no sidecar"
     return "incomplete" if sidecar.data.get("complete") is False else "sidecar unreadable"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import LinFusionError
+from ..core.image_settings import recorded_settings
 from ..io.files import ParseError, load_json, read_regular
 from ..io.locks import host_name, pid_alive
 
@@ -124,7 +125,7 @@ def sidecar_path(image: Path) -> Path | None:
 def read_sidecar(image: Path) -> Sidecar:
     path = sidecar_path(image)
     if path is None:
-        return Sidecar(problem="no sidecar: shown without its settings")
+        return _recorded_in(image)
     signature = file_signature(path)
     try:
         data = load_json(read_regular(path, MAX_SIDECAR_BYTES, "the sidecar").decode("utf-8"))
@@ -134,6 +135,18 @@ def read_sidecar(image: Path) -> Sidecar:
         return Sidecar(problem=f"sidecar {path.name} is not a JSON object", signature=signature)
     problem = None if data.get("complete", True) is not False else "the sidecar says this job did not finish"
     return Sidecar(data, problem, signature)
+
+
+def _recorded_in(image: Path) -> Sidecar:
+    """No sidecar: what the image itself records (this tool's metadata chunk, or AUTOMATIC1111's parameters)."""
+    try:
+        recorded = recorded_settings(image)
+    except LinFusionError:
+        recorded = None
+    if recorded is None:
+        return Sidecar(problem="no sidecar: shown without its settings")
+    data = recorded.data or {"settings": recorded.settings, "seed": recorded.settings.get("seed")}
+    return Sidecar(data, f"no sidecar: settings as {recorded.where.removeprefix('image ')} records them")
 
 
 def read_job_logs(logs: list[Path]) -> list[JobNote]:
