@@ -23,6 +23,7 @@ from .settings import JobSpec
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's own pattern (modules/extra_networks.py)
 DEFAULT_WEIGHT = 1.0  # A1111's, for a tag without one
+COMPOSABLE = re.compile(r"\bAND\b")  # A1111 splits a prompt into several at a capital AND (prompt_parser.py)
 RECORDED = ("image ", "sidecar ")  # where-labels of settings read from an image (image_settings.py)
 
 
@@ -63,6 +64,9 @@ def expand_prompt_tags(job: JobSpec) -> list[Note]:
         notes.append(
             Note("warning", f"{len(negative)} tag(s) in the negative prompt ignored: <lora:...> tags go in the prompt")
         )
+    for where, text in (("prompt", job.prompt), ("negative prompt", job.negative or "")):
+        if COMPOSABLE.search(text):
+            notes.append(Note("warning", f"'AND' in the {where} is read as a word: A1111's composable prompts are not"))
     recorded = str(job.sources.get("prompt", "")).startswith(RECORDED)
     for kind in ADAPTER_KINDS:
         if not recorded:

@@ -32,10 +32,11 @@ from .embeddings import EmbeddingLibrary, embedding_folders, embedding_library
 from .host import Host
 from .memory_plan import MemoryPlanner
 from .parallel import Comm
+from .prompts import JobText, job_text
 from .refine import REFINE_METHODS
 from .splitting import ImageSplit
 from .stages import GenerateResult, JobRun, check_image, run_stages
-from .text import Conditioning, TextOptions, encode_prompt
+from .text import TextOptions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,7 +248,7 @@ class Engine:
         start = time.perf_counter()
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
-        cond = self._conditioning(job, events)
+        text = self._conditioning(job, plan, events)
         for adapter in self.adapters:
             adapter.begin_job(job, self.device)
         base_width = plan.stages[0].width if init_image is None else init_image.shape[1]
@@ -256,13 +257,14 @@ class Engine:
             job,
             plan,
             seed,
-            cond,
+            text.first,
             planner or self.memory_planner(job),
             events,
             cancel or CancelToken(),
             base_width,
             REFINE_METHODS.get(plan.refine).start_job(job),
             ImageSplit(comm, self.comps.unet.config),
+            per_step=text.per_step,
         )
         image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
         final, records, stage_images = run_stages(run, image, keep_stages)
@@ -277,7 +279,7 @@ class Engine:
         if final is not None:
             check_image(final)
         seconds = time.perf_counter() - start
-        return GenerateResult(final, records, seconds, stage_images, run.cond.warnings, run.split.report())
+        return GenerateResult(final, records, seconds, stage_images, text.warnings, run.split.report())
 
     def embeddings(self, job: Job) -> EmbeddingLibrary:
         """The textual-inversion embeddings a job's prompts may name (its folders'), checked against this model's
@@ -285,20 +287,21 @@ class Engine:
         widths = [int(encoder.config.hidden_size) for encoder in self.comps.text_encoders]
         return embedding_library(embedding_folders(job.embeddings), widths, self.comps.allow_pickle)
 
-    def _conditioning(self, job: Job, events: EventSink) -> Conditioning:
-        """Text conditioning, once for all stages. With --low-vram the text encoders sit in CPU memory while
-        the UNet and VAE work (SDXL's two encoders hold 1.6 GB in fp16)."""
+    def _conditioning(self, job: Job, plan: Plan, events: EventSink) -> JobText:
+        """Text conditioning, once for all stages (or, with A1111's prompt editing, each distinct text once). With
+        --low-vram the text encoders sit in CPU memory while the UNet and VAE work (SDXL's two encoders hold
+        1.6 GB in fp16)."""
         encoders = self.comps.text_encoders
         place_text_encoders(encoders, self.device, on_device=True)
         options = TextOptions(job.clip_skip, self.embeddings(job))
-        cond = encode_prompt(self.comps, job.prompt, job.negative, job.guidance, self.device, options=options)
+        text = job_text(self.comps, job.prompt, job.negative, job.guidance, plan, self.device, options)
         if job.low_vram:
             place_text_encoders(encoders, self.device, on_device=False)
-        for note in cond.notes:
+        for note in text.notes:
             events(Note("info", note))
-        for warning in cond.warnings:
+        for warning in text.warnings:
             events(Note("warning", warning))
-        return cond
+        return text
 
 
 def _describe_line(adapter: Adapter) -> str:

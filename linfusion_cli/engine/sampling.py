@@ -29,6 +29,13 @@ class StageInputs:
     size: tuple[int, int]  # (width, height) px SDXL's size conditioning names: conditioning_size
     cfg_split: bool = False  # guidance as two batch-1 UNet calls instead of one batch of 2
     extras: tuple[UNetExtra, ...] = ()  # adapters' per-call conditioning, see UNetExtra
+    per_step: list[Conditioning] | None = None  # A1111's prompt editing: each sampler step's (prompts.py)
+
+    def at_step(self, index: int, total: int) -> None:
+        """The conditioning of the sampler step that model call `index` of `total` belongs to (second-order
+        samplers call the model about twice per step)."""
+        if self.per_step:
+            self.cond = self.per_step[min(index * len(self.per_step) // total, len(self.per_step) - 1)]
 
 
 def conditioning_size(job: Job, stage: StagePlan, plan: Plan) -> tuple[int, int]:
@@ -164,6 +171,7 @@ def denoise(
     if guide is not None:
         model = guide.wrap(model)
     for i, t in enumerate(timesteps):
+        inputs.at_step(i, total)
         if guide is not None:
             latents = guide.before_step(scheduler, t, latents)
         prediction = model(latents, t)

@@ -88,6 +88,7 @@ class JobRun:
     refiner: JobRefiner  # the refine method's state for this job
     split: ImageSplit  # this process's part of the image (the whole image without a group)
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
+    per_step: dict[int, list[Conditioning]] = field(default_factory=dict)  # prompt editing: a stage's steps' texts
 
 
 def run_stages(
@@ -226,6 +227,7 @@ def _run_stage(
         # 2. Denoise.
         size = conditioning_size(job, stage, run.plan)
         inputs = StageInputs(run.cond, job.guidance, size, cfg_split=settings.cfg_split, extras=start.extras)
+        inputs.per_step = run.per_step.get(stage.index)
 
         def on_step(step: int, total: int) -> None:
             run.events(StepDone(stage.index, step, total, peak_vram_gib(engine.device)))
