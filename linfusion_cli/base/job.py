@@ -22,6 +22,7 @@ class Job:
     clip_skip: int
     embeddings: list[str] | None
     ti_hashes: list[str] | None
+    source_image: str | None
     strengths: list[float] | None
     size_cond: str
     scheduler: str
@@ -35,7 +36,6 @@ class Job:
     low_vram: bool
     max_vram: float | None
     image: str | None
-    source_image: str | None
     strength: float | None
     refine: str
     preset: str | None

@@ -37,17 +37,16 @@ from ..base.settings import (
 )
 from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
-from ..engine.embeddings import EMBEDDINGS_DEFAULT, EMBEDDINGS_ENV
 from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
 from ..engine.schedulers import DEFAULT_SAMPLER, SAMPLERS, sampler_problem, scheduler_name
 from ..io.formats import OUTPUT_FORMATS, format_name
 from ..models.adapters import ADAPTER_KINDS
+from .prompt_settings import PROMPT_SETTINGS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 RANDOM_SEED = -1  # AUTOMATIC1111's spelling of "pick one at random"
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
-MAX_CLIP_SKIP = 12  # SD-1.x's CLIP has 12 layers; a deeper skip than the model's own is refused when it loads
 SIZE_CONDITIONING = (
     "stage",
     "target",
@@ -174,39 +173,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         flags=("-g",),
         aliases=("cfg_scale", "cfg"),
     ),
-    Setting(
-        "clip_skip",
-        "int",
-        1,
-        "Stop CLIP this many layers from the end, as AUTOMATIC1111's Clip skip: 2 is its penultimate layer (what "
-        "many SD-1.5 fine-tunes are made for); SDXL always uses its penultimate layer \\[default: 1].",
-        PROMPT_PANEL,
-        WITH_BENCH,
-        check=in_range(1, MAX_CLIP_SKIP),
-        key_if_default=False,  # added later: images made before it keep their names
-        metavar="N",
-    ),
-    Setting(
-        "embeddings",
-        "texts",
-        None,
-        "A folder of textual-inversion embeddings (repeatable; sub-folders too): a prompt word equal to a file's "
-        f"name uses its vectors, as AUTOMATIC1111 does; then ${EMBEDDINGS_ENV}, then "
-        f"~/.config/linfusion/{EMBEDDINGS_DEFAULT}.",
-        PROMPT_PANEL,
-        WITH_BENCH,
-        in_key=False,  # what decides the pixels is the embeddings a prompt uses: ti_hashes
-        path=True,
-        metavar="DIR",
-    ),
-    Setting(
-        "ti_hashes",
-        "texts",
-        None,
-        commands=(),  # found from the prompt and the embedding folders when the job is planned
-        in_presets=False,
-        key_if_default=False,
-    ),
+    *PROMPT_SETTINGS,  # clip skip and embeddings: prompt_settings.py
     Setting(
         "strengths",
         "floats",
@@ -327,8 +294,6 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         metavar="GIB",
     ),
     Setting("image", "str", None, commands=(), in_presets=False, path=True),
-    # replay IMAGE: the image whose recorded settings the job was made from (what plan notes and checks read)
-    Setting("source_image", "str", None, commands=(), in_key=False, in_presets=False, path=True),
     Setting(
         "strength",
         "float",
