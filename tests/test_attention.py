@@ -1,4 +1,4 @@
-"""The LinFusion layer computes REFERENCE.md section 1 exactly, at any N, in any precision."""
+"""The LinFusion layer computes docs/reference.md section 1 exactly, at any N, in any precision."""
 
 from __future__ import annotations
 

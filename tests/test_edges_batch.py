@@ -1,4 +1,4 @@
-"""A farm's worst night (issue 23): a closed stdout, a full disk, a model not in the cache, damaged and older
+"""A farm's worst night: a closed stdout, a full disk, a model not in the cache, damaged and older
 sidecars, inconsistent Slurm variables, a 50,000-line file under a 1,000-task array, and `--dry-run`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a new user types at the command line (issue 23): an option given where a value goes, a misspelt command,
+"""What a new user types at the command line: an option given where a value goes, a misspelt command,
 --prompt on a command whose prompt is an argument, numbers typer converts, precision aliases, an empty prompt,
 and plans for a device this machine does not have. Nothing here loads a model."""
 

@@ -1,4 +1,4 @@
-"""Input a person types (issue 23): values in any case, numbers read alike from every source, one numbering in
+"""Input a person types: values in any case, numbers read alike from every source, one numbering in
 every message (jobs from 0, lines from 1 as an editor counts), limits in plain digits, text files that are not
 UTF-8 refused naming the line. Nothing here loads a model."""
 

@@ -1,4 +1,4 @@
-"""What users bring (issue 23): a LinFusion checkpoint without feature MLPs (projection_mid_dim -1) loaded as the
+"""What users bring: a LinFusion checkpoint without feature MLPs (projection_mid_dim -1) loaded as the
 official code computes it, local LinFusion paths checked before anything loads, ControlNets of another family
 named by their shape, one IP-Adapter per image, --control-stages no longer than the plan, and the IP-Adapter's
 reference image keyed by its content."""

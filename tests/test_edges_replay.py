@@ -1,4 +1,4 @@
-"""Sidecars read back (issue 23): `info` of a sidecar, `replay` of a later layout refused, the model and other
+"""Sidecars read back: `info` of a sidecar, `replay` of a later layout refused, the model and other
 engine settings replaced from the command line, relative input paths found beside the sidecar; TIFF keeping a
 Unicode prompt exactly."""
 

@@ -1,4 +1,4 @@
-"""SDXL's size conditioning against LinFusion's official high-resolution pipeline (issue 23), on tiny-sdxl: the
+"""SDXL's size conditioning against LinFusion's official high-resolution pipeline, on tiny-sdxl: the
 time_ids every UNet call of every stage receives, with `size_cond: target` and with the default `stage`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a person sees (issue 23): tables that follow the terminal and never cut a number, progress rows that do
+"""What a person sees: tables that follow the terminal and never cut a number, progress rows that do
 not wrap, Ctrl-C said at once and worded for what it stopped, and help that shows the way."""
 
 from __future__ import annotations

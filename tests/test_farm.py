@@ -1,4 +1,4 @@
-"""Farm-proof batches (issue 14): every job exactly once whatever the array, the crash or the file."""
+"""Farm-proof batches: every job exactly once whatever the array, the crash or the file."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def test_stepped_arrays_cover_every_job_exactly_once(
     assert all(len(o) == 1 for o in owners)
 
 
-def test_slurm_cases_from_the_issue() -> None:
+def test_slurm_array_cases() -> None:
     stepped = [0, 2, 4, 6, 8, 10]  # --array=0-10:2
     assert [slurm_shard(slurm_env(t, stepped, step=2)).index for t in stepped] == [0, 1, 2, 3, 4, 5]
     listed = [1, 5, 9]  # --array=1,5,9

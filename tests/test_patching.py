@@ -74,7 +74,7 @@ def test_weights_follow_unet_dtype() -> None:
 
 
 def write_official(folder: Path, unet: torch.nn.Module, *, reverse: bool = False, seed: int = 1) -> dict:
-    """An official-format checkpoint written by hand, as REFERENCE.md section 2 describes it."""
+    """An official-format checkpoint written by hand, as docs/reference.md section 2 describes it."""
     torch.manual_seed(seed)
     names = [n for n, _ in unet.named_modules() if n.endswith(".attn1")]
     entries, tensors = [], {}

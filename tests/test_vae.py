@@ -13,7 +13,7 @@ from linfusion_cli.engine.vae import TiledVAE, to_uint8
 from linfusion_cli.engine.vae_tiles import tile_windows
 from linfusion_cli.models.archs import ARCHS
 
-SD_WIDTHS = [128, 256, 512, 512]  # REFERENCE.md's harness: SD-shaped
+SD_WIDTHS = [128, 256, 512, 512]  # the fidelity harness of docs/reference.md section 5: SD-shaped
 NARROW = [32, 64, 128, 128]  # same shape, cheaper, for the slower cases
 
 
@@ -26,7 +26,7 @@ def make_vae(widths: list[int], seed: int = 0) -> torch.nn.Module:
 
 
 def smooth_latent(size: int, seed: int = 1) -> torch.Tensor:
-    """REFERENCE.md's harness: 16x16 noise upsampled bicubically to the latent size (scaled latents)."""
+    """The fidelity harness (docs/reference.md section 5): 16x16 noise upsampled bicubically to the latent size (scaled latents)."""
     torch.manual_seed(seed)
     return F.interpolate(torch.randn(1, 4, 16, 16), size=(size // 8, size // 8), mode="bicubic") * 0.18215
 
@@ -64,7 +64,7 @@ def test_windows_align_to_the_latent_grid() -> None:
 @pytest.mark.slow
 def test_decode_fidelity_sd_shaped() -> None:
     """SD-shaped random VAE (128/256/512/512), four tiles with whole-image statistics: >= 42 dB against untiled
-    (REFERENCE.md: diffusers' tiling gives 34.5 dB on this harness at 768 px; 53 dB here at 192 px)."""
+    (docs/reference.md section 5: diffusers' tiling gives 34.5 dB on this harness at 768 px; 53 dB here at 192 px)."""
     vae = make_vae(SD_WIDTHS)
     latents = smooth_latent(192)
     ref = untiled_decode(vae, latents)

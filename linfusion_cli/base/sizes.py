@@ -18,6 +18,9 @@ SIZE_MULTIPLE = 8  # the VAE's downscale: latents must have whole pixels
 
 
 DEFAULT_SIZE = 2048
+# The largest input image read unless --max-input-pixels says otherwise: 1 gigapixel (a 16384^2 image is 268 Mpx;
+# Pillow's own guard stops at about 179 Mpx, docs/reference.md section 6).
+DEFAULT_MAX_PIXELS = 1_000_000_000
 
 
 PX_SUFFIX = {"k": 1024}  # 16k = 16384 px, as in "a 16K image"

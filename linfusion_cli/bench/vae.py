@@ -1,5 +1,5 @@
 """`linfusion bench vae`: our tiled VAE against the untiled floor and against diffusers' tiling (time and peak
-memory), and its fidelity (PSNR of tiled against untiled), all with random weights (REFERENCE.md section 5)."""
+memory), and its fidelity (PSNR of tiled against untiled), all with random weights (docs/reference.md section 5)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..models.archs import ARCHS
 from ..models.devices import free_cached
 from .measure import environment, measured, parse_size, timed
 
-FLOOR_TILE = 1024  # the untiled floor: one 1024^2 decode, scaled by area (REFERENCE.md section 5)
+FLOOR_TILE = 1024  # the untiled floor: one 1024^2 decode, scaled by area (docs/reference.md section 5)
 
 
 def psnr(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -28,7 +28,7 @@ def psnr(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def smooth_latents(width: int, height: int, seed: int = 1, scaling: float = 0.18215) -> torch.Tensor:
-    """REFERENCE.md's VAE harness: 16x16 noise upsampled bicubically to the latent size (scaled latents)."""
+    """The VAE fidelity harness (docs/reference.md section 5): 16x16 noise upsampled bicubically to the latent size (scaled latents)."""
     gen = torch.Generator("cpu").manual_seed(seed)
     small = torch.randn((1, 4, 16, 16), generator=gen)
     return F.interpolate(small, size=(height // 8, width // 8), mode="bicubic") * scaling

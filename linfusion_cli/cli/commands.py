@@ -23,6 +23,7 @@ from ..base.settings import (
     SAMPLER_PANEL,
     UPSCALE,
 )
+from ..base.sizes import DEFAULT_MAX_PIXELS
 from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, JobSpec, coerce
 from .bench import bench_app
@@ -315,7 +316,7 @@ def upscale(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
-    max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+    max_input_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dry_run: DryRunOpt = False,
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
@@ -480,7 +481,7 @@ def info(
         ),
     ],
     json_out: JsonOpt = False,
-    max_input_pixels: MaxPixelsOpt = 1_000_000_000,
+    max_input_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Print the generation parameters stored in an image or its sidecar (on stdout)."""
     with boundary():

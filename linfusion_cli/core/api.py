@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.errors import DEFAULT_TIMEOUT_S
 from ..base.events import CancelToken, EventSink, ignore
+from ..base.sizes import DEFAULT_MAX_PIXELS
 from ..engine.placement import world_from_env
 from ..io.images import load_rgb
 from . import preflight
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from ..engine.parallel import Comm
     from .batch import BatchSummary
     from .run import EngineCache
-
-DEFAULT_MAX_INPUT_PIXELS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class Generator:
         overwrite: bool = False,
         save_stages: bool = False,
         allow_pickle: bool = False,
-        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+        max_input_pixels: int = DEFAULT_MAX_PIXELS,
         split: bool = False,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         events: EventSink = ignore,

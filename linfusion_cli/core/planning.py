@@ -1,6 +1,6 @@
 """Target size -> stage plan: a base image at the model's native size, then img2img refine stages at 2x steps.
 
-The published 16K recipe (REFERENCE.md section 4): 512x1024 txt2img, then 2x upscale + img2img at strengths
+The published 16K recipe (docs/reference.md section 4): 512x1024 txt2img, then 2x upscale + img2img at strengths
 0.4, 0.3, 0.2, 0.1. A stage at strength s denoises about s * steps of the full schedule (diffusers' img2img
 semantics: int(steps * s)). No torch here: plans are made (and printed) before any model loads.
 """

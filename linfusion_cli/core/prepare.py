@@ -18,7 +18,7 @@ from ..base.plan import Plan
 from ..base.precision import AUTO, PRECISIONS, precision_name
 from ..base.registry import did_you_mean
 from ..base.settings import shown
-from ..base.sizes import Target, resolve_target
+from ..base.sizes import DEFAULT_MAX_PIXELS, Target, resolve_target
 from ..engine.schedulers import check_sampler
 from ..io.formats import check_format_fits
 from ..io.names import output_stem
@@ -55,7 +55,7 @@ class RunOptions:
     overwrite: bool = False
     save_stages: bool = False
     allow_pickle: bool = False
-    max_input_pixels: int = 1_000_000_000
+    max_input_pixels: int = DEFAULT_MAX_PIXELS
     split: bool = False  # one image split across the launcher's processes (RANK/WORLD_SIZE), not one each
     timeout_s: float = DEFAULT_TIMEOUT_S  # how long a process of a split image waits for the others
 

@@ -18,7 +18,7 @@ get different tone curves. Here every GroupNorm uses statistics of the whole ima
 
 Fidelity cost: the VAE's mid-block self-attention sees one tile window (core + halo) rather than the whole
 image whenever the image is split. Its contribution is a smooth, low-frequency correction, so a windowed
-attention changes tones slightly inside each tile (on the fidelity harness of REFERENCE.md, a few tenths of a dB
+attention changes tones slightly inside each tile (on the fidelity harness of docs/reference.md section 5, a few tenths of a dB
 of PSNR), but never introduces a step between tiles beyond that. Images that fit in one tile are decoded untiled.
 
 Precision: convolutions run in the VAE's dtype, GroupNorm statistics accumulate in fp32, and a tile whose

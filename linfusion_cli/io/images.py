@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from ..base.errors import InputImageError
+from ..base.sizes import DEFAULT_MAX_PIXELS
 from ..base.text import quote
 from .files import open_regular
 
-DEFAULT_MAX_PIXELS = 1_000_000_000  # 1 gigapixel; a 16384^2 image is 268 Mpx
 # No image format needs more than 16 bytes a pixel (RGBA, 32-bit float); headers and metadata on top.
 MAX_BYTES_PER_PIXEL = 16
 MAX_METADATA_BYTES = 64 << 20

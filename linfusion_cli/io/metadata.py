@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape, unescape
 import numpy as np
 
 from ..base.errors import InputImageError
+from ..base.sizes import DEFAULT_MAX_PIXELS
 from ..base.text import quote
 from . import pngfast
 from .files import load_json
@@ -120,7 +121,7 @@ def encode_image(
     return None
 
 
-def read_metadata(path: Path, max_pixels: int = 1_000_000_000) -> dict[str, Any]:
+def read_metadata(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """The metadata we (or A1111) wrote into an image: {'parameters': str|None, 'linfusion': dict|None}."""
     with open_image(path, max_pixels) as image:
         try:

@@ -1,4 +1,4 @@
-"""`linfusion distill`: train LinFusion's attention modules on any checkpoint, the paper's way (REFERENCE.md 3).
+"""`linfusion distill`: train LinFusion's attention modules on any checkpoint, the paper's way (docs/reference.md section 3).
 
 Student = the UNet with LinFusion attn1 layers; teacher = the same UNet with its original attn1 swapped back in
 for a no-grad pass (one UNet in memory). Only the LinFusion modules train:

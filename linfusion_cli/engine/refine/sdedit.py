@@ -1,7 +1,7 @@
 """`sdedit`, the default refine method: each refine stage is plain img2img (SDEdit) on the upscaled previous
 image: encode, re-noise to the stage's strength, denoise the last `int(steps x strength)` steps of the schedule
 (diffusers' img2img semantics). Strengths fall linearly from 0.4 to 0.1, as in the published 16K recipe
-(REFERENCE.md section 4: 0.4, 0.3, 0.2, 0.1)."""
+(docs/reference.md section 4: 0.4, 0.3, 0.2, 0.1)."""
 
 from __future__ import annotations
 
