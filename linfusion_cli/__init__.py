@@ -2,7 +2,7 @@
 
 The library works without the CLI::
 
-    from linfusion_cli import Generator                  # the commands' Python API
+    from linfusion_cli import LinFusionPipeline          # the commands' Python API
     from linfusion_cli import apply_linfusion, TiledVAE  # the pieces
 """
 
@@ -12,16 +12,28 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Generator", "LinFusionAttention", "LinFusionPatch", "TiledVAE", "__version__", "apply_linfusion"]
+__all__ = [
+    "Generator",
+    "LinFusionAttention",
+    "LinFusionPatch",
+    "LinFusionPipeline",
+    "Result",
+    "TiledVAE",
+    "__version__",
+    "apply_linfusion",
+]
 
 if TYPE_CHECKING:
-    from .core.api import Generator
+    from .core.api import Generator, LinFusionPipeline
+    from .core.result import Result
     from .engine.vae import TiledVAE
     from .linfusion.attention import LinFusionAttention
     from .linfusion.patching import LinFusionPatch, apply_linfusion
 
 _LAZY = {
-    "Generator": "core.api",
+    "LinFusionPipeline": "core.api",
+    "Generator": "core.api",  # deprecated: LinFusionPipeline
+    "Result": "core.result",
     "LinFusionAttention": "linfusion.attention",
     "LinFusionPatch": "linfusion.patching",
     "apply_linfusion": "linfusion.patching",

@@ -123,18 +123,19 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """run.generate and the checks before it replaced by recorders: what the CLI hands the core, and nothing run
+    """run.run_job and the checks before it replaced by recorders: what the CLI hands the core, and nothing run
     (the flags name models and files that are not here)."""
     import linfusion_cli.core.preflight as preflight
     import linfusion_cli.core.run as runner
+    from linfusion_cli.core.result import Result
 
     calls: dict[str, Any] = {}
 
-    def fake_generate(job: Any, options: Any, **kwargs: Any) -> Any:
+    def fake_run_job(job: Any, options: Any, **kwargs: Any) -> Any:
         calls.update(job=job, options=options, **kwargs)
-        return runner.Generated({"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}})
+        return Result([{"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}])
 
-    monkeypatch.setattr(runner, "generate", fake_generate)
+    monkeypatch.setattr(runner, "run_job", fake_run_job)
     monkeypatch.setattr(preflight, "check_run", lambda job, options, world=1: calls.update(checked=job))
     return calls
 

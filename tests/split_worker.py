@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from linfusion_cli.core.api import Generator
+from linfusion_cli.core.api import LinFusionPipeline
 from linfusion_cli.engine.splitting import ImageSplit
 
 torch.set_num_threads(1)
@@ -27,7 +27,7 @@ def recording(self: ImageSplit, band: torch.Tensor) -> torch.Tensor:
 
 ImageSplit.whole = recording  # type: ignore[method-assign]
 prompt = settings.pop("prompt")
-with Generator(out=out, split=True, timeout_s=float(os.environ.get("SPLIT_TIMEOUT", "60")), **settings) as gen:
+with LinFusionPipeline(out=out, split=True, timeout_s=float(os.environ.get("SPLIT_TIMEOUT", "60")), **settings) as gen:
     result = gen.generate(prompt)
 torch.save(stages, os.path.join(out, f"latents-{os.environ.get('RANK', '0')}.pt"))
 print(json.dumps({"rank": os.environ.get("RANK", "0"), "path": str(result.path) if result.path else None}))

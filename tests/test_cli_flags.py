@@ -90,7 +90,7 @@ def _invoke(runner: Any, *args: str) -> Any:
 
 
 def _assert_job(job: Any, expected: dict[str, Any]) -> None:
-    from linfusion_cli.core.settings import JobSpec
+    from linfusion_cli.core.jobspec import JobSpec
 
     default = JobSpec()
     for key in job_keys():

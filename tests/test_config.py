@@ -85,7 +85,8 @@ def test_the_typed_view_of_a_job_lists_every_setting_with_its_type() -> None:
     `python -m linfusion_cli.core.job_types` after declaring a setting)."""
     from linfusion_cli.base.job import Job
     from linfusion_cli.core.job_types import JOB_MODULE, job_module
-    from linfusion_cli.core.settings import JobSpec, table
+    from linfusion_cli.core.jobspec import JobSpec
+    from linfusion_cli.core.settings import table
 
     assert JOB_MODULE.read_text() == job_module(), "base/job.py is stale: python -m linfusion_cli.core.job_types"
     job = JobSpec(steps=20)

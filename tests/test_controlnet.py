@@ -11,8 +11,8 @@ import torch
 
 from linfusion_cli.base.settings import EngineSpec
 from linfusion_cli.base.sizes import resolve_target
+from linfusion_cli.core.jobspec import JobSpec
 from linfusion_cli.core.planning import make_plan
-from linfusion_cli.core.settings import JobSpec
 from linfusion_cli.engine.pipeline import Engine
 from linfusion_cli.linfusion.attention import LinFusionAttention
 from linfusion_cli.models.adapters import engine_spec
@@ -47,7 +47,7 @@ def _job(model: str = "tiny", **control: object) -> JobSpec:
 def _render(engine: Engine, job: JobSpec) -> np.ndarray:
     engine.use(engine_spec(job))
     plan = make_plan(resolve_target(256), native=128, schedule_steps=STEPS)
-    return engine.generate(job, plan, seed=3).image
+    return engine.run_plan(job, plan, seed=3).image
 
 
 def test_controlnet_steers_and_removing_it_restores_bit_for_bit(engine: Engine, control_png: Path) -> None:
@@ -144,11 +144,11 @@ def test_sdxl_controlnet_gets_the_size_conditioning(tmp_path: Path) -> None:
     xl = Engine.load(EngineSpec("tiny-sdxl"), device=CPU, dtype=torch.float32)
     plan = make_plan(resolve_target(128), native=128, schedule_steps=2)
     job = JobSpec(prompt="a box", model="tiny-sdxl", steps=2)
-    plain = xl.generate(job, plan, seed=1).image
+    plain = xl.run_plan(job, plan, seed=1).image
     job.controlnet, job.control_image = ["tiny"], [str(_write_png(tmp_path))]
     xl.use(engine_spec(job))
     assert xl.adapters[0].describe()["linfusion_layers"] == 5  # 1 + 2 transformer blocks down, 2 in the mid block
-    assert not np.array_equal(xl.generate(job, plan, seed=1).image, plain)
+    assert not np.array_equal(xl.run_plan(job, plan, seed=1).image, plain)
 
 
 def _write_png(folder: Path) -> Path:
@@ -438,7 +438,7 @@ def test_demofusions_global_pass_dilates_the_controlnet_with_the_unet(engine: En
     hook = model.register_forward_pre_hook(lambda module, args: seen.append(module.conv_in.dilation))
     try:
         plan = make_plan(resolve_target(256), native=128, schedule_steps=STEPS, refine="demofusion")
-        engine.generate(job, plan, seed=3)
+        engine.run_plan(job, plan, seed=3)
     finally:
         hook.remove()
         engine.use(EngineSpec("tiny"))

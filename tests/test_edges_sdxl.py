@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from linfusion_cli.cli.commands import app
+from linfusion_cli.core.jobspec import JobSpec
 from linfusion_cli.core.metadata import settings_key
 from linfusion_cli.core.presets import load_preset
-from linfusion_cli.core.settings import JobSpec
 
 VAE_SCALE = 8
 

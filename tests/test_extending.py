@@ -288,22 +288,22 @@ TOY_BLUR_JOB = {"model": "tiny", "size": 256, "steps": 3, "seed": 4, "refine": "
 def _toy_blur_split(comm: Any, out: Path) -> tuple[Any, Any, list[str]]:
     """One process of the 2-process split (tests/parallel_harness.py): its image (the first's), its `parallel`
     record and which ops its method was handed."""
-    from linfusion_cli import Generator
+    from linfusion_cli import LinFusionPipeline
 
-    with Generator(out=out, split=True) as gen:
+    with LinFusionPipeline(out=out, split=True) as gen:
         result = gen.generate("a house", **TOY_BLUR_JOB)
-    return result.image, result.report.get("parallel"), ToyBlur.ops_seen
+    return result.array, result.report.get("parallel"), ToyBlur.ops_seen
 
 
 def test_a_new_refine_method_with_a_blur_gives_the_same_image_split_over_two_processes(tmp_path: Path) -> None:
     from parallel_harness import launch, ok_results
 
-    from linfusion_cli import Generator
+    from linfusion_cli import LinFusionPipeline
 
     method = REFINE_METHODS.register(ToyBlur())
     try:
-        with Generator(out=tmp_path / "one") as gen:
-            one = gen.generate("a house", **TOY_BLUR_JOB).image
+        with LinFusionPipeline(out=tmp_path / "one") as gen:
+            one = gen.generate("a house", **TOY_BLUR_JOB).array
         assert ToyBlur.ops_seen == ["LatentOps"]  # one process: the whole image's ops
         ToyBlur.ops_seen.clear()
         (first, parallel, ops), (other, _, _) = ok_results(launch(2, _toy_blur_split, tmp_path / "two", deadline_s=120))
@@ -315,5 +315,6 @@ def test_a_new_refine_method_with_a_blur_gives_the_same_image_split_over_two_pro
     assert one is not None and first is not None
     diff = np.abs(one.astype(int) - first.astype(int))
     assert diff.max() <= 1, diff.max()  # the one-process image, to fp32 reduction order
-    with_blur = Generator(out=tmp_path / "plain").generate("a house", **{**TOY_BLUR_JOB, "refine": "sdedit"}).image
+    with LinFusionPipeline(out=tmp_path / "plain") as gen:
+        with_blur = gen.generate("a house", **{**TOY_BLUR_JOB, "refine": "sdedit"}).array
     assert np.abs(with_blur.astype(int) - one.astype(int)).max() > 8  # and the blur does something

@@ -14,8 +14,8 @@ import torch
 
 from linfusion_cli.base.settings import AdapterRef
 from linfusion_cli.base.sizes import resolve_target
+from linfusion_cli.core.jobspec import JobSpec
 from linfusion_cli.core.planning import make_plan
-from linfusion_cli.core.settings import JobSpec
 from linfusion_cli.engine.pipeline import Engine
 from linfusion_cli.models.adapters import engine_spec
 from linfusion_cli.models.loading import build_random
@@ -50,7 +50,7 @@ def _engine(arch: str = "tiny", linfusion: str = "auto") -> Engine:
 def _generate(engine: Engine, job: JobSpec, seed: int = 7) -> np.ndarray:
     engine.use(engine_spec(job))
     plan = make_plan(resolve_target(job.size), native=128, schedule_steps=job.steps)
-    return engine.generate(job, plan, seed).image
+    return engine.run_plan(job, plan, seed).image
 
 
 def _attn2_processors(unet: torch.nn.Module) -> dict[str, Any]:
@@ -114,14 +114,14 @@ def test_embedding_is_computed_once_per_job_across_stages(tmp_path: Path) -> Non
     )
     plan = make_plan(resolve_target(512), native=128, schedule_steps=4)
     assert len(plan.stages) == 3
-    engine.generate(job, plan, 5)
+    engine.run_plan(job, plan, 5)
     assert calls == [(1, 3, 32, 32)]
     assert len(seen_embeds) == sum(s.steps for s in plan.stages)
     first = seen_embeds[0][0]
     assert first.shape == (2, 1, 32)  # [negative, positive] x 1 image x embedding width
     assert torch.equal(first[0], torch.zeros_like(first[0]))  # diffusers' negative: zeros
     assert all(torch.equal(e[0], first) for e in seen_embeds)
-    engine.generate(job, plan, 6)  # a second job: embedded again, once
+    engine.run_plan(job, plan, 6)  # a second job: embedded again, once
     assert len(calls) == 2
 
 

@@ -58,4 +58,4 @@ def test_the_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)  # out="outputs" lands in a temporary folder
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
-    assert len(list((tmp_path / "outputs").glob("*.png"))) == 2
+    assert len(list((tmp_path / "outputs").glob("*.png"))) == 3  # one saved at once, two on save()

@@ -47,13 +47,13 @@ def _split(processes: Processes, out: Path, settings: dict[str, Any], nproc: int
 
 def _one_process(out: Path, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The same job in this process, its latents recorded after each stage as the worker records them."""
-    from linfusion_cli.core.api import Generator
+    from linfusion_cli.core.api import LinFusionPipeline
     from linfusion_cli.engine.splitting import ImageSplit
 
     stages: list[torch.Tensor] = []
     whole = ImageSplit.whole
     monkeypatch.setattr(ImageSplit, "whole", lambda self, band: stages.append(whole(self, band)) or stages[-1])
-    with Generator(out=out, split=True, name="x", **settings) as gen:
+    with LinFusionPipeline(out=out, split=True, name="x", **settings) as gen:
         gen.generate("a house")
     torch.save(stages, out / "latents-0.pt")
 

@@ -53,7 +53,7 @@ def bench_pipeline(
         folder = out or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         prep = prepare(job, RunOptions(out=folder, overwrite=True), native=comps.native_size, seed=0)
-        result = engine.generate(job, prep.plan, prep.seed)
+        result = engine.run_plan(job, prep.plan, prep.seed)
         meta = build_metadata(prep, engine, result)
         start = time.perf_counter()
         assert result.image is not None  # one process: it has the image

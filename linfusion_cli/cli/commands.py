@@ -24,8 +24,9 @@ from ..base.settings import (
     UPSCALE,
 )
 from ..base.sizes import DEFAULT_MAX_PIXELS
+from ..core.jobspec import JobSpec
 from ..core.replay import describe, job_from_sidecar
-from ..core.settings import FLAGS, JobSpec, coerce
+from ..core.settings import FLAGS, coerce
 from .bench import bench_app
 from .boundary import (
     Command,
@@ -66,7 +67,8 @@ from .startup import started, starting
 from .view import VIEW_EXAMPLES, view_command
 
 if TYPE_CHECKING:
-    from ..core.api import Generator, Result
+    from ..core.api import LinFusionPipeline
+    from ..core.result import Result
 
 REPLAY_EXAMPLES = """[bold]Examples[/]
   linfusion replay renders/00003_a-fox_17_4096x4096_1c2d3e4f.png.json
@@ -114,11 +116,12 @@ BATCH_EXAMPLES = """[bold]Examples[/]
 PROMPT_HELP = "What to draw, in quotes. Longer than 75 tokens is fine; (word:1.3) weights a word."
 
 
-def _generator(**options: Any) -> Generator:
-    """The Python API every command is a client of, with this run's options (and, for a batch, the flags)."""
-    from ..core.api import Generator  # lazy: its imports cost ~0.3 s, which --help and usage errors never need
+def _pipeline(**options: Any) -> LinFusionPipeline:
+    """The Python API every command is a client of, with this run's options (and, for a batch, the flags); its
+    errors name the flags."""
+    from ..core.api import LinFusionPipeline  # lazy: its imports cost ~0.3 s, which --help and usage errors never need
 
-    return Generator(**options)
+    return LinFusionPipeline(names="flags", **options)
 
 
 def _import_engine() -> None:
@@ -143,7 +146,7 @@ def _render_result(result: Result, mode: str, json_out: bool, title: str = "") -
 def _run_one(
     mode: str,
     json_out: bool,
-    make_job: Callable[[Generator], JobSpec],
+    make_job: Callable[[LinFusionPipeline], JobSpec],
     *,
     title: str = "",
     dry_run: bool = False,
@@ -156,15 +159,15 @@ def _run_one(
     JSON of each."""
     if count < 1:
         raise UsageError(f"--batch-count: must be at least 1 (got {count})")
-    with _generator(split=True, **run) as generator:  # split over torchrun's processes when it started us
-        job = make_job(generator)
+    with _pipeline(split=True, **run) as pipeline:  # split over torchrun's processes when it started us
+        job = make_job(pipeline)
         if not dry_run:  # a dry run plans here, in one process
-            generator.check(job, world=gpus)  # bad input: one line, before the engine's imports
+            pipeline.check(job, world=gpus)  # bad input: one line, before the engine's imports
             relaunch_for(gpus, run["device"])
             _import_engine()
         with progress(mode) as (reporter, cancel):
-            generator.events = reporter
-            for result in generator.runs(job, count, dry_run=dry_run, cancel=cancel):
+            pipeline.events = reporter
+            for result in pipeline.runs(job, count, dry_run=dry_run, cancel=cancel):
                 if first_process():
                     _render_result(result, mode, json_out, title)
 
@@ -172,7 +175,7 @@ def _run_one(
 def _run_options(
     out: Path, device: str, dtype: str, overwrite: bool, save_stages: bool, timeout: float
 ) -> dict[str, Any]:
-    """The run-level options every rendering command has, by the Generator's names."""
+    """The run-level options every rendering command has, by the pipeline's names."""
     return {
         "out": out,
         "device": device,
@@ -225,7 +228,7 @@ def generate(
         _run_one(
             mode,
             json_out,
-            lambda gen: gen.job(prompt, **settings),
+            lambda pipe: pipe.job(prompt, **settings),
             dry_run=dry_run,
             count=batch_count,
             gpus=gpus,
@@ -282,7 +285,7 @@ def plan(
     setup_logging(output_mode(False))
     with boundary():
         refuse_flag_value_as_prompt(prompt)
-        summary = _generator(out=out, device=device, dtype=dtype).plan(
+        summary = _pipeline(out=out, device=device, dtype=dtype).plan(
             prompt, world_size=world_size, simulate=simulate, gpu=gpu, **(settings or {})
         )
         render_plan(summary, json_out)
@@ -330,7 +333,7 @@ def upscale(
         _run_one(
             mode,
             json_out,
-            lambda gen: gen.job(prompt, require_prompt=False, image=str(image), **settings),
+            lambda pipe: pipe.job(prompt, require_prompt=False, image=str(image), **settings),
             title="upscaled: ",
             dry_run=dry_run,
             count=batch_count,
@@ -406,17 +409,17 @@ def batch(
     with boundary():
         base_seed = coerce("seed", seed, where=FLAGS, from_text=True)  # batch's --seed BASE: checked as a seed
         run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
-        generator = _generator(allow_pickle=allow_pickle, split=split, **run, **settings)
+        pipeline = _pipeline(allow_pickle=allow_pickle, split=split, **run, **settings)
         if dry_run:
-            with generator:
-                render_batch_plan(generator.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
+            with pipeline:
+                render_batch_plan(pipeline.plan_batch(file, base_seed=base_seed, shard=shard), json_out)
             return
-        checked = generator.check_batch(file, base_seed=base_seed, shard=shard)  # the whole file, before the engine
+        checked = pipeline.check_batch(file, base_seed=base_seed, shard=shard)  # the whole file, before the engine
         relaunch_for(gpus, device, "--split-image")  # --gpus N: one image at a time, split over them
         _import_engine()
-        with generator, progress(mode) as (reporter, cancel):
-            generator.events = reporter
-            summary = generator.batch(
+        with pipeline, progress(mode) as (reporter, cancel):
+            pipeline.events = reporter
+            summary = pipeline.batch(
                 file,
                 base_seed=base_seed,
                 shard=shard,
@@ -467,7 +470,7 @@ def replay(
         job, recorded_dtype = job_from_sidecar(sidecar, settings)  # --model and the like replace the recorded
         run: dict[str, Any] = {"out": out, "device": device, "dtype": dtype or recorded_dtype, "overwrite": overwrite}
         run["timeout_s"] = timeout
-        _run_one(mode, json_out, lambda gen: job, title="replayed: ", gpus=gpus, allow_pickle=allow_pickle, **run)
+        _run_one(mode, json_out, lambda pipe: job, title="replayed: ", gpus=gpus, allow_pickle=allow_pickle, **run)
 
 
 @app.command(cls=Command, epilog=INFO_EXAMPLES)

@@ -38,18 +38,18 @@ from ..base.text import plural
 from ..engine.memory import device_warnings
 from ..engine.parallel import Comm
 from ..engine.splitting import INTERRUPTS
-from ..engine.stages import GenerateResult
+from ..engine.stages import PlanOutput
 from ..io.images import load_rgb
 from ..io.locks import Claim, try_claim
 from ..io.output import SIDECAR_SUFFIX, OutputPaths
 from ..io.writes import clean_stale_temps, prepare_folder
 from ..models.devices import free_cached
 from .batch_plan import BatchPlan
+from .jobspec import JobSpec
 from .plan_report import placement
 from .prepare import Prepared, RunOptions, replan_for
 from .resume import claim_name, list_outputs, resume_state
-from .run import EngineCache, generate_one, save_outputs
-from .settings import JobSpec
+from .run import EngineCache, run_prepared, save_outputs
 from .shards import Shard
 
 JsonSink = Callable[[dict[str, Any]], None]
@@ -379,13 +379,13 @@ class _Task:
             if not handed_over:
                 self.claim.release()
 
-    def _generate(self, prep: Prepared) -> tuple[Prepared, GenerateResult, dict[str, Any]]:
+    def _generate(self, prep: Prepared) -> tuple[Prepared, PlanOutput, dict[str, Any]]:
         job = prep.job
         engine = self.engines.engine_for(job, self.events)
         prep = replan_for(engine.comps.native_size, prep, self.options)
         self.events(Note("info", f"job {prep.index or 0}: {job.prompt[:60]!r} -> {prep.paths.image.name}"))
         init_image = _load_input(job, self.options) if job.image else None
-        result, meta = generate_one(
+        result, meta = run_prepared(
             engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image, group=self.group
         )
         return prep, result, meta

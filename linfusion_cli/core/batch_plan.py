@@ -19,9 +19,9 @@ from ..io.images import open_image
 from ..io.output import OutputPaths
 from ..io.writes import check_folder
 from .jobs import read_job_file, resolve_job
+from .jobspec import JobSpec
 from .plan_report import offline_gaps, plan_anywhere
 from .prepare import Prepared, RunOptions, pick_seed, plan_for
-from .settings import JobSpec
 from .shards import WHOLE_FILE, Shard
 
 PER_IMAGE = ("prompt", "negative", "seed", "name")  # what one job's checks never depend on

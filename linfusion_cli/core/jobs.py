@@ -14,9 +14,10 @@ from ..base.errors import JobFileError, UsageError
 from ..base.text import quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
 from .image_settings import from_image
+from .jobspec import JobSpec
 from .layers import merge_layers, validate_layer
 from .presets import load_preset
-from .settings import FLAGS, JobSpec
+from .settings import FLAGS
 
 
 def resolve_job(

@@ -12,7 +12,8 @@ from typing import Any
 from ..base.errors import UsageError
 from ..base.sizes import is_two_sides, split_size
 from ..base.text import quote
-from .settings import FLAGS, JobSpec, coerce, problem, setting_name, table
+from .jobspec import JobSpec
+from .settings import FLAGS, coerce, problem, setting_name, table
 
 
 def validate_layer(

@@ -16,8 +16,8 @@ from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
 from ..models.families import Family, vae_precision
 from ..models.hub import hub_offline, missing_from_cache, model_source
+from .jobspec import JobSpec
 from .prepare import BUILTIN_LINFUSION, Prepared, RunOptions
-from .settings import JobSpec
 
 if TYPE_CHECKING:
     import torch

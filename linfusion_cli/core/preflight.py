@@ -15,9 +15,9 @@ from ..base.events import Note
 from ..engine.placement import Placement
 from ..io.images import open_image
 from ..io.writes import check_folder
+from .jobspec import JobSpec
 from .plan_report import check_offline, plan_summary, plan_warnings, where
 from .prepare import Prepared, RunOptions, pick_seed, plan_for
-from .settings import JobSpec
 
 
 def input_size(job: JobSpec, max_pixels: int) -> tuple[int, int] | None:
@@ -62,11 +62,12 @@ def check_run(job: JobSpec, options: RunOptions, world: int = 1) -> Prepared:
     return preflight(job, options, where(options), seed=pick_seed(job), size=size, world=world)
 
 
-def dry_run(job: JobSpec, options: RunOptions, world: int = 1) -> dict[str, Any]:
+def dry_run(job: JobSpec, options: RunOptions, world: int = 1, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """`--dry-run`: the plan a run of `job` would follow, refused where the run would be refused before loading
-    (the device, the output folder), nothing written and no model loaded."""
+    (the device, the output folder), nothing written and no model loaded. `size`: an upscale's input size, when
+    its pixels are in memory (else read from the file's header)."""
     placed = where(options)
-    size = input_size(job, options.max_input_pixels)
+    size = size or input_size(job, options.max_input_pixels)
     prep = plan_for(job, options, seed=pick_seed(job), input_size=size, random_seed=job.seed is None)
     check_folder(options.out)
     return plan_summary(prep, placed, world)

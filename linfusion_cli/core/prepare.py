@@ -27,10 +27,11 @@ from ..models.adapters import ADAPTER_KINDS, preflight
 from ..models.families import Family, peek_family
 from ..models.hub import looks_like_hub_id
 from .image_settings import from_image
+from .jobspec import JobSpec
 from .metadata import settings_key
 from .planning import make_plan
 from .presets import load_preset
-from .settings import FLAGS, JobSpec
+from .settings import FLAGS
 from .tags import expand_prompt_tags, record_embeddings
 
 if TYPE_CHECKING:

@@ -13,9 +13,10 @@ from ..io.a1111 import parse_parameters
 from ..io.files import ParseError, load_json, read_regular
 from ..io.metadata import read_metadata
 from .image_settings import a1111_settings, readable, recorded_settings, sidecar_beside
+from .jobspec import JobSpec
 from .layers import merge_layers, validate_layer
 from .metadata import a1111_parameters
-from .settings import FLAGS, JobSpec, table
+from .settings import FLAGS, table
 
 SIDECAR_ONLY = ("sources",)
 MAX_SIDECAR_BYTES = 16 << 20

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import diffusers
@@ -28,22 +27,24 @@ from ..engine.memory import device_budget, placed
 from ..engine.memory_plan import MemoryPlanner
 from ..engine.parallel import Comm
 from ..engine.pipeline import Engine
-from ..engine.stages import GenerateResult
+from ..engine.stages import PlanOutput
 from ..io.hashing import model_hash
 from ..io.metadata import encode_image
 from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
 from ..models.adapters import engine_spec
 from ..models.devices import free_cached
+from ..models.hub import model_source
+from .jobspec import JobSpec
 from .metadata import a1111_parameters
 from .plan_report import check_offline, memory_planner, placement, plan_warnings
 from .preflight import ensure_writable_target
 from .prepare import Prepared, RunOptions, pick_seed, plan_for, replan_for
-from .settings import JobSpec
+from .result import Result
 
 
 class EngineCache:
     """One loaded model on the device at a time, reused while jobs ask for it; each job's adapters are switched
-    on it without reloading (a batch, or a Python program calling `Generator.generate` again and again)."""
+    on it without reloading (a batch, or a Python program calling `LinFusionPipeline.generate` again and again)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False) -> None:
         self.device = device
@@ -61,6 +62,8 @@ class EngineCache:
 
     def close(self) -> None:
         if self.engine is not None:
+            if model_source(self.engine.spec.model) == "memory":  # the caller's own model: give it back as it was
+                self.engine.release()
             self.engine = None
             free_cached(self.device)
 
@@ -81,7 +84,7 @@ def describe_device(device: torch.device) -> str:
     return f"{device} ({platform.processor() or platform.machine()})"
 
 
-def build_metadata(prep: Prepared, engine: Engine, result: GenerateResult) -> dict[str, Any]:
+def build_metadata(prep: Prepared, engine: Engine, result: PlanOutput) -> dict[str, Any]:
     """Everything needed to understand and replay the image (the sidecar and the PNG's JSON chunk)."""
     job = prep.job
     settings = job.settings()
@@ -150,7 +153,7 @@ def job_planner(prep: Prepared, engine: Engine) -> MemoryPlanner:
     )
 
 
-def generate_one(
+def run_prepared(
     engine: Engine,
     prep: Prepared,
     options: RunOptions,
@@ -159,9 +162,9 @@ def generate_one(
     cancel: CancelToken | None = None,
     init_image: np.ndarray | None = None,
     group: Comm | None = None,
-) -> tuple[GenerateResult, dict[str, Any]]:
+) -> tuple[PlanOutput, dict[str, Any]]:
     """Generate one prepared job (nothing written yet): the result and its metadata."""
-    result = engine.generate(
+    result = engine.run_plan(
         prep.job,
         prep.plan,
         prep.seed,
@@ -170,32 +173,25 @@ def generate_one(
         cancel=cancel,
         init_image=init_image,
         keep_stages=options.save_stages,
-        comm=group,
+        group=group,
     )
     return result, build_metadata(prep, engine, result)
 
 
-@dataclass(frozen=True)
-class Generated:
-    """What a job gave: its report (the sidecar's data, with the output paths) and the image itself (None on a
-    split image's other processes)."""
-
-    report: dict[str, Any]
-    image: np.ndarray | None = None
-
-
-def generate(
+def run_job(
     job: JobSpec,
     options: RunOptions,
     *,
     events: EventSink = ignore,
     cancel: CancelToken | None = None,
+    save: bool = True,
     init_image: np.ndarray | None = None,
     engines: EngineCache | None = None,
     group: Comm | None = None,
-) -> Generated:
+) -> Result:
     """The whole `generate` (or `upscale`) path for one job: plan, load (or reuse `engines`' model), run, save
-    (a dry run stops before all this: preflight.dry_run).
+    (with `save` False, the files are written only when the result's `save()` is called; a dry run stops before
+    all this: preflight.dry_run).
 
     With `group` (processes all running this same call) the image is split between them: they agree on the
     seed, plan per band, and the first process alone writes the files (the others' reports carry no path)."""
@@ -210,10 +206,8 @@ def generate(
     prep.notes.extend(Note("warning", warning) for warning in warnings)
     for note in prep.notes:
         events(note)
-    prepare_folder(options.out)
-    if group.writes:
-        clean_stale_temps(options.out)
-    ensure_writable_target(prep, options.overwrite)
+    if save:
+        _claim_target(prep, options, group)
     events(
         Note(
             "info",
@@ -224,10 +218,26 @@ def generate(
     )
     engine = engines.engine_for(job, events)
     prep = replan_for(engine.comps.native_size, prep, options)
-    result, meta = generate_one(engine, prep, options, events=events, cancel=cancel, init_image=init_image, group=group)
-    if not group.writes or result.image is None:  # another process of a split image: the first one writes
-        return Generated({"parallel": meta.get("parallel"), "seed": prep.seed})
-    events(Working(f"writing {prep.paths.image}"))
-    sidecar = save_outputs(prep, result.image, meta, result.stage_images)
-    report = {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}
-    return Generated(report, result.image)
+    result, meta = run_prepared(engine, prep, options, events=events, cancel=cancel, init_image=init_image, group=group)
+    image = result.image
+    if not group.writes or image is None:  # another process of a split image: the first one writes
+        return Result([{"parallel": meta.get("parallel"), "seed": prep.seed}], [], [None])
+
+    def write() -> dict[str, Any]:
+        if not save:  # kept in memory so far: the folder and the name are checked now
+            _claim_target(prep, options, group)
+        events(Working(f"writing {prep.paths.image}"))
+        sidecar = save_outputs(prep, image, meta, result.stage_images)
+        return {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}
+
+    if save:
+        return Result([write()], [image], [None])
+    return Result([meta], [image], [write])
+
+
+def _claim_target(prep: Prepared, options: RunOptions, group: Comm) -> None:
+    """The output folder made (its stale temp files cleaned by the first process) and the image's name free."""
+    prepare_folder(options.out)
+    if group.writes:
+        clean_stale_temps(options.out)
+    ensure_writable_target(prep, options.overwrite)

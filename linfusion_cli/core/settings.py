@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..base.errors import UsageError
-from ..base.job import Job
 from ..base.registry import did_you_mean
 from ..base.settings import (
     BATCH,
@@ -52,6 +51,8 @@ SIZE_CONDITIONING = (
     "target",
 )  # the default first: see sampling.conditioning_size  # the first method listed is the default
 FLAGS = "command line"  # the `where` of the flags layer: errors then name the flag itself
+# What diffusers calls a setting, where the name differs and is no alias: an unknown field spelt so is told ours.
+OTHER_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "generator": "seed"}
 
 
 def _prompt_ok(text: str) -> str | None:
@@ -372,58 +373,6 @@ def job_keys() -> tuple[str, ...]:
     return tuple(table())
 
 
-class JobSpec(Job):
-    """One image's fully resolved settings: every declared setting as an attribute (its default unless a layer
-    set it), typed as base/job.py lists them, and `sources`: which layer set each key."""
-
-    _values: dict[str, Any]
-    sources: dict[str, str]
-
-    def __init__(self, **values: Any) -> None:
-        settings = table()
-        unknown = sorted(set(values) - set(settings))
-        if unknown:
-            raise TypeError(f"not job settings: {', '.join(unknown)}")
-        merged = {name: setting.default for name, setting in settings.items()}
-        for name, value in merged.items():
-            if isinstance(value, list):  # a job may change its own
-                merged[name] = list(value)
-        merged.update(values)
-        object.__setattr__(self, "_values", merged)
-        object.__setattr__(self, "sources", {})
-
-    if not TYPE_CHECKING:  # mypy reads the attributes' types from `Job`: a misspelt setting is an error there
-
-        def __getattr__(self, name: str) -> Any:
-            try:
-                return self.__dict__["_values"][name]
-            except KeyError:
-                raise AttributeError(f"no job setting {name!r}") from None
-
-    def value(self, name: str) -> Any:
-        """A setting by name (one a plug-in declared, which `Job` does not list)."""
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(f"no job setting {name!r}") from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in self._values:
-            raise AttributeError(f"no job setting {name!r}")
-        self._values[name] = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, JobSpec) and self._values == other._values
-
-    def __repr__(self) -> str:
-        given = ", ".join(f"{k}={v!r}" for k, v in self._values.items() if k in self.sources)
-        return f"JobSpec({given})"
-
-    def settings(self) -> dict[str, Any]:
-        """The resolved settings as plain data (for reports, sidecars, replay)."""
-        return dict(self._values)
-
-
 def not_in_presets() -> tuple[str, ...]:
     """Keys a preset may not set: they belong to one image, not to a recipe."""
     return tuple(name for name, setting in table().items() if not setting.in_presets)
@@ -457,7 +406,8 @@ def coerce(key: str, value: Any, *, where: str, from_text: bool = False) -> Any:
     settings = table()
     setting = settings.get(setting_name(key, settings))
     if setting is None:
-        close = did_you_mean(key, known_names(settings))
+        ours = OTHER_NAMES.get("_".join(key.strip().lower().replace("-", " ").split()))
+        close = f" (did you mean {ours}?)" if ours in settings else did_you_mean(key, known_names(settings))
         known = close or f" (known: {', '.join(settings)})"
         raise UsageError(f"{where}: unknown field {quote(key)}{known}")
     try:

@@ -19,7 +19,7 @@ from ..engine.embeddings import EMBEDDING_SUFFIXES, embedding_folders, ti_hash
 from ..io.folders import files_by_name
 from ..models.adapter_kind import AdapterKind
 from ..models.adapters import ADAPTER_KINDS
-from .settings import JobSpec
+from .jobspec import JobSpec
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's own pattern (modules/extra_networks.py)
 DEFAULT_WEIGHT = 1.0  # A1111's, for a tag without one

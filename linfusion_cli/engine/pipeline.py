@@ -35,7 +35,7 @@ from .parallel import Comm
 from .prompts import JobText, job_text
 from .refine import REFINE_METHODS
 from .splitting import ImageSplit
-from .stages import GenerateResult, JobRun, check_image, run_stages
+from .stages import JobRun, PlanOutput, check_image, run_stages
 from .text import TextOptions
 
 if TYPE_CHECKING:
@@ -150,6 +150,14 @@ class Engine:
         spec = spec or EngineSpec(comps.model_id, linfusion)
         return cls(comps, patch, device, dtype, time.perf_counter() - start, spec)
 
+    def release(self) -> None:
+        """Take off everything applied to the model (adapters, then LinFusion): its modules as they were loaded."""
+        while len(self.stack):
+            self.stack.pop()
+        self._base_depth = 0
+        self.patch = None
+        self.comps.linfusion = None
+
     @property
     def adapters(self) -> list[Adapter]:
         return self.stack.above(self._base_depth)  # type: ignore[return-value]
@@ -228,7 +236,7 @@ class Engine:
         return self._fp32_vae_copy
 
     # --------------------------------------------------------------------------------------------------------
-    def generate(
+    def run_plan(
         self,
         job: Job,
         plan: Plan,
@@ -239,10 +247,10 @@ class Engine:
         cancel: CancelToken | None = None,
         init_image: np.ndarray | None = None,
         keep_stages: bool = False,
-        comm: Comm | None = None,
-    ) -> GenerateResult:
+        group: Comm | None = None,
+    ) -> PlanOutput:
         """Run every stage of `plan` for one job and return the final image as uint8. `planner` is the job's
-        memory planner (the engine's own when not given). With `comm` (a group of processes that all run this
+        memory planner (the engine's own when not given). With `group` (processes that all run this
         same call), the image is split between them (splitting.py): the first process gets the image, the
         others None."""
         start = time.perf_counter()
@@ -263,7 +271,7 @@ class Engine:
             cancel or CancelToken(),
             base_width,
             REFINE_METHODS.get(plan.refine).start_job(job),
-            ImageSplit(comm, self.comps.unet.config),
+            ImageSplit(group, self.comps.unet.config),
             per_step=text.per_step,
         )
         image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
@@ -279,7 +287,7 @@ class Engine:
         if final is not None:
             check_image(final)
         seconds = time.perf_counter() - start
-        return GenerateResult(final, records, seconds, stage_images, text.warnings, run.split.report())
+        return PlanOutput(final, records, seconds, stage_images, text.warnings, run.split.report())
 
     def embeddings(self, job: Job) -> EmbeddingLibrary:
         """The textual-inversion embeddings a job's prompts may name (its folders'), checked against this model's

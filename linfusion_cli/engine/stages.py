@@ -63,7 +63,7 @@ class StageRecord:
 
 
 @dataclass
-class GenerateResult:
+class PlanOutput:
     image: np.ndarray | None  # (H, W, 3) uint8; None on every process of a split image but the first
     stages: list[StageRecord]
     seconds: float

@@ -93,6 +93,36 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     return array
 
 
+def pixels_of(image: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image given in memory -> (H, W, 3) uint8 RGB, as `load_rgb` reads a file: a PIL image (any mode, alpha
+    over white), or an array (H, W, 3) or (H, W) of uint8, or of floats in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        array = np.array(_to_rgb(image), dtype=np.uint8)
+    elif isinstance(image, np.ndarray):
+        array = _array_rgb(image)
+    else:
+        raise InputImageError(f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise InputImageError(f"the image is {array.shape[1]}x{array.shape[0]}, above the limit of {_mpx(max_pixels)}")
+    return array
+
+
+def _array_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise InputImageError(f"an image array must be (H, W, 3) or (H, W), not {tuple(array.shape)}")
+    if array.dtype == np.uint8:
+        return np.array(array)  # a writable copy
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise InputImageError("a float image array must hold values in [0, 1]")
+        return (array * 255.0 + 0.5).astype(np.uint8)
+    raise InputImageError(f"an image array must be uint8, or floats in [0, 1]; not {array.dtype}")
+
+
 def _to_rgb(image: Any) -> Any:
     from PIL import Image
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..base.errors import ModelLoadError, UnknownArchitectureError
 from .archs import ARCHS
-from .hub import model_source
+from .hub import IN_MEMORY, model_source
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,8 @@ def peek_family(model: str) -> tuple[Family | None, str | None]:
     kind = model_source(model)
     if kind == "builtin":
         return detect_family(ARCHS[model].unet), None
+    if kind == "memory":
+        return IN_MEMORY[model].family, None
     path = Path(model).expanduser()
     config_path: Path | None = None
     if kind == "folder":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..base.errors import ModelLoadError, ModelNotFoundError
 from .archs import BUILTIN_MODELS
@@ -26,7 +26,10 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not Path(text).exists()
 
 
-ModelSource = Literal["builtin", "folder", "file", "hub"]
+ModelSource = Literal["builtin", "memory", "folder", "file", "hub"]
+# Models already loaded by the caller, by the name jobs give them (`LinFusionPipeline.from_pipe`): their
+# components (models.loading.Components), used as they are instead of being loaded.
+IN_MEMORY: dict[str, Any] = {}
 
 
 def model_source(model: str) -> ModelSource:
@@ -36,6 +39,8 @@ def model_source(model: str) -> ModelSource:
     """
     if model in BUILTIN_MODELS:
         return "builtin"
+    if model in IN_MEMORY:
+        return "memory"
     path = Path(model).expanduser()
     if path.is_dir():
         return "folder"

@@ -21,7 +21,7 @@ from ..base.precision import AUTO, dtype_flag
 from .archs import ARCHS, BUILTIN_MODELS, ArchSpec
 from .devices import vae_dtype
 from .families import Family, detect_family, family_or_none, safetensors_shapes, single_file_family
-from .hub import PICKLE_SUFFIXES, fetch_snapshot, model_source, resolve_local_or_hub
+from .hub import IN_MEMORY, PICKLE_SUFFIXES, fetch_snapshot, model_source, resolve_local_or_hub
 from .modules import AttentionPatch
 from .shipped import write_pipeline_folder
 
@@ -154,6 +154,23 @@ def build_random(
     return place(comps, device, dtype)
 
 
+def components_of_pipe(pipe: Any, model_id: str) -> Components:
+    """A loaded diffusers Stable Diffusion pipeline's own components (SD-1.x, SD-2.x or SDXL), used as they are:
+    its UNet, VAE, text encoders, tokenizers and its scheduler's config."""
+    parts = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    missing = [name for name, part in parts.items() if part is None]
+    if missing:
+        raise UsageError(
+            f"from_pipe needs a Stable Diffusion pipeline (unet, vae, text_encoder, tokenizer); "
+            f"{type(pipe).__name__} has no {', '.join(missing)}"
+        )
+    encoders = [parts["text_encoder"], *[e for e in [getattr(pipe, "text_encoder_2", None)] if e is not None]]
+    tokenizers = [parts["tokenizer"], *[t for t in [getattr(pipe, "tokenizer_2", None)] if t is not None]]
+    config = dict(pipe.scheduler.config) if getattr(pipe, "scheduler", None) is not None else {}
+    unet: Any = parts["unet"]
+    return Components(model_id, unet, parts["vae"], encoders, tokenizers, config, detect_family(unet.config))
+
+
 def place(comps: Components, device: str | torch.device, dtype: torch.dtype) -> Components:
     """Move to the device; the VAE runs in fp32 where its family needs it (SDXL's overflows in fp16)."""
     comps.unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -194,6 +211,8 @@ def load_components(
         kind = model_source(model)
         if kind == "builtin":
             comps = build_random(model, device=device, dtype=dtype)
+        elif kind == "memory":
+            comps = IN_MEMORY[model]
         elif kind == "file":
             comps = _load_single_file(model, Path(model).expanduser(), dtype, allow_pickle)
         else:
