@@ -263,8 +263,8 @@ class ToyBlurGuide:
 
 
 class ToyBlurRefiner(JobRefiner):
-    def guide(self, ratio, encoded, noise, train_steps, models, ops) -> ToyBlurGuide:  # type: ignore[no-untyped-def]
-        return ToyBlurGuide(ops)
+    def guide(self, stage: Any) -> ToyBlurGuide:
+        return ToyBlurGuide(stage.ops)
 
 
 class ToyBlur(RefineMethod):

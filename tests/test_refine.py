@@ -14,6 +14,7 @@ from linfusion_cli.core.jobs import resolve_job
 from linfusion_cli.core.planning import make_plan
 from linfusion_cli.engine.latent_ops import WHOLE_IMAGE
 from linfusion_cli.engine.noise import NoiseSource
+from linfusion_cli.engine.refine import RefineStage
 from linfusion_cli.engine.refine.demofusion import demofusion_steps, demofusion_strengths
 from linfusion_cli.engine.refine.demofusion_ops import (
     DemoFusionGuide,
@@ -109,7 +110,7 @@ def _stage_denoise(comps, cond, guide_params: DemoFusionParams | None):
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = None
     if guide_params is not None:
-        guide = DemoFusionGuide(guide_params, 2, encoded, noise, 1000, comps.unet, WHOLE_IMAGE)
+        guide = DemoFusionGuide(guide_params, RefineStage(2, encoded, noise, 1000, comps.unet, WHOLE_IMAGE))
     calls = []
 
     def on_step(done: int, total: int) -> None:
@@ -189,13 +190,13 @@ def test_global_branch_runs_dilated(tiny) -> None:
 def test_demofusion_changes_the_image_and_reports_itself(model: str, tmp_path) -> None:
     from linfusion_cli.core.metadata import a1111_parameters
     from linfusion_cli.core.prepare import RunOptions
-    from linfusion_cli.core.run import generate
+    from linfusion_cli.core.run import run_job
 
     def run(refine: str) -> dict:
         job = resolve_job(
             {"prompt": "a castle", "model": model, "size": 512, "steps": 6, "seed": 5, "refine": refine, "name": refine}
         )
-        return generate(job, RunOptions(out=tmp_path)).report
+        return run_job(job, RunOptions(out=tmp_path)).report
 
     from PIL import Image
 

@@ -14,13 +14,9 @@ import typer
 from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT, UsageError
 from ..base.settings import (
     BATCH,
-    DEVICE_PANEL,
     GENERATE,
-    OUTPUT_PANEL,
     PLAN,
-    PROMPT_PANEL,
     REPLAY,
-    SAMPLER_PANEL,
     UPSCALE,
 )
 from ..base.sizes import DEFAULT_MAX_PIXELS
@@ -45,6 +41,13 @@ from .options import (
     FLAG,
     AllowPickleOpt,
     BatchCountOpt,
+    BatchDryRunOpt,
+    BatchFailFastOpt,
+    BatchFileOpt,
+    BatchJsonOutOpt,
+    BatchOverwriteOpt,
+    BatchSeedOpt,
+    BatchShardOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -53,10 +56,18 @@ from .options import (
     MaxPixelsOpt,
     OutOpt,
     OverwriteOpt,
+    PlanGpuOpt,
+    PlanPromptOpt,
+    PlanSimulateOpt,
+    PlanWorldSizeOpt,
     QuietOpt,
+    ReplayDtypeOpt,
+    ReplaySidecarOpt,
     SaveStagesOpt,
     SplitImageOpt,
     TimeoutOpt,
+    UpscaleImageOpt,
+    UpscalePromptOpt,
     with_settings,
 )
 from .presets import presets_app
@@ -172,6 +183,22 @@ def _run_one(
                     _render_result(result, mode, json_out, title)
 
 
+def _make_one(
+    make_job: Callable[[LinFusionPipeline], JobSpec],
+    quiet: bool,
+    json_out: bool,
+    dry_run: bool,
+    gpus: int | None,
+    title: str = "",
+    **run: Any,
+) -> None:
+    """`generate` and `upscale`: one job's images, over --gpus processes started for it unless it is a dry run."""
+    mode = process_mode(quiet)
+    setup_logging(mode)
+    with boundary():
+        _run_one(mode, json_out, make_job, title=title, dry_run=dry_run, gpus=gpus, **run)
+
+
 def _run_options(
     out: Path, device: str, dtype: str, overwrite: bool, save_stages: bool, timeout: float
 ) -> dict[str, Any]:
@@ -221,64 +248,30 @@ def generate(
     batch_count: BatchCountOpt = 1,
 ) -> None:
     """Generate an image: a base image at the model's native size, then 2x upscale + refine up to --size."""
-    mode = process_mode(quiet)
-    setup_logging(mode)
-    with boundary():
-        run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
-        _run_one(
-            mode,
-            json_out,
-            lambda pipe: pipe.job(prompt, **settings),
-            dry_run=dry_run,
-            count=batch_count,
-            gpus=gpus,
-            allow_pickle=allow_pickle,
-            **run,
-        )
+    run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
+    _make_one(
+        lambda pipe: pipe.job(prompt, **settings),
+        quiet,
+        json_out,
+        dry_run,
+        gpus,
+        count=batch_count,
+        allow_pickle=allow_pickle,
+        **run,
+    )
 
 
 @app.command(cls=Command, epilog=PLAN_EXAMPLES)
 @with_settings(PLAN)
 def plan(
-    prompt: Annotated[
-        str,
-        typer.Argument(
-            metavar="PROMPT",
-            help="The prompt, if you have one: with --seed the plan also shows the output file name.",
-            show_default=False,
-        ),
-    ] = "",
+    prompt: PlanPromptOpt = "",
     settings: dict[str, Any] | None = None,
     out: OutOpt = Path("outputs"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    world_size: Annotated[
-        int,
-        typer.Option(
-            metavar="N",
-            min=1,
-            help="Plan one image split over N processes (torchrun, --gpus): each stage's bands and the memory of one.",
-            rich_help_panel=DEVICE_PANEL,
-        ),
-    ] = 1,
-    simulate: Annotated[
-        bool,
-        typer.Option(
-            "--simulate",
-            help="Also run the job on PyTorch's meta device as a CUDA GPU would (no GPU, nothing downloaded): each "
-            "stage's simulated peak memory and its parts, and its TFLOP. Seconds; about a minute at 16K.",
-            rich_help_panel=DEVICE_PANEL,
-        ),
-    ] = False,
-    gpu: Annotated[
-        str | None,
-        typer.Option(
-            metavar="CARD",
-            help="The GPU to plan for: h200, h100, a100, l40s, 4090, 3090 (its memory is the budget unless "
-            "--max-vram gives one), or its dense fp16 TFLOPS; --simulate then gives each stage's time floor on it.",
-            rich_help_panel=DEVICE_PANEL,
-        ),
-    ] = None,
+    world_size: PlanWorldSizeOpt = 1,
+    simulate: PlanSimulateOpt = False,
+    gpu: PlanGpuOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the stage plan (sizes, strengths, steps, memory, VAE tiling) without loading a model. On stdout."""
@@ -294,23 +287,9 @@ def plan(
 @app.command(cls=Command, epilog=UPSCALE_EXAMPLES)
 @with_settings(UPSCALE)
 def upscale(
-    image: Annotated[
-        Path,
-        typer.Argument(
-            metavar="IMAGE",
-            help="Your image: PNG, JPEG, WebP, TIFF, BMP... any mode (alpha over white).",
-            show_default=False,
-        ),
-    ],
+    image: UpscaleImageOpt,
     settings: dict[str, Any],
-    prompt: Annotated[
-        str,
-        typer.Option(
-            help="What the image shows. Optional: with one, the refine stages add detail that fits it; without, "
-            "the prompt the image records (its sidecar, linfusion's or A1111's metadata), else generic texture.",
-            rich_help_panel=PROMPT_PANEL,
-        ),
-    ] = "",
+    prompt: UpscalePromptOpt = "",
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     save_stages: SaveStagesOpt = False,
@@ -326,81 +305,41 @@ def upscale(
     batch_count: BatchCountOpt = 1,
 ) -> None:
     """Upscale your own image to --size: 2x steps of upscale + refine, the last exactly the target, aspect kept."""
-    mode = process_mode(quiet)
-    setup_logging(mode)
-    with boundary():
-        run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
-        _run_one(
-            mode,
-            json_out,
-            lambda pipe: pipe.job(prompt, require_prompt=False, image=str(image), **settings),
-            title="upscaled: ",
-            dry_run=dry_run,
-            count=batch_count,
-            gpus=gpus,
-            allow_pickle=allow_pickle,
-            max_input_pixels=max_input_pixels,
-            **run,
-        )
+    run = _run_options(out, device, dtype, overwrite, save_stages, timeout)
+    _make_one(
+        lambda pipe: pipe.job(prompt, require_prompt=False, image=str(image), **settings),
+        quiet,
+        json_out,
+        dry_run,
+        gpus,
+        title="upscaled: ",
+        count=batch_count,
+        allow_pickle=allow_pickle,
+        max_input_pixels=max_input_pixels,
+        **run,
+    )
 
 
 @app.command(cls=Command, epilog=BATCH_EXAMPLES)
 @with_settings(BATCH)
 def batch(
-    file: Annotated[
-        Path,
-        typer.Argument(
-            metavar="FILE", help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.", show_default=False
-        ),
-    ],
+    file: BatchFileOpt,
     settings: dict[str, Any],
-    seed: Annotated[
-        str | None,
-        typer.Option(
-            metavar="INTEGER",
-            help="Base seed: a job without its own seed gets BASE + its index; -1 means random \\[default: random].",
-            rich_help_panel=SAMPLER_PANEL,
-        ),
-    ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            metavar="K/N",
-            help="Run the jobs whose index mod N is K \\[default: from SLURM_ARRAY_TASK_* or torchrun's "
-            "RANK/WORLD_SIZE].",
-            rich_help_panel=DEVICE_PANEL,
-        ),
-    ] = None,
-    fail_fast: Annotated[
-        bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel=OUTPUT_PANEL, **FLAG)
-    ] = False,
+    seed: BatchSeedOpt = None,
+    shard: BatchShardOpt = None,
+    fail_fast: BatchFailFastOpt = False,
     out: OutOpt = Path("outputs"),
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Redo jobs whose outputs exist.", rich_help_panel=OUTPUT_PANEL, **FLAG)
-    ] = False,
+    overwrite: BatchOverwriteOpt = False,
     save_stages: SaveStagesOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    json_out: Annotated[
-        bool,
-        typer.Option(
-            "--json", help="One JSON line per finished or skipped job on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG
-        ),
-    ] = False,
+    json_out: BatchJsonOutOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     split_image: SplitImageOpt = False,
     gpus: GpusOpt = None,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Check the whole file and print each job's plan; loads no model.",
-            rich_help_panel=OUTPUT_PANEL,
-            **FLAG,
-        ),
-    ] = False,
+    dry_run: BatchDryRunOpt = False,
 ) -> None:
     """Run a prompt file: model loaded once, resumable, shardable (Slurm arrays, torchrun); exit 3 if some failed."""
     split = split_image or (gpus is not None and gpus > 1)
@@ -436,26 +375,12 @@ def batch(
 @app.command(cls=Command, epilog=REPLAY_EXAMPLES)
 @with_settings(REPLAY)
 def replay(
-    sidecar: Annotated[
-        Path,
-        typer.Argument(
-            metavar="SIDECAR",
-            help="A sidecar .json that linfusion wrote next to an image, or the image itself (its sidecar if "
-            "beside it, else what it records: linfusion's metadata or AUTOMATIC1111's parameters).",
-            show_default=False,
-        ),
-    ],
+    sidecar: ReplaySidecarOpt,
     settings: dict[str, Any],
     out: OutOpt = Path("outputs"),
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Precision: auto, fp16, bf16 or fp32 \\[default: the one recorded in the sidecar].",
-            rich_help_panel=DEVICE_PANEL,
-        ),
-    ] = None,
+    dtype: ReplayDtypeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,

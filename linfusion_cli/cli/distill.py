@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from ..base.events import CancelToken
-from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL
 from ..core.plan_report import check_device
 from ..train.config import DistillConfig
 from .boundary import (
-    CHECKPOINT_PANEL,
-    EVAL_PANEL,
-    TRAIN_PANEL,
     boundary,
     emit_json,
     output_mode,
@@ -23,7 +15,29 @@ from .boundary import (
     setup_logging,
     stderr,
 )
-from .options import FLAG, AllowPickleOpt, QuietOpt
+from .distill_options import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    EvalDataOpt,
+    EvalOnlyOpt,
+    GradAccumOpt,
+    GradientCheckpointingOpt,
+    HoldoutOpt,
+    InitOpt,
+    JsonOutOpt,
+    LogEveryOpt,
+    LrOpt,
+    MixedPrecisionOpt,
+    ModelOpt,
+    OutOpt,
+    ResolutionOpt,
+    ResumeOpt,
+    SaveEveryOpt,
+    SeedOpt,
+    StepsOpt,
+)
+from .options import AllowPickleOpt, QuietOpt
 from .report_distill import DistillReporter, distill_table, eval_table
 from .startup import started
 
@@ -37,121 +51,26 @@ DISTILL_EXAMPLES = """[bold]Examples[/]
 
 
 def distill(
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="The model to distil for: hub id, diffusers folder, .safetensors file, or tiny.",
-            rich_help_panel=MODEL_PANEL,
-        ),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Checkpoint folder (official LinFusion format + training state); rerun to resume.",
-            rich_help_panel=CHECKPOINT_PANEL,
-        ),
-    ],
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Images with captions: a folder (metadata.jsonl, or name.txt beside name.png) or a .jsonl/.csv "
-            "\\[required; --eval-only can take --eval-data instead].",
-            rich_help_panel=MODEL_PANEL,
-        ),
-    ] = None,
-    steps: Annotated[
-        int, typer.Option(help="Total optimizer steps (a resumed run continues to this).", rich_help_panel=TRAIN_PANEL)
-    ] = 1000,
-    batch_size: Annotated[
-        int, typer.Option(help="Images per process per micro-batch.", rich_help_panel=TRAIN_PANEL)
-    ] = 1,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel=TRAIN_PANEL)] = 1,
-    lr: Annotated[
-        float, typer.Option(help="AdamW learning rate (no weight decay).", rich_help_panel=TRAIN_PANEL)
-    ] = 1e-4,
-    resolution: Annotated[
-        int | None,
-        typer.Option(help="Training crop side, px \\[default: the model's native size].", rich_help_panel=MODEL_PANEL),
-    ] = None,
-    mixed_precision: Annotated[
-        str,
-        typer.Option(
-            help="auto (bf16 on CUDA, off elsewhere), no, fp16 or bf16; trained weights stay fp32.",
-            rich_help_panel=TRAIN_PANEL,
-        ),
-    ] = "auto",
-    init: Annotated[
-        str,
-        typer.Option(
-            help="Start from: auto (the family's official LinFusion weights, else init), init (copy the UNet's "
-            "attention, zero the feature maps), random, or a LinFusion checkpoint.",
-            rich_help_panel=MODEL_PANEL,
-        ),
-    ] = "auto",
-    save_every: Annotated[
-        int, typer.Option(help="Save a checkpoint every N steps (and at the end).", rich_help_panel=CHECKPOINT_PANEL)
-    ] = 500,
-    resume: Annotated[
-        Path | None,
-        typer.Option(
-            help="Continue from this checkpoint folder \\[default: the run already in --out, if any].",
-            rich_help_panel=CHECKPOINT_PANEL,
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seed of the data order, noise and timesteps.", rich_help_panel=TRAIN_PANEL)
-    ] = 0,
-    gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--gradient-checkpointing",
-            help="Recompute activations in the backward pass: less memory, slower steps.",
-            rich_help_panel=TRAIN_PANEL,
-            **FLAG,
-        ),
-    ] = False,
-    holdout: Annotated[
-        int | None,
-        typer.Option(
-            help="Samples of --data kept aside for --eval-only \\[default: 1 in 20, at most 16].",
-            rich_help_panel=EVAL_PANEL,
-        ),
-    ] = None,
-    eval_only: Annotated[
-        bool,
-        typer.Option(
-            "--eval-only",
-            help="Report per-layer feature MSE and noise MSE vs the teacher, init vs distilled.",
-            rich_help_panel=EVAL_PANEL,
-            **FLAG,
-        ),
-    ] = False,
-    eval_data: Annotated[
-        str | None,
-        typer.Option(
-            help="Held-out images with captions for --eval-only \\[default: the --holdout].", rich_help_panel=EVAL_PANEL
-        ),
-    ] = None,
-    log_every: Annotated[
-        int, typer.Option(help="Plain log line and --json line every N steps.", rich_help_panel=OUTPUT_PANEL)
-    ] = 10,
-    device: Annotated[
-        str,
-        typer.Option(help="auto (cuda:LOCAL_RANK, mps, cpu), cuda, cuda:N, mps or cpu.", rich_help_panel=DEVICE_PANEL),
-    ] = "auto",
-    json_out: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="JSON lines on stdout: progress every --log-every steps, then the summary.",
-            rich_help_panel=OUTPUT_PANEL,
-            **FLAG,
-        ),
-    ] = False,
+    model: ModelOpt,
+    out: OutOpt,
+    data: DataOpt = None,
+    steps: StepsOpt = 1000,
+    batch_size: BatchSizeOpt = 1,
+    grad_accum: GradAccumOpt = 1,
+    lr: LrOpt = 1e-4,
+    resolution: ResolutionOpt = None,
+    mixed_precision: MixedPrecisionOpt = "auto",
+    init: InitOpt = "auto",
+    save_every: SaveEveryOpt = 500,
+    resume: ResumeOpt = None,
+    seed: SeedOpt = 0,
+    gradient_checkpointing: GradientCheckpointingOpt = False,
+    holdout: HoldoutOpt = None,
+    eval_only: EvalOnlyOpt = False,
+    eval_data: EvalDataOpt = None,
+    log_every: LogEveryOpt = 10,
+    device: DeviceOpt = "auto",
+    json_out: JsonOutOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:

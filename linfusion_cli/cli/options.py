@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL, Setting
+from ..base.settings import DEVICE_PANEL, MODEL_PANEL, OUTPUT_PANEL, PROMPT_PANEL, SAMPLER_PANEL, Setting
 from ..core.settings import table
 
 FLAG = {"metavar": "", "show_default": False}  # an on/off flag: no "<bool>" type, no "[default: False]"
@@ -185,5 +185,133 @@ SplitImageOpt = Annotated[
         "instead of each taking its own jobs (for images that need every card's memory).",
         rich_help_panel=DEVICE_PANEL,
         **FLAG,
+    ),
+]
+
+
+# --- the commands' own arguments and options (cli/commands.py) -----------------------------------------------
+
+BatchFileOpt = Annotated[
+    Path,
+    typer.Argument(
+        metavar="FILE", help="Prompt file: .txt (a prompt a line), .yaml/.yml, .jsonl or .csv.", show_default=False
+    ),
+]
+
+BatchSeedOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="INTEGER",
+        help="Base seed: a job without its own seed gets BASE + its index; -1 means random \\[default: random].",
+        rich_help_panel=SAMPLER_PANEL,
+    ),
+]
+
+BatchShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="K/N",
+        help="Run the jobs whose index mod N is K \\[default: from SLURM_ARRAY_TASK_* or torchrun's RANK/WORLD_SIZE].",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+
+BatchFailFastOpt = Annotated[
+    bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+
+BatchOverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Redo jobs whose outputs exist.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+
+BatchJsonOutOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="One JSON line per finished or skipped job on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG
+    ),
+]
+
+BatchDryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check the whole file and print each job's plan; loads no model.",
+        rich_help_panel=OUTPUT_PANEL,
+        **FLAG,
+    ),
+]
+
+UpscaleImageOpt = Annotated[
+    Path,
+    typer.Argument(
+        metavar="IMAGE",
+        help="Your image: PNG, JPEG, WebP, TIFF, BMP... any mode (alpha over white).",
+        show_default=False,
+    ),
+]
+
+UpscalePromptOpt = Annotated[
+    str,
+    typer.Option(
+        help="What the image shows. Optional: with one, the refine stages add detail that fits it; without, "
+        "the prompt the image records (its sidecar, linfusion's or A1111's metadata), else generic texture.",
+        rich_help_panel=PROMPT_PANEL,
+    ),
+]
+
+PlanPromptOpt = Annotated[
+    str,
+    typer.Argument(
+        metavar="PROMPT",
+        help="The prompt, if you have one: with --seed the plan also shows the output file name.",
+        show_default=False,
+    ),
+]
+
+PlanSimulateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--simulate",
+        help="Also run the job on PyTorch's meta device as a CUDA GPU would (no GPU, nothing downloaded): each "
+        "stage's simulated peak memory and its parts, and its TFLOP. Seconds; about a minute at 16K.",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+
+PlanGpuOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="CARD",
+        help="The GPU to plan for: h200, h100, a100, l40s, 4090, 3090 (its memory is the budget unless "
+        "--max-vram gives one), or its dense fp16 TFLOPS; --simulate then gives each stage's time floor on it.",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+
+PlanWorldSizeOpt = Annotated[
+    int,
+    typer.Option(
+        metavar="N",
+        min=1,
+        help="Plan one image split over N processes (torchrun, --gpus): each stage's bands and the memory of one.",
+        rich_help_panel=DEVICE_PANEL,
+    ),
+]
+
+ReplaySidecarOpt = Annotated[
+    Path,
+    typer.Argument(
+        metavar="SIDECAR",
+        help="A sidecar .json that linfusion wrote next to an image, or the image itself (its sidecar if "
+        "beside it, else what it records: linfusion's metadata or AUTOMATIC1111's parameters).",
+        show_default=False,
+    ),
+]
+
+ReplayDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Precision: auto, fp16, bf16 or fp32 \\[default: the one recorded in the sidecar].",
+        rich_help_panel=DEVICE_PANEL,
     ),
 ]

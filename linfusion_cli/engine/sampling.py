@@ -14,7 +14,7 @@ from torch import nn
 
 from ..base.job import Job
 from ..base.plan import Plan, StagePlan
-from ..models.adapter_kind import UNetExtra
+from ..models.adapter_kind import UNetCall, UNetExtra
 from .noise import NoiseSource
 from .refine import StageGuide
 from .text import Conditioning
@@ -112,7 +112,7 @@ def unet_call(
     kwargs: dict[str, Any] = {}
     added = dict(added_cond_kwargs or {})
     for extra in extras:
-        for key, value in extra(sample, t, encoder_hidden_states, added_cond_kwargs, rows).items():
+        for key, value in extra(UNetCall(sample, t, encoder_hidden_states, added_cond_kwargs, rows)).items():
             if key == "added_cond_kwargs":
                 added.update(value)
             elif key in kwargs:

@@ -24,7 +24,7 @@ from . import memory
 from .memory import vae_budget
 from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
-from .refine import JobRefiner, StageGuide, refine_ratio
+from .refine import JobRefiner, RefineStage, StageGuide, refine_ratio
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .splitting import ImageSplit
@@ -299,13 +299,15 @@ def _starting_latents(
     encoded = band(encoded)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = run.refiner.guide(
-        refine_ratio(stage, run.plan, run.base_width, engine.comps.native_size),
-        encoded,
-        noise,
-        int(scheduler.config.num_train_timesteps),
-        # a global pass dilates ControlNets with the UNet: their residuals must match it
-        torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
-        run.split.latent_ops(),
+        RefineStage(
+            refine_ratio(stage, run.plan, run.base_width, engine.comps.native_size),
+            encoded,
+            noise,
+            int(scheduler.config.num_train_timesteps),
+            # a global pass dilates ControlNets with the UNet: their residuals must match it
+            torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
+            run.split.latent_ops(),
+        )
     )
     return _Start(latents, timesteps, extras, guide)
 

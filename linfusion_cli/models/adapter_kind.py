@@ -16,6 +16,7 @@ reports and image metadata show; `remove()` leaves the model exactly as it was b
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..base.events import Note
@@ -31,20 +32,24 @@ if TYPE_CHECKING:
     from .loading import Components
 
 
-class UNetExtra(Protocol):
-    """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
-    embeddings): given the call's inputs, the extra UNet keyword arguments. `added_cond_kwargs` is the family's
-    (SDXL's text_embeds/time_ids, else None); `rows` selects the guidance halves in this call (0: unconditional,
+@dataclass(frozen=True)
+class UNetCall:
+    """One UNet call's inputs, as an adapter's extra sees them. `added_cond_kwargs` is the family's (SDXL's
+    text_embeds/time_ids, else None); `rows` selects the guidance halves in this call (0: unconditional,
     1: conditional)."""
 
-    def __call__(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        added_cond_kwargs: dict[str, Any] | None,
-        rows: slice,
-    ) -> dict[str, Any]: ...
+    sample: torch.Tensor
+    t: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, Any] | None
+    rows: slice
+
+
+class UNetExtra(Protocol):
+    """Per-stage conditioning an adapter adds to every UNet call (ControlNet residuals, IP-Adapter image
+    embeddings): given the call's inputs, the extra UNet keyword arguments."""
+
+    def __call__(self, call: UNetCall) -> dict[str, Any]: ...
 
 
 class Adapter(Protocol):

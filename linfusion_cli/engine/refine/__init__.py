@@ -6,10 +6,18 @@ from __future__ import annotations
 
 from ...base.registry import Registry
 from .demofusion import DEMOFUSION
-from .method import JobRefiner, RefineMethod, StageGuide, refine_ratio
+from .method import JobRefiner, RefineMethod, RefineStage, StageGuide, refine_ratio
 from .sdedit import SDEDIT
 
 REFINE_METHODS: Registry[RefineMethod] = Registry("refine method", [SDEDIT, DEMOFUSION])
 DEFAULT_REFINE = SDEDIT.name  # plain img2img: what a job, or a sidecar from before methods existed, names none of
 
-__all__ = ["DEFAULT_REFINE", "REFINE_METHODS", "JobRefiner", "RefineMethod", "StageGuide", "refine_ratio"]
+__all__ = [
+    "DEFAULT_REFINE",
+    "REFINE_METHODS",
+    "JobRefiner",
+    "RefineMethod",
+    "RefineStage",
+    "StageGuide",
+    "refine_ratio",
+]

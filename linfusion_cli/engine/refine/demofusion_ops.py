@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..latent_ops import WHOLE_IMAGE, LatentOps
-from .method import Denoiser, JobRefiner
+from .method import Denoiser, JobRefiner, RefineStage
 
 if TYPE_CHECKING:
     from ...base.job import Job
@@ -119,29 +119,19 @@ class DemoFusionGuide:
     """One refine stage's guide (see `method.StageGuide`): the skip residual before each step, and the global
     branch as a wrapper around the stage's denoiser.
 
-    encoded: the upscaled image's latents (fp32, before noise); noise: the stage's noise, the same draw that
-    noised the starting latents. ratio: the stage's size over the base (or input) size, a whole number. model:
-    what a UNet pass runs (the UNet and any ControlNet beside it), dilated together. ops: the blur and statistics
-    of the whole image, also while these latents are one band of it.
+    `stage` (method.RefineStage): its upscaled latents and their noise, its ratio r, what a UNet pass runs (the
+    UNet and any ControlNet beside it, dilated together) and the ops that blur and measure the whole image, also
+    while these latents are one band of it.
     """
 
-    def __init__(
-        self,
-        params: DemoFusionParams,
-        ratio: int,
-        encoded: torch.Tensor,
-        noise: torch.Tensor,
-        train_steps: int,
-        model: nn.Module,
-        ops: LatentOps,
-    ) -> None:
+    def __init__(self, params: DemoFusionParams, stage: RefineStage) -> None:
         self.params = params
-        self.ops = ops
-        self.ratio = max(1, ratio)
-        self.encoded = encoded
-        self.noise = noise
-        self.train_steps = train_steps
-        self.model = model
+        self.ops = stage.ops
+        self.ratio = max(1, stage.ratio)
+        self.encoded = stage.encoded
+        self.noise = stage.noise
+        self.train_steps = stage.train_steps
+        self.model = stage.models
 
     def before_step(self, scheduler: Any, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Skip residual: pull the latents towards the upscaled image noised to timestep t."""
@@ -187,16 +177,8 @@ class DemoFusionRefiner(JobRefiner):
         if self.anchor is None:  # upscaling an input image: its statistics are the anchor
             self.anchor = latent_stats(latents)
 
-    def guide(
-        self,
-        ratio: int,
-        encoded: torch.Tensor,
-        noise: torch.Tensor,
-        train_steps: int,
-        models: nn.Module,
-        ops: LatentOps,
-    ) -> DemoFusionGuide:
-        return DemoFusionGuide(self.params, ratio, encoded, noise, train_steps, models, ops)
+    def guide(self, stage: RefineStage) -> DemoFusionGuide:
+        return DemoFusionGuide(self.params, stage)
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:
         # The official pipeline keeps every scale's latents at the base image's per-channel statistics.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ...base.plan import Plan, StagePlan
@@ -35,6 +36,21 @@ def refine_ratio(stage: StagePlan, plan: Plan, base_width: int, native: int) -> 
     return max(1, round(stage.width / base_width))
 
 
+@dataclass(frozen=True)
+class RefineStage:
+    """What the engine hands a method's guide for one refine stage. `encoded` (the upscaled image's latents, fp32,
+    before noise), `noise` (the draw that noised the starting latents) and the latents the guide sees are this
+    process's band while a split image's stage runs split: whatever reads across rows (a blur, the image's
+    statistics) goes through `ops`, which give the whole image's result either way."""
+
+    ratio: int  # the stage's size over the base (or input) size: refine_ratio
+    encoded: torch.Tensor
+    noise: torch.Tensor
+    train_steps: int  # the scheduler's training timesteps, T
+    models: nn.Module  # what a UNet pass runs: the UNet and the models adapters run beside it
+    ops: LatentOps
+
+
 class StageGuide(Protocol):
     """A refine stage's per-step additions: adjust the latents before each step, and wrap the stage's denoiser
     (one more wrapper around guidance around the UNet, as k-diffusion composes them)."""
@@ -50,19 +66,8 @@ class JobRefiner:
     def encoded(self, latents: torch.Tensor) -> None:
         """A refine stage encoded its upscaled image (before noise)."""
 
-    def guide(
-        self,
-        ratio: int,
-        encoded: torch.Tensor,
-        noise: torch.Tensor,
-        train_steps: int,
-        models: nn.Module,
-        ops: LatentOps,
-    ) -> StageGuide | None:
-        """This refine stage's guide; `ratio` is its size over the base (or input) size, `models` what runs
-        in a UNet pass (the UNet and the models adapters run beside it). `encoded`, `noise` and the latents the
-        guide sees are this process's band while a split image's stage runs split: whatever reads across rows
-        (a blur, the image's statistics) goes through `ops`, which give the whole image's result either way."""
+    def guide(self, stage: RefineStage) -> StageGuide | None:
+        """This refine stage's guide (see RefineStage), or None: plain img2img."""
         return None
 
     def finished(self, latents: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,7 @@ def simulate_job(
         counting = flops.counter if count_flops else contextlib.nullcontext()
         with torch.no_grad(), fused_attention(), counting, trace:
             trace.begin("conditioning")
-            engine.generate(job, plan, seed, planner=planner, events=_first_stage_ends(trace, recorder), comm=comm)
+            engine.run_plan(job, plan, seed, planner=planner, events=_first_stage_ends(trace, recorder), group=comm)
     finally:
         for hook in hooks:
             hook.remove()

@@ -14,6 +14,7 @@ from ...base.errors import UsageError
 from ...base.job import Job
 from ...base.settings import AdapterRef, adapter_refs
 from ...io.images import load_rgb
+from ..adapter_kind import UNetCall
 from ..tensors import to_device_image, upscale
 from .kind import KIND, PREVIOUS
 from .patch import ControlNetPatch
@@ -127,23 +128,16 @@ class ControlExtra:
         n = max(1, self.steps)
         return not (self._step / n < self.start or (self._step + 1) / n > self.end + 1e-9)
 
-    def __call__(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        added_cond_kwargs: dict[str, Any] | None,
-        rows: slice,
-    ) -> dict[str, Any]:
-        if not self.active(t):
+    def __call__(self, call: UNetCall) -> dict[str, Any]:
+        if not self.active(call.t):
             return {}
         down, mid = self.model(
-            sample,
-            t,
-            encoder_hidden_states=encoder_hidden_states,
+            call.sample,
+            call.t,
+            encoder_hidden_states=call.encoder_hidden_states,
             controlnet_cond=self.cond,  # batch 1, broadcast over the guidance halves inside the ControlNet
             conditioning_scale=self.scale,
-            added_cond_kwargs=added_cond_kwargs,
+            added_cond_kwargs=call.added_cond_kwargs,
             return_dict=False,
         )
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}

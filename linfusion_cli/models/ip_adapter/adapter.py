@@ -35,7 +35,7 @@ from .kind import KIND, TINY, check_fits, cross_width, encoder_paths, find_weigh
 
 if TYPE_CHECKING:
     from ...base.plan import StagePlan
-    from ..adapter_kind import UNetExtra
+    from ..adapter_kind import UNetCall, UNetExtra
     from ..loading import Components
 
 log = logging.getLogger(__name__)
@@ -208,14 +208,9 @@ class IPAdapter:
         if embeds is None:
             raise RuntimeError("IPAdapter.stage_extra before begin_job")
 
-        def extra(
-            sample: torch.Tensor,
-            t: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            added_cond_kwargs: dict[str, Any] | None,
-            rows: slice,
-        ) -> dict[str, Any]:
-            return {"added_cond_kwargs": {"image_embeds": [embeds[rows].to(sample.device, sample.dtype)]}}
+        def extra(call: UNetCall) -> dict[str, Any]:
+            image_embeds = embeds[call.rows].to(call.sample.device, call.sample.dtype)
+            return {"added_cond_kwargs": {"image_embeds": [image_embeds]}}
 
         return extra
 
