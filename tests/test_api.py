@@ -66,6 +66,7 @@ def test_every_setting_is_documented_and_options_are_keyword_only() -> None:
     doc = (LinFusionPipeline.__doc__ or "").split("Settings (keyword")[1]
     assert all(f"{name} (" in doc for name, s in table().items() if s.help)
     assert "base_size (int or text like '8k')" in doc and "--" not in doc
+    assert "steps (int): " in (LinFusionPipeline.generate.__doc__ or "")  # help(pipe.generate) lists them too
     with pytest.raises(TypeError):
         LinFusionPipeline("outputs")  # type: ignore[misc]
     with warnings.catch_warnings(record=True) as caught:

@@ -33,8 +33,6 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
         str(tmp_path),
         "--seed",
         "7",
-        "--vae-tile",
-        "256",
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is exactly one JSON object
@@ -46,16 +44,20 @@ def test_end_to_end_tiny_non_square(runner, tmp_path: Path) -> None:
         assert "Denoising strength: 0.4, " in image.text["parameters"]
     assert [s["size"] for s in report["stages"]] == ["128x72", "256x144", "512x288", "1024x576"]
     assert [s["steps"] for s in report["stages"]] == [50, 20, 12, 5]
-    tiles = [s["memory_settings"]["vae_tile"] for s in report["stages"]]
-    assert tiles == [None, None, 256, 256]  # the tile each stage decoded with: none where it fits in one
-    plan_args = ["plan", "x", "--model", "tiny", "--size", "1024", "--aspect", "16:9", "--vae-tile", "256", "--json"]
-    planned = json.loads(run(runner, *plan_args).stdout)["stages"]
-    assert [s["memory_settings"]["vae_tile"] for s in planned] == tiles  # the plan says what the run does
-    assert [s["vae"] for s in planned] == ["untiled", "untiled", "tiles of 256 px", "tiles of 256 px"]
     assert report["seed"] == 7 and report["linfusion_layers"] == 7
     assert report["settings"]["scheduler"] == "ddim" and report["versions"]["linfusion"]
     sidecar = json.loads(Path(report["sidecar"]).read_text())
     assert sidecar["complete"] and sidecar["file"]["bytes"] == path.stat().st_size
+
+
+def test_the_report_says_which_vae_tile_each_stage_used_as_the_plan_does(runner, tmp_path: Path) -> None:
+    args = ["x", "--model", "tiny", "--size", "256", "--vae-tile", "128", "--seed", "1", "--json"]
+    report = json.loads(run(runner, "generate", *args, "--steps", "2", "--out", str(tmp_path)).stdout)
+    tiles = [s["memory_settings"]["vae_tile"] for s in report["stages"]]
+    assert tiles == [None, 128]  # the 128 px base fits in one tile: untiled; the 256 px stage in tiles of 128
+    planned = json.loads(run(runner, "plan", *args).stdout)["stages"]
+    assert [s["memory_settings"]["vae_tile"] for s in planned] == tiles  # the plan says what the run does
+    assert [s["vae"] for s in planned] == ["untiled", "tiles of 128 px"]
 
 
 def test_folder_model_through_real_loader(runner, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -112,7 +112,7 @@ class Setting:
 
 
 def any_case(value: str, options: tuple[str, ...]) -> str:
-    """`DemoFusion` -> `demofusion`: a value that is one of `options` but for its case, as the option; any other
+    """`PNG` -> `png`: a value that is one of `options` but for its case, as the option; any other
     value as it is (the check then names the options)."""
     if value in options:
         return value

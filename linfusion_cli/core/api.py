@@ -367,6 +367,8 @@ class LinFusionPipeline:
 
 
 LinFusionPipeline.__doc__ = (LinFusionPipeline.__doc__ or "") + settings_doc(" " * 8) + "\n"
+for _call in (LinFusionPipeline.generate, LinFusionPipeline.upscale, LinFusionPipeline.plan):
+    _call.__doc__ = f"{_call.__doc__}\n\n        Settings (keyword arguments):\n{settings_doc(' ' * 12)}\n"
 
 
 class Generator(LinFusionPipeline):
