@@ -49,7 +49,7 @@ def test_images_stay_in_memory_until_saved_and_a_list_of_prompts_makes_a_list(tm
         ({"guidance_scale": 5.0}, "unknown argument 'guidance_scale' (did you mean guidance?)"),
         ({"negative_prompt": "blur"}, "unknown argument 'negative_prompt' (did you mean negative?)"),
         ({"generator": 3}, "unknown argument 'generator' (did you mean seed?)"),
-        ({"scheduler": "eular"}, "scheduler: must be one of"),
+        ({"scheduler": "eular"}, "scheduler: must be a sampler"),
         ({"base_size": "huge"}, "base_size: "),
         ({"ip_image": "x.png"}, "ip_image is the IP-Adapter's reference image: give ip_adapter too"),
     ],
