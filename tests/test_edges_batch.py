@@ -163,7 +163,7 @@ def test_a_large_file_is_checked_whole_but_planned_for_this_shard_only(tmp_path:
     monkeypatch.setattr(batch_plan, "plan_for", lambda job, *a, **k: planned.append(k["index"]) or real(job, *a, **k))
     flags = flags_layer({"model": "tiny", "size": "256"})
     start = time.perf_counter()
-    plan = batch_plan.plan_batch(path, flags, RunOptions(tmp_path / "out"), None, resolve_shard("0/1000"))
+    plan = batch_plan.plan_batch(path, flags, RunOptions(out=tmp_path / "out"), None, resolve_shard("0/1000"))
     seconds = time.perf_counter() - start
     assert [p.index for p in plan.jobs] == list(range(0, 50_000, 1000)) and plan.total == 50_000
     assert len(planned) == 50  # every job checked, this task's 50 planned in full: no per-job plan elsewhere
@@ -172,7 +172,7 @@ def test_a_large_file_is_checked_whole_but_planned_for_this_shard_only(tmp_path:
     with path.open("a") as handle:
         handle.write("x" * 10_001 + "\n")
     with pytest.raises(UsageError, match=r"big.txt line 50001 \(job 50000\): field 'prompt'"):
-        batch_plan.plan_batch(path, flags, RunOptions(tmp_path / "out"), None, resolve_shard("0/1000"))
+        batch_plan.plan_batch(path, flags, RunOptions(out=tmp_path / "out"), None, resolve_shard("0/1000"))
 
 
 def test_a_job_with_other_settings_elsewhere_in_the_file_is_still_checked(tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_a_job_with_other_settings_elsewhere_in_the_file_is_still_checked(tmp_pa
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b", "strengths": [0.4, 0.3, 0.2, 0.1, 0.05]}\n')
     with pytest.raises(UsageError, match=r"jobs.jsonl line 2 \(job 1\).*strengths"):
-        batch_plan.plan_batch(path, flags_layer({"model": "tiny", "size": "256"}), RunOptions(tmp_path), None)
+        batch_plan.plan_batch(path, flags_layer({"model": "tiny", "size": "256"}), RunOptions(out=tmp_path), None)
 
 
 def test_batch_dry_run_plans_every_job_and_loads_nothing(runner, tmp_path: Path, no_model_loads) -> None:

@@ -138,7 +138,7 @@ def test_the_ip_image_enters_the_key_by_its_content(tmp_path: Path) -> None:
         job = resolve_job(
             {"prompt": "x", "model": "tiny", "size": 256, "ip_adapter": ["tiny:1"], "ip_image": str(image)}
         )
-        return plan_for(job, RunOptions(tmp_path / "out"), seed=1).key
+        return plan_for(job, RunOptions(out=tmp_path / "out"), seed=1).key
 
     first, moved = tmp_path / "a.png", tmp_path / "elsewhere" / "b.png"
     Image.new("RGB", (64, 64), "red").save(first)

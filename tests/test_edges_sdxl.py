@@ -94,9 +94,7 @@ def test_upscale_with_demofusion_dilates_by_output_over_native(runner, monkeypat
 
     ratios: list[int] = []
     real = DemoFusionRefiner.guide
-    monkeypatch.setattr(
-        DemoFusionRefiner, "guide", lambda self, ratio, *a: ratios.append(ratio) or real(self, ratio, *a)
-    )
+    monkeypatch.setattr(DemoFusionRefiner, "guide", lambda self, stage: ratios.append(stage.ratio) or real(self, stage))
     image = tmp_path / "in.png"
     Image.new("RGB", (192, 192), "gray").save(image)  # tiny's native size is 128
     fast = ["--model", "tiny", "--steps", "2", "--refine", "demofusion", "--out", str(tmp_path / "o")]

@@ -46,7 +46,7 @@ BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values tha
 LINFUSION_FILES = "config.json + diffusion_pytorch_model.safetensors, the official format"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunOptions:
     """Run-level settings: the same for every job of a run."""
 
