@@ -156,20 +156,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first (order kept otherwise): the workers then finish together instead of one of them running a
     long test alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
-@pytest.fixture
-def core(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """run.run_job replaced by a recorder: what the CLI hands the core (the job, its options and the keyword
-    arguments), and nothing run."""
-    import linfusion_cli.core.run as runner
-    from linfusion_cli.core.result import Result
-
-    calls: dict[str, Any] = {}
-
-    def fake_run_job(job: Any, options: Any, **kwargs: Any) -> Any:
-        calls.update(job=job, options=options, **kwargs)
-        return Result([{"path": "out.png", "width": 8, "height": 8, "stages": [], "seconds": {}}])
-
-    monkeypatch.setattr(runner, "run_job", fake_run_job)
-    return calls

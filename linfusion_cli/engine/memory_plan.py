@@ -103,8 +103,8 @@ FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders
 ATTN_CHUNK_TOKENS = 65536  # LinFusion query/key rows per chunk when chunking
 FRUGAL_VAE_BUDGET = 1 * GIB
 # Activation bytes per top-level latent token and batch element, fp16, SD-1.5 widths (320 channels at the
-# top level), from the H200 runs of docs/reference.md section 5: 4096^2 batch 2 unchunked peaked at 9.9 GiB, 8192^2 and
-# 16384x8192 with the feed-forward chunked at ~10 KB per token and element.
+# top level), from the H200 runs of docs/reference.md section 5: 4096^2 batch 2 unchunked peaked at 9.9 GiB,
+# 8192^2 and 16384x8192 with the feed-forward chunked at ~10 KB per token and element.
 BYTES_PER_TOKEN_UNCHUNKED = 15_600
 BYTES_PER_TOKEN_FF_CHUNKED = 10_000
 ATTN_CHUNK_SAVING = 0.85

@@ -163,8 +163,9 @@ def denoise(
     """Run the scheduler over `timesteps`; latents are kept in fp32, the UNet runs in its own dtype.
 
     The stage's model is composed here: input scaling around guidance around the UNet, and the guide's wrapper
-    around that. A stochastic sampler's noise comes from `noise`. on_step(done, total) counts steps; a step with a guide includes all of its UNet passes
-    (a method's second pass included), so a step's time in the progress bar is what a step costs.
+    around that. A stochastic sampler's noise comes from `noise`. on_step(done, total) counts steps; a step
+    with a guide includes all of its UNet passes (a method's second pass included), so a step's time in the
+    progress bar is what a step costs.
     """
     total = len(timesteps)
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = Scaled(Guided(unet, inputs), scheduler)
