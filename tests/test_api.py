@@ -47,7 +47,6 @@ def test_images_stay_in_memory_until_saved_and_a_list_of_prompts_makes_a_list(tm
     [
         ({"num_inference_steps": 20}, "unknown argument 'num_inference_steps' (did you mean steps?)"),
         ({"guidance_scale": 5.0}, "unknown argument 'guidance_scale' (did you mean guidance?)"),
-        ({"negative_prompt": "blur"}, "unknown argument 'negative_prompt' (did you mean negative?)"),
         ({"generator": 3}, "unknown argument 'generator' (did you mean seed?)"),
         ({"scheduler": "eular"}, "scheduler: must be a sampler"),
         ({"base_size": "huge"}, "base_size: "),
