@@ -87,8 +87,8 @@ def test_clip_skip_is_the_encoder_without_its_last_layers(tiny) -> None:
 
 
 def test_clip_skip_is_recorded_keyed_and_refused_past_the_encoders_depth(runner, tmp_path: Path) -> None:
-    from linfusion_cli.core.metadata import settings_key
     from linfusion_cli.core.jobspec import JobSpec
+    from linfusion_cli.core.metadata import settings_key
 
     default = JobSpec(prompt="x").settings()
     assert settings_key({**default, "clip_skip": 1}, 64, 64, 1) == settings_key(default, 64, 64, 1)
