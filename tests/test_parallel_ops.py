@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -35,7 +34,7 @@ from linfusion_cli.engine.parallel import (
     halo_transfers,
     joined,
     local_moments,
-    pool_moments,
+    pooled_groups,
 )
 from linfusion_cli.linfusion.attention import LinFusionAttention
 
@@ -288,35 +287,27 @@ def test_rank0_gathers_unequal_uint8_bands() -> None:
     assert ok_results(launch(2, gather_case, image)) == [True, True]
 
 
-@dataclass
-class Moments:
-    """The shape of the tiled VAE's per-GroupNorm statistics (count, mean and M2 per group)."""
-
-    count: float
-    mean: torch.Tensor
-    m2: torch.Tensor
-
-
-def pooled(comm: Comm, data: dict[str, torch.Tensor]) -> dict[str, tuple[float, list[float], list[float]]]:
+def pooled(comm: Comm, data: dict[str, torch.Tensor]) -> dict[str, tuple[list[float], list[float]]]:
     comm.bands = Bands.of_heights([2, 6, 4], multiple=2)
-    stats = {}
+    counts = [float(h * data["decoder.mid.norm"].shape[-1]) for h in comm.bands.heights()]
+    out = {}
     for name, x in data.items():  # (G, rows, W): this band's rows of each group
-        count, mean, m2 = local_moments(band_of(comm, x).flatten(1))
-        stats[name] = Moments(float(count), mean, m2)
-    pool_moments(comm, stats)
-    return {name: (s.count, s.mean.tolist(), s.m2.tolist()) for name, s in stats.items()}
+        _, mean, m2 = local_moments(band_of(comm, x).flatten(1))
+        mean, m2 = pooled_groups(comm, counts, mean, m2)
+        out[name] = (mean.tolist(), m2.tolist())
+    return out
 
 
 def test_tiled_vae_statistics_pool_over_processes() -> None:
     torch.manual_seed(5)
     data = {"decoder.mid.norm": torch.randn(4, 12, 7) * 2 + 1, "decoder.up.norm": torch.randn(8, 12, 7) - 3}
-    for result in ok_results(launch(3, pooled, data)):
-        for name, x in data.items():
-            var, mean = torch.var_mean(x.flatten(1).double(), dim=1, correction=0)
-            count, got_mean, got_m2 = result[name]
-            assert count == x[0].numel()
-            assert torch.allclose(torch.tensor(got_mean, dtype=torch.float64), mean, atol=1e-6)
-            assert torch.allclose(torch.tensor(got_m2, dtype=torch.float64) / count, var, rtol=1e-6)
+    results = ok_results(launch(3, pooled, data))
+    assert results[0] == results[1] == results[2]  # the same bits on every process
+    for name, x in data.items():
+        var, mean = torch.var_mean(x.flatten(1).double(), dim=1, correction=0)
+        got_mean, got_m2 = results[0][name]
+        assert torch.allclose(torch.tensor(got_mean, dtype=torch.float64), mean, atol=1e-6)
+        assert torch.allclose(torch.tensor(got_m2, dtype=torch.float64) / x[0].numel(), var, rtol=1e-6)
 
 
 def failing_rank(comm: Comm, how: str, timeout: float) -> float:

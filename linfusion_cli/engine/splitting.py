@@ -5,9 +5,10 @@ runs on a band of the image rather than the whole.
   GroupNorms and LinFusion attention exchange what they need (parallel.split_image), so the result is the
   one-process result to fp32 reduction-order error.
 - Noise is drawn whole from the seed on every process, which keeps its band: a seed gives the same image.
-- Between stages the latents are put back together on every process (a few MB), and the VAE's statistics pass
-  runs on the whole image everywhere, while each process decodes or encodes its own rows of tiles, summed into
-  the whole image (intermediate stages) or gathered as uint8 on the first process (the last stage).
+- The tiled VAE: each process runs the statistics pass and the windows of its own rows of tiles, every
+  GroupNorm's statistics pooled over the processes as they are measured (so they are the whole image's); the
+  outputs are summed into the whole image (intermediate stages) or gathered as uint8 on the first process (the
+  last stage). Between stages the latents are put back together on every process (a few MB).
 - Everything every process must agree on (memory settings, VAE tiles, a request to stop) is agreed over the
   group before it is used, so the processes always run the same sequence of exchanges.
 - A stage too small to split (a base image of 64 latent rows over 8 processes: fewer than one multiple of the
@@ -30,7 +31,7 @@ from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
 from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
-from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, split_image
+from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, split_image
 from .parallel.comm import GATHER_ROOT
 from .vae import LATENT_SCALE
 from .vae_tiles import WindowShare
@@ -135,7 +136,10 @@ class ImageSplit:
         def gather(band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
             return _gather_rows(comm, band, rows)
 
-        return WindowShare(comm.rank, comm.world, combine, gather)
+        def pool(counts: list[float], mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return pooled_groups(comm, counts, mean, m2)
+
+        return WindowShare(comm.rank, comm.world, combine, gather, pool, comm.agree_all)
 
     def agree_max(self, value: int) -> int:
         """The largest of every process's `value` (memory settings: the most frugal any process needs)."""

@@ -12,7 +12,10 @@ get different tone curves. Here every GroupNorm uses statistics of the whole ima
    everything seen so far, and a second round over the same windows re-measures them under that estimate, so
    the result does not depend on which batch came first. Huge images use an evenly spread sample of tiles
    (all of an image up to SAMPLE_MIN_PIXELS, else SAMPLE_FRACTION of it); what the sample misses of the
-   image's large-scale content becomes a small *uniform* tone offset, never a seam.
+   image's large-scale content becomes a small *uniform* tone offset, never a seam. A split image's processes
+   each run their own rows' share of the sample, a batch on each at once, every GroupNorm's statistics pooled
+   over them as measured: one batch of all windows gives the whole image's statistics exactly, as one process
+   does, and streamed batches hold the processes' windows together (more per batch than one process's).
 3. Output pass. Each tile runs alone with every GroupNorm fixed to those statistics; its core is written out.
    With a halo covering the convolutions' effective reach, cores match the untiled result.
 
@@ -165,17 +168,24 @@ class TiledVAE:
             height // grid, width // grid, tile // grid, self.halo // grid, multiple=LATENT_SCALE // grid
         )
 
-    def _sample(self, windows: list[Window], grid: int) -> list[list[Window]]:
-        """Which windows the statistics pass runs, in batches that fit memory."""
+    def _sample(self, windows: list[Window], grid: int) -> list[list[list[Window]]]:
+        """Which windows the statistics pass runs, in batches that fit memory: batches[i][rank] are the windows
+        process `rank` runs of batch i (one process: all of it). A split image's processes each sample their own
+        windows, as many as their share of the one-process sample; they run the same number of batches (some
+        possibly empty), each process's part of a batch at most what one batch holds."""
+        owners = [sorted(self.share.mine(windows, r)) for r in range(self.share.world)] if self.share else []
+        owned = [[windows[i] for i in own] for own in owners] or [windows]
         win_px = windows[0].height * windows[0].width * grid * grid
         core_px = sum((w.core[2] - w.core[0]) * (w.core[3] - w.core[1]) for w in windows) * grid * grid
         want_px = max(SAMPLE_MIN_PIXELS, core_px * SAMPLE_FRACTION)
         take = min(len(windows), max(1, math.ceil(want_px / (core_px / len(windows)))))
-        chosen = [windows[i] for i in spread(len(windows), take)]
+        chosen = [[own[i] for i in spread(len(own), math.ceil(take * len(own) / len(windows)))] for own in owned]
         fit = vae_windows_per_batch(self.vae.config, self._dtype(), self._device(), win_px, self.memory_budget)
         per_batch = max(1, min(MAX_WINDOWS_PER_BATCH, fit))
-        count = math.ceil(len(chosen) / per_batch)
-        return [chosen[i::count] for i in range(count)]  # interleaved: every batch spans the whole image
+        if self.share is not None:  # the same batches on every process: the smallest any of them can afford
+            per_batch = min(self.share.agree(per_batch))
+        count = max(math.ceil(len(part) / per_batch) for part in chosen)
+        return [[part[i::count] for part in chosen] for i in range(count)]  # interleaved: each spans its rows
 
     # internals ----------------------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -288,40 +298,45 @@ class TiledVAE:
                 result.append(torch.empty(shape, device=x.device, dtype=piece.dtype))
             result[0][:, :, oy, ox] = piece
 
-        def crop(w: Window) -> torch.Tensor:
-            return x[:, :, w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width]
+        def crop(ws: list[Window]) -> torch.Tensor:
+            """The windows' crops as one batch. None (a process of a split image with no window in a batch of the
+            statistics pass): one window of zeros, which counts for nothing but runs every GroupNorm's exchange."""
+            if not ws:
+                return x.new_zeros((1, x.shape[1], windows[0].height, windows[0].width))
+            return torch.cat([x[:, :, w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in ws])
 
-        self._progress(kind, 0, len(windows))  # the bar shows from the start, before the statistics pass
+        own = sorted(mine)
+        self._progress(kind, 0, len(own))  # the bar shows from the start, before the statistics pass
         batches = self._sample(windows, grid)
         # When one batch holds every window, its pooled statistics *are* the whole image's, so the
         # statistics pass already produced the output: no second pass.
-        whole = len(batches) == 1 and len(batches[0]) == len(windows)
+        whole = len(batches) == 1 and sum(map(len, batches[0])) == len(windows)
         with self.host.phase("stats"):
-            control, wrote_all = self._statistics(batches, crop, run, emit if whole else None, kind, len(windows))
+            control, wrote_all = self._statistics(batches, crop, run, emit if whole else None, kind, len(own))
         if not wrote_all:
             control.next_round("apply")
             with control.installed(self.vae), self.host.phase("windows"):
                 done = 0
-                for i in self.host.each(sorted(mine)):  # the windows this process owns (all, unsplit)
-                    emit(windows[i], self._apply_guarded(control, run, crop(windows[i]), kind))
-                    done = i + 1
-                    self._progress(kind, done, len(windows))
-                if done < len(windows):
-                    self._progress(kind, len(windows), len(windows))
+                for done, i in enumerate(self.host.each(own), 1):  # the windows this process owns (all, unsplit)
+                    emit(windows[i], self._apply_guarded(control, run, crop([windows[i]]), kind))
+                    self._progress(kind, done, len(own))
+                if done < len(own):  # a simulation runs one window for all
+                    self._progress(kind, len(own), len(own))
         if self.share is not None and write is None:
             self.share.combine(result[0])  # every process's rows, on every process
         return result[0] if result else x.new_empty(0)
 
     def _statistics(
         self,
-        batches: list[list[Window]],
-        crop: Callable[[Window], torch.Tensor],
+        batches: list[list[list[Window]]],
+        crop: Callable[[list[Window]], torch.Tensor],
         run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         emit: Callable[[Window, torch.Tensor], None] | None,
         kind: str,
         total: int,
     ) -> tuple[NormControl, bool]:
-        """The statistics pass; with `emit` (one batch of every window), also the output.
+        """The statistics pass (batches[i][rank]: see _sample); with `emit` (one batch of every window), also the
+        output.
 
         Several batches take two rounds: running statistics first, then the same windows again normalised
         with that first estimate, collecting statistics that no longer depend on which batch came first.
@@ -329,26 +344,31 @@ class TiledVAE:
         Statistics that overflow in half precision are recomputed with an fp32 VAE.
         """
         rounds = ["stream"] if len(batches) == 1 else ["stream", "refine"]
+        rank = self.share.rank if self.share is not None else 0
+        window = next(w for batch in batches for part in batch for w in part)
         for vae in (self.vae, None):
             if vae is None:
                 if self._dtype() == torch.float32:
                     break
                 self.fp32_retries += 1
                 vae, emit = self._fp32_vae(), None
-            control = NormControl(window_hw=(batches[0][0].height, batches[0][0].width))
+            control = NormControl(window_hw=(window.height, window.width))
+            if self.share is not None:
+                control.pool = self.share.pool
             wrote_all = emit is not None
             with control.installed(vae):
                 for r, mode in enumerate(self.host.each(rounds)):
                     if r:
                         control.next_round(mode)
-                    for i, batch in enumerate(self.host.each(batches, [len(b) for b in batches])):
-                        control.windows = batch
-                        crops = torch.cat([crop(w) for w in batch])
-                        outs = run(vae, crops.to(next(vae.parameters()).dtype))
+                    for i, batch in enumerate(self.host.each(batches, [len(b[rank]) or 1 for b in batches])):
+                        control.windows, control.peers = batch[rank], batch
+                        outs = run(vae, crop(batch[rank]).to(next(vae.parameters()).dtype))
+                        if not batch[rank]:
+                            continue
                         if emit is not None and self.host.all_finite(outs):
-                            for w, out in zip(batch, outs.to(crops.dtype).split(1), strict=True):
+                            for w, out in zip(batch[rank], outs.to(self._dtype()).split(1), strict=True):
                                 emit(w, out)
-                            self._progress(kind, len(batch), total)
+                            self._progress(kind, len(batch[rank]), total)
                         else:
                             wrote_all = False  # the output pass retries overflowing tiles in fp32
                             self._progress("stats", r * len(batches) + i + 1, len(rounds) * len(batches))

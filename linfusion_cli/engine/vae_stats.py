@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .vae_tiles import Window
+from .vae_tiles import Pool, Window
 
 
 @dataclass
@@ -45,6 +45,11 @@ class NormControl:
     with everything seen so far, itself included); "refine" collects afresh but normalises with the previous
     round's `stats` pooled with what it collected so far; "apply" only normalises with `stats`. Statistics are keyed by the
     norm's qualified name, so an fp32 copy of the VAE shares them.
+
+    `pool` (a split image's processes, each running its own windows of a batch, `peers` every process's windows
+    of it): every GroupNorm's batch statistics are combined with the other processes' before they are used, so
+    each process normalises with the statistics of the whole batch, as one process running all of it would.
+    Every process's count comes from the windows' geometry; only means and M2 travel.
     """
 
     mode: str = "stream"
@@ -52,11 +57,17 @@ class NormControl:
     window_hw: tuple[int, int] = (1, 1)  # the input grid size of one window
     stats: dict[str, Stats] = field(default_factory=dict)  # what "refine"/"apply" normalise with
     collected: dict[str, Stats] = field(default_factory=dict)
+    pool: Pool | None = None
+    peers: list[list[Window]] = field(default_factory=list)  # the batch's windows on every process, in rank order
 
     def forward(self, name: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "apply":
             return self._normalize(norm, x, self.stats[name])
         batch = self._collect(norm, x)
+        if self.pool is not None:
+            counts = [self._count(norm, x, windows) for windows in self.peers]
+            mean, m2 = self.pool(counts, batch.mean, batch.m2)  # type: ignore[arg-type]
+            batch = Stats(sum(counts), mean.float(), m2.float())
         collected = self.collected.setdefault(name, Stats())
         collected.add(batch.count, batch.mean, batch.m2)  # type: ignore[arg-type]
         if self.mode == "stream" or name not in self.stats:
@@ -85,9 +96,20 @@ class NormControl:
             raise RuntimeError(f"cannot map {x.shape[-1]} tokens onto a {win_h}x{win_w} window")
         return x.unflatten(-1, (h, w))
 
+    def _count(self, norm: nn.GroupNorm, x: torch.Tensor, windows: list[Window]) -> float:
+        """Elements per group that `windows`' cores hold at x's level."""
+        scale = self._grid(x).shape[-2] / self.window_hw[0]
+        cores = (w.core_slices(scale) for w in windows)
+        return float(
+            sum((ys.stop - ys.start) * (xs.stop - xs.start) for ys, xs in cores) * x.shape[1] // norm.num_groups
+        )
+
     def _collect(self, norm: nn.GroupNorm, x: torch.Tensor) -> Stats:
         grid = self._grid(x)  # (B, C, h, w)
         scale = grid.shape[-2] / self.window_hw[0]
+        if not self.windows:  # this process has no window in the batch: it adds nothing to the pool
+            empty = torch.zeros(norm.num_groups, device=x.device)
+            return Stats(0.0, empty, empty.clone())
         pooled = Stats()
         for b, window in enumerate(self.windows):
             ys, xs = window.core_slices(scale)

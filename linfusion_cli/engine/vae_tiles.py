@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+# A split image's GroupNorm statistics: (every process's element count, this process's mean and M2 per group)
+# -> the mean and M2 of every process's parts combined (vae_stats.NormControl.pool)
+Pool = Callable[[list[float], torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class Window:
@@ -30,14 +34,18 @@ class Window:
 @dataclass(frozen=True)
 class WindowShare:
     """One process's part of a split image's tiles: a contiguous run of tile rows, so what it writes is one band
-    of output rows. The statistics pass is the whole image's on every process (so tiles never show seams);
-    `combine` sums a tensor over the processes in place (each wrote its own rows, zeros elsewhere); `gather`
-    puts uint8 row bands (this process's rows [start, end)) together on the first process (None elsewhere)."""
+    of output rows. Each process runs the statistics pass on its own tiles, and `pool` combines every GroupNorm's
+    statistics over the processes as they are measured (vae_stats.NormControl), so they are the whole image's
+    (tiles never show seams). `agree` gives every process's value of an int (in rank order); `combine` sums a
+    tensor over the processes in place (each wrote its own rows, zeros elsewhere); `gather` puts uint8 row bands
+    (this process's rows [start, end)) together on the first process (None elsewhere)."""
 
     rank: int
     world: int
     combine: Callable[[torch.Tensor], torch.Tensor]
     gather: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor | None]
+    pool: Pool
+    agree: Callable[[int], list[int]]
 
     def mine(self, windows: list[Window], rank: int | None = None) -> set[int]:
         """Indices of the windows a process writes (this one's by default): its chunk of the grid's rows."""

@@ -21,7 +21,7 @@ from .ops import (
     halo_rows,
 )
 from .plan import CommPlan, unet_comm_plan, unet_ops
-from .stats import band_channel_stats, combine_moments, local_moments, pool_moments
+from .stats import band_channel_stats, combine_moments, local_moments, pooled_groups
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -49,7 +49,7 @@ __all__ = [
     "halo_transfers",
     "joined",
     "local_moments",
-    "pool_moments",
+    "pooled_groups",
     "row_transfers",
     "split_image",
     "unet_comm_plan",

@@ -8,12 +8,10 @@ and the parts are combined by Chan et al.'s formula in fp64, in rank order, so e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from ...base.errors import UsageError
 from .comm import Comm
 
 STATS_CHUNK_BYTES = 1 << 28  # fp32 working copy of a half-precision input, at most this per chunk
@@ -61,37 +59,21 @@ def whole_moments(comm: Comm, x: torch.Tensor, kind: str) -> tuple[torch.Tensor,
     return combine_moments([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
 
 
+def pooled_groups(
+    comm: Comm, counts: list[float], mean: torch.Tensor, m2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled VAE's GroupNorm statistics over a split image's processes (vae_stats.NormControl.pool): this
+    process's mean and M2 per group (G,), every process's element count (known from the tiles' geometry, so only
+    2 G numbers travel); the combined mean and M2 in fp64, the same bits on every process."""
+    parts = comm.all_gather(torch.stack([mean, m2]).double(), "vae stats")
+    sizes = [torch.tensor(count, dtype=torch.float64) for count in counts]
+    _, mean, m2 = combine_moments(sizes, [p[0] for p in parts], [p[1] for p in parts])
+    return mean, m2
+
+
 def band_channel_stats(comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """latent_ops.LatentOps.channel_stats of the whole image: per-channel mean and std (unbiased, as Tensor.std), (B, C, 1, 1)
     fp32, from this band x (B, C, h, W)."""
     count, mean, m2 = whole_moments(comm, x.flatten(2), "stats")  # (B, C)
     std = (m2 / (count - 1)).sqrt()
     return mean.float()[..., None, None], std.float()[..., None, None]
-
-
-def pool_moments(comm: Comm, stats: Mapping[str, Any]) -> None:
-    """Pool named (count, mean, M2) statistics over processes, in place: every object gets the combined values.
-
-    Made for the tiled VAE's statistics pass (vae_stats.NormControl.collected: name -> Stats with count: float and
-    mean, m2: (G,) fp32): with each process running the windows of its own band, pooling them before the output
-    pass gives every band the whole image's GroupNorm statistics. Every process must hold the same names, each
-    with statistics (every band runs at least one window)."""
-    names = sorted(stats)
-    if any(stats[name].mean is None for name in names):
-        raise UsageError("pool_moments needs statistics under every name; a band ran no window")
-    packed = torch.cat(
-        [torch.cat([stats[n].mean.new_tensor([stats[n].count]), stats[n].mean, stats[n].m2]) for n in names]
-    ).double()  # [count, mean (G), M2 (G)] per name
-    lengths = comm.all_gather(torch.tensor([packed.numel()], device=packed.device), "stats")
-    if len({int(length) for length in lengths}) != 1:
-        raise UsageError("the processes hold statistics of different GroupNorms; they must run the same VAE")
-    parts = comm.all_gather(packed, "stats")
-    offset = 0
-    for name in names:
-        target, size = stats[name], stats[name].mean.numel()
-        pieces = [part[offset : offset + 1 + 2 * size] for part in parts]
-        offset += 1 + 2 * size
-        count, mean, m2 = combine_moments(
-            [p[0] for p in pieces], [p[1 : 1 + size] for p in pieces], [p[1 + size :] for p in pieces]
-        )
-        target.count, target.mean, target.m2 = float(count), mean.to(target.mean), m2.to(target.m2)
