@@ -110,12 +110,28 @@ def test_same_seed_same_image(runner, tmp_path: Path) -> None:
         assert a.tobytes() == b.tobytes()
 
 
-def test_existing_output_is_not_overwritten(runner, tmp_path: Path) -> None:
+def test_existing_output_is_skipped_as_a_batch_skips_it(runner, tmp_path: Path, monkeypatch) -> None:
     args = ["generate", "x", "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "1", "--out", str(tmp_path)]
-    assert run(runner, *args).exit_code == 0
-    again = run(runner, *args)
-    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.stderr  # bad input, before loading
-    assert run(runner, *args, "--overwrite").exit_code == 0
+    first = json.loads(run(runner, *args, "--json").stdout)
+    image = Path(first["path"])
+    stamp = image.stat().st_mtime_ns
+    import linfusion_cli.engine.pipeline as pipeline
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline.Engine, "load", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
+        again = run(runner, *args, "--json")
+    assert again.exit_code == 0 and "made before with these settings: skipped" in again.stderr
+    report = json.loads(again.stdout)  # the finished image's report, said on stdout as a run says it
+    assert report["skipped"] is True and (report["path"], report["seed"], report["key"]) == (
+        first["path"],
+        1,
+        first["key"],
+    )
+    assert image.stat().st_mtime_ns == stamp
+    Path(first["sidecar"]).unlink()  # an image without its sidecar: not known to be this job's
+    bare = run(runner, *args)
+    assert bare.exit_code == 2 and "is not a finished image of these settings" in bare.stderr
+    assert run(runner, *args, "--overwrite").exit_code == 0 and image.stat().st_mtime_ns != stamp
 
 
 @pytest.mark.parametrize(
@@ -152,7 +168,12 @@ def test_dry_run_loads_no_model(runner, tmp_path: Path, no_model_loads) -> None:
     )
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert [s["size"] for s in plan["stages"]] == ["128x128", "256x256", "512x512", "1024x1024"]
+    assert [(s["stage"], s["width"], s["height"]) for s in plan["stages"]] == [
+        (1, 128, 128),
+        (2, 256, 256),
+        (3, 512, 512),
+        (4, 1024, 1024),
+    ]  # numbers as numbers, stages counted as the table counts them
     assert all("estimated_peak_gib" in s and s["vae"] for s in plan["stages"])
     assert not any(tmp_path.iterdir())
 
@@ -161,7 +182,8 @@ def test_plan_command(runner, no_model_loads) -> None:
     result = run(runner, "plan", "--preset", "sd15-16k", "--json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert [s["size"] for s in plan["stages"]] == ["1024x512", "2048x1024", "4096x2048", "8192x4096", "16384x8192"]
+    assert [s["width"] for s in plan["stages"]] == [1024, 2048, 4096, 8192, 16384]
+    assert [s["height"] for s in plan["stages"]] == [512, 1024, 2048, 4096, 8192]
     assert [s["strength"] for s in plan["stages"][1:]] == [0.4, 0.3, 0.2, 0.1]
 
 
@@ -197,16 +219,19 @@ def test_save_stages_keeps_every_stage(runner, tmp_path: Path) -> None:
     )
     report = json.loads(result.stdout)
     stem = Path(report["path"]).stem
-    assert report["stage_files"] == [f"{stem}.stage0.png", f"{stem}.stage1.png"]
-    for name, size in zip(report["stage_files"], [(128, 128), (256, 256)], strict=True):
+    assert report["stage_files"] == [f"{stem}.stage1.png", f"{stem}.stage2.png"]  # as the log counts: stage 1/3
+    for number, (name, size) in enumerate(zip(report["stage_files"], [(128, 128), (256, 256)], strict=True), 1):
         with Image.open(tmp_path / name) as image:
             assert image.size == size
+            meta = json.loads(image.text["linfusion"])
+            assert (meta["width"], meta["height"], meta["stage"]) == (*size, {"number": number, "of": 3})
+            assert f"Size: {size[0]}x{size[1]}" in image.text["parameters"]
 
 
 def test_plan_before_download_uses_the_known_family(runner, no_model_loads) -> None:
     result = run(runner, "plan", "--preset", "sdxl-16k", "--json")
     plan = json.loads(result.stdout)
-    assert plan["family"] == "SDXL" and plan["stages"][0]["size"] == "1024x1024"
+    assert plan["family"] == "SDXL" and (plan["stages"][0]["width"], plan["stages"][0]["height"]) == (1024, 1024)
 
 
 def test_strengths_are_checked_against_the_models_own_plan(runner, no_model_loads) -> None:

@@ -167,7 +167,8 @@ def test_plan_flags(runner, monkeypatch: pytest.MonkeyPatch) -> None:
         return None
 
     summary = {"width": 8, "height": 8, "model": "m", "family": "f", "native": 8, "device": "cpu", "dtype": "fp32"}
-    summary |= {"stages": [], "notes": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
+    summary |= {"stages": [], "notes": [], "warnings": [], "output": None, "memory_budget_gib": 1.0, "dtypes": {}}
+    summary |= {"scheduler": "ddim", "guidance": 7.5}
     monkeypatch.setattr(api, "plan_for", fake_plan_for)
     monkeypatch.setattr(api, "plan_anywhere", lambda prep, options, world: summary)
     _invoke(runner, "plan", "--size", "8k", "--aspect", "2:1", "--low-vram", "--max-vram", "20", "--format", "tif")

@@ -63,7 +63,7 @@ def test_plan_says_when_nothing_fits_and_what_would(runner) -> None:
     assert over and all(s["memory"] == "frugal" for s in over)
     first = over[0]
     (warning,) = [w for w in plan["warnings"] if "most frugal" in w]
-    assert f"stage {first['index'] + 1} ({first['size']})" in warning and "0.5 GiB budget" in warning
+    assert f"stage {first['stage']} ({first['width']}x{first['height']})" in warning and "0.5 GiB budget" in warning
     assert f"{first['estimated_peak_gib']:.2f} GiB" in warning
     size = int(warning.split("--size ")[1].split()[0])
     smaller = json.loads(runner.invoke(app, [*args[:4], str(size), *args[5:]]).stdout)

@@ -72,7 +72,8 @@ def test_plan_json_carries_the_schema_and_the_note_says_the_tables_gib(runner, n
     plan = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     assert plan["schema"] == 1
     over = next(s for s in plan["stages"] if not s["fits"])
-    assert f"needs about {over['estimated_peak_gib']:.2f} GiB" in " ".join(plan["notes"])
+    assert f"needs about {over['estimated_peak_gib']:.2f} GiB" in " ".join(plan["warnings"])
+    assert not set(plan["notes"]) & set(plan["warnings"])  # each said once
     table = runner.invoke(app, args)
     assert f"{over['estimated_peak_gib']:.2f}" in table.stdout
 

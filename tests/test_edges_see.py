@@ -57,7 +57,9 @@ def test_results_on_stdout_follow_the_terminal(monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "100")
     assert StdoutConsole().width == 100  # presets list in a 100-column terminal: 100 wide, not 120
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
-    assert StdoutConsole().width == 120  # a file or pipe: the log width
+    assert StdoutConsole().width == 100  # piped to a pager or a file: COLUMNS still says how wide
+    monkeypatch.delenv("COLUMNS")
+    assert StdoutConsole().width == 120  # a file or pipe, and no COLUMNS: the log width
 
 
 def test_a_narrow_progress_row_shows_the_eta_alone() -> None:

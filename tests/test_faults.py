@@ -58,12 +58,17 @@ def test_stopped_batch_resumes_without_losing_anything(processes: Processes, run
     what the stopped one left on disk)."""
     jobs, out = make_jobs(tmp_path, 5), tmp_path / "out"
     proc = start_batch(processes, jobs, out)
-    wait_for_first_line(proc)
+    first = wait_for_first_line(proc)
     proc.send_signal(getattr(signal, how))
     code = proc.wait(timeout=120)
     if how != "SIGKILL":
         assert code == {"SIGTERM": 143, "SIGINT": 130}[how]  # stopped at a safe point, pending writes finished
         assert not [p for p in out.iterdir() if ".part-" in p.name]
+        assert proc.stdout is not None
+        lines = [first, *(json.loads(line) for line in proc.stdout.read().splitlines())]
+        assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]  # every job its line, as a full disk
+        stopped = [line for line in lines if line["status"] == "stopped"]
+        assert stopped and all(f"interrupted by {how}" in line["error"] for line in stopped)
     else:
         assert code == -signal.SIGKILL
     done_before = check_outputs(out)

@@ -128,7 +128,7 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
     eight = json.loads(runner.invoke(app, [*args, "--world-size", "8"]).stdout)
     assert eight["world_size"] == 8 and eight["stages"][0]["bands_px"] is None  # the base stage runs whole
     last = eight["stages"][-1]
-    assert last["bands_px"] == [1024] * 8 and last["per_rank"] == "16384x1024"
+    assert last["bands_px"] == [1024] * 8 and last["per_rank"] == {"width": 16384, "height": 1024, "whole": False}
     assert last["estimated_peak_gib"] < one["stages"][-1]["estimated_peak_gib"] / 3
 
 

@@ -38,6 +38,10 @@ class ModelNotFoundError(UsageError):
     """A local model path that does not exist (exit 2)."""
 
 
+class UnusableModelError(UsageError):
+    """A model file that is there but is no model we can load (not a checkpoint, not safetensors): bad input."""
+
+
 class ModelLoadError(LinFusionError):
     """A model that exists but cannot be loaded (offline and not cached, wrong format...)."""
 

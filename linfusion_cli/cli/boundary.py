@@ -42,11 +42,24 @@ from ..base.settings import (
     SIZE_PANEL,
 )
 from ..base.text import quote
+from .help import fit_examples, install, one_paragraph_per_line, ordered, terminal_width
 from .version import version_lines
 
-# Farm logs are not terminals; rich would wrap them at 80 columns.
+install()  # --help's options stacked in a narrow terminal (help.py)
+PIPE_WIDTH = 120  # a log or pipe without COLUMNS: wide enough for every table, as a log reader expects
+
+
+def output_width(stream: Any) -> int | None:
+    """The columns output to `stream` fits: COLUMNS where it is set (a pager, a log of a known width: piped or
+    not), else the terminal's (None: rich asks it), else PIPE_WIDTH for a file or pipe (rich would say 80)."""
+    text = os.environ.get("COLUMNS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return None if stream is not None and stream.isatty() else PIPE_WIDTH
+
+
 # emoji off: ":abc:" in a prompt, a path or a LoRA spec is text, not an emoji code.
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 120, emoji=False)
+stderr = Console(stderr=True, width=output_width(sys.stderr), emoji=False)
 TRAIN_PANEL = "Training"  # distill
 CHECKPOINT_PANEL = "Checkpoints and resume"  # distill
 EVAL_PANEL = "Evaluation"  # distill
@@ -138,14 +151,33 @@ def _refuse_option_as_value(command: Any, info_name: str | None, args: list[str]
 
 
 class Command(_OneLineErrors, TyperCommand):
-    """A command whose usage line says PROMPT, not {prompt}."""
+    """A command whose usage line says PROMPT, not {prompt}, and whose examples fit the terminal (help.py)."""
+
+    @property  # type: ignore[override]
+    def epilog(self) -> str | None:
+        return None if self._epilog is None else fit_examples(self._epilog, terminal_width() - 2)  # help's margin
+
+    @epilog.setter
+    def epilog(self, text: str | None) -> None:
+        self._epilog = text
+
+    @property  # type: ignore[override]
+    def help(self) -> str | None:
+        return None if self._help is None else one_paragraph_per_line(self._help)
+
+    @help.setter
+    def help(self, text: str | None) -> None:
+        self._help = text
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
 
 
 class Group(_OneLineErrors, TyperGroup):
-    """`linfusion ...` itself: an unknown command is one line too."""
+    """`linfusion ...` itself: an unknown command is one line too; commands listed generate first (help.py)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return ordered(super().list_commands(ctx))
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         try:
@@ -257,7 +289,8 @@ def boundary() -> Iterator[None]:
     try:
         yield
     except LinFusionError as exc:
-        stderr.print(f"[bold red]error:[/] {escape(_who() + str(exc))}", highlight=False, soft_wrap=True)
+        for line in str(exc).splitlines() or [""]:  # several mistakes (a prompt file's): one line each
+            stderr.print(f"[bold red]error:[/] {escape(_who() + line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("[bold red]interrupted[/]", highlight=False)
@@ -290,6 +323,32 @@ def emit_json(data: Any) -> None:
             raise
         _quiet_stdout()
         raise OutputClosedError("stdout was closed (its reader stopped, as | head does, or >&-)") from None
+
+
+class PipeAwareStdout:
+    """stdout, noting when its reader went away (`| head -1`): help, --version and `info` are printed by typer,
+    click and rich, which end a broken pipe with exit 1; `main` makes that 141, as every other command ends."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except BrokenPipeError:
+            self.broken = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _quiet_stdout() -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_SIGINT, UsageError
+from ..base.errors import DEFAULT_TIMEOUT_S, EXIT_PIPE, EXIT_SIGINT, UsageError
 from ..base.settings import (
     BATCH,
     GENERATE,
@@ -27,6 +27,7 @@ from .bench import bench_app
 from .boundary import (
     Command,
     Group,
+    PipeAwareStdout,
     boundary,
     emit_json,
     output_mode,
@@ -87,6 +88,7 @@ REPLAY_EXAMPLES = """[bold]Examples[/]
   linfusion replay fox.png.json --model /models/sd15 --out again"""
 INFO_EXAMPLES = """[bold]Examples[/]
   linfusion info renders/00003_a-fox_17_4096x4096_1c2d3e4f.png
+  linfusion info renders/*.png
   linfusion info fox.png.json --json | jq .settings"""
 app = typer.Typer(
     name="linfusion",
@@ -148,7 +150,8 @@ def _render_result(result: Result, mode: str, json_out: bool, title: str = "") -
         render_plan(report["plan"], json_out)
         return
     if mode != "quiet":
-        caption = f"{title}{report['width']}x{report['height']} -> {report['path']}"
+        made = "made before (skipped): " if report.get("skipped") else title
+        caption = f"{made}{report['width']}x{report['height']} -> {report['path']}"
         render_table(stage_table(report, title=caption), mode)
     if json_out:
         emit_json(report)
@@ -400,34 +403,48 @@ def replay(
 
 @app.command(cls=Command, epilog=INFO_EXAMPLES)
 def info(
-    image: Annotated[
-        Path,
+    images: Annotated[
+        list[Path],
         typer.Argument(
-            metavar="IMAGE",
-            help="An image linfusion (or AUTOMATIC1111) wrote, or its sidecar (IMAGE.png.json).",
+            metavar="IMAGE...",
+            help="Images linfusion (or AUTOMATIC1111) wrote, or their sidecars (IMAGE.png.json).",
             show_default=False,
         ),
     ],
     json_out: JsonOpt = False,
     max_input_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Print the generation parameters stored in an image or its sidecar (on stdout)."""
-    with boundary():
-        meta = describe(image, max_input_pixels)
+    """Print the generation parameters stored in images or their sidecars (on stdout; a JSON line each with --json).
+    One that cannot be read is said on stderr and the others are still printed (exit 2)."""
+    failed = 0
+    for number, image in enumerate(images):
+        try:
+            with boundary():
+                meta = describe(image, max_input_pixels)
+        except typer.Exit as exc:
+            failed = failed or exc.exit_code
+            continue
         if json_out:
-            emit_json(meta)
-            return
-        typer.echo(f"{image}: {meta['format']} {meta['size']}")
-        if meta["parameters"]:
-            typer.echo(meta["parameters"])
-        else:
-            typer.echo("no generation parameters found in this image")
+            with boundary():
+                emit_json(meta)
+            continue
+        typer.echo(("\n" if number else "") + f"{image}: {meta['format']} {meta['size']}")
+        typer.echo(meta["parameters"] or "no generation parameters found in this image")
+    if failed:
+        raise typer.Exit(failed)
 
 
 def main() -> None:
     die_with_launcher()  # a process of a split image: not one second longer than the launcher that started it
     starting()
+    stdout = PipeAwareStdout(sys.stdout)
+    if sys.stdout is not None:  # None: started with stdout closed (>&-), which the commands handle themselves
+        sys.stdout = stdout  # type: ignore[assignment]
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGINT)
+    except SystemExit as done:
+        if stdout.broken and done.code in (1, EXIT_PIPE):  # click and rich end a broken pipe with 1
+            sys.exit(EXIT_PIPE)
+        raise

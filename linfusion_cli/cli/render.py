@@ -13,20 +13,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..base.errors import EXIT_PIPE, OutputClosedError
+from ..base.text import plural
 from ..engine.refine import REFINE_METHODS
 from ..models.adapters import ADAPTER_KINDS
-from .boundary import emit_json, stderr
+from .boundary import emit_json, output_width, stderr
 
 UNBOUNDED = 100_000  # columns to measure a table's natural width in
-PIPE_WIDTH = 120  # results written to a file or pipe: wide enough for every table, as a log reader expects
+CONTINUED = "  "  # the indent of a table row's continuation lines
 
 
 class StdoutConsole(Console):
-    """Results on stdout: as wide as the terminal (120 columns in a file or pipe). A reader that goes away
-    (`| head -1`) ends the command quietly with the shell's SIGPIPE status, as other tools end."""
+    """Results on stdout: as wide as COLUMNS says, else the terminal (120 columns in a file or pipe). A reader that
+    goes away (`| head -1`) ends the command quietly with the shell's SIGPIPE status, as other tools end."""
 
     def __init__(self) -> None:
-        super().__init__(width=None if sys.stdout.isatty() else PIPE_WIDTH, highlight=False, emoji=False)
+        super().__init__(width=output_width(sys.stdout), highlight=False, emoji=False)
 
     def on_broken_pipe(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -36,27 +37,49 @@ class StdoutConsole(Console):
 
 def lines_if_wider(table: Table, width: int | None, console: Console) -> Table:
     """`table` if it fits `width` columns (None: no limit); else the same rows as lines, `stage 2 refine: size
-    256x256, steps 3, ...`, wrapped at words. Squeezed into a narrow terminal, rich cuts cells ("128x..."): a
-    size or a number must never be cut."""
+    256x256, steps 3, ...`, wrapped between fields, never inside one. Squeezed into a narrow terminal, rich cuts
+    or folds cells ("128x..."): a size or a number must never be cut."""
     natural = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
     if width is None or natural <= width:
         return table
     headers = [str(column.header) for column in table.columns]
-    lines = Table(title=table.title, title_justify="left", caption=table.caption, caption_justify="left", box=None)
+    lines = Table(
+        title=table.title, title_justify="left", caption=table.caption, caption_justify="left", box=None, padding=0
+    )
     lines.show_header = False
-    lines.add_column()
+    lines.add_column(no_wrap=True, overflow="ignore")
     for first, *rest in zip(*(list(column.cells) for column in table.columns), strict=True):
         head = str(first) if str(first) == "total" else f"{headers[0]} {first}"
-        fields = ", ".join(f"{name} {cell}" for name, cell in zip(headers[1:], rest, strict=True) if str(cell))
-        lines.add_row(f"{head}: {fields}")
+        fields = [f"{name} {cell}" for name, cell in zip(headers[1:], rest, strict=True) if str(cell)]
+        for line in fields_in_lines(f"{head}:", fields, width):
+            lines.add_row(line)
     return lines
 
 
+def fields_in_lines(head: str, fields: list[str], width: int) -> list[str]:
+    """`head field, field, ...` in lines of at most `width` columns, broken only between fields (a field longer
+    than a line stands alone on its own)."""
+    lines: list[str] = []
+    line = head
+    for index, field in enumerate(fields):
+        piece = field + ("," if index < len(fields) - 1 else "")
+        if len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = CONTINUED + piece
+        else:
+            line = f"{line} {piece}"
+    return [*lines, line]
+
+
 def render_table(table: Any, mode: str, console: Console | None = None) -> None:
-    """A table on stderr (or `console`); plain ASCII in logs, where box drawing turns to mojibake."""
+    """A table on stderr (or `console`), as lines where it is wider than the console (COLUMNS, the terminal, or
+    120 in a log); plain ASCII in logs, where box drawing turns to mojibake."""
+    console = console or stderr
+    if isinstance(table, Table):
+        table = lines_if_wider(table, console.width, console)
     if mode == "plain" and table.box is not None:
         table.box = box.ASCII
-    (console or stderr).print(table)
+    console.print(table)
 
 
 def emit_result(data: dict[str, Any]) -> None:
@@ -91,10 +114,10 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
         table.caption = REFINE_METHODS.get(method).caption
     for s in summary["stages"]:
         table.add_row(
-            str(s["index"] + 1),
+            str(s["stage"]),
             s["kind"],
-            s["size"],
-            *([s["per_rank"]] if split else []),
+            f"{s['width']}x{s['height']}",
+            *([_per_process(s["per_rank"])] if split else []),
             "-" if s["strength"] is None else f"{s['strength']:g}",
             str(s["steps"]),
             str(s["unet_passes"]),
@@ -103,14 +126,14 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             s["vae"],
         )
     table.title = escape(str(table.title))
-    render_table(lines_if_wider(table, out.width, out), "rich" if out.is_terminal else "plain", out)
-    for note in summary["notes"]:
-        stderr.print(f"note: {note}", markup=False, highlight=False)
+    render_table(table, "rich" if out.is_terminal else "plain", out)
+    say_notes(summary)
+    sampler = f"sampler {summary['scheduler']}, guidance {summary['guidance']:g}; "
     output = f"output: {summary['output']}; " if summary.get("output") else ""
     budget = summary["memory_budget_gib"]
     budget_text = "unknown (free memory cannot be measured here)" if budget is None else f"{budget} GiB"
     dtypes = ", ".join(f"{part.replace('_', ' ')} {name}" for part, name in summary["dtypes"].items())
-    out.print(f"{output}memory budget {budget_text}; {dtypes}", markup=False)
+    out.print(f"{sampler}{output}memory budget {budget_text}; {dtypes}", markup=False)
     for kind in ADAPTER_KINDS:
         for entry in summary.get(kind.name, []):
             out.print(kind.plan_line(entry), markup=False)
@@ -155,11 +178,11 @@ def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:
             emit_result(plan)
         return
     out = StdoutConsole()
-    table = Table(title=f"{len(plans)} jobs planned; nothing loaded", title_justify="left")
+    table = Table(title=f"{plural(len(plans), 'job')} planned; nothing loaded", title_justify="left")
     for col in ("job", "size", "stages", "steps", "est. peak GiB", "output"):
         table.add_column(col, overflow="fold")
     for plan in plans:
-        stages = " > ".join(s["size"] for s in plan["stages"])
+        stages = " > ".join(f"{s['width']}x{s['height']}" for s in plan["stages"])
         peak = max((s["estimated_peak_gib"] for s in plan["stages"]), default=0.0)
         steps = sum(s["steps"] for s in plan["stages"])
         table.add_row(
@@ -172,8 +195,18 @@ def render_batch_plan(plans: list[dict[str, Any]], json_out: bool) -> None:
         )
     render_table(table, "rich" if out.is_terminal else "plain", out)
     for plan in plans:
-        for note in plan["notes"]:
-            stderr.print(f"note: job {plan['index']}: {note}", markup=False, highlight=False)
+        say_notes(plan, f"job {plan['index']}: ")
+
+
+def say_notes(plan: dict[str, Any], prefix: str = "") -> None:
+    """A plan's notes and warnings on stderr, each once."""
+    for level in ("notes", "warnings"):
+        for text in plan[level]:
+            stderr.print(f"{level[:-1]}: {prefix}{text}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _per_process(rows: dict[str, Any]) -> str:
+    return f"{rows['width']}x{rows['height']}" + (" whole" if rows["whole"] else "")
 
 
 def render_presets(presets: list[Any]) -> None:

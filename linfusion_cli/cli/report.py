@@ -32,9 +32,9 @@ PLAIN_TIME = "%Y-%m-%d %H:%M:%S"
 TILE_KINDS = {"encode": "VAE encode", "decode": "VAE decode", "stats": "VAE statistics"}
 
 
-def stderr_width() -> int | None:
-    """The terminal's width when stderr is one (tables on stderr follow it), else None."""
-    return stderr.width if stderr.is_terminal else None
+def stderr_width() -> int:
+    """The width tables on stderr fit: COLUMNS, the terminal's, or a log's 120 (boundary.output_width)."""
+    return stderr.width
 
 
 def _gib(value: float | None) -> str:

@@ -92,7 +92,8 @@ class BatchSummary:
     total_jobs: int
     outcomes: list[JobOutcome] = field(default_factory=list)
     out: Path | None = None  # the output folder
-    stopped: str | None = None  # why the batch stopped before its end (a full disk), if it did
+    stopped: str | None = None  # why the batch stopped before its end (a full disk, Ctrl-C), if it did
+    interrupted: int | None = None  # the exit code of the signal that stopped it (130: SIGINT, 143: SIGTERM)
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -100,6 +101,8 @@ class BatchSummary:
     @property
     def exit_code(self) -> int:
         failed, done = self.count("failed"), self.count("done")
+        if self.interrupted is not None:
+            return self.interrupted
         if self.stopped:
             return EXIT_FAILURE
         if not failed:
@@ -204,7 +207,8 @@ def run_batch(
         try:
             summary.stopped = _render(todo, options, fail_fast, events, record, cancel, group, engines)
         except Interrupted as exc:  # finished jobs are kept and found again: a rerun resumes
-            raise Interrupted(exc.signal_name, exc.exit_code, resumable=True) from None
+            summary.stopped = str(Interrupted(exc.signal_name, exc.exit_code, resumable=True))
+            summary.interrupted = exc.exit_code
     if summary.stopped:  # every job of the task gets its line, also those never started
         events(Note("error", summary.stopped))
         reached = {o.index for o in summary.outcomes}

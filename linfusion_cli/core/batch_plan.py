@@ -18,7 +18,7 @@ from ..base.errors import JobFileError, UsageError
 from ..io.images import open_image
 from ..io.output import OutputPaths
 from ..io.writes import check_folder
-from .jobs import read_job_file, resolve_job
+from .jobs import read_job_file, resolve_job, said_together
 from .jobspec import JobSpec
 from .plan_report import offline_gaps, plan_anywhere
 from .prepare import Prepared, RunOptions, pick_seed, plan_for
@@ -44,11 +44,14 @@ def plan_batch(
 ) -> BatchPlan:
     """Every job of the file resolved and checked, and every input image's header read; this shard's jobs (and
     every named job: names are made unique over the whole file) planned and named."""
-    job_file = read_job_file(path)
+    job_file = read_job_file(path, collect=True)
     checked: dict[str, str] = {}  # a job's settings (PER_IMAGE aside) -> what it lacks offline ("" for nothing)
+    failed: dict[str, str] = {}  # a job's settings -> why its checks failed (the same for every such job)
+    problems = dict(job_file.problems)  # job index -> its mistake: all are said at once, in line order
     stems: dict[str, int] = {}
-    plan = BatchPlan([], len(job_file.rows), shard)
+    plan = BatchPlan([], job_file.total, shard)
     for row in job_file.rows:
+        signature = ""
         try:
             job = resolve_job(
                 flags,
@@ -59,6 +62,8 @@ def plan_batch(
             )
             input_size = _input_size(job, options) if job.image else None
             signature = _signature(job, input_size)
+            if signature in failed:
+                raise UsageError(failed[signature])
             if not (shard.holds(row.index) or job.name or signature not in checked):
                 continue  # checked already, as a job of the same settings
             random_seed = job.seed is None and base_seed is None
@@ -66,7 +71,10 @@ def plan_batch(
             prep = plan_for(job, options, seed=seed, index=row.index, input_size=input_size, random_seed=random_seed)
         except UsageError as exc:
             message = str(exc)
-            raise JobFileError(message if message.startswith(row.where) else f"{row.where}: {message}") from None
+            if signature and not message.startswith(row.where):
+                failed[signature] = message
+            problems[row.index] = message if message.startswith(row.where) else f"{row.where}: {message}"
+            continue
         if signature not in checked:
             checked[signature] = "; ".join(offline_gaps(job, prep.family))
         if job.name:  # two jobs asking for one name: later ones get -2, -3... in file order, the same in every shard
@@ -79,6 +87,8 @@ def plan_batch(
             plan.jobs.append(prep)
             if checked[signature]:
                 plan.unavailable[row.index] = f"{row.where}: {checked[signature]}"
+    if problems:
+        raise JobFileError(said_together(problems))
     return plan
 
 
@@ -108,7 +118,6 @@ def batch_dry_run(
         unavailable = plan.unavailable.get(prep.index or 0)
         if unavailable:
             summary["warnings"] = [*summary["warnings"], unavailable]
-            summary["notes"] = [*summary["notes"], unavailable]
         # a seed drawn at random is drawn by the run: no made-up seed or file name here
         known = not prep.random_seed
         output = str(prep.paths.image) if known else None

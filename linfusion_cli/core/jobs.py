@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..base.errors import JobFileError, UsageError
-from ..base.text import quote
+from ..base.text import plural, quote
 from ..io.files import ParseError, load_json, load_yaml, read_regular
 from .image_settings import from_image
 from .jobspec import JobSpec
@@ -57,6 +57,7 @@ def flags_layer(values: Mapping[str, Any]) -> dict[str, Any]:
 
 MAX_FILE_BYTES = 64 << 20
 MAX_JOBS = 1_000_000
+MAX_SAID = 20  # a file's mistakes said at once; past this, how many more
 TOP_LEVEL_KEYS = ("defaults", "jobs")
 FORMATS_BY_SUFFIX = {".txt": "txt", ".yaml": "yaml", ".yml": "yaml", ".jsonl": "jsonl", ".csv": "csv"}
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # Windows' "Unicode" text files
@@ -74,7 +75,9 @@ class JobRow:
 @dataclass(frozen=True)
 class JobFile:
     defaults: dict[str, Any]
-    rows: list[JobRow]
+    rows: list[JobRow]  # the jobs that passed their checks (all of them, unless `problems` says otherwise)
+    problems: dict[int, str] = field(default_factory=dict)  # job index -> what is wrong with it
+    total: int = 0  # jobs in the file, good and bad
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,10 @@ def job_where(file: Path, line: int | str, index: int | None) -> str:
     return f"{file.name} line {line}" + ("" if index is None else f" (job {index})")
 
 
-def read_job_file(path: str | Path) -> JobFile:
-    """Parse and validate a whole prompt file; any problem is a JobFileError naming file, line and field."""
+def read_job_file(path: str | Path, *, collect: bool = False) -> JobFile:
+    """Parse and validate a whole prompt file; any problem is a JobFileError naming file, line and field, every
+    job's mistake at once (in the file's order), so that a file is fixed in one go. `collect`: a job whose fields
+    are wrong is left out of `rows` and said in `problems` instead (batch_plan adds the plan's own checks to them)."""
     file = Path(path)
     kind = FORMATS_BY_SUFFIX.get(file.suffix.lower())
     if kind is None:
@@ -119,11 +124,28 @@ def read_job_file(path: str | Path) -> JobFile:
         raise JobFileError(f"{file}: no jobs in the file (only blank lines or comments): nothing to do")
     if len(raw) > MAX_JOBS:
         raise JobFileError(f"{file}: {len(raw)} jobs; the limit is {MAX_JOBS} per file (split it)")
-    rows = [JobRow(i, job_where(file, r.line, i), _validate(file, r, i)) for i, r in enumerate(raw)]
-    for row in rows:
-        if not str(row.values.get("prompt", defaults.get("prompt", ""))).strip() and not row.values.get("image"):
-            raise JobFileError(f"{row.where}: the prompt is empty")
-    return JobFile(defaults, rows)
+    rows, problems = [], {}
+    for index, row in enumerate(raw):
+        where = job_where(file, row.line, index)
+        try:
+            values = _validate(file, row, index)
+        except JobFileError as exc:
+            problems[index] = str(exc)
+            continue
+        if not str(values.get("prompt", defaults.get("prompt", ""))).strip() and not values.get("image"):
+            problems[index] = f"{where}: the prompt is empty"
+            continue
+        rows.append(JobRow(index, where, values))
+    if problems and not collect:
+        raise JobFileError(said_together(problems))
+    return JobFile(defaults, rows, problems, len(raw))
+
+
+def said_together(problems: dict[int, str]) -> str:
+    """Every job's mistake, one a line, in the file's order (at most MAX_SAID of them, then how many more)."""
+    said = [problems[index] for index in sorted(problems)]
+    more = len(said) - MAX_SAID
+    return "\n".join(said[:MAX_SAID] + ([f"... and {plural(more, 'more job')} with mistakes"] if more > 0 else []))
 
 
 def _validate(file: Path, raw: _Raw | Any, index: int | None, label: str | None = None) -> dict[str, Any]:

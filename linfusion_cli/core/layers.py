@@ -10,10 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..base.errors import UsageError
-from ..base.sizes import is_two_sides, split_size
+from ..base.sizes import is_two_sides, parse_aspect, split_size
 from ..base.text import quote
 from .jobspec import JobSpec
 from .settings import FLAGS, coerce, problem, setting_name, table
+
+ASPECT_AGREEMENT = 0.02  # relative: sides rounded to multiples of 8 (or of 64 in a preset) stay within this
 
 
 def validate_layer(
@@ -54,7 +56,24 @@ def validate_layer(
         converted = coerce(name, value, where=at, from_text=from_text)
         if converted is not None:
             out[name] = converted
+    _aspect_agrees(out, (field_where or {}).get("aspect", where))
     return out
+
+
+def _aspect_agrees(layer: Mapping[str, Any], where: str) -> None:
+    """Both sides given (`--size 4096x2048`, or --width and --height) leave no room for an aspect: one given beside
+    them that says another shape is refused, not silently ignored (a preset's aspect under your WxH is not:
+    yours wins, as everywhere)."""
+    if not {"width", "height", "aspect"} <= layer.keys():
+        return
+    width, height = layer["width"], layer["height"]
+    aw, ah = parse_aspect(layer["aspect"])
+    if abs(width / height - aw / ah) > ASPECT_AGREEMENT * aw / ah:
+        raise problem(
+            where,
+            "aspect",
+            f"{layer['aspect']} is not the shape of {width}x{height}, which gives both sides; leave one of them out",
+        )
 
 
 def merge_layers(layers: list[tuple[str, Mapping[str, Any]]], require_prompt: bool = True) -> JobSpec:

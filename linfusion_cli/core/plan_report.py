@@ -132,7 +132,7 @@ def plan_summary(prep: Prepared, placed: Placement, world: int = 1) -> dict[str,
         **{kind.name: kind.plan_entries(job) for kind in ADAPTER_KINDS},
         "linfusion": job.linfusion,
         "output": None if job.seed is None else str(prep.paths.image),
-        "notes": [*(note.message for note in prep.notes), *warnings],
+        "notes": [note.message for note in prep.notes],  # what to know; what to mind is in warnings, said once
         "warnings": warnings,
     }
 
@@ -156,9 +156,10 @@ def _stage_entry(
     asked = job.vae_tile or vae_tile_for(arch.vae, PRECISION_BYTES[vae_precision], stage.height, stage.width, limit)
     tile = tile_used(asked, stage.height, stage.width)
     return {
-        "index": stage.index,
+        "stage": stage.index + 1,  # counted as the table, the log and the stage files count them
         "kind": stage.kind,
-        "size": stage.size_text,
+        "width": stage.width,
+        "height": stage.height,
         "strength": stage.strength,
         "steps": stage.steps,
         "unet_passes": prep.plan.unet_passes(stage),
@@ -189,9 +190,9 @@ def _bands(latent_rows: int, world: int, multiple: int) -> list[int] | None:
 def _per_rank(width: int, rows: int, bands: list[int] | None, world: int) -> dict[str, Any]:
     if world == 1:
         return {}
-    if bands is None:
-        return {"per_rank": f"{width}x{rows} whole", "bands_px": None}  # too small to split: every process
-    return {"per_rank": f"{width}x{rows}", "bands_px": [b * LATENT_PX for b in bands]}
+    if bands is None:  # too small to split: every process makes it whole
+        return {"per_rank": {"width": width, "height": rows, "whole": True}, "bands_px": None}
+    return {"per_rank": {"width": width, "height": rows, "whole": False}, "bands_px": [b * LATENT_PX for b in bands]}
 
 
 def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list[str]:

@@ -29,12 +29,16 @@ def input_size(job: JobSpec, max_pixels: int) -> tuple[int, int] | None:
 
 
 def ensure_writable_target(prep: Prepared, overwrite: bool) -> None:
-    """The job's output name is free for it (or --overwrite), and nothing in the way (a folder, a link)."""
+    """The job's output name is free for it, or holds this very job's finished image (the run skips it, as a
+    batch does), or --overwrite; and nothing is in the way (a folder, a link)."""
     problem = prep.paths.problem()
     if problem:
         raise OutputError(problem)
-    if prep.paths.image.exists() and not overwrite:  # before any model loads: bad input, exit 2
-        raise OutputFolderError(f"{prep.paths.image} already exists; pass --overwrite to replace it")
+    if prep.paths.image.exists() and not overwrite and not prep.paths.complete(prep.key):  # bad input, exit 2
+        raise OutputFolderError(
+            f"{prep.paths.image} already exists, and is not a finished image of these settings (its sidecar is "
+            "missing or says otherwise); pass --overwrite to replace it"
+        )
 
 
 def preflight(

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ..engine.memory_plan import MemoryPlanner
 
 DEVICE_TYPES = ("cuda", "cpu", "mps")
+DEVICE_WORDS = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "metal": "mps", "apple": "mps"}  # what people type
 SEED_LIMIT = 2**32 - 1  # seeds we pick ourselves stay in the range every tool accepts
 ASSUMED_NATIVE = 512  # plans before a model's config is known assume SD-1.x (replanned once it loads)
 ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone never stretches this much
@@ -67,7 +68,8 @@ class RunOptions:
             hint = did_you_mean(self.dtype, (AUTO, *PRECISIONS))
             raise UsageError(f"--dtype {self.dtype!r}: must be auto, {', '.join(PRECISIONS)}{hint}")
         if self.device != AUTO and self.device.split(":")[0] not in DEVICE_TYPES:
-            hint = did_you_mean(self.device, (AUTO, *DEVICE_TYPES))
+            meant = DEVICE_WORDS.get(self.device.split(":")[0])
+            hint = f" (did you mean {meant}?)" if meant else did_you_mean(self.device, (AUTO, *DEVICE_TYPES))
             raise UsageError(f"--device {self.device!r}: must be auto, cpu, mps, cuda or cuda:N{hint}")
 
 

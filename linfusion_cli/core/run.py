@@ -114,6 +114,22 @@ def build_metadata(prep: Prepared, engine: Engine, result: PlanOutput) -> dict[s
     }
 
 
+def _save_stage(prep: Prepared, stage: StagePlan, pixels: np.ndarray, meta: dict[str, Any]) -> str:
+    """A stage's image (`--save-stages`), numbered as the log and the tables number stages (`X.stage1.png` is
+    "stage 1/3"); its metadata says its own size and which stage it is, the job's settings beside them."""
+    number = stage.index + 1
+    path = prep.paths.image.with_name(f"{prep.paths.image.stem}.stage{number}{prep.paths.image.suffix}")
+    own = {
+        **meta,
+        "width": stage.width,
+        "height": stage.height,
+        "stage": {"number": number, "of": len(prep.plan.stages)},
+    }
+    with atomic_file(path) as handle:
+        encode_image(pixels, prep.job.format, a1111_parameters(own), json.dumps(own, sort_keys=True), handle=handle)
+    return path.name
+
+
 def save_outputs(
     prep: Prepared,
     image: np.ndarray,
@@ -128,10 +144,7 @@ def save_outputs(
         encode_image(image, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
     stage_files = []
     for stage, pixels in stage_images or []:
-        stage_path = paths.image.with_name(f"{paths.image.stem}.stage{stage.index}{paths.image.suffix}")
-        with atomic_file(stage_path) as handle:
-            encode_image(pixels, prep.job.format, parameters, json.dumps(meta, sort_keys=True), handle=handle)
-        stage_files.append(stage_path.name)
+        stage_files.append(_save_stage(prep, stage, pixels, meta))
     sidecar = dict(meta)
     sidecar["seconds"] = {**meta.get("seconds", {}), "write": round(time.perf_counter() - start, 3)}
     sidecar["file"] = {"name": paths.image.name, "bytes": paths.image.stat().st_size, "format": prep.job.format}
@@ -208,11 +221,13 @@ def run_job(
         events(note)
     if save:
         _claim_target(prep, options, group)
+        if group.agree(int(not options.overwrite and prep.paths.complete(prep.key)), "skip"):
+            return made_before(prep, events)
     events(
         Note(
             "info",
             f"seed {seed}; {plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
-            f" on {device} ({str(dtype).replace('torch.', '')})"
+            f" with {job.scheduler} on {device} ({str(dtype).replace('torch.', '')})"
             + (f", split over {plural(world, 'process', 'processes')}" if world > 1 else ""),
         )
     )
@@ -233,6 +248,15 @@ def run_job(
     if save:
         return Result([write()], [image], [None])
     return Result([meta], [image], [write])
+
+
+def made_before(prep: Prepared, events: EventSink) -> Result:
+    """The job's image exists, finished, with these settings and seed: nothing to make, as a batch skips it. The
+    report is its sidecar's, marked `skipped`."""
+    events(Note("info", f"{prep.paths.image} exists, made before with these settings: skipped (--overwrite redoes it)"))
+    sidecar = prep.paths.sidecar_data() or {}
+    paths = {"path": str(prep.paths.image), "sidecar": str(prep.paths.found_sidecar() or prep.paths.sidecar)}
+    return Result([{**sidecar, **paths, "skipped": True}], [], [None])
 
 
 def _claim_target(prep: Prepared, options: RunOptions, group: Comm) -> None:

@@ -63,6 +63,15 @@ def _prompt_ok(text: str) -> str | None:
     return None
 
 
+def _name_ok(text: str) -> str | None:
+    """A file name, not a path: `--name ../x` must not quietly become `x.png` in --out (nor leave it)."""
+    if any(sep in text for sep in ("/", "\\")) or text.strip() in (".", ".."):
+        return "is a file name without a folder (/ or \\); the folder is --out"
+    if text.startswith("."):
+        return "must not start with a dot (a hidden file)"
+    return None
+
+
 def _aspect_ok(text: str) -> str | None:
     try:
         parse_aspect(text)
@@ -227,6 +236,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "Output file name without extension \\[default: prompt slug, seed, size and a hash of the other settings].",
         OUTPUT_PANEL,
         ONE_IMAGE,
+        check=_name_ok,
         in_key=False,
         in_presets=False,
     ),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..base.errors import ModelLoadError, UnknownArchitectureError
+from ..base.errors import ModelLoadError, UnknownArchitectureError, UnusableModelError
 from .archs import ARCHS
 from .hub import IN_MEMORY, model_source
 
@@ -278,8 +278,8 @@ def peek_family(model: str) -> tuple[Family | None, str | None]:
             return None, f"'{path.name}' is a pickle checkpoint: its family is known once it is loaded"
         try:
             return single_file_family(safetensors_shapes(path), path.name), None
-        except UnknownArchitectureError as exc:
-            return None, str(exc)
+        except (UnknownArchitectureError, ModelLoadError) as exc:  # refused now, not once loading starts
+            raise UnusableModelError(str(exc)) from None
     else:  # a hub id
         from huggingface_hub import try_to_load_from_cache
 

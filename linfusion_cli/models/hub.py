@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..base.errors import ModelLoadError, ModelNotFoundError
+from ..base.registry import did_you_mean
 from .archs import BUILTIN_MODELS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -48,8 +49,9 @@ def model_source(model: str) -> ModelSource:
         return "file"
     if looks_like_hub_id(model):
         return "hub"
+    hint = did_you_mean(model, BUILTIN_MODELS)
     raise ModelNotFoundError(
-        f"model '{model}' does not exist: give an existing diffusers folder or .safetensors file, a hub id "
+        f"model '{model}' does not exist{hint}: give an existing diffusers folder or .safetensors file, a hub id "
         f"(owner/name), or {' / '.join(BUILTIN_MODELS)}"
     )
 

@@ -1,0 +1,113 @@
+"""Output that fits (second round of edges): tables and help at any width, piped or not; 141 on a closed pipe for
+every command; the small answers a person expects (did-you-means, refusals instead of silent changes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from linfusion_cli.cli.commands import app
+
+
+def test_tables_fit_columns_piped_breaking_between_fields_only(runner) -> None:
+    """`plan` to a pipe (CliRunner's stdout is one) follows COLUMNS, and a row too wide becomes lines that break
+    between fields, never inside one: every size and number stays whole."""
+    wide = runner.invoke(app, ["plan", "--size", "16k", "--world-size", "4"], env={"COLUMNS": "200"})
+    narrow = runner.invoke(app, ["plan", "--size", "16k", "--world-size", "4"], env={"COLUMNS": "60"})
+    assert wide.exit_code == narrow.exit_code == 0
+    assert max(len(line.rstrip()) for line in narrow.stdout.splitlines()) <= 60
+    assert "| 6     | refine | 16384x16384 | 16384x4096" in wide.stdout  # a table where it fits
+    flat = " ".join(narrow.stdout.split())
+    for field in ("size 16384x16384", "per process 16384x4096", "est. peak GiB 20.80", "VAE tiles of 320 px"):
+        assert field in flat, field
+    assert "stage 6: kind refine" in narrow.stdout and "sampler ddim, guidance 7.5" in narrow.stdout
+
+
+def test_help_fits_60_columns(runner) -> None:
+    root = runner.invoke(app, ["--help"], env={"COLUMNS": "60"}).stdout
+    listed = re.findall(r"^│ (\w+) ", root, re.M)
+    assert listed[:4] == ["generate", "upscale", "batch", "replay"] and listed[-1] == "distill"
+    distill = runner.invoke(app, ["distill", "--help"], env={"COLUMNS": "60"}).stdout
+    assert "--gradient-checkpointing" in distill and "…" not in distill
+    examples = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "60"}).stdout.split("Examples")[1]
+    assert re.search(r'linfusion generate "a lighthouse at dusk" --size 16k \\ *\n +--aspect 2:1', examples)
+    assert max(len(line.rstrip()) for line in examples.splitlines()) <= 60
+
+
+def test_every_command_ends_141_on_a_closed_pipe(tmp_path: Path) -> None:
+    """`--help | head -1` and `--version | head -1`: the reader gone, exit 141 as other commands end, not 1."""
+    for args in (["--help"], ["--version"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # no one reads: the first write breaks the pipe
+        done = subprocess.run(
+            [sys.executable, "-m", "linfusion_cli", *args], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+        os.close(writer)
+        assert done.returncode == 141 and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--model", "tiyn"], "model 'tiyn' does not exist (did you mean tiny?)"),
+        (["--device", "gpu"], "(did you mean cuda?)"),
+        (["--name", "../evil"], "--name: is a file name without a folder"),
+        (["--size", "4096x2048", "--aspect", "16:9"], "--aspect: 16:9 is not the shape of 4096x2048"),
+    ],
+)
+def test_what_a_person_means_or_a_refusal_not_a_silent_change(runner, args: list[str], said: str) -> None:
+    result = runner.invoke(app, ["generate", "x", *args, "--dry-run"])
+    assert result.exit_code == 2 and said in result.stderr, result.stderr
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_by_a_dry_run(runner, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_x.alpha": np.zeros(1, np.float32)}, tmp_path / "style.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name, said in [("style", "is not a Stable Diffusion single-file checkpoint"), ("junk", "not a readable")]:
+        result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / f"{name}.safetensors"), "--dry-run"])
+        assert result.exit_code == 2 and said in result.stderr, result.stderr
+
+
+def test_a_prompt_file_says_every_mistake_in_line_order(runner, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "- prompt: a\n  size: 4096x2048\n  format: webp\n  steps: 30\n"  # fine
+        "- prompt: b\n  size: 20000\n  format: webp\n"  # line 6 (job 1): webp cannot hold 20000 px (a plan check)
+        "- prompt: c\n  steps: 0\n"  # line 9 (job 2): a field check
+        "- prompt: ''\n"  # line 10 (job 3)
+    )
+    result = runner.invoke(app, ["batch", str(jobs), "--dry-run"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert [re.search(r"\(job (\d)\)", line).group(1) for line in lines] == ["1", "2", "3"], lines  # type: ignore[union-attr]
+    assert all(line.startswith("error: jobs.yaml line ") for line in lines)
+
+
+def test_one_job_planned_and_info_of_several_images(runner, tmp_path: Path) -> None:
+    jobs = tmp_path / "one.txt"
+    jobs.write_text("a fox\n")
+    planned = runner.invoke(app, ["batch", str(jobs), "--dry-run", "--model", "tiny"])
+    assert "1 job planned; nothing loaded" in planned.stdout
+    names = []
+    for name in ("a", "b"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", f"{name} fox\nSteps: 4, Seed: 1")
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png", pnginfo=info)
+        names.append(str(tmp_path / f"{name}.png"))
+    shown = runner.invoke(app, ["info", *names, "--json"])
+    assert shown.exit_code == 0 and [json.loads(line)["parameters"][:5] for line in shown.stdout.splitlines()] == [
+        "a fox",
+        "b fox",
+    ]
+    missing = runner.invoke(app, ["info", names[0], str(tmp_path / "gone.png")])
+    assert missing.exit_code == 2 and "a fox" in missing.stdout and "gone.png" in missing.stderr
