@@ -185,6 +185,8 @@ def test_malicious_pickle_never_runs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["../../escape", "/etc/passwd", "a/b\\c", "con\x00trol\n", "..", "." * 300])
 def test_hostile_names_stay_in_the_output_folder(runner, tmp_path: Path, name: str) -> None:
+    """A name with a folder in it (or a hidden file's leading dot) is refused, naming the job, rather than quietly
+    becoming another name; anything else becomes a safe file name, inside --out."""
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"prompt": "x", "name": name}) + "\n")
     out = tmp_path / "out"
@@ -193,6 +195,10 @@ def test_hostile_names_stay_in_the_output_folder(runner, tmp_path: Path, name: s
         ["batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--out", str(out), "--json"],
         catch_exceptions=False,
     )
+    if "/" in name or "\\" in name or name.startswith("."):
+        assert result.exit_code == 2 and "jobs.jsonl line 1 (job 0): field 'name'" in result.stderr
+        assert not any(p.is_file() for p in tmp_path.rglob("*") if p != jobs)
+        return
     assert result.exit_code == 0, result.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path]
     assert written and all(p.parent == out for p in written)

@@ -224,8 +224,9 @@ def test_what_is_not_cached_is_named_before_loading(
     monkeypatch.setattr("linfusion_cli.models.loading.load_components", lambda *a, **k: loaded.append(a))
     model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     plan = json.loads(runner.invoke(app, ["plan", "--model", model, "--json"]).stdout)
-    assert any(f"`hf download {model}`" in n for n in plan["notes"])
-    assert any("`hf download Yuanshi/LinFusion-1-5`" in n for n in plan["notes"])
+    assert any(f"`hf download {model}`" in n for n in plan["warnings"])  # what to mind: a warning, said once
+    assert any("`hf download Yuanshi/LinFusion-1-5`" in n for n in plan["warnings"])
+    assert not any("hf download" in n for n in plan["notes"])
     result = runner.invoke(app, ["generate", "a fox", "--model", model, "--out", str(tmp_path)])
     assert result.exit_code == 1 and loaded == []
     assert "HF_HUB_OFFLINE is set" in result.stderr and "Traceback" not in result.stderr

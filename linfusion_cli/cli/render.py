@@ -155,8 +155,8 @@ def _render_simulation(summary: dict[str, Any], out: Console) -> None:
     for s in summary["stages"]:
         sim = s["simulated"]
         row = [
-            str(s["index"] + 1),
-            s["size"],
+            str(s["stage"]),
+            f"{s['width']}x{s['height']}",
             sim["memory"],
             f"{s['estimated_peak_gib']:.2f}",
             f"{sim['peak_gib']:.2f}",

@@ -77,7 +77,7 @@ def card_budget(gpu: str) -> float | None:
 
 def _stage(entry: dict[str, Any], runs: list[JobSimulation], chosen: Card | None) -> dict[str, Any]:
     """One stage's simulation: the highest process's, with every simulated process's peak when split."""
-    stages = [next(s for s in run.stages if s.index == entry["index"]) for run in runs]
+    stages = [next(s for s in run.stages if s.index + 1 == entry["stage"]) for run in runs]
     top = max(stages, key=lambda s: s.peak)
     out = top.as_dict(chosen)
     out["estimate_over_simulated"] = round(entry["estimated_peak_gib"] / max(out["peak_gib"], 1e-9), 3)
