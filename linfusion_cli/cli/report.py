@@ -7,6 +7,8 @@ sees it: `[fast]` or a prompt with brackets would otherwise be read as markup an
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -166,8 +168,15 @@ class Reporter:
             self._stage_finished(event)
 
     def stopping(self, signal_name: str) -> None:
-        """The first Ctrl-C (or SIGTERM): said at once, though the next safe point may be seconds away."""
-        self.note(f"{signal_name}: stopping at the next safe point (once more: stop at once)", "warning")
+        """The first Ctrl-C (or SIGTERM): said at once, though the next safe point may be seconds away. From a
+        signal handler: in a log, straight to stderr's file descriptor (the console's print may be the very call
+        the signal interrupted, and its buffer would lose the line)."""
+        text = f"{signal_name}: stopping at the next safe point (once more: stop at once)"
+        if self.mode == "rich":
+            self.note(text, "warning")
+        elif self.mode == "plain":
+            with contextlib.suppress(OSError):
+                os.write(2, f"{time.strftime(PLAIN_TIME)} warning: {text}\n".encode())
 
     def note(self, message: str, level: str = "info") -> None:
         """A line of news; errors (a batch stopped on a full disk) also with --quiet."""
