@@ -152,7 +152,7 @@ def test_out_of_memory_twice_is_a_clear_error(runner, tmp_path: Path) -> None:
         catch_exceptions=False,
     )
     assert result.exit_code == 1
-    assert "ran out of device memory even with the most frugal settings" in result.stderr
+    assert "ran out of device memory again after a retry with more frugal settings" in result.stderr
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 

@@ -135,16 +135,21 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
 @pytest.mark.slow
 def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: Processes, tmp_path: Path) -> None:
     """`--gpus 2 --device cpu` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
-    first writes it and alone prints its JSON line; a rerun skips them."""
+    first writes it and alone prints its JSON line; a rerun skips them. The second process runs out of memory in
+    every job's base stage (the test hook): both step down the memory ladder together and run it again."""
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("a fox\na cat\n")
     args = ["batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "7", "--json"]
     args += ["--out", str(tmp_path / "out"), "--gpus", "2", "--device", "cpu"]  # CPU processes: asked for
-    first = processes.run(*args, timeout=240)
+    first = processes.run(*args, timeout=240, env=processes.env(LINFUSION_INJECT_OOM="0@1"))
     assert first.returncode == 0, first.stderr[-2000:]
     lines = [json.loads(line) for line in first.stdout.splitlines()]
     assert [(r["index"], r["status"]) for r in lines] == [(0, "done"), (1, "done")]
     sidecar = json.loads(Path(lines[0]["sidecar"]).read_text())
     assert sidecar["parallel"]["world_size"] == 2
+    for line in lines:
+        (stage,) = json.loads(Path(line["sidecar"]).read_text())["stages"]  # 128 px: the base stage alone
+        assert stage["retried"].startswith("process 1: out of memory with fast")
+        assert stage["memory_settings"]["name"] == "chunked"
     again = processes.run(*args, timeout=240)
     assert [json.loads(line)["status"] for line in again.stdout.splitlines()] == ["skipped", "skipped"]

@@ -202,11 +202,14 @@ def module_bytes(*modules: nn.Module) -> int:
 
 INJECT_OOM_ENV = "LINFUSION_INJECT_OOM"
 """Test hook: comma-separated stage indices (0-based) whose first attempt fails with an out-of-memory error;
-a trailing '!' makes every attempt of that stage fail."""
+a trailing '!' makes every attempt of that stage fail; `@R` (`1@1`, `1!@0`) only in the process of RANK R of a
+split image."""
 
 
 def maybe_inject_oom(stage_index: int, first_attempt: bool) -> None:
-    wanted = {s.strip() for s in os.environ.get(INJECT_OOM_ENV, "").split(",") if s.strip()}
+    rank = os.environ.get("RANK", "0")
+    entries = [entry.strip().partition("@") for entry in os.environ.get(INJECT_OOM_ENV, "").split(",")]
+    wanted = {stage for stage, _, only in entries if stage and (not only or only == rank)}
     always = f"{stage_index}!" in wanted
     if always or (first_attempt and (str(stage_index) in wanted or "all" in wanted)):
         raise torch.OutOfMemoryError(f"injected out-of-memory in stage {stage_index} ({INJECT_OOM_ENV})")

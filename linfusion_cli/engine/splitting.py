@@ -31,7 +31,7 @@ from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
 from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
-from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, split_image
+from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, regroup, split_image
 from .parallel.comm import GATHER_ROOT
 from .vae import LATENT_SCALE
 from .vae_tiles import WindowShare
@@ -150,6 +150,27 @@ class ImageSplit:
 
     def _agree(self, value: int, pick: Callable[[list[int]], int]) -> int:
         return pick(self.agree_all(value))
+
+    # --- one process out of memory: all step down together (parallel/regroup.py) -----------------------------
+    def give_up_stage(self, why: str) -> bool:
+        """This process cannot finish the stage: tell the others and leave the group. False where there is no group
+        that can be rebuilt (one process; a group the caller made): the failure then ends the job as before."""
+        if self.group is None or not regroup.can_regroup(self.group):
+            return False
+        regroup.give_up_stage(self.group, why)
+        return True
+
+    def stepping_down(self) -> str | None:
+        """Why an exchange failed, when it is another process giving up the stage (None: a real failure)."""
+        return None if self.group is None else regroup.stepping_down(self.group)
+
+    def regroup(self) -> None:
+        """Every process, after a step-down: a fresh group, to run the stage again."""
+        if self.group is not None:
+            regroup.regroup(self.group)
+
+    def watched(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.group is None else regroup.watched(self.group)
 
     def check_cancel(self, cancel: CancelToken) -> None:
         """Stop at a safe point: with a group, all processes stop at the same one when any was asked to."""

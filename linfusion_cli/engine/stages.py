@@ -24,6 +24,7 @@ from . import memory
 from .memory import vae_budget
 from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
+from .parallel import ParallelError
 from .refine import JobRefiner, RefineStage, StageGuide, refine_ratio
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
@@ -118,9 +119,9 @@ def run_stage(
     """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
     with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage.
 
-    A split image plans each process for its band, all processes take the most frugal settings any of them
-    needs (they must run the same exchanges), and an out-of-memory error is not retried: it ends the job (the
-    other processes stop when this one does)."""
+    A split image plans each process for its band and all processes take the most frugal settings any of them
+    needs (they must run the same exchanges); one process out of memory makes all of them step down together
+    and run the stage again (the group rebuilt: parallel/regroup.py), as one process does alone."""
     split = run.split
     split.begin_stage(stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
     split.check_cancel(run.cancel)
@@ -140,22 +141,30 @@ def run_stage(
                 settings.as_dict(),
             )
         )
+        last = retried is not None or level + 1 >= len(ladder)
         try:
-            with Meter(run.engine.device) as meter:
+            with Meter(run.engine.device) as meter, split.watched():
                 memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
                 image, out, vae_tile = _run_stage(run, stage, image, settings)
             break
         except torch.OutOfMemoryError as exc:
             free_cached(run.engine.device)
-            if retried is not None or level + 1 >= len(ladder) or split.grouped:
-                raise OutOfMemoryError(
-                    f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory even with the "
-                    f"most frugal settings ({settings.describe()}); try --low-vram, a smaller --size, or "
-                    "a GPU with more memory"
-                ) from exc
-            level += 1
-            retried = f"out of memory with {settings.describe()}; retried with {ladder[level].describe()}"
-            run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
+            alone = split.grouped and not split.give_up_stage("out of memory")
+            if last or alone:
+                raise _out_of_memory(stage, settings, "", level + 1 >= len(ladder)) from exc
+            cause = "out of memory"
+        except ParallelError as exc:
+            why = split.stepping_down()
+            if why is None:  # a process died or stalled: the job ends, as it always has
+                raise
+            free_cached(run.engine.device)
+            if last:
+                raise _out_of_memory(stage, settings, f" ({why})", level + 1 >= len(ladder)) from exc
+            cause = why
+        split.regroup()  # a split image: every process here, in a fresh group, to run the stage again
+        level += 1
+        retried = f"{cause} with {settings.describe()}; retried with {ladder[level].describe()}"
+        run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
     usage = meter.usage.as_dict()
     if split.grouped:  # every process's peak, in rank order
         usage["peak_vram_allocated_gib_per_rank"] = split.gather_peaks(usage["peak_vram_allocated_gib"])
@@ -172,6 +181,15 @@ def run_stage(
         retried,
     )
     return image, out, record
+
+
+def _out_of_memory(stage: StagePlan, settings: MemorySettings, who: str, frugal: bool) -> OutOfMemoryError:
+    """The stage's failure for good: with the most frugal settings, or again after its one retry."""
+    how = "even with the most frugal settings" if frugal else "again after a retry with more frugal settings"
+    return OutOfMemoryError(
+        f"stage {stage.index + 1} ({stage.size_text}) ran out of device memory{who} {how} ({settings.describe()}); "
+        "try --low-vram, a smaller --size, or a GPU with more memory"
+    )
 
 
 def _stage_extras(run: JobRun, stage: StagePlan, control: torch.Tensor | None) -> tuple[UNetExtra, ...]:

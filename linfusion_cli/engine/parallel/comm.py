@@ -28,6 +28,7 @@ from ...base.errors import DEFAULT_TIMEOUT_S, LinFusionError, UsageError
 from ..bands import Bands
 
 GATHER_ROOT = 0
+STORE_PREFIX = "linfusion"  # the keys of our groups and step-downs in the rendezvous store (regroup.py)
 
 
 class ParallelError(LinFusionError):
@@ -72,6 +73,7 @@ class Comm:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         bands: Bands | None = None,
         precise_timing: bool = False,
+        store: td.Store | None = None,
     ) -> None:
         self.rank = rank
         self.world = world
@@ -81,6 +83,8 @@ class Comm:
         self.bands = bands
         self.precise_timing = precise_timing
         self.stats = CommStats()
+        self.store = store  # the rendezvous store, kept to rebuild the group after a step-down (regroup.py)
+        self.generation = 0  # how many times the group was rebuilt
 
     def geometry(self) -> Bands:
         if self.bands is None:
@@ -275,21 +279,24 @@ def joined(
             os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
         torch.cuda.set_device(device)
     owned = not td.is_initialized()
+    store: td.Store | None = None
     try:
-        if owned:
+        if owned:  # env:// as init_process_group reads it, the store kept: a step-down rebuilds the group on it
+            timeout = timedelta(seconds=timeout_s)
+            store, _, _ = next(td.rendezvous("env://", launch.rank, launch.world, timeout=timeout))
             td.init_process_group(
                 backend,
-                init_method="env://",
+                store=td.PrefixStore(f"{STORE_PREFIX}/0", store),
                 rank=launch.rank,
                 world_size=launch.world,
-                timeout=timedelta(seconds=timeout_s),
+                timeout=timeout,
                 device_id=device if backend == "nccl" else None,
             )
     except (RuntimeError, ValueError) as exc:
         raise ParallelError(
             f"process {launch.rank} of {launch.world} could not join the group ({_first_line(exc)})"
         ) from exc
-    comm = Comm(launch.rank, launch.world, backend, device, timeout_s, precise_timing=precise_timing)
+    comm = Comm(launch.rank, launch.world, backend, device, timeout_s, precise_timing=precise_timing, store=store)
     try:
         comm.barrier()  # NCCL: the first operation must involve everyone before point-to-point messages
         comm.stats = CommStats()
