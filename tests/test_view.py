@@ -135,7 +135,7 @@ def test_pages_show_the_sidecar_and_mark_what_is_wrong(site: Path, renders: Path
     assert "seed 5 · 128x128 · 2 steps · cfg 7.5 · ddim · sdedit · tiny" in sheet
     names = [name.replace("<wbr>", "") for name in re.findall(r'<span class="file">(.*?)</span>', sheet)]
     assert names[0] == "flag.png"  # newest first: its sidecar says 2030
-    assert re.search(r'<span class="file">00000_<wbr>a-<wbr>red-<wbr>fox_<wbr>5_<wbr>128x128_<wbr>\w+\.<wbr>png', sheet)
+    assert re.search(r'<span class="file">00000_<wbr>a-<wbr>red-<wbr>fox_<wbr>5_<wbr>128x128_<wbr>\w+\.png', sheet)
     assert '<span class="badge">settings from the image</span>' in sheet
 
 

@@ -65,8 +65,8 @@ def megapixels(width: int, height: int) -> str:
 
 
 def file_name(name: str) -> str:
-    """A file name as HTML that wraps after its `_`, `-` and `.` (a batch's long names), never inside a word."""
-    return "".join(esc(char) + ("<wbr>" if char in "_-." else "") for char in name)
+    """A file name as HTML that wraps after its `/`, `_` and `-` (a batch's long names), never inside a word."""
+    return "".join(esc(char) + ("<wbr>" if char in "/_-" else "") for char in name)
 
 
 def script_json(data: Any) -> str:
