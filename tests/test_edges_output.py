@@ -93,6 +93,28 @@ def test_a_prompt_file_says_every_mistake_in_line_order(runner, tmp_path: Path) 
     assert all(line.startswith("error: jobs.yaml line ") for line in lines)
 
 
+def test_each_job_is_charged_with_its_own_mistakes_only(runner, tmp_path: Path) -> None:
+    """A LoRA tag not found is its job's mistake, not that of the jobs of the same settings after it; a JSONL line
+    that does not parse is one mistake among the others, not the end of the checks."""
+    tags = tmp_path / "tags.txt"
+    tags.write_text("a fox\nb <lora:nope:1>\nc plain\nd <lora:gone>\n")
+    said = runner.invoke(app, ["batch", str(tags), "--dry-run", "--model", "tiny"]).stderr.strip().splitlines()
+    assert [line.split(": no LoRA named ")[0] for line in said] == [
+        "error: tags.txt line 2 (job 1)",
+        "error: tags.txt line 4 (job 3)",
+    ], said
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"prompt": "a", "steps": 0}\n[1]\nnot json\n{"prompt": "d", "stepz": 3}\n')
+    result = runner.invoke(app, ["batch", str(lines), "--dry-run", "--model", "tiny"])
+    said = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and [line.split(":")[1] for line in said] == [
+        " jobs.jsonl line 1 (job 0)",
+        " jobs.jsonl line 2 (job 1)",
+        " jobs.jsonl line 3 (job 2)",
+        " jobs.jsonl line 4 (job 3)",
+    ], said
+
+
 def test_one_job_planned_and_info_of_several_images(runner, tmp_path: Path) -> None:
     jobs = tmp_path / "one.txt"
     jobs.write_text("a fox\n")

@@ -3,9 +3,10 @@ planned and named, and (`--dry-run`) each of them as `plan` shows one.
 
 Every task of an array checks every job, so a mistake anywhere stops every task before it starts, not one task in
 the night. The checks a plan makes that can fail (sizes and formats, stage strengths, adapters' files and
-families, weights available offline) depend on a job's settings and input image, not on its prompt, negative
-prompt, seed or name, so they run once per distinct set of settings: a 50,000-line file under a 1,000-task array
-is checked in seconds, and each task plans and names its own 50 in full.
+families, weights available offline) depend on a job's settings, input image and the extra-network tags of its
+prompt (`<lora:NAME:W>`), not on the rest of its prompt, its negative prompt, seed or name, so they run once per
+distinct set of these: a 50,000-line file under a 1,000-task array is checked in seconds, and each task plans and
+names its own 50 in full.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .jobspec import JobSpec
 from .plan_report import offline_gaps, plan_anywhere
 from .prepare import Prepared, RunOptions, pick_seed, plan_for
 from .shards import WHOLE_FILE, Shard
+from .tags import EXTRA_NETWORK
 
 PER_IMAGE = ("prompt", "negative", "seed", "name")  # what one job's checks never depend on
 EVERY_JOB = Shard(0, 1, "every job, split over the group's processes")  # --split-image: all make each job
@@ -94,9 +96,10 @@ def plan_batch(
 
 def _signature(job: JobSpec, input_size: tuple[int, int] | None) -> str:
     """What a job's checks depend on: its settings but the per-image ones, which layers set them (an upscale keeps
-    its input's aspect unless one did), and its input image's size."""
+    its input's aspect unless one did), its input image's size, and the adapters its prompt's tags name (a LoRA tag
+    not found is that job's mistake, not its neighbours')."""
     settings = [(k, v) for k, v in job.settings().items() if k not in PER_IMAGE]  # in the table's order
-    return repr([settings, sorted(job.sources), input_size])
+    return repr([settings, sorted(job.sources), input_size, EXTRA_NETWORK.findall(job.prompt)])
 
 
 def _input_size(job: JobSpec, options: RunOptions) -> tuple[int, int]:

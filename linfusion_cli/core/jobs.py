@@ -89,6 +89,7 @@ class _Raw:
     values: Any
     field_lines: dict[str, int]
     from_text: bool
+    problem: str = ""  # a line that is no job at all (JSONL that does not parse): said with the others' mistakes
 
 
 def job_where(file: Path, line: int | str, index: int | None) -> str:
@@ -127,6 +128,9 @@ def read_job_file(path: str | Path, *, collect: bool = False) -> JobFile:
     rows, problems = [], {}
     for index, row in enumerate(raw):
         where = job_where(file, row.line, index)
+        if row.problem:
+            problems[index] = row.problem
+            continue
         try:
             values = _validate(file, row, index)
         except JobFileError as exc:
@@ -192,10 +196,12 @@ def _jsonl_rows(file: Path, text: str) -> list[_Raw]:
         try:
             value = load_json(line)
         except ParseError as exc:
-            raise JobFileError(f"{where}: {exc}") from None
-        if not isinstance(value, dict):
-            raise JobFileError(f'{where}: each line must be a JSON object like {{"prompt": "..."}}')
-        rows.append(_Raw(n, value, {}, False))
+            rows.append(_Raw(n, {}, {}, False, problem=f"{where}: {exc}"))
+            continue
+        problem = (
+            "" if isinstance(value, dict) else f'{where}: each line must be a JSON object like {{"prompt": "..."}}'
+        )
+        rows.append(_Raw(n, value, {}, False, problem=problem))
     return rows
 
 
@@ -220,7 +226,10 @@ def _csv_records(file: Path, reader: csv.DictReader[str]) -> list[_Raw]:
         # the line the record starts on, as an editor counts (a quoted cell may hold line breaks)
         line = reader.line_num - sum(str(v).count("\n") for v in record.values() if isinstance(v, str))
         if None in record:
-            raise JobFileError(f"{job_where(file, line, len(rows))}: more cells than header fields")
+            rows.append(
+                _Raw(line, {}, {}, True, problem=f"{job_where(file, line, len(rows))}: more cells than header fields")
+            )
+            continue
         values = {key.strip(): value for key, value in record.items() if value is not None and value.strip() != ""}
         if values:
             rows.append(_Raw(line, values, {}, True))
