@@ -30,6 +30,30 @@ def test_tables_fit_columns_piped_breaking_between_fields_only(runner) -> None:
     assert "stage 6: kind refine" in narrow.stdout and "sampler ddim, guidance 7.5" in narrow.stdout
 
 
+@pytest.mark.parametrize("width", [60, 100])
+def test_presets_list_wraps_descriptions_and_lines_keep_long_fields_whole(runner, tmp_path: Path, width: int) -> None:
+    """A description is prose: wrapped between words in its column, never cut; a field longer than a line (an
+    output path) is left whole on its line, its file name at the end."""
+    from linfusion_cli.core.presets import scan_presets
+
+    listed = runner.invoke(app, ["presets", "list"], env={"COLUMNS": str(width)}).stdout
+    assert max(len(line.rstrip()) for line in listed.splitlines()) <= width
+    words = " ".join(line.split("|")[-2] for line in listed.splitlines() if line.startswith("| "))
+    names = re.findall(r"^\| ([a-z0-9-]+) ", listed, re.M)
+    presets = sorted(scan_presets()[0], key=lambda preset: preset.name)
+    assert names[1:] == [preset.name for preset in presets]  # by name, after the header
+    for preset in presets:
+        assert " ".join(preset.description.split()) in " ".join(words.split()), preset.name
+    out = tmp_path / ("a-long-folder-name" * 4) / "renders"
+    jobs = tmp_path / "one.txt"
+    jobs.write_text("a red fox\n")
+    planned = runner.invoke(
+        app, ["batch", str(jobs), "--dry-run", "--model", "tiny", "--seed", "1", "--out", str(out)],
+        env={"COLUMNS": str(width)},
+    )  # fmt: skip
+    assert re.search(rf"^  output {re.escape(str(out))}/00000_a-red-fox_1_2048x2048_\w+\.png$", planned.stdout, re.M)
+
+
 def test_help_fits_60_columns(runner) -> None:
     root = runner.invoke(app, ["--help"], env={"COLUMNS": "60"}).stdout
     listed = re.findall(r"^│ (\w+) ", root, re.M)
@@ -39,6 +63,20 @@ def test_help_fits_60_columns(runner) -> None:
     examples = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "60"}).stdout.split("Examples")[1]
     assert re.search(r'linfusion generate "a lighthouse at dusk" --size 16k \\ *\n +--aspect 2:1', examples)
     assert max(len(line.rstrip()) for line in examples.splitlines()) <= 60
+
+
+@pytest.mark.parametrize("command", [["bench"], ["view"], ["distill"], ["batch"]])
+@pytest.mark.parametrize("width", ["60", "80"])
+def test_examples_paste_into_a_shell_at_any_width(runner, command: list[str], width: str) -> None:
+    """Every line of the examples is a command, a comment (`# ` on each of its lines) or the continuation of a
+    command whose line ends with ` \\`; no comment ends with one (a shell would not continue it)."""
+    examples = runner.invoke(app, [*command, "--help"], env={"COLUMNS": width}).stdout.split("Examples")[1]
+    lines = [line.strip() for line in examples.splitlines() if line.strip()]
+    assert max(len(line) + 1 for line in lines) <= int(width)
+    for before, line in zip(["linfusion", *lines], lines, strict=False):
+        continued = before.endswith(" \\")
+        assert continued != line.startswith(("linfusion ", "torchrun ", "#")), (before, line)
+        assert not (before.startswith("#") and continued), before
 
 
 def test_every_command_ends_141_on_a_closed_pipe(tmp_path: Path) -> None:

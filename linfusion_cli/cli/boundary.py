@@ -150,8 +150,12 @@ def _refuse_option_as_value(command: Any, info_name: str | None, args: list[str]
             )
 
 
-class Command(_OneLineErrors, TyperCommand):
-    """A command whose usage line says PROMPT, not {prompt}, and whose examples fit the terminal (help.py)."""
+class _FitsTerminal:
+    """Help text that fits the terminal (help.py): the docstring's paragraphs rewrapped, the examples broken as a
+    shell reads them."""
+
+    _epilog: str | None
+    _help: str | None
 
     @property  # type: ignore[override]
     def epilog(self) -> str | None:
@@ -169,12 +173,17 @@ class Command(_OneLineErrors, TyperCommand):
     def help(self, text: str | None) -> None:
         self._help = text
 
+
+class Command(_FitsTerminal, _OneLineErrors, TyperCommand):
+    """A command whose usage line says PROMPT, not {prompt}, and whose help fits the terminal."""
+
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
 
 
-class Group(_OneLineErrors, TyperGroup):
-    """`linfusion ...` itself: an unknown command is one line too; commands listed generate first (help.py)."""
+class Group(_FitsTerminal, _OneLineErrors, TyperGroup):
+    """`linfusion ...` itself (and `bench`, `presets`): an unknown command is one line too; commands listed generate
+    first (help.py); help that fits the terminal."""
 
     def list_commands(self, ctx: Any) -> list[str]:
         return ordered(super().list_commands(ctx))

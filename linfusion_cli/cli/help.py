@@ -5,12 +5,14 @@ typer draws help with rich, as a table per panel: name, type and help side by si
 squeezes every column, a long flag name included (`--gradient-checkpoi…`), so there each option is drawn on a line
 of its own with its help indented below (as man pages do). Examples are commands to copy: one too long for the
 terminal is broken between words (outside quotes) with a ` \\` at the end of each piece, so the pieces still paste
-into a shell as one command.
+into a shell as one command; a comment is wrapped as comments are, `# ` starting each line (a comment after a
+command goes on lines of its own above it, where a ` \\` would not continue it).
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import Any
 
 from rich.console import Console
@@ -23,6 +25,7 @@ from typer import rich_utils
 NARROW = 80  # columns below which options are stacked
 COMMAND_ORDER = ("generate", "upscale", "batch", "replay", "plan", "info", "view", "presets", "samplers", "bench")
 EXAMPLE = re.compile(r"^(\s*)((?:linfusion|torchrun|srun|python)\s.*)$")
+COMMENT = re.compile(r"^(\s*)(\[dim\])?#\s*(.*?)(?:\[/\w*\])?$")  # `# text`, or `[dim]# text[/]` as help writes it
 CONTINUATION_INDENT = "    "
 _typer_options_panel = rich_utils._print_options_panel
 
@@ -49,19 +52,41 @@ def fit_examples(epilog: str, width: int) -> str:
 
 
 def _fit_line(line: str, width: int) -> list[str]:
+    if len(Text.from_markup(line).plain) <= width:
+        return [line]
+    comment = COMMENT.match(line)
+    if comment:
+        return _comment_lines(comment.group(1), comment.group(3), width, dim=bool(comment.group(2)))
     match = EXAMPLE.match(line)
-    if match is None or len(line) <= width:
+    if match is None:
         return [line]
     indent, words = match.group(1), _shell_words(match.group(2))
+    said = next((i for i, word in enumerate(words) if COMMENT.match(word)), len(words))
+    if said < len(words):  # `linfusion view renders # and open ...`: the comment above, the command alone
+        note = COMMENT.match(" ".join(words[said:]))
+        assert note is not None
+        above = _comment_lines(indent, note.group(3), width, dim=bool(note.group(2)))
+        return [*above, *_fit_line(indent + " ".join(words[:said]), width)]
     pieces: list[str] = []
     current = indent + words[0]
     for word in words[1:]:
-        if len(current) + 1 + len(word) + 2 > width:  # room for " \"
+        if len(current) + 1 + len(word) + 2 > width:  # room for " \\"
             pieces.append(current + " \\")
             current = indent + CONTINUATION_INDENT + word
         else:
             current += " " + word
     return [*pieces, current]
+
+
+def _comment_lines(indent: str, text: str, width: int, *, dim: bool) -> list[str]:
+    """A comment in lines that each start with `# `: a comment's second line without one would be run as a
+    command when pasted."""
+    lines = [f"# {piece}" for piece in _wrap(text, max(width - len(indent) - 2, 20))]
+    return [indent + (f"[dim]{line}[/]" if dim else line) for line in lines]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)  # a URL or path stays whole
 
 
 def _shell_words(command: str) -> list[str]:

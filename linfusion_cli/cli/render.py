@@ -8,9 +8,11 @@ import sys
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from ..base.errors import EXIT_PIPE, OutputClosedError
 from ..base.text import plural
@@ -35,25 +37,40 @@ class StdoutConsole(Console):
         raise SystemExit(EXIT_PIPE)
 
 
-def lines_if_wider(table: Table, width: int | None, console: Console) -> Table:
-    """`table` if it fits `width` columns (None: no limit); else the same rows as lines, `stage 2 refine: size
-    256x256, steps 3, ...`, wrapped between fields, never inside one. Squeezed into a narrow terminal, rich cuts
-    or folds cells ("128x..."): a size or a number must never be cut."""
+class FieldLines:
+    """A table's rows as lines, `stage 2 refine: size 256x256, steps 3, ...`: its title and caption wrapped as
+    prose, each row's fields broken between fields only. A field longer than a line (a long output path) is left
+    whole, past the width: cut, its end (the file's name) would be lost; the terminal shows it wrapped."""
+
+    def __init__(self, title: Any, lines: list[str], caption: Any) -> None:
+        self.title, self.lines, self.caption = title, lines, caption
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.title:
+            yield Text.from_markup(str(self.title), style="table.title")
+        for line in self.lines:
+            yield Text.from_markup(line, overflow="ignore")
+        if self.caption:
+            yield Text.from_markup(str(self.caption), style="table.caption")
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(1, max((len(line) for line in self.lines), default=1))
+
+
+def lines_if_wider(table: Table, width: int | None, console: Console) -> Table | FieldLines:
+    """`table` if it fits `width` columns (None: no limit); else the same rows as FieldLines, wrapped between
+    fields, never inside one. Squeezed into a narrow terminal, rich cuts or folds cells ("128x..."): a size or a
+    number must never be cut."""
     natural = console.measure(table, options=console.options.update_width(UNBOUNDED)).maximum
     if width is None or natural <= width:
         return table
     headers = [str(column.header) for column in table.columns]
-    lines = Table(
-        title=table.title, title_justify="left", caption=table.caption, caption_justify="left", box=None, padding=0
-    )
-    lines.show_header = False
-    lines.add_column(no_wrap=True, overflow="ignore")
+    lines: list[str] = []
     for first, *rest in zip(*(list(column.cells) for column in table.columns), strict=True):
         head = str(first) if str(first) == "total" else f"{headers[0]} {first}"
         fields = [f"{name} {cell}" for name, cell in zip(headers[1:], rest, strict=True) if str(cell)]
-        for line in fields_in_lines(f"{head}:", fields, width):
-            lines.add_row(line)
-    return lines
+        lines += fields_in_lines(f"{head}:", fields, width)
+    return FieldLines(table.title, lines, table.caption)
 
 
 def fields_in_lines(head: str, fields: list[str], width: int) -> list[str]:
@@ -71,15 +88,17 @@ def fields_in_lines(head: str, fields: list[str], width: int) -> list[str]:
     return [*lines, line]
 
 
-def render_table(table: Any, mode: str, console: Console | None = None) -> None:
+def render_table(table: Any, mode: str, console: Console | None = None, *, prose: bool = False) -> None:
     """A table on stderr (or `console`), as lines where it is wider than the console (COLUMNS, the terminal, or
-    120 in a log); plain ASCII in logs, where box drawing turns to mojibake."""
+    120 in a log); plain ASCII in logs, where box drawing turns to mojibake. `prose`: its last column is text
+    that wraps between words (a description), so the table is kept and squeezed to the width, never turned to
+    lines."""
     console = console or stderr
-    if isinstance(table, Table):
+    if isinstance(table, Table) and not prose:
         table = lines_if_wider(table, console.width, console)
-    if mode == "plain" and table.box is not None:
+    if mode == "plain" and isinstance(table, Table) and table.box is not None:
         table.box = box.ASCII
-    console.print(table)
+    console.print(table, crop=False)  # FieldLines' longest fields are left whole
 
 
 def emit_result(data: dict[str, Any]) -> None:
@@ -213,8 +232,8 @@ def render_presets(presets: list[Any]) -> None:
     """`presets list`: a name and a description per preset, on stdout, as wide as the terminal."""
     table = Table(title="presets", title_justify="left")
     table.add_column("name", no_wrap=True)
-    table.add_column("description")
+    table.add_column("description", overflow="fold")  # wrapped between words; a word wider than it, folded
     for preset in presets:
         table.add_row(escape(preset.name), escape(preset.description))
     out = StdoutConsole()
-    render_table(table, "rich" if out.is_terminal else "plain", out)
+    render_table(table, "rich" if out.is_terminal else "plain", out, prose=True)

@@ -23,7 +23,7 @@ from rich.text import Text
 from ..base.events import CancelToken, Event, Note, StageFinished, StageStarted, StepDone, TilesDone, Working
 from ..base.text import plural
 from .boundary import stderr
-from .render import lines_if_wider
+from .render import FieldLines, lines_if_wider
 
 if TYPE_CHECKING:
     from ..core.batch import BatchSummary
@@ -309,7 +309,7 @@ class Reporter:
         return self.progress
 
 
-def stage_table(sidecar: dict[str, Any], title: str | None = None, width: int | None = None) -> Table:
+def stage_table(sidecar: dict[str, Any], title: str | None = None, width: int | None = None) -> Table | FieldLines:
     """Per-stage size, steps, seconds and peak memory, then totals; load and write time in the caption. In a
     terminal narrower than the table (`width`, default the terminal's), a line per stage (lines_if_wider)."""
     stages = sidecar.get("stages", [])

@@ -67,7 +67,7 @@ def scan_presets() -> tuple[list[Preset], list[str]]:
     """(the presets that load, what is wrong with each that does not): one broken file of yours does not hide
     the others."""
     presets, problems = [], []
-    for path in _files().values():
+    for _name, path in sorted(_files().items()):  # by name: sd15-16k before sd15-16k-fast, as the error lists them
         try:
             presets.append(load_preset(str(path)))
         except UsageError as exc:
