@@ -98,11 +98,37 @@ def test_every_command_ends_141_on_a_closed_pipe(tmp_path: Path) -> None:
         (["--device", "gpu"], "(did you mean cuda?)"),
         (["--name", "../evil"], "--name: is a file name without a folder"),
         (["--size", "4096x2048", "--aspect", "16:9"], "--aspect: 16:9 is not the shape of 4096x2048"),
+        (["--vae", "/no/such/vae"], "VAE '/no/such/vae' does not exist: give a diffusers AutoencoderKL folder"),
+        (["--vae", __file__], f"--vae '{__file__}' is a file: give a diffusers AutoencoderKL folder"),
+        (["--vae", str(Path(__file__).parent)], f"--vae '{Path(__file__).parent}' has no config.json"),
     ],
 )
 def test_what_a_person_means_or_a_refusal_not_a_silent_change(runner, args: list[str], said: str) -> None:
     result = runner.invoke(app, ["generate", "x", *args, "--dry-run"])
     assert result.exit_code == 2 and said in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "note"),
+    [
+        ("fox.png", "fox.png", False),
+        ("fox.v2", "fox.v2.png", False),
+        ("my fox", "my-fox.png", True),
+        ("con", "con_.png", True),
+    ],
+)
+def test_a_name_is_the_file_name_or_says_how_it_is_written(runner, name: str, written: str, note: bool) -> None:
+    result = runner.invoke(
+        app, ["generate", "x", "--model", "tiny", "--name", name, "--seed", "1", "--dry-run", "--json"]
+    )
+    plan = json.loads(result.stdout)
+    assert result.exit_code == 0 and Path(plan["output"]).name == written
+    assert any(f"name '{name}' is written {written}" in said for said in plan["notes"]) is note, plan["notes"]
+
+
+def test_a_name_with_another_format_s_extension_is_refused(runner) -> None:
+    result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--name", "fox.jpg", "--dry-run"])
+    assert result.exit_code == 2 and "ends in .jpg, but the format is png: give --format jpeg" in result.stderr
 
 
 def test_a_file_that_is_no_checkpoint_is_refused_by_a_dry_run(runner, tmp_path: Path) -> None:

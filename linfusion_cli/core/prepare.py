@@ -20,7 +20,7 @@ from ..base.registry import did_you_mean
 from ..base.settings import shown
 from ..base.sizes import DEFAULT_MAX_PIXELS, Target, resolve_target
 from ..engine.schedulers import check_sampler
-from ..io.formats import check_format_fits
+from ..io.formats import OUTPUT_FORMATS, check_format_fits, format_name
 from ..io.names import output_stem
 from ..io.output import OutputPaths
 from ..models.adapters import ADAPTER_KINDS, preflight
@@ -45,6 +45,7 @@ ASPECT_TOLERANCE = 0.01  # relative; rounding sides to multiples of 8 alone neve
 SHAPING = ("size", "aspect", "width", "height", "base_size", "strengths", "strength", "refine")  # a preset's, noted
 BUILTIN_LINFUSION = ("auto", "none", "init", "random")  # --linfusion values that name no weights to fetch
 LINFUSION_FILES = "config.json + diffusion_pytorch_model.safetensors, the official format"
+VAE_FOLDER = "give a diffusers AutoencoderKL folder (config.json and safetensors weights)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,9 +137,13 @@ def prepare(
         refine=job.refine,
     )
     key = settings_key(job.settings(), target.width, target.height, None if random_seed else seed)
-    stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=job.name, index=index)
+    name = file_name(job)
+    stem = output_stem(_label(job), seed, target.width, target.height, key=key, name=name, index=index)
     paths = OutputPaths.for_stem(options.out, stem, job.format)
     notes = _preset_notes(job) + list(plan.notes) + _stretch_note(input_size, target)
+    if name is not None and job.name is not None and paths.image.stem != name:
+        said = f"name '{job.name}' is written {paths.image.name} (a file name every system takes)"
+        notes.append(Note("info", said))
     return Prepared(job, target, plan, seed, paths, index, input_size, notes, random_seed, key)
 
 
@@ -158,6 +163,7 @@ def plan_for(
     record_embeddings(job)
     family, note = peek_family(job.model)
     check_linfusion_source(job.linfusion)
+    check_vae_source(job.vae)
     check_sampler(job.scheduler, job.steps)
     preflight(job, family, options.allow_pickle)
     native = family.native_size if family else ASSUMED_NATIVE
@@ -207,6 +213,22 @@ def check_linfusion_source(source: str) -> None:
         )
 
 
+def check_vae_source(source: str | None) -> None:
+    """--vae PATH is a diffusers AutoencoderKL folder (or a model folder with vae/), found before the model loads:
+    a wrong path was refused only once torch and diffusers had been imported (7 s)."""
+    if not source:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / sub / "config.json").is_file() for sub in ("", "vae")):
+            raise UsageError(f"--vae '{source}' has no config.json (nor vae/config.json): {VAE_FOLDER}")
+        return
+    if path.exists():
+        raise UsageError(f"--vae '{source}' is a file: {VAE_FOLDER}")
+    if not looks_like_hub_id(source):
+        raise ModelNotFoundError(f"VAE '{source}' does not exist: {VAE_FOLDER}, or a hub id")
+
+
 def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[Note]:
     """An upscale whose target has another shape than its input stretches it: say so, and how to keep it."""
     if input_size is None:
@@ -223,10 +245,27 @@ def _stretch_note(input_size: tuple[int, int] | None, target: Target) -> list[No
     ]
 
 
+def file_name(job: JobSpec) -> str | None:
+    """The job's `name` without the extension its format gives (`--name fox.png` is fox.png, not fox.png.png);
+    an image extension of another format is refused rather than written as fox.jpg.png."""
+    if not job.name:
+        return None
+    stem, suffix = job.name, Path(job.name).suffix
+    written = format_name(suffix) if suffix else ""
+    if written in OUTPUT_FORMATS:
+        if written != job.format:
+            raise UsageError(
+                f"--name '{job.name}' ends in {suffix}, but the format is {job.format}: give --format {written}, "
+                f"or the name without {suffix}"
+            )
+        stem = stem[: -len(suffix)]
+    return stem
+
+
 def with_seed(prep: Prepared, seed: int, options: RunOptions) -> Prepared:
     """The same job under another seed (a random-seed job adopting the seed of its earlier, unfinished output)."""
     w, h = prep.target.width, prep.target.height
-    stem = output_stem(_label(prep.job), seed, w, h, key=prep.key, name=prep.job.name, index=prep.index)
+    stem = output_stem(_label(prep.job), seed, w, h, key=prep.key, name=file_name(prep.job), index=prep.index)
     return replace(prep, seed=seed, paths=OutputPaths.for_stem(options.out, stem, prep.job.format))
 
 
