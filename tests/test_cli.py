@@ -112,7 +112,9 @@ def test_same_seed_same_image(runner, tmp_path: Path) -> None:
 
 def test_existing_output_is_skipped_as_a_batch_skips_it(runner, tmp_path: Path, monkeypatch) -> None:
     args = ["generate", "x", "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "1", "--out", str(tmp_path)]
-    first = json.loads(run(runner, *args, "--json").stdout)
+    made = run(runner, *args, "--json")
+    first = json.loads(made.stdout)
+    assert "1 stage to 128x128 with ddim on cpu" in made.stderr  # the sampler in the log, as in the plan
     image = Path(first["path"])
     stamp = image.stat().st_mtime_ns
     import linfusion_cli.engine.pipeline as pipeline

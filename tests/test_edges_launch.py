@@ -47,7 +47,10 @@ def test_gpus_asks_for_as_many_gpus_or_cpu_processes(
     monkeypatch.setattr(launch, "cuda_devices", lambda: 0)
     none = runner.invoke(app, args)
     assert none.exit_code == 2 and no_launch == []
-    assert "--gpus 2: this machine has no CUDA device" in none.stderr and "--device cpu" in none.stderr
+    assert (
+        "--gpus 2: this machine has no CUDA device; run it on a machine with GPUs, or add --device cpu" in none.stderr
+    )
+    assert "--gpus 0" not in none.stderr  # no advice to ask for none (refused as well)
     monkeypatch.setattr(launch, "cuda_devices", lambda: 1)
     one = runner.invoke(app, args)
     assert one.exit_code == 2 and "only 1 CUDA device; give --gpus 1 or fewer" in one.stderr

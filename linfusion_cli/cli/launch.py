@@ -101,11 +101,12 @@ def check_gpus(gpus: int, device: str = "auto") -> None:
     count = cuda_devices()
     if count >= gpus:
         return
-    have = "no CUDA device" if count == 0 else f"only {plural(count, 'CUDA device')}"
-    raise UsageError(
-        f"--gpus {gpus}: this machine has {have}; give --gpus {count} or fewer"
-        f"{'' if count else ' on a GPU machine'}, or add --device cpu to split over {gpus} CPU processes"
+    have = (
+        "no CUDA device; run it on a machine with GPUs"
+        if count == 0
+        else (f"only {plural(count, 'CUDA device')}; give --gpus {count} or fewer")
     )
+    raise UsageError(f"--gpus {gpus}: this machine has {have}, or add --device cpu to split over {gpus} CPU processes")
 
 
 def cuda_devices() -> int:
