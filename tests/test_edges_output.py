@@ -126,6 +126,24 @@ def test_a_name_is_the_file_name_or_says_how_it_is_written(runner, name: str, wr
     assert any(f"name '{name}' is written {written}" in said for said in plan["notes"]) is note, plan["notes"]
 
 
+def test_a_folder_given_that_is_not_there_is_said_and_serve_s_port_has_its_flag(runner, tmp_path: Path) -> None:
+    gone = str(tmp_path / "no-such-folder")
+    for flag in ("--embeddings", "--lora-dir"):
+        result = runner.invoke(app, ["generate", "x", "--model", "tiny", flag, gone, "--dry-run"])
+        assert result.exit_code == 0 and f"{flag} '{gone}' is not a folder: nothing" in result.stderr, result.stderr
+    served = runner.invoke(app, ["view", str(tmp_path), "--serve", "8767"])
+    assert served.exit_code == 2 and "the port goes to --port" in served.stderr and "--port 8767" in served.stderr
+
+
+def test_a_contact_sheet_card_says_1_step() -> None:
+    from linfusion_cli.view.pages import Card, key_settings
+    from linfusion_cli.view.records import Sidecar
+
+    for steps, said in ((1, "seed 3 · 1 step · ddim"), (4, "seed 3 · 4 steps · ddim")):
+        sidecar = Sidecar({"seed": 3, "settings": {"steps": steps, "scheduler": "ddim"}})
+        assert key_settings(Card("a.png", "a", None, sidecar, None, 0.0)) == said
+
+
 def test_a_name_with_another_format_s_extension_is_refused(runner) -> None:
     result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--name", "fox.jpg", "--dry-run"])
     assert result.exit_code == 2 and "ends in .jpg, but the format is png: give --format jpeg" in result.stderr
@@ -177,6 +195,27 @@ def test_each_job_is_charged_with_its_own_mistakes_only(runner, tmp_path: Path) 
         " jobs.jsonl line 3 (job 2)",
         " jobs.jsonl line 4 (job 3)",
     ], said
+
+
+def test_a_batch_plan_says_each_warning_once_and_info_names_each_file(runner, tmp_path: Path, hub_cache) -> None:
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a fox\n")
+    planned = runner.invoke(app, ["batch", str(jobs), "--dry-run", "--json", "--model", "someone/not-downloaded"])
+    (plan,) = [json.loads(line) for line in planned.stdout.splitlines()]
+    assert len([said for said in plan["warnings"] if "someone/not-downloaded" in said]) == 1, plan["warnings"]
+    Image.new("RGB", (24, 16)).save(tmp_path / "plain.jpg")
+    shown = runner.invoke(app, ["info", str(tmp_path / "plain.jpg"), "--json"])
+    assert json.loads(shown.stdout) == {
+        "path": str(tmp_path / "plain.jpg"),
+        "format": "JPEG",
+        "width": 24,
+        "height": 16,
+        "parameters": None,
+        "linfusion": None,
+    }
+    assert runner.invoke(app, ["info", str(tmp_path / "plain.jpg")]).stdout.startswith(
+        f"{tmp_path}/plain.jpg: JPEG 24x16"
+    )
 
 
 def test_one_job_planned_and_info_of_several_images(runner, tmp_path: Path) -> None:

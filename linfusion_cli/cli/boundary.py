@@ -214,6 +214,9 @@ def _one_line(exc: ClickUsageError) -> BaseException:
         message = f"unexpected '{extra.group(1)}': on/off flags take no value (--low-vram alone turns it on)" + (
             f" (see {ctx.command_path} --help)" if ctx is not None else ""
         )
+    elif extra and ctx is not None and "port" in ctx.params and extra.group(1).isdigit():
+        port = extra.group(1)
+        message = f"unexpected '{port}': the port goes to --port ({ctx.command_path} ... --serve --port {port})"
     elif extra and ctx is not None and "prompt" in ctx.params:
         words = f"{ctx.params.get('prompt') or ''} {extra.group(1)}".strip()
         message = (

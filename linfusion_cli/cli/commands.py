@@ -424,11 +424,11 @@ def info(
         except typer.Exit as exc:
             failed = failed or exc.exit_code
             continue
-        if json_out:
+        if json_out:  # which file each line is, as given; its size in numbers
             with boundary():
-                emit_json(meta)
+                emit_json({"path": str(image), **meta})
             continue
-        typer.echo(("\n" if number else "") + f"{image}: {meta['format']} {meta['size']}")
+        typer.echo(("\n" if number else "") + f"{image}: {meta['format']} {meta['width']}x{meta['height']}")
         typer.echo(meta["parameters"] or "no generation parameters found in this image")
     if failed:
         raise typer.Exit(failed)

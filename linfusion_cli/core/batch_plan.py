@@ -117,10 +117,7 @@ def batch_dry_run(
     check_folder(options.out)
     plans = []
     for prep in plan.jobs:
-        summary = plan_anywhere(prep, options)
-        unavailable = plan.unavailable.get(prep.index or 0)
-        if unavailable:
-            summary["warnings"] = [*summary["warnings"], unavailable]
+        summary = plan_anywhere(prep, options)  # its warnings name what is not cached offline (plan.unavailable)
         # a seed drawn at random is drawn by the run: no made-up seed or file name here
         known = not prep.random_seed
         output = str(prep.paths.image) if known else None

@@ -175,6 +175,7 @@ def plan_for(
     size = (prep.target.width, prep.target.height)
     for kind in ADAPTER_KINDS:
         prep.notes.extend(kind.notes(job, size, len(prep.plan.stages)))
+    prep.notes.extend(_missing_folders(job))
     return prep
 
 
@@ -211,6 +212,18 @@ def check_linfusion_source(source: str) -> None:
         raise ModelNotFoundError(
             f"LinFusion checkpoint '{source}' does not exist: give a folder ({LINFUSION_FILES}), a hub id, auto or none"
         )
+
+
+def _missing_folders(job: JobSpec) -> list[Note]:
+    """A LoRA or embedding folder given that is not there (a typo) finds nothing: said, since a prompt's word that
+    names an embedding is then read as a word, and the image differs with no error."""
+    given = [("--embeddings", folder) for folder in job.embeddings or []]
+    given += [("--lora-dir", folder) for folder in job.lora_dir or []]
+    return [
+        Note("warning", f"{flag} '{folder}' is not a folder: nothing is found there")
+        for flag, folder in given
+        if not Path(folder).expanduser().is_dir()
+    ]
 
 
 def check_vae_source(source: str | None) -> None:

@@ -134,5 +134,5 @@ def describe(path: Path, max_pixels: int) -> dict[str, Any]:
         parameters = a1111_parameters(data)
     except (KeyError, TypeError, ValueError):
         parameters = None
-    size = f"{data.get('width')}x{data.get('height')}"
-    return {"format": "linfusion sidecar", "size": size, "parameters": parameters, "linfusion": data}
+    size = {"width": data.get("width"), "height": data.get("height")}
+    return {"format": "linfusion sidecar", **size, "parameters": parameters, "linfusion": data}

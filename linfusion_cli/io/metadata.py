@@ -133,7 +133,8 @@ def read_metadata(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str,
 def _metadata(image: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
         "format": image.format,
-        "size": f"{image.width}x{image.height}",
+        "width": image.width,
+        "height": image.height,
         "parameters": None,
         "linfusion": None,
     }

@@ -20,7 +20,7 @@ from .records import JobNote, Sidecar
 
 MAX_ZOOM_PIXEL_RATIO = 16  # the deepest zoom: one image pixel as a 16x16 square of screen pixels
 TITLE_CHARS = 80
-# settings under each thumbnail, in this order (value formatting in _key_settings)
+# settings under each thumbnail, in this order (value formatting in key_settings)
 KEY_SETTINGS = ("steps", "guidance", "scheduler", "refine")
 # the page's "Settings" list: what decides the picture, when set (everything is in "All settings" below it)
 MAIN_SETTINGS = (
@@ -97,12 +97,14 @@ def _size_text(card: Card) -> str:
     return f"{width}x{height}"
 
 
-def _key_settings(card: Card) -> str:
+def key_settings(card: Card) -> str:
     """seed . WxH . steps . guidance . scheduler . refine . model: what tells jobs of a batch apart."""
     data, settings = card.sidecar.data, card.sidecar.settings
     parts = [f"seed {data['seed']}"] if "seed" in data else []
     parts += [_size_text(card)] if card.pyramid else []
     labels = {"steps": "{} steps", "guidance": "cfg {}", "scheduler": "{}", "refine": "{}"}
+    if settings.get("steps") == 1:
+        labels["steps"] = "{} step"  # not "1 steps"
     parts += [labels[key].format(_plain(settings[key])) for key in KEY_SETTINGS if settings.get(key) is not None]
     parts += [_plain(data["model"])] if data.get("model") else []
     return " · ".join(parts)
@@ -243,7 +245,7 @@ def _card(card: Card) -> str:
     caption = f'<p class="prompt">{esc(prompt)}</p>' if prompt else ""
     return (
         f'<article class="card{kind}" data-text="{esc(text)}">{thumb}<div class="text">{badge}{caption}'
-        f'<span class="keys">{esc(_key_settings(card))}</span><span class="file">{file_name(card.name)}</span>'
+        f'<span class="keys">{esc(key_settings(card))}</span><span class="file">{file_name(card.name)}</span>'
         "</div></article>\n"
     )
 
