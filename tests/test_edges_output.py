@@ -144,6 +144,14 @@ def test_a_contact_sheet_card_says_1_step() -> None:
         assert key_settings(Card("a.png", "a", None, sidecar, None, 0.0)) == said
 
 
+def test_a_site_carries_the_viewer_s_licence_beside_it(tmp_path: Path) -> None:
+    from linfusion_cli.view.assets import install_viewer
+
+    viewer = install_viewer(tmp_path, None)
+    assert viewer.local and (tmp_path / "assets" / "openseadragon.min.js").is_file()
+    assert "Redistribution and use" in (tmp_path / "assets" / "openseadragon-LICENSE.txt").read_text()
+
+
 def test_a_name_with_another_format_s_extension_is_refused(runner) -> None:
     result = runner.invoke(app, ["generate", "x", "--model", "tiny", "--name", "fox.jpg", "--dry-run"])
     assert result.exit_code == 2 and "ends in .jpg, but the format is png: give --format jpeg" in result.stderr

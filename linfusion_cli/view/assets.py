@@ -32,6 +32,8 @@ URL_PREFIXES = ("https://", "http://")
 ASSETS_DIR = "assets"
 MAX_VIEWER_JS_BYTES = 8 << 20  # the 6.x file is 0.35 MiB; anything far larger is not it
 MAX_BUTTON_BYTES = 1 << 20
+LICENCE_FILE = "LICENSE.txt"  # OpenSeadragon's, as its package names it
+SITE_LICENCE = "openseadragon-LICENSE.txt"  # in a site's assets, beside the code
 # where a viewer file may sit inside what the flag names: the file itself, its folder, the npm package's root
 _PACKAGE_PATHS = (
     Path(OSD_FILE),
@@ -113,6 +115,11 @@ def _copy_viewer(source: Path, assets: Path) -> None:
     assets.mkdir(parents=True, exist_ok=True)
     (assets / OSD_FILE).write_bytes(code)
     _copy_buttons(source.parent / "images", assets / "images")
+    # its BSD-3 licence goes wherever the code goes: beside it here, at the root of an unpacked npm package
+    for licence in (folder / LICENCE_FILE for folder in (source.parent, source.parent.parent.parent)):
+        if licence.is_file() and not licence.is_symlink() and licence.stat().st_size <= MAX_BUTTON_BYTES:
+            shutil.copyfile(licence, assets / SITE_LICENCE)
+            break
 
 
 def _is_shipped(path: Path) -> bool:
