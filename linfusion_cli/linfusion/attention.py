@@ -28,16 +28,19 @@ NO_FEATURE_MLP = -1
 
 
 class SummaryReducer(Protocol):
-    """Seam for one image split across processes by bands of tokens (engine.parallel): each process sums its
-    own tokens' summaries, scaled by the *whole* image's token count, and the reducer adds them up over processes.
+    """Seam for one image run in bands of tokens, over processes (engine.parallel) or one after another
+    (engine.banded): the layer is called on some of the image's tokens, and the reducer says how many tokens the
+    whole image has and gives the whole image's summaries: this call's own, summed over processes, or summed
+    over every band beforehand.
     """
 
     def whole_tokens(self, tokens: int) -> int:
-        """The whole image's token count, given this process's."""
+        """The whole image's token count, given this call's."""
         ...
 
-    def reduce(self, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, C) and (B, C) fp32 partial sums -> the same summed over every process."""
+    def summaries(self, layer: LinFusionAttention, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole image's (B, C, C) K^T V and (B, C) sum of phi(k), fp32, each token's scaled by `scale`
+        (`layer.summaries(x, scale)` is this call's part)."""
         ...
 
 
@@ -121,6 +124,20 @@ class LinFusionAttention(nn.Module):
         v = _scaled(self.to_v(x), scale)  # (B, n, C), v / sqrt(N)
         return k, v
 
+    def summaries(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_j phi(k_j)^T v_j (B, C, C) and sum_j phi(k_j) (B, C) over these tokens x (B, n, C), in fp32, with
+        phi(k) and v each scaled by `scale` (N^-1/2 of the whole image: K^T V is then its mean)."""
+        batch, tokens, channels = x.shape
+        kv = x.new_zeros((batch, channels, channels), dtype=torch.float32)  # (B, C, C)
+        k_sum = x.new_zeros((batch, channels), dtype=torch.float32)  # (B, C)
+        pieces = x.split(self.token_chunk or tokens, dim=1)
+        for xs in self.each(pieces, [p.shape[1] for p in pieces]):
+            k, v = self._keys_values(xs, scale)
+            kv += torch.bmm(k.transpose(1, 2), v).float()  # (B, C, C), every head against every head
+            k_sum += k.sum(dim=1, dtype=torch.float32)
+            del k, v
+        return kv, k_sum
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -131,23 +148,14 @@ class LinFusionAttention(nn.Module):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("LinFusionAttention replaces self-attention only: no encoder states or masks")
         x = hidden_states  # (B, N, C)
-        batch, tokens, channels = x.shape
+        tokens, channels = x.shape[1:]
         chunk = self.token_chunk or tokens
         # Scaling phi(k) and v by N^-1/2 each makes K^T V the *mean* over tokens, so no fp16 sum overflows
         # (at 16K the top UNet level has N = 4,194,304 tokens; fp16 tops out at 65504).
         scale = (tokens if self.reducer is None else self.reducer.whole_tokens(tokens)) ** -0.5
 
         # 1. Summaries over all tokens: kv = mean_j phi(k_j)^T v_j, k_mean = mean_j phi(k_j), in fp32.
-        kv = x.new_zeros((batch, channels, channels), dtype=torch.float32)  # (B, C, C)
-        k_sum = x.new_zeros((batch, channels), dtype=torch.float32)  # (B, C)
-        pieces = x.split(chunk, dim=1)
-        for xs in self.each(pieces, [p.shape[1] for p in pieces]):
-            k, v = self._keys_values(xs, scale)
-            kv += torch.bmm(k.transpose(1, 2), v).float()  # (B, C, C), every head against every head
-            k_sum += k.sum(dim=1, dtype=torch.float32)
-            del k, v
-        if self.reducer is not None:
-            kv, k_sum = self.reducer.reduce(kv, k_sum)
+        kv, k_sum = self.summaries(x, scale) if self.reducer is None else self.reducer.summaries(self, x, scale)
         k_mean = k_sum * scale  # (B, C)
 
         # 2. One matrix W = [block-diagonal kv | k_mean per head] so a single GEMM per query chunk gives

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...base.errors import UsageError
+from ...linfusion.attention import LinFusionAttention
 from ...models.tensors import resamples_in_half
 from ..bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers, width_padding
 from .comm import Comm
-from .stats import STATS_CHUNK_BYTES, whole_moments
+from .stats import normalize_groups, whole_moments
 
 BICUBIC_REACH = 2  # source rows a bicubic (also antialiased, when upscaling) output row reads on each side
 
@@ -174,27 +175,8 @@ def band_upscale(comm: Comm, image: torch.Tensor, width: int, height: int) -> to
 
 def band_group_norm(comm: Comm, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """nn.GroupNorm of the whole image, on this band: x (B, C, h, W) or (B, C, n) tokens."""
-    batch, channels = x.shape[:2]
-    groups = norm.num_groups
-    count, mean, m2 = whole_moments(comm, x.reshape(batch, groups, -1), "norm")  # (B, G) each
-    rstd = torch.rsqrt(m2 / count + norm.eps).float()  # (B, G)
-    per = channels // groups
-    scale = rstd.repeat_interleave(per, dim=1)  # (B, C)
-    if norm.weight is not None:
-        scale = scale * norm.weight.float()
-    shift = -mean.float().repeat_interleave(per, dim=1) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.float()
-    shape = (batch, channels) + (1,) * (x.ndim - 2)
-    if x.dtype == torch.float32:
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
-    out = torch.empty_like(x)  # half precision: each output rounded once, from fp32, a chunk of channels at a time
-    per_chunk = max(1, STATS_CHUNK_BYTES // (4 * x[0, 0].numel() * batch))
-    for c in range(0, channels, per_chunk):
-        sl = slice(c, c + per_chunk)
-        view = (batch, -1) + (1,) * (x.ndim - 2)
-        out[:, sl] = torch.addcmul(shift[:, sl].reshape(view), x[:, sl].float(), scale[:, sl].reshape(view))
-    return out
+    count, mean, m2 = whole_moments(comm, x.reshape(*x.shape[:1], norm.num_groups, -1), "norm")  # (B, G) each
+    return normalize_groups(norm, count, mean, m2, x)
 
 
 # --- attention ------------------------------------------------------------------------------------------------------
@@ -214,7 +196,11 @@ class AttentionReduce:
     def whole_tokens(self, tokens: int) -> int:
         return sum(self.comm.geometry().token_counts(self.comm.rank, tokens))
 
+    def summaries(self, layer: LinFusionAttention, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.reduce(*layer.summaries(x, scale))
+
     def reduce(self, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's (B, C, C) K^T V and (B, C) sum of phi(k) -> the same summed over every process."""
         d = kv.shape[-1] // self.heads
         blocks = [kv[:, i * d : (i + 1) * d, i * d : (i + 1) * d] for i in range(self.heads)]  # h x (B, d, d)
         flat = torch.cat([*(b.flatten() for b in blocks), k_sum.flatten()])  # one message: (B C^2/h + B C,)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from .comm import Comm
 
@@ -69,6 +70,33 @@ def pooled_groups(
     sizes = [torch.tensor(count, dtype=torch.float64) for count in counts]
     _, mean, m2 = combine_moments(sizes, [p[0] for p in parts], [p[1] for p in parts])
     return mean, m2
+
+
+def normalize_groups(
+    norm: nn.GroupNorm, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """nn.GroupNorm of x (B, C, ...) with the given per-(B, G) statistics (count, mean, M2: the whole image's, of
+    which x may be a band), its affine applied; half-precision outputs rounded once, from fp32."""
+    batch, channels = x.shape[:2]
+    groups = norm.num_groups
+    rstd = torch.rsqrt(m2 / count + norm.eps).float()  # (B, G)
+    per = channels // groups
+    scale = rstd.repeat_interleave(per, dim=1)  # (B, C)
+    if norm.weight is not None:
+        scale = scale * norm.weight.float()
+    shift = -mean.float().repeat_interleave(per, dim=1) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.float()
+    shape = (batch, channels) + (1,) * (x.ndim - 2)
+    if x.dtype == torch.float32:
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+    out = torch.empty_like(x)  # half precision: a chunk of channels at a time in fp32
+    per_chunk = max(1, STATS_CHUNK_BYTES // (4 * x[0, 0].numel() * batch))
+    for c in range(0, channels, per_chunk):
+        sl = slice(c, c + per_chunk)
+        view = (batch, -1) + (1,) * (x.ndim - 2)
+        out[:, sl] = torch.addcmul(shift[:, sl].reshape(view), x[:, sl].float(), scale[:, sl].reshape(view))
+    return out
 
 
 def band_channel_stats(comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

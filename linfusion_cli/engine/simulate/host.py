@@ -70,6 +70,19 @@ class MetaHost(Host):
         self.trace.to_host(buffer)
         return buffer
 
+    def park(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Counted as CPU memory from now on, rows first as Host.park lays it out; the device tensor's bytes go
+        when the caller drops it."""
+        parked = torch.empty(
+            (tensor.shape[-2], *tensor.shape[:-2], tensor.shape[-1]), dtype=tensor.dtype, device="meta"
+        )
+        self.trace.to_host(parked)
+        return parked
+
+    def fetch(self, parked: torch.Tensor, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """A new device tensor of those rows (a view of the parked one would count as CPU memory)."""
+        return torch.empty_like(parked[lo:hi]).movedim(0, -2)
+
     def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
         """A mid-grey array of the tensor's shape: one byte, broadcast (no memory for a 16K image)."""
         return np.broadcast_to(np.array(MID_GREY, dtype=np.uint8), tuple(tensor.shape))

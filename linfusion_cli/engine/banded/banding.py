@@ -1,0 +1,69 @@
+"""How one UNet call runs in row bands on one device: how tall a band is at each level, how the loops over bands
+run (engine/host.Host.each: all bands in a real run, one standing for all in a memory simulation), and whether
+skip tensors are parked in CPU memory.
+
+Band heights: `rows` fixed at every level (tests pick small and ragged ones), else as many rows as keep the widest
+band temporary within `band_bytes`. A level only one band tall runs as diffusers runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from ..parallel.stats import combine_moments, local_moments
+
+if TYPE_CHECKING:
+    from ..host import Host
+    from .rows import Rows
+
+T = TypeVar("T")
+# A diffusers module (UNet, block, resnet, transformer): its attributes are read as diffusers sets them, which
+# nn.Module's typing cannot say (every attribute is a Tensor | Module to it).
+Block = Any
+BAND_BYTES = 1 << 26  # 64 MiB: the widest input of a band (an up block's concatenation) at most this
+
+
+@dataclass(frozen=True)
+class Banding:
+    """See the module docstring. `park`: skip tensors of banded levels go to CPU memory as the down path makes
+    them."""
+
+    host: Host
+    rows: int | None = None
+    band_bytes: int = BAND_BYTES
+    park: bool = False
+
+    def bands(self, shape: Sequence[int], channels: int, itemsize: int) -> list[tuple[int, int]]:
+        """Row bands [a, b) covering a level of `shape` (B, C, H, W) whose widest tensor has `channels`."""
+        batch, _, height, width = shape
+        rows = self.rows or max(1, self.band_bytes // max(1, batch * channels * width * itemsize))
+        return [(a, min(a + rows, height)) for a in range(0, height, rows)]
+
+    def banded(self, shape: Sequence[int], channels: int, itemsize: int) -> bool:
+        """Whether a level of this shape takes more than one band."""
+        return len(self.bands(shape, channels, itemsize)) > 1
+
+    def each(self, bands: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+        """The loop over bands (Host.each; a band's work is its height)."""
+        looped: Any = self.host.each(bands, [b - a for a, b in bands])
+        return looped  # type: ignore[no-any-return]
+
+
+Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count, mean, M2, (B, G) fp64
+
+
+def group_moments(banding: Banding, source: Rows, groups: int, bands: list[tuple[int, int]]) -> Moments:
+    """Per (sample, group) (count, mean, M2) of a whole source, streamed over its bands and combined in band order
+    (engine/parallel/stats.py: exact up to fp32 reduction order)."""
+    batch = source.shape[0]
+    parts = [local_moments(source.rows(a, b).reshape(batch, groups, -1)) for a, b in banding.each(bands)]
+    return moments_of(parts)
+
+
+def moments_of(parts: list[Moments]) -> Moments:
+    """Parts' (count, mean, M2) combined, in order."""
+    return combine_moments([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
