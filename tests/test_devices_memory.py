@@ -12,6 +12,8 @@ from processes import Processes
 
 from linfusion_cli.cli.commands import app
 from linfusion_cli.engine import memory, memory_plan, pipeline
+from linfusion_cli.engine.memory_model import StageShape
+from linfusion_cli.models.archs import ARCHS
 from linfusion_cli.models.devices import vae_dtype
 from linfusion_cli.models.families import FAMILIES, family_or_none
 from linfusion_cli.models.hub import model_source
@@ -95,11 +97,13 @@ def test_unmeasurable_free_memory_is_unknown_not_invented(monkeypatch: pytest.Mo
         max_vram=None,
         guidance=7.5,
         budget=memory.device_budget(cpu, None),
+        arch="sd15",
         top_width=320,
         dtype_bytes=2,
         weights=0,
+        vae=memory_plan.VaeModel(ARCHS["sd15"].vae, 2),
     )
-    choice = planner.choose(16384, 16384)
+    choice = planner.choose(StageShape(16384, 16384))
     chosen = choice.settings
     assert choice.fits and planner.budget is None
     assert chosen.name == "fast"  # unknown: the fastest, with the out-of-memory retry behind it

@@ -82,6 +82,7 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     from linfusion_cli.core.prepare import RunOptions, plan_for
     from linfusion_cli.core.run import job_planner
     from linfusion_cli.engine.memory import placed
+    from linfusion_cli.engine.memory_model import StageShape, stage_shape
     from linfusion_cli.engine.pipeline import Engine
     from linfusion_cli.models.loading import build_random
 
@@ -90,10 +91,10 @@ def test_plan_and_engine_choose_the_same_memory_settings() -> None:
     shown = [s["memory"] for s in plan_summary(prep, placed(torch.device("cpu"), torch.float32))["stages"]]
     engine = Engine.from_components(build_random("tiny"), "none", torch.device("cpu"), torch.float32)
     planner = job_planner(prep, engine)  # the planner the run uses: the plan's, with what the engine measured
-    used = [planner.choose(s.width, s.height).settings.name for s in prep.plan.stages]
+    used = [planner.choose(stage_shape(prep.plan, s)).settings.name for s in prep.plan.stages]
     assert shown == used
-    assert shown[0] == "fast" and shown[-1] == "split"  # the budget really binds at 4096 px
-    assert not planner.choose(16384, 16384).fits
+    assert shown[0] == "fast" and shown[-1] != "fast"  # the budget really binds at 4096 px
+    assert not planner.choose(StageShape(16384, 16384, previous=(8192, 8192))).fits
 
 
 def test_notes_name_what_is_ignored_and_the_right_reason() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import linfusion_cli.engine.vae as vae_mod
+from linfusion_cli.engine import memory_model
 from linfusion_cli.engine.vae import TiledVAE, to_uint8
 from linfusion_cli.engine.vae_tiles import tile_windows
 from linfusion_cli.models.archs import ARCHS
@@ -141,8 +141,8 @@ def test_no_seams_at_tile_boundaries() -> None:
 @pytest.mark.slow
 def test_sampled_statistics_for_huge_images(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the sampling threshold only some tiles feed the statistics; the result stays close."""
-    monkeypatch.setattr(vae_mod, "SAMPLE_MIN_PIXELS", 64 * 64)
-    monkeypatch.setattr(vae_mod, "SAMPLE_FRACTION", 0.5)
+    monkeypatch.setattr(memory_model, "SAMPLE_MIN_PIXELS", 64 * 64)
+    monkeypatch.setattr(memory_model, "SAMPLE_FRACTION", 0.5)
     vae = make_vae(NARROW)
     torch.manual_seed(5)
     latents = torch.randn(1, 4, 48, 48) * 0.18215

@@ -34,6 +34,7 @@ class Job:
     vae: str | None
     vae_tile: int | None
     low_vram: bool
+    memory: str | None
     max_vram: float | None
     image: str | None
     strength: float | None

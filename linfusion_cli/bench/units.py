@@ -22,7 +22,8 @@ from PIL import Image
 
 from ..base.schema import SCHEMA
 from ..engine import memory
-from ..engine.memory_plan import MemoryPlanner, MemorySettings
+from ..engine.memory_model import StageShape
+from ..engine.memory_plan import MemoryPlanner, MemorySettings, VaeModel
 from ..io.pngfast import deflate_name, write_png
 from ..linfusion.attention import LinFusionAttention, phi
 from ..linfusion.patching import LinFusionPatch, apply_linfusion
@@ -80,9 +81,11 @@ def unet_planner(comps: Any, device: torch.device, dtype: torch.dtype) -> Memory
         max_vram=None,
         guidance=2.0,  # bench compares attention at batch 2: at most feed-forward chunking
         budget=memory.device_budget(device, None),
+        arch=comps.family.arch if comps.family else None,
         top_width=comps.unet.config["block_out_channels"][0],
         dtype_bytes=memory.dtype_bytes(dtype),
         weights=memory.module_bytes(comps.unet),
+        vae=VaeModel(dict(comps.vae.config), memory.dtype_bytes(dtype), device.type),
     )
     return replace(planner, ladder=planner.ladder[:2])
 
@@ -103,7 +106,7 @@ class UnetBench:
         """One size: each mode under the memory settings the planner picks for it, and their ratio."""
         width, height = parse_size(text)
         tokens = (width // 8) * (height // 8)
-        settings = planner.choose(width, height).settings
+        settings = planner.choose(StageShape(width, height, last=True)).settings
         row: dict[str, Any] = {"size": f"{width}x{height}", "tokens": tokens, "memory": settings.name}
         inputs = unet_inputs(self.comps, width, height, self.device, self.dtype)
         for mode in modes:

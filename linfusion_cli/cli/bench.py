@@ -232,6 +232,47 @@ def bench_parallel_cmd(
         emit_json(report)
 
 
+@bench_app.command("planner", cls=Command)
+def bench_planner_cmd(
+    fit: Annotated[
+        bool,
+        typer.Option(
+            "--fit",
+            help="Fit the planner's coefficients instead (each architecture's UNet, ControlNet and VAE traced on "
+            "the meta device): what engine/memory_model.py's tables hold.",
+        ),
+    ] = False,
+    family: Annotated[
+        str | None, typer.Option(help="Only this family's cases: sd1, sd2 or sdxl \\[default: all three].")
+    ] = None,
+) -> None:
+    """The memory planner against the simulator (no GPU, nothing downloaded): every stage of a grid of jobs (three
+    families at 16K in three shapes on every memory setting; guidance off, demofusion, a ControlNet, an
+    IP-Adapter, a split over 2, 4 and 8 processes), its estimate beside its simulated peak; JSON on stdout."""
+    from ..bench.planner import GRID_MODELS, default_grid, grid
+    from ..bench.planner import fit as fit_coefficients
+
+    with boundary():
+        setup_logging("plain")
+        if fit:
+            emit_json(fit_coefficients())
+            return
+        if family is not None and family not in GRID_MODELS:
+            raise UsageError(f"--family {family!r}: must be one of {', '.join(GRID_MODELS)}")
+        cases = [c for c in default_grid() if family is None or c.model == GRID_MODELS[family]]
+
+        def progress(row: dict[str, Any]) -> None:
+            stderr.print(
+                f"{row['family']} {row['memory']} {row['aspect']} world {row['world']} {row['refine']} "
+                f"{row['adapter'] or '-'} stage {row['stage']} {row['size']}: estimate {row['estimate_gib']} GiB, "
+                f"simulated {row['simulated_gib']} GiB ({row['ratio']})",
+                markup=False,
+                highlight=False,
+            )
+
+        emit_json(grid(cases, progress))
+
+
 @bench_app.command("pipeline", cls=Command, epilog=BENCH_EXAMPLES)
 @with_settings(BENCH)
 def bench_pipeline_cmd(

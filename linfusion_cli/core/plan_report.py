@@ -9,14 +9,27 @@ from typing import TYPE_CHECKING, Any
 from ..base.errors import ModelLoadError, UsageError
 from ..base.events import Note
 from ..base.schema import SCHEMA
+from ..base.sizes import Target, round_side
 from ..engine.bands import Bands, downsampling
-from ..engine.memory_plan import GIB, PRECISION_BYTES, MemoryChoice, MemoryPlanner, tile_used, vae_share, vae_tile_for
+from ..engine.memory_model import stage_shape
+from ..engine.memory_plan import (
+    GIB,
+    PRECISION_BYTES,
+    MemoryChoice,
+    MemoryPlanner,
+    MemorySettings,
+    VaeModel,
+    tile_used,
+    vae_share,
+    vae_tile_for,
+)
 from ..engine.placement import Placement, without_gpu
 from ..models.adapters import ADAPTER_KINDS
 from ..models.archs import ARCHS
 from ..models.families import Family, vae_precision
 from ..models.hub import hub_offline, missing_from_cache, model_source
 from .jobspec import JobSpec
+from .planning import make_plan
 from .prepare import BUILTIN_LINFUSION, Prepared, RunOptions
 
 if TYPE_CHECKING:
@@ -25,6 +38,7 @@ if TYPE_CHECKING:
     from ..base.plan import StagePlan
 
 LATENT_PX = 8  # image px per latent row
+LONG_SIDE_STEP = 64  # the --size a plan suggests when a stage does not fit is a multiple of this
 DEFAULT_ARCH = "sd15"  # what a plan assumes of a model whose config is not known yet
 DEFAULT_FAMILY_GIB = 2.1  # SD-1.x's weights in fp16
 
@@ -66,8 +80,8 @@ def check_device(device: str, dtype: str = "auto") -> tuple[torch.device, torch.
 
 
 def memory_planner(prep: Prepared, placed: Placement) -> MemoryPlanner:
-    """The job's memory planner, from its family's weights and its adapters' (nothing loaded); kept on `prep` and
-    refined with what the loaded engine measures."""
+    """The job's memory planner, from its family's weights and configs and its adapters' (nothing loaded); kept on
+    `prep` and refined with what the loaded engine measures."""
     if prep.planner is not None:
         return prep.planner
     job, family = prep.job, prep.family
@@ -75,16 +89,24 @@ def memory_planner(prep: Prepared, placed: Placement) -> MemoryPlanner:
     family_gib = family.weights_gib_fp16 if family else DEFAULT_FAMILY_GIB
     extra_gib = sum(kind.planned_gib_fp16(job, family, family_gib) for kind in ADAPTER_KINDS)
     channels = sum(kind.activation_channels(arch.unet, len(kind.refs(job))) for kind in ADAPTER_KINDS if kind.refs(job))
+    vae_item = PRECISION_BYTES[vae_precision(arch.vae, placed.precision, family)]
     prep.planner = MemoryPlanner.for_job(
         low_vram=job.low_vram,
         max_vram=job.max_vram,
         guidance=job.guidance,
         budget=placed.budget(job.max_vram),
+        arch=arch.name,
         top_width=arch.unet["block_out_channels"][0],
         dtype_bytes=placed.itemsize,
         weights=int((family_gib + extra_gib) * GIB * placed.itemsize / 2),
+        vae=VaeModel(arch.vae, vae_item, placed.kind, placed.free, job.vae_tile),
         refine=job.refine,
         control_channels=channels,
+        controlnets=sum(len(kind.refs(job)) for kind in ADAPTER_KINDS if kind.own_pass),
+        adapter_extras=tuple(
+            (kind.memory_key, kind.memory_cap) for kind in ADAPTER_KINDS if kind.memory_key for _ in kind.refs(job)
+        ),
+        memory=job.memory,
     )
     return prep.planner
 
@@ -151,7 +173,7 @@ def _stage_entry(
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     bands = _bands(stage.height // LATENT_PX, world, multiple)
     rows = max(bands) * LATENT_PX if bands else stage.height
-    choice = planner.choose(stage.width, rows)
+    choice = planner.choose(stage_shape(prep.plan, stage, rows, prep.input_size))
     limit = choice.settings.vae_budget or vae_share(placed.kind, placed.free)
     asked = job.vae_tile or vae_tile_for(arch.vae, PRECISION_BYTES[vae_precision], stage.height, stage.width, limit)
     tile = tile_used(asked, stage.height, stage.width)
@@ -166,6 +188,7 @@ def _stage_entry(
         "memory": choice.settings.name,
         "memory_settings": {**choice.settings.as_dict(), "vae_tile": tile},
         "estimated_peak_gib": round(choice.estimate / GIB, 2),
+        "estimated_peak_bytes": choice.estimate,
         "fits": choice.fits,
         "vae": "untiled" if tile is None else f"tiles of {tile} px",
         **_per_rank(stage.width, rows, bands, world),
@@ -202,7 +225,8 @@ def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list
     multiple = multiple_of(family)
     for stage in prep.plan.stages:
         bands = _bands(stage.height // LATENT_PX, world, multiple)
-        choice = planner.choose(stage.width, max(bands) * LATENT_PX if bands else stage.height)
+        rows = max(bands) * LATENT_PX if bands else stage.height
+        choice = planner.choose(stage_shape(prep.plan, stage, rows, prep.input_size))
         if not choice.fits:
             return [_over_budget_text(prep, stage, planner, choice)]
     return []
@@ -214,12 +238,33 @@ def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, 
         f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "
         "GiB budget"
     )
-    pixels = planner.largest_fitting_pixels(choice.settings)
-    target = prep.target
-    long_side = int((pixels * target.long_side / max(1, min(target.width, target.height))) ** 0.5) // 64 * 64
-    if long_side < 64:
+    long_side = _fitting_long_side(prep, planner, choice.settings)
+    if long_side is None:
         return f"{text}: not even the model's weights fit; use a device with more memory"
     return f"{text}: about --size {long_side} fits at this aspect (or a device with more memory / --max-vram)"
+
+
+def _fitting_long_side(prep: Prepared, planner: MemoryPlanner, settings: MemorySettings) -> int | None:
+    """The largest --size (a multiple of 64, the job's aspect) whose every stage fits the budget under `settings`,
+    by planning the job again at each size tried (the plans are arithmetic: fast); None if none does."""
+
+    def fits(long_side: int) -> bool:
+        ratio = long_side / prep.target.long_side
+        target = Target(round_side(prep.target.width * ratio), round_side(prep.target.height * ratio))
+        job = prep.job
+        plan = make_plan(
+            target, native=prep.plan.native, schedule_steps=job.steps, base_size=job.base_size, refine=job.refine
+        )
+        budget = planner.budget or 0
+        return all(
+            planner.estimate(settings, stage_shape(plan, s, None, prep.input_size)) <= budget for s in plan.stages
+        )
+
+    low, high = 0, prep.target.long_side // LONG_SIDE_STEP
+    while low < high:  # the largest multiple of LONG_SIDE_STEP that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid * LONG_SIDE_STEP) else (low, mid - 1)
+    return low * LONG_SIDE_STEP if low else None
 
 
 def offline_gaps(job: JobSpec, family: Family | None) -> list[str]:

@@ -156,13 +156,10 @@ def save_outputs(
 
 def job_planner(prep: Prepared, engine: Engine) -> MemoryPlanner:
     """The job's memory planner (made before loading) with what the loaded engine measures: its weights, its
-    UNet's width, its adapters' activations, and the memory free now."""
+    adapters' activations, and the memory free now."""
     planner = memory_planner(prep, placed(engine.device, engine.dtype))
     return planner.measured(
-        engine.weight_bytes(),
-        int(engine.comps.unet.config["block_out_channels"][0]),
-        engine.control_channels(),
-        device_budget(engine.device, prep.job.max_vram),
+        engine.weight_bytes(), engine.control_channels(), device_budget(engine.device, prep.job.max_vram)
     )
 
 

@@ -36,6 +36,7 @@ from ..base.settings import (
 )
 from ..base.sizes import DEFAULT_SIZE, MAX_SIDE, MIN_SIDE, parse_aspect
 from ..base.text import quote
+from ..engine.memory_plan import memory_rung_names
 from ..engine.refine import DEFAULT_REFINE, REFINE_METHODS
 from ..engine.schedulers import DEFAULT_SAMPLER, SAMPLERS, sampler_problem, scheduler_name
 from ..io.formats import OUTPUT_FORMATS, format_name
@@ -103,6 +104,14 @@ def _side(name: str, help: str, commands: tuple[str, ...] = RENDER_COMMANDS, **m
 def _refine_help() -> str:
     methods = " or ".join(f"{m.name} ({m.summary})" for m in REFINE_METHODS)
     return f"How refine stages work: {methods} \\[default: {DEFAULT_REFINE}]."
+
+
+def _memory_help() -> str:
+    names = ", ".join(memory_rung_names())
+    return (
+        f"Memory settings for every stage, by the name plan shows ({names}; lowest: the most frugal); default: "
+        "the fastest whose estimate fits the budget. An out-of-memory error still steps down from it."
+    )
 
 
 def _strength_help() -> str:
@@ -292,6 +301,17 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         MEMORY_PANEL,
         WITH_BENCH,
         in_key=False,
+    ),
+    Setting(
+        "memory",
+        "str",
+        None,
+        _memory_help,
+        MEMORY_PANEL,
+        WITH_BENCH,
+        in_key=False,
+        choices=memory_rung_names,
+        metavar="NAME",
     ),
     Setting(
         "max_vram",

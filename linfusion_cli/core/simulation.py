@@ -80,7 +80,7 @@ def _stage(entry: dict[str, Any], runs: list[JobSimulation], chosen: Card | None
     stages = [next(s for s in run.stages if s.index + 1 == entry["stage"]) for run in runs]
     top = max(stages, key=lambda s: s.peak)
     out = top.as_dict(chosen)
-    out["estimate_over_simulated"] = round(entry["estimated_peak_gib"] / max(out["peak_gib"], 1e-9), 3)
+    out["estimate_over_simulated"] = round(entry["estimated_peak_bytes"] / max(out["peak_bytes"], 1), 3)
     if len(runs) > 1 or runs[0].world > 1:
         out["per_rank"] = [
             {"rank": run.rank, "peak_gib": s.as_dict(None)["peak_gib"]} for run, s in zip(runs, stages, strict=True)

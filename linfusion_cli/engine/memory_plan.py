@@ -13,7 +13,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .memory_model import (
+    ALLOCATOR_FACTOR,
+    FP32,
+    LATENT_CHANNELS,
+    LATENT_COPIES,
+    LATENT_PX,
+    PHASE_MARGIN,
+    RGB,
+    VAE_LATENT_COPIES,
+    ArchCost,
+    StageShape,
+    VaeWindows,
+    arch_cost,
+    stats_batch,
+    vae_pixel_costs,
+)
 from .refine import DEFAULT_REFINE, REFINE_METHODS
+from .vae_tiles import tile_windows
 
 GIB = 1024**3
 PRECISION_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}  # bytes per element, by --dtype's spelling
@@ -102,13 +119,13 @@ def vae_windows_for(vae_config: Mapping[str, Any], itemsize: int, window_px: int
 FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders handled)
 ATTN_CHUNK_TOKENS = 65536  # LinFusion query/key rows per chunk when chunking
 FRUGAL_VAE_BUDGET = 1 * GIB
-# Activation bytes per top-level latent token and batch element, fp16, SD-1.5 widths (320 channels at the
-# top level), from the H200 runs of docs/reference.md section 5: 4096^2 batch 2 unchunked peaked at 9.9 GiB,
-# 8192^2 and 16384x8192 with the feed-forward chunked at ~10 KB per token and element.
-BYTES_PER_TOKEN_UNCHUNKED = 15_600
-BYTES_PER_TOKEN_FF_CHUNKED = 10_000
-ATTN_CHUNK_SAVING = 0.85
-REFERENCE_WIDTH = 320
+RUNGS = ("fast", "chunked", "split", "frugal")  # settings_ladder's names, fastest first
+LOWEST = "lowest"  # --memory lowest: the most frugal rung
+
+
+def memory_rung_names() -> tuple[str, ...]:
+    """What --memory takes: a rung's name, or `lowest`."""
+    return (*RUNGS, LOWEST)
 
 
 @dataclass(frozen=True)
@@ -141,8 +158,11 @@ class MemorySettings:
         }
 
 
-def settings_ladder(low_vram: bool = False, max_vram: float | None = None) -> list[MemorySettings]:
-    """Memory settings from fastest to most frugal; --low-vram keeps only the most frugal."""
+def settings_ladder(
+    low_vram: bool = False, max_vram: float | None = None, memory: str | None = None
+) -> list[MemorySettings]:
+    """Memory settings from fastest to most frugal; --low-vram keeps only the most frugal; --memory NAME starts
+    the ladder at that rung (an out-of-memory error still steps down from it)."""
     vae_budget = None if max_vram is None else int(min(max_vram * GIB / 4, VAE_BUDGET_CAP))
     ladder = [
         MemorySettings("fast", vae_budget=vae_budget),
@@ -156,26 +176,10 @@ def settings_ladder(low_vram: bool = False, max_vram: float | None = None) -> li
             vae_budget=min(vae_budget or FRUGAL_VAE_BUDGET, FRUGAL_VAE_BUDGET),
         ),
     ]
+    if memory is not None:
+        names = [s.name for s in ladder]
+        return ladder[-1:] if memory == LOWEST else ladder[names.index(memory) :]
     return ladder[-1:] if low_vram else ladder
-
-
-def estimate_unet_peak(
-    settings: MemorySettings,
-    width: int,
-    height: int,
-    top_width: int,
-    dtype_bytes: int,
-    weights: int,
-    guidance: bool = True,
-) -> int:
-    """Expected peak device bytes of one UNet step at (width, height) px under `settings`."""
-    tokens = (width // 8) * (height // 8)
-    per_token: float = BYTES_PER_TOKEN_FF_CHUNKED if settings.ff_chunk else BYTES_PER_TOKEN_UNCHUNKED
-    if settings.attn_chunk:
-        per_token *= ATTN_CHUNK_SAVING
-    batch = 1 if (settings.cfg_split or not guidance) else 2
-    scale = (top_width / REFERENCE_WIDTH) * (dtype_bytes / 2)
-    return int(weights + tokens * per_token * batch * scale)
 
 
 def budget_bytes(max_vram: float | None, free: int | None) -> int | None:
@@ -198,20 +202,57 @@ class MemoryChoice:
 
 
 @dataclass(frozen=True)
+class VaeModel:
+    """The VAE as the planner sees it: its config, the bytes of its dtype, a --vae-tile, and the free memory its
+    automatic tiles are sized from."""
+
+    config: Mapping[str, Any]
+    itemsize: int
+    device_type: str = "cuda"
+    free: int | None = None
+    tile: int | None = None
+
+    def windows(self, settings: MemorySettings, height: int, width: int) -> VaeWindows:
+        """The activations of the windows the tiled VAE runs at once on an image of this size: the statistics
+        pass's batch of windows (vae.TiledVAE._sample), or the whole image untiled."""
+        limit = settings.vae_budget or vae_share(self.device_type, self.free)
+        asked = self.tile or vae_tile_for(self.config, self.itemsize, height, width, limit)
+        decode, decode_more, encode, encode_more = vae_pixel_costs(self.config, vae_bytes_per_pixel(self.config, 1))
+        tile = tile_used(asked, height, width)
+        window, stats = float(height * width), 0.0  # untiled: the whole image in one plain pass
+        if tile is not None:
+            latent = LATENT_PX
+            windows = tile_windows(height // latent, width // latent, tile // latent, VAE_HALO // latent)
+            window = windows[0].height * windows[0].width * latent * latent
+            fit = vae_windows_for(self.config, self.itemsize, int(window), limit)
+            stats = stats_batch(len(windows), height * width, fit) * window
+        item = self.itemsize
+        half = item < FP32  # the statistics pass's fp32 copies
+        return VaeWindows(
+            max(window * decode * item, stats * (decode * item + decode_more * half)),
+            max(window * encode * item, stats * (encode * item + encode_more * half)),
+        )
+
+
+@dataclass(frozen=True)
 class MemoryPlanner:
-    """Picks each stage's memory settings for one job; the engine and `plan` both ask it, so they agree."""
+    """Picks each stage's memory settings for one job from its estimate of every phase of the stage
+    (memory_model.py); the engine and `plan` both ask it, so they agree."""
 
     ladder: list[MemorySettings]
     budget: int | None  # None: unknown, and the fastest settings are taken (the out-of-memory retry steps down)
-    top_width: int  # channels at the UNet's top level
-    dtype_bytes: int
     weights: int  # bytes of the model's weights on the device
     guidance: bool
+    itemsize: int  # bytes of the UNet's dtype
+    cost: ArchCost
+    vae: VaeModel
     extra_per_token: int = 0  # bytes per latent token a refine method keeps besides the UNet's activations
-    # ControlNets: channels per top-level latent token and batch element that the UNet call holds besides its
-    # own activations (their residuals and control images); their own activations come and go before the
-    # UNet's and are smaller (the encoder half), so they do not raise the peak.
+    # What adapters hold through a UNet call, in channels per top-level latent token and batch element (a
+    # ControlNet's residuals and control image), and how many ControlNets run their own pass before it.
     control_channels: float = 0.0
+    controlnets: int = 0
+    adapter_extras: tuple[tuple[str, int], ...] = ()  # (AdapterKind.memory_key, memory_cap) per adapter
+    pinned: bool = False  # --memory NAME: its first rung whatever the budget
 
     @classmethod
     def for_job(
@@ -221,49 +262,70 @@ class MemoryPlanner:
         max_vram: float | None,
         guidance: float,
         budget: int | None,
+        arch: str | None,
         top_width: int,
         dtype_bytes: int,
         weights: int,
+        vae: VaeModel,
         refine: str = DEFAULT_REFINE,
         control_channels: float = 0.0,
+        controlnets: int = 0,
+        adapter_extras: tuple[tuple[str, int], ...] = (),
+        memory: str | None = None,
     ) -> MemoryPlanner:
-        """`budget`: the bytes the run may use (`budget_bytes`: --max-vram, else what is free)."""
+        """`budget`: the bytes the run may use (`budget_bytes`: --max-vram, else what is free); `arch`: archs.py's
+        name of the UNet's architecture (None: not one of them: scaled from SD-1.5's by `top_width`)."""
         return cls(
-            settings_ladder(low_vram, max_vram),
+            settings_ladder(low_vram, max_vram, memory),
             budget,
-            top_width,
-            dtype_bytes,
             weights,
             guidance > 1.0,
+            dtype_bytes,
+            arch_cost(arch, top_width),
+            vae,
             REFINE_METHODS.get(refine).extra_bytes_per_token,
             control_channels,
+            controlnets,
+            adapter_extras,
+            memory is not None,
         )
 
-    def measured(self, weights: int, top_width: int, control_channels: float, budget: int | None) -> MemoryPlanner:
+    def measured(self, weights: int, control_channels: float, budget: int | None) -> MemoryPlanner:
         """This planner with what a loaded engine measured in place of the estimates made before loading."""
-        return replace(self, weights=weights, top_width=top_width, control_channels=control_channels, budget=budget)
+        return replace(self, weights=weights, control_channels=control_channels, budget=budget)
 
-    def estimate(self, settings: MemorySettings, width: int, height: int) -> int:
-        unet = estimate_unet_peak(
-            settings, width, height, self.top_width, self.dtype_bytes, self.weights, guidance=self.guidance
-        )
+    def phases(self, settings: MemorySettings, shape: StageShape) -> dict[str, float]:
+        """Bytes each phase of the stage holds besides the weights (memory_model.py's docstring)."""
+        vae_item, tokens = self.vae.itemsize, shape.tokens
         batch = 1 if (settings.cfg_split or not self.guidance) else 2
-        per_token = self.extra_per_token + self.control_channels * self.dtype_bytes * batch
-        return int(unet + (width // 8) * (height // 8) * per_token)
+        previous = RGB * shape.previous[0] * shape.previous[1] * vae_item if shape.previous else 0.0
+        image = float(RGB * shape.width * shape.height * vae_item)
+        whole_latents = float(LATENT_CHANNELS * shape.whole_tokens * FP32)
+        windows = self.vae.windows(settings, shape.height, shape.width)
+        held = tokens * batch * self.control_channels * self.itemsize
+        unet = self.cost.unet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
+        unet += sum(self.cost.extra(key, cap, tokens, batch, self.itemsize) for key, cap in self.adapter_extras)
+        own = self.controlnets * self.cost.controlnet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
+        around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token
+        latents = VAE_LATENT_COPIES * whole_latents  # in and out of the VAE: scaled, cast, its own dtype
+        out = {
+            "unet": previous + around + held + max(unet, own),
+            "vae decode": previous + latents + (0.0 if shape.last else image) + windows.decode,
+        }
+        if shape.previous:
+            out["upscale"] = previous + image
+            out["vae encode"] = previous + image + latents + windows.encode
+        return out
 
-    def choose(self, width: int, height: int) -> MemoryChoice:
-        """The fastest settings whose estimate fits the budget, else the most frugal."""
+    def estimate(self, settings: MemorySettings, shape: StageShape) -> int:
+        """Expected peak device bytes of the stage under `settings`, as the simulator would report it."""
+        return int(ALLOCATOR_FACTOR * (self.weights + PHASE_MARGIN * max(self.phases(settings, shape).values())))
+
+    def choose(self, shape: StageShape) -> MemoryChoice:
+        """The fastest settings whose estimate fits the budget, else the most frugal (--memory: its rung)."""
         for level, settings in enumerate(self.ladder):
-            need = self.estimate(settings, width, height)
-            if self.budget is None or need <= self.budget:
+            need = self.estimate(settings, shape)
+            if self.pinned or self.budget is None or need <= self.budget:
                 return MemoryChoice(settings, level, need, self.budget)
         last = len(self.ladder) - 1
-        return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], width, height), self.budget)
-
-    def largest_fitting_pixels(self, settings: MemorySettings) -> int:
-        """The most output pixels whose estimate under `settings` fits the budget (0: not even the weights)."""
-        if self.budget is None:
-            return 0
-        probe = 1024 * 1024
-        per_px = (self.estimate(settings, 1024, 1024) - self.estimate(settings, 0, 0)) / probe
-        return max(0, int((self.budget - self.estimate(settings, 0, 0)) / per_px)) if per_px > 0 else 0
+        return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], shape), self.budget)

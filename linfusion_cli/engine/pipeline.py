@@ -30,7 +30,7 @@ from ..models.tensors import to_device_image
 from . import memory
 from .embeddings import EmbeddingLibrary, embedding_folders, embedding_library
 from .host import Host
-from .memory_plan import MemoryPlanner
+from .memory_plan import MemoryPlanner, VaeModel
 from .parallel import Comm
 from .prompts import JobText, job_text
 from .refine import REFINE_METHODS
@@ -206,20 +206,41 @@ class Engine:
         counts = {kind.name: sum(a.kind == kind.name for a in self.adapters) for kind in ADAPTER_KINDS}
         return sum(kind.activation_channels(config, counts[kind.name]) for kind in ADAPTER_KINDS if counts[kind.name])
 
+    def adapter_extras(self) -> tuple[tuple[str, int], ...]:
+        """What the loaded adapters' inputs add to a UNet call, as the planner looks it up (AdapterKind.memory_key)."""
+        kinds = [ADAPTER_KINDS.get(adapter.kind) for adapter in self.adapters]
+        return tuple((kind.memory_key, kind.memory_cap) for kind in kinds if kind.memory_key)
+
+    def controlnet_count(self) -> int:
+        """How many loaded adapters run a pass of their own before every UNet call (AdapterKind.own_pass)."""
+        return sum(ADAPTER_KINDS.get(adapter.kind).own_pass for adapter in self.adapters)
+
     def memory_planner(self, job: Job) -> MemoryPlanner:
         """The memory settings chooser for a job on this engine, from what is loaded (the core plans the same from
         the family before loading, then hands its planner here refined with these measurements)."""
+        config = self.comps.unet.config
         return MemoryPlanner.for_job(
             low_vram=job.low_vram,
             max_vram=job.max_vram,
             guidance=job.guidance,
             budget=memory.device_budget(self.device, job.max_vram),
-            top_width=int(self.comps.unet.config["block_out_channels"][0]),
+            arch=self.comps.family.arch if self.comps.family else None,
+            top_width=int(config["block_out_channels"][0]),
             dtype_bytes=memory.dtype_bytes(self.dtype),
             weights=self.weight_bytes(),
+            vae=self.vae_model(job.vae_tile),
             refine=job.refine,
             control_channels=self.control_channels(),
+            controlnets=self.controlnet_count(),
+            adapter_extras=self.adapter_extras(),
+            memory=job.memory,
         )
+
+    def vae_model(self, tile: int | None) -> VaeModel:
+        """The VAE as the planner sees it (memory_plan.VaeModel)."""
+        free = memory.available_bytes(self.device)
+        itemsize = memory.dtype_bytes(self.vae_dtype())
+        return VaeModel(dict(self.comps.vae.config), itemsize, self.device.type, free, tile)
 
     def vae_dtype(self) -> torch.dtype:
         return next(self.comps.vae.parameters()).dtype
@@ -271,8 +292,9 @@ class Engine:
             cancel or CancelToken(),
             base_width,
             REFINE_METHODS.get(plan.refine).start_job(job),
-            ImageSplit(group, self.comps.unet.config),
+            ImageSplit(group, self.comps.unet.config, self.host),
             per_step=text.per_step,
+            input_size=None if init_image is None else (init_image.shape[1], init_image.shape[0]),
         )
         image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
         final, records, stage_images = run_stages(run, image, keep_stages)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
+from .host import Host
 from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
 from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, regroup, split_image
@@ -42,8 +43,9 @@ INTERRUPTS = {130: "SIGINT", 143: "SIGTERM"}
 class ImageSplit:
     """This process's part of one job's split image (see the module docstring)."""
 
-    def __init__(self, comm: Comm | None, unet_config: Any) -> None:
+    def __init__(self, comm: Comm | None, unet_config: Any, host: Host | None = None) -> None:
         self.group = comm if comm is not None and comm.world > 1 else None  # the job's processes
+        self.host = host or Host()  # copies into CPU memory go through it (engine/host.py)
         self.comm: Comm | None = None  # the group while this stage is split; None while it runs whole
         self.multiple = downsampling(list(unet_config["block_out_channels"]))
         self.whole_stages: list[int] = []  # latent heights of the stages that ran whole on every process
@@ -134,7 +136,7 @@ class ImageSplit:
             return comm.all_reduce_(tensor, "vae")  # disjoint rows, zeros elsewhere: the sum is exact
 
         def gather(band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
-            return _gather_rows(comm, band, rows)
+            return _gather_rows(comm, band, rows, self.host)
 
         def pool(counts: list[float], mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return pooled_groups(comm, counts, mean, m2)
@@ -213,7 +215,7 @@ class BandOps(LatentOps):
         return band_channel_stats(self.comm, x.float())
 
 
-def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
+def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]], host: Host) -> torch.Tensor | None:
     """uint8 row bands (H_r, W, 3) on the CPU -> the whole image on the first process (None elsewhere)."""
     band = band.to(comm.device)
     if comm.rank != GATHER_ROOT:
@@ -231,4 +233,4 @@ def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]]) ->
     for peer, (start, end) in enumerate(rows):
         if end > start:
             whole[start:end] = band if peer == GATHER_ROOT else buffers[peer]
-    return whole.cpu()
+    return host.download(whole, False)

@@ -22,6 +22,7 @@ from ..models.devices import free_cached
 from ..models.tensors import upscale
 from . import memory
 from .memory import vae_budget
+from .memory_model import stage_shape
 from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
 from .parallel import ParallelError
@@ -90,6 +91,7 @@ class JobRun:
     split: ImageSplit  # this process's part of the image (the whole image without a group)
     fp32_retries: int = 0  # VAE tiles redone in fp32, over all stages
     per_step: dict[int, list[Conditioning]] = field(default_factory=dict)  # prompt editing: a stage's steps' texts
+    input_size: tuple[int, int] | None = None  # (width, height) of the image an upscale starts from
 
 
 def run_stages(
@@ -127,7 +129,7 @@ def run_stage(
     split.check_cancel(run.cancel)
     rows = split.band_pixels() if split.active else stage.height
     ladder, retried = run.planner.ladder, None
-    level = split.agree_max(run.planner.choose(stage.width, rows).level)
+    level = split.agree_max(run.planner.choose(stage_shape(run.plan, stage, rows, run.input_size)).level)
     while True:
         settings = ladder[level]
         run.events(

@@ -11,7 +11,7 @@ get different tone curves. Here every GroupNorm uses statistics of the whole ima
    the output. When memory asks for several batches, statistics are streamed: each batch normalises with
    everything seen so far, and a second round over the same windows re-measures them under that estimate, so
    the result does not depend on which batch came first. Huge images use an evenly spread sample of tiles
-   (all of an image up to SAMPLE_MIN_PIXELS, else SAMPLE_FRACTION of it); what the sample misses of the
+   (all of an image up to memory_model.SAMPLE_MIN_PIXELS, else SAMPLE_FRACTION of it); what the sample misses of the
    image's large-scale content becomes a small *uniform* tone offset, never a seam. A split image's processes
    each run their own rows' share of the sample, a batch on each at once, every GroupNorm's statistics pooled
    over them as measured: one batch of all windows gives the whole image's statistics exactly, as one process
@@ -40,15 +40,13 @@ from torch import nn
 
 from .host import Host
 from .memory import auto_vae_tile, vae_windows_per_batch
+from .memory_model import stats_sample
 from .memory_plan import tile_used
 from .vae_stats import NormControl
 from .vae_tiles import Window, WindowShare, spread, tile_windows
 
 LATENT_SCALE = 8  # SD VAEs: 3 downsamples
 DEFAULT_HALO_PX = 64  # context around each tile core, image px (8 latent px)
-SAMPLE_MIN_PIXELS = 2**23  # the statistics pass covers at least ~8 Mpx of the image (all of a smaller one)
-SAMPLE_FRACTION = 1 / 8  # ... and at least this share of a huge image
-MAX_WINDOWS_PER_BATCH = 64
 
 TileCallback = Callable[[str, int, int], None]  # (kind "encode"/"decode"/"stats", done, total)
 
@@ -171,17 +169,15 @@ class TiledVAE:
     def _sample(self, windows: list[Window], grid: int) -> list[list[list[Window]]]:
         """Which windows the statistics pass runs, in batches that fit memory: batches[i][rank] are the windows
         process `rank` runs of batch i (one process: all of it). A split image's processes each sample their own
-        windows, as many as their share of the one-process sample; they run the same number of batches (some
-        possibly empty), each process's part of a batch at most what one batch holds."""
+        windows, as many as their share of the one-process sample (memory_model.stats_sample); they run the same
+        number of batches (some possibly empty), each process's part of a batch at most what one batch holds."""
         owners = [sorted(self.share.mine(windows, r)) for r in range(self.share.world)] if self.share else []
         owned = [[windows[i] for i in own] for own in owners] or [windows]
         win_px = windows[0].height * windows[0].width * grid * grid
         core_px = sum((w.core[2] - w.core[0]) * (w.core[3] - w.core[1]) for w in windows) * grid * grid
-        want_px = max(SAMPLE_MIN_PIXELS, core_px * SAMPLE_FRACTION)
-        take = min(len(windows), max(1, math.ceil(want_px / (core_px / len(windows)))))
-        chosen = [[own[i] for i in spread(len(own), math.ceil(take * len(own) / len(windows)))] for own in owned]
         fit = vae_windows_per_batch(self.vae.config, self._dtype(), self._device(), win_px, self.memory_budget)
-        per_batch = max(1, min(MAX_WINDOWS_PER_BATCH, fit))
+        take, per_batch = stats_sample(len(windows), core_px, fit)
+        chosen = [[own[i] for i in spread(len(own), math.ceil(take * len(own) / len(windows)))] for own in owned]
         if self.share is not None:  # the same batches on every process: the smallest any of them can afford
             per_batch = min(self.share.agree(per_batch))
         count = max(math.ceil(len(part) / per_batch) for part in chosen)

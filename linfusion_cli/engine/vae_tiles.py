@@ -8,8 +8,10 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # A split image's GroupNorm statistics: (every process's element count, this process's mean and M2 per group)
 # -> the mean and M2 of every process's parts combined (vae_stats.NormControl.pool)

@@ -113,6 +113,13 @@ class AdapterKind:
         """The hub files the job's adapters of this kind need, for offline checks."""
         return []
 
+    own_pass = False  # its model runs a pass of its own before every UNet call (a ControlNet's encoder copy)
+    # What its inputs add to a UNet call, for the memory planner: its term in engine/memory_model.ARCH_COSTS
+    # (fitted by `linfusion bench planner --fit`), and the query tokens per layer call beyond which that stops
+    # growing (0: never).
+    memory_key = ""
+    memory_cap = 0
+
     def planned_gib_fp16(self, job: Job, family: Family | None, family_gib: float) -> float:
         """Weights the job's adapters add on the device (GiB in fp16), for plans made before anything loads;
         `family_gib` is the model's own."""

@@ -29,7 +29,7 @@ class Family:
     mid_dim_divisor: int | None  # projection_mid_dim = dim // divisor; None: = dim (the official `null`)
     attn1_layers: int
     first_attn: tuple[int, int]  # (dim, heads) of the first attn1: tells checkpoints of look-alike families apart
-    weights_gib_fp16: float = 2.1  # UNet + VAE + text encoders, for memory estimates before loading
+    weights_gib_fp16: float = 2.1  # UNet (LinFusion's layers in) + VAE + text encoders, as the allocator holds them
     arch: str = "sd15"  # the archs.py shapes this family has (benchmarks, estimates)
     configs: str = "sd1"  # shipped component configs (models/configs/NAME) a single file is loaded with
     # SDXL's VAE overflows in fp16 and runs in fp32 (unless its config says force_upcast: false, as the fp16-fix
@@ -102,7 +102,7 @@ FAMILIES: tuple[Family, ...] = (
         mid_dim_divisor=None,
         attn1_layers=7,
         first_attn=(32, 4),
-        weights_gib_fp16=0.01,
+        weights_gib_fp16=0.0037,
         arch="tiny",
     ),
     Family(
@@ -116,7 +116,7 @@ FAMILIES: tuple[Family, ...] = (
         mid_dim_divisor=None,
         attn1_layers=7,
         first_attn=(32, 2),
-        weights_gib_fp16=0.01,
+        weights_gib_fp16=0.0038,
         arch="tiny-sd2",
         configs="sd2",
     ),
@@ -131,7 +131,7 @@ FAMILIES: tuple[Family, ...] = (
         mid_dim_divisor=16,
         attn1_layers=11,
         first_attn=(64, 4),
-        weights_gib_fp16=0.01,
+        weights_gib_fp16=0.0053,
         arch="tiny-sdxl",
         configs="sdxl",
         vae_upcast=True,

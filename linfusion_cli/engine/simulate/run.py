@@ -87,6 +87,7 @@ class StageSimulation:
         out: dict[str, Any] = {
             "memory": self.settings,
             "peak_gib": _gib(self.peak),
+            "peak_bytes": self.peak,
             "traced_peak_gib": _gib(self.traced_peak),
             "peak_phase": self.peak_phase,
             "weights_gib": {name: _gib(b) for name, b in self.weights.items()},

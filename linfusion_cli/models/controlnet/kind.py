@@ -337,6 +337,9 @@ class ControlNetKind(AdapterKind):
     def hub_files(self, job: Job, family: Family | None) -> list[tuple[str, str, str]]:
         return [("ControlNet", ref.source, CONFIG_NAME) for ref in self.refs(job)]
 
+    own_pass = True
+    memory_key = "residuals"  # added to the UNet's skips
+
     def planned_gib_fp16(self, job: Job, family: Family | None, family_gib: float) -> float:
         return family_gib * WEIGHTS_SHARE * len(self.refs(job))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -309,21 +310,55 @@ def _load_encoder(source: str, weights: Path, want: int, hidden_states: bool) ->
     )
 
 
-def tiny_parts(unet: nn.Module, seed: int = TINY_SEED) -> tuple[dict[str, dict[str, torch.Tensor]], nn.Module]:
-    """A random-weight IP-Adapter that fits `unet` (its text width and attn2 sizes), in h94's layout, and a tiny
-    CLIP image encoder: seeded, built on the CPU, the same everywhere."""
+# The image encoders h94/IP-Adapter ships (image_encoder/config.json of its `models` and `sdxl_models` folders):
+# OpenCLIP ViT-H/14 for SD-1.x and its SDXL "vit-h" files, ViT-bigG/14 for SDXL.
+VIT_H: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+}
+VIT_BIGG: dict[str, Any] = {
+    **VIT_H,
+    "hidden_size": 1664,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 48,
+    "projection_dim": 1280,
+}
+
+
+def build_meta(comps: Components, ref: AdapterRef) -> IPAdapter:
+    """The IP-Adapter `ref` names, of the shape h94's basic one for the model's family has, on the UNet's (meta)
+    device, for a memory simulation: the image encoder's config beside a local weight file where there is one,
+    else h94's (ViT-H; ViT-bigG for SDXL); the built-in tiny one for `tiny`."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    device = next(comps.unet.parameters()).device
+    if ref.source == TINY:
+        config = dict(TINY_ENCODER)
+    else:
+        config = VIT_BIGG if comps.is_sdxl else VIT_H
+        for folder in map(Path, encoder_paths(ref.source)):
+            if (folder / "config.json").is_file():
+                config = json.loads((folder / "config.json").read_text())
+                break
+    with quiet_libraries(), device:
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+        parts = shaped_parts(comps.unet, int(config["projection_dim"]), lambda *shape: torch.empty(shape))
+        return IPAdapter(comps, ref, parts, encoder, "simulated", "simulated")
+
+
+def shaped_parts(unet: nn.Module, embed: int, make: Callable[..., torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """h94's basic IP-Adapter for `unet` (its text width and attn2 sizes, an image embedding of `embed`) in its
+    two state dicts, every weight made by `make(*shape)`; biases and norms zeros and ones."""
     layers = cross_attention_layers(unet)
     width = int(layers[0][1].to_k.in_features)
-    embed = int(TINY_ENCODER["projection_dim"])
-    generator = torch.Generator("cpu").manual_seed(seed)
-
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
-
     image_proj = {
-        "proj.weight": linear(width * BASIC_TOKENS, embed),
+        "proj.weight": make(width * BASIC_TOKENS, embed),
         "proj.bias": torch.zeros(width * BASIC_TOKENS),
         "norm.weight": torch.ones(width),
         "norm.bias": torch.zeros(width),
@@ -331,8 +366,23 @@ def tiny_parts(unet: nn.Module, seed: int = TINY_SEED) -> tuple[dict[str, dict[s
     ip_adapter: dict[str, torch.Tensor] = {}
     for i, (_, attn) in enumerate(layers):
         for key in ("to_k_ip", "to_v_ip"):
-            ip_adapter[f"{2 * i + 1}.{key}.weight"] = linear(int(attn.to_q.out_features), width)
+            ip_adapter[f"{2 * i + 1}.{key}.weight"] = make(int(attn.to_q.out_features), width)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def tiny_parts(unet: nn.Module, seed: int = TINY_SEED) -> tuple[dict[str, dict[str, torch.Tensor]], nn.Module]:
+    """A random-weight IP-Adapter that fits `unet` (its text width and attn2 sizes), in h94's layout, and a tiny
+    CLIP image encoder: seeded, built on the CPU, the same everywhere."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    embed = int(TINY_ENCODER["projection_dim"])
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+    parts = shaped_parts(unet, embed, linear)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER))
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}, encoder
+    return parts, encoder

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-IP_TOKEN_CHUNK = 1 << 20  # query tokens per call: below about 8K px every layer runs in one call, as diffusers'
+from .kind import IP_TOKEN_CHUNK  # below about 8K px every layer runs in one call, as diffusers'
 
 
 class ChunkedIPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):

@@ -27,6 +27,7 @@ KIND = "ip_adapters"
 
 
 TINY = "tiny"
+IP_TOKEN_CHUNK = 1 << 20  # query tokens per cross-attention call (attention.py): its temporaries stop growing there
 
 
 SAFETENSORS = ".safetensors"
@@ -294,6 +295,15 @@ class IpAdapterKind(AdapterKind):
         from .adapter import load  # lazy: torch stays out of CLI start-up
 
         return load(comps, ref)
+
+    simulates = True
+    memory_key = "ip_adapter"
+    memory_cap = IP_TOKEN_CHUNK
+
+    def simulated(self, comps: Components, ref: AdapterRef) -> Adapter:
+        from .adapter import build_meta  # lazy: torch stays out of CLI start-up
+
+        return build_meta(comps, ref)
 
 
 IP_ADAPTER = IpAdapterKind()
