@@ -46,6 +46,8 @@ GENERATE_FLAGS: list[tuple[list[str], dict[str, Any]]] = [
     (["--vae-tile", "512"], {"vae_tile": 512}),
     (["--low-vram"], {"low_vram": True}),
     (["--max-vram", "12"], {"max_vram": 12.0}),
+    (["--memory", "Split"], {"memory": "split"}),
+    (["--memory", "lowest"], {"memory": "lowest"}),
     (["--strength", "0.3"], {"strength": 0.3}),
     (["--refine", "demofusion"], {"refine": "demofusion"}),
     (["--cosine-scale-1", "2"], {"cosine_scale_1": 2.0}),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from linfusion_cli import Generator
+from linfusion_cli import LinFusionPipeline
 from linfusion_cli.bench.planner import fit_arch
 from linfusion_cli.engine.memory_model import ARCH_COSTS, VAE_COSTS, PassCost, StageShape
 from linfusion_cli.engine.memory_plan import MemoryPlanner, VaeModel
@@ -50,7 +50,7 @@ def test_every_stage_estimate_is_just_above_the_simulation(settings: dict, tmp_p
     if "ip_adapter" in settings:  # simulated with h94's ViT-H image encoder (nothing is downloaded)
         Image.new("RGB", (32, 32), (90, 60, 30)).save(tmp_path / "ref.png")
         settings = {**settings, "ip_image": str(tmp_path / "ref.png")}
-    plan = Generator().plan("a lighthouse", steps=4, simulate=True, **settings)
+    plan = LinFusionPipeline().plan("a lighthouse", steps=4, simulate=True, **settings)
     for stage in plan["stages"]:
         ratio = stage["estimated_peak_bytes"] / stage["simulated"]["peak_bytes"]
         assert WITHIN[0] <= ratio <= WITHIN[1], (stage["size"], stage["estimated_peak_gib"], stage["simulated"])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from linfusion_cli import Generator
+from linfusion_cli import LinFusionPipeline
 from linfusion_cli.cli.commands import app
 from linfusion_cli.cli.render import render_plan
 from linfusion_cli.core.plan_report import memory_planner
@@ -74,7 +74,7 @@ def test_reproduces_the_h200_unet_peaks() -> None:
 
 
 def _tiny_job(**settings):
-    gen = Generator(model="tiny", device="cpu")
+    gen = LinFusionPipeline(model="tiny", device="cpu")
     job = gen.job("a red fox", size=256, steps=2, seed=7, **settings)
     prep = plan_for(job, gen.options, seed=7)
     return job, prep
@@ -152,13 +152,13 @@ def test_plan_simulate_reports_each_stage(runner, capsys: pytest.CaptureFixture[
 
 def test_a_simulation_leaves_real_runs_as_they_were(tmp_path: Path) -> None:
     def image() -> np.ndarray:
-        with Generator(model="tiny", out=tmp_path, overwrite=True, device="cpu") as gen:
+        with LinFusionPipeline(model="tiny", out=tmp_path, overwrite=True, device="cpu") as gen:
             result = gen.generate("a red fox", size=128, steps=2, seed=3)
         assert result.image is not None
         return result.image
 
     before = image()
-    Generator(model="tiny").plan("a red fox", size=128, steps=2, simulate=True)
+    LinFusionPipeline(model="tiny").plan("a red fox", size=128, steps=2, simulate=True)
     assert F.scaled_dot_product_attention is PLAIN_SDPA
     assert np.array_equal(image(), before)
 

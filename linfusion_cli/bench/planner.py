@@ -257,13 +257,13 @@ def default_grid() -> Iterator[GridCase]:
 def grid_rows(case: GridCase) -> list[dict[str, Any]]:
     """One grid job planned and simulated (`plan --simulate`): a row per stage, its estimate beside its
     simulated peak (per process: the highest simulated one)."""
-    from ..core.api import Generator
+    from ..core.api import LinFusionPipeline
 
     settings = case.settings()
     if case.adapter == "ip-adapter":
         settings.update(ip_adapter=["h94/IP-Adapter"], ip_image=_reference_image())
     started = time.perf_counter()
-    summary = Generator().plan(
+    summary = LinFusionPipeline().plan(
         "a lighthouse at dusk", world_size=case.world, simulate=True, memory=case.memory, **settings
     )
     seconds = round(time.perf_counter() - started, 1)

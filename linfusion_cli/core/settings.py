@@ -297,7 +297,7 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "low_vram",
         "bool",
         False,
-        "Most frugal memory settings (24 GB cards at 16K).",
+        "The most frugal memory settings (what each stage needs: linfusion plan --simulate).",
         MEMORY_PANEL,
         WITH_BENCH,
         in_key=False,
