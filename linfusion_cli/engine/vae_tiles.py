@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     import torch
 
 # A split image's GroupNorm statistics: (every process's element count, this process's mean and M2 per group)
-# -> the mean and M2 of every process's parts combined (vae_stats.NormControl.pool)
-Pool = Callable[[list[float], torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# -> the mean and M2 of every process's parts combined (vae_stats.NormControl.pool). Quoted: the planner imports
+# this module, and the CLI starts without torch.
+Pool = Callable[[list[float], "torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
