@@ -277,7 +277,8 @@ def test_bad_controlnet_input_exits_2(runner, tmp_path: Path, args: list[str], m
 
 
 def test_estimates_count_each_controlnets_residuals_and_image() -> None:
-    from linfusion_cli.engine.memory_plan import MemoryPlanner, settings_ladder
+    from linfusion_cli.engine.memory_model import StageShape
+    from linfusion_cli.engine.memory_plan import MemoryPlanner, VaeModel
     from linfusion_cli.models.archs import ARCHS
     from linfusion_cli.models.controlnet.kind import activation_channels, residual_channels
 
@@ -287,16 +288,22 @@ def test_estimates_count_each_controlnets_residuals_and_image() -> None:
     assert activation_channels(sd15, 0) == 0.0
     assert activation_channels(sd15, 2) == 3 * residual_channels(sd15) + 2 * 3 * 64  # two sets + their sum
 
-    def planner(count: int) -> MemoryPlanner:
-        return MemoryPlanner(settings_ladder(), None, 320, 2, 0, True, 0, activation_channels(sd15, count))
+    def unet_phase(count: int, memory: str) -> float:
+        planner = MemoryPlanner.for_job(
+            low_vram=False, max_vram=None, guidance=7.5, budget=None, arch="sd15", top_width=320, dtype_bytes=2,
+            weights=0, vae=VaeModel(ARCHS["sd15"].vae, 2), control_channels=activation_channels(sd15, count),
+            controlnets=count, memory=memory,
+        )  # fmt: skip
+        return planner.phases(planner.ladder[0], StageShape(16384, 8192, previous=(8192, 4096)))["unet"]
 
-    fast, split = settings_ladder()[0], settings_ladder()[2]
     tokens = 2048 * 1024  # 16384x8192 px
-    per_token = activation_channels(sd15, 1) * 2  # fp16
-    assert planner(1).estimate(fast, 16384, 8192) - planner(0).estimate(fast, 16384, 8192) == int(
-        tokens * per_token * 2
-    )
-    assert planner(1).estimate(split, 16384, 8192) - planner(0).estimate(split, 16384, 8192) == int(tokens * per_token)
+    per_token = residual_channels(sd15) * 2  # fp16
+    for memory, batch in (("fast", 2), ("split", 1)):
+        none, one, two = (unet_phase(count, memory) for count in (0, 1, 2))
+        # the step holds each ControlNet's residuals (and their sum) besides the UNet's own activations
+        assert one - none == tokens * batch * activation_channels(sd15, 1) * 2
+        assert two - none == tokens * batch * activation_channels(sd15, 2) * 2
+        assert two - one > tokens * batch * per_token  # a second set of residuals at least
 
 
 def test_plan_includes_controlnets(runner, control_png: Path) -> None:

@@ -25,7 +25,9 @@ def test_tables_fit_columns_piped_breaking_between_fields_only(runner) -> None:
     assert max(len(line.rstrip()) for line in narrow.stdout.splitlines()) <= 60
     assert "| 6     | refine | 16384x16384 | 16384x4096" in wide.stdout  # a table where it fits
     flat = " ".join(narrow.stdout.split())
-    for field in ("size 16384x16384", "per process 16384x4096", "est. peak GiB 20.80", "VAE tiles of 320 px"):
+    planned = runner.invoke(app, ["plan", "--size", "16k", "--world-size", "4", "--json"])
+    peak = json.loads(planned.stdout)["stages"][-1]["estimated_peak_gib"]
+    for field in ("size 16384x16384", "per process 16384x4096", f"est. peak GiB {peak:.2f}", "VAE tiles of 320 px"):
         assert field in flat, field
     assert "stage 6: kind refine" in narrow.stdout and "sampler ddim, guidance 7.5" in narrow.stdout
 

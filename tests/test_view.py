@@ -335,7 +335,8 @@ def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(site: Path, renders: Path)
         "--port",
         "0",
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
         try:
             assert process.stdout is not None
             assert process.stdout.readline().startswith("file://")  # the site, then...
@@ -345,7 +346,13 @@ def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(site: Path, renders: Path)
                 assert b"a red and blue flag" in response.read()
         finally:
             process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0 and "stopped serving" in process.communicate()[1]
+            try:
+                _, said = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # say where it hung instead of waiting for the test's timeout
+                process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
+                _, said = process.communicate(timeout=30)
+                raise AssertionError(f"view --serve did not stop on SIGINT: {said}") from None
+        assert process.returncode == 0 and "stopped serving" in said, said
 
 
 def test_cli_start_up_does_not_load_libvips() -> None:

@@ -305,7 +305,12 @@ class MemoryPlanner:
         held = tokens * batch * self.control_channels * self.itemsize
         unet = self.cost.unet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
         unet += sum(self.cost.extra(key, cap, tokens, batch, self.itemsize) for key, cap in self.adapter_extras)
-        own = self.controlnets * self.cost.controlnet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
+        # the ControlNets run one after another: one's own pass at a time, besides the residuals already held
+        own = (
+            self.cost.controlnet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
+            if self.controlnets
+            else 0.0
+        )
         around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token
         latents = VAE_LATENT_COPIES * whole_latents  # in and out of the VAE: scaled, cast, its own dtype
         out = {
