@@ -277,8 +277,8 @@ def grid_rows(case: GridCase) -> list[dict[str, Any]]:
             {
                 **asdict(case),
                 "family": summary["family"],
-                "stage": stage["index"] + 1,
-                "size": stage["size"],
+                "stage": stage["stage"],
+                "size": f"{stage['width']}x{stage['height']}",
                 "estimate_gib": stage["estimated_peak_gib"],
                 "simulated_gib": simulated["peak_gib"],
                 "ratio": simulated["estimate_over_simulated"],
