@@ -336,7 +336,21 @@ def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(site: Path, renders: Path)
         "0",
     ]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+
+    def ctrl_c_as_a_terminal_has_it() -> None:
+        # A process started with SIGINT ignored keeps ignoring it (as under nohup) and Python then raises no
+        # KeyboardInterrupt; the test runner's worker processes can have it so, so the server is started as a
+        # shell would start it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=ctrl_c_as_a_terminal_has_it,
+    ) as process:
         try:
             assert process.stdout is not None
             assert process.stdout.readline().startswith("file://")  # the site, then...
