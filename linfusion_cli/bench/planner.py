@@ -171,15 +171,15 @@ def fit_arch(arch: str, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
     }
 
 
-def fit_vae(vae: nn.Module) -> list[float]:
+def fit_vae(vae: nn.Module, dtype: torch.dtype = torch.float16) -> list[float]:
     """The tiled VAE's costs (memory_model.VAE_COSTS): bytes per window pixel and dtype byte decoding, and what its
     statistics pass holds more per pixel (fp32 copies of half-precision GroupNorm inputs), then the same encoding.
-    Traced through TiledVAE itself in fp16, on images of two windows (one per batch) with its 64 px halo; the most
-    over two window sizes."""
+    Traced through TiledVAE itself in `dtype`, on images of two windows (one per batch) with its 64 px halo; the
+    most over two window sizes."""
     from ..engine.memory_plan import VAE_HALO
     from ..engine.vae import TiledVAE
 
-    vae = vae.half()
+    vae, item = vae.to(dtype), torch.finfo(dtype).bits // 8
     costs = [0.0] * 4
     for tile in FIT_TILES:
         for i, kind in enumerate(("decode", "encode")):
@@ -187,13 +187,13 @@ def fit_vae(vae: nn.Module) -> list[float]:
             tiler = TiledVAE(vae, tile=tile, overlap=VAE_HALO, memory_budget=1, host=MetaHost(trace))
             with torch.no_grad(), fused_attention(), trace:
                 if kind == "decode":
-                    tiler.decode(torch.empty(1, 4, tile // 8, tile // 4, device="meta", dtype=torch.float16))
+                    tiler.decode(torch.empty(1, 4, tile // 8, tile // 4, device="meta", dtype=dtype))
                 else:
-                    tiler.encode(torch.empty(1, 3, tile, 2 * tile, device="meta", dtype=torch.float16))
+                    tiler.encode(torch.empty(1, 3, tile, 2 * tile, device="meta", dtype=dtype))
             pixels = tile * min(2 * tile, tile + 2 * VAE_HALO)
             phases = {path.rsplit("/", 1)[-1]: r for path, r in trace.phases.items()}
             windows, stats = phases["windows"].own / pixels, phases["stats"].own / pixels
-            costs[2 * i] = max(costs[2 * i], round(windows / 2, 1))
+            costs[2 * i] = max(costs[2 * i], round(windows / item, 1))
             costs[2 * i + 1] = max(costs[2 * i + 1], round(stats - windows, 1))
     return costs
 
@@ -241,8 +241,8 @@ GRID_MODELS = {
 
 def default_grid() -> Iterator[GridCase]:
     """The grid of docs/benchmarks.md: each family at 16K (its stages give 512 px...16K) on every rung, SD-1.x also in
-    2:1 and 3:2 and the others in 3:2 on one rung; then guidance off, demofusion, a ControlNet, an IP-Adapter, and
-    world sizes 2, 4 and 8, each on its own."""
+    2:1 and 3:2 and the others in 3:2 on one rung; then guidance off, demofusion, a ControlNet, an IP-Adapter (not
+    for SD-2.x: h94/IP-Adapter has no weights for it), and world sizes 2, 4 and 8, each on its own."""
     for family, model in GRID_MODELS.items():
         aspects = ("1:1", "2:1", "3:2") if family == "sd1" else ("1:1",)
         for aspect, rung in itertools.product(aspects, ("fast", "chunked", "split", "frugal")):
@@ -252,7 +252,8 @@ def default_grid() -> Iterator[GridCase]:
         yield GridCase(model, "16k", memory="split", guidance=1.0)
         yield GridCase(model, "16k", memory="split", refine="demofusion")
         yield GridCase(model, "8k", memory="split", adapter="controlnet")
-        yield GridCase(model, "8k", memory="split", adapter="ip-adapter")
+        if family != "sd2":
+            yield GridCase(model, "8k", memory="split", adapter="ip-adapter")
         for world in (2, 4, 8):
             yield GridCase(model, "16k", memory="split", world=world)
 
