@@ -93,6 +93,16 @@ def test_every_command_ends_141_on_a_closed_pipe(tmp_path: Path) -> None:
         assert done.returncode == 141 and "Traceback" not in done.stderr, (args, done.stderr)
 
 
+def test_a_result_printed_to_a_closed_stdout_ends_141() -> None:
+    """`>&-`: Python starts with no stdout, where typer, click and rich printed into nothing and exited 0."""
+    for args in (["--version"], ["presets", "list"]):  # click's echo, rich's console
+        done = subprocess.run(
+            [sys.executable, "-m", "linfusion_cli", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1),
+        )  # fmt: skip
+        assert done.returncode == 141 and not done.stderr, (args, done.stderr)
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [

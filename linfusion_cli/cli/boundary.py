@@ -7,6 +7,8 @@ No torch at import time: `linfusion --help` and usage errors stay instant.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import itertools
 import json
 import logging
@@ -335,6 +337,32 @@ def emit_json(data: Any) -> None:
             raise
         _quiet_stdout()
         raise OutputClosedError("stdout was closed (its reader stopped, as | head does, or >&-)") from None
+
+
+STDOUT_FD = 1
+
+
+class ClosedStdout(io.TextIOBase):
+    """stdout for a process started with it closed (`>&-`), where Python gives None and typer, click and rich
+    would print a result into nothing and exit 0: the first write fails as a broken pipe does (141); a command
+    that prints nothing on stdout is not disturbed. Its descriptor, 1, is /dev/null: a file opened later must not
+    take fd 1 and receive what is printed, and rich's own broken-pipe handler points fd 1 at /dev/null too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != STDOUT_FD:
+            os.dup2(devnull, STDOUT_FD)
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(errno.EPIPE, "stdout is closed")
+
+    def fileno(self) -> int:
+        return STDOUT_FD
+
+    def isatty(self) -> bool:
+        return False
 
 
 class PipeAwareStdout:

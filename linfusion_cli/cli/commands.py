@@ -25,6 +25,7 @@ from ..core.replay import describe, job_from_sidecar
 from ..core.settings import FLAGS, coerce
 from .bench import bench_app
 from .boundary import (
+    ClosedStdout,
     Command,
     Group,
     PipeAwareStdout,
@@ -437,9 +438,8 @@ def info(
 def main() -> None:
     die_with_launcher()  # a process of a split image: not one second longer than the launcher that started it
     starting()
-    stdout = PipeAwareStdout(sys.stdout)
-    if sys.stdout is not None:  # None: started with stdout closed (>&-), which the commands handle themselves
-        sys.stdout = stdout  # type: ignore[assignment]
+    stdout = PipeAwareStdout(ClosedStdout() if sys.stdout is None else sys.stdout)  # None: started with >&-
+    sys.stdout = stdout  # type: ignore[assignment]
     try:
         app()
     except KeyboardInterrupt:
