@@ -104,15 +104,11 @@ def _extra_per_token(
     return round(out, 1)
 
 
+Run = Callable[[int, int | None], int]  # (side px, feed-forward chunk) -> activation bytes of one traced pass
+
+
 def fit_arch(arch: str, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
     """The coefficients of one architecture (memory_model.ARCH_COSTS and VAE_COSTS entries)."""
-    from diffusers import ControlNetModel
-
-    from ..base.settings import AdapterRef
-    from ..models.controlnet.patch import ControlNetPatch
-    from ..models.ip_adapter.adapter import build_meta
-    from ..models.ip_adapter.kind import IP_TOKEN_CHUNK
-
     family = _family(arch)
     model = arch if arch in ("tiny", "tiny-sd2", "tiny-sdxl") else GRID_MODELS[family.key]
     comps, _ = meta_components(model, family, dtype)
@@ -125,31 +121,58 @@ def fit_arch(arch: str, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
     def unet_run(side: int, chunk: int | None, **extra: Any) -> int:
         return _traced(unet, lambda: unet(**_unet_inputs(unet.config, side, dtype), **extra), chunk)
 
+    plain = functools.lru_cache(maxsize=None)(unet_run)  # the UNet alone, before the IP-Adapter is installed
+    controlnet, with_residuals = _controlnet_runs(unet, patch, unet_run, dtype)
+    costs = {
+        "unet": fit_pass(plain, scale, itemsize),
+        "controlnet": fit_pass(controlnet, scale, itemsize),
+        "residuals": _extra_per_token(with_residuals, plain, scale, itemsize),
+        "ip_adapter": _ip_adapter_extra(comps, plain, dtype, scale),
+    }
+    return {
+        "arch": arch,
+        **{k: asdict(v) if isinstance(v, PassCost) else v for k, v in costs.items()},
+        "vae_widths": list(comps.vae.config["block_out_channels"]),
+        "vae": fit_vae(comps.vae),
+    }
+
+
+def _controlnet_runs(unet: nn.Module, patch: Any, unet_run: Callable[..., int], dtype: torch.dtype) -> tuple[Run, Run]:
+    """A ControlNet made from the UNet (LinFusion-patched as the run patches it): its own pass traced, and the
+    UNet's pass traced with its residuals added."""
+    from diffusers import ControlNetModel
+
+    from ..models.controlnet.patch import ControlNetPatch
+
     with patch.original_attention(), torch.device("meta"):
         controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     controlnet.to(dtype)
     ControlNetPatch.apply(controlnet, patch)
 
-    def controlnet_out(side: int) -> Any:
+    def inputs(side: int) -> dict[str, Any]:
         image = torch.empty(1, 3, side, side, device="meta", dtype=dtype)
-        with torch.no_grad():
-            return controlnet(**_unet_inputs(unet.config, side, dtype), controlnet_cond=image)
+        return {**_unet_inputs(unet.config, side, dtype), "controlnet_cond": image}
 
-    def controlnet_run(side: int, chunk: int | None) -> int:
-        inputs = _unet_inputs(unet.config, side, dtype)
-        image = torch.empty(1, 3, side, side, device="meta", dtype=dtype)
-        return _traced(controlnet, lambda: controlnet(**inputs, controlnet_cond=image), chunk)
+    def own(side: int, chunk: int | None) -> int:
+        given = inputs(side)
+        return _traced(controlnet, lambda: controlnet(**given), chunk)
 
     def with_residuals(side: int, chunk: int | None) -> int:
-        down, mid = controlnet_out(side)
+        with torch.no_grad():
+            down, mid = controlnet(**inputs(side))
         return unet_run(side, chunk, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
 
-    plain = functools.lru_cache(maxsize=None)(unet_run)  # the UNet alone, before the IP-Adapter is installed
-    costs = {
-        "unet": fit_pass(plain, scale, itemsize),
-        "controlnet": fit_pass(controlnet_run, scale, itemsize),
-        "residuals": _extra_per_token(with_residuals, plain, scale, itemsize),
-    }
+    return own, with_residuals
+
+
+def _ip_adapter_extra(comps: Any, plain: Run, dtype: torch.dtype, scale: int) -> float:
+    """What h94/IP-Adapter's image attention adds to a UNet pass per top-level token (up to the query tokens
+    where its temporaries stop growing); the adapter is removed again after."""
+    from ..base.settings import AdapterRef
+    from ..models.ip_adapter.adapter import build_meta
+    from ..models.ip_adapter.kind import IP_TOKEN_CHUNK
+
+    unet = comps.unet
     adapter = build_meta(comps, AdapterRef("h94/IP-Adapter"))
     embeds = torch.empty(1, 1, int(adapter.encoder.config.projection_dim), device="meta", dtype=dtype)
 
@@ -159,16 +182,9 @@ def fit_arch(arch: str, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
         return _traced(unet, lambda: unet(**inputs), chunk)
 
     try:
-        costs["ip_adapter"] = _extra_per_token(with_ip, plain, scale, itemsize, cap=IP_TOKEN_CHUNK)
+        return _extra_per_token(with_ip, plain, scale, torch.finfo(dtype).bits // 8, cap=IP_TOKEN_CHUNK)
     finally:
         adapter.remove()
-    vae_costs = fit_vae(comps.vae)
-    return {
-        "arch": arch,
-        **{k: asdict(v) if isinstance(v, PassCost) else v for k, v in costs.items()},
-        "vae_widths": list(comps.vae.config["block_out_channels"]),
-        "vae": vae_costs,
-    }
 
 
 def fit_vae(vae: nn.Module, dtype: torch.dtype = torch.float16) -> list[float]:

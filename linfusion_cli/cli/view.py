@@ -32,67 +32,76 @@ VIEW_EXAMPLES = """[bold]Examples[/]
   linfusion view renders --jobs logs/task-0.jsonl --jobs logs/task-1.jsonl"""
 
 
+# the command's flags, declared apart so its signature stays readable
+SourceArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="IMAGE|FOLDER", help="An image, or a folder of images (a batch's --out).", show_default=False
+    ),
+]
+SiteOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Site folder \\[default: view/ in the folder, or beside the image]; reruns add what is new.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+ViewerJsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--viewer-js",
+        envvar="LINFUSION_VIEWER_JS",
+        metavar="cdn|URL|PATH",
+        help="Where pages get OpenSeadragon: cdn (6.1.1 from jsDelivr, pinned by an integrity hash; needs the "
+        "internet), a URL, or a local copy (openseadragon.min.js, its folder, the npm package) \\[default: "
+        "the copy shipped with linfusion, copied into the site: works offline].",
+        rich_help_panel=VIEW_PANEL,
+    ),
+]
+TilesOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="jpeg|webp",
+        help="Tile format: jpeg, or webp (a quarter of the disk space, five times slower to cut).",
+        rich_help_panel=VIEW_PANEL,
+        show_default=True,
+    ),
+]
+JobLogsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--jobs",
+        metavar="FILE",
+        help="A `batch --json` log whose failed jobs the sheet lists (repeatable; the folder's *.jsonl are read too).",
+        rich_help_panel=VIEW_PANEL,
+    ),
+]
+ServeOpt = Annotated[
+    bool,
+    typer.Option("--serve", help="Then serve the site on 127.0.0.1 until Ctrl-C.", rich_help_panel=VIEW_PANEL, **FLAG),
+]
+PortOpt = Annotated[
+    int,
+    typer.Option(
+        metavar="PORT", help="--serve's port (0: any free one).", rich_help_panel=VIEW_PANEL, show_default=True
+    ),
+]
+JsonOutOpt = Annotated[
+    bool, typer.Option("--json", help="The report as JSON on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG)
+]
+
+
 def view_command(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            metavar="IMAGE|FOLDER", help="An image, or a folder of images (a batch's --out).", show_default=False
-        ),
-    ],
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Site folder \\[default: view/ in the folder, or beside the image]; reruns add what is new.",
-            rich_help_panel=OUTPUT_PANEL,
-        ),
-    ] = None,
-    viewer_js: Annotated[
-        str | None,
-        typer.Option(
-            "--viewer-js",
-            envvar="LINFUSION_VIEWER_JS",
-            metavar="cdn|URL|PATH",
-            help="Where pages get OpenSeadragon: cdn (6.1.1 from jsDelivr, pinned by an integrity hash; needs the "
-            "internet), a URL, or a local copy (openseadragon.min.js, its folder, the npm package) \\[default: "
-            "the copy shipped with linfusion, copied into the site: works offline].",
-            rich_help_panel=VIEW_PANEL,
-        ),
-    ] = None,
-    tiles: Annotated[
-        str,
-        typer.Option(
-            metavar="jpeg|webp",
-            help="Tile format: jpeg, or webp (a quarter of the disk space, five times slower to cut).",
-            rich_help_panel=VIEW_PANEL,
-            show_default=True,
-        ),
-    ] = "jpeg",
-    jobs: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--jobs",
-            metavar="FILE",
-            help="A `batch --json` log whose failed jobs the sheet lists (repeatable; the folder's *.jsonl are read too).",
-            rich_help_panel=VIEW_PANEL,
-        ),
-    ] = None,
-    serve: Annotated[
-        bool,
-        typer.Option(
-            "--serve", help="Then serve the site on 127.0.0.1 until Ctrl-C.", rich_help_panel=VIEW_PANEL, **FLAG
-        ),
-    ] = False,
-    port: Annotated[
-        int,
-        typer.Option(
-            metavar="PORT", help="--serve's port (0: any free one).", rich_help_panel=VIEW_PANEL, show_default=True
-        ),
-    ] = DEFAULT_PORT,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="The report as JSON on stdout.", rich_help_panel=OUTPUT_PANEL, **FLAG)
-    ] = False,
+    source: SourceArg,
+    out: SiteOutOpt = None,
+    viewer_js: ViewerJsOpt = None,
+    tiles: TilesOpt = "jpeg",
+    jobs: JobLogsOpt = None,
+    serve: ServeOpt = False,
+    port: PortOpt = DEFAULT_PORT,
+    json_out: JsonOutOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Deep-zoom pages and a contact sheet for images: a static site that works from file:// or --serve."""
