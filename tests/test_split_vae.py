@@ -7,6 +7,7 @@ compares with references built before it was forked.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -14,18 +15,19 @@ import torch
 import torch.nn.functional as F
 from parallel_harness import compare, launch, ok_results
 
-from linfusion_cli.engine.parallel import Comm
+from linfusion_cli.engine.parallel import Bands, Comm
+from linfusion_cli.engine.rows import Banded
 from linfusion_cli.engine.splitting import ImageSplit
 from linfusion_cli.engine.vae import TiledVAE
 from linfusion_cli.engine.vae_tiles import Window, WindowShare
 from linfusion_cli.models.archs import ARCHS
+from linfusion_cli.models.tensors import upscale
 
 UNET = {"block_out_channels": [32, 64]}  # band edges on multiples of 2 latent rows
 HEIGHT, WIDTH = 264, 72  # px: 33 latent rows, ragged for 2 and 3 processes; 2 columns of tiles
-# px cores by group size: 5 rows of tiles over 2 processes, 3 over 3 (process bands end inside tiles); the
-# 2-process case also streams its statistics in several batches (a memory budget of a few windows a batch)
-TILES = {2: 64, 3: 88}
-SMALL_BUDGET = 3 << 20  # bytes
+NEXT = (120, 600)  # px of a next stage: 75 latent rows (ragged bands), 600/264 rows (no whole factor)
+TILE = 64  # px cores: 5 rows of 2 tiles, dealt 5/5 or 3/4/3 to the processes (some cross their rows' owners)
+SMALL_BUDGET = 3 << 20  # bytes: a window a batch; the 3-process case streams its statistics in several batches
 
 
 def vae_inputs() -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -42,17 +44,17 @@ def vae_inputs() -> tuple[Any, torch.Tensor, torch.Tensor]:
 def pooled_batches(vae: Any, world: int) -> list[list[Window]]:
     """The statistics pass's batches of a split decode streamed in several batches: each the windows every process
     runs of it, put together (the processes' parts in rank order)."""
-    share = WindowShare(0, world, *(None,) * 3, agree=lambda value: [value] * world)  # type: ignore[arg-type]
-    tiler = TiledVAE(vae, tile=TILES[world], overlap=16, share=share, memory_budget=SMALL_BUDGET)
-    windows = tiler._windows(HEIGHT, WIDTH, TILES[world], grid=8)
+    share = WindowShare(0, world, None, lambda value: [value] * world, None)  # type: ignore[arg-type]
+    tiler = TiledVAE(vae, tile=TILE, overlap=16, share=share, memory_budget=SMALL_BUDGET)
+    windows = tiler._windows(HEIGHT, WIDTH, TILE, grid=8)
     return [[w for part in batch for w in part] for batch in tiler._sample(windows, grid=8)]
 
 
 def reference(vae: Any, latents: torch.Tensor, image: torch.Tensor, world: int) -> dict[str, torch.Tensor]:
-    tiler = TiledVAE(vae, tile=TILES[world], overlap=16)
+    tiler = TiledVAE(vae, tile=TILE, overlap=16)
     out = {"decode": tiler.decode(latents), "encode": tiler.encode(image)}
-    if world == 2:  # one process streaming the statistics in the batches the split processes run together
-        streamed = TiledVAE(vae, tile=TILES[world], overlap=16, memory_budget=SMALL_BUDGET)
+    if world == 3:  # one process streaming the statistics in the batches the split processes run together
+        streamed = TiledVAE(vae, tile=TILE, overlap=16, memory_budget=SMALL_BUDGET)
         batches = pooled_batches(vae, world)
         assert len(batches) > 1 and max(map(len, batches)) == world and min(map(len, batches)) < world  # ghosts
         streamed._sample = lambda windows, grid: [[batch] for batch in batches]  # type: ignore[method-assign]
@@ -62,12 +64,30 @@ def reference(vae: Any, latents: torch.Tensor, image: torch.Tensor, world: int) 
 
 def vae_battery(comm: Comm, vae: Any, latents: torch.Tensor, image: torch.Tensor, ref: dict) -> dict[str, Any]:
     share = ImageSplit(comm, UNET).vae_share()
-    tiler = TiledVAE(vae, tile=TILES[comm.world], overlap=16, share=share)
+    tiler = TiledVAE(vae, tile=TILE, overlap=16, share=share)
     out: dict[str, Any] = {"decode": compare(tiler.decode(latents), ref["decode"])}
     out["encode"] = compare(tiler.encode(image), ref["encode"])
     if "streamed decode" in ref:
-        streamed = TiledVAE(vae, tile=TILES[comm.world], overlap=16, share=share, memory_budget=SMALL_BUDGET)
+        streamed = TiledVAE(vae, tile=TILE, overlap=16, share=share, memory_budget=SMALL_BUDGET)
         out["streamed decode"] = compare(streamed.decode(latents), ref["streamed decode"])
+    # rows held as the UNet's bands hold them (band edges fall inside tiles), out as each process's rows of tiles
+    comm.bands = bands = Bands.split(HEIGHT // 8, comm.world, 2)
+    held = tuple(bands.rows(r) for r in range(comm.world))
+    rows = tiler.decode_rows(Banded(comm.band(latents), held, comm.rank, HEIGHT // 8))
+    out["decode rows"] = compare(rows.tensor, ref["decode"][:, :, slice(*rows.span)])
+    pixels = tuple((a * 8, b * 8) for a, b in held)
+    rows = tiler.encode_rows(Banded(comm.band(image), pixels, comm.rank, HEIGHT))
+    out["encode rows"] = compare(rows.tensor, ref["encode"][:, :, slice(*rows.span)])
+    out["spans"] = [rows.held, tiler.rows_of(HEIGHT, WIDTH, "encode")]
+    # the hand-off: the decoded rows (as the tiles left them) upscaled to a stage of ragged bands, each process
+    # making the rows of its band and of its tiles
+    decoded = tiler.decode_rows(Banded(comm.band(latents), held, comm.rank, HEIGHT // 8))
+    split = ImageSplit(comm, UNET)
+    split.begin_stage(NEXT[1] // 8, NEXT[0] // 8)
+    needs = split.upscale_needs(TiledVAE(vae, tile=TILE, share=share).input_rows(NEXT[1], NEXT[0], "encode"))
+    up = split.upscale(decoded, *NEXT, needs)
+    out["upscale"] = compare(up.tensor, upscale(ref["decode"], *NEXT)[:, :, slice(*up.span)])
+    out["ragged"] = split.comm is not None and split.comm.geometry().ragged
     out["calls"] = dict(comm.stats.calls)
     return out
 
@@ -78,6 +98,11 @@ def test_split_tiled_vae_equals_one_process(world: int) -> None:
     with torch.no_grad():
         ref = reference(vae, latents, image, world)
     for result in ok_results(launch(world, vae_battery, vae, latents, image, ref, deadline_s=120)):
-        for name in ref:
+        assert result["ragged"]
+        for name in [*ref, "decode rows", "encode rows", "upscale"]:
             assert result[name]["rel"] < 1e-4, (name, result[name])  # fp32 reduction order only
+        held, spans = result["spans"]
+        assert list(held) == spans and spans[0][0] == 0 and spans[-1][1] == HEIGHT // 8  # a partition of the rows
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)) and len({b - a for a, b in spans}) > 1
         assert result["calls"]["vae stats"] > 0  # the statistics were pooled, not measured whole on each
+        assert result["calls"]["rows"] > 0 and result["calls"]["vae tiles"] > 0  # rows fetched, cores handed over

@@ -296,7 +296,9 @@ class Engine:
             per_step=text.per_step,
             input_size=None if init_image is None else (init_image.shape[1], init_image.shape[0]),
         )
-        image = None if init_image is None else to_device_image(init_image, self.device, self.vae_dtype())
+        image = None
+        if init_image is not None:  # every process of a split image has it whole
+            image = run.split.everywhere(to_device_image(init_image, self.device, self.vae_dtype()))
         final, records, stage_images = run_stages(run, image, keep_stages)
         if run.fp32_retries:
             events(

@@ -5,10 +5,13 @@ runs on a band of the image rather than the whole.
   GroupNorms and LinFusion attention exchange what they need (parallel.split_image), so the result is the
   one-process result to fp32 reduction-order error.
 - Noise is drawn whole from the seed on every process, which keeps its band: a seed gives the same image.
-- The tiled VAE: each process runs the statistics pass and the windows of its own rows of tiles, every
-  GroupNorm's statistics pooled over the processes as they are measured (so they are the whole image's); the
-  outputs are summed into the whole image (intermediate stages) or gathered as uint8 on the first process (the
-  last stage). Between stages the latents are put back together on every process (a few MB).
+- The tiled VAE: each process runs the statistics pass and its share of the windows, every GroupNorm's
+  statistics pooled over the processes as they are measured (so they are the whole image's), and holds the
+  output rows of its rows of tiles (vae_tiles.WindowShare). From stage to stage nothing is put back together:
+  the decoder fetches the latent rows under its tiles from the bands around it, the next stage's upscale makes on
+  each process the rows its tiles encode and its band needs from the decoded rows they read, and the UNet fetches
+  its band of the encoded latents (rows.py). Latents are gathered whole only for a stage that runs whole; the
+  last stage's uint8 rows go to the first process.
 - Everything every process must agree on (memory settings, VAE tiles, a request to stop) is agreed over the
   group before it is used, so the processes always run the same sequence of exchanges.
 - A stage too small to split (a base image of 64 latent rows over 8 processes: fewer than one multiple of the
@@ -21,7 +24,7 @@ With no group (or a group of one) every method is the identity: the one-process 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,11 +32,13 @@ from torch import nn
 
 from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
+from ..models.tensors import upscale_rows, upscale_source_rows
 from .host import Host
 from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
 from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, regroup, split_image
 from .parallel.comm import GATHER_ROOT
+from .rows import Banded, Span, fetch_rows
 from .vae import LATENT_SCALE
 from .vae_tiles import WindowShare
 
@@ -96,15 +101,67 @@ class ImageSplit:
         start, end = self.comm.geometry().rows(self.comm.rank)
         return slice(start * LATENT_SCALE, end * LATENT_SCALE)
 
-    def whole(self, band: torch.Tensor) -> torch.Tensor:
-        """The whole latents, on every process, from each process's band (unequal heights allowed)."""
+    def held(self, latents: torch.Tensor) -> Banded:
+        """A stage's denoised latents as rows of the whole: this process's band while the stage is split, the
+        whole latents (on every process) otherwise."""
         if self.comm is None:
-            return band
-        heights = self.comm.geometry().heights()
-        padded = band.new_zeros((*band.shape[:-2], max(heights), band.shape[-1]))
-        padded[..., : band.shape[-2], :] = band
-        parts = self.comm.all_gather(padded, "latents")
-        return torch.cat([part[..., :h, :] for part, h in zip(parts, heights, strict=True)], dim=-2)
+            return self.everywhere(latents)
+        bands = self.comm.geometry()
+        return Banded(latents, tuple(bands.rows(r) for r in range(bands.world)), self.comm.rank, bands.height)
+
+    def everywhere(self, whole: torch.Tensor) -> Banded:
+        """A tensor every process holds whole (an input image)."""
+        return Banded.whole(whole, *((self.group.world, self.group.rank) if self.group else (1, 0)))
+
+    def band_rows(self, rows: Banded) -> torch.Tensor:
+        """This stage's band of latents held in any rows (what the UNet runs on): its band while the stage is
+        split, the whole latents otherwise (gathered on every process: a stage too small to split)."""
+        if self.group is None:
+            return rows.tensor
+        if self.comm is None:
+            return self.fetch(rows, [(0, rows.height)] * self.group.world, "latents")
+        bands = self.comm.geometry()
+        return self.fetch(rows, [bands.rows(r) for r in range(self.group.world)], "latents").contiguous()
+
+    def upscale(self, image: Banded, width: int, height: int, needs: list[Span]) -> Banded:
+        """Rows needs[rank] of the image resized to width x height (models.tensors.upscale), on each process from
+        the rows it reads (fetched from those that hold them)."""
+        sources = [upscale_source_rows(rows, image.height, height) for rows in needs]
+        slab = self.fetch(image, sources, "upscale")
+        out = upscale_rows(slab, sources[image.rank][0], image.height, width, height, needs[image.rank])
+        return Banded(out, tuple(needs), image.rank, height)
+
+    def upscale_needs(self, encode_rows: list[Span]) -> list[Span]:
+        """The rows of the upscaled image each process needs: those its VAE tiles encode, and while the stage is
+        split its band's (a ControlNet conditions on it); the whole image while it runs whole."""
+        if self.group is None or self.comm is None:
+            return [(0, max(end for _, end in encode_rows))] * len(encode_rows)
+        bands = self.comm.geometry()
+        band = [(a * LATENT_SCALE, b * LATENT_SCALE) for a, b in (bands.rows(r) for r in range(self.group.world))]
+        return [(min(a, c), max(b, d)) if b > a else (c, d) for (a, b), (c, d) in zip(encode_rows, band, strict=True)]
+
+    def fetch(self, rows: Banded, needs: list[Span], kind: str) -> torch.Tensor:
+        """Rows needs[rank] on every process, from the rows each holds (rows.fetch_rows over the group)."""
+        group = self.group
+        if group is None:
+            return rows.tensor if needs[0] == rows.span else rows.rows(*needs[0])
+
+        def exchange(sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor]) -> None:
+            _exchange_on_device(group, sends, receives, kind)
+
+        return fetch_rows(rows, needs, exchange)
+
+    def gather(self, rows: Banded) -> torch.Tensor | None:
+        """The whole tensor on the first process (None on the others), from the rows each holds."""
+        if self.group is None:
+            return rows.tensor
+        needs = [(0, rows.height) if r == GATHER_ROOT else (0, 0) for r in range(self.group.world)]
+        whole = self.fetch(rows, needs, "gather")
+        return whole if self.writes else None
+
+    def all_finite(self, host: Host, tensor: torch.Tensor) -> bool:
+        """Whether every process's tensor is finite (all processes get the same answer)."""
+        return not self.agree_max(int(not host.all_finite(tensor)))
 
     @contextlib.contextmanager
     def models(self, *models: nn.Module) -> Iterator[None]:
@@ -132,16 +189,13 @@ class ImageSplit:
         if comm is None:
             return None
 
-        def combine(tensor: torch.Tensor) -> torch.Tensor:
-            return comm.all_reduce_(tensor, "vae")  # disjoint rows, zeros elsewhere: the sum is exact
-
-        def gather(band: torch.Tensor, rows: list[tuple[int, int]]) -> torch.Tensor | None:
-            return _gather_rows(comm, band, rows, self.host)
-
         def pool(counts: list[float], mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return pooled_groups(comm, counts, mean, m2)
 
-        return WindowShare(comm.rank, comm.world, combine, gather, pool, comm.agree_all)
+        def exchange(sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor], kind: str) -> None:
+            _exchange_on_device(comm, sends, receives, kind)
+
+        return WindowShare(comm.rank, comm.world, pool, comm.agree_all, exchange)
 
     def agree_max(self, value: int) -> int:
         """The largest of every process's `value` (memory settings: the most frugal any process needs)."""
@@ -215,22 +269,14 @@ class BandOps(LatentOps):
         return band_channel_stats(self.comm, x.float())
 
 
-def _gather_rows(comm: Comm, band: torch.Tensor, rows: list[tuple[int, int]], host: Host) -> torch.Tensor | None:
-    """uint8 row bands (H_r, W, 3) on the CPU -> the whole image on the first process (None elsewhere)."""
-    band = band.to(comm.device)
-    if comm.rank != GATHER_ROOT:
-        if band.shape[0]:
-            comm.exchange({GATHER_ROOT: band}, {}, "gather")
-        return None
-    height = max(end for _, end in rows)
-    whole = torch.empty((height, *band.shape[1:]), dtype=band.dtype, device=band.device)
-    buffers = {
-        peer: torch.empty((end - start, *band.shape[1:]), dtype=band.dtype, device=band.device)
-        for peer, (start, end) in enumerate(rows)
-        if peer != GATHER_ROOT and end > start
-    }
-    comm.exchange({}, buffers, "gather")
-    for peer, (start, end) in enumerate(rows):
-        if end > start:
-            whole[start:end] = band if peer == GATHER_ROOT else buffers[peer]
-    return host.download(whole, False)
+def _exchange_on_device(
+    comm: Comm, sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor], kind: str
+) -> None:
+    """comm.exchange for tensors anywhere (uint8 rows in CPU memory, with NCCL on GPUs): moved to the group's
+    device for the exchange, received ones copied back into their buffers."""
+    device = comm.device
+    buffers = {p: t if t.device == device else torch.empty_like(t, device=device) for p, t in receives.items()}
+    comm.exchange({p: t.to(device) for p, t in sends.items()}, buffers, kind)
+    for peer, target in receives.items():
+        if buffers[peer] is not target:
+            target.copy_(buffers[peer])

@@ -19,7 +19,6 @@ from ..base.job import Job
 from ..base.plan import Plan, StagePlan
 from ..models.adapter_kind import UNetExtra
 from ..models.devices import free_cached
-from ..models.tensors import upscale
 from . import memory
 from .memory import vae_budget
 from .memory_model import stage_shape
@@ -27,6 +26,7 @@ from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
 from .parallel import ParallelError
 from .refine import JobRefiner, RefineStage, StageGuide, refine_ratio
+from .rows import Banded
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .splitting import ImageSplit
@@ -95,7 +95,7 @@ class JobRun:
 
 
 def run_stages(
-    run: JobRun, image: torch.Tensor | None, keep_stages: bool
+    run: JobRun, image: Banded | None, keep_stages: bool
 ) -> tuple[np.ndarray | None, list[StageRecord], list[tuple[StagePlan, np.ndarray]]]:
     """Every stage of the job's plan in turn: the final uint8 image (None on a split image's other processes),
     each stage's record, and (keep_stages) each intermediate image as uint8."""
@@ -107,17 +107,19 @@ def run_stages(
         records.append(record)
         if out is not None:
             final = out
-        elif keep_stages and image is not None and run.split.writes:
-            host = run.engine.host
-            stage_images.append((stage, host.to_numpy(host.download(to_uint8(image)[0].permute(1, 2, 0), False))))
+        elif keep_stages and image is not None:
+            whole = run.split.gather(image)  # on the first process, which writes the files
+            if whole is not None:
+                host = run.engine.host
+                stage_images.append((stage, host.to_numpy(host.download(to_uint8(whole)[0].permute(1, 2, 0), False))))
     if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
         raise RuntimeError("the plan has no stages")
     return final, records, stage_images
 
 
 def run_stage(
-    run: JobRun, stage: StagePlan, image: torch.Tensor | None
-) -> tuple[torch.Tensor | None, np.ndarray | None, StageRecord]:
+    run: JobRun, stage: StagePlan, image: Banded | None
+) -> tuple[Banded | None, np.ndarray | None, StageRecord]:
     """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
     with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage.
 
@@ -194,13 +196,17 @@ def _out_of_memory(stage: StagePlan, settings: MemorySettings, who: str, frugal:
     )
 
 
-def _stage_extras(run: JobRun, stage: StagePlan, control: torch.Tensor | None) -> tuple[UNetExtra, ...]:
+def _stage_extras(run: JobRun, stage: StagePlan, control: Banded | None) -> tuple[UNetExtra, ...]:
     """The adapters' additions to this stage's UNet calls; on a split image, each on this process's rows (an
-    extra that reads the image, a ControlNet's, has `band(rows)`)."""
-    extras = [adapter.stage_extra(stage, control) for adapter in run.engine.adapters]
+    extra that reads the image, a ControlNet's, has `band(rows, height)`). `control`: the upscaled image's rows
+    (those of this process's band while the stage is split)."""
     rows = run.split.pixel_rows()
+    image = None if control is None else control.rows(rows.start or 0, rows.stop or stage.height)
+    extras = [adapter.stage_extra(stage, image) for adapter in run.engine.adapters]
     return tuple(
-        extra.band(rows) if run.split.active and hasattr(extra, "band") else extra for extra in extras if extra
+        extra.band(rows, stage.height) if run.split.active and hasattr(extra, "band") else extra
+        for extra in extras
+        if extra
     )
 
 
@@ -229,10 +235,11 @@ def _tiler(run: JobRun, stage: StagePlan, settings: MemorySettings) -> TiledVAE:
 
 
 def _run_stage(
-    run: JobRun, stage: StagePlan, image: torch.Tensor | None, settings: MemorySettings
-) -> tuple[torch.Tensor | None, np.ndarray | None, int | None]:
-    """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image
-    for the next stage, or for the last stage the CPU uint8 image, and the VAE tile it used (None: untiled)."""
+    run: JobRun, stage: StagePlan, image: Banded | None, settings: MemorySettings
+) -> tuple[Banded | None, np.ndarray | None, int | None]:
+    """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image's
+    rows this process holds for the next stage, or for the last stage the CPU uint8 image (on the first
+    process of a split image), and the VAE tile it used (None: untiled)."""
     engine, job, host = run.engine, run.job, run.engine.host
     memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules(), each=host.each)
     tiler = _tiler(run, stage, settings)
@@ -265,19 +272,18 @@ def _run_stage(
                 on_step,
                 start.guide,
             )
-        latents = run.split.whole(latents)  # a split image's bands put together, on every process
-        if not host.all_finite(latents):
+        if not run.split.all_finite(host, latents):
             raise NumericalError(f"stage {stage.index + 1} produced NaN/inf latents (try --dtype fp32 or bf16)")
-        latents = run.refiner.finished(latents)
+        latents = run.refiner.finished(latents, run.split.latent_ops())
+        held = run.split.held(latents.to(engine.vae_dtype()))  # this band's rows (split) or the whole latents
 
         # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last (on a
-        #    split image, each process decodes its rows and the first one gets the whole image).
-        latents = latents.to(engine.vae_dtype())
+        #    split image, each process decodes its rows of tiles, and the first one gets the whole image).
         with host.phase("vae decode"):
             if stage is run.plan.stages[-1]:
-                pixels = tiler.decode_to_uint8(latents)
+                pixels = run.split.gather(tiler.decode_rows_to_uint8(held))
                 return None, None if pixels is None else host.to_numpy(pixels), vae_tile
-            return tiler.decode(latents), None, vae_tile
+            return tiler.decode_rows(held), None, vae_tile
     finally:
         run.fp32_retries += tiler.fp32_retries
 
@@ -290,9 +296,7 @@ class _Start:
     guide: StageGuide | None = None
 
 
-def _starting_latents(
-    run: JobRun, stage: StagePlan, image: torch.Tensor | None, tiler: TiledVAE, scheduler: Any
-) -> _Start:
+def _starting_latents(run: JobRun, stage: StagePlan, image: Banded | None, tiler: TiledVAE, scheduler: Any) -> _Start:
     """A base stage's noise, or a refine stage's upscaled image encoded and noised to its strength (with the
     refine method's guide for the stage)."""
     engine, device, seed, host = run.engine, run.engine.device, run.seed, run.engine.host
@@ -305,18 +309,19 @@ def _starting_latents(
         return _Start(latents, timesteps, _stage_extras(run, stage, None))
     if image is None:
         raise RuntimeError(f"refine stage {stage.index} has no image to start from")
-    with host.phase("upscale"):
-        image = upscale(image, stage.width, stage.height)
+    with host.phase("upscale"):  # on a split image each process makes the rows it encodes and its band's
+        needs = run.split.upscale_needs(tiler.input_rows(stage.height, stage.width, "encode"))
+        image = run.split.upscale(image, stage.width, stage.height, needs)
     extras = _stage_extras(run, stage, image)  # a tile ControlNet conditions on the upscaled image
     with host.phase("vae encode"):
-        encoded = tiler.encode(image).float()
+        rows = tiler.encode_rows(image)
     del image
-    run.refiner.encoded(encoded)
+    encoded = run.split.band_rows(rows).float()
+    run.refiner.encoded(encoded, run.split.latent_ops())
     timesteps = stage_timesteps(scheduler, run.plan.schedule_steps, stage.steps, clock, img2img=True)
     if stage.steps == 0:
-        return _Start(band(encoded), timesteps[:0], extras)
+        return _Start(encoded, timesteps[:0], extras)
     noise = band(initial_noise(latent_shape, seed + stage.index, device))
-    encoded = band(encoded)
     latents = scheduler.add_noise(encoded, noise, timesteps[:1])
     guide = run.refiner.guide(
         RefineStage(

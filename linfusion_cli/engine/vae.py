@@ -13,9 +13,9 @@ get different tone curves. Here every GroupNorm uses statistics of the whole ima
    the result does not depend on which batch came first. Huge images use an evenly spread sample of tiles
    (all of an image up to memory_model.SAMPLE_MIN_PIXELS, else SAMPLE_FRACTION of it); what the sample misses of the
    image's large-scale content becomes a small *uniform* tone offset, never a seam. A split image's processes
-   each run their own rows' share of the sample, a batch on each at once, every GroupNorm's statistics pooled
-   over them as measured: one batch of all windows gives the whole image's statistics exactly, as one process
-   does, and streamed batches hold the processes' windows together (more per batch than one process's).
+   each run their share of the windows and of the sample, a batch on each at once, every GroupNorm's statistics
+   pooled over them as measured: one batch of all windows gives the whole image's statistics exactly, as one
+   process does; streamed batches hold the processes' windows together (more per batch than one process's).
 3. Output pass. Each tile runs alone with every GroupNorm fixed to those statistics; its core is written out.
    With a halo covering the convolutions' effective reach, cores match the untiled result.
 
@@ -30,9 +30,8 @@ output is not finite (SDXL's VAE overflows in fp16) is redone with an fp32 copy 
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,22 +41,18 @@ from .host import Host
 from .memory import auto_vae_tile, vae_windows_per_batch
 from .memory_model import stats_sample
 from .memory_plan import tile_used
-from .vae_stats import NormControl
-from .vae_tiles import Window, WindowShare, spread, tile_windows
+from .rows import Banded, Exchange, Span, fetch_rows
+from .vae_pass import TileCallback, WindowPasses
+from .vae_tiles import HandOver, Window, WindowShare, core_rows, extent, sample_batches, tile_windows
 
 LATENT_SCALE = 8  # SD VAEs: 3 downsamples
 DEFAULT_HALO_PX = 64  # context around each tile core, image px (8 latent px)
 
-TileCallback = Callable[[str, int, int], None]  # (kind "encode"/"decode"/"stats", done, total)
+Write = Callable[[slice, slice, torch.Tensor], None]  # (output rows, columns, a core) into what this process holds
+GATHER_RANK = 0  # the process that gets a split image's whole uint8 image
 
 
-# --- GroupNorm with external statistics ----------------------------------------------------------------------
-
-
-# --- the tiled VAE -------------------------------------------------------------------------------------------
-
-
-class TiledVAE:
+class TiledVAE(WindowPasses):
     """Tiled encode/decode for a diffusers AutoencoderKL with whole-image GroupNorm statistics.
 
     tile: tile core side in image px (None: automatic from free memory, untiled when the image fits).
@@ -65,8 +60,9 @@ class TiledVAE:
     memory_budget: bytes the VAE may use when choosing automatic tiles and statistics batches.
     fp32_vae: returns an fp32 copy of the VAE for tiles that overflow in half precision (default: a deep copy
     made on first need); an engine that builds a tiler per stage passes one shared copy.
-    share: one process's part of a split image: only its tiles' outputs are written (elsewhere zeros; the
-    caller sums the processes' results), an untiled image only by process 0.
+    share: one process's part of a split image (vae_tiles.WindowShare): it computes its share of the windows and
+    holds the output rows of its rows of tiles; the `*_rows` methods take and give rows so held (rows.Banded).
+    An image that fits one tile runs whole on every process.
     host: what the work asks of the host (finite checks, copies to CPU memory, loops; engine/host.py).
     `encode` takes images (B, 3, H, W) in [-1, 1] and returns scaled latents; `decode` is its inverse.
     """
@@ -100,55 +96,90 @@ class TiledVAE:
     # public API --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8), scaled (and shifted) as the UNet expects."""
-        if images.shape[-1] % LATENT_SCALE or images.shape[-2] % LATENT_SCALE:
-            raise ValueError(f"image sides must be multiples of {LATENT_SCALE}, got {tuple(images.shape[-2:])}")
-        dtype = self._dtype()
-        return torch.cat([self._encode_one(img[None].to(dtype)) for img in images])
+        """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8), scaled (and shifted) as the UNet expects. Shared
+        (a split image), every process gives the whole image and gets the whole latents."""
+        return torch.cat([self._whole(self.encode_rows(self._held_whole(img[None]))) for img in images])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1] (unclamped with clamp=False, for fidelity
-        measurements), on the VAE's device and dtype."""
-        outs = []
-        for z in latents:
-            h, w = z.shape[-2] * LATENT_SCALE, z.shape[-1] * LATENT_SCALE
-            shared = self.share is not None and self.tile_for(h, w) is not None
-            out = (torch.zeros if shared else torch.empty)((1, 3, h, w), device=z.device, dtype=self._dtype())
-
-            def write(ys: slice, xs: slice, pixels: torch.Tensor, _out: torch.Tensor = out) -> None:
-                _out[:, :, ys, xs] = pixels
-
-            self._decode_one(z[None], write)
-            if shared and self.share is not None:
-                self.share.combine(out)  # each process decoded its rows: every process gets the whole image
-            outs.append(out.clamp_(-1, 1) if clamp else out)
-        return torch.cat(outs)
+        measurements), on the VAE's device and dtype. Shared, whole latents in and the whole image out on every
+        process."""
+        return torch.cat([self._whole(self.decode_rows(self._held_whole(z[None]), clamp)) for z in latents])
 
     @torch.no_grad()
     def decode_to_uint8(self, latents: torch.Tensor) -> torch.Tensor | None:
         """Scaled latents (1, 4, h, w) -> CPU uint8 image (H, W, 3), moved off the device tile by tile. Shared
         (a split image), each process decodes its rows and the first gets the whole image (None elsewhere)."""
-        z = latents[:1]
-        h, w = z.shape[-2] * LATENT_SCALE, z.shape[-1] * LATENT_SCALE
-        tile = self.tile_for(h, w)
-        share = self.share if tile is not None else None
-        bands = [(0, h)]
-        if share is not None:
-            windows = self._windows(h, w, tile or 0, grid=LATENT_SCALE)
-            bands = [share.rows(windows, LATENT_SCALE, rank) for rank in range(share.world)]
-        start, end = bands[share.rank if share is not None else 0]
-        pin = z.device.type == "cuda"
-        out = self.host.host_buffer((end - start, w, 3), torch.uint8, pin)
+        rows = self.decode_rows_to_uint8(self._held_whole(latents[:1]))
+        if self.share is None:
+            return rows.tensor
+        needs = [(0, rows.height) if r == GATHER_RANK else (0, 0) for r in range(self.share.world)]
+        whole = fetch_rows(rows, needs, self._exchange("gather"))
+        return whole if self.share.rank == GATHER_RANK else None
+
+    @torch.no_grad()
+    def encode_rows(self, images: Banded) -> Banded:
+        """Image rows (1, 3, h, W) in [-1, 1], held across a split image's processes (or whole) -> scaled latents,
+        each process holding the rows of its tiles' cores (rows_of)."""
+        if images.height % LATENT_SCALE or images.tensor.shape[-1] % LATENT_SCALE:
+            shape = (images.height, images.tensor.shape[-1])
+            raise ValueError(f"image sides must be multiples of {LATENT_SCALE}, got {shape}")
+        return self._encode_one(replace(images, tensor=images.tensor.to(self._dtype())))
+
+    @torch.no_grad()
+    def decode_rows(self, latents: Banded, clamp: bool = True) -> Banded:
+        """Scaled latent rows held across a split image's processes (or whole) -> image rows in [-1, 1] (the
+        VAE's device and dtype), each process holding the rows of its tiles' cores (rows_of)."""
+        height, width = latents.height * LATENT_SCALE, latents.tensor.shape[-1] * LATENT_SCALE
+        start, end = self.rows_of(height, width, "decode")[self._rank()]
+        out = torch.empty((1, 3, end - start, width), device=latents.tensor.device, dtype=self._dtype())
 
         def write(ys: slice, xs: slice, pixels: torch.Tensor) -> None:
-            rows = slice(ys.start - start if ys.start is not None else None, ys.stop - start if ys.stop else None)
-            out[rows, xs] = self.host.download(to_uint8(pixels)[0].permute(1, 2, 0), pin)
+            out[:, :, ys.start - start : ys.stop - start, xs] = pixels
 
-        self._decode_one(z, write)
+        held = self._decode_one(latents, write)
+        return Banded(out.clamp_(-1, 1) if clamp else out, held, self._rank(), height)
+
+    @torch.no_grad()
+    def decode_rows_to_uint8(self, latents: Banded) -> Banded:
+        """Scaled latent rows -> CPU uint8 image rows (h, W, 3), moved off the device tile by tile; each process
+        holds the rows of its tiles' cores (rows_of)."""
+        height, width = latents.height * LATENT_SCALE, latents.tensor.shape[-1] * LATENT_SCALE
+        start, end = self.rows_of(height, width, "decode")[self._rank()]
+        pin = latents.tensor.device.type == "cuda"
+        out = self.host.host_buffer((end - start, width, 3), torch.uint8, pin)
+
+        def write(ys: slice, xs: slice, pixels: torch.Tensor) -> None:
+            out[ys.start - start : ys.stop - start, xs] = self.host.download(to_uint8(pixels)[0].permute(1, 2, 0), pin)
+
+        held = self._decode_one(latents, write)
         if pin:
-            torch.cuda.synchronize(z.device)
-        return out if share is None else share.gather(out, bands)
+            torch.cuda.synchronize(latents.tensor.device)
+        return Banded(out, held, self._rank(), height, dim=0)
+
+    def rows_of(self, height: int, width: int, kind: str) -> list[Span]:
+        """The output rows each process holds after an encode or decode of an image (height x width px): the
+        cores of the rows of tiles it owns; all of them on every process when the image is not tiled."""
+        tile = self.tile_for(height, width)
+        out_height = height // LATENT_SCALE if kind == "encode" else height
+        if self.share is None or tile is None:
+            return [(0, out_height)] * (self.share.world if self.share else 1)
+        grid = 1 if kind == "encode" else LATENT_SCALE
+        windows = self._windows(height, width, tile, grid)
+        scale = 1 / LATENT_SCALE if kind == "encode" else LATENT_SCALE
+        return [self.share.rows(windows, scale, rank) for rank in range(self.share.world)]
+
+    def input_rows(self, height: int, width: int, kind: str) -> list[Span]:
+        """The input rows each process's windows read in an encode or decode of an image (height x width px): an
+        image's rows (encode) or latent rows (decode); all of them when the image is not tiled."""
+        grid = 1 if kind == "encode" else LATENT_SCALE
+        tile = self.tile_for(height, width)
+        world = self.share.world if self.share else 1
+        if self.share is None or tile is None:
+            return [(0, height // grid)] * world
+        windows = self._windows(height, width, tile, grid)
+        return [extent(windows, self.share.mine(windows, rank)) for rank in range(world)]
 
     # geometry -----------------------------------------------------------------------------------------------
     def tile_for(self, height: int, width: int) -> int | None:
@@ -171,40 +202,45 @@ class TiledVAE:
         process `rank` runs of batch i (one process: all of it). A split image's processes each sample their own
         windows, as many as their share of the one-process sample (memory_model.stats_sample); they run the same
         number of batches (some possibly empty), each process's part of a batch at most what one batch holds."""
-        owners = [sorted(self.share.mine(windows, r)) for r in range(self.share.world)] if self.share else []
-        owned = [[windows[i] for i in own] for own in owners] or [windows]
+        owned = (
+            [[windows[i] for i in self.share.mine(windows, r)] for r in range(self.share.world)] if self.share else []
+        )
         win_px = windows[0].height * windows[0].width * grid * grid
         core_px = sum((w.core[2] - w.core[0]) * (w.core[3] - w.core[1]) for w in windows) * grid * grid
         fit = vae_windows_per_batch(self.vae.config, self._dtype(), self._device(), win_px, self.memory_budget)
         take, per_batch = stats_sample(len(windows), core_px, fit)
-        chosen = [[own[i] for i in spread(len(own), math.ceil(take * len(own) / len(windows)))] for own in owned]
         if self.share is not None:  # the same batches on every process: the smallest any of them can afford
             per_batch = min(self.share.agree(per_batch))
-        count = max(math.ceil(len(part) / per_batch) for part in chosen)
-        return [[part[i::count] for part in chosen] for i in range(count)]  # interleaved: each spans its rows
+        return sample_batches(owned or [windows], take, len(windows), per_batch)
 
     # internals ----------------------------------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    def _device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
     def _config(self, key: str, default: float | None) -> float | None:
         value = self.vae.config.get(key, default)
         return default if value is None else float(value)
 
-    def _fp32_vae(self) -> Any:
-        if self._fp32 is None:
-            self._fp32 = self._fp32_source() if self._fp32_source else copy.deepcopy(self.vae).float()
-        return self._fp32
+    def _rank(self) -> int:
+        return self.share.rank if self.share is not None else 0
 
-    def _progress(self, kind: str, done: int, total: int) -> None:
-        if self.on_tile is not None:
-            self.on_tile(kind, done, total)
+    def _held_whole(self, x: torch.Tensor) -> Banded:
+        return Banded.whole(x, self.share.world if self.share else 1, self._rank())
 
-    def _encode_one(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
+    def _whole(self, rows: Banded) -> torch.Tensor:
+        """The whole tensor on every process, from the rows each holds."""
+        if self.share is None or rows.is_whole:
+            return rows.tensor
+        return fetch_rows(rows, [(0, rows.height)] * self.share.world, self._exchange("rows"))
+
+    def _exchange(self, kind: str) -> Exchange:
+        share = self.share
+        assert share is not None
+
+        def exchange(sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor]) -> None:
+            share.exchange(sends, receives, kind)
+
+        return exchange
+
+    def _encode_one(self, image: Banded) -> Banded:
+        height, width = image.height, image.tensor.shape[-1]
         tile = self.tile_for(height, width)
         scale, shift = self._config("scaling_factor", 0.18215), self._config("shift_factor", None)
 
@@ -214,26 +250,33 @@ class TiledVAE:
                 moments = vae.quant_conv(moments)
             return moments[:, : moments.shape[1] // 2]  # the posterior mean
 
+        channels = int(self.vae.config.get("latent_channels", 4))
+        start, end = self.rows_of(height, width, "encode")[self._rank()]
+        shape = (1, channels, end - start, width // LATENT_SCALE)
+        out = torch.empty(shape, device=image.tensor.device, dtype=image.tensor.dtype)
+
+        def write(ys: slice, xs: slice, piece: torch.Tensor) -> None:
+            out[:, :, ys.start - start : ys.stop - start, xs] = piece
+
         if tile is None:
-            self._progress("encode", 0, 1)
-            mean = self._guarded(run, image, "encode")
-            self._progress("encode", 1, 1)
+            held = self._untiled(image, run, "encode", write)
         else:
             windows = self._windows(height, width, tile, grid=1)
-            channels = int(self.vae.config.get("latent_channels", 4))
-            mean = self._tiled(image, windows, grid=1, run=run, out_grid=LATENT_SCALE, kind="encode", channels=channels)
-        mean = mean.float()
+            held = self._tiled(image, windows, grid=1, run=run, out_grid=LATENT_SCALE, kind="encode", write=write)
+        mean = out.float()
         if shift is not None:
             mean = mean - shift
-        return (mean * scale).to(image.dtype)  # type: ignore[operator]
+        latents = (mean * scale).to(image.tensor.dtype)  # type: ignore[operator]
+        return Banded(latents, held, self._rank(), height // LATENT_SCALE)
 
-    def _decode_one(self, z: torch.Tensor, write: Callable[[slice, slice, torch.Tensor], None]) -> None:
+    def _decode_one(self, z: Banded, write: Write) -> tuple[Span, ...]:
+        """Decode latent rows, writing the image rows this process holds; returns the rows each one holds."""
         scale, shift = self._config("scaling_factor", 0.18215), self._config("shift_factor", None)
-        z = z.float() / scale  # type: ignore[operator]
+        x = z.tensor.float() / scale  # type: ignore[operator]
         if shift is not None:
-            z = z + shift
-        z = z.to(self._dtype())
-        height, width = z.shape[-2] * LATENT_SCALE, z.shape[-1] * LATENT_SCALE
+            x = x + shift
+        z = replace(z, tensor=x.to(self._dtype()))
+        height, width = z.height * LATENT_SCALE, z.tensor.shape[-1] * LATENT_SCALE
 
         def run(vae: Any, x: torch.Tensor) -> torch.Tensor:
             if getattr(vae, "post_quant_conv", None) is not None:
@@ -242,66 +285,59 @@ class TiledVAE:
 
         tile = self.tile_for(height, width)
         if tile is None:
-            self._progress("decode", 0, 1)
-            write(slice(None), slice(None), self._guarded(run, z, "decode"))
-            self._progress("decode", 1, 1)
-            return
+            return self._untiled(z, run, "decode", write)
         windows = self._windows(height, width, tile, grid=LATENT_SCALE)
-        self._tiled(z, windows, grid=LATENT_SCALE, run=run, out_grid=1 / LATENT_SCALE, kind="decode", write=write)
+        return self._tiled(
+            z, windows, grid=LATENT_SCALE, run=run, out_grid=1 / LATENT_SCALE, kind="decode", write=write
+        )
 
-    def _guarded(
-        self, run: Callable[[nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor, kind: str
-    ) -> torch.Tensor:
-        """Run the VAE; if the result is not finite in half precision, run it again in fp32."""
-        out = run(self.vae, x)
-        if x.dtype != torch.float32 and not self.host.all_finite(out):
-            self.fp32_retries += 1
-            out = run(self._fp32_vae(), x.float()).to(x.dtype)
-        return out
+    def _untiled(
+        self, x: Banded, run: Callable[[nn.Module, torch.Tensor], torch.Tensor], kind: str, write: Write
+    ) -> tuple[Span, ...]:
+        """An image that fits one tile, run whole (on every process of a split image: it is small)."""
+        whole = self._whole(x)
+        self._progress(kind, 0, 1)
+        out = self._guarded(run, whole, kind)
+        write(slice(0, out.shape[-2]), slice(None), out)
+        self._progress(kind, 1, 1)
+        return ((0, out.shape[-2]),) * (self.share.world if self.share else 1)
 
     def _tiled(
         self,
-        x: torch.Tensor,
+        x: Banded,
         windows: list[Window],
         *,
         grid: int,
         run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         out_grid: float,
         kind: str,
-        write: Callable[[slice, slice, torch.Tensor], None] | None = None,
-        channels: int = 0,
-    ) -> torch.Tensor:
-        """Statistics pass over a sample of windows, then every window with those statistics."""
-        result: list[torch.Tensor] = []
-        mine = set(range(len(windows))) if self.share is None else self.share.mine(windows)
+        write: Write,
+    ) -> tuple[Span, ...]:
+        """Statistics pass over a sample of windows, then every window with those statistics. A split image's
+        process fetches the input rows its windows read, computes its windows, and writes the cores of the rows of
+        tiles it owns (the others' cores travel to their owners). Returns the output rows each process holds."""
+        share, rank = self.share, self._rank()
+        computes = [share.mine(windows, r) for r in range(share.world)] if share else [list(range(len(windows)))]
+        needs = [extent(windows, ids) for ids in computes]
+        local = x.tensor if share is None else fetch_rows(x, needs, self._exchange("rows"))
+        top = needs[rank][0]
         index = {id(w): i for i, w in enumerate(windows)}
-        if self.share is not None and write is None:  # shared: the others' rows stay 0 until combined
-            shape = (1, channels, round(x.shape[-2] / out_grid), round(x.shape[-1] / out_grid))
-            result.append(torch.zeros(shape, device=x.device, dtype=x.dtype))
+        hand_over = None if share is None else HandOver(share, windows, out_grid, self._like(out_grid, local))
 
         def emit(w: Window, tile_out: torch.Tensor) -> None:
-            if index[id(w)] not in mine:
-                return
             cy, cx = w.core_slices(1 / out_grid)
             piece = tile_out[:, :, cy, cx]
-            oy = slice(round((w.y0 + w.core[0]) / out_grid), round((w.y0 + w.core[2]) / out_grid))
-            ox = slice(round((w.x0 + w.core[1]) / out_grid), round((w.x0 + w.core[3]) / out_grid))
-            if write is not None:
-                write(oy, ox, piece)
-                return
-            if not result:
-                shape = (1, piece.shape[1], round(x.shape[-2] / out_grid), round(x.shape[-1] / out_grid))
-                result.append(torch.empty(shape, device=x.device, dtype=piece.dtype))
-            result[0][:, :, oy, ox] = piece
+            if hand_over is None or not hand_over.keep(index[id(w)], piece):
+                write(*core_rows(w, out_grid), piece)
 
         def crop(ws: list[Window]) -> torch.Tensor:
             """The windows' crops as one batch. None (a process of a split image with no window in a batch of the
             statistics pass): one window of zeros, which counts for nothing but runs every GroupNorm's exchange."""
             if not ws:
-                return x.new_zeros((1, x.shape[1], windows[0].height, windows[0].width))
-            return torch.cat([x[:, :, w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in ws])
+                return local.new_zeros((1, local.shape[1], windows[0].height, windows[0].width))
+            return torch.cat([local[:, :, w.y0 - top : w.y0 - top + w.height, w.x0 : w.x0 + w.width] for w in ws])
 
-        own = sorted(mine)
+        own = computes[rank]
         self._progress(kind, 0, len(own))  # the bar shows from the start, before the statistics pass
         batches = self._sample(windows, grid)
         # When one batch holds every window, its pooled statistics *are* the whole image's, so the
@@ -313,79 +349,21 @@ class TiledVAE:
             control.next_round("apply")
             with control.installed(self.vae), self.host.phase("windows"):
                 done = 0
-                for done, i in enumerate(self.host.each(own), 1):  # the windows this process owns (all, unsplit)
+                for done, i in enumerate(self.host.each(own), 1):  # the windows this process computes
                     emit(windows[i], self._apply_guarded(control, run, crop([windows[i]]), kind))
                     self._progress(kind, done, len(own))
                 if done < len(own):  # a simulation runs one window for all
                     self._progress(kind, len(own), len(own))
-        if self.share is not None and write is None:
-            self.share.combine(result[0])  # every process's rows, on every process
-        return result[0] if result else x.new_empty(0)
+        if hand_over is not None:  # the cores computed here of rows another process holds go to it, and back
+            hand_over.finish(write)
+        if share is None:
+            return ((0, round(x.height / out_grid)),)
+        return tuple(share.rows(windows, 1 / out_grid, r) for r in range(share.world))
 
-    def _statistics(
-        self,
-        batches: list[list[list[Window]]],
-        crop: Callable[[list[Window]], torch.Tensor],
-        run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-        emit: Callable[[Window, torch.Tensor], None] | None,
-        kind: str,
-        total: int,
-    ) -> tuple[NormControl, bool]:
-        """The statistics pass (batches[i][rank]: see _sample); with `emit` (one batch of every window), also the
-        output.
-
-        Several batches take two rounds: running statistics first, then the same windows again normalised
-        with that first estimate, collecting statistics that no longer depend on which batch came first.
-        Returns the control (its `collected` are the result) and whether every output was written.
-        Statistics that overflow in half precision are recomputed with an fp32 VAE.
-        """
-        rounds = ["stream"] if len(batches) == 1 else ["stream", "refine"]
-        rank = self.share.rank if self.share is not None else 0
-        window = next(w for batch in batches for part in batch for w in part)
-        for vae in (self.vae, None):
-            if vae is None:
-                if self._dtype() == torch.float32:
-                    break
-                self.fp32_retries += 1
-                vae, emit = self._fp32_vae(), None
-            control = NormControl(window_hw=(window.height, window.width))
-            if self.share is not None:
-                control.pool = self.share.pool
-            wrote_all = emit is not None
-            with control.installed(vae):
-                for r, mode in enumerate(self.host.each(rounds)):
-                    if r:
-                        control.next_round(mode)
-                    for i, batch in enumerate(self.host.each(batches, [len(b[rank]) or 1 for b in batches])):
-                        control.windows, control.peers = batch[rank], batch
-                        outs = run(vae, crop(batch[rank]).to(next(vae.parameters()).dtype))
-                        if not batch[rank]:
-                            continue
-                        if emit is not None and self.host.all_finite(outs):
-                            for w, out in zip(batch[rank], outs.to(self._dtype()).split(1), strict=True):
-                                emit(w, out)
-                            self._progress(kind, len(batch[rank]), total)
-                        else:
-                            wrote_all = False  # the output pass retries overflowing tiles in fp32
-                            self._progress("stats", r * len(batches) + i + 1, len(rounds) * len(batches))
-            if all(self.host.all_finite(t) for t in control.tensors()):
-                return control, wrote_all
-        raise FloatingPointError(f"VAE {kind} statistics are not finite even in fp32: the input has NaN/inf")
-
-    def _apply_guarded(
-        self,
-        control: NormControl,
-        run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-        crop: torch.Tensor,
-        kind: str,
-    ) -> torch.Tensor:
-        out = run(self.vae, crop)
-        if crop.dtype != torch.float32 and not self.host.all_finite(out):
-            self.fp32_retries += 1
-            fp32 = self._fp32_vae()
-            with control.installed(fp32):
-                out = run(fp32, crop.float()).to(crop.dtype)
-        return out
+    def _like(self, out_grid: float, x: torch.Tensor) -> tuple[int, torch.dtype, torch.device]:
+        """Channels, dtype and device of what the windows produce: latents (encode) or pixels (decode)."""
+        channels = self.vae.config.get("latent_channels", 4) if out_grid > 1 else self.vae.config.get("out_channels", 3)
+        return int(channels), self._dtype(), x.device
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

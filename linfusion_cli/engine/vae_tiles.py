@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,34 +36,121 @@ class Window:
 
 @dataclass(frozen=True)
 class WindowShare:
-    """One process's part of a split image's tiles: a contiguous run of tile rows, so what it writes is one band
-    of output rows. Each process runs the statistics pass on its own tiles, and `pool` combines every GroupNorm's
-    statistics over the processes as they are measured (vae_stats.NormControl), so they are the whole image's
-    (tiles never show seams). `agree` gives every process's value of an int (in rank order); `combine` sums a
-    tensor over the processes in place (each wrote its own rows, zeros elsewhere); `gather` puts uint8 row bands
-    (this process's rows [start, end)) together on the first process (None elsewhere)."""
+    """One process's part of a split image's tiles. The windows are dealt out in raster order, an equal count to
+    each process (`mine`), and each row of tiles has one owner (`owners`: the process computing its middle
+    window), so what a process ends up holding is one band of output rows (`rows`); the few windows a process
+    computes in a row another owns travel to it. Each process runs the statistics pass on its own windows, and
+    `pool` combines every GroupNorm's statistics over the processes as they are measured (vae_stats.NormControl),
+    so they are the whole image's (tiles never show seams). `agree` gives every process's value of an int (in rank
+    order); `exchange(sends, receives, kind)` sends tensors to peers and fills buffers from them, all at once."""
 
     rank: int
     world: int
-    combine: Callable[[torch.Tensor], torch.Tensor]
-    gather: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor | None]
     pool: Pool
     agree: Callable[[int], list[int]]
+    exchange: Callable[[Mapping[int, torch.Tensor], Mapping[int, torch.Tensor], str], None]
 
-    def mine(self, windows: list[Window], rank: int | None = None) -> set[int]:
-        """Indices of the windows a process writes (this one's by default): its chunk of the grid's rows."""
+    def mine(self, windows: list[Window], rank: int | None = None) -> list[int]:
+        """Indices of the windows a process computes (this one's by default): its run of them in raster order."""
         rank = self.rank if rank is None else rank
-        rows = sorted({w.y0 for w in windows})
-        start, end = (round(r * len(rows) / self.world) for r in (rank, rank + 1))
-        owned = set(rows[start:end])
-        return {i for i, w in enumerate(windows) if w.y0 in owned}
+        start, end = (round(r * len(windows) / self.world) for r in (rank, rank + 1))
+        return list(range(start, end))
 
-    def rows(self, windows: list[Window], scale: int, rank: int) -> tuple[int, int]:
-        """The output rows [start, end) a process writes (scale: output px per window unit); empty if none."""
-        cores = [windows[i] for i in sorted(self.mine(windows, rank))]
+    def owners(self, windows: list[Window]) -> list[int]:
+        """The process that holds each window's output: the one computing its row's middle window."""
+        computes = [r for r in range(self.world) for _ in self.mine(windows, r)]
+        rows = sorted({w.y0 for w in windows})
+        middle = {y: [i for i, w in enumerate(windows) if w.y0 == y] for y in rows}
+        owner = {y: computes[ids[len(ids) // 2]] for y, ids in middle.items()}
+        return [owner[w.y0] for w in windows]
+
+    def rows(self, windows: list[Window], scale: float, rank: int) -> tuple[int, int]:
+        """The output rows [start, end) a process holds (scale: output units per window unit); empty if none."""
+        owners = self.owners(windows)
+        cores = [w for w, owner in zip(windows, owners, strict=True) if owner == rank]
         if not cores:
             return 0, 0
-        return (cores[0].y0 + cores[0].core[0]) * scale, (cores[-1].y0 + cores[-1].core[2]) * scale
+        return round((cores[0].y0 + cores[0].core[0]) * scale), round((cores[-1].y0 + cores[-1].core[2]) * scale)
+
+
+class HandOver:
+    """The cores a process of a split image computes of windows in rows another process holds: kept in one buffer
+    per owner as they come (`keep`), sent at the end, when the cores others computed of this process's rows come
+    in (`finish`). `like`: the cores' channels, dtype and device."""
+
+    def __init__(
+        self, share: WindowShare, windows: list[Window], out_grid: float, like: tuple[int, torch.dtype, torch.device]
+    ) -> None:
+        self.share, self.windows, self.out_grid = share, windows, out_grid
+        self.owners = share.owners(windows)
+        channels, self.dtype, self.device = like
+        self.shapes = [(1, channels, *(s.stop - s.start for s in core_rows(w, out_grid))) for w in windows]
+        self.slots: dict[int, tuple[int, int]] = {}  # window -> (owner, offset in its buffer)
+        sizes: dict[int, int] = {}
+        for i in share.mine(windows):
+            owner = self.owners[i]
+            if owner != share.rank:
+                self.slots[i] = (owner, sizes.get(owner, 0))
+                sizes[owner] = sizes.get(owner, 0) + math.prod(self.shapes[i])
+        import torch  # lazy: the planner imports this module's tile geometry, and CLI start-up stays without torch
+
+        self.sends = {peer: torch.empty(size, dtype=self.dtype, device=self.device) for peer, size in sizes.items()}
+
+    def keep(self, index: int, core: torch.Tensor) -> bool:
+        """Keep window `index`'s core for its owner; False if it is this process's to write."""
+        if index not in self.slots:
+            return False
+        owner, offset = self.slots[index]
+        self.sends[owner][offset : offset + core.numel()].view_as(core).copy_(core)
+        return True
+
+    def finish(self, write: Callable[[slice, slice, torch.Tensor], None]) -> None:
+        """Send what was kept, one message per peer, and write the cores that come from the others."""
+        import torch  # lazy: as in __init__
+
+        share, windows = self.share, self.windows
+        coming = {
+            peer: [i for i in share.mine(windows, peer) if self.owners[i] == share.rank]
+            for peer in range(share.world)
+            if peer != share.rank
+        }
+        receives = {
+            peer: torch.empty(sum(math.prod(self.shapes[i]) for i in ids), dtype=self.dtype, device=self.device)
+            for peer, ids in coming.items()
+            if ids
+        }
+        if self.sends or receives:
+            share.exchange(self.sends, receives, "vae tiles")
+        for peer, buffer in receives.items():
+            offset = 0
+            for i in coming[peer]:
+                size = math.prod(self.shapes[i])
+                write(*core_rows(windows[i], self.out_grid), buffer[offset : offset + size].view(self.shapes[i]))
+                offset += size
+
+
+def extent(windows: list[Window], ids: list[int]) -> tuple[int, int]:
+    """The rows the windows `ids` read (empty for none)."""
+    if not ids:
+        return (0, 0)
+    return min(windows[i].y0 for i in ids), max(windows[i].y0 + windows[i].height for i in ids)
+
+
+def core_rows(w: Window, out_grid: float) -> tuple[slice, slice]:
+    """Where a window's core goes in the output (rows, columns); out_grid: window units per output unit."""
+    oy = slice(round((w.y0 + w.core[0]) / out_grid), round((w.y0 + w.core[2]) / out_grid))
+    ox = slice(round((w.x0 + w.core[1]) / out_grid), round((w.x0 + w.core[3]) / out_grid))
+    return oy, ox
+
+
+def sample_batches(owned: list[list[Window]], take: int, total: int, per_batch: int) -> list[list[list[Window]]]:
+    """The statistics pass's windows in batches: batches[i][rank] are the windows process `rank` runs of batch i.
+    Each process takes `take` in `total` of the windows it owns (`owned[rank]`), spread evenly over them, and deals them
+    into as many batches as the process with the most needs at `per_batch` a batch (some parts possibly empty),
+    interleaved: every part spans its rows."""
+    chosen = [[own[i] for i in spread(len(own), -(-take * len(own) // total))] for own in owned]
+    count = max(math.ceil(len(part) / per_batch) for part in chosen)
+    return [[part[i::count] for part in chosen] for i in range(count)]
 
 
 def _even_split(total: int, target: int, multiple: int) -> list[tuple[int, int]]:

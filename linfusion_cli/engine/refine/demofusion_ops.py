@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..latent_ops import WHOLE_IMAGE, LatentOps
+from ..latent_ops import LatentOps
 from .method import Denoiser, JobRefiner, RefineStage
 
 if TYPE_CHECKING:
@@ -84,16 +84,6 @@ def blur_matched(ops: LatentOps, latents: torch.Tensor, ratio: int, sigma: float
         return latents
     blurred = ops.filter2d(x, gaussian_kernel(size, sigma))
     return ops.match_stats(blurred, *ops.channel_stats(x)).to(latents.dtype)
-
-
-def rematch(latents: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The whole latents with the anchor's per-channel mean and std (fp32)."""
-    return WHOLE_IMAGE.match_stats(latents.float(), *anchor).to(latents.dtype)
-
-
-def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole latents' per-channel mean and std (fp32)."""
-    return WHOLE_IMAGE.channel_stats(latents)
 
 
 @contextlib.contextmanager
@@ -173,16 +163,16 @@ class DemoFusionRefiner(JobRefiner):
         self.params = params
         self.anchor: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def encoded(self, latents: torch.Tensor) -> None:
+    def encoded(self, latents: torch.Tensor, ops: LatentOps) -> None:
         if self.anchor is None:  # upscaling an input image: its statistics are the anchor
-            self.anchor = latent_stats(latents)
+            self.anchor = ops.channel_stats(latents)
 
     def guide(self, stage: RefineStage) -> DemoFusionGuide:
         return DemoFusionGuide(self.params, stage)
 
-    def finished(self, latents: torch.Tensor) -> torch.Tensor:
+    def finished(self, latents: torch.Tensor, ops: LatentOps) -> torch.Tensor:
         # The official pipeline keeps every scale's latents at the base image's per-channel statistics.
         if self.anchor is None:
-            self.anchor = latent_stats(latents)
+            self.anchor = ops.channel_stats(latents)
             return latents
-        return rematch(latents, self.anchor)
+        return ops.match_stats(latents.float(), *self.anchor).to(latents.dtype)

@@ -63,15 +63,16 @@ class StageGuide(Protocol):
 class JobRefiner:
     """One job's state for its method across stages; the default does nothing beyond plain img2img."""
 
-    def encoded(self, latents: torch.Tensor) -> None:
-        """A refine stage encoded its upscaled image (before noise)."""
+    def encoded(self, latents: torch.Tensor, ops: LatentOps) -> None:
+        """A refine stage encoded its upscaled image (before noise). `latents` are this process's band while a
+        split image's stage runs split: the whole image's statistics come from `ops`, as in `guide`."""
 
     def guide(self, stage: RefineStage) -> StageGuide | None:
         """This refine stage's guide (see RefineStage), or None: plain img2img."""
         return None
 
-    def finished(self, latents: torch.Tensor) -> torch.Tensor:
-        """A stage's final latents, before they are decoded."""
+    def finished(self, latents: torch.Tensor, ops: LatentOps) -> torch.Tensor:
+        """A stage's final latents, before they are decoded (this process's band while the stage runs split)."""
         return latents
 
 

@@ -117,9 +117,15 @@ class ControlExtra:
     _step: int = -1
     _last_t: float | None = None
 
-    def band(self, rows: slice) -> ControlExtra:
-        """The same call for one band of a split image: the control image's rows `rows` (px)."""
-        return replace(self, cond=self.cond[:, :, rows])
+    def band(self, rows: slice, height: int) -> ControlExtra:
+        """The same call for one band of a split image: the control image's rows `rows` (px) of the image,
+        `height` px tall. A control image made of those rows alone (the previous stage's image, upscaled on each
+        process for its band) already is the band."""
+        if self.cond.shape[-2] == height:
+            return replace(self, cond=self.cond[:, :, rows])
+        if self.cond.shape[-2] != rows.stop - rows.start:
+            raise ValueError(f"a control image of {self.cond.shape[-2]} rows is neither the image nor rows {rows}")
+        return self
 
     def active(self, t: torch.Tensor) -> bool:
         value = float(t)
