@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from linfusion_cli.base.settings import BATCH, GENERATE, PLAN, AdapterRef, Setting, in_range
 from linfusion_cli.cli.commands import app
@@ -286,13 +287,16 @@ TOY_BLUR_JOB = {"model": "tiny", "size": 256, "steps": 3, "seed": 4, "refine": "
 
 
 def _toy_blur_split(comm: Any, out: Path) -> tuple[Any, Any, list[str]]:
-    """One process of the 2-process split (tests/parallel_harness.py): its image (the first's), its `parallel`
-    record and which ops its method was handed."""
+    """One process of the 2-process split (tests/parallel_harness.py): its image (the first's, read from the file
+    its rows were streamed into: a split image saved holds no array), its `parallel` record and which ops its
+    method was handed."""
     from linfusion_cli import LinFusionPipeline
 
     with LinFusionPipeline(out=out, split=True) as gen:
         result = gen.generate("a house", **TOY_BLUR_JOB)
-    return result.array, result.report.get("parallel"), ToyBlur.ops_seen
+    assert result.array is None
+    image = None if result.path is None else np.asarray(Image.open(result.path))
+    return image, result.report.get("parallel"), ToyBlur.ops_seen
 
 
 def test_a_new_refine_method_with_a_blur_gives_the_same_image_split_over_two_processes(tmp_path: Path) -> None:

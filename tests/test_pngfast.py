@@ -48,3 +48,40 @@ def test_rejects_wrong_arrays() -> None:
         pngfast.write_png(np.zeros((4, 4, 3), np.float32), {}, io.BytesIO())
     with pytest.raises(ValueError, match="uint8"):
         pngfast.write_png(np.zeros((4, 4, 4), np.uint8), {}, io.BytesIO())
+
+
+class Strips:
+    """Rows that come a strip at a time, of uneven heights (as a split image's processes hold them)."""
+
+    def __init__(self, array: np.ndarray, heights: list[int]) -> None:
+        self.array, self.heights = array, heights
+        self.height, self.width = array.shape[:2]
+
+    def strips(self):  # type: ignore[no-untyped-def]
+        start = 0
+        for height in self.heights:
+            yield self.array[start : start + height]
+            start += height
+
+    def whole(self) -> np.ndarray:
+        return self.array
+
+
+def test_rows_streamed_in_strips_make_the_same_file() -> None:
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 256, size=(1300, 9, 3), dtype=np.uint8)  # 6 slices: more than 2 per thread in flight
+    whole, streamed = io.BytesIO(), io.BytesIO()
+    pngfast.write_png(array, {"parameters": "a fox"}, whole, threads=1)
+    pngfast.write_png_rows(Strips(array, [1, 255, 300, 3, 600, 141]), {"parameters": "a fox"}, streamed, threads=1)
+    assert streamed.getvalue() == whole.getvalue()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(streamed.getvalue()))), array)
+
+
+def test_rows_that_stop_short_or_run_over_are_refused() -> None:
+    array = np.zeros((300, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="got 299 of its 300 rows"):
+        pngfast.write_png_rows(Strips(array, [299]), {}, io.BytesIO())
+    taller = Strips(np.zeros((301, 4, 3), np.uint8), [200, 101])
+    taller.height = 300
+    with pytest.raises(ValueError, match="more than the image's 300 rows"):
+        pngfast.write_png_rows(taller, {}, io.BytesIO())

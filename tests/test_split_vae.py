@@ -7,18 +7,23 @@ compares with references built before it was forked.
 
 from __future__ import annotations
 
+import io
 import itertools
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from parallel_harness import compare, launch, ok_results
+from PIL import Image
 
+import linfusion_cli.engine.rows as rows_module
+import linfusion_cli.io.pngfast as pngfast
 from linfusion_cli.engine.parallel import Bands, Comm
 from linfusion_cli.engine.rows import Banded
 from linfusion_cli.engine.splitting import ImageSplit
-from linfusion_cli.engine.vae import TiledVAE
+from linfusion_cli.engine.vae import TiledVAE, to_uint8
 from linfusion_cli.engine.vae_tiles import Window, WindowShare
 from linfusion_cli.models.archs import ARCHS
 from linfusion_cli.models.tensors import upscale
@@ -79,6 +84,19 @@ def vae_battery(comm: Comm, vae: Any, latents: torch.Tensor, image: torch.Tensor
     rows = tiler.encode_rows(Banded(comm.band(image), pixels, comm.rank, HEIGHT))
     out["encode rows"] = compare(rows.tensor, ref["encode"][:, :, slice(*rows.span)])
     out["spans"] = [rows.held, tiler.rows_of(HEIGHT, WIDTH, "encode")]
+    # the last image: each process's rows of tiles, streamed in order into the first process's PNG
+    pixels = tiler.decode_rows_to_uint8(Banded(comm.band(latents), held, comm.rank, HEIGHT // 8))
+    rows_module.STRIP_ROWS = 40  # px: several messages from each process
+    stream = ImageSplit(comm, UNET).stream(pixels)
+    out["image rows"] = [pixels.held, tiler.rows_of(HEIGHT, WIDTH, "decode"), len(stream.strips_left)]
+    if stream.takes:
+        png = io.BytesIO()
+        pngfast.write_png_rows(stream, {}, png)
+        written = np.asarray(Image.open(io.BytesIO(png.getvalue()))).astype(np.int16)
+        expected = to_uint8(ref["decode"])[0].permute(1, 2, 0).numpy().astype(np.int16)
+        out["png"] = int(np.abs(written - expected).max())
+    else:
+        stream.deliver()
     # the hand-off: the decoded rows (as the tiles left them) upscaled to a stage of ragged bands, each process
     # making the rows of its band and of its tiles
     decoded = tiler.decode_rows(Banded(comm.band(latents), held, comm.rank, HEIGHT // 8))
@@ -97,7 +115,8 @@ def test_split_tiled_vae_equals_one_process(world: int) -> None:
     vae, latents, image = vae_inputs()
     with torch.no_grad():
         ref = reference(vae, latents, image, world)
-    for result in ok_results(launch(world, vae_battery, vae, latents, image, ref, deadline_s=120)):
+    results = launch(world, vae_battery, vae, latents, image, ref, deadline_s=120)
+    for result in ok_results(results):
         assert result["ragged"]
         for name in [*ref, "decode rows", "encode rows", "upscale"]:
             assert result[name]["rel"] < 1e-4, (name, result[name])  # fp32 reduction order only
@@ -106,3 +125,7 @@ def test_split_tiled_vae_equals_one_process(world: int) -> None:
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)) and len({b - a for a, b in spans}) > 1
         assert result["calls"]["vae stats"] > 0  # the statistics were pooled, not measured whole on each
         assert result["calls"]["rows"] > 0 and result["calls"]["vae tiles"] > 0  # rows fetched, cores handed over
+        image_rows, tile_rows, strips = result["image rows"]  # the rows of each one's tiles, 40 rows a message
+        assert list(image_rows) == tile_rows and strips == sum(-(-(b - a) // 40) for a, b in tile_rows) > world
+        assert result["calls"]["image"] > 0
+    assert ok_results(results)[0]["png"] <= 1  # the first process wrote the image from every process's rows

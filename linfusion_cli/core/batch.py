@@ -392,6 +392,9 @@ class _Task:
         result, meta = run_prepared(
             engine, prep, self.options, events=self.events, cancel=self.cancel, init_image=init_image, group=self.group
         )
+        # written in the background while the next job runs (and uses the group): a split image's rows come whole
+        # to the first process first
+        result.whole_image()
         return prep, result, meta
 
 

@@ -38,7 +38,8 @@ class Result:
 
     @property
     def image(self) -> Image.Image | None:
-        """The first image (None for a dry run, or on a process of a split image that does not write)."""
+        """The first image (None for a dry run, on a process of a split image that does not write, or for a split
+        image saved as it was made: its rows went into the file and were never whole, so read `path`)."""
         from PIL import Image
 
         return Image.fromarray(self.arrays[0]) if self.arrays else None

@@ -30,6 +30,7 @@ from ..engine.pipeline import Engine
 from ..engine.stages import PlanOutput
 from ..io.hashing import model_hash
 from ..io.metadata import encode_image
+from ..io.pngfast import RowSource
 from ..io.writes import atomic_file, clean_stale_temps, prepare_folder, write_bytes_atomic
 from ..models.adapters import engine_spec
 from ..models.devices import free_cached
@@ -132,11 +133,12 @@ def _save_stage(prep: Prepared, stage: StagePlan, pixels: np.ndarray, meta: dict
 
 def save_outputs(
     prep: Prepared,
-    image: np.ndarray,
+    image: np.ndarray | RowSource,
     meta: dict[str, Any],
     stage_images: list[tuple[StagePlan, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Write the image (atomically, with metadata), stage images if any, then the sidecar, last."""
+    """Write the image (atomically, with metadata), stage images if any, then the sidecar, last. A split image's
+    rows (RowSource) go into the file as they come."""
     paths = prep.paths
     parameters = a1111_parameters(meta)
     start = time.perf_counter()
@@ -231,20 +233,28 @@ def run_job(
     engine = engines.engine_for(job, events)
     prep = replan_for(engine.comps.native_size, prep, options)
     result, meta = run_prepared(engine, prep, options, events=events, cancel=cancel, init_image=init_image, group=group)
-    image = result.image
-    if not group.writes or image is None:  # another process of a split image: the first one writes
+    rows = result.rows if save else None  # a split image written now: its rows go into the file as they come
+    image = None if rows is not None else result.whole_image()
+    if not group.writes:  # another process of a split image: the first one writes
+        if rows is not None:
+            rows.deliver()
         return Result([{"parallel": meta.get("parallel"), "seed": prep.seed}], [], [None])
 
     def write() -> dict[str, Any]:
         if not save:  # kept in memory so far: the folder and the name are checked now
             _claim_target(prep, options, group)
         events(Working(f"writing {prep.paths.image}"))
-        sidecar = save_outputs(prep, image, meta, result.stage_images)
+        if rows is None:
+            assert image is not None  # the first process of a split image, or the only one
+            sidecar = save_outputs(prep, image, meta, result.stage_images)
+        else:
+            with rows.taking():
+                sidecar = save_outputs(prep, rows, meta, result.stage_images)
         return {"path": str(prep.paths.image), "sidecar": str(prep.paths.sidecar), **sidecar}
 
-    if save:
-        return Result([write()], [image], [None])
-    return Result([meta], [image], [write])
+    if save:  # a split image's rows were never whole here: no array (read the file)
+        return Result([write()], [] if image is None else [image], [None])
+    return Result([meta], [image] if image is not None else [], [write])
 
 
 def made_before(prep: Prepared, events: EventSink) -> Result:

@@ -34,8 +34,9 @@ from .memory_plan import MemoryPlanner, VaeModel
 from .parallel import Comm
 from .prompts import JobText, job_text
 from .refine import REFINE_METHODS
+from .rows import RowStream
 from .splitting import ImageSplit
-from .stages import JobRun, PlanOutput, check_image, run_stages
+from .stages import JobRun, PlanOutput, run_stages
 from .text import TextOptions
 
 if TYPE_CHECKING:
@@ -272,8 +273,8 @@ class Engine:
     ) -> PlanOutput:
         """Run every stage of `plan` for one job and return the final image as uint8. `planner` is the job's
         memory planner (the engine's own when not given). With `group` (processes that all run this
-        same call), the image is split between them (splitting.py): the first process gets the image, the
-        others None."""
+        same call), the image is split between them (splitting.py): its final rows stay on the processes that
+        made them (`rows`), for the first process to write as they come or to take whole (PlanOutput.whole_image)."""
         start = time.perf_counter()
         if plan.from_image and init_image is None:
             raise UsageError("this plan upscales an input image, but none was given")
@@ -308,10 +309,10 @@ class Engine:
                     "those tiles were redone in fp32",
                 )
             )
-        if final is not None:
-            check_image(final)
         seconds = time.perf_counter() - start
-        return PlanOutput(final, records, seconds, stage_images, text.warnings, run.split.report())
+        rows = final if isinstance(final, RowStream) else None
+        pixels = None if isinstance(final, RowStream) else final
+        return PlanOutput(pixels, records, seconds, stage_images, text.warnings, run.split.report(), rows)
 
     def embeddings(self, job: Job) -> EmbeddingLibrary:
         """The textual-inversion embeddings a job's prompts may name (its folders'), checked against this model's

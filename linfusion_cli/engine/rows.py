@@ -10,9 +10,11 @@ all of them: they follow from the image's geometry), so any process can work out
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .bands import Transfer
@@ -117,4 +119,79 @@ def _unpack(message: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> lis
     for start, like in parts:
         out.append((start, message[offset : offset + like.numel()].view_as(like)))
         offset += like.numel()
+    return out
+
+
+STRIP_ROWS = 256  # rows of a split image's final image per message to the writer (16384 px wide: 12.6 MB)
+
+
+class RowStream:
+    """A split image's final uint8 rows (h, W, 3), each process holding some (`rows`, along dim 0), brought to the
+    first process in row order, a strip at a time: it takes them with `strips()` (and writes them out as they
+    come: io/pngfast.write_png_rows) while every other process sends its own with `deliver()`, both at once. No
+    process holds a whole copy. `whole()` puts them together instead (an image kept in memory, or a format
+    encoded whole). Every process works out the same strips from the rows each holds."""
+
+    def __init__(self, rows: Banded, exchange: Exchange, root: int = 0) -> None:
+        self.rows, self.exchange, self.root = rows, exchange, root
+        self.height, self.width = rows.height, int(rows.tensor.shape[1])
+        needs = [(0, rows.height) if r == root else (0, 0) for r in range(len(rows.held))]
+        moves = transfers(rows.held, needs)  # the rows the first process lacks, each from the first holder
+        own = [Transfer(root, root, a, b) for a, b in _gaps((0, rows.height), [(t.start, t.end) for t in moves])]
+        segments = sorted([*moves, *own], key=lambda t: t.start)
+        self.strips_left = [  # (source, first row, rows) in row order, a strip each
+            (t.src, start, min(STRIP_ROWS, t.end - start))
+            for t in segments
+            for start in range(t.start, t.end, STRIP_ROWS)
+        ]
+
+    @property
+    def takes(self) -> bool:
+        """Whether this process is the one the rows go to."""
+        return self.rows.rank == self.root
+
+    def strips(self) -> Iterator[np.ndarray]:
+        """The first process: the image's rows, top to bottom, a strip at a time (its own, or received)."""
+        while self.strips_left:
+            source, start, count = self.strips_left.pop(0)
+            if source == self.root:
+                yield self.rows.rows(start, start + count).numpy()
+                continue
+            strip = self.rows.tensor.new_empty((count, self.width, 3))
+            self.exchange({}, {source: strip})
+            yield strip.numpy()
+
+    def deliver(self) -> None:
+        """Another process: send its strips as the first one takes them."""
+        for source, start, count in self.strips_left:
+            if source == self.rows.rank:
+                self.exchange({self.root: self.rows.rows(start, start + count)}, {})
+        self.strips_left = []
+
+    @contextlib.contextmanager
+    def taking(self) -> Iterator[RowStream]:
+        """The first process, around what takes the strips: one that fails half way still takes (and drops) the
+        rest, so that the other processes finish sending and hear of the failure from the job, not a timeout."""
+        try:
+            yield self
+        except BaseException:
+            with contextlib.suppress(Exception):  # a group already broken: the first failure is the one to say
+                for _ in self.strips():
+                    pass
+            raise
+
+    def whole(self) -> np.ndarray:
+        """The first process: the whole image, in CPU memory."""
+        return np.concatenate(list(self.strips()))
+
+
+def _gaps(span: Span, taken: Sequence[Span]) -> list[Span]:
+    """The rows of `span` not in any of `taken`."""
+    out, cursor = [], span[0]
+    for start, end in sorted(taken):
+        if start > cursor:
+            out.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < span[1]:
+        out.append((cursor, span[1]))
     return out

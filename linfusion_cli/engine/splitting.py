@@ -38,7 +38,7 @@ from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
 from .parallel import Bands, Comm, band_channel_stats, band_filter2d, downsampling, pooled_groups, regroup, split_image
 from .parallel.comm import GATHER_ROOT
-from .rows import Banded, Span, fetch_rows
+from .rows import Banded, RowStream, Span, fetch_rows
 from .vae import LATENT_SCALE
 from .vae_tiles import WindowShare
 
@@ -158,6 +158,16 @@ class ImageSplit:
         needs = [(0, rows.height) if r == GATHER_ROOT else (0, 0) for r in range(self.group.world)]
         whole = self.fetch(rows, needs, "gather")
         return whole if self.writes else None
+
+    def stream(self, rows: Banded) -> RowStream:
+        """A split image's final uint8 rows, for the first process to write as they come (rows.RowStream)."""
+        group = self.group
+        assert group is not None
+
+        def exchange(sends: Mapping[int, torch.Tensor], receives: Mapping[int, torch.Tensor]) -> None:
+            _exchange_on_device(group, sends, receives, "image")
+
+        return RowStream(rows, exchange, GATHER_ROOT)
 
     def all_finite(self, host: Host, tensor: torch.Tensor) -> bool:
         """Whether every process's tensor is finite (all processes get the same answer)."""

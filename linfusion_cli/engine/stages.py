@@ -26,7 +26,7 @@ from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
 from .parallel import ParallelError
 from .refine import JobRefiner, RefineStage, StageGuide, refine_ratio
-from .rows import Banded
+from .rows import Banded, RowStream
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
 from .splitting import ImageSplit
@@ -66,12 +66,24 @@ class StageRecord:
 
 @dataclass
 class PlanOutput:
-    image: np.ndarray | None  # (H, W, 3) uint8; None on every process of a split image but the first
+    image: np.ndarray | None  # (H, W, 3) uint8; None for a split image (its rows are in `rows`)
     stages: list[StageRecord]
     seconds: float
     stage_images: list[tuple[StagePlan, np.ndarray]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     parallel: dict[str, Any] | None = None  # a split image's processes, bands and messages (splitting.py)
+    rows: RowStream | None = None  # a split image's final rows, still on its processes: the writer takes them
+
+    def whole_image(self) -> np.ndarray | None:
+        """The final image whole in memory on the first process of a split image (None on the others, which send
+        their rows now; every process calls this at once), for a caller that keeps it rather than write it."""
+        if self.rows is not None:
+            if self.rows.takes:
+                self.image = self.rows.whole()
+            else:
+                self.rows.deliver()
+            self.rows = None
+        return self.image
 
 
 @dataclass
@@ -96,12 +108,13 @@ class JobRun:
 
 def run_stages(
     run: JobRun, image: Banded | None, keep_stages: bool
-) -> tuple[np.ndarray | None, list[StageRecord], list[tuple[StagePlan, np.ndarray]]]:
-    """Every stage of the job's plan in turn: the final uint8 image (None on a split image's other processes),
-    each stage's record, and (keep_stages) each intermediate image as uint8."""
+) -> tuple[np.ndarray | RowStream, list[StageRecord], list[tuple[StagePlan, np.ndarray]]]:
+    """Every stage of the job's plan in turn: the final uint8 image (a split image's: its rows, still on its
+    processes, for the first one to write as they come), each stage's record, and (keep_stages) each intermediate
+    image as uint8 (on the first process of a split image). An all-black image (every process's) fails the job."""
     records: list[StageRecord] = []
     stage_images: list[tuple[StagePlan, np.ndarray]] = []
-    final: np.ndarray | None = None
+    final: Banded | None = None
     for stage in run.plan.stages:
         image, out, record = run_stage(run, stage, image)
         records.append(record)
@@ -112,14 +125,18 @@ def run_stages(
             if whole is not None:
                 host = run.engine.host
                 stage_images.append((stage, host.to_numpy(host.download(to_uint8(whole)[0].permute(1, 2, 0), False))))
-    if final is None and run.split.writes:  # the last stage always decodes to uint8 (on the first process)
+    if final is None:  # the last stage always decodes to uint8
         raise RuntimeError("the plan has no stages")
-    return final, records, stage_images
+    pixels = run.engine.host.to_numpy(final.tensor)
+    if run.split.agree_max(int(pixels.max(initial=0))) <= BLACK_LEVEL:
+        raise NumericalError(
+            "the output is all black (a NaN/overflow in the model); try --dtype fp32, or for SDXL an fp16-fixed "
+            "VAE via --vae"
+        )
+    return (run.split.stream(final) if run.split.grouped else pixels), records, stage_images
 
 
-def run_stage(
-    run: JobRun, stage: StagePlan, image: Banded | None
-) -> tuple[Banded | None, np.ndarray | None, StageRecord]:
+def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Banded | None, Banded | None, StageRecord]:
     """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
     with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage.
 
@@ -236,10 +253,10 @@ def _tiler(run: JobRun, stage: StagePlan, settings: MemorySettings) -> TiledVAE:
 
 def _run_stage(
     run: JobRun, stage: StagePlan, image: Banded | None, settings: MemorySettings
-) -> tuple[Banded | None, np.ndarray | None, int | None]:
+) -> tuple[Banded | None, Banded | None, int | None]:
     """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image's
-    rows this process holds for the next stage, or for the last stage the CPU uint8 image (on the first
-    process of a split image), and the VAE tile it used (None: untiled)."""
+    rows this process holds for the next stage, or for the last stage the CPU uint8 image's (a split image's
+    processes each hold the rows of their tiles), and the VAE tile it used (None: untiled)."""
     engine, job, host = run.engine, run.job, run.engine.host
     memory.apply_settings(engine.comps.unet, settings, *engine.adapter_modules(), each=host.each)
     tiler = _tiler(run, stage, settings)
@@ -278,11 +295,10 @@ def _run_stage(
         held = run.split.held(latents.to(engine.vae_dtype()))  # this band's rows (split) or the whole latents
 
         # 3. Decode: back to a device image for the next stage, or straight to CPU uint8 for the last (on a
-        #    split image, each process decodes its rows of tiles, and the first one gets the whole image).
+        #    split image, each process decodes its rows of tiles and keeps them: the writer takes them in order).
         with host.phase("vae decode"):
             if stage is run.plan.stages[-1]:
-                pixels = run.split.gather(tiler.decode_rows_to_uint8(held))
-                return None, None if pixels is None else host.to_numpy(pixels), vae_tile
+                return None, tiler.decode_rows_to_uint8(held), vae_tile
             return tiler.decode_rows(held), None, vae_tile
     finally:
         run.fp32_retries += tiler.fp32_retries
@@ -335,11 +351,3 @@ def _starting_latents(run: JobRun, stage: StagePlan, image: Banded | None, tiler
         )
     )
     return _Start(latents, timesteps, extras, guide)
-
-
-def check_image(image: np.ndarray) -> None:
-    if int(image.max()) <= BLACK_LEVEL:
-        raise NumericalError(
-            "the output is all black (a NaN/overflow in the model); try --dtype fp32, or for SDXL an fp16-fixed "
-            "VAE via --vae"
-        )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from xml.sax.saxutils import escape, unescape
@@ -90,21 +89,26 @@ def _xmp_text(raw: Any) -> str | None:
 
 
 def encode_image(
-    array: np.ndarray,
+    pixels: np.ndarray | pngfast.RowSource,
     fmt: str,
     parameters: str,
     settings_json: str,
-    png_writer: Callable[[np.ndarray, dict[str, str], IO[bytes]], None] | None = None,
     handle: IO[bytes] | None = None,
 ) -> bytes | None:
-    """Encode (H, W, 3) uint8 with metadata, into `handle` (or return the bytes)."""
+    """Encode (H, W, 3) uint8 with metadata, into `handle` (or return the bytes). Rows that come a strip at a time
+    (a split image's) are written as they come into a PNG; the other formats' encoders take them whole."""
     from PIL import Image
 
     out: IO[bytes] = handle if handle is not None else io.BytesIO()
     spec = OUTPUT_FORMATS.get(fmt)
+    texts = {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}
     if spec.metadata == "png-text":
-        (png_writer or pngfast.write_png)(array, {PNG_TEXT_KEY: parameters, PNG_JSON_KEY: settings_json}, out)
+        if isinstance(pixels, np.ndarray):
+            pngfast.write_png(pixels, texts, out)
+        else:
+            pngfast.write_png_rows(pixels, texts, out)
     else:
+        array = pixels if isinstance(pixels, np.ndarray) else pixels.whole()
         image = Image.fromarray(array, "RGB")
         if spec.metadata == "tiff":
             extra: dict[str, Any] = {"tiffinfo": {TIFF_DESCRIPTION: parameters}}
