@@ -19,6 +19,7 @@ from linfusion_cli.cli.commands import app
 from linfusion_cli.core.jobs import read_job_file, resolve_job
 from linfusion_cli.core.metadata import settings_key
 from linfusion_cli.core.settings import add_setting, remove_setting
+from linfusion_cli.engine.latent_ops import LatentOps
 from linfusion_cli.engine.refine import REFINE_METHODS, JobRefiner, RefineMethod
 from linfusion_cli.models.adapter_kind import AdapterKind
 from linfusion_cli.models.adapters import ADAPTER_KINDS
@@ -69,7 +70,7 @@ class ToyRefiner(JobRefiner):
         self.lift = lift
         self.stages = 0
 
-    def finished(self, latents: torch.Tensor) -> torch.Tensor:
+    def finished(self, latents: torch.Tensor, ops: LatentOps) -> torch.Tensor:
         self.stages += 1
         return latents + self.lift
 
