@@ -79,3 +79,27 @@ def test_bench_pipeline_with_baseline(runner) -> None:
 def test_parse_size_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_bench_parallel_stages_sets_each_stage_against_one_process(runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import linfusion_cli.bench.parallel as parallel
+
+    def launch_here(nproc: int, entrypoint, *args):  # type: ignore[no-untyped-def]
+        """The processes run here, one after another, each alone: the slower one's time is the split's."""
+        ranks = {rank: entrypoint(*args) for rank in range(nproc)}
+        for rank, result in ranks.items():
+            result["rank"] = rank
+            for stage in result["stages"]:
+                stage["sent_bytes_per_rank"] = [1 << 20, 2 << 20]
+        ranks[1]["stages"][-1]["phases"]["unet"] = 1e3  # the slowest process sets each phase
+        return ranks
+
+    monkeypatch.setattr(parallel, "launch_here", launch_here)
+    args = ["--size", "128x96", "--steps", "2", "--vae-tile", "64", "--reference-threads", "1"]
+    report = bench(runner, "parallel", "--stages", *args)
+    assert [s["size"] for s in report["stages"]] == ["128x96"]  # one stage at the tiny model's native size
+    stage = report["stages"][0]
+    assert stage["split"]["phases"]["unet"] == 1e3 and stage["sent_bytes_per_rank"] == [1 << 20, 2 << 20]
+    assert {"unet", "vae decode"} <= set(stage["one_process"]["phases"]) and stage["ratio"] > 0
+    assert stage["one_process"]["cpu_seconds"] > 0 and len(stage["split"]["cpu_seconds_per_rank"]) == 2
+    assert report["one_process"]["threads"] == 1 and report["job"]["vae_tile"] == 64

@@ -82,6 +82,8 @@ def test_split_image_equals_the_one_process_image(
     assert sum(parallel["bands"]) * 8 == one.shape[0]  # the last stage split, ragged or not
     assert parallel["comm_bytes"]["sent"] > 0
     assert all(len(s["peak_vram_allocated_gib_per_rank"]) == nproc for s in sidecars[1]["stages"])
+    assert all(len(s["sent_bytes_per_rank"]) == nproc and s["phases"]["unet"] > 0 for s in sidecars[1]["stages"])
+    assert {"upscale", "vae encode", "vae decode"} <= set(sidecars[1]["stages"][-1]["phases"])  # timed per stage
     reference = torch.load(tmp_path / "one" / "latents-0.pt")
     for rank in range(nproc):  # every process's rows of each stage's latents: its band, or all of a whole stage
         latents = torch.load(tmp_path / "split" / f"latents-{rank}.pt")

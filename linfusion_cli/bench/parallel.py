@@ -1,5 +1,7 @@
 """`linfusion bench parallel`: one UNet step (batch 2, as with guidance) on an image split over N processes,
-against one process with all their threads; time per step and what each process sent and received.
+against one process with all their threads; time per step and what each process sent and received. With
+`--stages`, the whole job instead: per stage the seconds of the UNet steps, the hand-off's upscale, the VAE's
+encode and decode and their statistics passes, split against one process, and the bytes each process sent.
 
 The processes are started with torch's launcher (as `--gpus` does), each with `threads` torch threads; the
 one-process reference runs here with `nproc x threads` threads, so both use the same cores.
@@ -8,16 +10,23 @@ one-process reference runs here with `nproc x threads` threads, so both use the 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.jobs import resolve_job
+from ..core.prepare import RunOptions, prepare
+from ..core.run import build_metadata, save_outputs
 from ..engine.parallel import Bands, downsampling, joined, split_image, unet_comm_plan
 from ..engine.parallel.launch import launch_here
+from ..engine.pipeline import Engine
 from ..linfusion.patching import apply_linfusion
 from ..models.loading import build_random
 from .measure import environment
+from .pipeline import BENCH_PROMPT
 
 TEXT_TOKENS = 77
 WARMUP = 1
@@ -108,4 +117,82 @@ def bench_parallel(
         "split": {"seconds": split_seconds, "ranks": per_rank},
         "speedup": round(statistics.median(one) / split_seconds, 3),
         "planned": plan.as_dict(),  # the communication model of parallel/plan.py, for the same split
+    }
+
+
+def job_stages(arch: str, flags: dict[str, Any], threads: int, dtype_name: str, device_type: str) -> dict[str, Any]:
+    """One job with random weights (`flags`: its size, steps, VAE tile...) in this process, split over the
+    launcher's processes when it started several: each stage's seconds, its phases (host.Host.phase) and the bytes
+    this process sent in it, and the seconds of writing the image (a split image's rows streamed to the first)."""
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    with joined(device=torch.device(device_type)) as comm, tempfile.TemporaryDirectory() as scratch:
+        job = resolve_job({"prompt": BENCH_PROMPT, **flags})
+        comps = build_random(arch, device=comm.device, dtype=dtype)
+        engine = Engine.from_components(comps, "random", comm.device, dtype)
+        prep = prepare(job, RunOptions(out=Path(scratch), overwrite=True), native=comps.native_size, seed=0)
+        result = engine.run_plan(job, prep.plan, prep.seed, group=comm if comm.world > 1 else None)
+        start = time.perf_counter()
+        if result.rows is not None and not result.rows.takes:
+            result.rows.deliver()
+        else:
+            save_outputs(prep, result.rows or result.image, build_metadata(prep, engine, result))  # type: ignore[arg-type]
+        write = time.perf_counter() - start
+    stages = [r.as_dict() for r in result.stages]
+    return {
+        "rank": comm.rank,
+        "stages": [
+            {k: s.get(k) for k in ("size", "seconds", "cpu_seconds", "phases", "sent_bytes_per_rank")} for s in stages
+        ],
+        "write_seconds": round(write, 3),
+    }
+
+
+def bench_parallel_stages(
+    arch: str,
+    flags: dict[str, Any],
+    nproc: int,
+    threads: int,
+    reference_threads: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The whole job, one process (`reference_threads` threads, here) against `nproc` launched processes: per
+    stage the seconds of each (the slowest process's), its phases and what each process sent."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    one = job_stages(arch, flags, reference_threads, dtype_name, device.type)
+    ranks = launch_here(nproc, job_stages, arch, flags, threads, dtype_name, device.type)
+    per_rank = [ranks[r] for r in sorted(ranks)]
+    stages = []
+    for index, whole in enumerate(one["stages"]):
+        split = [r["stages"][index] for r in per_rank]
+        names = sorted({name for s in split for name in s["phases"]} | set(whole["phases"]))
+        seconds = max(s["seconds"] for s in split)
+        stages.append(
+            {
+                "size": whole["size"],
+                "one_process": {
+                    "seconds": round(whole["seconds"], 3),
+                    "cpu_seconds": whole["cpu_seconds"],
+                    "phases": whole["phases"],
+                },
+                "split": {
+                    "seconds": round(seconds, 3),
+                    "cpu_seconds_per_rank": [s["cpu_seconds"] for s in split],
+                    "phases": {n: max(s["phases"].get(n, 0.0) for s in split) for n in names},  # the slowest's
+                },
+                "ratio": round(seconds / whole["seconds"], 3),
+                "sent_bytes_per_rank": split[0]["sent_bytes_per_rank"],
+            }
+        )
+    return {
+        "bench": "parallel",
+        "arch": arch,
+        "job": flags,
+        "nproc": nproc,
+        "threads_per_process": threads,
+        **environment(device, dtype),
+        "one_process": {"threads": reference_threads, "write_seconds": one["write_seconds"]},
+        "split": {"write_seconds": max(r["write_seconds"] for r in per_rank)},
+        "stages": stages,
     }

@@ -207,12 +207,21 @@ def bench_parallel_cmd(
     nproc: Annotated[int, typer.Option(min=2, help="Processes to split the image over.")] = 2,
     threads: Annotated[int, typer.Option(min=1, help="Torch threads per process (the reference gets N x this).")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="Timed steps (median).")] = 3,
+    stages: Annotated[
+        bool, typer.Option("--stages", help="Time the whole job per stage, not one UNet step.", **FLAG)
+    ] = False,
+    steps: Annotated[int, typer.Option(min=1, help="With --stages: the job's steps.")] = 8,
+    vae_tile: Annotated[int | None, typer.Option(min=64, help="With --stages: the VAE's tile size, px.")] = None,
+    reference_threads: Annotated[
+        int | None, typer.Option(min=1, help="Threads of the one-process reference (default: N x --threads).")
+    ] = None,
     device: BenchDeviceOpt = "auto",
     dtype: BenchDtypeOpt = "auto",
 ) -> None:
     """One UNet step split over N processes (gloo on CPUs, NCCL on GPUs) against one process: seconds per step
-    and bytes each process sends; JSON on stdout."""
-    from ..bench.parallel import bench_parallel
+    and bytes each process sends; with --stages the whole job, per stage: seconds of the UNet steps, the
+    hand-off's upscale, VAE encode and decode and their statistics passes. JSON on stdout."""
+    from ..bench.parallel import bench_parallel, bench_parallel_stages
     from ..bench.units import parse_size
 
     with boundary():
@@ -221,6 +230,13 @@ def bench_parallel_cmd(
             width, height = parse_size(size)
         except ValueError as exc:
             raise UsageError(f"--size: {exc}") from None
+        reference = reference_threads or nproc * threads
+        if stages:
+            job = {"width": width, "height": height, "steps": steps, "vae_tile": vae_tile, "seed": 0}
+            report = bench_parallel_stages(arch, job, nproc, threads, reference, dev, dt)
+            _print_stage_times(report, nproc, threads, reference)
+            emit_json(report)
+            return
         report = bench_parallel(arch, width, height, nproc, threads, repeats, dev, dt)
         stderr.print(
             f"{report['size']} ({arch}): one process x{nproc * threads} threads {report['one_process']['seconds']} s, "
@@ -230,6 +246,25 @@ def bench_parallel_cmd(
             highlight=False,
         )
         emit_json(report)
+
+
+def _print_stage_times(report: dict[str, Any], nproc: int, threads: int, reference: int) -> None:
+    """One line per stage: one process against the split, and the phases that make each."""
+    stderr.print(f"one process x{reference} threads against {nproc} processes x{threads}:", markup=False)
+    for stage in report["stages"]:
+        one, split = stage["one_process"], stage["split"]
+        phases = ", ".join(
+            f"{name} {one['phases'].get(name, 0.0):.2f}/{split['phases'][name]:.2f}" for name in split["phases"]
+        )
+        sent = "/".join(f"{b / 2**20:.1f}" for b in stage["sent_bytes_per_rank"] or [])
+        cpu = "/".join(f"{c:.1f}" for c in split["cpu_seconds_per_rank"])
+        stderr.print(
+            f"  {stage['size']}: {one['seconds']:.2f} s / {split['seconds']:.2f} s ({stage['ratio']}x), CPU "
+            f"{one['cpu_seconds']:.1f} s / {cpu} s; "
+            f"{phases} s; sent {sent} MiB",
+            markup=False,
+            highlight=False,
+        )
 
 
 @bench_app.command("planner", cls=Command)

@@ -28,7 +28,8 @@ class Host:
     """What a real run's device path asks of the host (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase name, over the whole job
+        self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase ("vae encode/stats" nested)
+        self.open: list[str] = []  # the phases open now, outermost first
         self._side: torch.cuda.Stream | None = None  # copies to and from CPU memory beside the compute stream
 
     def all_finite(self, tensor: torch.Tensor) -> bool:
@@ -98,9 +99,15 @@ class Host:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """A named part of a stage ("upscale", "vae encode", "unet", "vae decode"...), timed."""
+        """A named part of a stage ("upscale", "vae encode", "unet", "vae decode"...), timed; one inside another
+        is timed under both names joined ("vae encode/stats")."""
+        self.open.append(name)
+        path = "/".join(self.open)
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            if torch.cuda.is_initialized():  # the phase's kernels counted in it, not in the next that waits
+                torch.cuda.synchronize()
+            self.seconds[path] += time.perf_counter() - start
+            self.open.pop()

@@ -254,6 +254,10 @@ class ImageSplit:
         mib = self.agree_all(round((peak or 0.0) * 1024))
         return [m / 1024 if peak is not None else None for m in mib]
 
+    def sent_bytes(self) -> int:
+        """What this process has sent to the others so far (0 alone)."""
+        return 0 if self.group is None else sum(self.group.stats.sent.values())
+
     def agree_all(self, value: int) -> list[int]:
         """Every process's `value`, in rank order."""
         return [value] if self.group is None else self.group.agree_all(value)

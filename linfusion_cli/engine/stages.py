@@ -7,6 +7,7 @@ re-encoded; only the final image comes back, as uint8, tile by tile. Progress go
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,7 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
             )
         )
         last = retried is not None or level + 1 >= len(ladder)
+        phases, sent, cpu = dict(run.engine.host.seconds), split.sent_bytes(), time.process_time()
         try:
             with Meter(run.engine.device) as meter, split.watched():
                 memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
@@ -187,8 +189,14 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
         retried = f"{cause} with {settings.describe()}; retried with {ladder[level].describe()}"
         run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
     usage = meter.usage.as_dict()
-    if split.grouped:  # every process's peak, in rank order
+    usage["phases"] = _phase_seconds(run.engine.host.seconds, phases)
+    # this process's CPU time in the stage, all threads: wall seconds far above it mean it waited for cores
+    usage["cpu_seconds"] = round(time.process_time() - cpu, 3)
+    if split.grouped:  # every process's peaks, CPU time and bytes sent in the stage, in rank order
+        usage["cpu_seconds_per_rank"] = [ms / 1000 for ms in split.agree_all(round(usage["cpu_seconds"] * 1000))]
         usage["peak_vram_allocated_gib_per_rank"] = split.gather_peaks(usage["peak_vram_allocated_gib"])
+        usage["peak_rss_gib_per_rank"] = split.gather_peaks(usage.get("peak_rss_gib"))
+        usage["sent_bytes_per_rank"] = split.agree_all(split.sent_bytes() - sent)
     run.events(StageFinished(stage.index, meter.usage.seconds, usage))
     record = StageRecord(
         stage.index,
@@ -202,6 +210,16 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
         retried,
     )
     return image, out, record
+
+
+def _phase_seconds(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """The seconds of each named phase of the stage (host.Host.phase: "unet", "upscale", "vae encode", its
+    "vae encode/stats" pass and "vae encode/windows"...): what the job's running totals gained in it."""
+    return {
+        name: round(total - before.get(name, 0.0), 3)
+        for name, total in sorted(now.items())
+        if total > before.get(name, 0.0)
+    }
 
 
 def _out_of_memory(stage: StagePlan, settings: MemorySettings, who: str, frugal: bool) -> OutOfMemoryError:
