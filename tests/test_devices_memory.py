@@ -62,7 +62,7 @@ def test_plan_says_when_nothing_fits_and_what_would(runner) -> None:
     plan = json.loads(runner.invoke(app, args).stdout)
     assert plan["fits"] is False
     over = [s for s in plan["stages"] if not s["fits"]]
-    assert over and all(s["memory"] == "frugal" for s in over)
+    assert over and all(s["memory"] == "banded+host" for s in over)
     first = over[0]
     (warning,) = [w for w in plan["warnings"] if "most frugal" in w]
     assert f"stage {first['stage']} ({first['width']}x{first['height']})" in warning and "0.5 GiB budget" in warning

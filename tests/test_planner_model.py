@@ -11,7 +11,7 @@ from PIL import Image
 
 from linfusion_cli import LinFusionPipeline
 from linfusion_cli.bench.planner import GridCase, fit_arch, grid_rows
-from linfusion_cli.engine.memory_model import ARCH_COSTS, VAE_COSTS, PassCost, StageShape
+from linfusion_cli.engine.memory_model import ARCH_COSTS, VAE_COSTS, BandedCost, PassCost, StageShape
 from linfusion_cli.engine.memory_plan import MemoryPlanner, VaeModel
 from linfusion_cli.models.archs import ARCHS
 
@@ -24,6 +24,7 @@ def test_the_tiny_coefficients_are_a_fresh_fit() -> None:
     assert PassCost(**fitted["controlnet"]) == ARCH_COSTS["tiny"].controlnet
     assert {key: fitted[key] for key in ("residuals", "ip_adapter") if fitted[key]} == ARCH_COSTS["tiny"].extras
     assert tuple(fitted["vae"]) == VAE_COSTS[tuple(fitted["vae_widths"])]
+    assert BandedCost(**fitted["banded"]) == ARCH_COSTS["tiny"].banded
 
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

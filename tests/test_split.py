@@ -133,7 +133,7 @@ def test_a_killed_process_ends_the_others_and_no_file_is_written(processes: Proc
 def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
     from linfusion_cli.cli.commands import app
 
-    args = ["plan", "--size", "16k", "--aspect", "2:1", "--low-vram", "--json"]  # the same settings for both
+    args = ["plan", "--size", "16k", "--aspect", "2:1", "--memory", "frugal", "--json"]  # the same rung for both
     one = json.loads(runner.invoke(app, args).stdout)
     eight = json.loads(runner.invoke(app, [*args, "--world-size", "8"]).stdout)
     assert eight["world_size"] == 8 and eight["stages"][0]["bands_px"] is None  # the base stage runs whole

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..base.errors import UsageError
 from ..engine import memory
-from ..engine.memory_model import PassCost
-from ..engine.memory_plan import FF_CHUNK_TOKENS, settings_ladder
+from ..engine.banded import Banding, banded_unet
+from ..engine.memory_model import LATENT_PX, BandedCost, PassCost
+from ..engine.memory_plan import FF_CHUNK_TOKENS, RUNGS, settings_ladder
 from ..engine.simulate import MemoryTrace, fused_attention
 from ..engine.simulate.cuda import block_bytes
 from ..engine.simulate.host import MetaHost
@@ -29,6 +30,9 @@ from ..models.meta import meta_components
 
 FIT_ARCHS = ("tiny", "tiny-sd2", "tiny-sdxl", "sd15", "sd21", "sdxl")
 FIT_TILES = (256, 512)  # px: VAE tile cores the fit traces (two windows each)
+# px: square sides the banded pass is traced at, from where SD-1.5's levels start to take several bands to 16K
+# (the line's slope from the last two, its constant the most any side needs above the slope's share).
+FIT_BANDED_SIDES = (4096, 6144, 8192, 16384)
 
 
 def _family(arch: str) -> Family:
@@ -128,10 +132,11 @@ def fit_arch(arch: str, dtype: torch.dtype = torch.float16) -> dict[str, Any]:
         "controlnet": fit_pass(controlnet, scale, itemsize),
         "residuals": _extra_per_token(with_residuals, plain, scale, itemsize),
         "ip_adapter": _ip_adapter_extra(comps, plain, dtype, scale),
+        "banded": fit_banded(unet, dtype),
     }
     return {
         "arch": arch,
-        **{k: asdict(v) if isinstance(v, PassCost) else v for k, v in costs.items()},
+        **{k: asdict(v) if isinstance(v, (PassCost, BandedCost)) else v for k, v in costs.items()},
         "vae_widths": list(comps.vae.config["block_out_channels"]),
         "vae": fit_vae(comps.vae),
     }
@@ -185,6 +190,33 @@ def _ip_adapter_extra(comps: Any, plain: Run, dtype: torch.dtype, scale: int) ->
         return _extra_per_token(with_ip, plain, scale, torch.finfo(dtype).bits // 8, cap=IP_TOKEN_CHUNK)
     finally:
         adapter.remove()
+
+
+def fit_banded(unet: nn.Module, dtype: torch.dtype) -> BandedCost:
+    """The banded rungs' pass (memory_model.BandedCost): one UNet call, batch 1, under the `banded` and
+    `banded+host` settings, traced at FIT_BANDED_SIDES."""
+    ladder = {s.name: s for s in settings_ladder()}
+    itemsize = torch.finfo(dtype).bits // 8
+    tokens = [(side // LATENT_PX) ** 2 for side in FIT_BANDED_SIDES]
+
+    def traced(side: int, name: str) -> tuple[int, int]:
+        settings, trace = ladder[name], MemoryTrace(block_bytes)
+        host = MetaHost(trace)
+        memory.apply_settings(unet, settings, each=host.each)
+        banding = Banding(host, band_bytes=settings.band_bytes or 0, park=settings.park)
+        with torch.no_grad(), fused_attention(), trace, banded_unet(unet, banding):
+            unet(**_unet_inputs(unet.config, side, dtype))
+        return trace.peak, trace.host_peak
+
+    def line(peaks: list[int]) -> tuple[float, float]:
+        slope = round((peaks[-1] - peaks[-2]) / (tokens[-1] - tokens[-2]) / itemsize)
+        fixed = max(peak - slope * itemsize * n for peak, n in zip(peaks, tokens, strict=True))
+        return slope, round(max(0.0, fixed))
+
+    whole = [traced(side, "banded")[0] for side in FIT_BANDED_SIDES]
+    parked = [traced(side, "banded+host") for side in FIT_BANDED_SIDES]
+    host = max(h / (n * itemsize) for (_, h), n in zip(parked, tokens, strict=True))
+    return BandedCost(*line(whole), *line([p for p, _ in parked]), round(host, 1))
 
 
 def fit_vae(vae: nn.Module, dtype: torch.dtype = torch.float16) -> list[float]:
@@ -261,7 +293,7 @@ def default_grid() -> Iterator[GridCase]:
     for SD-2.x: h94/IP-Adapter has no weights for it), and world sizes 2, 4 and 8, each on its own."""
     for family, model in GRID_MODELS.items():
         aspects = ("1:1", "2:1", "3:2") if family == "sd1" else ("1:1",)
-        for aspect, rung in itertools.product(aspects, ("fast", "chunked", "split", "frugal")):
+        for aspect, rung in itertools.product(aspects, RUNGS):
             yield GridCase(model, "16k", aspect, rung)
         if family != "sd1":
             yield GridCase(model, "16k", "3:2", "split")

@@ -123,7 +123,8 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
     )
     split = summary.get("world_size", 1) > 1
     columns = ["stage", "kind", "size", *(["per process"] if split else []), "strength", "steps", "UNet passes"]
-    for col in (*columns, "memory", "est. peak GiB", "VAE"):
+    host = any(s.get("estimated_host_gib") for s in summary["stages"])  # skips parked in CPU memory
+    for col in (*columns, "memory", "est. peak GiB", *(["est. CPU GiB"] if host else []), "VAE"):
         table.add_column(col)
     if split:
         title = f" split over {summary['world_size']} processes (memory per process)"
@@ -142,6 +143,7 @@ def render_plan(summary: dict[str, Any], json_out: bool) -> None:
             str(s["unet_passes"]),
             s["memory"],
             f"{s['estimated_peak_gib']:.2f}",  # as the notes say it
+            *([f"{s['estimated_host_gib']:.2f}" if s["estimated_host_gib"] else "-"] if host else []),
             s["vae"],
         )
     table.title = escape(str(table.title))
@@ -169,7 +171,8 @@ def _render_simulation(summary: dict[str, Any], out: Console) -> None:
     title = f"simulated on the meta device as a CUDA GPU{on} (in {simulation['seconds']} s)"
     table = Table(title=title, title_justify="left")
     columns = ["stage", "size", "memory", "est. GiB", "sim. GiB", "est./sim.", "peak in", "weights GiB", "TFLOP/step"]
-    for col in (*columns, "TFLOP", *(["floor s"] if card else [])):
+    host = any(s.get("estimated_host_gib") for s in summary["stages"])  # CPU memory: parked skips, the output
+    for col in (*columns, "TFLOP", *(["floor s"] if card else []), *(["sim. CPU GiB"] if host else [])):
         table.add_column(col)
     for s in summary["stages"]:
         sim = s["simulated"]
@@ -183,6 +186,7 @@ def _render_simulation(summary: dict[str, Any], out: Console) -> None:
         row += [f"{sim['estimate_over_simulated']:.2f}", sim["peak_phase"], f"{sum(sim['weights_gib'].values()):.2f}"]
         row += [f"{sim['tflop_step']:.1f}", f"{sim['tflop_stage']:.1f}"]
         row += [f"{sim['floor_seconds']:.2f}"] if card else []
+        row += [f"{sim['host_peak_gib']:.2f}"] if host else []
         table.add_row(*row)
     render_table(lines_if_wider(table, out.width, out), "rich" if out.is_terminal else "plain", out)
     out.print(f"configs: {simulation['configs']}", markup=False)

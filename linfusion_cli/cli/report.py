@@ -56,6 +56,10 @@ def memory_text(settings: dict[str, Any]) -> str:
         parts.append(f"FF chunks {settings['ff_chunk']}")
     if settings.get("attn_chunk"):
         parts.append(f"attention chunks {settings['attn_chunk']}")
+    if settings.get("band_mib"):
+        parts.append(f"UNet in bands of {settings['band_mib']} MiB")
+    if settings.get("park_skips"):
+        parts.append("skips in CPU memory")
     if settings.get("vae_budget_gib"):
         parts.append(f"VAE within {settings['vae_budget_gib']:g} GiB")
     return f"{settings.get('name', '?')} ({', '.join(parts)})"

@@ -173,7 +173,8 @@ def _stage_entry(
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     bands = _bands(stage.height // LATENT_PX, world, multiple)
     rows = max(bands) * LATENT_PX if bands else stage.height
-    choice = planner.choose(stage_shape(prep.plan, stage, rows, prep.input_size))
+    shape = stage_shape(prep.plan, stage, rows, prep.input_size)
+    choice = planner.choose(shape)
     limit = choice.settings.vae_budget or vae_share(placed.kind, placed.free)
     asked = job.vae_tile or vae_tile_for(arch.vae, PRECISION_BYTES[vae_precision], stage.height, stage.width, limit)
     tile = tile_used(asked, stage.height, stage.width)
@@ -189,6 +190,7 @@ def _stage_entry(
         "memory_settings": {**choice.settings.as_dict(), "vae_tile": tile},
         "estimated_peak_gib": round(choice.estimate / GIB, 2),
         "estimated_peak_bytes": choice.estimate,
+        "estimated_host_gib": round(planner.host_estimate(choice.settings, shape) / GIB, 2),
         "fits": choice.fits,
         "vae": "untiled" if tile is None else f"tiles of {tile} px",
         **_per_rank(stage.width, rows, bands, world),

@@ -297,7 +297,8 @@ CORE_SETTINGS: tuple[Setting, ...] = (
         "low_vram",
         "bool",
         False,
-        "The most frugal memory settings (what each stage needs: linfusion plan --simulate).",
+        "Memory settings from frugal down: each stage takes the first that fits (frugal, then the UNet in row "
+        "bands, then its skips in CPU memory too; linfusion plan --simulate shows what each needs).",
         MEMORY_PANEL,
         WITH_BENCH,
         in_key=False,

@@ -57,6 +57,30 @@ class PassCost:
 
 
 @dataclass(frozen=True)
+class BandedCost:
+    """A UNet pass in row bands (engine/banded, frugal chunking) where its levels take several bands: what stays
+    whole (the blocks' inputs and outputs, the skips unless parked), in bytes per top-level token and batch element
+    per dtype byte, plus what the bands' temporaries hold whatever the size (bytes: a band is at most
+    memory_plan.BAND_BYTES). `parked_*`: the same with skips parked in CPU memory, which then holds `host` per
+    token and dtype byte. Where few levels band, a pass holds less than this line (memory_plan takes the smaller of
+    it and the pass run whole)."""
+
+    whole: float
+    bands: float
+    parked_whole: float
+    parked_bands: float
+    host: float
+
+    def activations(self, tokens: int, batch: int, itemsize: int, park: bool) -> float:
+        per_token, fixed = (self.parked_whole, self.parked_bands) if park else (self.whole, self.bands)
+        return batch * tokens * per_token * itemsize + fixed
+
+    def host_bytes(self, tokens: int, batch: int, itemsize: int) -> float:
+        """CPU memory the parked skips of one pass take."""
+        return batch * tokens * self.host * itemsize
+
+
+@dataclass(frozen=True)
 class ArchCost:
     """A UNet architecture's passes, fitted to the simulator: its own and a ControlNet's, and what a UNet call
     holds more with an adapter's inputs (bytes per top-level token and batch element per dtype byte, by the key an
@@ -66,6 +90,7 @@ class ArchCost:
     unet: PassCost
     controlnet: PassCost
     extras: Mapping[str, float] = field(default_factory=dict)
+    banded: BandedCost | None = None  # None: not fitted (the banded rungs are then planned as the pass run whole)
 
     def extra(self, key: str, cap: int, tokens: int, batch: int, itemsize: int) -> float:
         """What an adapter's inputs add to a UNet call (AdapterKind.memory_key); `cap`: query tokens per layer call
@@ -77,12 +102,42 @@ class ArchCost:
 # By archs.py's names (Family.arch). Fitted by `linfusion bench planner --fit` (tests/test_planner_model.py checks
 # the tiny ones against a fresh fit).
 ARCH_COSTS: dict[str, ArchCost] = {
-    "sd15": ArchCost(PassCost(4484, 3951, 4377), PassCost(3660, 3947, 3733), {"residuals": 660.0, "ip_adapter": 316.0}),
-    "sd21": ArchCost(PassCost(4484, 3951, 4378), PassCost(3660, 3947, 3733), {"residuals": 660.0, "ip_adapter": 316.0}),
-    "sdxl": ArchCost(PassCost(4484, 4297, 749, 4), PassCost(3840, 3493, 1387, 4), {"residuals": 600.0}),
-    "tiny": ArchCost(PassCost(420, 335, 470), PassCost(2080, 2080, 0), {"residuals": 32.0, "ip_adapter": 28.0}),
-    "tiny-sd2": ArchCost(PassCost(420, 335, 470), PassCost(2080, 2080, 0), {"residuals": 32.0, "ip_adapter": 28.0}),
-    "tiny-sdxl": ArchCost(PassCost(420, 412, 32, 4), PassCost(2080, 2080, 0, 4), {"residuals": 32.0}),
+    "sd15": ArchCost(
+        PassCost(4484, 3951, 4377),
+        PassCost(3660, 3947, 3733),
+        {"residuals": 660.0, "ip_adapter": 316.0},
+        banded=BandedCost(1657, 446165504, 664, 468559872, 1620.0),
+    ),
+    "sd21": ArchCost(
+        PassCost(4484, 3951, 4378),
+        PassCost(3660, 3947, 3733),
+        {"residuals": 660.0, "ip_adapter": 316.0},
+        banded=BandedCost(1657, 446204928, 664, 468599296, 1620.0),
+    ),
+    "sdxl": ArchCost(
+        PassCost(4484, 4297, 749, 4),
+        PassCost(3840, 3493, 1387, 4),
+        {"residuals": 600.0},
+        banded=BandedCost(1724, 508887040, 724, 428145152, 1560.0),
+    ),
+    "tiny": ArchCost(
+        PassCost(420, 335, 470),
+        PassCost(2080, 2080, 0),
+        {"residuals": 32.0, "ip_adapter": 28.0},
+        banded=BandedCost(109, 427863552, 67, 513818112, 80.0),
+    ),
+    "tiny-sd2": ArchCost(
+        PassCost(420, 335, 470),
+        PassCost(2080, 2080, 0),
+        {"residuals": 32.0, "ip_adapter": 28.0},
+        banded=BandedCost(109, 427866112, 67, 513820672, 80.0),
+    ),
+    "tiny-sdxl": ArchCost(
+        PassCost(420, 412, 32, 4),
+        PassCost(2080, 2080, 0, 4),
+        {"residuals": 32.0},
+        banded=BandedCost(120, 365706240, 51, 481049600, 80.0),
+    ),
 }
 REFERENCE_ARCH = "sd15"  # an architecture outside the table scales SD-1.5's by its top-level width
 REFERENCE_WIDTH = 320

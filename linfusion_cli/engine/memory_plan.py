@@ -119,8 +119,13 @@ def vae_windows_for(vae_config: Mapping[str, Any], itemsize: int, window_px: int
 FF_CHUNK_TOKENS = 16384  # feed-forward rows per chunk when chunking (remainders handled)
 ATTN_CHUNK_TOKENS = 65536  # LinFusion query/key rows per chunk when chunking
 FRUGAL_VAE_BUDGET = 1 * GIB
-RUNGS = ("fast", "chunked", "split", "frugal")  # settings_ladder's names, fastest first
+# engine/banded: a UNet level taller than one band of this many bytes (its widest input: an up block's
+# concatenation) runs band by band; 64 MiB keeps a band's temporaries well under a GiB at every level of SD-1.5
+# and SDXL at 16K and its bands hundreds of kilobytes wide or more, where GPU kernels still run at full speed.
+BAND_BYTES = 1 << 26
+RUNGS = ("fast", "chunked", "split", "frugal", "banded", "banded+host")  # settings_ladder's names, fastest first
 LOWEST = "lowest"  # --memory lowest: the most frugal rung
+LOW_VRAM_FIRST = "frugal"  # --low-vram: the first rung from this one down whose estimate fits
 
 
 def memory_rung_names() -> tuple[str, ...]:
@@ -137,6 +142,8 @@ class MemorySettings:
     ff_chunk: int | None = None  # feed-forward token rows per chunk
     attn_chunk: int | None = None  # LinFusion token rows per chunk
     vae_budget: int | None = None  # bytes the VAE may use (None: automatic)
+    band_bytes: int | None = None  # the UNet in row bands of at most this (engine/banded; None: whole)
+    park: bool = False  # banded levels' skip tensors in CPU memory between the down and up paths
 
     def describe(self) -> str:
         parts = ["guidance as 2 x batch 1" if self.cfg_split else "guidance as batch 2"]
@@ -144,6 +151,10 @@ class MemorySettings:
             parts.append(f"feed-forward chunks of {self.ff_chunk}")
         if self.attn_chunk:
             parts.append(f"attention chunks of {self.attn_chunk}")
+        if self.band_bytes:
+            parts.append(f"UNet in row bands of {self.band_bytes // 2**20} MiB")
+        if self.park:
+            parts.append("skips in CPU memory")
         if self.vae_budget:
             parts.append(f"VAE within {self.vae_budget / GIB:.1f} GiB")
         return f"{self.name} ({', '.join(parts)})"
@@ -155,31 +166,38 @@ class MemorySettings:
             "ff_chunk": self.ff_chunk,
             "attn_chunk": self.attn_chunk,
             "vae_budget_gib": None if self.vae_budget is None else round(self.vae_budget / GIB, 2),
+            "band_mib": None if self.band_bytes is None else self.band_bytes // 2**20,
+            "park_skips": self.park,
         }
 
 
 def settings_ladder(
     low_vram: bool = False, max_vram: float | None = None, memory: str | None = None
 ) -> list[MemorySettings]:
-    """Memory settings from fastest to most frugal; --low-vram keeps only the most frugal; --memory NAME starts
-    the ladder at that rung (an out-of-memory error still steps down from it)."""
+    """Memory settings from fastest to most frugal; --low-vram starts the ladder at `frugal` (the planner takes the
+    first rung from there whose estimate fits); --memory NAME starts it at that rung (an out-of-memory error still
+    steps down from it)."""
     vae_budget = None if max_vram is None else int(min(max_vram * GIB / 4, VAE_BUDGET_CAP))
+    frugal = MemorySettings(
+        "frugal",
+        cfg_split=True,
+        ff_chunk=FF_CHUNK_TOKENS // 4,
+        attn_chunk=ATTN_CHUNK_TOKENS,
+        vae_budget=min(vae_budget or FRUGAL_VAE_BUDGET, FRUGAL_VAE_BUDGET),
+    )
+    banded = replace(frugal, name="banded", band_bytes=BAND_BYTES)
     ladder = [
         MemorySettings("fast", vae_budget=vae_budget),
         MemorySettings("chunked", ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
         MemorySettings("split", cfg_split=True, ff_chunk=FF_CHUNK_TOKENS, vae_budget=vae_budget),
-        MemorySettings(
-            "frugal",
-            cfg_split=True,
-            ff_chunk=FF_CHUNK_TOKENS // 4,
-            attn_chunk=ATTN_CHUNK_TOKENS,
-            vae_budget=min(vae_budget or FRUGAL_VAE_BUDGET, FRUGAL_VAE_BUDGET),
-        ),
+        frugal,
+        banded,
+        replace(banded, name="banded+host", park=True),
     ]
+    names = [s.name for s in ladder]
     if memory is not None:
-        names = [s.name for s in ladder]
         return ladder[-1:] if memory == LOWEST else ladder[names.index(memory) :]
-    return ladder[-1:] if low_vram else ladder
+    return ladder[names.index(LOW_VRAM_FIRST) :] if low_vram else ladder
 
 
 def budget_bytes(max_vram: float | None, free: int | None) -> int | None:
@@ -297,13 +315,15 @@ class MemoryPlanner:
     def phases(self, settings: MemorySettings, shape: StageShape) -> dict[str, float]:
         """Bytes each phase of the stage holds besides the weights (memory_model.py's docstring)."""
         vae_item, tokens = self.vae.itemsize, shape.tokens
-        batch = 1 if (settings.cfg_split or not self.guidance) else 2
+        batch = self.batch(settings)
         previous = RGB * shape.previous[0] * shape.previous[1] * vae_item if shape.previous else 0.0
         image = float(RGB * shape.width * shape.height * vae_item)
         whole_latents = float(LATENT_CHANNELS * shape.whole_tokens * FP32)
         windows = self.vae.windows(settings, shape.height, shape.width)
         held = tokens * batch * self.control_channels * self.itemsize
         unet = self.cost.unet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
+        if settings.band_bytes and self.cost.banded is not None:  # at most what it holds whole
+            unet = min(unet, self.cost.banded.activations(tokens, batch, self.itemsize, settings.park))
         unet += sum(self.cost.extra(key, cap, tokens, batch, self.itemsize) for key, cap in self.adapter_extras)
         # the ControlNets run one after another: one's own pass at a time, besides the residuals already held
         own = (
@@ -322,15 +342,35 @@ class MemoryPlanner:
             out["vae encode"] = previous + image + latents + windows.encode
         return out
 
+    def host_estimate(self, settings: MemorySettings, shape: StageShape) -> int:
+        """CPU memory the stage's parked skips take (pinned on CUDA), besides the process's own."""
+        if not settings.park or self.cost.banded is None:
+            return 0
+        return int(self.cost.banded.host_bytes(shape.tokens, self.batch(settings), self.itemsize))
+
+    def batch(self, settings: MemorySettings) -> int:
+        """Samples in one UNet call: 2 with guidance as one batch, else 1."""
+        return 1 if (settings.cfg_split or not self.guidance) else 2
+
     def estimate(self, settings: MemorySettings, shape: StageShape) -> int:
         """Expected peak device bytes of the stage under `settings`, as the simulator would report it."""
         return int(ALLOCATOR_FACTOR * (self.weights + PHASE_MARGIN * max(self.phases(settings, shape).values())))
 
+    def ladder_for(self, split: bool) -> list[MemorySettings]:
+        """The rungs a stage may run with: on a band of a split image, those that do not band the UNet (a process
+        runs its share whole: banding within a share is not built), or `frugal` if --memory named a banded one."""
+        if not split:
+            return self.ladder
+        whole = [s for s in self.ladder if not s.band_bytes]
+        return whole or [replace(self.ladder[0], name=LOW_VRAM_FIRST, band_bytes=None, park=False)]
+
     def choose(self, shape: StageShape) -> MemoryChoice:
-        """The fastest settings whose estimate fits the budget, else the most frugal (--memory: its rung)."""
-        for level, settings in enumerate(self.ladder):
+        """The fastest settings whose estimate fits the budget, else the most frugal (--memory: its rung); the
+        level is an index in `ladder_for` the stage."""
+        ladder = self.ladder_for(shape.rows is not None and shape.rows < shape.height)
+        for level, settings in enumerate(ladder):
             need = self.estimate(settings, shape)
             if self.pinned or self.budget is None or need <= self.budget:
                 return MemoryChoice(settings, level, need, self.budget)
-        last = len(self.ladder) - 1
-        return MemoryChoice(self.ladder[last], last, self.estimate(self.ladder[last], shape), self.budget)
+        last = len(ladder) - 1
+        return MemoryChoice(ladder[last], last, self.estimate(ladder[last], shape), self.budget)

@@ -21,6 +21,7 @@ from ..base.plan import Plan, StagePlan
 from ..models.adapter_kind import UNetExtra
 from ..models.devices import free_cached
 from . import memory
+from .banded import Banding, banded_unet
 from .memory import vae_budget
 from .memory_model import stage_shape
 from .memory_plan import MemoryPlanner, MemorySettings
@@ -148,7 +149,7 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
     split.begin_stage(stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
     split.check_cancel(run.cancel)
     rows = split.band_pixels() if split.active else stage.height
-    ladder, retried = run.planner.ladder, None
+    ladder, retried = run.planner.ladder_for(rows < stage.height), None  # as `choose` takes it
     level = split.agree_max(run.planner.choose(stage_shape(run.plan, stage, rows, run.input_size)).level)
     while True:
         settings = ladder[level]
@@ -296,7 +297,14 @@ def _run_stage(
             run.split.check_cancel(run.cancel)
 
         noise = run.split.noise(generator)  # a stochastic sampler's draws: for the whole image, this band kept
-        with host.phase("unet"), run.split.models(engine.comps.unet, *engine.adapter_modules()):
+        banding = (
+            None if settings.band_bytes is None else Banding(host, band_bytes=settings.band_bytes, park=settings.park)
+        )
+        with (
+            host.phase("unet"),
+            run.split.models(engine.comps.unet, *engine.adapter_modules()),
+            banded_unet(engine.comps.unet, banding),
+        ):
             latents = denoise(
                 engine.comps.unet,
                 scheduler,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from ..memory_plan import BAND_BYTES
 from ..parallel.stats import combine_moments, local_moments
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ T = TypeVar("T")
 # A diffusers module (UNet, block, resnet, transformer): its attributes are read as diffusers sets them, which
 # nn.Module's typing cannot say (every attribute is a Tensor | Module to it).
 Block = Any
-BAND_BYTES = 1 << 26  # 64 MiB: the widest input of a band (an up block's concatenation) at most this
 
 
 @dataclass(frozen=True)

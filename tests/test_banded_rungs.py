@@ -1,0 +1,149 @@
+"""The banded rungs in the real pipeline: a job run with `--memory banded` or `banded+host` (bands made a few rows
+tall here, so that every level of the tiny UNets bands) gives the image of the same job run `frugal` within 1/255
+and the same latents after every stage to fp32 reduction order: sdedit with a ControlNet and a LoRA, SD-2.x-shaped,
+and SDXL-shaped with demofusion's dilated global pass. And a 16K stage of SD-1.5, simulated on the meta device,
+fits a 12 GB card only banded with skips in CPU memory, under its target."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from linfusion_cli.core.api import LinFusionPipeline
+from linfusion_cli.engine import memory_plan
+from linfusion_cli.engine.banded import unet as banded_module
+from linfusion_cli.engine.memory_model import StageShape
+from linfusion_cli.engine.memory_plan import GIB, MemoryPlanner, VaeModel
+from linfusion_cli.engine.splitting import ImageSplit
+from linfusion_cli.models.archs import ARCHS
+
+LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: fp32 reduction order
+
+CASES = {
+    # 3:2 at 256 px: 32x48 latents; bands of 40000 bytes are 3-10 rows (fp32, batch 1), ragged at every level
+    "tiny-controlnet-lora": (
+        "banded+host",
+        40_000,
+        {"model": "tiny", "size": 256, "aspect": "3:2", "controlnet": ["tiny"], "control_image": ["previous"]}
+        | {"lora": ["tiny:0.7"]},
+    ),
+    "tiny-sd2": ("banded", 25_000, {"model": "tiny-sd2", "size": 256}),
+    "tiny-sdxl-demofusion": ("banded+host", 100_000, {"model": "tiny-sdxl", "size": 256, "refine": "demofusion"}),
+}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Iterator[LinFusionPipeline]:
+    with LinFusionPipeline(device="cpu", dtype="fp32") as pipeline:  # models loaded once for every case
+        yield pipeline
+
+
+def _run(
+    pipe: LinFusionPipeline, settings: dict[str, Any], memory: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, list[torch.Tensor]]:
+    """The job's image and its latents after each stage (as the stage loop puts them together)."""
+    stages: list[torch.Tensor] = []
+    held = ImageSplit.held
+
+    def recording(self: ImageSplit, latents: torch.Tensor) -> Any:
+        rows = held(self, latents)
+        stages.append(rows.tensor)
+        return rows
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageSplit, "held", recording)
+        result = pipe.generate("a lighthouse", save=False, steps=2, seed=3, memory=memory, **settings)
+    return result, stages
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_banded_rungs_make_the_frugal_image(
+    pipe: LinFusionPipeline, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rung, band_bytes, settings = CASES[case]
+    reference, reference_latents = _run(pipe, settings, "frugal", monkeypatch)
+    calls = {"resnet": 0}
+    real = banded_module.resnet_forward
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["resnet"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(banded_module, "resnet_forward", counted)
+    monkeypatch.setattr(memory_plan, "BAND_BYTES", band_bytes)
+    banded, latents = _run(pipe, settings, rung, monkeypatch)
+    assert calls["resnet"] > 0  # the UNet did run in bands
+    assert [s["memory_settings"]["name"] for s in banded.report["stages"]] == [rung] * len(latents)
+    a, b = reference.array.astype(int), banded.array.astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # within 1/255 per pixel
+    assert len(latents) == len(reference_latents) > 1
+    for ref, out in zip(reference_latents, latents, strict=True):
+        assert (ref - out).abs().max() <= LATENT_TOLERANCE * ref.abs().max()
+
+
+def test_a_16k_stage_fits_a_12_gb_card_banded_with_skips_in_cpu_memory() -> None:
+    """SD-1.5 at 16384x16384 with --max-vram 11 (a 12 GB card less its context and some headroom), simulated: the
+    planner takes `banded+host`, the simulated peak is under 11 GiB and the estimate above it; the parked skips are
+    planned as CPU memory."""
+    plan = LinFusionPipeline().plan(
+        "a harbour",
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        size=16384,
+        base_size=16384,  # the recipe's last stage alone, without guidance: one UNet call of batch 1, as cfg_split
+        steps=1,  # runs each of its two (the simulation runs a loop's first item)
+        guidance=1.0,
+        max_vram=11,
+        simulate=True,
+    )
+    (stage,) = plan["stages"]
+    simulated = stage["simulated"]
+    assert stage["memory"] == simulated["memory"] == "banded+host" and stage["fits"]
+    assert simulated["peak_bytes"] <= 11 * GIB <= plan["memory_budget_gib"] * GIB
+    assert 1.0 <= stage["estimated_peak_bytes"] / simulated["peak_bytes"] <= 1.15
+    assert stage["estimated_host_gib"] >= simulated["host_peak_gib"] - 0.5 > 10  # ~12.7 GiB of skips
+
+
+@pytest.mark.parametrize(
+    ("budget_gib", "rows", "rung", "fits"),
+    [
+        (60, None, "frugal", True),
+        (20, None, "banded", True),
+        (11, None, "banded+host", True),
+        (4, None, "banded+host", False),
+        (20, 8192, "frugal", False),
+    ],
+)
+def test_low_vram_takes_the_first_rung_from_frugal_down_that_fits(
+    budget_gib: float, rows: int | None, rung: str, fits: bool
+) -> None:
+    """--low-vram: frugal where it fits, else the UNet banded, else its skips parked too, else the lowest; a band
+    of a split image (rows < height) runs its share whole, down to frugal."""
+    planner = MemoryPlanner.for_job(
+        low_vram=True,
+        max_vram=budget_gib,
+        guidance=7.5,
+        budget=int(budget_gib * GIB),
+        arch="sd15",
+        top_width=320,
+        dtype_bytes=2,
+        weights=2 * GIB,
+        vae=VaeModel(ARCHS["sd15"].vae, 2),
+    )
+    assert [s.name for s in planner.ladder] == ["frugal", "banded", "banded+host"]
+    choice = planner.choose(StageShape(16384, 16384, rows, previous=(8192, 8192), last=True))
+    assert (choice.settings.name, choice.fits) == (rung, fits)
+    assert (planner.host_estimate(choice.settings, StageShape(16384, 16384)) > 10 * GIB) == (rung == "banded+host")
+
+
+def test_out_of_memory_at_frugal_steps_down_to_banded(pipe: LinFusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The out-of-memory fallback steps down the same ladder: a stage that fails `frugal` runs `banded`, and the
+    report says so."""
+    monkeypatch.setenv("LINFUSION_INJECT_OOM", "0")
+    result = pipe.generate("a lighthouse", save=False, steps=2, seed=3, model="tiny", size=128, memory="frugal")
+    (stage,) = result.report["stages"]
+    assert stage["memory_settings"]["name"] == "banded" and stage["memory_settings"]["band_mib"] == 64
+    assert "retried with banded (" in stage["retried"]
