@@ -222,17 +222,26 @@ def run_job(
         _claim_target(prep, options, group)
         if group.agree(int(not options.overwrite and prep.paths.complete(prep.key)), "skip"):
             return made_before(prep, events)
-    events(
-        Note(
-            "info",
-            f"seed {seed}; {plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
-            f" with {job.scheduler} on {device} ({str(dtype).replace('torch.', '')})"
-            + (f", split over {plural(world, 'process', 'processes')}" if world > 1 else ""),
-        )
-    )
+    what = f"{plural(len(prep.plan.stages), 'stage')} to {prep.target.width}x{prep.target.height}"
+    where = f"{device} ({str(dtype).replace('torch.', '')})"
+    split = f", split over {plural(world, 'process', 'processes')}" if world > 1 else ""
+    events(Note("info", f"seed {seed}; {what} with {job.scheduler} on {where}{split}"))
     engine = engines.engine_for(job, events)
     prep = replan_for(engine.comps.native_size, prep, options)
     result, meta = run_prepared(engine, prep, options, events=events, cancel=cancel, init_image=init_image, group=group)
+    return _deliver(result, meta, prep, options, group, events, save)
+
+
+def _deliver(
+    result: PlanOutput,
+    meta: dict[str, Any],
+    prep: Prepared,
+    options: RunOptions,
+    group: Comm,
+    events: EventSink,
+    save: bool,
+) -> Result:
+    """A run's image to its files (now, or by the result's save() with `save` False) and to the caller."""
     rows = result.rows if save else None  # a split image written now: its rows go into the file as they come
     image = None if rows is not None else result.whole_image()
     if not group.writes:  # another process of a split image: the first one writes

@@ -153,17 +153,8 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
     level = split.agree_max(run.planner.choose(stage_shape(run.plan, stage, rows, run.input_size)).level)
     while True:
         settings = ladder[level]
-        run.events(
-            StageStarted(
-                stage.index,
-                len(run.plan.stages),
-                stage.kind,
-                stage.size_text,
-                stage.steps,
-                stage.strength,
-                settings.as_dict(),
-            )
-        )
+        plan = (stage.kind, stage.size_text, stage.steps, stage.strength, settings.as_dict())
+        run.events(StageStarted(stage.index, len(run.plan.stages), *plan))
         last = retried is not None or level + 1 >= len(ladder)
         phases, sent, cpu = dict(run.engine.host.seconds), split.sent_bytes(), time.process_time()
         try:
@@ -189,28 +180,27 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
         level += 1
         retried = f"{cause} with {settings.describe()}; retried with {ladder[level].describe()}"
         run.events(Note("warning", f"stage {stage.index + 1}: {retried}"))
+    usage = _stage_usage(run, meter, phases, cpu, sent)
+    run.events(StageFinished(stage.index, meter.usage.seconds, usage))
+    ran = {**settings.as_dict(), "vae_tile": vae_tile}
+    shape = (stage.index, stage.kind, stage.size_text, stage.strength, stage.steps)
+    return image, out, StageRecord(*shape, meter.usage.seconds, usage, ran, retried)
+
+
+def _stage_usage(run: JobRun, meter: Meter, phases: dict[str, float], cpu: float, sent: int) -> dict[str, Any]:
+    """What a stage used: time and peaks, seconds per phase since `phases`, CPU seconds since `cpu` and (a split
+    image) every process's peaks, CPU time and bytes sent since `sent`, in rank order."""
+    split = run.split
     usage = meter.usage.as_dict()
     usage["phases"] = _phase_seconds(run.engine.host.seconds, phases)
     # this process's CPU time in the stage, all threads: wall seconds far above it mean it waited for cores
     usage["cpu_seconds"] = round(time.process_time() - cpu, 3)
-    if split.grouped:  # every process's peaks, CPU time and bytes sent in the stage, in rank order
+    if split.grouped:
         usage["cpu_seconds_per_rank"] = [ms / 1000 for ms in split.agree_all(round(usage["cpu_seconds"] * 1000))]
         usage["peak_vram_allocated_gib_per_rank"] = split.gather_peaks(usage["peak_vram_allocated_gib"])
         usage["peak_rss_gib_per_rank"] = split.gather_peaks(usage.get("peak_rss_gib"))
         usage["sent_bytes_per_rank"] = split.agree_all(split.sent_bytes() - sent)
-    run.events(StageFinished(stage.index, meter.usage.seconds, usage))
-    record = StageRecord(
-        stage.index,
-        stage.kind,
-        stage.size_text,
-        stage.strength,
-        stage.steps,
-        meter.usage.seconds,
-        usage,
-        {**settings.as_dict(), "vae_tile": vae_tile},
-        retried,
-    )
-    return image, out, record
+    return usage
 
 
 def _phase_seconds(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
