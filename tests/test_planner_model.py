@@ -42,9 +42,10 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
             "controlnet": ["tiny"],
             "control_image": ["previous"],
             "ip_adapter": ["h94/IP-Adapter"],
+            "low_vram": True,  # the text and image encoders wait in CPU memory while the stages run
         },
     ],
-    ids=["sdxl-demofusion", "sd15-split", "sd15-adapters"],
+    ids=["sdxl-demofusion", "sd15-split", "sd15-adapters-low-vram"],
 )
 def test_every_stage_estimate_is_just_above_the_simulation(settings: dict, tmp_path: Path) -> None:
     if "ip_adapter" in settings:  # simulated with h94's ViT-H image encoder (nothing is downloaded)

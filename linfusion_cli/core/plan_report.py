@@ -88,6 +88,8 @@ def memory_planner(prep: Prepared, placed: Placement) -> MemoryPlanner:
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     family_gib = family.weights_gib_fp16 if family else DEFAULT_FAMILY_GIB
     extra_gib = sum(kind.planned_gib_fp16(job, family, family_gib) for kind in ADAPTER_KINDS)
+    if job.low_vram and family:  # the text encoders wait in CPU memory while the stages run
+        family_gib -= family.text_gib_fp16
     channels = sum(kind.activation_channels(arch.unet, len(kind.refs(job))) for kind in ADAPTER_KINDS if kind.refs(job))
     vae_item = PRECISION_BYTES[vae_precision(arch.vae, placed.precision, family)]
     prep.planner = MemoryPlanner.for_job(

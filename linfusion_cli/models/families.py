@@ -30,6 +30,9 @@ class Family:
     attn1_layers: int
     first_attn: tuple[int, int]  # (dim, heads) of the first attn1: tells checkpoints of look-alike families apart
     weights_gib_fp16: float = 2.1  # UNet (LinFusion's layers in) + VAE + text encoders, as the allocator holds them
+    # of which the text encoders (CPU memory while the stages run with --low-vram), as `plan --simulate` holds them:
+    # CLIP ViT-L 0.23, OpenCLIP ViT-H 0.63, SDXL's two 1.52
+    text_gib_fp16: float = 0.23
     arch: str = "sd15"  # the archs.py shapes this family has (benchmarks, estimates)
     configs: str = "sd1"  # shipped component configs (models/configs/NAME) a single file is loaded with
     # SDXL's VAE overflows in fp16 and runs in fp32 (unless its config says force_upcast: false, as the fp16-fix
@@ -72,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
         attn1_layers=16,
         first_attn=(320, 5),
         weights_gib_fp16=2.6,
+        text_gib_fp16=0.63,
         arch="sd21",
         configs="sd2",
     ),
@@ -87,6 +91,7 @@ FAMILIES: tuple[Family, ...] = (
         attn1_layers=70,
         first_attn=(640, 10),
         weights_gib_fp16=6.9,
+        text_gib_fp16=1.52,
         arch="sdxl",
         configs="sdxl",
         vae_upcast=True,
@@ -103,6 +108,7 @@ FAMILIES: tuple[Family, ...] = (
         attn1_layers=7,
         first_attn=(32, 4),
         weights_gib_fp16=0.0037,
+        text_gib_fp16=0.0,
         arch="tiny",
     ),
     Family(
@@ -117,6 +123,7 @@ FAMILIES: tuple[Family, ...] = (
         attn1_layers=7,
         first_attn=(32, 2),
         weights_gib_fp16=0.0038,
+        text_gib_fp16=0.0,
         arch="tiny-sd2",
         configs="sd2",
     ),
@@ -132,6 +139,7 @@ FAMILIES: tuple[Family, ...] = (
         attn1_layers=11,
         first_attn=(64, 4),
         weights_gib_fp16=0.0053,
+        text_gib_fp16=0.0,
         arch="tiny-sdxl",
         configs="sdxl",
         vae_upcast=True,

@@ -169,19 +169,22 @@ def check_fits(source: str, model: str, ip_width: int | None, model_width: int) 
 
 # --- before any model loads ---------------------------------------------------------------------------------
 # What h94/IP-Adapter adds on the device for each family, GiB in fp16: its image encoder, ViT-H
-# (models/image_encoder, 632M parameters) or ViT-bigG (sdxl_models/image_encoder, 1.84B), with the projection,
-# and the adapter's own key/value layers on every cross-attention (0.04 GiB for SD-1.x, 0.65 for SDXL's 70).
-# As `plan --simulate` holds them: 1.18 + 0.04 and 3.44 + 0.65.
-ENCODER_GIB_FP16: dict[str, float] = {"sd1": 1.26, "sdxl": 4.1}
+# (models/image_encoder, 632M parameters) or ViT-bigG (sdxl_models/image_encoder, 1.84B), with the projection
+# (in CPU memory while the stages run with --low-vram), and the adapter's own key/value layers on every
+# cross-attention (SDXL has 70). As `plan --simulate` holds them: 1.18 + 0.04 and 3.44 + 0.65.
+ENCODER_GIB_FP16: dict[str, float] = {"sd1": 1.22, "sdxl": 3.45}
+LAYERS_GIB_FP16: dict[str, float] = {"sd1": 0.04, "sdxl": 0.65}
 
 
-def _planned_gib_fp16(refs: list[AdapterRef], family: Family | None) -> float:
-    """The weights a job's IP-Adapter adds on the device, for plans made before anything loads: the family's h94
-    image encoder (none for the built-in tiny models and the tiny adapter)."""
+def _planned_gib_fp16(refs: list[AdapterRef], family: Family | None, low_vram: bool) -> float:
+    """The weights a job's IP-Adapter adds on the device while the stages run, for plans made before anything
+    loads: the family's h94 image encoder (unless --low-vram moves it out) and the adapter's layers (none for the
+    built-in tiny models and the tiny adapter)."""
     refs = [r for r in refs if r.source != TINY]
     if not refs or family is None or family.linfusion_repo is None:
         return 0.0
-    return ENCODER_GIB_FP16.get(family.configs, ENCODER_GIB_FP16["sd1"])
+    key = family.configs if family.configs in ENCODER_GIB_FP16 else "sd1"
+    return LAYERS_GIB_FP16[key] + (0.0 if low_vram else ENCODER_GIB_FP16[key])
 
 
 def _preflight(refs: list[AdapterRef], job: Job, family: Family | None, allow_pickle: bool) -> None:
@@ -278,7 +281,7 @@ class IpAdapterKind(AdapterKind):
         return _hub_files(self.refs(job), family)
 
     def planned_gib_fp16(self, job: Job, family: Family | None, family_gib: float) -> float:
-        return _planned_gib_fp16(self.refs(job), family)
+        return _planned_gib_fp16(self.refs(job), family, job.low_vram)
 
     def plan_entries(self, job: Job) -> list[dict[str, Any]]:
         return [{"source": ref.source, "scale": ref.scale, "image": job.ip_image} for ref in self.refs(job)]
