@@ -64,17 +64,7 @@ def banded_forward(
 
     # 2. Down path: every block's outputs become skips.
     skips = SkipStore(banding, down_block_additional_residuals)
-    sample = unet.conv_in(sample)
-    skips.push(sample)
-    for block in unet.down_blocks:
-        for resnet, attention in _pairs(block):
-            sample = run.resnet(resnet, Whole(sample))
-            if attention is not None:
-                sample = run.transformer(attention, sample)
-            skips.push(sample)
-        for downsampler in block.downsamplers or []:
-            sample = downsampler(sample)
-            skips.push(sample)
+    sample = _down(unet, unet.conv_in(sample), run, skips)
     if down_block_additional_residuals is not None and len(down_block_additional_residuals) != len(skips):
         raise UsageError(f"{len(down_block_additional_residuals)} ControlNet residuals for {len(skips)} skips")
 
@@ -85,7 +75,34 @@ def banded_forward(
         sample = sample + mid_block_additional_residual
 
     # 4. Up path: hidden state and skip side by side; an upsampler feeding a banded level made per band.
-    hidden: Rows = Whole(sample)
+    hidden = _up(unet, Whole(sample), run, skips, upsample_sizes)
+
+    # 5. Output norm, activation and conv.
+    sample = _out(unet, hidden, run)
+    if not return_dict:
+        return (sample,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # with the model, not at import
+
+    return UNet2DConditionOutput(sample=sample)
+
+
+def _down(unet: Block, sample: torch.Tensor, run: _Run, skips: SkipStore) -> torch.Tensor:
+    """The down path from conv_in's output: every block's outputs become skips; the lowest level's output."""
+    skips.push(sample)
+    for block in unet.down_blocks:
+        for resnet, attention in _pairs(block):
+            sample = run.resnet(resnet, Whole(sample))
+            if attention is not None:
+                sample = run.transformer(attention, sample)
+            skips.push(sample)
+        for downsampler in block.downsamplers or []:
+            sample = downsampler(sample)
+            skips.push(sample)
+    return sample
+
+
+def _up(unet: Block, hidden: Rows, run: _Run, skips: SkipStore, upsample_sizes: bool) -> Rows:
+    """The up path: hidden state and skip side by side; an upsampler feeding a banded level made per band."""
     for index, block in enumerate(unet.up_blocks):
         for resnet, attention in _pairs(block):
             out = run.resnet(resnet, Concat([hidden, skips.pop()]))
@@ -95,14 +112,7 @@ def banded_forward(
         last = index == len(unet.up_blocks) - 1
         size = skips.peek_shape()[-2:] if not last and upsample_sizes else None
         hidden = _upsampled(block, hidden, size, run)
-
-    # 5. Output norm, activation and conv.
-    sample = _out(unet, hidden, run)
-    if not return_dict:
-        return (sample,)
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # with the model, not at import
-
-    return UNet2DConditionOutput(sample=sample)
+    return hidden
 
 
 class _Run:
