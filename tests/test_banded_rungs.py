@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from stage_latents import record_stage_latents
 
 from linfusion_cli.core.api import LinFusionPipeline
 from linfusion_cli.engine import memory_plan
 from linfusion_cli.engine.banded import unet as banded_module
 from linfusion_cli.engine.memory_model import StageShape
 from linfusion_cli.engine.memory_plan import GIB, MemoryPlanner, VaeModel
-from linfusion_cli.engine.splitting import ImageSplit
 from linfusion_cli.models.archs import ARCHS
 
 LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: fp32 reduction order
@@ -46,16 +46,8 @@ def _run(
     pipe: LinFusionPipeline, settings: dict[str, Any], memory: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Any, list[torch.Tensor]]:
     """The job's image and its latents after each stage (as the stage loop puts them together)."""
-    stages: list[torch.Tensor] = []
-    held = ImageSplit.held
-
-    def recording(self: ImageSplit, latents: torch.Tensor) -> Any:
-        rows = held(self, latents)
-        stages.append(rows.tensor)
-        return rows
-
     with monkeypatch.context() as patch:
-        patch.setattr(ImageSplit, "held", recording)
+        stages = record_stage_latents(patch)
         result = pipe.generate("a lighthouse", save=False, steps=2, seed=3, memory=memory, **settings)
     return result, stages
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from processes import Processes, read_line
+from stage_latents import record_stage_latents
 
 WORKER = str(Path(__file__).with_name("split_worker.py"))
 LAUNCH = ["-m", "torch.distributed.run", "--standalone"]
@@ -48,17 +49,8 @@ def _split(processes: Processes, out: Path, settings: dict[str, Any], nproc: int
 def _one_process(out: Path, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The same job in this process, its latents recorded after each stage as the worker records them."""
     from linfusion_cli.core.api import LinFusionPipeline
-    from linfusion_cli.engine.splitting import ImageSplit
 
-    stages: list[torch.Tensor] = []
-    held = ImageSplit.held
-
-    def recording(self: ImageSplit, latents: torch.Tensor) -> Any:
-        rows = held(self, latents)
-        stages.append(rows.tensor)
-        return rows
-
-    monkeypatch.setattr(ImageSplit, "held", recording)
+    stages = record_stage_latents(monkeypatch)
     with LinFusionPipeline(out=out, split=True, name="x", **settings) as gen:
         gen.generate("a house")
     torch.save(stages, out / "latents-0.pt")
