@@ -67,7 +67,7 @@ def assert_same(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.mark.parametrize(
     ("name", "rows", "park"),
-    [("tiny", 3, False), ("tiny-sd2", 5, True), ("tiny-sdxl", 3, True)],
+    [("tiny", 3, False), ("tiny-sd2", 5, True), ("tiny-sdxl", 3, True), ("tiny-sdxl", 4, False)],
 )
 def test_banded_equals_whole(unets: dict[str, UNet2DConditionModel], name: str, rows: int, park: bool) -> None:
     unet = unets[name]
@@ -98,6 +98,32 @@ def test_every_level_runs_banded(unets: dict[str, UNet2DConditionModel], monkeyp
         len(getattr(b, "attentions", None) or []) for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)
     )
     assert calls == {"resnet_forward": resnets, "transformer_forward": transformers, "Upsampled": 2}
+
+
+@pytest.mark.parametrize("park", [False, True])
+def test_cheap_skips_are_made_again(
+    unets: dict[str, UNet2DConditionModel], monkeypatch: pytest.MonkeyPatch, park: bool
+) -> None:
+    """On a banded top level conv_in's output is never kept (made per band from the input where it is read), and
+    unless skips are parked, neither are the outputs of the attention-free resnets after it (SDXL's first block):
+    they are made again when the up path takes them. The output is the whole UNet's either way."""
+    from linfusion_cli.engine.banded import skips as skips_module
+
+    kinds: list[str] = []
+    real = skips_module.SkipStore.push
+
+    def recorded(store: Any, skip: Any) -> None:
+        real(store, skip)
+        kinds.append(type(store._skips[-1]).__name__)
+
+    monkeypatch.setattr(skips_module.SkipStore, "push", recorded)
+    unet = unets["tiny-sdxl"]  # its first block: one resnet, no attention
+    kwargs = inputs(unet)
+    with torch.no_grad():
+        ref = unet(**kwargs).sample
+    assert_same(banded(unet, Banding(Host(), rows=3, park=park), **kwargs), ref)
+    kept = "Parked" if park else "Whole"
+    assert kinds[:3] == ["Convolved", kept if park else "Remade", kept]  # the downsampler's output is kept
 
 
 def test_dilated_global_pass(unets: dict[str, UNet2DConditionModel]) -> None:

@@ -106,37 +106,37 @@ ARCH_COSTS: dict[str, ArchCost] = {
         PassCost(4484, 3951, 4377),
         PassCost(3660, 3947, 3733),
         {"residuals": 660.0, "ip_adapter": 316.0},
-        banded=BandedCost(1657, 446165504, 664, 468559872, 1620.0),
+        banded=BandedCost(1337, 446165504, 664, 468559872, 1300.0),
     ),
     "sd21": ArchCost(
         PassCost(4484, 3951, 4378),
         PassCost(3660, 3947, 3733),
         {"residuals": 660.0, "ip_adapter": 316.0},
-        banded=BandedCost(1657, 446204928, 664, 468599296, 1620.0),
+        banded=BandedCost(1337, 446204928, 664, 468599296, 1300.0),
     ),
     "sdxl": ArchCost(
         PassCost(4484, 4297, 749, 4),
         PassCost(3840, 3493, 1387, 4),
         {"residuals": 600.0},
-        banded=BandedCost(1724, 508887040, 724, 428145152, 1560.0),
+        banded=BandedCost(1044, 302316032, 724, 428145152, 1240.0),
     ),
     "tiny": ArchCost(
         PassCost(420, 335, 470),
         PassCost(2080, 2080, 0),
         {"residuals": 32.0, "ip_adapter": 28.0},
-        banded=BandedCost(109, 427863552, 67, 513818112, 80.0),
+        banded=BandedCost(67, 513818112, 67, 513818112, 48.0),
     ),
     "tiny-sd2": ArchCost(
         PassCost(420, 335, 470),
         PassCost(2080, 2080, 0),
         {"residuals": 32.0, "ip_adapter": 28.0},
-        banded=BandedCost(109, 427866112, 67, 513820672, 80.0),
+        banded=BandedCost(67, 513820672, 67, 513820672, 48.0),
     ),
     "tiny-sdxl": ArchCost(
         PassCost(420, 412, 32, 4),
         PassCost(2080, 2080, 0, 4),
         {"residuals": 32.0},
-        banded=BandedCost(120, 365706240, 51, 481049600, 80.0),
+        banded=BandedCost(49, 485243904, 35, 514604032, 48.0),
     ),
 }
 REFERENCE_ARCH = "sd15"  # an architecture outside the table scales SD-1.5's by its top-level width

@@ -6,6 +6,8 @@ A `Rows` is (B, C, H, W) by its `shape` and gives rows [lo, hi) (0 <= lo < hi <=
 - `Parked`: a tensor parked in CPU memory (engine/host.Host.park); the rows come back through `Host.fetch`.
 - `Concat`: several sources side by side along channels (an up block's hidden state and its skip).
 - `Summed`: a source plus a tensor of its shape (a skip and the ControlNet residual added to it).
+- `Convolved`: a plain conv of a tensor, computed for the rows asked (conv_in's output, never made whole).
+- `Remade`: a skip made again from the UNet's input when it is read, instead of being kept.
 - `Upsampled`: diffusers' Upsample2D (nearest 2x, then a 3x3 conv) of a lower level's tensor, computed for the
   rows asked, so that the upsampled tensor (twice the height and width) never exists whole.
 
@@ -15,7 +17,7 @@ first): `clip` and `padded` do that arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -66,6 +68,43 @@ class Parked:
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         return self.host.fetch(self.parked, lo, hi, self.device)
+
+
+class Convolved:
+    """A plain stride-1 conv of a device tensor, computed for the rows asked (halo rows read from the tensor, zero
+    rows beyond its edges): the UNet's conv_in on its input, which is never made whole."""
+
+    def __init__(self, conv: Block, source: torch.Tensor) -> None:
+        self.spec, self.source = ConvSpec.of(conv), source
+        batch, _, height, width = _shape4(source.shape)
+        self._shape = (batch, int(conv.out_channels), height, width)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        first, end, top, bottom = clip(*self.spec.rows.needs(lo, hi), self._shape[2])
+        return self.spec.run(padded(self.source[:, :, first:end], top, bottom), 0)
+
+
+class Remade:
+    """A skip tensor not kept between the down and up paths but made again when the up path takes it (`made`):
+    `make` runs the same modules on the same input, so the values are the ones the down path made."""
+
+    def __init__(self, shape: tuple[int, int, int, int], make: Callable[[], torch.Tensor]) -> None:
+        self._shape, self.make = shape, make
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self._shape
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.made().tensor[:, :, lo:hi]
+
+    def made(self) -> Whole:
+        """The skip, made whole (once per take: outside any loop over bands)."""
+        return Whole(self.make())
 
 
 class Concat:

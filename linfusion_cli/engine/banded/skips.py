@@ -5,6 +5,12 @@ alone), which the up path reads in reverse order, a block at a time. With `Bandi
 level is copied to CPU memory as soon as it is made (Host.park: a side stream on CUDA, so the copy overlaps the
 next block) and its rows come back a band at a time when the up path reads it (Host.fetch). A ControlNet's
 residual for a skip is added where the skip is read, band by band: the values diffusers' whole sum makes.
+
+Skips that are cheap to make again are not kept at all. On a banded top level conv_in's output is made per band
+from the UNet's input wherever it is read (rows.Convolved: 2.5 GiB at 16384^2, for a conv of 4 channels); and
+unless skips are parked, the outputs of the resnets after it up to the first attention are made again when the up
+path reads them (rows.Remade: all of SDXL's first block, 5 GiB more at 16384^2, for three resnets more per UNet
+call, ~2.5% of its work). Parked skips come back a band at a time, which a skip made again whole would not.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from .banding import Banding
-from .rows import Parked, Rows, Summed, Whole
+from .rows import Parked, Remade, Rows, Summed, Whole
 
 
 class SkipStore:
@@ -25,9 +31,13 @@ class SkipStore:
         self.residuals = list(residuals) if residuals is not None else None
         self._skips: list[Rows] = []
 
-    def push(self, skip: torch.Tensor) -> None:
+    def push(self, skip: torch.Tensor | Rows) -> None:
+        """Keep a skip for the up path: a tensor (parked where the banding says so), or rows made on demand
+        (rows.Convolved, rows.Remade) as they are."""
         banding = self.banding
-        if banding.park and banding.banded(skip.shape, skip.shape[1], skip.element_size()):
+        if not isinstance(skip, torch.Tensor):
+            self._skips.append(skip)
+        elif banding.park and banding.banded(skip.shape, skip.shape[1], skip.element_size()):
             self._skips.append(Parked(banding.host, banding.host.park(skip), skip.device))
         else:
             self._skips.append(Whole(skip))
@@ -35,6 +45,8 @@ class SkipStore:
     def pop(self) -> Rows:
         """The last skip pushed, with its ControlNet residual when there is one."""
         skip = self._skips.pop()
+        if isinstance(skip, Remade):
+            skip = skip.made()
         return skip if self.residuals is None else Summed(skip, self.residuals.pop())
 
     def peek_shape(self) -> tuple[int, int, int, int]:

@@ -21,8 +21,8 @@ from ...base.errors import UsageError
 from ..parallel.ops import ConvSpec
 from ..parallel.stats import normalize_groups
 from .banding import Banding, Block, group_moments
-from .resnet import bandable_resnet, resnet_forward
-from .rows import Concat, Rows, Upsampled, Whole, clip, padded
+from .resnet import bandable_resnet, plain_conv, resnet_forward
+from .rows import Concat, Convolved, Remade, Rows, Upsampled, Whole, clip, padded
 from .skips import SkipStore
 from .transformer import bandable_transformer, transformer_forward
 
@@ -64,7 +64,7 @@ def banded_forward(
 
     # 2. Down path: every block's outputs become skips.
     skips = SkipStore(banding, down_block_additional_residuals)
-    sample = _down(unet, unet.conv_in(sample), run, skips)
+    sample = _down(unet, sample, run, skips)
     if down_block_additional_residuals is not None and len(down_block_additional_residuals) != len(skips):
         raise UsageError(f"{len(down_block_additional_residuals)} ControlNet residuals for {len(skips)} skips")
 
@@ -87,18 +87,52 @@ def banded_forward(
 
 
 def _down(unet: Block, sample: torch.Tensor, run: _Run, skips: SkipStore) -> torch.Tensor:
-    """The down path from conv_in's output: every block's outputs become skips; the lowest level's output."""
-    skips.push(sample)
+    """The down path from the UNet's input: every block's outputs become skips; the lowest level's output. Where
+    the top level bands, the skips that conv_in and the attention-free resnets after it make are made again when
+    the up path reads them, not kept (skips.py)."""
+    first = _conv_in(unet, sample, run)
+    chain: list[Block] | None = [] if isinstance(first, Convolved) and not run.banding.park else None
+    skips.push(first)
+    hidden: Rows = first
     for block in unet.down_blocks:
         for resnet, attention in _pairs(block):
-            sample = run.resnet(resnet, Whole(sample))
+            out = run.resnet(resnet, hidden)
+            hidden = Whole(out)  # the block's input goes before its transformer runs
             if attention is not None:
-                sample = run.transformer(attention, sample)
-            skips.push(sample)
+                out = run.transformer(attention, out)
+                hidden = Whole(out)
+                chain = None
+            elif chain is not None:
+                chain = [*chain, resnet]
+            skips.push(out if chain is None else _remade(first, chain, run, out.shape))
         for downsampler in block.downsamplers or []:
-            sample = downsampler(sample)
-            skips.push(sample)
-    return sample
+            out = downsampler(hidden.rows(0, hidden.shape[2]))
+            hidden, chain = Whole(out), None
+            skips.push(out)
+    return hidden.rows(0, hidden.shape[2])
+
+
+def _conv_in(unet: Block, sample: torch.Tensor, run: _Run) -> Rows:
+    """conv_in's output: made per band wherever it is read when the top level bands (rows.Convolved), else
+    whole."""
+    conv = unet.conv_in
+    shape = (sample.shape[0], int(conv.out_channels), *sample.shape[-2:])
+    if plain_conv(conv) and tuple(conv.stride) == (1, 1) and run.banded(shape, shape[1], conv.weight.element_size()):
+        return Convolved(conv, sample)
+    return Whole(conv(sample))
+
+
+def _remade(first: Rows, chain: list[Block], run: _Run, shape: torch.Size) -> Remade:
+    """A top-level skip made again when read: the resnets `chain` on conv_in's output, as the down path ran them."""
+
+    def make() -> torch.Tensor:
+        hidden = first
+        for resnet in chain:
+            hidden = Whole(run.resnet(resnet, hidden))
+        return hidden.rows(0, shape[2])
+
+    batch, channels, height, width = shape
+    return Remade((batch, channels, height, width), make)
 
 
 def _up(unet: Block, hidden: Rows, run: _Run, skips: SkipStore, upsample_sizes: bool) -> Rows:
@@ -174,8 +208,6 @@ def _upsampled(block: Block, hidden: Rows, size: tuple[int, int] | None, run: _R
 
 
 def _plain_upsampler(module: Block) -> bool:
-    from .resnet import plain_conv
-
     return (
         type(module).__name__ == "Upsample2D"
         and module.use_conv
