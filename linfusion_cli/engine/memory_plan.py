@@ -265,6 +265,7 @@ class MemoryPlanner:
     cost: ArchCost
     vae: VaeModel
     extra_per_token: int = 0  # bytes per latent token a refine method keeps besides the UNet's activations
+    kept_per_token: int = 0  # of those, what a stage that parks keeps in CPU memory (RefineMethod)
     # What adapters hold through a UNet call, in channels per top-level latent token and batch element (a
     # ControlNet's residuals and control image), and how many ControlNets run their own pass before it.
     control_channels: float = 0.0
@@ -302,6 +303,7 @@ class MemoryPlanner:
             arch_cost(arch, top_width),
             vae,
             REFINE_METHODS.get(refine).extra_bytes_per_token,
+            REFINE_METHODS.get(refine).kept_bytes_per_token,
             control_channels,
             controlnets,
             adapter_extras,
@@ -316,7 +318,8 @@ class MemoryPlanner:
         """Bytes each phase of the stage holds besides the weights (memory_model.py's docstring)."""
         vae_item, tokens = self.vae.itemsize, shape.tokens
         batch = self.batch(settings)
-        previous = RGB * shape.previous[0] * shape.previous[1] * vae_item if shape.previous else 0.0
+        previous = self._previous(shape)
+        parked = previous if settings.park else 0.0  # the previous image waits in CPU memory (stages.Handoff)
         image = float(RGB * shape.width * shape.height * vae_item)
         whole_latents = float(LATENT_CHANNELS * shape.whole_tokens * FP32)
         windows = self.vae.windows(settings, shape.height, shape.width)
@@ -331,11 +334,12 @@ class MemoryPlanner:
             if self.controlnets
             else 0.0
         )
-        around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token
+        kept = tokens * self.kept_per_token if settings.park else 0.0
+        around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token - kept
         latents = VAE_LATENT_COPIES * whole_latents  # in and out of the VAE: scaled, cast, its own dtype
         out = {
-            "unet": previous + around + held + max(unet, own),
-            "vae decode": previous + latents + (0.0 if shape.last else image) + windows.decode,
+            "unet": previous - parked + around + held + max(unet, own),
+            "vae decode": previous - parked + latents + (0.0 if shape.last else image) + windows.decode,
         }
         if shape.previous:
             out["upscale"] = previous + image
@@ -343,10 +347,16 @@ class MemoryPlanner:
         return out
 
     def host_estimate(self, settings: MemorySettings, shape: StageShape) -> int:
-        """CPU memory the stage's parked skips take (pinned on CUDA), besides the process's own."""
+        """CPU memory what the stage parks takes (pinned on CUDA), besides the process's own: the skips, the
+        previous stage's image and what the refine method keeps."""
         if not settings.park or self.cost.banded is None:
             return 0
-        return int(self.cost.banded.host_bytes(shape.tokens, self.batch(settings), self.itemsize))
+        skips = self.cost.banded.host_bytes(shape.tokens, self.batch(settings), self.itemsize)
+        return int(skips + self._previous(shape) + shape.tokens * self.kept_per_token)
+
+    def _previous(self, shape: StageShape) -> float:
+        """Bytes of the previous stage's image on the device (this process's rows)."""
+        return RGB * shape.previous[0] * shape.previous[1] * self.vae.itemsize if shape.previous else 0.0
 
     def batch(self, settings: MemorySettings) -> int:
         """Samples in one UNet call: 2 with guidance as one batch, else 1."""

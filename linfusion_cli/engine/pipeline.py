@@ -36,7 +36,7 @@ from .prompts import JobText, job_text
 from .refine import REFINE_METHODS
 from .rows import RowStream
 from .splitting import ImageSplit
-from .stages import JobRun, PlanOutput, run_stages
+from .stages import Handoff, JobRun, PlanOutput, run_stages
 from .text import TextOptions
 
 if TYPE_CHECKING:
@@ -297,10 +297,17 @@ class Engine:
             per_step=text.per_step,
             input_size=None if init_image is None else (init_image.shape[1], init_image.shape[0]),
         )
-        image = None
-        if init_image is not None:  # every process of a split image has it whole
-            image = run.split.everywhere(to_device_image(init_image, self.device, self.vae_dtype()))
-        final, records, stage_images = run_stages(run, image, keep_stages)
+        # An input image goes on the device (every process of a split image has it whole), held by the hand-off
+        # alone: a stage that parks the image in CPU memory frees it.
+        final, records, stage_images = run_stages(
+            run,
+            Handoff(
+                None
+                if init_image is None
+                else run.split.everywhere(to_device_image(init_image, self.device, self.vae_dtype()))
+            ),
+            keep_stages,
+        )
         if run.fp32_retries:
             events(
                 Note(

@@ -8,7 +8,8 @@ re-encoded; only the final image comes back, as uint8, tile by tile. Progress go
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from .memory_plan import MemoryPlanner, MemorySettings
 from .meter import Meter, peak_vram_gib
 from .parallel import ParallelError
 from .refine import JobRefiner, RefineStage, StageGuide, refine_ratio
+from .refine.method import Keep
 from .rows import Banded, RowStream
 from .sampling import StageInputs, conditioning_size, denoise, initial_noise, stage_timesteps
 from .schedulers import make_scheduler
@@ -36,6 +38,7 @@ from .text import Conditioning
 from .vae import LATENT_SCALE, TiledVAE, to_uint8
 
 if TYPE_CHECKING:
+    from .host import Host
     from .pipeline import Engine
 
 BLACK_LEVEL = 2  # an output whose every pixel is at most this (of 255) is treated as a failed, black image
@@ -109,7 +112,7 @@ class JobRun:
 
 
 def run_stages(
-    run: JobRun, image: Banded | None, keep_stages: bool
+    run: JobRun, handoff: Handoff, keep_stages: bool
 ) -> tuple[np.ndarray | RowStream, list[StageRecord], list[tuple[StagePlan, np.ndarray]]]:
     """Every stage of the job's plan in turn: the final uint8 image (a split image's: its rows, still on its
     processes, for the first one to write as they come), each stage's record, and (keep_stages) each intermediate
@@ -118,7 +121,7 @@ def run_stages(
     stage_images: list[tuple[StagePlan, np.ndarray]] = []
     final: Banded | None = None
     for stage in run.plan.stages:
-        image, out, record = run_stage(run, stage, image)
+        image, out, record = run_stage(run, stage, handoff)
         records.append(record)
         if out is not None:
             final = out
@@ -127,6 +130,8 @@ def run_stages(
             if whole is not None:
                 host = run.engine.host
                 stage_images.append((stage, host.to_numpy(host.download(to_uint8(whole)[0].permute(1, 2, 0), False))))
+        handoff = Handoff(image)  # the only reference to the image while the next stage runs
+        del image
     if final is None:  # the last stage always decodes to uint8
         raise RuntimeError("the plan has no stages")
     pixels = run.engine.host.to_numpy(final.tensor)
@@ -138,7 +143,7 @@ def run_stages(
     return (run.split.stream(final) if run.split.grouped else pixels), records, stage_images
 
 
-def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Banded | None, Banded | None, StageRecord]:
+def run_stage(run: JobRun, stage: StagePlan, handoff: Handoff) -> tuple[Banded | None, Banded | None, StageRecord]:
     """Run a stage with the settings the planner picks; out of memory, free what is cached and retry once
     with the next more frugal settings. A second failure is an OutOfMemoryError naming the stage.
 
@@ -160,7 +165,9 @@ def run_stage(run: JobRun, stage: StagePlan, image: Banded | None) -> tuple[Band
         try:
             with Meter(run.engine.device) as meter, split.watched():
                 memory.maybe_inject_oom(stage.index, first_attempt=retried is None)
-                image, out, vae_tile = _run_stage(run, stage, image, settings)
+                if settings.park:
+                    handoff.park(run.engine.host)
+                image, out, vae_tile = _run_stage(run, stage, handoff, settings)
             break
         except torch.OutOfMemoryError as exc:
             free_cached(run.engine.device)
@@ -261,7 +268,7 @@ def _tiler(run: JobRun, stage: StagePlan, settings: MemorySettings) -> TiledVAE:
 
 
 def _run_stage(
-    run: JobRun, stage: StagePlan, image: Banded | None, settings: MemorySettings
+    run: JobRun, stage: StagePlan, handoff: Handoff, settings: MemorySettings
 ) -> tuple[Banded | None, Banded | None, int | None]:
     """One stage: (upscaled, encoded, re-noised) latents, denoised, then decoded. Returns the device image's
     rows this process holds for the next stage, or for the last stage the CPU uint8 image's (a split image's
@@ -274,8 +281,8 @@ def _run_stage(
     generator = torch.Generator("cpu").manual_seed(run.seed + stage.index)
     try:
         # 1. Starting latents: pure noise (base), or the upscaled previous image encoded and re-noised.
-        start = _starting_latents(run, stage, image, tiler, scheduler)
-        del image
+        keep = _parked(host, engine.device) if settings.park else None
+        start = _starting_latents(run, stage, handoff.take(host, engine.device), tiler, scheduler, keep)
 
         # 2. Denoise.
         size = conditioning_size(job, stage, run.plan)
@@ -328,9 +335,12 @@ class _Start:
     guide: StageGuide | None = None
 
 
-def _starting_latents(run: JobRun, stage: StagePlan, image: Banded | None, tiler: TiledVAE, scheduler: Any) -> _Start:
+def _starting_latents(
+    run: JobRun, stage: StagePlan, image: Banded | None, tiler: TiledVAE, scheduler: Any, keep: Keep | None
+) -> _Start:
     """A base stage's noise, or a refine stage's upscaled image encoded and noised to its strength (with the
-    refine method's guide for the stage)."""
+    refine method's guide for the stage, which keeps what it reads each step as `keep` says: None, on the
+    device)."""
     engine, device, seed, host = run.engine, run.engine.device, run.seed, run.engine.host
     clock = host.timestep_device(device)  # where the scheduler's timesteps live
     latent_shape = (1, 4, stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
@@ -364,6 +374,40 @@ def _starting_latents(run: JobRun, stage: StagePlan, image: Banded | None, tiler
             # a global pass dilates ControlNets with the UNet: their residuals must match it
             torch.nn.ModuleList([engine.comps.unet, *engine.adapter_modules()]),
             run.split.latent_ops(),
+            **({} if keep is None else {"keep": keep}),
         )
     )
     return _Start(latents, timesteps, extras, guide)
+
+
+class Handoff:
+    """The previous stage's image as the next stage takes it: its rows on the device, or, once a stage runs with
+    a memory setting that parks (`park`), in CPU memory, so that the stage's UNet passes run without it on the
+    device. Every attempt at the stage (an out-of-memory retry) takes it again (`take`)."""
+
+    def __init__(self, image: Banded | None) -> None:
+        self._image = image
+        self._parked = False
+
+    def park(self, host: Host) -> None:
+        if self._image is not None and not self._parked:
+            self._image = replace(self._image, tensor=host.park(self._image.tensor))
+            self._parked = True
+
+    def take(self, host: Host, device: torch.device) -> Banded | None:
+        """The image on the device (a copy brought back from CPU memory when parked)."""
+        image = self._image
+        if image is None or not self._parked:
+            return image
+        return replace(image, tensor=host.fetch(image.tensor, 0, image.tensor.shape[0], device))
+
+
+def _parked(host: Host, device: torch.device) -> Keep:
+    """RefineStage.keep for a stage whose memory setting parks: the tensor in CPU memory, brought back to the
+    device each time it is read."""
+
+    def keep(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        parked = host.park(tensor)
+        return lambda: host.fetch(parked, 0, parked.shape[0], device)
+
+    return keep

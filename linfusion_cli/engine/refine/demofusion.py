@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 NAME = "demofusion"
 FIRST_STRENGTH = 0.32  # the official high-resolution pipeline's `upscale_strength`
 # It keeps the encoded upscaled latents, their noise, the local prediction and the blurred latents (4 channels,
-# fp32 each) beside the UNet's activations; its global branch is a second pass, not a wider one.
+# fp32 each) beside the UNet's activations; its global branch is a second pass, not a wider one. The first two
+# (the skip residual's) its guide keeps through RefineStage.keep: in CPU memory where the stage parks.
 EXTRA_BYTES_PER_TOKEN = 4 * 4 * 4
+KEPT_BYTES_PER_TOKEN = 2 * 4 * 4
 IN_EFFECT = ("refine", NAME)
 
 
@@ -81,6 +83,7 @@ class DemoFusion(RefineMethod):
     first_strength = FIRST_STRENGTH
     passes_per_step = 2  # the local pass and the dilated global pass
     extra_bytes_per_token = EXTRA_BYTES_PER_TOKEN
+    kept_bytes_per_token = KEPT_BYTES_PER_TOKEN
     caption = "refine: demofusion (a local and a dilated global UNet pass per refine step)"
 
     def strengths(self, count: int, first: float) -> list[float]:

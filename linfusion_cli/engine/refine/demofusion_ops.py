@@ -118,8 +118,8 @@ class DemoFusionGuide:
         self.params = params
         self.ops = stage.ops
         self.ratio = max(1, stage.ratio)
-        self.encoded = stage.encoded
-        self.noise = stage.noise
+        self.encoded = stage.keep(stage.encoded)  # the skip residual's two halves, read back each step
+        self.noise = stage.keep(stage.noise)
         self.train_steps = stage.train_steps
         self.model = stage.models
 
@@ -128,7 +128,7 @@ class DemoFusionGuide:
         c1 = self.params.c1(cos_factor(float(t), self.train_steps))
         if c1 == 0.0:
             return latents
-        noised = scheduler.add_noise(self.encoded, self.noise, t.reshape(1))
+        noised = scheduler.add_noise(self.encoded(), self.noise(), t.reshape(1))
         return latents * (1 - c1) + noised * c1
 
     def wrap(self, denoiser: Denoiser) -> Denoiser:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ...base.plan import Plan, StagePlan
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..latent_ops import LatentOps
 
 Denoiser: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"  # (latents, t) -> prediction
+Keep: TypeAlias = "Callable[[torch.Tensor], Callable[[], torch.Tensor]]"  # a tensor -> how to read it back
 
 
 def refine_ratio(stage: StagePlan, plan: Plan, base_width: int, native: int) -> int:
@@ -49,6 +50,9 @@ class RefineStage:
     train_steps: int  # the scheduler's training timesteps, T
     models: nn.Module  # what a UNet pass runs: the UNet and the models adapters run beside it
     ops: LatentOps
+    # How a guide keeps a tensor through the stage's steps: on the device, or (a memory setting that parks, at
+    # the sizes where it runs) in CPU memory, brought back each time it is read.
+    keep: Keep = field(default=lambda tensor: lambda: tensor)
 
 
 class StageGuide(Protocol):
@@ -85,6 +89,7 @@ class RefineMethod:
     first_strength = 0.4  # the first refine stage's strength unless --strength says otherwise
     passes_per_step = 1  # UNet passes per refine step and guidance half
     extra_bytes_per_token = 0  # device bytes per latent token it keeps beside the UNet's activations
+    kept_bytes_per_token = 0  # of those, what its guide holds through RefineStage.keep (parked with the skips)
     caption: str | None = None  # the plan table's caption when a job uses it
 
     def strengths(self, count: int, first: float) -> list[float]:
