@@ -1,7 +1,8 @@
 """A UNet run in row bands on one device (engine.banded) equals the UNet run whole, to fp32 reduction order: on the
 tiny SD-1.x-, SD-2.x- and SDXL-shaped UNets, for band heights down to one row and a latent height whose levels
 round up (22 -> 11 -> 6), with skips parked, under demofusion's dilated convolutions, with a ControlNet's
-residuals. What it cannot reproduce is refused, and the UNet is exactly as before afterwards."""
+residuals; and on each process's share of a split image. What it cannot reproduce is refused, and the UNet is
+exactly as before afterwards."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typing import Any
 import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from parallel_harness import launch, ok_results
 
 from linfusion_cli.base.errors import UsageError
-from linfusion_cli.engine.banded import Banding, banded_unet
+from linfusion_cli.engine.banded import Banding, Share, banded_unet
+from linfusion_cli.engine.banded import unet as banded_module
 from linfusion_cli.engine.host import Host
+from linfusion_cli.engine.parallel import Bands, Comm, CommStats, split_image
 from linfusion_cli.engine.refine.demofusion_ops import dilated
 from linfusion_cli.linfusion.patching import apply_linfusion
 from linfusion_cli.models.archs import ARCHS
@@ -80,8 +84,6 @@ def test_banded_equals_whole(unets: dict[str, UNet2DConditionModel], name: str, 
 def test_every_level_runs_banded(unets: dict[str, UNet2DConditionModel], monkeypatch: pytest.MonkeyPatch) -> None:
     """With 3-row bands every level of the tiny UNet is taller than a band: every resnet and transformer, and
     both upsamplers, take the banded path (the comparisons above then test the banded code, not diffusers')."""
-    import linfusion_cli.engine.banded.unet as banded_module
-
     calls: dict[str, int] = {}
     for name in ("resnet_forward", "transformer_forward", "Upsampled"):
         real = getattr(banded_module, name)
@@ -156,6 +158,67 @@ def test_controlnet_residuals() -> None:
         ref = unet(**kwargs, **control).sample
     for park in (False, True):
         assert_same(banded(unet, Banding(Host(), rows=4, park=park), **kwargs, **control), ref)
+
+
+# A split image's shares banded: (UNet, band rows, skips parked, demofusion's dilation); shares of 12 and 10 latent
+# rows (22: ragged at every level), bands of one row (dilated halos from several bands and across the share) and of
+# 3 rows, ragged.
+SPLIT_CASES = [("tiny", 1, True, 2), ("tiny-sdxl", 3, False, 1)]
+SHARES = [12, 10]
+
+
+def _shares_banded(comm: Comm, unets: dict[str, UNet2DConditionModel], refs: list[torch.Tensor]) -> list[Any]:
+    """Each case on this process's share (parallel_harness): banded, then as the split alone runs it. Per case the
+    banded output's error against the whole UNet's rows, how many resnets ran banded, and whether the messages
+    sent (calls and bytes per kind) were the split's own."""
+    calls: list[int] = []
+    real = banded_module.resnet_forward
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    results = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(banded_module, "resnet_forward", counted)
+        for (name, rows, park, dilation), ref in zip(SPLIT_CASES, refs, strict=True):
+            calls.clear()
+            out, messages = _on_share(
+                comm, unets[name], Banding(Host(), rows=rows, park=park, share=Share(comm)), dilation
+            )
+            resnets = len(calls)
+            _, split_messages = _on_share(comm, unets[name], None, dilation)
+            error = float((out - comm.band(ref)).abs().max()) / float(ref.abs().max())
+            results.append((name, park, error, resnets, messages, split_messages))
+    return results
+
+
+def _on_share(comm: Comm, unet: UNet2DConditionModel, banding: Banding | None, dilation: int) -> tuple[Any, ...]:
+    """The UNet on this process's share of `inputs`, split (and banded), and the messages it sent."""
+    kwargs = inputs(unet, batch=2)
+    comm.bands, comm.stats = Bands.of_heights(SHARES, 4, WIDTH), CommStats()
+    with torch.no_grad(), split_image(comm, unet), dilated(unet, dilation), banded_unet(unet, banding):
+        out = unet(**{**kwargs, "sample": comm.band(kwargs["sample"])}).sample
+    return out, (dict(comm.stats.calls), dict(comm.stats.sent))
+
+
+def test_a_split_images_shares_banded(unets: dict[str, UNet2DConditionModel]) -> None:
+    """Two processes split the image and each runs its share in bands: the whole UNet's rows, to fp32 reduction
+    order; halos across the share's edges come with the split's own messages, pooled statistics and summaries
+    too: with skips parked the same calls and bytes as the split without bands (parallel/plan.py's count holds);
+    unparked, SDXL's top-level skips made again (skips.py) send their resnets' messages once more."""
+    refs = []
+    for name, _, _, dilation in SPLIT_CASES:
+        with torch.no_grad(), dilated(unets[name], dilation):
+            refs.append(unets[name](**inputs(unets[name], batch=2)).sample)
+    for rank in ok_results(launch(2, _shares_banded, unets, refs, deadline_s=120)):
+        for name, park, error, resnets, (calls, sent), (split_calls, split_sent) in rank:
+            assert error <= TOLERANCE and resnets > 0, (name, error, resnets)
+            if park:
+                assert (calls, sent) == (split_calls, split_sent), name
+            else:
+                assert all(sent[kind] >= split_sent[kind] for kind in split_sent), name
+                assert sum(sent.values()) > sum(split_sent.values()), name
 
 
 def test_parked_rows_come_back() -> None:

@@ -7,12 +7,13 @@ device, fits a 12 GB card only banded with skips in CPU memory, under its target
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from parallel_harness import launch, ok_results
 from stage_latents import record_stage_latents
 
 from linfusion_cli.core.api import LinFusionPipeline
@@ -20,6 +21,7 @@ from linfusion_cli.engine import memory_plan
 from linfusion_cli.engine.banded import unet as banded_module
 from linfusion_cli.engine.memory_model import StageShape
 from linfusion_cli.engine.memory_plan import GIB, MemoryPlanner, VaeModel
+from linfusion_cli.engine.parallel import Comm
 from linfusion_cli.models.archs import ARCHS
 
 LATENT_TOLERANCE = 1e-5  # relative to the latents' largest value: fp32 reduction order
@@ -37,15 +39,16 @@ CASES = {
 }
 
 
+Run = tuple[Any, list[torch.Tensor]]  # a job's result and its latents after each stage
+
+
 @pytest.fixture(scope="module")
 def pipe() -> Iterator[LinFusionPipeline]:
     with LinFusionPipeline(device="cpu", dtype="fp32") as pipeline:  # models loaded once for every case
         yield pipeline
 
 
-def _run(
-    pipe: LinFusionPipeline, settings: dict[str, Any], memory: str, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Any, list[torch.Tensor]]:
+def _run(pipe: LinFusionPipeline, settings: dict[str, Any], memory: str, monkeypatch: pytest.MonkeyPatch) -> Run:
     """The job's image and its latents after each stage (as the stage loop puts them together)."""
     with monkeypatch.context() as patch:
         stages = record_stage_latents(patch)
@@ -64,14 +67,37 @@ def ip_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def settings_of(ip_image: str) -> Callable[[str], dict[str, Any]]:
+    """A case's job settings, with the IP-Adapter's reference image where it has one."""
+    return lambda case: CASES[case][2] | ({"ip_image": ip_image} if "ip_adapter" in CASES[case][2] else {})
+
+
+@pytest.fixture(scope="module")
+def frugal(pipe: LinFusionPipeline, settings_of: Callable[[str], dict[str, Any]]) -> Callable[[str], Run]:
+    """A case's job run `frugal` (the reference), made once for the module's tests."""
+    made: dict[str, Run] = {}
+
+    def run(case: str) -> Run:
+        if case not in made:
+            with pytest.MonkeyPatch.context() as patch:
+                made[case] = _run(pipe, settings_of(case), "frugal", patch)
+        return made[case]
+
+    return run
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_banded_rungs_make_the_frugal_image(
-    pipe: LinFusionPipeline, case: str, monkeypatch: pytest.MonkeyPatch, ip_image: str
+    pipe: LinFusionPipeline,
+    frugal: Callable[[str], Run],
+    settings_of: Callable[[str], dict[str, Any]],
+    case: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rung, band_bytes, settings = CASES[case]
-    if "ip_adapter" in settings:
-        settings = {**settings, "ip_image": ip_image}
-    reference, reference_latents = _run(pipe, settings, "frugal", monkeypatch)
+    rung, band_bytes, _ = CASES[case]
+    settings = settings_of(case)
+    reference, reference_latents = frugal(case)
     calls = {"resnet": 0}
     real = banded_module.resnet_forward
 
@@ -89,6 +115,55 @@ def test_banded_rungs_make_the_frugal_image(
     assert len(latents) == len(reference_latents) > 1
     for ref, out in zip(reference_latents, latents, strict=True):
         assert (ref - out).abs().max() <= LATENT_TOLERANCE * ref.abs().max()
+
+
+def _split_banded(
+    comm: Comm, case: str, settings: dict[str, Any]
+) -> tuple[Any, list[int], list[np.ndarray], list[str], int]:
+    """One process of a split image (parallel_harness) runs the case's job on its rung: the image (the first
+    process's; None on the others), each stage's first latent row and latents held, the rung of each stage, and
+    how many resnets ran banded."""
+    rung, band_bytes, _ = CASES[case]
+    firsts: list[int] = []
+    resnets = {"banded": 0}
+    real = banded_module.resnet_forward
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        resnets["banded"] += 1
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, LinFusionPipeline(device="cpu", dtype="fp32", split=True) as pipe:
+        patch.setattr(banded_module, "resnet_forward", counted)
+        patch.setattr(memory_plan, "BAND_BYTES", band_bytes)
+        latents = record_stage_latents(patch, firsts)
+        result = pipe.generate("a lighthouse", save=False, steps=2, seed=3, memory=rung, **settings)
+        image = result.array if comm.writes else None
+        rungs = [s["memory_settings"]["name"] for s in result.report.get("stages", [])]
+    # arrays, not tensors: a tensor crosses the harness's queue as a handle to shared memory, which dies with this
+    # process
+    return image, firsts, [t.numpy().copy() for t in latents], rungs, resnets["banded"]
+
+
+def test_a_split_image_bands_each_share(
+    frugal: Callable[[str], Run], settings_of: Callable[[str], dict[str, Any]]
+) -> None:
+    """Two processes split the image and each runs its share in bands of a few rows (ragged: the last stage's
+    shares are 8 and 13 latent rows, its bands 3 to 10), the ControlNet, LoRA and IP-Adapter on: the one-process
+    image within 1/255, and every process's rows of each stage's latents to fp32 reduction order."""
+    case = "tiny-controlnet-lora-ip-adapter"
+    reference, reference_latents = frugal(case)
+    ranks = ok_results(launch(2, _split_banded, case, settings_of(case), deadline_s=120))
+    image, _, _, rungs, _ = ranks[0]
+    assert rungs == ["banded+host"] * len(reference_latents)
+    a, b = reference.array.astype(int), image.astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
+    for _, firsts, latents, _, banded in ranks:
+        assert banded > 0  # its share did run in bands
+        assert any(t.shape[-2] < whole.shape[-2] for t, whole in zip(latents, reference_latents, strict=True))
+        for first, mine, whole in zip(firsts, latents, reference_latents, strict=True):
+            rows = whole[:, :, first : first + mine.shape[-2]]
+            error = (rows - torch.from_numpy(mine)).abs().max() if rows.shape == mine.shape else float("inf")
+            assert error <= LATENT_TOLERANCE * whole.abs().max()
 
 
 def test_a_16k_stage_fits_a_12_gb_card_banded_with_skips_in_cpu_memory() -> None:
@@ -121,14 +196,16 @@ def test_a_16k_stage_fits_a_12_gb_card_banded_with_skips_in_cpu_memory() -> None
         (20, None, "banded", True),
         (11, None, "banded+host", True),
         (4, None, "banded+host", False),
-        (20, 8192, "frugal", False),
+        (11, 8192, "banded", True),
+        (8, 8192, "banded+host", True),
     ],
 )
 def test_low_vram_takes_the_first_rung_from_frugal_down_that_fits(
     budget_gib: float, rows: int | None, rung: str, fits: bool
 ) -> None:
-    """--low-vram: frugal where it fits, else the UNet banded, else its skips parked too, else the lowest; a band
-    of a split image (rows < height) runs its share whole, down to frugal."""
+    """--low-vram: frugal where it fits, else the UNet banded, else its skips parked too, else the lowest; on a
+    split image (rows < height: one process's share) the same ladder for the share, which needs less (half the
+    image fits 11 GiB banded, where the whole needs its skips parked)."""
     planner = MemoryPlanner.for_job(
         low_vram=True,
         max_vram=budget_gib,

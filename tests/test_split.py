@@ -134,15 +134,28 @@ def test_plan_splits_each_stage_and_plans_one_process(runner) -> None:
     assert last["estimated_peak_gib"] < one["stages"][-1]["estimated_peak_gib"] / 3
 
 
+def test_plan_bands_each_share_that_does_not_fit_whole(runner) -> None:
+    """SD-1.5 at 16384^2 on 12 GB GPUs: split over 2, a process's half fits no rung whole (frugal needs ~22 GiB), so
+    each process bands its share and it fits; over 8 the share fits whole and is not banded."""
+    from linfusion_cli.cli.commands import app
+
+    args = ["plan", "--size", "16k", "--max-vram", "12", "--device", "cuda", "--json"]
+    two, eight = (json.loads(runner.invoke(app, [*args, "--world-size", n]).stdout) for n in ("2", "8"))
+    last = two["stages"][-1]
+    assert (last["memory"], last["fits"], last["per_rank"]["height"]) == ("banded", True, 8192) and two["fits"]
+    assert last["estimated_peak_gib"] <= 12 and eight["stages"][-1]["memory"] == "split" and eight["fits"]
+
+
 @pytest.mark.slow
 def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: Processes, tmp_path: Path) -> None:
     """`--gpus 2 --device cpu` (torch's launcher, started by linfusion itself) on a batch: both processes make each job, the
     first writes it and alone prints its JSON line; a rerun skips them. The second process runs out of memory in
-    every job's base stage (the test hook): both step down the memory ladder together and run it again."""
+    every job's base stage (the test hook) at `frugal`: both step down the memory ladder together to `banded` (their
+    shares in row bands) and run it again."""
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("a fox\na cat\n")
     args = ["batch", str(jobs), "--model", "tiny", "--size", "128", "--steps", "2", "--seed", "7", "--json"]
-    args += ["--out", str(tmp_path / "out"), "--gpus", "2", "--device", "cpu"]  # CPU processes: asked for
+    args += ["--out", str(tmp_path / "out"), "--gpus", "2", "--device", "cpu", "--memory", "frugal"]  # CPU processes
     first = processes.run(*args, timeout=240, env=processes.env(LINFUSION_INJECT_OOM="0@1"))
     assert first.returncode == 0, first.stderr[-2000:]
     lines = [json.loads(line) for line in first.stdout.splitlines()]
@@ -151,7 +164,7 @@ def test_batch_split_image_with_gpus_makes_each_job_once_and_resumes(processes: 
     assert sidecar["parallel"]["world_size"] == 2
     for line in lines:
         (stage,) = json.loads(Path(line["sidecar"]).read_text())["stages"]  # 128 px: the base stage alone
-        assert stage["retried"].startswith("process 1: out of memory with fast")
-        assert stage["memory_settings"]["name"] == "chunked"
+        assert stage["retried"].startswith("process 1: out of memory with frugal")
+        assert stage["memory_settings"]["name"] == "banded"
     again = processes.run(*args, timeout=240)
     assert [json.loads(line)["status"] for line in again.stdout.splitlines()] == ["skipped", "skipped"]

@@ -366,18 +366,11 @@ class MemoryPlanner:
         """Expected peak device bytes of the stage under `settings`, as the simulator would report it."""
         return int(ALLOCATOR_FACTOR * (self.weights + PHASE_MARGIN * max(self.phases(settings, shape).values())))
 
-    def ladder_for(self, split: bool) -> list[MemorySettings]:
-        """The rungs a stage may run with: on a band of a split image, those that do not band the UNet (a process
-        runs its share whole: banding within a share is not built), or `frugal` if --memory named a banded one."""
-        if not split:
-            return self.ladder
-        whole = [s for s in self.ladder if not s.band_bytes]
-        return whole or [replace(self.ladder[0], name=LOW_VRAM_FIRST, band_bytes=None, park=False)]
-
     def choose(self, shape: StageShape) -> MemoryChoice:
         """The fastest settings whose estimate fits the budget, else the most frugal (--memory: its rung); the
-        level is an index in `ladder_for` the stage."""
-        ladder = self.ladder_for(shape.rows is not None and shape.rows < shape.height)
+        level is an index in the ladder. On a split image `shape` is one process's share, and a banded rung bands
+        that share."""
+        ladder = self.ladder
         for level, settings in enumerate(ladder):
             need = self.estimate(settings, shape)
             if self.pinned or self.budget is None or need <= self.budget:

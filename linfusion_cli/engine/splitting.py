@@ -3,7 +3,8 @@ runs on a band of the image rather than the whole.
 
 - The UNet (and ControlNets beside it) run on this process's band of the latents; their convolutions,
   GroupNorms and LinFusion attention exchange what they need (parallel.split_image), so the result is the
-  one-process result to fp32 reduction-order error.
+  one-process result to fp32 reduction-order error. With a banded memory rung the UNet runs that band in row
+  bands of its own (banded/share.py), sending the same messages.
 - Noise is drawn whole from the seed on every process, which keeps its band: a seed gives the same image.
 - The tiled VAE: each process runs the statistics pass and its share of the windows, every GroupNorm's
   statistics pooled over the processes as they are measured (so they are the whole image's), and holds the
@@ -33,6 +34,7 @@ from torch import nn
 from ..base.errors import Interrupted, UsageError
 from ..base.events import CancelToken
 from ..models.tensors import upscale_rows, upscale_source_rows
+from .banded import Alone, Share
 from .host import Host
 from .latent_ops import WHOLE_IMAGE, LatentOps
 from .noise import NoiseSource
@@ -181,6 +183,11 @@ class ImageSplit:
             return
         with split_image(self.comm, *models):
             yield
+
+    def share(self) -> Alone:
+        """What a UNet run in row bands needs to know of the rest of the image (banded/share.py): this stage's share
+        of it while the stage is split, nothing otherwise."""
+        return Alone() if self.comm is None else Share(self.comm)
 
     def noise(self, generator: torch.Generator) -> NoiseSource:
         """The stage's noise source for a sampler that draws noise at each step (Euler a): on a split stage

@@ -154,7 +154,7 @@ def run_stage(run: JobRun, stage: StagePlan, handoff: Handoff) -> tuple[Banded |
     split.begin_stage(stage.height // LATENT_SCALE, stage.width // LATENT_SCALE)
     split.check_cancel(run.cancel)
     rows = split.band_pixels() if split.active else stage.height
-    ladder, retried = run.planner.ladder_for(rows < stage.height), None  # as `choose` takes it
+    ladder, retried = run.planner.ladder, None  # as `choose` takes it
     level = split.agree_max(run.planner.choose(stage_shape(run.plan, stage, rows, run.input_size)).level)
     while True:
         settings = ladder[level]
@@ -294,9 +294,9 @@ def _run_stage(
             run.split.check_cancel(run.cancel)
 
         noise = run.split.noise(generator)  # a stochastic sampler's draws: for the whole image, this band kept
-        banding = (
-            None if settings.band_bytes is None else Banding(host, band_bytes=settings.band_bytes, park=settings.park)
-        )
+        banding = None
+        if settings.band_bytes is not None:  # on a split image, this process's share in bands
+            banding = Banding(host, band_bytes=settings.band_bytes, park=settings.park, share=run.split.share())
         with (
             host.phase("unet"),
             run.split.models(engine.comps.unet, *engine.adapter_modules()),

@@ -2,8 +2,9 @@
 block's input and output exists at once; skip tensors optionally parked in CPU memory.
 
 The arithmetic is the split image's (engine/parallel: convolution rows and halos, GroupNorm statistics combined
-from bands, LinFusion's K^T V summed over bands), run over time instead of over processes. `banded_unet` installs
-it on a UNet for a block and takes it off exactly.
+from bands, LinFusion's K^T V summed over bands), run over time instead of over processes; and both at once, a
+split image's process running its share in bands (share.py). `banded_unet` installs it on a UNet for a block and
+takes it off exactly.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from torch import nn
 
 from .banding import BAND_BYTES, Banding
+from .share import Alone, Share
 from .unet import banded_forward
 
-__all__ = ["BAND_BYTES", "Banding", "banded_forward", "banded_unet"]
+__all__ = ["BAND_BYTES", "Alone", "Banding", "Share", "banded_forward", "banded_unet"]
 
 
 @contextlib.contextmanager

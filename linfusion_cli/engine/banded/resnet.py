@@ -7,8 +7,9 @@ first conv's output), every other tensor of it a band at a time.
 Pass A computes h band by band (each band reads one more input row above and below per conv reach) into the
 output's memory, accumulating norm2's statistics; pass B, from the top, turns each band of h into the output's
 rows, keeping aside the few rows of h above the next band that its conv2 still reads. So the block holds its
-input and its output whole, no more. Same ops on the same values as the whole block: results equal it up to fp32
-reduction order (the statistics' and the convolution algorithms').
+input and its output whole, no more. On a split image's process the rows each conv reads past its share (of the
+input before pass A, of h before pass B) come from the processes around it (share.py). Same ops on the same values
+as the whole block: results equal it up to fp32 reduction order (the statistics' and the convolution algorithms').
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..parallel.install import split_forward
 from ..parallel.ops import ConvSpec
 from ..parallel.stats import local_moments, normalize_groups
-from .banding import Banding, Block, Moments, group_moments, moments_of
-from .rows import Rows, clip, padded
+from .banding import Banding, Block, group_moments, moments_of
+from .rows import Haloed, Rows, Whole, clip, padded
+from .share import Moments
 
 TIME_NORMS = ("default", "scale_shift")
 
@@ -40,10 +43,11 @@ def bandable_resnet(resnet: Block) -> bool:
 
 
 def plain_conv(conv: object) -> bool:
+    """A zero-padded nn.Conv2d with its stock forward (or a split image's, which computes the same on a share)."""
     return (
         isinstance(conv, nn.Conv2d)
         and type(conv).forward is nn.Conv2d.forward
-        and "forward" not in vars(conv)
+        and ("forward" not in vars(conv) or split_forward(conv))
         and conv.padding_mode == "zeros"
     )
 
@@ -56,11 +60,12 @@ def resnet_forward(resnet: Block, x: Rows, temb: torch.Tensor | None, banding: B
     stats1 = group_moments(banding, x, resnet.norm1.num_groups, bands)
     time = _time(resnet, temb)
     conv1 = ConvSpec.of(resnet.conv1)
+    source = banding.share.halo(x, conv1.rows)
     out = None  # h, then the output over it
     parts = []
     for a, b in banding.each(bands):  # pass A: h = conv1(act(norm1(x))) + temb, and norm2's statistics
-        first, end, top, bottom = clip(*conv1.rows.needs(a, b), height)
-        xs = x.rows(first, end)
+        first, end, top, bottom = clip(*conv1.rows.needs(a, b), source.extent)
+        xs = source.rows(first, end)
         h = conv1.run(padded(_act(resnet, normalize_groups(resnet.norm1, *stats1, xs)), top, bottom), 0)
         del xs
         if time is not None and resnet.time_embedding_norm == "default":
@@ -71,7 +76,7 @@ def resnet_forward(resnet: Block, x: Rows, temb: torch.Tensor | None, banding: B
         out[:, :, a:b] = h
         del h
     assert out is not None
-    _second_pass(resnet, x, out, moments_of(parts), time, bands, banding)
+    _second_pass(resnet, x, out, moments_of(banding, parts), time, bands, banding)
     return out
 
 
@@ -85,21 +90,35 @@ def _second_pass(
     banding: Banding,
 ) -> None:
     """out = (shortcut(x) + conv2(act(norm2(h)))) / output_scale_factor over h in `out`, band by band from the
-    top: the rows of h above a band that its conv2 reads, which the bands before overwrote, are kept aside."""
+    top: the rows of h above a band that its conv2 reads, which the bands before overwrote, are kept aside (at
+    first, those above a split image's share, received)."""
     conv2 = ConvSpec.of(resnet.conv2)
     height = out.shape[-2]
-    above: torch.Tensor | None = None  # h rows [first, a) as they were before the output overwrote them
+    around = banding.share.halo(Whole(out), conv2.rows)
+    above = around.above  # h rows [first, a) as they were before the output overwrote them
     for a, b in banding.each(bands):
-        _, end, top, bottom = clip(*conv2.rows.needs(a, b), height)
-        h = out[:, :, a:end] if above is None else torch.cat([above, out[:, :, a:end]], dim=2)
+        _, end, top, bottom = clip(*conv2.rows.needs(a, b), around.extent)
+        h = _joined(above, out[:, :, a : min(end, height)], _below(around, end))
         h = normalize_groups(resnet.norm2, *stats, h)
         if time is not None and resnet.time_embedding_norm == "scale_shift":
             scale, shift = torch.chunk(time, 2, dim=1)
             h = h * (1 + scale) + shift
         h = conv2.run(padded(resnet.dropout(_act(resnet, h)), top, bottom), 0)
-        above = _kept_above(above, out[:, :, a:b], b - max(0, conv2.rows.needs(b, b + 1)[0]))
+        above = _kept_above(above, out[:, :, a:b], b - max(around.extent[0], conv2.rows.needs(b, b + 1)[0]))
         out[:, :, a:b] = (_shortcut(resnet, x.rows(a, b)) + h) / resnet.output_scale_factor
         del h
+
+
+def _joined(*parts: torch.Tensor | None) -> torch.Tensor:
+    """Rows one after another (a band alone as it is)."""
+    present = [p for p in parts if p is not None]
+    return present[0] if len(present) == 1 else torch.cat(present, dim=2)
+
+
+def _below(around: Haloed, end: int) -> torch.Tensor | None:
+    """The received rows below a split image's share up to row `end` (None: `end` is within the share)."""
+    height = around.shape[2]
+    return None if end <= height or around.below is None else around.below[:, :, : end - height]
 
 
 def _kept_above(above: torch.Tensor | None, band: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -107,7 +126,7 @@ def _kept_above(above: torch.Tensor | None, band: torch.Tensor, rows: int) -> to
     the band is overwritten: from the rows kept so far and the band's own."""
     if rows <= 0:
         return None
-    joined = band if above is None else torch.cat([above, band], dim=2)
+    joined = _joined(above, band)
     return joined[:, :, joined.shape[2] - rows :].clone()
 
 

@@ -8,11 +8,15 @@ A `Rows` is (B, C, H, W) by its `shape` and gives rows [lo, hi) (0 <= lo < hi <=
 - `Summed`: a source plus a tensor of its shape (a skip and the ControlNet residual added to it).
 - `Convolved`: a plain conv of a tensor, computed for the rows asked (conv_in's output, never made whole).
 - `Remade`: a skip made again from the UNet's input when it is read, instead of being kept.
+- `Nearest`: a lower level's tensor upsampled 2x (nearest), computed for the rows asked.
 - `Upsampled`: diffusers' Upsample2D (nearest 2x, then a 3x3 conv) of a lower level's tensor, computed for the
   rows asked, so that the upsampled tensor (twice the height and width) never exists whole.
+- `Haloed`: a source with the few rows just above and below it that other processes hold, when it is one
+  process's share of a split image (share.py); a conv reading past the share reads them, as past a band it reads
+  the rows in memory. Alone, a source with nothing around it.
 
 Rows beyond the image are the caller's business (a conv pads its *input*, which is normalised and activated
-first): `clip` and `padded` do that arithmetic.
+first): `clip` and `padded` do that arithmetic on a Haloed source's `extent`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..parallel.ops import ConvSpec
-from .banding import Block
-
 if TYPE_CHECKING:
     from ..host import Host
+    from ..parallel.ops import ConvSpec
 
 
 class Rows(Protocol):
@@ -71,21 +73,22 @@ class Parked:
 
 
 class Convolved:
-    """A plain stride-1 conv of a device tensor, computed for the rows asked (halo rows read from the tensor, zero
-    rows beyond its edges): the UNet's conv_in on its input, which is never made whole."""
+    """A plain stride-1 conv (`spec`) of a source, computed for the rows asked (halo rows read from the source and,
+    past a split image's share, from the rows around it; zero rows beyond the image): the UNet's conv_in on its
+    input, which is never made whole."""
 
-    def __init__(self, conv: Block, source: torch.Tensor) -> None:
-        self.spec, self.source = ConvSpec.of(conv), source
-        batch, _, height, width = _shape4(source.shape)
-        self._shape = (batch, int(conv.out_channels), height, width)
+    def __init__(self, spec: ConvSpec, source: Haloed) -> None:
+        self.spec, self.source = spec, source
+        batch, _, height, width = source.shape
+        self._shape = (batch, int(spec.weight.shape[0]), height, width)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return self._shape
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        first, end, top, bottom = clip(*self.spec.rows.needs(lo, hi), self._shape[2])
-        return self.spec.run(padded(self.source[:, :, first:end], top, bottom), 0)
+        first, end, top, bottom = clip(*self.spec.rows.needs(lo, hi), self.source.extent)
+        return self.spec.run(padded(self.source.rows(first, end), top, bottom), 0)
 
 
 class Remade:
@@ -136,38 +139,82 @@ class Summed:
         return self.source.rows(lo, hi) + self.added[:, :, lo:hi]
 
 
-class Upsampled:
-    """diffusers' Upsample2D (nearest, then its conv) of `low` to (height, width), by rows (see the module
-    docstring). Which input row feeds each output row is found by running the same F.interpolate on the row
-    indices themselves, so ragged sizes (an `upsample_size` that is not twice the input) map as the module maps
-    them."""
+class Nearest:
+    """`low` upsampled to (height, width) by nearest neighbours, as diffusers' Upsample2D interpolates. Which input
+    row feeds each output row is found by running the same F.interpolate on the row indices themselves, so ragged
+    sizes (an `upsample_size` that is not twice the input) map as the module maps them."""
 
-    def __init__(self, module: Block, low: torch.Tensor, height: int, width: int) -> None:
-        self.module, self.low, self.height, self.width = module, low, height, width
-        self.conv = ConvSpec.of(module.conv)
+    def __init__(self, low: torch.Tensor, height: int, width: int) -> None:
+        self.low, self.height, self.width = low, height, width
         rows_in = low.shape[-2]
         index = torch.arange(rows_in, dtype=torch.float32).view(1, 1, rows_in, 1)  # host arithmetic: a few rows
         self.source_row = F.interpolate(index, size=(height, 1), mode="nearest").view(-1).long().tolist()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return self.low.shape[0], int(self.module.conv.out_channels), self.height, self.width
+        return self.low.shape[0], self.low.shape[1], self.height, self.width
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        need_lo, need_hi = self.conv.rows.needs(lo, hi)
-        top, bottom = max(0, -need_lo), max(0, need_hi - self.height)
-        picked = self.source_row[need_lo + top : need_hi - bottom]
+        picked = self.source_row[lo:hi]
         first = picked[0]
         slab = self.low[:, :, first : picked[-1] + 1]  # the input rows these output rows repeat
         index = torch.tensor([r - first for r in picked], device=self.low.device)
         near = slab.index_select(2, index)
-        near = F.interpolate(near, size=(near.shape[-2], self.width), mode="nearest")  # the width, as the module
-        return self.conv.run(padded(near, top, bottom), 0)
+        return F.interpolate(near, size=(near.shape[-2], self.width), mode="nearest")  # the width, as the module
 
 
-def clip(lo: int, hi: int, height: int) -> tuple[int, int, int, int]:
-    """Rows [lo, hi) of an image `height` rows tall: (first, end) inside it and (top, bottom) rows outside."""
-    first, end = max(lo, 0), min(hi, height)
+class Haloed:
+    """A source and the rows just above (`above`, (B, C, n, W)) and below it that other processes hold (None:
+    none, at the image's edge or alone): rows [lo, hi) for `extent`[0] <= lo < hi <= `extent`[1]."""
+
+    def __init__(self, source: Rows, above: torch.Tensor | None = None, below: torch.Tensor | None = None) -> None:
+        self.source, self.above, self.below = source, above, below
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.source.shape
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """The rows there are, in the source's rows: from above it to below it."""
+        height = self.shape[2]
+        above = 0 if self.above is None else self.above.shape[2]
+        return -above, height + (0 if self.below is None else self.below.shape[2])
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        height = self.shape[2]
+        pieces = []
+        if lo < 0 and self.above is not None:
+            pieces.append(self.above[:, :, self.above.shape[2] + lo : self.above.shape[2] + min(hi, 0)])
+        if lo < height and hi > 0:
+            pieces.append(self.source.rows(max(lo, 0), min(hi, height)))
+        if hi > height and self.below is not None:
+            pieces.append(self.below[:, :, max(lo - height, 0) : hi - height])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+class Upsampled:
+    """diffusers' Upsample2D (nearest, then its conv) by rows (see the module docstring): its conv, run on the rows
+    of `nearest` (the lower level's tensor upsampled by nearest neighbours, with the rows around a split image's
+    share)."""
+
+    def __init__(self, conv: ConvSpec, nearest: Haloed) -> None:
+        self.conv, self.nearest = conv, nearest
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        batch, _, height, width = self.nearest.shape
+        return batch, int(self.conv.weight.shape[0]), height, width
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        first, end, top, bottom = clip(*self.conv.rows.needs(lo, hi), self.nearest.extent)
+        return self.conv.run(padded(self.nearest.rows(first, end), top, bottom), 0)
+
+
+def clip(lo: int, hi: int, extent: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Rows [lo, hi) of a source whose rows are `extent` (Haloed.extent; beyond them the image's zero padding):
+    (first, end) inside it and (top, bottom) rows outside."""
+    first, end = max(lo, extent[0]), min(hi, extent[1])
     return first, end, first - lo, hi - end
 
 

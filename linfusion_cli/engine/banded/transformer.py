@@ -81,7 +81,7 @@ def transformer_forward(module: Block, x: torch.Tensor, banding: Banding, **kwar
     stream: torch.Tensor | None = None  # the tokens between blocks, whole, when there are several blocks
     blocks = list(module.transformer_blocks)
     for index, block in enumerate(blocks):
-        summaries = _summaries(block, tokens, height * width, bands, banding)
+        summaries = _summaries(block, tokens, banding.share.whole_tokens(height * width), bands, banding)
         with _given(block.attn1, summaries):
             for a, b in banding.each(bands):
                 out = block(tokens(a, b), **kwargs)  # (B, n, C')
@@ -97,7 +97,8 @@ def transformer_forward(module: Block, x: torch.Tensor, banding: Banding, **kwar
 
 
 def _summaries(block: Block, tokens: Tokens, whole: int, bands: list[tuple[int, int]], banding: Banding) -> Given:
-    """The block's attn1 summaries of the whole image, summed band by band."""
+    """The block's attn1 summaries of the whole image (`whole` tokens), summed band by band (on a split image, then
+    over the processes)."""
     attn: LinFusionAttention = block.attn1
     scale = whole**-0.5
     kv = k_sum = None
@@ -106,7 +107,7 @@ def _summaries(block: Block, tokens: Tokens, whole: int, bands: list[tuple[int, 
         kv = part_kv if kv is None else kv.add_(part_kv)
         k_sum = part_sum if k_sum is None else k_sum.add_(part_sum)
     assert kv is not None and k_sum is not None
-    return Given(kv, k_sum, whole)
+    return Given(*banding.share.reduced(kv, k_sum, attn.heads), whole)
 
 
 @contextlib.contextmanager

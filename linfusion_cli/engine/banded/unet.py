@@ -22,7 +22,7 @@ from ..parallel.ops import ConvSpec
 from ..parallel.stats import normalize_groups
 from .banding import Banding, Block, group_moments
 from .resnet import bandable_resnet, plain_conv, resnet_forward
-from .rows import Concat, Convolved, Remade, Rows, Upsampled, Whole, clip, padded
+from .rows import Concat, Convolved, Nearest, Remade, Rows, Upsampled, Whole, clip, padded
 from .skips import SkipStore
 from .transformer import bandable_transformer, transformer_forward
 
@@ -118,7 +118,8 @@ def _conv_in(unet: Block, sample: torch.Tensor, run: _Run) -> Rows:
     conv = unet.conv_in
     shape = (sample.shape[0], int(conv.out_channels), *sample.shape[-2:])
     if plain_conv(conv) and tuple(conv.stride) == (1, 1) and run.banded(shape, shape[1], conv.weight.element_size()):
-        return Convolved(conv, sample)
+        spec = ConvSpec.of(conv)
+        return Convolved(spec, run.banding.share.halo(Whole(sample), spec.rows))
     return Whole(conv(sample))
 
 
@@ -203,7 +204,8 @@ def _upsampled(block: Block, hidden: Rows, size: tuple[int, int] | None, run: _R
     height, width = size if size is not None else (2 * low.shape[-2], 2 * low.shape[-1])
     shape = (low.shape[0], low.shape[1], height, width)
     if _plain_upsampler(upsampler) and run.banded(shape, 3 * low.shape[1], low.element_size()):
-        return Upsampled(upsampler, low, height, width)
+        conv = ConvSpec.of(upsampler.conv)
+        return Upsampled(conv, run.banding.share.halo(Nearest(low, height, width), conv.rows))
     return Whole(upsampler(low, size))
 
 
@@ -233,10 +235,11 @@ def _out(unet: Block, hidden: Rows, run: _Run) -> torch.Tensor:
     bands = run.banding.bands(hidden.shape, channels, itemsize)
     stats = group_moments(run.banding, hidden, norm.num_groups, bands)
     spec = ConvSpec.of(conv)
+    source = run.banding.share.halo(hidden, spec.rows)
     result = None
     for a, b in run.banding.each(bands):
-        first, end, top, bottom = clip(*spec.rows.needs(a, b), height)
-        x = unet.conv_act(normalize_groups(norm, *stats, hidden.rows(first, end)))
+        first, end, top, bottom = clip(*spec.rows.needs(a, b), source.extent)
+        x = unet.conv_act(normalize_groups(norm, *stats, source.rows(first, end)))
         band = spec.run(padded(x, top, bottom), 0)
         if result is None:
             result = band.new_empty((batch, band.shape[1], height, width))

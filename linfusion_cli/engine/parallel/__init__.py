@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..bands import Bands, ConvRows, Transfer, downsampling, halo_transfers, row_transfers
 from .comm import DEFAULT_TIMEOUT_S, Comm, CommStats, LaunchEnv, ParallelError, gather_bands, joined
-from .install import SplitRun, split_image
+from .install import SplitRun, split_forward, split_image
 from .ops import (
     AttentionReduce,
     ConvSpec,
@@ -18,10 +18,11 @@ from .ops import (
     band_group_norm,
     band_upscale,
     gather_tokens,
+    halo_around,
     halo_rows,
 )
 from .plan import CommPlan, unet_comm_plan, unet_ops
-from .stats import band_channel_stats, combine_moments, local_moments, pooled_groups
+from .stats import band_channel_stats, combine_moments, local_moments, pooled_groups, pooled_moments
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -45,12 +46,15 @@ __all__ = [
     "downsampling",
     "gather_bands",
     "gather_tokens",
+    "halo_around",
     "halo_rows",
     "halo_transfers",
     "joined",
     "local_moments",
     "pooled_groups",
+    "pooled_moments",
     "row_transfers",
+    "split_forward",
     "split_image",
     "unet_comm_plan",
     "unet_ops",

@@ -127,6 +127,13 @@ def split_image(comm: Comm, *models: nn.Module) -> Iterator[SplitRun]:
         patches.undo()
 
 
+def split_forward(module: nn.Module) -> bool:
+    """Whether the module's own forward is the one `split_image` set (a Conv2d or GroupNorm on this band): the
+    module's arithmetic is still the stock one, which engine/banded may then run on rows itself."""
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and isinstance(getattr(forward.func, "__self__", None), SplitRun)
+
+
 def _check(modules: list[nn.Module]) -> None:
     """Refuse, before touching anything, what a band cannot compute exactly."""
     for module in modules:

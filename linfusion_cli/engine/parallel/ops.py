@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from ..bands import ConvRows, Transfer, conv_rows, halo_transfers, row_transfers
 from .comm import Comm
 from .stats import normalize_groups, whole_moments
 
+RowReader = Callable[[int, int], torch.Tensor]  # band rows [lo, hi) -> (B, C, hi - lo, W)
 BICUBIC_REACH = 2  # source rows a bicubic (also antialiased, when upscaling) output row reads on each side
 
 # --- convolutions -------------------------------------------------------------------------------------------------
@@ -92,16 +93,23 @@ def band_conv2d(comm: Comm, spec: ConvSpec, x: torch.Tensor, kind: str = "conv")
 
 
 def _exchange_halo(
-    comm: Comm, x: torch.Tensor, transfers: Sequence[Transfer], edges: Sequence[int], kind: str
+    comm: Comm,
+    x: torch.Tensor,
+    transfers: Sequence[Transfer],
+    edges: Sequence[int],
+    kind: str,
+    read: RowReader | None = None,
 ) -> dict[int, tuple[int, torch.Tensor]]:
-    """Send the rows others need, receive ours: {source rank: (first row, rows (B, C, n, W))}."""
+    """Send the rows others need, receive ours: {source rank: (first row, rows (B, C, n, W))}. The rows sent are
+    x's, or `read`'s (band rows [lo, hi)) where x only gives the received rows' batch, channels, width and dtype."""
     start = edges[comm.rank]
     sends: dict[int, torch.Tensor] = {}
     receives: dict[int, torch.Tensor] = {}
     firsts: dict[int, int] = {}
     for t in transfers:
         if t.src == comm.rank:
-            sends[t.dst] = x[:, :, t.start - start : t.end - start]
+            lo, hi = t.start - start, t.end - start
+            sends[t.dst] = x[:, :, lo:hi] if read is None else read(lo, hi)
         elif t.dst == comm.rank:
             receives[t.src] = x.new_empty((x.shape[0], x.shape[1], t.end - t.start, x.shape[3]))
             firsts[t.src] = t.start
@@ -147,12 +155,25 @@ def _rows(
 def halo_rows(comm: Comm, x: torch.Tensor, above: int, below: int, kind: str = "rows") -> tuple[torch.Tensor, int]:
     """This band x (B, C, h, W) with up to `above`/`below` more rows of the image from the bands around it (fewer
     at the image's top and bottom), and how many were added on top: context for resampling, VAE windows..."""
+    top, bottom = halo_around(comm, x, x.shape[-2], above, below, kind)
+    parts = [part for part in (top, x, bottom) if part is not None]
+    return (torch.cat(parts, dim=2) if len(parts) > 1 else x), 0 if top is None else top.shape[-2]
+
+
+def halo_around(
+    comm: Comm, like: torch.Tensor, height: int, above: int, below: int, kind: str, read: RowReader | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Up to `above` image rows just above this band and `below` just below it (fewer at the image's top and bottom:
+    None where there are none), from the bands that hold them. The band is `height` rows at its level, read as
+    `like` (B, C, height, W) or, for a source that is not one tensor (engine/banded.rows), by `read(lo, hi)`."""
     bands = comm.geometry()
-    edges = bands.at(bands.scale_of(comm.rank, x.shape[-2]))
+    edges = bands.at(bands.scale_of(comm.rank, height))
     needs = [(max(0, a - above), min(edges[-1], b + below)) for a, b in itertools.pairwise(edges)]
-    halo = _exchange_halo(comm, x, row_transfers(edges, needs), edges, kind)
-    lo, hi = needs[comm.rank]
-    return _rows(x, halo, edges, comm.rank, lo, hi), edges[comm.rank] - lo
+    halo = _exchange_halo(comm, like, row_transfers(edges, needs), edges, kind, read)
+    (lo, hi), start, end = needs[comm.rank], edges[comm.rank], edges[comm.rank + 1]
+    top = _rows(like, halo, edges, comm.rank, lo, start) if lo < start else None
+    bottom = _rows(like, halo, edges, comm.rank, end, hi) if hi > end else None
+    return top, bottom
 
 
 def band_upscale(comm: Comm, image: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -54,7 +54,14 @@ def combine_moments(
 
 def whole_moments(comm: Comm, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(count, mean, M2) over the last dim of x, pooled over every process's band (fp64)."""
-    count, mean, m2 = local_moments(x)
+    return pooled_moments(comm, *local_moments(x), kind)
+
+
+def pooled_moments(
+    comm: Comm, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's (count, mean, M2) (count a scalar tensor) pooled over every process's (fp64), in rank order:
+    the same bits on every process."""
     packed = torch.stack([count.expand_as(mean).to(mean.device), mean, m2]).double()  # (3, ...)
     parts = comm.all_gather(packed, kind)
     return combine_moments([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
