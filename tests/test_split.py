@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -144,6 +145,15 @@ def test_plan_bands_each_share_that_does_not_fit_whole(runner) -> None:
     last = two["stages"][-1]
     assert (last["memory"], last["fits"], last["per_rank"]["height"]) == ("banded", True, 8192) and two["fits"]
     assert last["estimated_peak_gib"] <= 12 and eight["stages"][-1]["memory"] == "split" and eight["fits"]
+    # SDXL's 16K recipe over 2 GPUs of 12 GB fits no rung: the size it suggests is the largest that fits over 2
+    sdxl = [*args[:1], "--preset", "sdxl-16k", *args[3:], "--world-size", "2"]
+    over = json.loads(runner.invoke(app, sdxl).stdout)
+    size = re.search(r"about --size (\d+) fits", over["warnings"][-1])
+    assert not over["fits"] and size is not None
+    fits = [
+        json.loads(runner.invoke(app, [*sdxl, "--size", str(int(size[1]) + more)]).stdout)["fits"] for more in (0, 64)
+    ]
+    assert fits == [True, False]
 
 
 @pytest.mark.slow

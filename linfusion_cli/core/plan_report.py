@@ -174,7 +174,7 @@ def _stage_entry(
     job, family = prep.job, prep.family
     arch = ARCHS[family.arch if family else DEFAULT_ARCH]
     bands = _bands(stage.height // LATENT_PX, world, multiple)
-    rows = max(bands) * LATENT_PX if bands else stage.height
+    rows = _share_rows(stage, world, multiple)
     shape = stage_shape(prep.plan, stage, rows, prep.input_size)
     choice = planner.choose(shape)
     limit = choice.settings.vae_budget or vae_share(placed.kind, placed.free)
@@ -214,6 +214,12 @@ def _bands(latent_rows: int, world: int, multiple: int) -> list[int] | None:
         return None
 
 
+def _share_rows(stage: StagePlan, world: int, multiple: int) -> int:
+    """The image rows (px) of the tallest process's share of a stage: what memory is planned for."""
+    bands = _bands(stage.height // LATENT_PX, world, multiple)
+    return max(bands) * LATENT_PX if bands else stage.height
+
+
 def _per_rank(width: int, rows: int, bands: list[int] | None, world: int) -> dict[str, Any]:
     if world == 1:
         return {}
@@ -228,29 +234,32 @@ def _over_budget(prep: Prepared, planner: MemoryPlanner, world: int = 1) -> list
     family = prep.family
     multiple = multiple_of(family)
     for stage in prep.plan.stages:
-        bands = _bands(stage.height // LATENT_PX, world, multiple)
-        rows = max(bands) * LATENT_PX if bands else stage.height
+        rows = _share_rows(stage, world, multiple)
         choice = planner.choose(stage_shape(prep.plan, stage, rows, prep.input_size))
         if not choice.fits:
-            return [_over_budget_text(prep, stage, planner, choice)]
+            return [_over_budget_text(prep, stage, planner, choice, world)]
     return []
 
 
-def _over_budget_text(prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice) -> str:
+def _over_budget_text(
+    prep: Prepared, stage: StagePlan, planner: MemoryPlanner, choice: MemoryChoice, world: int = 1
+) -> str:
     text = (
         f"stage {stage.index + 1} ({stage.size_text}) needs about {choice.estimate / GIB:.2f} GiB even with the most "
         f"frugal memory settings ({choice.settings.name}, as --low-vram), over the {(choice.budget or 0) / GIB:.1f} "
         "GiB budget"
     )
-    long_side = _fitting_long_side(prep, planner, choice.settings)
+    long_side = _fitting_long_side(prep, planner, choice.settings, world)
     if long_side is None:
         return f"{text}: not even the model's weights fit; use a device with more memory"
     return f"{text}: about --size {long_side} fits at this aspect (or a device with more memory / --max-vram)"
 
 
-def _fitting_long_side(prep: Prepared, planner: MemoryPlanner, settings: MemorySettings) -> int | None:
-    """The largest --size (a multiple of 64, the job's aspect) whose every stage fits the budget under `settings`,
-    by planning the job again at each size tried (the plans are arithmetic: fast); None if none does."""
+def _fitting_long_side(prep: Prepared, planner: MemoryPlanner, settings: MemorySettings, world: int = 1) -> int | None:
+    """The largest --size (a multiple of 64, the job's aspect) whose every stage fits the budget under `settings`
+    (on each of `world` processes splitting it), by planning the job again at each size tried (the plans are
+    arithmetic: fast); None if none does."""
+    multiple = multiple_of(prep.family)
 
     def fits(long_side: int) -> bool:
         ratio = long_side / prep.target.long_side
@@ -261,7 +270,8 @@ def _fitting_long_side(prep: Prepared, planner: MemoryPlanner, settings: MemoryS
         )
         budget = planner.budget or 0
         return all(
-            planner.estimate(settings, stage_shape(plan, s, None, prep.input_size)) <= budget for s in plan.stages
+            planner.estimate(settings, stage_shape(plan, s, _share_rows(s, world, multiple), prep.input_size)) <= budget
+            for s in plan.stages
         )
 
     low, high = 0, prep.target.long_side // LONG_SIDE_STEP
