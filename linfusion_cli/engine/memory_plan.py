@@ -324,6 +324,8 @@ class MemoryPlanner:
         whole_latents = float(LATENT_CHANNELS * shape.whole_tokens * FP32)
         windows = self.vae.windows(settings, shape.height, shape.width)
         held = tokens * batch * self.control_channels * self.itemsize
+        # while one ControlNet runs its own pass, its residuals are part of that pass, not yet held beside it
+        one_set = self._residual_set(held, tokens * batch * self.itemsize)
         unet = self.cost.unet.activations(tokens, batch, settings.ff_chunk, self.itemsize)
         if settings.band_bytes and self.cost.banded is not None:  # at most what it holds whole
             unet = min(unet, self.cost.banded.activations(tokens, batch, self.itemsize, settings.park))
@@ -338,7 +340,7 @@ class MemoryPlanner:
         around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token - kept
         latents = VAE_LATENT_COPIES * whole_latents  # in and out of the VAE: scaled, cast, its own dtype
         out = {
-            "unet": previous - parked + around + held + max(unet, own),
+            "unet": previous - parked + around + max(held + unet, held - one_set + own),
             "vae decode": previous - parked + latents + (0.0 if shape.last else image) + windows.decode,
         }
         if shape.previous:
@@ -353,6 +355,15 @@ class MemoryPlanner:
             return 0
         skips = self.cost.banded.host_bytes(shape.tokens, self.batch(settings), self.itemsize)
         return int(skips + self._previous(shape) + shape.tokens * self.kept_per_token)
+
+    def _residual_set(self, held: float, per_channel: float) -> float:
+        """Of `held` (the ControlNets' inputs and outputs during a UNet call), one ControlNet's residuals: what
+        is left after the control images, shared over the residual sets (each one's, and their running sum when
+        there are several)."""
+        if not self.controlnets:
+            return 0.0
+        images = self.controlnets * RGB * LATENT_PX * LATENT_PX * per_channel
+        return max(0.0, held - images) / (self.controlnets + (1 if self.controlnets > 1 else 0))
 
     def _previous(self, shape: StageShape) -> float:
         """Bytes of the previous stage's image on the device (this process's rows)."""
