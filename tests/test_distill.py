@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from parallel_harness import launch, ok_results
 from PIL import Image
 from processes import Processes, read_line
 
@@ -357,18 +359,24 @@ def test_gradient_checkpointing_gives_the_same_update(images: Path, tmp_path: Pa
 
 
 # --- data parallel --------------------------------------------------------------------------------------------
+def ddp_rank(comm: Any, data: Path, out: Path, dump: Path) -> None:
+    """One rank of a data-parallel distillation, in a process forked with torchrun's environment and its gloo group
+    up (the run joins it as it joins torchrun's); its weights at the end go to DUMP/rankR.pt (a file: tensors on
+    the harness's queue would travel as shared memory, which a process that exits takes with it)."""
+    cfg = DistillConfig(
+        model="tiny", data=str(data), out=out, steps=3, grad_accum=2, resolution=64, init="random", save_every=2
+    )
+    torch.save(weights(distill(cfg).patch), dump / f"rank{comm.rank}.pt")
+
+
 @pytest.mark.slow
-def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(
-    processes: Processes, images: Path, tmp_path: Path
-) -> None:
+def test_two_process_gloo_run_ends_with_identical_weights_and_one_writer(images: Path, tmp_path: Path) -> None:
+    """Two processes forked from this one (tests/parallel_harness.py: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT as torchrun sets them, all a run reads of its launcher), not torchrun's fresh interpreters."""
     from linfusion_cli.linfusion.patching import apply_linfusion
     from linfusion_cli.models.loading import build_random
 
-    worker = Path(__file__).with_name("distill_ddp_worker.py")
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    proc = processes.start_python(*launch, str(images), str(tmp_path / "out"), str(tmp_path))
-    run = processes.finish(proc, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    ok_results(launch(2, ddp_rank, images, tmp_path / "out", tmp_path, deadline_s=300))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same(rank0, rank1)
     start = weights(apply_linfusion(build_random("tiny").unet, "random"))
