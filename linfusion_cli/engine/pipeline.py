@@ -258,6 +258,13 @@ class Engine:
         return self._fp32_vae_copy
 
     # --------------------------------------------------------------------------------------------------------
+    def _handoff(self, run: JobRun, init_image: np.ndarray | None) -> Handoff:
+        """What the first stage starts from: an input image on the device (every process of a split image has it
+        whole), held by the hand-off alone, so that a stage that parks it in CPU memory frees it; or nothing."""
+        if init_image is None:
+            return Handoff(None)
+        return Handoff(run.split.everywhere(to_device_image(init_image, self.device, self.vae_dtype())))
+
     def run_plan(
         self,
         job: Job,
@@ -297,17 +304,7 @@ class Engine:
             per_step=text.per_step,
             input_size=None if init_image is None else (init_image.shape[1], init_image.shape[0]),
         )
-        # An input image goes on the device (every process of a split image has it whole), held by the hand-off
-        # alone: a stage that parks the image in CPU memory frees it.
-        final, records, stage_images = run_stages(
-            run,
-            Handoff(
-                None
-                if init_image is None
-                else run.split.everywhere(to_device_image(init_image, self.device, self.vae_dtype()))
-            ),
-            keep_stages,
-        )
+        final, records, stage_images = run_stages(run, self._handoff(run, init_image), keep_stages)
         if run.fp32_retries:
             events(
                 Note(
