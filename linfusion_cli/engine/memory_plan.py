@@ -319,7 +319,7 @@ class MemoryPlanner:
         vae_item, tokens = self.vae.itemsize, shape.tokens
         batch = self.batch(settings)
         previous = self._previous(shape)
-        parked = previous if settings.park else 0.0  # the previous image waits in CPU memory (stages.Handoff)
+        resident = 0.0 if settings.park else previous  # parked, the previous image waits in CPU memory (Handoff)
         image = float(RGB * shape.width * shape.height * vae_item)
         whole_latents = float(LATENT_CHANNELS * shape.whole_tokens * FP32)
         windows = self.vae.windows(settings, shape.height, shape.width)
@@ -340,8 +340,8 @@ class MemoryPlanner:
         around = LATENT_COPIES * LATENT_CHANNELS * tokens * FP32 + tokens * self.extra_per_token - kept
         latents = VAE_LATENT_COPIES * whole_latents  # in and out of the VAE: scaled, cast, its own dtype
         out = {
-            "unet": previous - parked + around + max(held + unet, held - one_set + own),
-            "vae decode": previous - parked + latents + (0.0 if shape.last else image) + windows.decode,
+            "unet": resident + around + max(held + unet, held - one_set + own),
+            "vae decode": resident + latents + (0.0 if shape.last else image) + windows.decode,
         }
         if shape.previous:
             out["upscale"] = previous + image

@@ -7,7 +7,6 @@ A `Rows` is (B, C, H, W) by its `shape` and gives rows [lo, hi) (0 <= lo < hi <=
 - `Concat`: several sources side by side along channels (an up block's hidden state and its skip).
 - `Summed`: a source plus a tensor of its shape (a skip and the ControlNet residual added to it).
 - `Convolved`: a plain conv of a tensor, computed for the rows asked (conv_in's output, never made whole).
-- `Remade`: a skip made again from the UNet's input when it is read, instead of being kept.
 - `Nearest`: a lower level's tensor upsampled 2x (nearest), computed for the rows asked.
 - `Upsampled`: diffusers' Upsample2D (nearest 2x, then a 3x3 conv) of a lower level's tensor, computed for the
   rows asked, so that the upsampled tensor (twice the height and width) never exists whole.
@@ -21,7 +20,7 @@ first): `clip` and `padded` do that arithmetic on a Haloed source's `extent`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -89,25 +88,6 @@ class Convolved:
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         first, end, top, bottom = clip(*self.spec.rows.needs(lo, hi), self.source.extent)
         return self.spec.run(padded(self.source.rows(first, end), top, bottom), 0)
-
-
-class Remade:
-    """A skip tensor not kept between the down and up paths but made again when the up path takes it (`made`):
-    `make` runs the same modules on the same input, so the values are the ones the down path made."""
-
-    def __init__(self, shape: tuple[int, int, int, int], make: Callable[[], torch.Tensor]) -> None:
-        self._shape, self.make = shape, make
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self._shape
-
-    def rows(self, lo: int, hi: int) -> torch.Tensor:
-        return self.made().tensor[:, :, lo:hi]
-
-    def made(self) -> Whole:
-        """The skip, made whole (once per take: outside any loop over bands)."""
-        return Whole(self.make())
 
 
 class Concat:

@@ -9,18 +9,29 @@ residual for a skip is added where the skip is read, band by band: the values di
 Skips that are cheap to make again are not kept at all. On a banded top level conv_in's output is made per band
 from the UNet's input wherever it is read (rows.Convolved: 2.5 GiB at 16384^2, for a conv of 4 channels); and
 unless skips are parked, the outputs of the resnets after it up to the first attention are made again when the up
-path reads them (rows.Remade: all of SDXL's first block, 5 GiB more at 16384^2, for three resnets more per UNet
+path reads them (Remade: all of SDXL's first block, 5 GiB more at 16384^2, for three resnets more per UNet
 call, ~2.5% of its work). Parked skips come back a band at a time, which a skip made again whole would not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .banding import Banding
-from .rows import Parked, Remade, Rows, Summed, Whole
+from .rows import Parked, Rows, Summed, Whole
+
+
+@dataclass(frozen=True)
+class Remade:
+    """A skip not kept between the down and up paths, but how to make it again (`make` runs the same modules on the
+    same input, so the values are the ones the down path made): the store makes it whole when the up path takes
+    it, outside any loop over bands."""
+
+    shape: tuple[int, int, int, int]
+    make: Callable[[], torch.Tensor]
 
 
 class SkipStore:
@@ -29,11 +40,11 @@ class SkipStore:
     def __init__(self, banding: Banding, residuals: Sequence[torch.Tensor] | None = None) -> None:
         self.banding = banding
         self.residuals = list(residuals) if residuals is not None else None
-        self._skips: list[Rows] = []
+        self._skips: list[Rows | Remade] = []
 
-    def push(self, skip: torch.Tensor | Rows) -> None:
+    def push(self, skip: torch.Tensor | Rows | Remade) -> None:
         """Keep a skip for the up path: a tensor (parked where the banding says so), or rows made on demand
-        (rows.Convolved, rows.Remade) as they are."""
+        (rows.Convolved) or a way to make it again (Remade) as they are."""
         banding = self.banding
         if not isinstance(skip, torch.Tensor):
             self._skips.append(skip)
@@ -44,9 +55,8 @@ class SkipStore:
 
     def pop(self) -> Rows:
         """The last skip pushed, with its ControlNet residual when there is one."""
-        skip = self._skips.pop()
-        if isinstance(skip, Remade):
-            skip = skip.made()
+        kept = self._skips.pop()
+        skip = Whole(kept.make()) if isinstance(kept, Remade) else kept
         return skip if self.residuals is None else Summed(skip, self.residuals.pop())
 
     def peek_shape(self) -> tuple[int, int, int, int]:

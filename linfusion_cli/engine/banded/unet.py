@@ -22,8 +22,8 @@ from ..parallel.ops import ConvSpec
 from ..parallel.stats import normalize_groups
 from .banding import Banding, Block, group_moments
 from .resnet import bandable_resnet, plain_conv, resnet_forward
-from .rows import Concat, Convolved, Nearest, Remade, Rows, Upsampled, Whole, clip, padded
-from .skips import SkipStore
+from .rows import Concat, Convolved, Nearest, Rows, Upsampled, Whole, clip, padded
+from .skips import Remade, SkipStore
 from .transformer import bandable_transformer, transformer_forward
 
 FREEU_ATTRIBUTES = ("s1", "s2", "b1", "b2")
